@@ -1,0 +1,89 @@
+"""The ASGI app factory: open the store, build each capability's services, mount their routes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from fastapi import FastAPI
+
+from keel import __version__
+from keel.core import routes as core_routes
+from keel.core.db import Store
+from keel.core.http import RequestContext, install_error_handlers
+from keel.core.settings import Settings
+from keel.identity import routes as identity_routes
+from keel.identity import service as identity
+from keel.identity.auth import Authenticator
+from keel.identity.vault import Vault, load_master_key
+
+log = logging.getLogger("keel.app")
+
+Hook = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class Lifecycle:
+    """Background work each capability starts with the server and drains on graceful shutdown."""
+
+    startup: list[Hook] = field(default_factory=list)
+    shutdown: list[Hook] = field(default_factory=list)
+
+
+@dataclass
+class Built:
+    app: FastAPI
+    bootstrap_key: str | None
+
+
+def create_app(settings: Settings, *, store: Store | None = None) -> Built:
+    """Build the app. Migrations run here, before any port is bound."""
+    store = store or Store.open(settings.resolved_database_url())
+    store.upgrade()
+    master = load_master_key(settings.master_key.get_secret_value() if settings.master_key else None,
+                             settings.data_dir)
+    vault = Vault(store, master)
+    vault.prime_redactor()
+    bootstrap_key = identity.bootstrap(
+        store, settings.bootstrap_admin_key.get_secret_value() if settings.bootstrap_admin_key else None)
+    lifecycle = Lifecycle()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        for hook in lifecycle.startup:
+            await hook()
+        try:
+            yield
+        finally:
+            for hook in reversed(lifecycle.shutdown):
+                try:
+                    await hook()
+                except Exception:  # one failing drain must not stop the others
+                    log.exception("shutdown hook failed")
+            store.dispose()
+
+    app = FastAPI(title="Keel", version=__version__, lifespan=lifespan,
+                  description="A self-hosted AI operating layer: governed, observed, costed.")
+    app.state.settings = settings
+    app.state.store = store
+    app.state.vault = vault
+    app.state.lifecycle = lifecycle
+    app.state.authenticator = Authenticator(store, settings.auth_cache_ttl_s)
+    app.state.audit = None
+
+    install_error_handlers(app)
+    app.include_router(core_routes.router)
+    app.include_router(identity_routes.router)
+    _mount_capabilities(app, settings, store)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, log_requests=settings.log_requests)
+    return Built(app=app, bootstrap_key=bootstrap_key)
+
+
+def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
+    """Capabilities above identity plug in here (gateway, knowledge, governance, …)."""
+    mounts: list[Callable[[FastAPI, Settings, Store], Any]] = []
+    for mount in mounts:
+        mount(app, settings, store)

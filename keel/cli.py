@@ -1,0 +1,19 @@
+"""The `keel` command: mounts each capability's commands."""
+
+from __future__ import annotations
+
+import typer
+
+from keel.app import create_app
+from keel.core import commands as core_commands
+from keel.identity import commands as identity_commands
+
+app = typer.Typer(help="Keel — a self-hosted AI operating layer.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+core_commands.make_server_commands(app, create_app)
+app.add_typer(core_commands.db_app, name="db")
+identity_commands.mount(app)
+
+
+def main() -> None:
+    app()

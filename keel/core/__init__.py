@@ -1,0 +1,1 @@
+"""Settings, store, errors, ids, clock and logging: the ground every capability stands on."""

@@ -1,0 +1,66 @@
+"""CLI: `keel up`, `keel serve`, `keel db upgrade` — they work with the server down."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from keel.core import server
+from keel.core.cliutil import console, handle_errors
+from keel.core.db import Store
+from keel.core.logs import configure_logging
+from keel.core.settings import Settings, load_settings
+
+db_app = typer.Typer(help="Database maintenance (works with the server down).", no_args_is_help=True)
+ConfigOpt = typer.Option(None, "--config", "-c", envvar="KEEL_CONFIG", help="path to keel.yaml")
+
+
+@db_app.command("upgrade")
+@handle_errors
+def db_upgrade(config: Optional[Path] = ConfigOpt) -> None:
+    """Apply all pending migrations to the store named by KEEL_DATABASE_URL or the data dir."""
+    settings, _ = load_settings(config)
+    configure_logging("warning")
+    store = Store.open(settings.resolved_database_url())
+    heads = store.upgrade()
+    console.print(f"database at {store.dialect} is current: {', '.join(heads)}")
+
+
+def make_server_commands(app: typer.Typer, factory: Callable[[Settings], Any]) -> None:
+    """Register `up` and `serve`; `factory(settings)` returns an object with `.app` and `.bootstrap_key`."""
+
+    def _start(config: Optional[Path], host: Optional[str], port: Optional[int], dev: bool) -> None:
+        overrides: dict[str, Any] = {"host": host, "port": port}
+        if dev:
+            overrides["demo"] = True
+        settings, sources = load_settings(config, **overrides)
+        configure_logging(settings.log_level)
+        server.log_sources(settings, sources)
+        built = factory(settings)
+        logging.getLogger("keel.server").info("starting", extra={"dev": dev, "data_dir": str(settings.data_dir)})
+
+        def ready(url: str) -> None:
+            console.print(f"Keel is running at {url}  (docs: {url}/docs)", style="bold green", highlight=False)
+            if built.bootstrap_key:
+                console.print("First start: the admin API key is shown once — store it now:", style="yellow")
+                console.print(built.bootstrap_key, markup=False, highlight=False)
+
+        server.run(built.app, settings, on_ready=ready)
+
+    @app.command("up")
+    @handle_errors
+    def up(config: Optional[Path] = ConfigOpt, host: Optional[str] = typer.Option(None),
+           port: Optional[int] = typer.Option(None)) -> None:
+        """Start Keel with embedded defaults (SQLite, bundled local models) and demo data."""
+        _start(config, host, port, dev=True)
+
+    @app.command("serve")
+    @handle_errors
+    def serve(config: Optional[Path] = ConfigOpt, host: Optional[str] = typer.Option(None),
+              port: Optional[int] = typer.Option(None)) -> None:
+        """Start Keel for production: configuration only, no demo data."""
+        _start(config, host, port, dev=False)
+

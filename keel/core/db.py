@@ -1,0 +1,140 @@
+"""The store: one SQLAlchemy engine, per-dialect hooks, Alembic migrations from every capability.
+
+Each capability declares its tables on the shared `metadata` and keeps its migrations in its own
+`migrations/` folder (an Alembic branch), so capabilities never edit each other's history.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from keel.core.errors import ConfigError, Unavailable
+
+log = logging.getLogger("keel.db")
+
+metadata = sa.MetaData(naming_convention={
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+})
+
+KEEL_ROOT = Path(__file__).resolve().parent.parent
+
+
+def migration_dirs() -> list[str]:
+    """Every `keel/<capability>/migrations/versions` folder, core first."""
+    dirs = sorted(KEEL_ROOT.glob("*/migrations/versions"), key=lambda p: (p.parent.parent.name != "core", str(p)))
+    return [str(p) for p in dirs]
+
+
+class Store:
+    """The engine plus dialect specifics. `Store.open(url)` picks the subclass by URL."""
+
+    dialect = "base"
+
+    def __init__(self, url: str, engine: Engine) -> None:
+        self.url = url
+        self.engine = engine
+
+    @staticmethod
+    def open(url: str, **kw: Any) -> "Store":
+        if url.startswith("sqlite"):
+            return SQLiteStore.create(url, **kw)
+        if url.startswith("postgresql"):
+            return PostgresStore.create(url, **kw)
+        raise ConfigError(f"unsupported database URL scheme in {url.split(':', 1)[0]!r}",
+                          fix="use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
+
+    # -- migrations -------------------------------------------------------------------
+    def _alembic_config(self):  # noqa: ANN202
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(KEEL_ROOT / "core" / "migrations"))
+        cfg.set_main_option("version_locations", " ".join(migration_dirs()))
+        cfg.set_main_option("path_separator", "space")
+        return cfg
+
+    def upgrade(self) -> list[str]:
+        """Apply every pending migration of every capability; returns the heads now applied."""
+        from alembic import command
+
+        cfg = self._alembic_config()
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "heads")
+        return self.current_heads()
+
+    def expected_heads(self) -> set[str]:
+        from alembic.script import ScriptDirectory
+
+        return set(ScriptDirectory.from_config(self._alembic_config()).get_heads())
+
+    def current_heads(self) -> list[str]:
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            return sorted(MigrationContext.configure(conn).get_current_heads())
+
+    def is_current(self) -> bool:
+        return set(self.current_heads()) == self.expected_heads()
+
+    def ping(self) -> None:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except sa.exc.SQLAlchemyError as exc:
+            raise Unavailable(f"database unreachable: {type(exc).__name__}",
+                              fix="check KEEL_DATABASE_URL and that the database is running") from None
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+class SQLiteStore(Store):
+    """Embedded default: a file in WAL mode, foreign keys on, writers wait instead of failing."""
+
+    dialect = "sqlite"
+
+    @classmethod
+    def create(cls, url: str, **kw: Any) -> "SQLiteStore":
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                                  pool_size=kw.get("pool_size", 8), max_overflow=16, pool_pre_ping=False)
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # noqa: ANN001
+            # Take transaction control from pysqlite so BEGIN IMMEDIATE can serialise writers.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin(conn):  # noqa: ANN001
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get("write", True) else "BEGIN")
+
+        return cls(url, engine)
+
+
+class PostgresStore(Store):
+    """Scale-out: PostgreSQL via psycopg 3; pgvector is enabled by the knowledge migrations."""
+
+    dialect = "postgresql"
+
+    @classmethod
+    def create(cls, url: str, **kw: Any) -> "PostgresStore":
+        engine = sa.create_engine(url, pool_size=kw.get("pool_size", 10), max_overflow=20, pool_pre_ping=True)
+        return cls(url, engine)

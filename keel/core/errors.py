@@ -1,0 +1,150 @@
+"""One error tree. Every error a user can cause is a `KeelError` with a stable code.
+
+The API renders them as `application/problem+json`; the CLI as one red line. The message
+names what was wrong, the ids involved, and how to fix it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class KeelError(Exception):
+    """Base of every error shown to the user."""
+
+    code = "keel_error"
+    status = 500
+    title = "Keel error"
+
+    def __init__(self, detail: str, *, fix: str | None = None, headers: dict[str, str] | None = None,
+                 **ids: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.fix = fix
+        self.ids = {k: v for k, v in ids.items() if v is not None}
+        self.headers = headers or {}
+
+    def to_problem(self, request_id: str | None = None) -> dict[str, Any]:
+        """The RFC 9457 problem body, with an OpenAI-style `error` object so SDKs show the message."""
+        body: dict[str, Any] = {
+            "type": f"https://keel.dev/problems/{self.code}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+        }
+        if self.fix:
+            body["fix"] = self.fix
+        body.update(self.ids)
+        if request_id:
+            body["request_id"] = request_id
+        body["error"] = {"message": self.detail, "type": self.code, "code": self.code}
+        return body
+
+
+class BadRequest(KeelError):
+    """The request is wrong in a way the caller can fix."""
+
+    code, status, title = "bad_request", 400, "Bad request"
+
+
+class MalformedJSON(BadRequest):
+    """The body is not valid JSON."""
+
+    code, title = "malformed_json", "Malformed JSON"
+
+
+class ValidationFailed(KeelError):
+    """The body is JSON but fields are missing or have the wrong type."""
+
+    code, status, title = "validation_error", 422, "Validation failed"
+
+
+class PayloadTooLarge(KeelError):
+    """The body is larger than the configured limit."""
+
+    code, status, title = "payload_too_large", 413, "Payload too large"
+
+
+class NotFound(KeelError):
+    """The route or the named object does not exist (or the caller may not see it)."""
+
+    code, status, title = "not_found", 404, "Not found"
+
+
+class MethodNotAllowed(KeelError):
+    """The route exists but not with this HTTP method."""
+
+    code, status, title = "method_not_allowed", 405, "Method not allowed"
+
+
+class Conflict(KeelError):
+    """The object already exists or is in a state that forbids the change."""
+
+    code, status, title = "conflict", 409, "Conflict"
+
+
+class Unauthorized(KeelError):
+    """No API key, an unknown key, an expired or a revoked key."""
+
+    code, status, title = "unauthorized", 401, "Unauthorized"
+
+
+class Forbidden(KeelError):
+    """The key is valid but lacks the role or scope for this action."""
+
+    code, status, title = "forbidden", 403, "Forbidden"
+
+
+class NotSupported(BadRequest):
+    """The chosen model or provider cannot do what the request asks (tools, JSON mode, …)."""
+
+    code, title = "not_supported", "Not supported"
+
+
+class ContextOverflow(BadRequest):
+    """The prompt plus `max_tokens` does not fit the model's context window."""
+
+    code, title = "context_length_exceeded", "Context window exceeded"
+
+
+class RateLimited(KeelError):
+    """A requests- or tokens-per-minute limit is reached."""
+
+    code, status, title = "rate_limited", 429, "Rate limit reached"
+
+
+class BudgetExceeded(KeelError):
+    """The worst-case cost of the request does not fit the remaining budget."""
+
+    code, status, title = "budget_exceeded", 402, "Budget exceeded"
+
+
+class UpstreamError(KeelError):
+    """A provider answered with an error; its status and message are kept."""
+
+    code, status, title = "upstream_error", 502, "Upstream error"
+
+
+class UpstreamTimeout(UpstreamError):
+    """A provider did not answer within the deployment's timeout."""
+
+    code, status, title = "upstream_timeout", 504, "Upstream timeout"
+
+
+class Unavailable(KeelError):
+    """A dependency (database, model, circuit) is not available right now."""
+
+    code, status, title = "unavailable", 503, "Service unavailable"
+
+
+class ConfigError(KeelError):
+    """Settings or a config file are invalid; raised at start, before the port is bound."""
+
+    code, status, title = "config_error", 500, "Invalid configuration"
+
+
+class InternalError(KeelError):
+    """A bug in Keel; the detail never carries internals, the log has the trace."""
+
+    code, status, title = "internal_error", 500, "Internal error"

@@ -1,0 +1,156 @@
+"""HTTP plumbing shared by every capability: problem+json errors, request ids, body limits, access log."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from keel.core.errors import (
+    BadRequest, InternalError, KeelError, MalformedJSON, MethodNotAllowed, NotFound, PayloadTooLarge, ValidationFailed,
+)
+from keel.core.ids import new_id
+from keel.core.logs import request_id_var
+
+log = logging.getLogger("keel.http")
+PROBLEM = "application/problem+json"
+
+
+def problem_response(err: KeelError) -> Response:
+    body = orjson.dumps(err.to_problem(request_id_var.get()))
+    return Response(body, status_code=err.status, media_type=PROBLEM, headers=err.headers)
+
+
+def _validation_error(exc: RequestValidationError) -> KeelError:
+    errors = exc.errors()
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            return MalformedJSON(f"request body is not valid JSON: {e.get('ctx', {}).get('error', 'parse error')}",
+                                 fix="send a JSON object with Content-Type: application/json")
+    fields = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        fields.append({"field": ".".join(loc) or "(body)", "message": e.get("msg", "invalid")})
+    summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
+    err = ValidationFailed(f"request is invalid: {summary}", fix="correct the named fields")
+    err.ids["errors"] = fields
+    return err
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error, ours or the framework's, leaves as problem+json; nothing leaves as a traceback."""
+
+    @app.exception_handler(KeelError)
+    async def _keel(_req: Request, exc: KeelError) -> Response:
+        return problem_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req: Request, exc: RequestValidationError) -> Response:
+        return problem_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(req: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            err: KeelError = NotFound(f"no route {req.method} {req.url.path}", fix="see /openapi.json for routes")
+        elif exc.status_code == 405:
+            err = MethodNotAllowed(f"{req.method} is not allowed on {req.url.path}",
+                                   fix=f"use one of: {exc.headers.get('Allow', '') if exc.headers else ''}")
+        elif exc.status_code == 413:
+            err = PayloadTooLarge("request body is too large")
+        else:
+            err = BadRequest(str(exc.detail))
+            err.status = exc.status_code
+        return problem_response(err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_req: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc)
+        return problem_response(InternalError("Keel hit an internal error; the request id is in the log",
+                                              fix="retry; if it persists, report the request id"))
+
+
+class RequestContext:
+    """Pure ASGI middleware: request id in and out, body-size limit, one JSON access line."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, log_requests: bool = True) -> None:
+        self.app = app
+        self.max_body = max_body_bytes
+        self.log_requests = log_requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = None
+        length = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")[:100]
+            elif k == b"content-length":
+                length = int(v) if v.isdigit() else None
+        rid = rid or new_id("req")
+        token = request_id_var.set(rid)
+        start = time.perf_counter()
+        status_holder: dict[str, Any] = {"status": 0}
+        rid_header = (b"x-request-id", rid.encode("latin-1"))
+
+        seen = 0
+        too_large = False
+
+        async def send_wrapped(message: Message) -> None:
+            if too_large and not status_holder.get("ours"):
+                return  # the app's answer to a truncated body is replaced by our 413 below
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                message["headers"] = list(message.get("headers", [])) + [rid_header]
+            await send(message)
+
+        async def receive_limited() -> Message:
+            nonlocal seen, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    too_large = True
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            if length is not None and length > self.max_body:
+                status_holder["ours"] = True
+                await problem_response(self._too_large(length))(scope, receive, send_wrapped)
+                return
+            try:
+                await self.app(scope, receive_limited, send_wrapped)
+            except _BodyTooLarge:
+                pass
+            if too_large and status_holder["status"] == 0:
+                status_holder["ours"] = True
+                await problem_response(self._too_large(seen))(scope, receive, send_wrapped)
+        finally:
+            if self.log_requests:
+                log.info("request", extra={"method": scope["method"], "path": scope["path"],
+                                           "status": status_holder["status"],
+                                           "ms": round((time.perf_counter() - start) * 1000, 2)})
+            request_id_var.reset(token)
+
+    def _too_large(self, size: int) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body of {size} bytes is over the limit of {self.max_body} bytes",
+                               fix="send a smaller body, or raise KEEL_MAX_BODY_BYTES")
+
+
+class _BodyTooLarge(Exception):
+    """Raised inside receive() when a chunked body passes the limit."""
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    if status == 204:
+        return Response(status_code=204, headers=headers)
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=headers)

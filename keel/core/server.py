@@ -1,0 +1,51 @@
+"""Start the server: settings validated, store migrated, then — only then — the port is bound."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+import uvicorn
+
+from keel.core.logs import configure_logging
+from keel.core.settings import Settings
+
+log = logging.getLogger("keel.server")
+
+
+def log_sources(settings: Settings, sources: dict[str, str]) -> None:
+    """Log where each non-default setting came from (never its value if it is a secret)."""
+    for name, source in sorted(sources.items()):
+        value = getattr(settings, name, None)
+        shown = "***" if name in ("master_key", "bootstrap_admin_key") else value
+        if name == "models":
+            shown = [m.alias for m in settings.models]
+        log.info("setting", extra={"setting": name, "source": source, "value": str(shown)})
+
+
+def run(app: Any, settings: Settings, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve `app` with uvicorn (uvloop + httptools); SIGINT/SIGTERM drain requests and run shutdown."""
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+                            lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=20,
+                            server_header=False)
+    server = uvicorn.Server(config)
+    configure_logging(settings.log_level)
+
+    async def _serve() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if server.started and on_ready:
+            sock = server.servers[0].sockets[0].getsockname() if server.servers else (settings.host, settings.port)
+            on_ready(f"http://{sock[0]}:{sock[1]}")
+        await task
+
+    try:
+        import uvloop
+
+        uvloop.run(_serve())
+    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
+        asyncio.run(_serve())
+    if not server.started:
+        raise SystemExit(1)

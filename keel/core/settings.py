@@ -1,0 +1,140 @@
+"""One typed settings object: defaults < `keel.yaml` < `KEEL_*` environment variables.
+
+A bad value fails at start with the field name and what is allowed, before any port is bound.
+Every non-default value remembers where it came from, so the server can log its precedence.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from keel.core.errors import ConfigError
+
+ENV_PREFIX = "KEEL_"
+
+
+class DeploymentConfig(BaseModel):
+    """One concrete model behind a public alias: which provider, which upstream model, what it costs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alias: str = Field(min_length=1, description="public model name clients send, e.g. `local-chat`")
+    provider: str = Field(description="`local`, `local_embed`, `openai_compatible`, `anthropic`, or a plugin's name")
+    model: str = Field(default="", description="the upstream model name")
+    id: str | None = Field(default=None, description="deployment id; defaults to `alias/provider/model`")
+    kind: Literal["chat", "embedding"] = "chat"
+    base_url: str | None = None
+    credential: str | None = Field(default=None, description="name of a vault secret holding the API key")
+    path: str | None = Field(default=None, description="GGUF / model file path for local providers")
+    context_window: int = Field(default=8192, gt=0)
+    input_price_per_1m: float = Field(default=0.0, ge=0)
+    output_price_per_1m: float = Field(default=0.0, ge=0)
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=0, ge=0, le=10)
+    weight: float = Field(default=1.0, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def deployment_id(self) -> str:
+        return self.id or f"{self.alias}/{self.provider}/{self.model or 'default'}"
+
+
+class Settings(BaseModel):
+    """Everything Keel reads at start. Field names map to `KEEL_<NAME>` env variables."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    data_dir: Path = Field(default=Path(".keel"), description="holds the SQLite database, key file, indexes")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    master_key: SecretStr | None = Field(default=None, description="vault key; default a 0600 key file in data_dir")
+    bootstrap_admin_key: SecretStr | None = Field(
+        default=None, description="use this value for the first admin key instead of a random one")
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_requests: bool = True
+    auth_cache_ttl_s: float = Field(default=1.0, ge=0, description="seconds a verified key is trusted in memory")
+    demo: bool = Field(default=False, description="load demo data on start (`keel up` sets it)")
+    embedded_models: bool = Field(default=True, description="register the bundled local-chat/local-embed models")
+    models: list[DeploymentConfig] = Field(default_factory=list)
+    ledger_flush_interval_s: float = Field(default=0.2, gt=0)
+    ledger_batch_size: int = Field(default=500, gt=0)
+    local_threads: int = Field(default=0, ge=0, description="llama.cpp threads; 0 = all cores")
+
+    @field_validator("database_url")
+    @classmethod
+    def _url_dialect(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        if not (v.startswith("sqlite") or v.startswith("postgresql")):
+            raise ValueError("must start with `sqlite:///` or `postgresql+psycopg://`")
+        if v.startswith("postgresql://") or v.startswith("postgres://"):
+            v = "postgresql+psycopg://" + v.split("://", 1)[1]
+        return v
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'keel.db').resolve()}"
+
+
+def _env_values(environ: dict[str, str]) -> dict[str, Any]:
+    """`KEEL_FOO=bar` → `{"foo": "bar"}`; JSON/YAML-looking values (lists, maps) are parsed."""
+    out: dict[str, Any] = {}
+    fields = Settings.model_fields
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in fields:
+            continue
+        out[name] = yaml.safe_load(raw) if raw[:1] in "[{" else raw
+    return out
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(sorted(Settings.model_fields))
+        msg = f"unknown setting; allowed settings are: {allowed}"
+    elif err["type"] == "literal_error":
+        msg = f"{msg}"
+    return f"{loc}: {msg} (got {err.get('input')!r})"
+
+
+def load_settings(config_path: str | os.PathLike[str] | None = None,
+                  environ: dict[str, str] | None = None, **overrides: Any) -> tuple[Settings, dict[str, str]]:
+    """Build settings and a map `field -> source` ('file', 'env', 'cli') for every non-default.
+
+    Raises `ConfigError` naming each bad field and what it allows.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    path = config_path or environ.get("KEEL_CONFIG")
+    file_values: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist", fix="pass an existing file with --config or KEEL_CONFIG")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}", fix="fix the YAML syntax") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of settings", fix="write `key: value` lines")
+        file_values = loaded
+    env_values = _env_values(environ)
+    env_values.pop("config", None)
+    cli_values = {k: v for k, v in overrides.items() if v is not None}
+    merged = {**file_values, **env_values, **cli_values}
+    try:
+        settings = Settings(**merged)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"invalid settings: {problems}",
+                          fix="correct the named fields in keel.yaml or the KEEL_* environment") from None
+    sources = {k: "file" for k in file_values} | {k: "env" for k in env_values} | {k: "cli" for k in cli_values}
+    return settings, sources

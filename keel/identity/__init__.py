@@ -1,0 +1,1 @@
+"""Users, teams, roles, API keys and the secrets vault."""

@@ -1,0 +1,70 @@
+"""Authenticate each request: bearer key → principal, cached briefly in memory.
+
+Revocation through this process clears the cache at once; another replica's revocation is seen
+within `auth_cache_ttl_s` (default 1 s) — the price of not hitting the store on every call.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from keel.core.db import Store
+from keel.core.errors import Unauthorized
+from keel.identity.principal import Principal
+from keel.identity.service import verify_key
+
+
+class Authenticator:
+    """Verifies keys against the store with a small TTL cache."""
+
+    def __init__(self, store: Store, ttl_s: float = 1.0) -> None:
+        self.store = store
+        self.ttl = ttl_s
+        self._cache: dict[str, tuple[float, Principal]] = {}
+
+    def invalidate(self) -> None:
+        self._cache.clear()
+
+    async def authenticate(self, key: str) -> Principal:
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit and hit[0] > now:
+            return hit[1]
+        principal = await run_in_threadpool(verify_key, self.store, key)
+        if self.ttl > 0:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[key] = (now + self.ttl, principal)
+        return principal
+
+
+def bearer(request: Request) -> str:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    key = request.headers.get("x-api-key")
+    if key:
+        return key.strip()
+    raise Unauthorized("no API key sent", fix="send `Authorization: Bearer <key>`")
+
+
+async def principal(request: Request) -> Principal:
+    """FastAPI dependency: the caller, or 401."""
+    auth: Authenticator = request.app.state.authenticator
+    p = await auth.authenticate(bearer(request))
+    request.state.principal = p
+    return p
+
+
+async def admin(request: Request) -> Principal:
+    """FastAPI dependency: an admin caller, or 401/403."""
+    p = await principal(request)
+    p.require("admin.manage")
+    return p
+
+

@@ -1,0 +1,48 @@
+"""Identity tables: teams, users, API keys (hashed), vault secrets (encrypted)."""
+
+import sqlalchemy as sa
+
+from keel.core.db import metadata
+
+TS = sa.DateTime(timezone=True)
+
+teams = sa.Table(
+    "teams", metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    sa.Column("classification", sa.String(20), nullable=False, server_default="internal"),
+    sa.Column("created_at", TS, nullable=False),
+)
+
+users = sa.Table(
+    "users", metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("email", sa.String(320), nullable=False, unique=True),
+    sa.Column("name", sa.String(200), nullable=False, server_default=""),
+    sa.Column("team_id", sa.String(40), sa.ForeignKey("teams.id", ondelete="RESTRICT"), nullable=True),
+    sa.Column("role", sa.String(20), nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+)
+
+api_keys = sa.Table(
+    "api_keys", metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("prefix", sa.String(32), nullable=False, unique=True),
+    sa.Column("key_hash", sa.String(64), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False, server_default=""),
+    sa.Column("role", sa.String(20), nullable=False),
+    sa.Column("team_id", sa.String(40), sa.ForeignKey("teams.id", ondelete="RESTRICT"), nullable=True),
+    sa.Column("user_id", sa.String(40), sa.ForeignKey("users.id", ondelete="RESTRICT"), nullable=True),
+    sa.Column("scopes", sa.JSON, nullable=False),
+    sa.Column("expires_at", TS, nullable=True),
+    sa.Column("revoked_at", TS, nullable=True),
+    sa.Column("created_at", TS, nullable=False),
+)
+
+secrets = sa.Table(
+    "secrets", metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("ciphertext", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+)

@@ -1,0 +1,105 @@
+"""Identity: teams, users, keys (shown once, hashed, scoped, expiring, revocable), roles."""
+
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+pytestmark = pytest.mark.store
+
+
+def test_key_lifecycle_create_use_revoke(server):
+    with server.admin() as admin:
+        team = admin.post("/admin/teams", json={"name": "sales"}).json()
+        created = admin.post("/admin/keys", json={"name": "bot", "role": "member", "team": "sales"})
+        assert created.status_code == 201
+        key = created.json()["key"]
+        assert key.startswith("sk-keel-") and created.json()["team_id"] == team["id"]
+        listed = admin.get("/admin/keys").json()["data"]
+        assert all("key" not in k and "key_hash" not in k for k in listed)
+        assert any(key.startswith(k["prefix"]) for k in listed)
+        with server.client(key) as c:
+            me = c.get("/v1/me").json()
+            assert me["role"] == "member" and me["team_id"] == team["id"]
+            assert admin.post(f"/admin/keys/{created.json()['id']}/revoke").status_code == 200
+            r = c.get("/v1/me")
+            assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+            assert "revoked" in r.json()["detail"]
+
+
+def test_key_is_stored_only_as_hash(server, db_url):
+    with server.admin() as admin:
+        key = admin.post("/admin/keys", json={"role": "member"}).json()["key"]
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT prefix, key_hash FROM api_keys")).all()
+    engine.dispose()
+    assert all(key not in (r.prefix + r.key_hash) for r in rows)
+
+
+def test_wrong_missing_and_expired_keys_get_401(server):
+    with server.client("sk-keel-000000000000_" + "x" * 30) as c:
+        assert c.get("/v1/me").status_code == 401
+    with server.client("garbage") as c:
+        assert c.get("/v1/me").status_code == 401
+    with server.client() as c:
+        assert c.get("/admin/teams").status_code == 401
+    soon = (datetime.now(UTC) + timedelta(seconds=1.5)).isoformat()
+    with server.admin() as admin:
+        key = admin.post("/admin/keys", json={"role": "member", "expires_at": soon}).json()["key"]
+        past = admin.post("/admin/keys", json={"role": "member", "expires_at": "2001-01-01T00:00:00Z"})
+        assert past.status_code == 400
+    import time
+    time.sleep(2.6)
+    with server.client(key) as c:
+        r = c.get("/v1/me")
+        assert r.status_code == 401 and "expired" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("role", ["builder", "member", "reviewer", "auditor"])
+def test_non_admin_roles_get_403_on_admin_api(server, role):
+    with server.admin() as admin:
+        key = admin.post("/admin/keys", json={"role": role}).json()["key"]
+    with server.client(key) as c:
+        for method, path in [("GET", "/admin/teams"), ("POST", "/admin/keys"), ("GET", "/admin/secrets"),
+                             ("PUT", "/admin/secrets/x")]:
+            r = c.request(method, path, json={"role": "admin"} if method == "POST" else {"value": "v"})
+            assert r.status_code == 403, (role, path, r.text)
+            assert r.json()["code"] == "forbidden"
+
+
+def test_unknown_role_and_duplicate_team_are_clear(server):
+    with server.admin() as admin:
+        r = admin.post("/admin/keys", json={"role": "superuser"})
+        assert r.status_code == 400 and "admin, builder" in r.json()["fix"]
+        assert admin.post("/admin/teams", json={"name": "ops"}).status_code == 201
+        r = admin.post("/admin/teams", json={"name": "ops"})
+        assert r.status_code == 409 and r.json()["code"] == "conflict"
+        assert admin.post("/admin/users", json={"email": "a@x.io", "role": "member", "team": "ops"}).status_code == 201
+        assert admin.get("/admin/teams/nope").status_code == 404
+
+
+def test_cli_keys_create_list_revoke(server):
+    env = {**server.env, "KEEL_URL": server.url, "KEEL_API_KEY": server.admin_key}
+
+    def keel(*args):
+        return subprocess.run([sys.executable, "-m", "keel", *args], env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    out = keel("teams", "create", "support")
+    assert out.returncode == 0, out.stderr
+    out = keel("keys", "create", "--name", "cli", "--role", "member", "--team", "support", "--models", "local-chat")
+    assert out.returncode == 0, out.stderr
+    key_id, key = out.stdout.split()[0], out.stdout.split()[1]
+    assert key.startswith("sk-keel-")
+    assert key_id in keel("keys", "list").stdout
+    assert keel("keys", "revoke", key_id).returncode == 0
+    with server.client(key) as c:
+        assert c.get("/v1/me").status_code == 401
+    bad = keel("keys", "revoke", "key_nope")
+    assert bad.returncode == 1 and "error [not_found]" in bad.stderr and "Traceback" not in bad.stderr
+    down = subprocess.run([sys.executable, "-m", "keel", "teams", "list"], capture_output=True, text=True,
+                          env={**env, "KEEL_URL": "http://127.0.0.1:1"}, timeout=60)
+    assert down.returncode == 1 and "cannot reach Keel" in down.stderr
