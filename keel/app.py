@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from fastapi import FastAPI
 
@@ -15,6 +16,9 @@ from keel.core import routes as core_routes
 from keel.core.db import Store
 from keel.core.http import RequestContext, install_error_handlers
 from keel.core.settings import Settings
+from keel.gateway import routes as gateway_routes
+from keel.gateway import service as gateway_service
+from keel.observe import service as observe_service
 from keel.identity import routes as identity_routes
 from keel.identity import service as identity
 from keel.identity.auth import Authenticator
@@ -83,7 +87,18 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Built:
 
 
 def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
-    """Capabilities above identity plug in here (gateway, knowledge, governance, …)."""
-    mounts: list[Callable[[FastAPI, Settings, Store], Any]] = []
-    for mount in mounts:
-        mount(app, settings, store)
+    """Capabilities above identity: observe, then the gateway (governance stages plug in here)."""
+    lifecycle: Lifecycle = app.state.lifecycle
+    obs = observe_service.build(settings, store)
+    app.state.observe = obs
+    lifecycle.startup.append(obs.start)
+    lifecycle.shutdown.append(obs.stop)  # runs last: after the gateway drained its streams
+
+    gateway = gateway_service.build(settings, store, app.state.vault, obs, stages=[])
+    app.state.gateway = gateway
+    lifecycle.shutdown.append(gateway.deployments.close)
+    if settings.preload_models:
+        async def _preload() -> None:
+            app.state.preload_task = asyncio.create_task(gateway_service.preload(gateway))
+        lifecycle.startup.append(_preload)
+    app.include_router(gateway_routes.router)

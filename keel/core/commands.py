@@ -35,7 +35,7 @@ def make_server_commands(app: typer.Typer, factory: Callable[[Settings], Any]) -
     def _start(config: Optional[Path], host: Optional[str], port: Optional[int], dev: bool) -> None:
         overrides: dict[str, Any] = {"host": host, "port": port}
         if dev:
-            overrides["demo"] = True
+            overrides.update(demo=True, preload_models=True)
         settings, sources = load_settings(config, **overrides)
         configure_logging(settings.log_level)
         server.log_sources(settings, sources)

@@ -65,6 +65,8 @@ class Settings(BaseModel):
     ledger_flush_interval_s: float = Field(default=0.2, gt=0)
     ledger_batch_size: int = Field(default=500, gt=0)
     local_threads: int = Field(default=0, ge=0, description="llama.cpp threads; 0 = all cores")
+    preload_models: bool = Field(default=False, description="load local models at start (`keel up` sets it)")
+    trace_exporter: Literal["none", "jsonl", "console"] = "none"
 
     @field_validator("database_url")
     @classmethod

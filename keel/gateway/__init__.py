@@ -1,0 +1,1 @@
+"""Models and inference: the OpenAI-compatible API, providers, router and metering."""

@@ -1,0 +1,149 @@
+"""Which deployments serve which alias, and the long-lived provider instance for each.
+
+Deployments come from `keel.yaml` (read-only at run time), the embedded defaults, and the
+admin API (stored, so every replica sees them; replicas re-read the table every few seconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import ValidationError
+
+from keel.core.clock import utcnow
+from keel.core.db import Store
+from keel.core.errors import BadRequest, Conflict, NotFound, ValidationFailed
+from keel.core.settings import DeploymentConfig, Settings
+from keel.gateway import registry
+from keel.gateway.protocol import Provider, ProviderContext
+from keel.gateway.tables import deployments as deployments_table
+
+log = logging.getLogger("keel.gateway.deployments")
+
+EMBEDDED = [
+    DeploymentConfig(alias="local-chat", provider="local", model="SmolLM2-135M-Instruct", id="local-chat/local",
+                     context_window=8192),
+    DeploymentConfig(alias="local-embed", provider="local_embed", model="all-MiniLM-L6-v2", kind="embedding",
+                     id="local-embed/local", context_window=256),
+]
+
+
+def public(cfg: DeploymentConfig, source: str) -> dict[str, Any]:
+    """A deployment as the admin API shows it (credential by name only, never a value)."""
+    data = cfg.model_dump(exclude={"options"})
+    data["id"] = cfg.deployment_id()
+    data["source"] = source
+    return data
+
+
+class Deployments:
+    """Alias → deployments, plus one provider instance per deployment id."""
+
+    RELOAD_EVERY_S = 5.0
+
+    def __init__(self, store: Store, settings: Settings, ctx: ProviderContext) -> None:
+        self.store = store
+        self.ctx = ctx
+        static = list(EMBEDDED) if settings.embedded_models else []
+        static += list(settings.models)
+        self._static = {c.deployment_id(): c for c in static}
+        self._dynamic: dict[str, DeploymentConfig] = {}
+        self._providers: dict[str, tuple[DeploymentConfig, Provider]] = {}
+        self._loaded_at = 0.0
+        for cfg in static:
+            registry.get(cfg.provider)  # unknown provider names fail at start
+        self.reload()
+
+    # -- reading ------------------------------------------------------------------------
+    def reload(self) -> None:
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(sa.select(deployments_table.c.id, deployments_table.c.config)).all()
+        self._dynamic = {r.id: DeploymentConfig(**r.config) for r in rows}
+        self._loaded_at = time.monotonic()
+
+    def maybe_reload(self) -> None:
+        if time.monotonic() - self._loaded_at > self.RELOAD_EVERY_S:
+            self.reload()
+
+    def all(self) -> dict[str, DeploymentConfig]:
+        return {**self._static, **self._dynamic}
+
+    def for_alias(self, alias: str) -> list[DeploymentConfig]:
+        return [c for c in self.all().values() if c.alias == alias]
+
+    def aliases(self) -> dict[str, str]:
+        """alias → kind."""
+        return {c.alias: c.kind for c in self.all().values()}
+
+    def listing(self) -> list[dict[str, Any]]:
+        return [public(c, "config") for c in self._static.values()] + [
+            public(c, "api") for c in self._dynamic.values()]
+
+    def provider(self, cfg: DeploymentConfig) -> Provider:
+        """The shared provider instance for `cfg`; a changed config gets a fresh instance."""
+        did = cfg.deployment_id()
+        held = self._providers.get(did)
+        if held is not None and held[0] == cfg:
+            return held[1]
+        prov = registry.get(cfg.provider)(cfg, self.ctx)
+        self._providers[did] = (cfg, prov)
+        return prov
+
+    async def close(self) -> None:
+        for _cfg, prov in list(self._providers.values()):
+            await prov.close()
+        self._providers.clear()
+
+    # -- admin changes ------------------------------------------------------------------
+    @staticmethod
+    def parse(data: dict[str, Any]) -> DeploymentConfig:
+        try:
+            cfg = DeploymentConfig(**data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValidationFailed(f"invalid deployment: {problems}", fix="correct the named fields") from None
+        registry.get(cfg.provider)
+        return cfg
+
+    def add(self, cfg: DeploymentConfig) -> dict[str, Any]:
+        did = cfg.deployment_id()
+        if did in self.all():
+            raise Conflict(f"deployment {did!r} already exists", fix="update it with PUT, or pick another id",
+                           deployment=did)
+        now = utcnow()
+        with self.store.engine.begin() as conn:
+            conn.execute(deployments_table.insert().values(
+                id=did, alias=cfg.alias, config=cfg.model_dump(mode="json"), created_at=now, updated_at=now))
+        self.reload()
+        return public(cfg, "api")
+
+    def update(self, did: str, patch: dict[str, Any]) -> dict[str, Any]:
+        if did in self._static:
+            raise Conflict(f"deployment {did!r} is defined in keel.yaml", fix="change it in the config file",
+                           deployment=did)
+        self.reload()
+        current = self._dynamic.get(did)
+        if current is None:
+            raise NotFound(f"deployment {did!r} does not exist", fix="list them at GET /admin/deployments",
+                           deployment=did)
+        merged = {**current.model_dump(), **patch, "id": did}
+        cfg = self.parse(merged)
+        if cfg.alias != current.alias and patch.get("alias") is None:
+            raise BadRequest("alias cannot be cleared")
+        with self.store.engine.begin() as conn:
+            conn.execute(deployments_table.update().where(deployments_table.c.id == did).values(
+                alias=cfg.alias, config=cfg.model_dump(mode="json"), updated_at=utcnow()))
+        self.reload()
+        return public(cfg, "api")
+
+    def delete(self, did: str) -> None:
+        if did in self._static:
+            raise Conflict(f"deployment {did!r} is defined in keel.yaml", fix="remove it from the config file",
+                           deployment=did)
+        with self.store.engine.begin() as conn:
+            if not conn.execute(deployments_table.delete().where(deployments_table.c.id == did)).rowcount:
+                raise NotFound(f"deployment {did!r} does not exist", deployment=did)
+        self.reload()

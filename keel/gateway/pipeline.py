@@ -1,0 +1,255 @@
+"""The one governed path every model call takes.
+
+    identity ─► stages (policy, guards, budget, cache, …) ─► router ─► provider
+                                     └─► ledger row · trace span, whatever happens
+
+A stage is one object with one method, `handle(call, nxt)`: it may inspect or change the call,
+refuse it with a KeelError, or wrap what `nxt` returns. The gateway knows no stage by name; the
+app factory hands it the list, so a test can run the path bare.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from opentelemetry import trace
+
+from keel.core.clock import utcnow
+from keel.core.errors import KeelError, NotFound, NotSupported
+from keel.core.settings import DeploymentConfig
+from keel.gateway.deployments import Deployments
+from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult, EmbedResult, Provider, Usage
+from keel.identity.principal import Principal
+from keel.observe.ledger import Ledger
+
+
+@dataclass
+class Call:
+    """One model call on its way through the path; stages read and annotate it."""
+
+    request_id: str
+    principal: Principal
+    kind: str  # "chat" | "embedding"
+    alias: str
+    chat: ChatRequest | None = None
+    texts: list[str] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    deployment: DeploymentConfig | None = None
+    provider: Provider | None = None
+    usage: Usage = field(default_factory=Usage)
+    started: float = field(default_factory=time.perf_counter)
+    ttft_ms: float | None = None
+    upstream_ms: float = 0.0
+    cache_hit: bool = False
+    saved_cost: float = 0.0
+    annotations: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.chat and self.chat.stream)
+
+    def cost(self, usage: Usage | None = None) -> float:
+        d, u = self.deployment, usage or self.usage
+        if d is None:
+            return 0.0
+        return (u.prompt_tokens * d.input_price_per_1m + u.completion_tokens * d.output_price_per_1m) / 1e6
+
+
+Next = Callable[["Call"], Awaitable[Any]]
+
+
+class Stage(Protocol):
+    """A step on the governed path. Returns what `nxt(call)` returns (a ChatResult, an async
+    iterator of ChatDelta for streams, or an EmbedResult), possibly wrapped; or raises a KeelError."""
+
+    async def handle(self, call: Call, nxt: Next) -> Any: ...
+
+
+def pick_weighted(candidates: list[DeploymentConfig]) -> DeploymentConfig:
+    if len(candidates) == 1:
+        return candidates[0]
+    return random.choices(candidates, weights=[c.weight for c in candidates])[0]
+
+
+class Gateway:
+    """Runs calls through the stages to a provider and meters every one of them."""
+
+    def __init__(self, deployments: Deployments, ledger: Ledger, tracer: trace.Tracer,
+                 stages: list[Stage] | None = None) -> None:
+        self.deployments = deployments
+        self.ledger = ledger
+        self.tracer = tracer
+        self.stages: list[Stage] = list(stages or [])
+        self.call_deployment: Callable[[Call], Awaitable[Any]] = self._call_provider
+
+    # -- resolution -----------------------------------------------------------------------
+    def visible_aliases(self, principal: Principal) -> dict[str, str]:
+        self.deployments.maybe_reload()
+        return {a: k for a, k in sorted(self.deployments.aliases().items()) if principal.may_use_model(a)}
+
+    def resolve(self, call: Call) -> list[DeploymentConfig]:
+        """The deployments behind the call's alias, after the key's scope check."""
+        self.deployments.maybe_reload()
+        candidates = self.deployments.for_alias(call.alias)
+        if not candidates or not call.principal.may_use_model(call.alias):
+            visible = ", ".join(self.visible_aliases(call.principal)) or "none"
+            raise NotFound(f"model {call.alias!r} does not exist or this key may not use it",
+                           fix=f"use one of: {visible}", model=call.alias)
+        kinds = {c.kind for c in candidates}
+        wanted = "embedding" if call.kind == "embedding" else "chat"
+        if wanted not in kinds:
+            raise NotSupported(f"model {call.alias!r} is a {kinds.pop()} model, not a {wanted} model",
+                               fix=f"send it to the {'/v1/embeddings' if wanted == 'chat' else '/v1/chat/completions'}"
+                                   " endpoint, or pick another model", model=call.alias)
+        return candidates
+
+    @staticmethod
+    def check_capabilities(call: Call, cfg: DeploymentConfig, prov: Provider) -> None:
+        req = call.chat
+        if req is None:
+            return
+        did = cfg.deployment_id()
+        if req.tools and not prov.supports_tools:
+            raise NotSupported(f"deployment {did} ({cfg.provider}) does not support tools",
+                               fix="remove `tools`, or route to a model that supports them", deployment=did)
+        rf = (req.response_format or {}).get("type")
+        if rf in ("json_object", "json_schema") and not prov.supports_json_mode:
+            raise NotSupported(f"deployment {did} ({cfg.provider}) does not support response_format {rf}",
+                               fix="remove `response_format`, or pick another model", deployment=did)
+        if req.stream and not prov.can_stream:
+            raise NotSupported(f"deployment {did} cannot stream", fix="send `stream: false`", deployment=did)
+
+    async def _call_provider(self, call: Call) -> Any:
+        """Terminal step: choose a deployment and call it (the router replaces this with retries/fallbacks)."""
+        cfg = pick_weighted(self.resolve(call))
+        return await self.invoke(call, cfg)
+
+    async def invoke(self, call: Call, cfg: DeploymentConfig) -> Any:
+        prov = self.deployments.provider(cfg)
+        call.deployment, call.provider = cfg, prov
+        t0 = time.perf_counter()
+        try:
+            if call.kind == "embedding":
+                return await prov.embed(call.texts or [])
+            self.check_capabilities(call, cfg, prov)
+            if call.stream:
+                return prov.stream(call.chat)  # type: ignore[arg-type]
+            return await prov.chat(call.chat)  # type: ignore[arg-type]
+        finally:
+            call.upstream_ms += (time.perf_counter() - t0) * 1000
+
+    def _chain(self) -> Next:
+        nxt: Next = self.call_deployment
+        for stage in reversed(self.stages):
+            nxt = (lambda s, n: (lambda c: s.handle(c, n)))(stage, nxt)
+        return nxt
+
+    # -- entry points ---------------------------------------------------------------------
+    async def chat(self, call: Call) -> ChatResult:
+        span = self._span(call)
+        try:
+            result: ChatResult = await self._chain()(call)
+        except BaseException as exc:
+            self._finish(call, span, error=exc)
+            raise
+        call.usage = result.usage
+        self._finish(call, span)
+        return result
+
+    async def embed(self, call: Call) -> EmbedResult:
+        span = self._span(call)
+        try:
+            result: EmbedResult = await self._chain()(call)
+        except BaseException as exc:
+            self._finish(call, span, error=exc)
+            raise
+        call.usage = Usage(prompt_tokens=result.prompt_tokens)
+        self._finish(call, span)
+        return result
+
+    async def chat_stream(self, call: Call) -> AsyncIterator[ChatDelta]:
+        """Metered stream: a row is written when it ends, fails, or the client goes away."""
+        span = self._span(call)
+        inner: AsyncIterator[ChatDelta] | None = None
+        texts: list[str] = []
+        error: BaseException | None = None
+        try:
+            inner = await self._chain()(call)
+            async for delta in inner:
+                if call.ttft_ms is None and (delta.content or delta.tool_calls):
+                    call.ttft_ms = (time.perf_counter() - call.started) * 1000
+                if delta.content:
+                    texts.append(delta.content)
+                if delta.usage is not None:
+                    call.usage = delta.usage
+                yield delta
+        except BaseException as exc:  # GeneratorExit (client gone) and CancelledError included
+            error = exc
+            raise
+        finally:
+            if inner is not None and hasattr(inner, "aclose"):
+                await inner.aclose()
+            if call.usage.total_tokens == 0 and call.provider is not None and call.chat is not None:
+                call.usage = self._estimate(call, "".join(texts))
+            self._finish(call, span, error=error)
+
+    @staticmethod
+    def _estimate(call: Call, text: str) -> Usage:
+        prov = call.provider
+        assert prov is not None and call.chat is not None
+        prompt = prov.count_tokens(call.chat.messages)
+        out = prov.count_tokens([{"role": "assistant", "content": text}]) if text else 0
+        return Usage(prompt_tokens=prompt, completion_tokens=out)
+
+    # -- metering -------------------------------------------------------------------------
+    def _span(self, call: Call) -> trace.Span:
+        span = self.tracer.start_span(f"{'chat' if call.kind == 'chat' else 'embeddings'} {call.alias}")
+        span.set_attribute("gen_ai.operation.name", "chat" if call.kind == "chat" else "embeddings")
+        span.set_attribute("gen_ai.request.model", call.alias)
+        span.set_attribute("keel.request_id", call.request_id)
+        if call.chat is not None:
+            for attr, value in (("gen_ai.request.max_tokens", call.chat.max_tokens),
+                                ("gen_ai.request.temperature", call.chat.temperature)):
+                if value is not None:
+                    span.set_attribute(attr, value)
+        return span
+
+    def _finish(self, call: Call, span: trace.Span, error: BaseException | None = None) -> None:
+        latency = (time.perf_counter() - call.started) * 1000
+        if error is None:
+            status, http_status, code = "ok", 200, None
+        elif isinstance(error, KeelError):
+            status, http_status, code = "error", error.status, error.code
+        elif isinstance(error, (GeneratorExit,)) or type(error).__name__ == "CancelledError":
+            status, http_status, code = "cancelled", 499, "client_disconnected"
+        else:
+            status, http_status, code = "error", 500, "internal_error"
+        cfg = call.deployment
+        meta = call.metadata or None
+        self.ledger.record({
+            "request_id": call.request_id, "ts": utcnow(), "key_id": call.principal.key_id,
+            "team_id": call.principal.team_id, "user_id": call.principal.user_id, "kind": call.kind,
+            "alias": call.alias, "deployment": cfg.deployment_id() if cfg else None,
+            "provider": cfg.provider if cfg else None, "tokens_in": call.usage.prompt_tokens,
+            "tokens_out": call.usage.completion_tokens, "cost": 0.0 if call.cache_hit else call.cost(),
+            "latency_ms": round(latency, 3), "ttft_ms": round(call.ttft_ms, 3) if call.ttft_ms else None,
+            "status": status, "http_status": http_status, "error_code": code, "stream": call.stream,
+            "cache_hit": call.cache_hit, "saved_cost": call.saved_cost,
+            "use_case": str(meta.get("use_case"))[:200] if meta and meta.get("use_case") else None,
+            "task_id": str(meta.get("task_id"))[:200] if meta and meta.get("task_id") else None, "meta": meta,
+        })
+        if cfg is not None:
+            span.set_attribute("gen_ai.system", cfg.provider)
+            span.set_attribute("gen_ai.response.model", cfg.model or cfg.alias)
+            span.set_attribute("keel.deployment", cfg.deployment_id())
+        span.set_attribute("gen_ai.usage.input_tokens", call.usage.prompt_tokens)
+        span.set_attribute("gen_ai.usage.output_tokens", call.usage.completion_tokens)
+        span.set_attribute("keel.status", status)
+        if code:
+            span.set_attribute("error.type", code)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, code))
+        span.end()

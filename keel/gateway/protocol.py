@@ -1,0 +1,144 @@
+"""The provider protocol: what every model backend (local llama.cpp, OpenAI-compatible, Anthropic, …)
+implements. Requests and results use the OpenAI chat wire shapes, so translation happens once,
+inside the provider that needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+
+from keel.core.errors import KeelError, UpstreamError, UpstreamTimeout
+from keel.core.settings import DeploymentConfig
+
+
+@dataclass
+class ChatRequest:
+    """An OpenAI `/v1/chat/completions` request, parsed. `body` keeps the original JSON for pass-through."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    stream: bool = False
+    include_usage: bool = False
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class ChatResult:
+    """A finished completion: one choice's message, why it stopped, and the token usage."""
+
+    content: str | None
+    finish_reason: str
+    usage: Usage
+    tool_calls: list[dict[str, Any]] | None = None
+    model: str = ""
+
+
+@dataclass
+class ChatDelta:
+    """One streamed piece. `tool_calls` uses OpenAI's delta format (with `index`); the last delta
+    carries `finish_reason`, and `usage` arrives on the last delta or on one of its own."""
+
+    content: str | None = None
+    role: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass
+class EmbedResult:
+    vectors: list[list[float]]
+    prompt_tokens: int
+    model: str = ""
+
+
+@dataclass
+class ProviderContext:
+    """What a provider may use from Keel: vault secrets by name, and a few settings."""
+
+    get_secret: Callable[[str], str]
+    data_dir: str = ".keel"
+    threads: int = 0
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """A model backend for one deployment.
+
+    Semantics every implementation keeps (checked by `tests/gateway/test_provider_conformance.py`):
+    - `chat` returns one `ChatResult` with real token usage (from the upstream, or counted locally).
+    - `stream` yields `ChatDelta`s; closing the iterator early (`aclose()`, a client that went away)
+      stops the upstream work. The final delta has `finish_reason`; usage is always reported.
+    - A request the backend cannot serve (tools, JSON mode, embeddings on a chat model) raises
+      `NotSupported` *before* any upstream call; a prompt that does not fit raises `ContextOverflow`.
+    - Upstream failures raise `UpstreamError`/`UpstreamTimeout` (see `upstream_error`), never a
+      foreign exception; the upstream status and message are kept.
+    - Instances are long-lived and shared by concurrent requests; `close()` releases resources.
+    """
+
+    name: ClassVar[str]
+    supports_tools: ClassVar[bool]
+    supports_json_mode: ClassVar[bool]
+    can_stream: ClassVar[bool]
+    can_embed: ClassVar[bool]
+
+    async def chat(self, req: ChatRequest) -> ChatResult: ...
+
+    def stream(self, req: ChatRequest) -> AsyncIterator[ChatDelta]: ...
+
+    async def embed(self, texts: list[str]) -> EmbedResult: ...
+
+    def count_tokens(self, messages: list[dict[str, Any]]) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+ProviderFactory = Callable[[DeploymentConfig, ProviderContext], Provider]
+
+
+def upstream_error(status: int | None, message: str, deployment: str, *, timeout: bool = False) -> KeelError:
+    """Translate an upstream failure into the most specific Keel error, keeping status and message.
+
+    Upstream 400/404/413/422 are the caller's request → same status; 429 → 429; 401/403 are Keel's
+    credential problem → 502; 5xx, connection and protocol errors → 502; timeouts → 504.
+    `err.retryable` tells the router whether another try may succeed.
+    """
+    message = (message or "").strip()[:500]
+    if timeout:
+        err: KeelError = UpstreamTimeout(f"deployment {deployment} did not answer in time",
+                                         fix="retry, raise the deployment's timeout_s, or add a fallback",
+                                         deployment=deployment)
+        err.retryable = True  # type: ignore[attr-defined]
+        return err
+    detail = f"deployment {deployment} failed" + (f" with HTTP {status}" if status else "") + (
+        f": {message}" if message else "")
+    err = UpstreamError(detail, fix="check the upstream provider, its credential and the request",
+                        deployment=deployment, upstream_status=status, upstream_message=message or None)
+    if status in (400, 404, 409, 413, 422):
+        err.status = status
+        err.code = "upstream_rejected"
+    elif status == 429:
+        err.status = 429
+        err.code = "upstream_rate_limited"
+    err.retryable = status is None or status == 429 or status >= 500  # type: ignore[attr-defined]
+    return err

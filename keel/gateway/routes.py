@@ -1,0 +1,230 @@
+"""The OpenAI-compatible API (`/v1/chat/completions`, `/v1/embeddings`, `/v1/models`) and
+`/admin/deployments`."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from keel.core.errors import BadRequest, KeelError, MalformedJSON, NotFound, NotSupported
+from keel.core.http import json_response
+from keel.core.logs import request_id_var
+from keel.gateway.pipeline import Call, Gateway
+from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult
+from keel.gateway.schemas import ChatCompletionBody, EmbeddingsBody
+from keel.identity.auth import admin, principal
+from keel.identity.principal import Principal
+
+router = APIRouter()
+_NOT_FORWARDED = {"metadata", "keel", "stream_options"}
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+def _headers(call: Call) -> dict[str, str]:
+    total = (time.perf_counter() - call.started) * 1000
+    h = {"x-keel-overhead-ms": f"{max(total - call.upstream_ms, 0.0):.3f}"}
+    if call.deployment is not None:
+        h["x-keel-deployment"] = call.deployment.deployment_id()
+    if call.cache_hit:
+        h["x-keel-cache"] = "hit"
+    return h
+
+
+def chat_request(body: ChatCompletionBody) -> ChatRequest:
+    raw = body.model_dump(exclude_unset=True, exclude_none=True, exclude=_NOT_FORWARDED)
+    max_tokens = body.max_tokens or body.max_completion_tokens
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    return ChatRequest(
+        model=body.model, messages=raw["messages"], max_tokens=max_tokens, temperature=body.temperature,
+        top_p=body.top_p, stop=stop, seed=body.seed, tools=body.tools, tool_choice=body.tool_choice,
+        response_format=body.response_format, stream=body.stream,
+        include_usage=bool((body.stream_options or {}).get("include_usage")),
+        body={**raw, **({"keel": body.keel} if body.keel else {})})
+
+
+def completion_json(call: Call, result: ChatResult) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": result.content}
+    if result.tool_calls:
+        message["tool_calls"] = result.tool_calls
+    u = result.usage
+    return {
+        "id": f"chatcmpl-{call.request_id}", "object": "chat.completion", "created": int(time.time()),
+        "model": call.alias, "system_fingerprint": None,
+        "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}],
+        "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                  "total_tokens": u.total_tokens},
+    }
+
+
+def _chunk(call: Call, created: int, delta: ChatDelta) -> bytes:
+    d: dict[str, Any] = {}
+    if delta.role:
+        d["role"] = delta.role
+    if delta.content is not None:
+        d["content"] = delta.content
+    if delta.tool_calls:
+        d["tool_calls"] = delta.tool_calls
+    body = {"id": f"chatcmpl-{call.request_id}", "object": "chat.completion.chunk", "created": created,
+            "model": call.alias, "choices": [{"index": 0, "delta": d, "finish_reason": delta.finish_reason}]}
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def _usage_chunk(call: Call, created: int) -> bytes:
+    u = call.usage
+    body = {"id": f"chatcmpl-{call.request_id}", "object": "chat.completion.chunk", "created": created,
+            "model": call.alias, "choices": [],
+            "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                      "total_tokens": u.total_tokens}}
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+async def _sse(call: Call, stream: AsyncIterator[ChatDelta], first: ChatDelta | None) -> AsyncIterator[bytes]:
+    """OpenAI SSE framing; an error after the first byte becomes an `error` event, then the stream ends."""
+    created = int(time.time())
+    try:
+        if first is not None and (first.content is not None or first.role or first.tool_calls
+                                  or first.finish_reason):
+            yield _chunk(call, created, first)
+        async for delta in stream:
+            if delta.content is not None or delta.role or delta.tool_calls or delta.finish_reason:
+                yield _chunk(call, created, delta)
+        if call.chat is not None and call.chat.include_usage:
+            yield _usage_chunk(call, created)
+        yield b"data: [DONE]\n\n"
+    except KeelError as exc:
+        yield b"data: " + orjson.dumps(exc.to_problem(call.request_id)) + b"\n\n"
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+@router.post("/v1/chat/completions", tags=["gateway"])
+async def chat_completions(body: ChatCompletionBody, request: Request,
+                           p: Principal = Depends(principal)) -> Response:
+    """OpenAI-compatible chat completions, streaming (SSE) or not, through the governed path."""
+    gw = _gateway(request)
+    call = Call(request_id=request_id_var.get() or "", principal=p, kind="chat", alias=body.model,
+                chat=chat_request(body), metadata=dict(body.metadata or {}))
+    if not call.stream:
+        result = await gw.chat(call)
+        return Response(orjson.dumps(completion_json(call, result)), media_type="application/json",
+                        headers=_headers(call))
+    stream = gw.chat_stream(call)
+    try:
+        first: ChatDelta | None = await stream.__anext__()  # errors before the first byte get a real status
+    except StopAsyncIteration:
+        first = None
+    return StreamingResponse(_sse(call, stream, first), media_type="text/event-stream",
+                             headers={**_headers(call), "cache-control": "no-cache"})
+
+
+def _texts(body: EmbeddingsBody) -> list[str]:
+    inp = body.input
+    if isinstance(inp, str):
+        return [inp]
+    if inp and not all(isinstance(x, str) for x in inp):
+        raise NotSupported("token-id input is not supported", fix="send `input` as a string or a list of strings")
+    if not inp:
+        raise BadRequest("`input` is empty", fix="send at least one string")
+    if any(not s for s in inp):  # type: ignore[union-attr]
+        raise BadRequest("`input` contains an empty string", fix="remove empty strings")
+    return list(inp)  # type: ignore[arg-type]
+
+
+@router.post("/v1/embeddings", tags=["gateway"])
+async def embeddings(body: EmbeddingsBody, request: Request, p: Principal = Depends(principal)) -> Response:
+    """OpenAI-compatible embeddings; `encoding_format: base64` gives little-endian float32."""
+    call = Call(request_id=request_id_var.get() or "", principal=p, kind="embedding", alias=body.model,
+                texts=_texts(body), metadata=dict(body.metadata or {}))
+    result = await _gateway(request).embed(call)
+    dim = len(result.vectors[0]) if result.vectors else 0
+    if body.dimensions is not None and body.dimensions != dim:
+        raise NotSupported(f"model {body.model!r} makes {dim}-dimensional vectors, not {body.dimensions}",
+                           fix="omit `dimensions`")
+    data = []
+    for i, vec in enumerate(result.vectors):
+        emb: Any = (base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
+                    if body.encoding_format == "base64" else vec)
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    out = {"object": "list", "data": data, "model": body.model,
+           "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}}
+    return Response(orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
+                    headers=_headers(call))
+
+
+@router.get("/v1/models", tags=["gateway"])
+async def list_models(request: Request, p: Principal = Depends(principal)) -> Response:
+    """The model aliases this key may use."""
+    aliases = _gateway(request).visible_aliases(p)
+    data = [{"id": a, "object": "model", "created": 0, "owned_by": "keel", "kind": k} for a, k in aliases.items()]
+    return json_response({"object": "list", "data": data})
+
+
+@router.get("/v1/models/{alias:path}", tags=["gateway"])
+async def get_model(alias: str, request: Request, p: Principal = Depends(principal)) -> Response:
+    aliases = _gateway(request).visible_aliases(p)
+    if alias not in aliases:
+        raise NotFound(f"model {alias!r} does not exist or this key may not use it", model=alias)
+    return json_response({"id": alias, "object": "model", "created": 0, "owned_by": "keel", "kind": aliases[alias]})
+
+
+# -- admin: deployments -------------------------------------------------------------------------
+
+@router.get("/admin/deployments", tags=["admin"])
+async def list_deployments(request: Request, _p: Principal = Depends(admin)) -> Response:
+    deps = _gateway(request).deployments
+    await run_in_threadpool(deps.reload)
+    return json_response({"data": deps.listing()})
+
+
+def _store_api_key(request: Request, data: dict[str, Any], did_hint: str) -> dict[str, Any]:
+    api_key = data.pop("api_key", None)
+    if api_key:
+        name = data.get("credential") or f"deployment-{did_hint}".replace("/", "-")[:190]
+        request.app.state.vault.put(name, str(api_key))
+        data["credential"] = name
+    return data
+
+
+@router.post("/admin/deployments", status_code=201, tags=["admin"])
+async def add_deployment(request: Request, _p: Principal = Depends(admin)) -> Response:
+    """Add a deployment without a restart. An `api_key` field is stored in the vault, never returned."""
+    data = await _json_object(request)
+    deps = _gateway(request).deployments
+    cfg = deps.parse({k: v for k, v in data.items() if k != "api_key"})
+    data = await run_in_threadpool(_store_api_key, request, data, cfg.deployment_id())
+    return json_response(await run_in_threadpool(deps.add, deps.parse(data)), 201)
+
+
+@router.put("/admin/deployments/{did:path}", tags=["admin"])
+async def update_deployment(did: str, request: Request, _p: Principal = Depends(admin)) -> Response:
+    data = await _json_object(request)
+    deps = _gateway(request).deployments
+    data = await run_in_threadpool(_store_api_key, request, data, did)
+    return json_response(await run_in_threadpool(deps.update, did, data))
+
+
+@router.delete("/admin/deployments/{did:path}", status_code=204, tags=["admin"])
+async def delete_deployment(did: str, request: Request, _p: Principal = Depends(admin)) -> Response:
+    await run_in_threadpool(_gateway(request).deployments.delete, did)
+    return json_response(None, 204)
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        data = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJSON(f"request body is not valid JSON: {exc}", fix="send a JSON object") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object", fix="send {\"alias\": …, \"provider\": …}")
+    return data

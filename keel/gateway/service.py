@@ -1,0 +1,37 @@
+"""Build the gateway the app factory wires in: deployments, providers, the governed path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from keel.core.db import Store
+from keel.core.settings import Settings
+from keel.gateway.deployments import Deployments
+from keel.gateway.pipeline import Gateway, Stage
+from keel.gateway.protocol import ProviderContext
+from keel.identity.vault import Vault
+from keel.observe.service import Observe
+
+log = logging.getLogger("keel.gateway")
+
+
+def build(settings: Settings, store: Store, vault: Vault, observe: Observe,
+          stages: list[Stage] | None = None) -> Gateway:
+    ctx = ProviderContext(get_secret=vault.get, data_dir=str(settings.data_dir), threads=settings.local_threads)
+    deployments = Deployments(store, settings, ctx)
+    return Gateway(deployments, observe.ledger, observe.tracer, stages)
+
+
+async def preload(gateway: Gateway) -> None:
+    """Load local models in the background so the first request does not wait for them."""
+    for cfg in gateway.deployments.all().values():
+        if cfg.provider in ("local", "local_embed"):
+            prov = gateway.deployments.provider(cfg)
+            load = getattr(prov, "load", None)
+            if load is not None:
+                try:
+                    await asyncio.to_thread(load)
+                    log.info("model loaded", extra={"deployment": cfg.deployment_id()})
+                except Exception:  # a broken model file must not stop the server; requests will report it
+                    log.exception("model preload failed", extra={"deployment": cfg.deployment_id()})

@@ -1,0 +1,1 @@
+"""Observability: the usage ledger, traces, metrics, cost reports."""

@@ -1,0 +1,93 @@
+"""The usage ledger writer: rows are queued in memory and written in batches off the hot path.
+
+`record()` never blocks a request; a background task flushes every `interval` seconds or every
+`batch_size` rows, and `stop()` drains everything on graceful shutdown. The request id is the
+primary key, so a row can never be written twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import sqlalchemy as sa
+
+from keel.core.db import Store
+from keel.observe.tables import usage_ledger
+
+log = logging.getLogger("keel.ledger")
+
+
+class Ledger:
+    """Batched, append-only writer of usage rows."""
+
+    def __init__(self, store: Store, interval: float = 0.2, batch_size: int = 500) -> None:
+        self.store = store
+        self.interval = interval
+        self.batch_size = batch_size
+        self._pending: list[dict[str, Any]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.written = 0
+
+    def record(self, row: dict[str, Any]) -> None:
+        self._pending.append(row)
+        if len(self._pending) >= self.batch_size:
+            self._wake.set()
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        with self.store.engine.begin() as conn:
+            conn.execute(usage_ledger.insert(), rows)
+        self.written += len(rows)
+
+    def flush_sync(self) -> None:
+        rows, self._pending = self._pending, []
+        if rows:
+            self._write_safely(rows)
+
+    def _write_safely(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            self._write(rows)
+        except sa.exc.IntegrityError:
+            # A duplicate request id (a client re-sent its own x-request-id): write row by row, skip repeats.
+            for row in rows:
+                try:
+                    self._write([row])
+                except sa.exc.IntegrityError:
+                    log.warning("duplicate ledger row skipped", extra={"ledger_request_id": row["request_id"]})
+
+    async def flush(self) -> None:
+        rows, self._pending = self._pending, []
+        if not rows:
+            return
+        try:
+            await asyncio.to_thread(self._write_safely, rows)
+        except sa.exc.SQLAlchemyError:
+            self._pending[:0] = rows  # keep them for the next try
+            raise
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.flush()
+            except sa.exc.SQLAlchemyError:
+                log.exception("ledger flush failed; rows kept for the next try")
+                await asyncio.sleep(self.interval)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="keel-ledger")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self.flush()

@@ -1,0 +1,32 @@
+"""The usage ledger: one row per metered request — success, error, or a stream cut short."""
+
+import sqlalchemy as sa
+
+from keel.core.db import metadata
+
+usage_ledger = sa.Table(
+    "usage_ledger", metadata,
+    sa.Column("request_id", sa.String(100), primary_key=True),
+    sa.Column("ts", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("key_id", sa.String(40), nullable=True, index=True),
+    sa.Column("team_id", sa.String(40), nullable=True, index=True),
+    sa.Column("user_id", sa.String(40), nullable=True),
+    sa.Column("kind", sa.String(20), nullable=False),
+    sa.Column("alias", sa.String(200), nullable=True, index=True),
+    sa.Column("deployment", sa.String(300), nullable=True),
+    sa.Column("provider", sa.String(50), nullable=True),
+    sa.Column("tokens_in", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("tokens_out", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("cost", sa.Float, nullable=False, server_default="0"),
+    sa.Column("latency_ms", sa.Float, nullable=False, server_default="0"),
+    sa.Column("ttft_ms", sa.Float, nullable=True),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("http_status", sa.Integer, nullable=False, server_default="200"),
+    sa.Column("error_code", sa.String(60), nullable=True),
+    sa.Column("stream", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("cache_hit", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("saved_cost", sa.Float, nullable=False, server_default="0"),
+    sa.Column("use_case", sa.String(200), nullable=True, index=True),
+    sa.Column("task_id", sa.String(200), nullable=True, index=True),
+    sa.Column("meta", sa.JSON, nullable=True),
+)
