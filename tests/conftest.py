@@ -49,14 +49,49 @@ def _pg_url(server: Any, db: str) -> str:
     return "postgresql+psycopg://" + uri.split("://", 1)[1].replace("postgres:@", "postgres@")
 
 
-@pytest.fixture
-def db_url(tmp_path: Path, pg_server: Any) -> str:
-    """A fresh, empty database for this test."""
+def new_db_url(tmp_dir: Path, pg_server: Any) -> str:
+    """A fresh, empty database: a SQLite file in `tmp_dir`, or a new PostgreSQL database."""
     if pg_server is None:
-        return f"sqlite:///{tmp_path / 'keel.db'}"
+        return f"sqlite:///{tmp_dir / 'keel.db'}"
     name = "t_" + uuid.uuid4().hex[:12]
     pg_server.psql(f"CREATE DATABASE {name};")
     return _pg_url(pg_server, name)
+
+
+@pytest.fixture
+def db_url(tmp_path: Path, pg_server: Any) -> str:
+    """A fresh, empty database for this test."""
+    return new_db_url(tmp_path, pg_server)
+
+
+@pytest.fixture(scope="module")
+def module_server_factory(tmp_path_factory, pg_server: Any):
+    """Like `server_factory`, but servers live for the whole module (e.g. to load a model once)."""
+    started: list[KeelServer] = []
+
+    def make(**env: Any) -> KeelServer:
+        base = tmp_path_factory.mktemp("keel")
+        db = env.pop("db_url", None) or new_db_url(base, pg_server)
+        srv = start_server(env.pop("data_dir", base / "data"), db, **env)
+        srv.extra["db_url"] = db
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+def ledger_rows(db_url: str, where: str = "1=1") -> list[Any]:
+    """Read the usage ledger straight from the store."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.text(f"SELECT * FROM usage_ledger WHERE {where} ORDER BY ts")).all()
+    finally:
+        engine.dispose()
 
 
 @dataclass
@@ -137,7 +172,9 @@ def server_factory(tmp_path: Path, db_url: str):
 
     def make(**env: Any) -> KeelServer:
         data_dir = env.pop("data_dir", tmp_path / "data")
-        srv = start_server(data_dir, env.pop("db_url", db_url), **env)
+        db = env.pop("db_url", db_url)
+        srv = start_server(data_dir, db, **env)
+        srv.extra["db_url"] = db
         started.append(srv)
         return srv
 

@@ -37,10 +37,37 @@ class DeploymentConfig(BaseModel):
     timeout_s: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=0, ge=0, le=10)
     weight: float = Field(default=1.0, gt=0)
+    rpm: int | None = Field(default=None, gt=0, description="requests/min this deployment may receive")
+    tpm: int | None = Field(default=None, gt=0, description="tokens/min this deployment may receive")
     options: dict[str, Any] = Field(default_factory=dict)
 
     def deployment_id(self) -> str:
         return self.id or f"{self.alias}/{self.provider}/{self.model or 'default'}"
+
+
+class CacheConfig(BaseModel):
+    """Response cache for one alias (opt-in)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["off", "exact", "semantic"] = "off"
+    ttl_s: float = Field(default=3600, gt=0)
+    similarity_threshold: float = Field(default=0.95, gt=0, le=1)
+    embedding_alias: str = "local-embed"
+
+
+class AliasConfig(BaseModel):
+    """How an alias is routed: strategy, retries, fallbacks, circuit breaker, cache."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["weighted", "least-busy", "lowest-latency"] = "weighted"
+    fallbacks: list[str] = Field(default_factory=list, description="other aliases tried in order")
+    retries: int = Field(default=2, ge=0, le=10, description="extra tries on retryable errors")
+    backoff_ms: float = Field(default=50, ge=0)
+    circuit_failures: int = Field(default=5, gt=0, description="consecutive failures that open the circuit")
+    circuit_cooldown_s: float = Field(default=30, gt=0, description="open time before one trial request")
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
 
 class Settings(BaseModel):
@@ -62,6 +89,10 @@ class Settings(BaseModel):
     demo: bool = Field(default=False, description="load demo data on start (`keel up` sets it)")
     embedded_models: bool = Field(default=True, description="register the bundled local-chat/local-embed models")
     models: list[DeploymentConfig] = Field(default_factory=list)
+    aliases: dict[str, AliasConfig] = Field(default_factory=dict)
+    redis_url: str | None = Field(default=None, description="optional: hot counters for rate limits")
+    alert_webhook_url: str | None = Field(default=None, description="POSTed budget soft-limit alerts")
+    budget_alert_percent: float = Field(default=80, gt=0, le=100)
     ledger_flush_interval_s: float = Field(default=0.2, gt=0)
     ledger_batch_size: int = Field(default=500, gt=0)
     local_threads: int = Field(default=0, ge=0, description="llama.cpp threads; 0 = all cores")

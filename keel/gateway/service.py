@@ -10,6 +10,7 @@ from keel.core.settings import Settings
 from keel.gateway.deployments import Deployments
 from keel.gateway.pipeline import Gateway, Stage
 from keel.gateway.protocol import ProviderContext
+from keel.gateway.router import Router
 from keel.identity.vault import Vault
 from keel.observe.service import Observe
 
@@ -18,9 +19,24 @@ log = logging.getLogger("keel.gateway")
 
 def build(settings: Settings, store: Store, vault: Vault, observe: Observe,
           stages: list[Stage] | None = None) -> Gateway:
+    """`stages` come from capabilities above the gateway (policy, guards); the gateway adds its own."""
     ctx = ProviderContext(get_secret=vault.get, data_dir=str(settings.data_dir), threads=settings.local_threads)
     deployments = Deployments(store, settings, ctx)
-    return Gateway(deployments, observe.ledger, observe.tracer, stages)
+    gateway = Gateway(deployments, observe.ledger, observe.tracer)
+    gateway.stages = admission_stages(gateway, settings, store) + list(stages or []) + spend_stages(
+        gateway, settings, store)
+    gateway.call_deployment = Router(gateway, settings).call
+    return gateway
+
+
+def admission_stages(gateway: Gateway, settings: Settings, store: Store) -> list[Stage]:
+    """Stages that run before policy and guards: rate limits."""
+    return []
+
+
+def spend_stages(gateway: Gateway, settings: Settings, store: Store) -> list[Stage]:
+    """Stages that run after policy and guards, just before the router: budgets, then the cache."""
+    return []
 
 
 async def preload(gateway: Gateway) -> None:

@@ -1,0 +1,324 @@
+"""Provider for any OpenAI-compatible server: OpenAI, vLLM, Ollama, llama.cpp server, TGI.
+
+`HTTPProvider` holds the upstream plumbing (pooled aiohttp session, timeouts, SSE, error mapping);
+the Anthropic provider reuses it and only translates the wire format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar
+
+import aiohttp
+import orjson
+
+from keel.core.errors import ConfigError, KeelError
+from keel.core.settings import DeploymentConfig
+from keel.gateway.protocol import (
+    ChatDelta, ChatRequest, ChatResult, EmbedResult, ProviderContext, Usage, upstream_error,
+)
+
+DRAIN_S = 1.0  # after the last event, how long to wait for the body's end so the connection can be reused
+PARSE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
+_TYPED_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "seed", "tools", "tool_choice", "response_format")
+
+
+def estimate_tokens(messages: list[dict[str, Any]]) -> int:
+    """About four characters a token plus a small per-message overhead: no tokenizer exists for remote models."""
+    chars = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+        for call in m.get("tool_calls") or ():
+            fn = call.get("function") or {}
+            chars += len(fn.get("name") or "") + len(fn.get("arguments") or "")
+    return math.ceil(chars / 4) + 4 * len(messages) + 3
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait from `retry-after-ms`, or `retry-after` as seconds or an HTTP date; None if absent."""
+    try:
+        if ms := headers.get("retry-after-ms"):
+            return max(0.0, float(ms) / 1000)
+        value = headers.get("retry-after")
+        if not value:
+            return None
+        if value.strip().replace(".", "", 1).isdigit():
+            return float(value)
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def error_message(raw: bytes) -> str:
+    """The human message of an error body: OpenAI/Anthropic `{"error": {"message"}}`, other shapes, or raw text."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode(errors="replace")
+    return message_of(data) or raw.decode(errors="replace")
+
+
+def message_of(data: Any) -> str:
+    """The message inside a decoded error document, or "" when it has none."""
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        for value in (err, data.get("message"), data.get("detail")):
+            if isinstance(value, str) and value:
+                return value
+    return ""
+
+
+def sse_data(line: bytes) -> bytes | None:
+    """The payload of an SSE `data:` line; None for event names, comments and blank lines.
+
+    OpenAI and Anthropic send one JSON document per `data:` line, so no multi-line joining is done.
+    """
+    return line[5:].strip() if line.startswith(b"data:") else None
+
+
+class HTTPProvider:
+    """Shared upstream plumbing: one pooled aiohttp session per instance, created lazily in the running loop."""
+
+    default_base_url: ClassVar[str] = ""
+
+    def __init__(self, config: DeploymentConfig, ctx: ProviderContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.deployment = config.deployment_id()
+        self.base_url = (config.base_url or self.default_base_url).rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._headers: dict[str, str] | None = None
+        self._secret: str | None = None
+        self._total_timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        # Streams: connect and time-to-first-byte bounded, then an idle bound between chunks, no total.
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=config.timeout_s,
+                                                     sock_read=config.timeout_s)
+
+    def auth_headers(self, secret: str | None) -> dict[str, str]:
+        """Headers that carry the credential (and API version) for this upstream."""
+        raise NotImplementedError
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            connector = aiohttp.TCPConnector(limit=1000, keepalive_timeout=30, ttl_dns_cache=300)
+            # read_bufsize bounds one SSE line (2x this); no cookies, so tenants never share state.
+            self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                                  read_bufsize=2**20)
+            self._loop = loop
+        return self._session
+
+    def _request_headers(self) -> dict[str, str]:
+        if self._headers is None:
+            self._secret = self._read_secret()
+            extra = self.config.options.get("headers") or {}
+            self._headers = {"Content-Type": "application/json", **extra, **self.auth_headers(self._secret)}
+        return self._headers
+
+    def _read_secret(self) -> str | None:
+        name = self.config.credential
+        if not name:
+            return None
+        try:
+            return self.ctx.get_secret(name)
+        except KeelError:
+            raise
+        except Exception as exc:  # a foreign vault error becomes a config error, without its text
+            raise ConfigError(f"credential {name!r} of deployment {self.deployment} could not be read "
+                              f"({type(exc).__name__})", fix=f"store it: keel secrets set {name}",
+                              deployment=self.deployment) from None
+
+    def _fail(self, status: int | None, message: str, *, timeout: bool = False,
+              retry_after: float | None = None) -> KeelError:
+        if self._secret:
+            message = message.replace(self._secret, "***")
+        err = upstream_error(status, message, self.deployment, timeout=timeout)
+        err.retry_after = retry_after  # type: ignore[attr-defined]
+        if retry_after is not None and err.status == 429:
+            err.headers["Retry-After"] = str(math.ceil(retry_after))
+        return err
+
+    def _malformed(self, what: str) -> KeelError:
+        return self._fail(None, f"malformed upstream response: {what}")
+
+    def _status_error(self, resp: aiohttp.ClientResponse, raw: bytes) -> KeelError:
+        return self._fail(resp.status, error_message(raw), retry_after=parse_retry_after(resp.headers))
+
+    def _connection_error(self, exc: aiohttp.ClientError) -> KeelError:
+        return self._fail(None, f"connection error ({type(exc).__name__}): {exc}")
+
+    async def _post_json(self, url: str, body: dict[str, Any]) -> Any:
+        """POST a JSON body and return the decoded JSON answer; every failure becomes a Keel error."""
+        session = self._get_session()
+        try:
+            async with session.post(url, data=orjson.dumps(body), headers=self._request_headers(),
+                                    timeout=self._total_timeout) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise self._status_error(resp, raw)
+        except TimeoutError:
+            raise self._fail(None, "", timeout=True) from None
+        except aiohttp.ClientError as exc:
+            raise self._connection_error(exc) from None
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise self._malformed(f"not JSON ({exc})") from None
+
+    @asynccontextmanager
+    async def _open_stream(self, url: str, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST a streaming request; errors raised while reading it inside the block are translated here.
+
+        Leaving the block early (the consumer closed the stream) closes the connection, which stops
+        the upstream's work; a stream read to its end returns the connection to the pool.
+        """
+        session = self._get_session()
+        resp = None
+        try:
+            resp = await session.post(url, data=orjson.dumps(body), headers=self._request_headers(),
+                                      timeout=self._stream_timeout)
+            if resp.status >= 400:
+                raise self._status_error(resp, await resp.read())
+            yield resp
+            await self._drain(resp)
+        except TimeoutError:
+            raise self._fail(None, "", timeout=True) from None
+        except aiohttp.ClientError as exc:
+            raise self._connection_error(exc) from None
+        except PARSE_ERRORS as exc:
+            raise self._malformed(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            if resp is not None:
+                resp.close()
+
+    @staticmethod
+    async def _drain(resp: aiohttp.ClientResponse) -> None:
+        """Read to the end of the body (servers end it right after the last event) so keep-alive works."""
+        try:
+            async with asyncio.timeout(DRAIN_S):
+                await resp.content.read()
+        except (TimeoutError, aiohttp.ClientError):
+            return  # every event arrived; the caller's finally closes this connection instead of reusing it
+        resp.release()
+
+    def count_tokens(self, messages: list[dict[str, Any]]) -> int:
+        return estimate_tokens(messages)
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None and not session.closed and self._loop is asyncio.get_running_loop():
+            await session.close()
+
+
+class OpenAICompatibleProvider(HTTPProvider):
+    """Calls `{base_url}/chat/completions` and `{base_url}/embeddings` with a bearer key from the vault.
+
+    >>> p = OpenAICompatibleProvider(DeploymentConfig(alias="gpt", provider="openai_compatible",
+    ...     model="gpt-4o-mini", credential="openai"), ProviderContext(get_secret=vault.get))
+    """
+
+    name: ClassVar[str] = "openai_compatible"
+    supports_tools: ClassVar[bool] = True
+    supports_json_mode: ClassVar[bool] = True
+    can_stream: ClassVar[bool] = True
+    can_embed: ClassVar[bool] = True
+    default_base_url: ClassVar[str] = "https://api.openai.com/v1"
+
+    def auth_headers(self, secret: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {secret}"} if secret else {}
+
+    def _body(self, req: ChatRequest, stream: bool) -> dict[str, Any]:
+        """The client's JSON (unknown params pass through), with our model and the typed fields on top."""
+        body = dict(req.body)
+        body["model"] = self.config.model or req.model
+        body["messages"] = req.messages
+        for key in _TYPED_FIELDS:
+            value = getattr(req, key)
+            if value is not None:
+                body["max_completion_tokens" if key == "max_tokens" and "max_completion_tokens" in body
+                     else key] = value
+        body["stream"] = stream
+        if stream:
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        else:
+            body.pop("stream_options", None)
+        return body
+
+    async def chat(self, req: ChatRequest) -> ChatResult:
+        data = await self._post_json(f"{self.base_url}/chat/completions", self._body(req, False))
+        try:
+            if isinstance(data, dict) and data.get("error"):
+                raise self._fail(None, message_of(data))
+            choice = data["choices"][0]
+            msg = choice["message"]
+            content = msg.get("content")
+            usage = data.get("usage")
+            if usage:
+                counted = Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+            else:
+                counted = Usage(estimate_tokens(req.messages), math.ceil(len(content or "") / 4))
+            return ChatResult(content=content, finish_reason=choice.get("finish_reason") or "stop", usage=counted,
+                              tool_calls=msg.get("tool_calls") or None, model=data.get("model") or self.config.model)
+        except PARSE_ERRORS as exc:
+            raise self._malformed(f"{type(exc).__name__}: {exc}") from None
+
+    def stream(self, req: ChatRequest) -> AsyncIterator[ChatDelta]:
+        return self._stream(self._body(req, True))
+
+    async def _stream(self, body: dict[str, Any]) -> AsyncIterator[ChatDelta]:
+        finished = False
+        async with self._open_stream(f"{self.base_url}/chat/completions", body) as resp:
+            async for line in resp.content:
+                data = sse_data(line)
+                if not data:
+                    continue
+                if data == b"[DONE]":
+                    finished = True
+                    break
+                delta = self._delta(orjson.loads(data))
+                if delta is not None:
+                    finished = finished or delta.finish_reason is not None
+                    yield delta
+            if not finished:
+                raise self._malformed("the stream ended before [DONE]")
+
+    def _delta(self, chunk: dict[str, Any]) -> ChatDelta | None:
+        if chunk.get("error"):
+            raise self._fail(None, message_of(chunk) or "error event in the stream")
+        usage = chunk.get("usage")
+        out = ChatDelta(usage=Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+                        if usage else None)
+        if choices := chunk.get("choices"):
+            delta = choices[0].get("delta") or {}
+            out.content = delta.get("content")
+            out.role = delta.get("role")
+            out.tool_calls = delta.get("tool_calls") or None
+            out.finish_reason = choices[0].get("finish_reason")
+        if out.content or out.role or out.tool_calls or out.finish_reason or out.usage:
+            return out
+        return None
+
+    async def embed(self, texts: list[str]) -> EmbedResult:
+        data = await self._post_json(f"{self.base_url}/embeddings", {"model": self.config.model, "input": texts})
+        try:
+            items = sorted(data["data"], key=lambda item: item.get("index", 0))
+            vectors = [item["embedding"] for item in items]
+            if len(vectors) != len(texts) or not all(isinstance(v, list) for v in vectors):
+                raise ValueError(f"expected {len(texts)} float vectors, got {len(vectors)}")
+            usage = data.get("usage") or {}
+            tokens = int(usage.get("prompt_tokens") or 0) or sum(math.ceil(len(t) / 4) for t in texts)
+            return EmbedResult(vectors=vectors, prompt_tokens=tokens, model=data.get("model") or self.config.model)
+        except PARSE_ERRORS as exc:
+            raise self._malformed(f"{type(exc).__name__}: {exc}") from None
