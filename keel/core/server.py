@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import uvicorn
@@ -24,12 +28,28 @@ def log_sources(settings: Settings, sources: dict[str, str]) -> None:
         log.info("setting", extra={"setting": name, "source": source, "value": str(shown)})
 
 
+class _Server(uvicorn.Server):
+    """uvicorn re-raises the caught signal after a graceful shutdown; Keel exits 0 instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
 def run(app: Any, settings: Settings, on_ready: Callable[[str], None] | None = None) -> None:
     """Serve `app` with uvicorn (uvloop + httptools); SIGINT/SIGTERM drain requests and run shutdown."""
     config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
                             lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=20,
                             server_header=False)
-    server = uvicorn.Server(config)
+    server = _Server(config)
     configure_logging(settings.log_level)
 
     async def _serve() -> None:
