@@ -47,7 +47,7 @@ def split_key(key: str) -> str | None:
         return None
     body = key[len(KEY_PREFIX):]
     prefix, sep, secret = body.partition("_")
-    if not sep or len(prefix) != 12 or len(secret) < 20:
+    if not sep or not 8 <= len(prefix) <= 24 or len(secret) < 20:
         return None
     return prefix
 
@@ -142,7 +142,7 @@ def create_key(store: Store, *, role: str, name: str = "", team: str | None = No
     if raw_key is not None:
         if split_key(raw_key) is None:
             raise BadRequest("bootstrap key is malformed",
-                             fix=f"use the form {KEY_PREFIX}<12 chars>_<20+ chars>, or omit it")
+                             fix=f"use the form {KEY_PREFIX}<8-24 chars>_<20+ chars>, or omit it")
         key = raw_key
     else:
         key = f"{KEY_PREFIX}{pysecrets.token_hex(6)}_{pysecrets.token_urlsafe(32)}"

@@ -217,6 +217,7 @@ class HTTPProvider:
         return estimate_tokens(messages)
 
     async def close(self) -> None:
+        """Close the session; safe to call twice. A session of a finished event loop can only be dropped."""
         session, self._session = self._session, None
         if session is not None and not session.closed and self._loop is asyncio.get_running_loop():
             await session.close()

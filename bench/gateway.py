@@ -1,0 +1,209 @@
+"""Gateway throughput and added latency: direct vs a minimal proxy vs Keel vs the LiteLLM proxy.
+
+One run, one machine, one upstream (a fast loopback OpenAI-compatible fake with fixed latency).
+Load comes from `wrk` (C, so the load generator costs little CPU next to the servers).
+Prints ONE JSON line: {"direct": {...}, "minimal": {...}, "keel": {...}, "litellm": {...}, "ratios": {...}}.
+
+    .venv/bin/python bench/gateway.py [--duration 10] [--no-litellm]
+
+Needs `wrk` (Debian package) and, for the LiteLLM column, `make bench-litellm` (a separate venv
+`.venv-litellm` with `litellm[proxy]`, so its dependencies never mix with Keel's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
+ADMIN = "sk-keel-benchbench000_" + "b" * 40
+BODY = {"model": "bench", "messages": [{"role": "user", "content": "Say hello in five words."}], "max_tokens": 16}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120, headers: dict | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=2, headers=headers)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its children."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+            todo += [int(c) for c in children]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return round(total / 1024, 1)
+
+
+LUA = """
+wrk.method = "POST"
+wrk.body = %s
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests":%%d,"duration_us":%%d,"p50_us":%%d,"p99_us":%%d,"errors":%%d,"non2xx":%%d}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout, e.status))
+end
+"""
+
+
+def wrk(url: str, token: str, body: dict, conc: int, duration: float, tmp: Path) -> dict:
+    script = tmp / f"wrk-{conc}.lua"
+    script.write_text(LUA % (json.dumps(json.dumps(body)), token))
+    out = subprocess.run(["wrk", "-t1", f"-c{conc}", f"-d{max(1, int(duration))}s", "--timeout", "10s", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+    data = json.loads(out.split("WRKJSON ", 1)[1].splitlines()[0])
+    secs = data["duration_us"] / 1e6
+    return {"rps": round(data["requests"] / secs, 1), "p50_ms": data["p50_us"] / 1000, "p99_ms": data["p99_us"] / 1000,
+            "errors": data["errors"] + data["non2xx"]}
+
+
+def measure(name: str, url: str, token: str, duration: float, tmp: Path, pid: int | None) -> dict:
+    res: dict = {}
+    for stream in (False, True):
+        body = {**BODY, "stream": stream}
+        wrk(url, token, body, 10, 2, tmp)  # warm-up
+        c1 = wrk(url, token, body, 1, duration / 2, tmp)
+        c50 = wrk(url, token, body, 50, duration, tmp)
+        key = "stream" if stream else "plain"
+        res[key] = {"rps_c50": c50["rps"], "p50_ms_c1": c1["p50_ms"], "p99_ms_c1": c1["p99_ms"],
+                    "errors": c1["errors"] + c50["errors"]}
+    out = dict(res["plain"])
+    out["stream"] = res["stream"]
+    out["rss_mb"] = rss_mb(pid) if pid else None
+    print(f"# {name}: {json.dumps(out)}", file=sys.stderr)
+    return out
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def start_keel(tmp: Path, upstream: str) -> tuple[subprocess.Popen, str, str]:
+    port = free_port()
+    cfg = tmp / "keel.yaml"
+    cfg.write_text(f"models:\n  - alias: bench\n    provider: openai_compatible\n    model: gpt-fake\n"
+                   f"    base_url: {upstream}\n    input_price_per_1m: 0.15\n    output_price_per_1m: 0.6\n"
+                   f"    rpm: 100000000\n    tpm: 100000000000\n")
+    env = {**os.environ, "KEEL_DATA_DIR": str(tmp / "keel"), "KEEL_BOOTSTRAP_ADMIN_KEY": ADMIN,
+           "KEEL_EMBEDDED_MODELS": "false", "KEEL_CONFIG": str(cfg), "KEEL_LOG_LEVEL": "warning"}
+    log = open(tmp / "keel.log", "wb")
+    proc = subprocess.Popen([PY, "-m", "keel", "serve", "--port", str(port)], env=env, cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/healthz", timeout=60)
+    except RuntimeError:
+        sys.exit("keel did not start:\n" + (tmp / "keel.log").read_text()[-3000:])
+    h = {"Authorization": f"Bearer {ADMIN}"}
+    key = httpx.post(url + "/admin/keys", headers=h, json={"role": "member", "name": "bench"}).json()
+    # Budgets and rate limits on for the bench key, high enough never to refuse.
+    for path, body in ((f"/admin/limits/keys/{key['id']}", {"rpm": 100_000_000, "tpm": 100_000_000_000}),
+                       ("/admin/budgets", {"scope": "key", "scope_id": key["id"], "amount": 1_000_000,
+                                           "period": "month"})):
+        r = httpx.request("PUT" if "limits" in path else "POST", url + path, headers=h, json=body)
+        if r.status_code >= 300:
+            print(f"# keel: could not configure {path}: {r.status_code} {r.text[:200]}", file=sys.stderr)
+    return proc, url, key["key"]
+
+
+def start_litellm(tmp: Path, upstream: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cfg = tmp / "litellm.yaml"
+    cfg.write_text(f"model_list:\n  - model_name: bench\n    litellm_params:\n      model: openai/gpt-fake\n"
+                   f"      api_base: {upstream}\n      api_key: fake\n"
+                   "general_settings:\n  master_key: sk-bench\n")
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+    proc = subprocess.Popen([str(LITELLM), "--config", str(cfg), "--port", str(port), "--num_workers", "1"],
+                            env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health/liveliness", timeout=300)
+    return proc, url
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=float, default=10)
+    ap.add_argument("--latency-ms", type=float, default=20)
+    ap.add_argument("--no-litellm", action="store_true")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed: apt-get install -y wrk")
+    tmp = Path(tempfile.mkdtemp(prefix="keel-bench-"))
+    up_port = free_port()
+    upstream = subprocess.Popen([PY, "-m", "tests.fakes.openai_upstream", "--port", str(up_port), "--latency-ms",
+                                 str(args.latency_ms)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    up = f"http://127.0.0.1:{up_port}/v1"
+    wait_http(f"http://127.0.0.1:{up_port}/_stats")
+    results: dict = {}
+    try:
+        results["direct"] = measure("direct", up + "/chat/completions", "x", args.duration, tmp, upstream.pid)
+        port = free_port()
+        proc = subprocess.Popen([PY, str(ROOT / "bench" / "minimal_proxy.py"), "--port", str(port), "--upstream", up],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_http(f"http://127.0.0.1:{port}/")
+        results["minimal"] = measure("minimal", f"http://127.0.0.1:{port}/v1/chat/completions", "bench",
+                                     args.duration, tmp, proc.pid)
+        stop(proc)
+        proc, url, key = start_keel(tmp, up)
+        results["keel"] = measure("keel", url + "/v1/chat/completions", key, args.duration, tmp, proc.pid)
+        stop(proc)
+        if not args.no_litellm and LITELLM.exists():
+            proc, url = start_litellm(tmp, up)
+            results["litellm"] = measure("litellm", url + "/v1/chat/completions", "sk-bench", args.duration, tmp,
+                                         proc.pid)
+            stop(proc)
+    finally:
+        stop(upstream)
+    d = results["direct"]
+    for r in results.values():
+        r["added_p50_ms_c1"] = round(r["p50_ms_c1"] - d["p50_ms_c1"], 3)
+        r["added_p99_ms_c1"] = round(r["p99_ms_c1"] - d["p99_ms_c1"], 3)
+    k = results["keel"]
+    ratios = {"keel_vs_minimal_rps_c50": round(k["rps_c50"] / results["minimal"]["rps_c50"], 3)}
+    if "litellm" in results:
+        ratios["keel_vs_litellm_rps_c50"] = round(k["rps_c50"] / max(results["litellm"]["rps_c50"], 0.1), 2)
+    results["ratios"] = ratios
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
