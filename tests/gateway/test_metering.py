@@ -89,18 +89,21 @@ def test_n_requests_n_rows_including_errors_and_cut_streams(server_factory, upst
 def test_sigterm_mid_load_loses_no_row(server_factory, upstream, tmp_path):
     """Regression guard: rows still queued when SIGTERM arrives are flushed before exit."""
     srv = server_factory(config=_config(tmp_path, upstream))
-    answered: list[int] = []
+    done: list[int] = []
 
     def one(i):
         try:
             r = _chat(srv.url, srv.admin_key, metadata={"task_id": f"load-{i}"})
+            done.append(r.status_code)
             return r.status_code
         except httpx.HTTPError:
             return None
 
     with cf.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(one, i) for i in range(400)]
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while len(done) < 20 and time.monotonic() < deadline:  # mid-load: some answered, many in flight
+            time.sleep(0.05)
         srv.proc.send_signal(signal.SIGTERM)
         answered = [f.result() for f in futures]
     srv.proc.wait(60)

@@ -243,6 +243,7 @@ class OpenAICompatibleProvider(HTTPProvider):
     def _body(self, req: ChatRequest, stream: bool) -> dict[str, Any]:
         """The client's JSON (unknown params pass through), with our model and the typed fields on top."""
         body = dict(req.body)
+        body.pop("keel", None)  # Keel-only options never go upstream
         body["model"] = self.config.model or req.model
         body["messages"] = req.messages
         for key in _TYPED_FIELDS:
