@@ -18,6 +18,7 @@ from keel.core.http import RequestContext, install_error_handlers
 from keel.core.settings import Settings
 from keel.gateway import routes as gateway_routes
 from keel.gateway import service as gateway_service
+from keel.governance import service as governance_service
 from keel.observe import service as observe_service
 from keel.identity import routes as identity_routes
 from keel.identity import service as identity
@@ -87,15 +88,17 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Built:
 
 
 def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
-    """Capabilities above identity: observe, then the gateway (governance stages plug in here)."""
+    """Capabilities above identity: observe, then governance's stages wrapped into the gateway."""
     lifecycle: Lifecycle = app.state.lifecycle
     obs = observe_service.build(settings, store)
     app.state.observe = obs
     lifecycle.startup.append(obs.start)
     lifecycle.shutdown.append(obs.stop)  # runs last: after the gateway drained its streams
 
-    gateway = gateway_service.build(settings, store, app.state.vault, obs, stages=[])
+    gov = governance_service.build(settings, store)  # a bad policy file fails here, before the port is bound
+    gateway = gateway_service.build(settings, store, app.state.vault, obs, stages=gov.stages, allow=gov.allow)
     app.state.gateway = gateway
+    gov.attach(app, gateway)  # audit hook, governance routes, policy reload and retention tasks
     lifecycle.shutdown.append(gateway.deployments.close)
     if settings.preload_models:
         async def _preload() -> None:

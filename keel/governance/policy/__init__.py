@@ -1,0 +1,1 @@
+"""The policy: which data may go to which deployment, which guards run, what goes to human review."""

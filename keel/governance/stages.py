@@ -1,0 +1,216 @@
+"""The two governance stages on the gateway's path: policy (where data may go) and guards (what is in it).
+
+Both implement the gateway's `Stage` protocol; the app factory puts them in front of the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from keel.gateway.pipeline import Call, Next
+from keel.gateway.protocol import ChatDelta
+from keel.governance.guards.base import Placeholders
+from keel.governance.guards.runner import CallGuards, GuardBlocked
+from keel.governance.policy.engine import Decision
+from keel.governance.reviews import ReviewPending
+
+if TYPE_CHECKING:
+    from keel.governance.service import Governance
+
+log = logging.getLogger("keel.governance")
+
+
+class PolicyStage:
+    """Classifies the call and refuses it with 403 `policy_denied` (naming the rule) when no deployment
+    of the requested model may receive its data; the router's `allow` hook (`Governance.allow`) then
+    keeps every try, fallbacks included, on deployments the same decision allows."""
+
+    def __init__(self, gov: "Governance") -> None:
+        self.gov = gov
+
+    async def handle(self, call: Call, nxt: Next) -> Any:
+        engine = self.gov.policy.engine
+        collections = call.annotations.get("collections") or []
+        decision = engine.decide(team=await self.gov.team_classification(call.principal.team_id),
+                                 explicit=call.metadata.get("classification"), collections=collections,
+                                 use_case=call.metadata.get("use_case"))
+        call.annotations["policy_decision"] = decision
+        call.metadata["keel_policy"] = {"version": decision.policy_version, "classification": decision.classification,
+                                        "risk": decision.risk}
+        candidates = self.gov.candidates(call.alias)
+        if candidates and decision.rules and not engine.allowed(decision, candidates):
+            err = engine.deny(decision, call.alias, candidates)
+            await self.gov.audit_async("policy.deny", call, rule=err.ids["rule"], model=call.alias,
+                                       classification=decision.classification, because=decision.reasons,
+                                       policy_version=decision.policy_version)
+            raise err
+        levels = engine.policy.classifications
+        audited_from = engine.rank("confidential" if "confidential" in levels else levels[-1])
+        sensitive = [c.get("id") for c in collections
+                     if c.get("classification") in levels and engine.rank(c["classification"]) >= audited_from]
+        if sensitive:
+            await self.gov.audit_async("data.access", call, collections=sensitive, model=call.alias,
+                                       classification=decision.classification,
+                                       policy_version=decision.policy_version)
+        result = await nxt(call)
+        self._tripwire(call, decision)
+        return result
+
+    def _tripwire(self, call: Call, decision: Decision) -> None:
+        """Defence in depth: a router that ignored the filter is caught, logged and audited."""
+        cfg = call.deployment
+        if cfg is None or not decision.rules:
+            return
+        rule = self.gov.policy.engine.forbidding_rule(decision, cfg)
+        if rule is not None:
+            log.error("call served by a deployment the policy forbids",
+                      extra={"deployment": cfg.deployment_id(), "rule": rule.name})
+            self.gov.audit(action="policy.violation", actor=call.principal.key_id, team_id=call.principal.team_id,
+                           request_id=call.request_id, deployment=cfg.deployment_id(), rule=rule.name)
+            raise self.gov.policy.engine.deny(decision, call.alias, [cfg])
+
+
+class GuardStage:
+    """Runs the guards the decision names on the messages, passages, tool outputs and the answer;
+    holds answers for review (202) and records every finding as type + span."""
+
+    def __init__(self, gov: "Governance") -> None:
+        self.gov = gov
+
+    async def handle(self, call: Call, nxt: Next) -> Any:
+        if call.kind != "chat" or call.chat is None:
+            return await nxt(call)
+        decision: Decision = call.annotations.get("policy_decision") or self.gov.policy.engine.decide(
+            explicit=call.metadata.get("classification"), use_case=call.metadata.get("use_case"))
+        engine = self.gov.policy.engine
+        cg = CallGuards(self.gov.guards_for(engine), decision.guards,
+                        Placeholders(self.gov.secret, call.principal.key_id), engine.policy.pii.restore)
+        try:
+            messages = cg.guard_messages(call.chat.messages, call.annotations.get("passages") or [])
+        except GuardBlocked as exc:
+            await self._blocked(call, cg, decision, exc)
+            raise
+        if messages != call.chat.messages:
+            call.chat.messages = messages
+            call.chat.body["messages"] = messages
+        held = decision.review or bool(cg.review_reasons)
+        if call.stream:
+            inner = await nxt(call)
+            if held or "review" in decision.guards.get("output", {}).values():
+                return self._buffered_stream(call, cg, decision, inner)
+            if not decision.guards.get("output") and not cg.placeholders.values:
+                self._record(call, cg, decision)
+                return inner
+            return self._guarded_stream(call, cg, decision, inner)
+        result = await nxt(call)
+        call.usage = result.usage
+        try:
+            content = cg.guard_output(result.content)
+        except GuardBlocked as exc:
+            await self._blocked(call, cg, decision, exc)
+            raise
+        if held or cg.review_reasons:
+            await self._hold(call, cg, decision, content, result.finish_reason, result.tool_calls)
+        result.content = cg.restore(content)
+        self._record(call, cg, decision)
+        return result
+
+    # -- streams ----------------------------------------------------------------------------
+    async def _guarded_stream(self, call: Call, cg: CallGuards, decision: Decision,
+                              inner: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        sf = cg.stream_filter()
+        try:
+            async for delta in inner:
+                text = sf.feed(delta.content) if delta.content else delta.content
+                if delta.finish_reason is not None:
+                    text = (text or "") + sf.finish()
+                yield replace(delta, content=text) if text != delta.content else delta
+            tail = sf.finish()
+            if tail:
+                yield ChatDelta(content=tail)
+        except GuardBlocked as exc:
+            await self._blocked(call, cg, decision, exc)
+            raise
+        finally:
+            await _aclose(inner)
+            self._record(call, cg, decision)
+
+    async def _buffered_stream(self, call: Call, cg: CallGuards, decision: Decision,
+                               inner: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """Reads the whole answer first; if it must be reviewed, answers 202 before the first byte (the
+        route turns the error into a status), else releases it as one delta."""
+        parts: list[str] = []
+        finish = "stop"
+        try:
+            async for delta in inner:
+                if delta.content:
+                    parts.append(delta.content)
+                if delta.usage is not None:
+                    call.usage = delta.usage
+                if delta.finish_reason:
+                    finish = delta.finish_reason
+        finally:
+            await _aclose(inner)
+        try:
+            content = cg.guard_output("".join(parts))
+        except GuardBlocked as exc:
+            await self._blocked(call, cg, decision, exc)
+            raise
+        if decision.review or cg.review_reasons:
+            await self._hold(call, cg, decision, content, finish, None)
+        self._record(call, cg, decision)
+        yield ChatDelta(role="assistant", content=cg.restore(content) or "", finish_reason=finish, usage=call.usage)
+
+    # -- outcomes ---------------------------------------------------------------------------
+    async def _hold(self, call: Call, cg: CallGuards, decision: Decision, content: str | None,
+                    finish_reason: str, tool_calls: Any) -> None:
+        reasons = (["policy: review required for risk tier " + decision.risk] if decision.review else [])
+        reasons += cg.review_reasons
+        hook = call.metadata.get("review_webhook")
+        prefixes = self.gov.policy.engine.policy.reviews.caller_webhook_prefixes
+        webhook = hook if isinstance(hook, str) and any(hook.startswith(p) for p in prefixes) else None
+        retention = decision.retention
+        days = min([d for d in (retention.prompts_days, retention.outputs_days) if d is not None], default=None)
+        row = await asyncio.to_thread(
+            self.gov.reviews.create, request_id=call.request_id, principal=call.principal, alias=call.alias,
+            deployment=call.deployment.deployment_id() if call.deployment else None, use_case=decision.use_case,
+            classification=decision.classification, reasons=reasons,
+            messages=call.chat.messages if call.chat else [],
+            output={"role": "assistant", "content": content, "finish_reason": finish_reason,
+                    "tool_calls": tool_calls}, policy_version=decision.policy_version, webhook_url=webhook,
+            retain_days=days)
+        self._record(call, cg, decision)
+        await self.gov.audit_async("review.hold", call, review_id=row["id"], reasons=reasons[:20],
+                                   policy_version=decision.policy_version)
+        raise ReviewPending(f"the answer to request {call.request_id} is held for human review as {row['id']}",
+                            fix=f"poll GET /v1/reviews/{row['id']}" + (" or wait for the webhook" if webhook else ""),
+                            review_id=row["id"], review_status="pending", poll=f"/v1/reviews/{row['id']}",
+                            headers={"location": f"/v1/reviews/{row['id']}"})
+
+    async def _blocked(self, call: Call, cg: CallGuards, decision: Decision, exc: GuardBlocked) -> None:
+        self._record(call, cg, decision)
+        await self.gov.audit_async("guard.block", call, side=exc.ids.get("side"), findings=exc.ids.get("findings"),
+                                   policy_version=decision.policy_version)
+
+    def _record(self, call: Call, cg: CallGuards, decision: Decision) -> None:
+        if not cg.events:
+            return
+        events = [e.to_dict() for e in cg.events]
+        cg.events = []
+        call.annotations.setdefault("guard_events", []).extend(events)
+        counts: dict[str, int] = call.metadata.setdefault("keel_guards", {})
+        for e in events:
+            key = f"{e['guard']}.{e['type']}"
+            counts[key] = counts.get(key, 0) + 1
+        self.gov.events.record(call.request_id, call.principal.key_id, call.principal.team_id,
+                               decision.policy_version, events)
+
+
+async def _aclose(it: Any) -> None:
+    close = getattr(it, "aclose", None)
+    if close is not None:
+        await close()
