@@ -17,6 +17,8 @@ from starlette.concurrency import run_in_threadpool
 from keel.core.errors import BadRequest, KeelError, MalformedJSON, NotFound, NotSupported
 from keel.core.http import json_response
 from keel.core.logs import request_id_var
+from keel.gateway import control_routes
+from keel.gateway.cache import router as cache_router
 from keel.gateway.pipeline import Call, Gateway
 from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult
 from keel.gateway.schemas import ChatCompletionBody, EmbeddingsBody
@@ -228,3 +230,7 @@ async def _json_object(request: Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object", fix="send {\"alias\": …, \"provider\": …}")
     return data
+
+
+router.include_router(cache_router)  # DELETE /admin/cache/{alias}
+router.include_router(control_routes.router)  # /admin/limits, /admin/budgets

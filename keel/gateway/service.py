@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from keel.core.db import Store
-from keel.core.settings import Settings
+from keel.core.settings import DeploymentConfig, Settings
+from keel.gateway.budgets import Budgets
+from keel.gateway.cache import CacheStage
 from keel.gateway.deployments import Deployments
-from keel.gateway.pipeline import Gateway, Stage
+from keel.gateway.limits import RateLimiter
+from keel.gateway.pipeline import Call, Gateway, Stage
 from keel.gateway.protocol import ProviderContext
 from keel.gateway.router import Router
 from keel.identity.vault import Vault
@@ -18,25 +22,32 @@ log = logging.getLogger("keel.gateway")
 
 
 def build(settings: Settings, store: Store, vault: Vault, observe: Observe,
-          stages: list[Stage] | None = None) -> Gateway:
-    """`stages` come from capabilities above the gateway (policy, guards); the gateway adds its own."""
+          stages: list[Stage] | None = None, allow: Callable[[Call, DeploymentConfig], bool] | None = None,
+          ) -> Gateway:
+    """`stages` come from capabilities above the gateway (policy, guards); the gateway adds its own.
+    `allow(call, deployment)` lets governance keep a call (fallbacks included) off forbidden deployments."""
     ctx = ProviderContext(get_secret=vault.get, data_dir=str(settings.data_dir), threads=settings.local_threads)
     deployments = Deployments(store, settings, ctx)
     gateway = Gateway(deployments, observe.ledger, observe.tracer)
     gateway.stages = admission_stages(gateway, settings, store) + list(stages or []) + spend_stages(
         gateway, settings, store)
-    gateway.call_deployment = Router(gateway, settings).call
+    router = Router(gateway, settings, allow=allow)
+    gateway.router = router  # type: ignore[attr-defined]
+    gateway.call_deployment = router.call
     return gateway
 
 
 def admission_stages(gateway: Gateway, settings: Settings, store: Store) -> list[Stage]:
-    """Stages that run before policy and guards: rate limits."""
-    return []
+    """Stages that run before policy and guards: rate limits (keys and teams here; each deployment's own
+    `rpm`/`tpm` guard every `Gateway.invoke`, the one call the router makes per attempt)."""
+    limiter = RateLimiter(store, settings, gateway)
+    gateway.invoke = limiter.wrap_invoke(gateway.invoke)  # type: ignore[method-assign]
+    return [limiter]
 
 
 def spend_stages(gateway: Gateway, settings: Settings, store: Store) -> list[Stage]:
     """Stages that run after policy and guards, just before the router: budgets, then the cache."""
-    return []
+    return [Budgets(store, settings, gateway), CacheStage(gateway, settings, store)]
 
 
 async def preload(gateway: Gateway) -> None:

@@ -1,0 +1,566 @@
+"""Rate limits: requests and tokens per minute, per API key, per team and per deployment, shared by
+every replica.
+
+A limit is counted in fixed one-minute windows in the store (`rate_counters`: one row per scope, id,
+metric and window). A replica does not ask the store about every request: it claims a slice of the
+window's allowance with one atomic upsert (`… DO UPDATE SET n = n + grant WHERE n < limit RETURNING`),
+spends it in memory, and claims again when it runs out. The stored count only grows, and never past
+the limit, so all replicas together admit at most `limit` per window. A slice is at most 1% of the
+limit (one request for small limits), so little allowance is stranded in a replica when a window ends.
+
+Tokens/min counts the prompt estimate (`count_tokens`) up front and corrects it with the real usage
+when the call ends; the correction is made in memory (a replica's allowance may go below zero, and it
+claims the difference before it admits more).
+
+Keys and teams get limits through `/admin/limits`, deployments through their `rpm`/`tpm` settings.
+A key, team or deployment without a limit costs no store round trip: definitions are cached in memory,
+re-read every 2 s, and at once after an admin change in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+import sqlalchemy as sa
+
+from keel.core.clock import utcnow
+from keel.core.db import Store, metadata
+from keel.core.errors import ConfigError, NotFound, RateLimited
+from keel.core.settings import DeploymentConfig, Settings
+from keel.gateway.pipeline import Call, Gateway, Next
+from keel.gateway.protocol import ChatDelta, ChatResult, EmbedResult, Provider, Usage
+
+log = logging.getLogger("keel.gateway.limits")
+
+WINDOW_S = 60
+SLICE = 0.01  # a claim asks for at most this share of a limit, and at least what the request needs
+RELOAD_S = 2.0  # definitions are re-read this often while requests flow
+STALE_S = 3.0  # definitions older than this (an idle replica) are re-read before a request goes on
+SWEEP_S = 60.0
+
+rate_limits = sa.Table(
+    "rate_limits", metadata,
+    sa.Column("scope", sa.String(20), primary_key=True),
+    sa.Column("scope_id", sa.String(300), primary_key=True),
+    sa.Column("rpm", sa.BigInteger, nullable=True),
+    sa.Column("tpm", sa.BigInteger, nullable=True),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+rate_counters = sa.Table(
+    "rate_counters", metadata,
+    sa.Column("bucket", sa.String(400), primary_key=True),
+    sa.Column("n", sa.BigInteger, nullable=False),
+    sa.Column("g", sa.BigInteger, nullable=False),
+    sa.Column("window_end", sa.BigInteger, nullable=False, index=True),
+)
+
+_CLAIM = sa.text("""
+INSERT INTO rate_counters (bucket, n, g, window_end) VALUES (:bucket, :first, :first, :window_end)
+ON CONFLICT (bucket) DO UPDATE SET
+  g = CASE WHEN CAST(:want AS BIGINT) <= CAST(:lim AS BIGINT) - rate_counters.n
+           THEN CAST(:want AS BIGINT) ELSE CAST(:lim AS BIGINT) - rate_counters.n END,
+  n = rate_counters.n + CASE WHEN CAST(:want AS BIGINT) <= CAST(:lim AS BIGINT) - rate_counters.n
+           THEN CAST(:want AS BIGINT) ELSE CAST(:lim AS BIGINT) - rate_counters.n END
+WHERE rate_counters.n < CAST(:lim AS BIGINT)
+RETURNING g
+""")
+
+
+# -- shared by limits and budgets --------------------------------------------------------------------------
+
+class Fresh:
+    """Definitions read through `load()`, re-read by a request that finds them older than STALE_S (an
+    idle replica's); concurrent requests share one read."""
+
+    def __init__(self, load: Callable[[], None]) -> None:
+        self.load = load
+        self.at = 0.0
+        self._lock: asyncio.Lock | None = None
+
+    def stale(self) -> bool:
+        return time.monotonic() - self.at > STALE_S
+
+    async def refresh(self) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self.stale():
+                await asyncio.get_running_loop().run_in_executor(None, self.load)
+
+
+class Ticker:
+    """A supervised background loop for a stage: started by the stage's first request (the app factory
+    hands stages no lifecycle hook), it awaits `tick()` every `every_s` seconds, logs and survives its
+    errors, and runs `final()` once when the server's event loop shuts down and cancels it."""
+
+    def __init__(self, name: str, every_s: float, tick: Callable[[], Awaitable[None]],
+                 final: Callable[[], None] | None = None) -> None:
+        self.name = name
+        self.every = every_s
+        self.tick = tick
+        self.final = final
+        self._task: asyncio.Task[None] | None = None
+
+    def ensure(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.every)
+                try:
+                    await self.tick()
+                except Exception:  # the next tick retries; the loop must outlive a database hiccup
+                    log.exception("background work failed", extra={"task": self.name})
+        finally:
+            if self.final is not None:
+                try:
+                    self.final()
+                except Exception:
+                    log.exception("final background work failed", extra={"task": self.name})
+
+
+def prompt_tokens(call: Call, prov: Provider | None) -> int:
+    """The call's prompt size as `prov` counts it (tool definitions included), cached on the call;
+    about four characters a token when there is no provider to ask."""
+    cache: dict[int, int] = call.annotations.setdefault("keel.prompt_tokens", {})
+    key = id(prov)
+    if key in cache:
+        return cache[key]
+    if call.kind == "embedding":
+        messages = [{"role": "user", "content": t} for t in call.texts or []]
+    else:
+        messages = call.chat.messages if call.chat else []
+    n = prov.count_tokens(messages) if prov is not None else math.ceil(len(orjson.dumps(messages)) / 4)
+    if call.chat is not None and call.chat.tools:
+        n += math.ceil(len(orjson.dumps(call.chat.tools)) / 4)
+    cache[key] = n
+    return n
+
+
+class Lookups:
+    """The deployments behind an alias (optionally with its fallbacks, transitively) and each deployment's
+    provider, cached for RELOAD_S so the request path skips `Deployments`' merging and config comparisons."""
+
+    def __init__(self, gateway: Gateway, settings: Settings) -> None:
+        self.gateway = gateway
+        self.settings = settings
+        self._aliases: dict[tuple[str, str, bool], tuple[float, list[DeploymentConfig]]] = {}
+        self._providers: dict[int, tuple[DeploymentConfig, Provider]] = {}
+
+    def deployments(self, alias: str, kind: str, fallbacks: bool = False) -> list[DeploymentConfig]:
+        now = time.monotonic()
+        hit = self._aliases.get((alias, kind, fallbacks))
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        deployments = self.gateway.deployments
+        deployments.maybe_reload()
+        seen: set[str] = set()
+        todo, out = [alias], []
+        while todo:
+            name = todo.pop(0)
+            if name in seen:
+                continue
+            seen.add(name)
+            out += [c for c in deployments.for_alias(name) if c.kind == kind]
+            conf = self.settings.aliases.get(name)
+            if fallbacks and conf is not None:
+                todo += conf.fallbacks
+        if len(self._aliases) > 1000:
+            self._aliases.clear()
+        self._aliases[(alias, kind, fallbacks)] = (now + RELOAD_S, out)
+        return out
+
+    def provider(self, cfg: DeploymentConfig) -> Provider:
+        hit = self._providers.get(id(cfg))
+        if hit is not None and hit[0] is cfg:
+            return hit[1]
+        prov = self.gateway.deployments.provider(cfg)
+        if len(self._providers) > 1000:
+            self._providers.clear()
+        self._providers[id(cfg)] = (cfg, prov)
+        return prov
+
+
+def _estimate_usage(call: Call, texts: list[str]) -> Usage:
+    """What the Gateway bills for a stream that ended without reporting usage (the same count)."""
+    prov, req = call.provider, call.chat
+    if prov is None or req is None:
+        return Usage()
+    text = "".join(texts)
+    out = prov.count_tokens([{"role": "assistant", "content": text}]) if text else 0
+    return Usage(prompt_tokens=prov.count_tokens(req.messages), completion_tokens=out)
+
+
+Done = Callable[[Usage | None], None]
+
+
+class Observed:
+    """A stream passed through unchanged that calls `done(usage)` exactly once, when it ends, fails or
+    is closed (a client that went away); usage the stream never reported is estimated from its text."""
+
+    def __init__(self, call: Call, inner: Any, done: Done) -> None:
+        self._call = call
+        self._inner = inner
+        self._done: Done | None = done
+        self._usage: Usage | None = None
+        self._texts: list[str] = []
+
+    def __aiter__(self) -> Observed:
+        return self
+
+    async def __anext__(self) -> ChatDelta:
+        try:
+            delta: ChatDelta = await self._inner.__anext__()
+        except BaseException:
+            self._finish()
+            raise
+        if delta.usage is not None:
+            self._usage = delta.usage
+        if delta.content:
+            self._texts.append(delta.content)
+        return delta
+
+    async def aclose(self) -> None:
+        self._finish()
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    def _finish(self) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done(self._usage if self._usage is not None else _estimate_usage(self._call, self._texts))
+
+    def __del__(self) -> None:
+        # Safety net: a stream dropped without being closed must still release what it holds.
+        self._finish()
+
+
+async def after_call(call: Call, result: Awaitable[Any], done: Done) -> Any:
+    """Await `result` and call `done(usage)` once the call is over: at once for an answer (`None` for an
+    error: no usage known), at the end or close of a stream."""
+    try:
+        out = await result
+    except BaseException:
+        done(None)
+        raise
+    if isinstance(out, ChatResult):
+        done(out.usage)
+    elif isinstance(out, EmbedResult):
+        done(Usage(prompt_tokens=out.prompt_tokens))
+    elif hasattr(out, "__anext__"):
+        return Observed(call, out, done)
+    else:
+        done(None)
+    return out
+
+
+# -- counters ----------------------------------------------------------------------------------------------
+
+class Counters(Protocol):
+    """Where windows are counted, shared by every replica that uses the same backend.
+
+    `claim(bucket, want, limit, window_end)` atomically adds `min(want, limit - n)` to the bucket's
+    count `n` unless `n` already reached `limit`, and returns what it added (0 when full). It never lets
+    `n` pass `limit`, however many callers race. Blocking: called from a worker thread.
+    `sweep(now)` forgets windows that ended before `now`.
+    """
+
+    def claim(self, bucket: str, want: int, limit: int, window_end: int) -> int: ...
+
+    def sweep(self, now: float) -> None: ...
+
+
+class StoreCounters:
+    """Counters in the store: one upsert per claim (PostgreSQL, SQLite ≥ 3.35)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def claim(self, bucket: str, want: int, limit: int, window_end: int) -> int:
+        with self.store.engine.begin() as conn:
+            row = conn.execute(_CLAIM, {"bucket": bucket, "first": min(want, limit), "want": want, "lim": limit,
+                                        "window_end": window_end}).first()
+        return int(row[0]) if row is not None else 0
+
+    def sweep(self, now: float) -> None:
+        with self.store.engine.begin() as conn:
+            conn.execute(rate_counters.delete().where(rate_counters.c.window_end < int(now) - WINDOW_S))
+
+
+_REDIS_CLAIM = """
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+local want, lim = tonumber(ARGV[1]), tonumber(ARGV[2])
+if n >= lim then return 0 end
+local g = math.min(want, lim - n)
+redis.call('INCRBY', KEYS[1], g)
+redis.call('EXPIREAT', KEYS[1], ARGV[3])
+return g
+"""
+
+
+class RedisCounters:
+    """Counters in Redis (`KEEL_REDIS_URL`): one Lua script per claim, keys expire with their window."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            import redis  # type: ignore[import-not-found]
+        except ImportError:
+            raise ConfigError("KEEL_REDIS_URL is set but the `redis` package is not installed",
+                              fix="pip install redis, or unset KEEL_REDIS_URL to count in the database") from None
+        self.client = redis.Redis.from_url(url)
+        self._claim = self.client.register_script(_REDIS_CLAIM)
+
+    def claim(self, bucket: str, want: int, limit: int, window_end: int) -> int:
+        return int(self._claim(keys=[f"keel:rl:{bucket}"], args=[want, limit, window_end + WINDOW_S]))
+
+    def sweep(self, now: float) -> None:
+        return None  # keys expire by themselves
+
+
+def make_counters(settings: Settings, store: Store) -> Counters:
+    return RedisCounters(settings.redis_url) if settings.redis_url else StoreCounters(store)
+
+
+# -- definitions and buckets -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Limit:
+    """Requests and tokens per minute allowed to one key, team or deployment (None: unlimited)."""
+
+    scope: str
+    scope_id: str
+    rpm: int | None = None
+    tpm: int | None = None
+
+    def to_dict(self, source: str = "api") -> dict[str, Any]:
+        return {"scope": self.scope, "id": self.scope_id, "rpm": self.rpm, "tpm": self.tpm,
+                "window_s": WINDOW_S, "source": source}
+
+
+class Bucket:
+    """One limit's allowance in one window, as this replica sees it."""
+
+    __slots__ = ("row", "scope", "scope_id", "metric", "limit", "window_end", "avail", "full", "lock")
+
+    def __init__(self, row: str, lim: Limit, metric: str, limit: int, window_end: int) -> None:
+        self.row = row
+        self.scope, self.scope_id, self.metric = lim.scope, lim.scope_id, metric
+        self.limit = limit
+        self.window_end = window_end
+        self.avail = 0  # claimed from the store and not yet used; below zero after a usage correction
+        self.full = False  # the store has no more for this window
+        self.lock: asyncio.Lock | None = None
+
+
+Taken = list[tuple[Bucket, int]]
+
+
+class RateLimiter:
+    """The admission stage for key and team limits; `wrap_invoke` guards each deployment call.
+
+    >>> limiter = RateLimiter(store, settings, gateway)
+    >>> gateway.invoke = limiter.wrap_invoke(gateway.invoke)
+    >>> gateway.stages.insert(0, limiter)
+    """
+
+    def __init__(self, store: Store, settings: Settings, gateway: Gateway,
+                 counters: Counters | None = None) -> None:
+        self.store = store
+        self.gateway = gateway
+        self.counters = counters or make_counters(settings, store)
+        self.lookups = Lookups(gateway, settings)
+        self._limits: dict[tuple[str, str], Limit] = {}
+        self._fresh = Fresh(self.reload)
+        self._swept = time.monotonic()
+        self._buckets: dict[tuple[str, str, str, int, int], Bucket] = {}
+        self._window = (0, 0)
+        self._ticker = Ticker("keel-rate-limits", 1.0, self._tick)
+        self.reload()
+
+    # -- the governed path -----------------------------------------------------------------------------
+    async def handle(self, call: Call, nxt: Next) -> Any:
+        self._ticker.ensure()
+        if self._fresh.stale():
+            await self._fresh.refresh()
+        p = call.principal
+        key = self._limits.get(("key", p.key_id))
+        team = self._limits.get(("team", p.team_id)) if p.team_id else None
+        if key is None and team is None:
+            return await nxt(call)
+        limits = [lim for lim in (key, team) if lim is not None]
+        taken = await self._admit(call, limits, lambda: prompt_tokens(call, self._alias_provider(call)))
+        return await self._run(call, nxt(call), taken)
+
+    def wrap_invoke(self, invoke: Callable[[Call, DeploymentConfig], Awaitable[Any]]
+                    ) -> Callable[[Call, DeploymentConfig], Awaitable[Any]]:
+        """Guard `Gateway.invoke` with the deployment's own `rpm`/`tpm` (upstream protection)."""
+
+        async def guarded(call: Call, cfg: DeploymentConfig) -> Any:
+            if cfg.rpm is None and cfg.tpm is None:
+                return await invoke(call, cfg)
+            lim = Limit("deployment", cfg.deployment_id(), cfg.rpm, cfg.tpm)
+            taken = await self._admit(call, [lim], lambda: prompt_tokens(call, self.lookups.provider(cfg)))
+            return await self._run(call, invoke(call, cfg), taken)
+
+        return guarded
+
+    def _alias_provider(self, call: Call) -> Provider | None:
+        deps = self.lookups.deployments(call.alias, "embedding" if call.kind == "embedding" else "chat")
+        return self.lookups.provider(deps[0]) if deps else None
+
+    async def _admit(self, call: Call, limits: list[Limit], estimate: Callable[[], int]) -> Taken:
+        """Take one request and the prompt estimate from every limit, or none of them and raise 429."""
+        start, end = self._current_window()
+        taken: Taken = []
+        tokens: int | None = None
+        for lim in limits:
+            for metric, value in (("rpm", lim.rpm), ("tpm", lim.tpm)):
+                if not value:
+                    continue
+                if metric == "tpm":
+                    tokens = estimate() if tokens is None else tokens
+                need = 1 if metric == "rpm" else max(tokens or 0, 1)
+                bucket = self._bucket(lim, metric, value, start, end)
+                if bucket.avail >= need:  # the common case, without a coroutine
+                    bucket.avail -= need
+                elif not await self._take(bucket, need):
+                    for b, n in taken:
+                        b.avail += n
+                    raise self._refused(bucket, need)
+                taken.append((bucket, need))
+        return taken
+
+    async def _run(self, call: Call, result: Awaitable[Any], taken: Taken) -> Any:
+        """Await the call; when it is over, correct the tokens taken on the estimate to the real usage."""
+        tokens = [(b, n) for b, n in taken if b.metric == "tpm"]
+        if not tokens:
+            return await result
+
+        def correct(usage: Usage | None) -> None:
+            used = 0 if usage is None or call.cache_hit else usage.total_tokens
+            for b, n in tokens:
+                b.avail += n - used
+
+        return await after_call(call, result, correct)
+
+    async def _take(self, b: Bucket, need: int) -> bool:
+        if b.avail >= need:
+            b.avail -= need
+            return True
+        if b.full or need > b.limit:
+            return False
+        if b.lock is None:
+            b.lock = asyncio.Lock()
+        async with b.lock:  # one claim at a time per bucket in this replica
+            if b.avail >= need:
+                b.avail -= need
+                return True
+            if b.full:
+                return False
+            want = max(need - b.avail, int(b.limit * SLICE))
+            got = await asyncio.get_running_loop().run_in_executor(
+                None, self.counters.claim, b.row, want, b.limit, b.window_end)
+            b.avail += got
+            if got < want:
+                b.full = True
+            if b.avail >= need:
+                b.avail -= need
+                return True
+            return False
+
+    def _current_window(self) -> tuple[int, int]:
+        now = time.time()
+        if now >= self._window[1]:
+            start = int(now // WINDOW_S * WINDOW_S)
+            self._window = (start, start + WINDOW_S)
+        return self._window
+
+    def _bucket(self, lim: Limit, metric: str, value: int, start: int, end: int) -> Bucket:
+        key = (lim.scope, lim.scope_id, metric, value, start)
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = Bucket(f"{lim.scope}|{lim.scope_id}|{metric}|{start}", lim, metric, value, end)
+        return b
+
+    @staticmethod
+    def _refused(b: Bucket, need: int) -> RateLimited:
+        retry = max(1, math.ceil(b.window_end - time.time()))
+        unit = "requests" if b.metric == "rpm" else "tokens"
+        who = f"{b.scope} {b.scope_id}"
+        if need > b.limit:
+            detail = (f"this request needs about {need} tokens, more than the {b.limit} tokens per minute "
+                      f"that {who} may use")
+        else:
+            detail = f"rate limit reached: {who} may use {b.limit} {unit} per minute; the window resets in {retry} s"
+        if b.scope == "deployment":
+            fix = f"retry after {retry} s, or raise the deployment's {b.metric} in keel.yaml or /admin/deployments"
+        else:
+            fix = (f"retry after {retry} s, or ask an admin to raise it: PUT /admin/limits/{b.scope}s/{b.scope_id}")
+        resets = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.window_end))
+        return RateLimited(detail, fix=fix, headers={"Retry-After": str(retry)},
+                           limit={"scope": b.scope, "id": b.scope_id, "metric": b.metric, "value": b.limit,
+                                  "window_s": WINDOW_S, "resets_at": resets, "retry_after_s": retry})
+
+    # -- background upkeep ------------------------------------------------------------------------------
+    async def _tick(self) -> None:
+        now = time.time()
+        for k in [k for k, b in self._buckets.items() if b.window_end < now - 5]:
+            del self._buckets[k]
+        loop = asyncio.get_running_loop()
+        if time.monotonic() - self._fresh.at >= RELOAD_S:
+            await loop.run_in_executor(None, self.reload)
+        if time.monotonic() - self._swept >= SWEEP_S:
+            self._swept = time.monotonic()
+            await loop.run_in_executor(None, self.counters.sweep, now)
+
+    # -- definitions (also the admin API's service functions) ----------------------------------------------
+    def reload(self) -> None:
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(sa.select(rate_limits)).all()
+        self._limits = {(r.scope, r.scope_id): Limit(r.scope, r.scope_id, r.rpm, r.tpm) for r in rows}
+        self._fresh.at = time.monotonic()
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Stored key and team limits, then the limits deployments carry in their settings."""
+        self.reload()
+        out = [lim.to_dict() for _k, lim in sorted(self._limits.items())]
+        for cfg in self.gateway.deployments.all().values():
+            if cfg.rpm is not None or cfg.tpm is not None:
+                out.append(Limit("deployment", cfg.deployment_id(), cfg.rpm, cfg.tpm).to_dict("deployment"))
+        return out
+
+    def get(self, scope: str, scope_id: str) -> dict[str, Any]:
+        self.reload()
+        lim = self._limits.get((scope, scope_id))
+        if lim is None:
+            raise NotFound(f"{scope} {scope_id} has no rate limit",
+                           fix=f"set one: PUT /admin/limits/{scope}s/{scope_id}", scope=scope, scope_id=scope_id)
+        return lim.to_dict()
+
+    def put(self, scope: str, scope_id: str, rpm: int | None, tpm: int | None) -> dict[str, Any]:
+        values = {"rpm": rpm, "tpm": tpm, "updated_at": utcnow()}
+        where = (rate_limits.c.scope == scope) & (rate_limits.c.scope_id == scope_id)
+        with self.store.engine.begin() as conn:
+            if not conn.execute(rate_limits.update().where(where).values(**values)).rowcount:
+                conn.execute(rate_limits.insert().values(scope=scope, scope_id=scope_id, **values))
+        self.reload()
+        return Limit(scope, scope_id, rpm, tpm).to_dict()
+
+    def delete(self, scope: str, scope_id: str) -> None:
+        where = (rate_limits.c.scope == scope) & (rate_limits.c.scope_id == scope_id)
+        with self.store.engine.begin() as conn:
+            if not conn.execute(rate_limits.delete().where(where)).rowcount:
+                raise NotFound(f"{scope} {scope_id} has no rate limit", fix="list limits at GET /admin/limits",
+                               scope=scope, scope_id=scope_id)
+        self.reload()
