@@ -78,12 +78,14 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Built:
     app.state.lifecycle = lifecycle
     app.state.authenticator = Authenticator(store, settings.auth_cache_ttl_s)
     app.state.audit = None
+    app.state.hot_routes = {}  # (method, path) → endpoint served ahead of the framework router
 
     install_error_handlers(app)
     app.include_router(core_routes.router)
     app.include_router(identity_routes.router)
     _mount_capabilities(app, settings, store)
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, log_requests=settings.log_requests)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, log_requests=settings.log_requests,
+                       hot=app.state.hot_routes)
     return Built(app=app, bootstrap_key=bootstrap_key)
 
 
@@ -99,6 +101,7 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
     gateway = gateway_service.build(settings, store, app.state.vault, obs, stages=gov.stages, allow=gov.allow)
     app.state.gateway = gateway
     gov.attach(app, gateway)  # audit hook, governance routes, policy reload and retention tasks
+    app.state.hot_routes.update(gateway_routes.hot_routes())
     lifecycle.shutdown.append(gateway.deployments.close)
     if settings.preload_models:
         async def _preload() -> None:

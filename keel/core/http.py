@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request as StarletteRequest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,7 +31,7 @@ def problem_response(err: KeelError) -> Response:
     return Response(body, status_code=err.status, media_type=PROBLEM, headers=err.headers)
 
 
-def _validation_error(exc: RequestValidationError) -> KeelError:
+def _validation_error(exc: RequestValidationError | ValidationError) -> KeelError:
     errors = exc.errors()
     for e in errors:
         if e.get("type") == "json_invalid":
@@ -76,13 +79,47 @@ def install_error_handlers(app: FastAPI) -> None:
                                               fix="retry; if it persists, report the request id"))
 
 
-class RequestContext:
-    """Pure ASGI middleware: request id in and out, body-size limit, one JSON access line."""
+HotEndpoint = Callable[[StarletteRequest], Awaitable[Response]]
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, log_requests: bool = True) -> None:
+
+def hot_json_endpoint(model: type[BaseModel],
+                      handler: Callable[[Any, StarletteRequest], Awaitable[Response]]) -> HotEndpoint:
+    """Wrap `handler(body, request)` for the hot path: the body is validated by pydantic straight from
+    bytes, and every error becomes the same problem+json the framework path gives."""
+
+    async def endpoint(request: StarletteRequest) -> Response:
+        try:
+            try:
+                body = model.model_validate_json(await request.body())
+            except ValidationError as exc:
+                raise _validation_error(exc) from None
+            return await handler(body, request)
+        except KeelError as exc:
+            return problem_response(exc)
+        except _BodyTooLarge:
+            raise
+        except Exception as exc:  # the same last resort as the framework's handler: log it, never leak it
+            log.error("unhandled error", exc_info=exc)
+            return problem_response(InternalError("Keel hit an internal error; the request id is in the log",
+                                                  fix="retry; if it persists, report the request id"))
+
+    return endpoint
+
+
+class RequestContext:
+    """Pure ASGI middleware: request id in and out, body-size limit, one JSON access line.
+
+    `hot` maps `(method, path)` of the busiest endpoints (chat completions, embeddings) to endpoints
+    served here directly: the framework's router and dependency solver cost more per call than the
+    rest of the gateway. They stay declared on the framework too, for the OpenAPI document.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, log_requests: bool = True,
+                 hot: dict[tuple[str, str], HotEndpoint] | None = None) -> None:
         self.app = app
         self.max_body = max_body_bytes
         self.log_requests = log_requests
+        self.hot = hot if hot is not None else {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -128,7 +165,12 @@ class RequestContext:
                 await problem_response(self._too_large(length))(scope, receive, send_wrapped)
                 return
             try:
-                await self.app(scope, receive_limited, send_wrapped)
+                hot = self.hot.get((scope["method"], scope["path"]))
+                if hot is not None:
+                    response = await hot(StarletteRequest(scope, receive_limited))
+                    await response(scope, receive_limited, send_wrapped)
+                else:
+                    await self.app(scope, receive_limited, send_wrapped)
             except _BodyTooLarge:
                 pass
             if too_large and status_holder["status"] == 0:

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from keel.core.errors import BadRequest, KeelError, MalformedJSON, NotFound, NotSupported
-from keel.core.http import json_response
+from keel.core.http import HotEndpoint, hot_json_endpoint, json_response
 from keel.core.logs import request_id_var
 from keel.gateway import control_routes
 from keel.gateway.cache import router as cache_router
@@ -178,6 +178,19 @@ async def get_model(alias: str, request: Request, p: Principal = Depends(princip
     if alias not in aliases:
         raise NotFound(f"model {alias!r} does not exist or this key may not use it", model=alias)
     return json_response({"id": alias, "object": "model", "created": 0, "owned_by": "keel", "kind": aliases[alias]})
+
+
+def hot_routes() -> dict[tuple[str, str], HotEndpoint]:
+    """The two busiest endpoints, served ahead of the framework router (see `RequestContext`)."""
+
+    async def chat(body: ChatCompletionBody, request: Request) -> Response:
+        return await chat_completions(body, request, await principal(request))
+
+    async def embed(body: EmbeddingsBody, request: Request) -> Response:
+        return await embeddings(body, request, await principal(request))
+
+    return {("POST", "/v1/chat/completions"): hot_json_endpoint(ChatCompletionBody, chat),
+            ("POST", "/v1/embeddings"): hot_json_endpoint(EmbeddingsBody, embed)}
 
 
 # -- admin: deployments -------------------------------------------------------------------------

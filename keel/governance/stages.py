@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from keel.core.errors import KeelError
 from keel.gateway.pipeline import Call, Next
 from keel.gateway.protocol import ChatDelta
 from keel.governance.guards.base import Placeholders
@@ -134,6 +135,11 @@ class GuardStage:
                 yield ChatDelta(content=tail)
         except GuardBlocked as exc:
             await self._blocked(call, cg, decision, exc)
+            raise
+        except KeelError:
+            tail = sf.finish()  # the upstream failed mid-stream: release the guarded tail, then the error
+            if tail:
+                yield ChatDelta(content=tail)
             raise
         finally:
             await _aclose(inner)

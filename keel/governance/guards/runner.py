@@ -173,6 +173,27 @@ def quote_inert(text: str, location: str) -> str:
             f"{body}\n</untrusted-data>")
 
 
+def hold_from(buf: str) -> int:
+    """Where the held-back tail of a stream starts: the unfinished last word, plus the words before it
+    that carry digits (a phone, card or IBAN spans several), at most STREAM_HOLD characters. Prose
+    without digits is released word by word, so guarding costs a stream almost no time to first token."""
+    limit = max(0, len(buf) - STREAM_HOLD)
+    start = len(buf)
+    while start > limit and not buf[start - 1].isspace():
+        start -= 1
+    while start > limit:
+        end = start
+        while end > limit and buf[end - 1].isspace():
+            end -= 1
+        word = end
+        while word > limit and not buf[word - 1].isspace():
+            word -= 1
+        if word == end or not any(c.isdigit() for c in buf[word:end]):
+            break
+        start = word
+    return start if start > limit or limit == 0 else limit
+
+
 class StreamFilter:
     """Guards a streamed answer: holds back a short tail so an entity split across chunks is still caught."""
 
@@ -183,7 +204,7 @@ class StreamFilter:
 
     def feed(self, piece: str) -> str:
         self.buf += piece
-        cut = len(self.buf) - STREAM_HOLD
+        cut = hold_from(self.buf)
         if cut <= 0 or ("-----BEGIN" in self.buf and "-----END" not in self.buf and len(self.buf) < 16384):
             return ""
         return self._emit(cut)
