@@ -66,6 +66,22 @@ def rss_mb(pid: int) -> float:
     return round(total / 1024, 1)
 
 
+def cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) used so far by a process and its children processes."""
+    if pid is None:
+        return 0.0
+    total, todo, tick = 0.0, [pid], os.sysconf("SC_CLK_TCK")
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
 LUA = """
 wrk.method = "POST"
 wrk.body = %s
@@ -97,10 +113,12 @@ def measure(name: str, url: str, token: str, duration: float, tmp: Path, pid: in
         body = {**BODY, "stream": stream}
         wrk(url, token, body, 10, 2, tmp)  # warm-up
         c1 = wrk(url, token, body, 1, duration / 2, tmp)
+        before = cpu_s(pid)
         c50 = wrk(url, token, body, 50, duration, tmp)
+        cpu_us = (cpu_s(pid) - before) / max(c50["rps"] * max(1, int(duration)), 1) * 1e6
         key = "stream" if stream else "plain"
         res[key] = {"rps_c50": c50["rps"], "p50_ms_c1": c1["p50_ms"], "p99_ms_c1": c1["p99_ms"],
-                    "errors": c1["errors"] + c50["errors"]}
+                    "cpu_us_per_req": round(cpu_us, 1), "errors": c1["errors"] + c50["errors"]}
     out = dict(res["plain"])
     out["stream"] = res["stream"]
     out["rss_mb"] = rss_mb(pid) if pid else None
@@ -123,7 +141,11 @@ def start_keel(tmp: Path, upstream: str) -> tuple[subprocess.Popen, str, str]:
     cfg.write_text(f"models:\n  - alias: bench\n    provider: openai_compatible\n    model: gpt-fake\n"
                    f"    base_url: {upstream}\n    input_price_per_1m: 0.15\n    output_price_per_1m: 0.6\n"
                    f"    rpm: 100000000\n    tpm: 100000000000\n")
+    # Auth, budgets, rate limits and the ledger on; content guards off (bench/guards.py measures those).
+    policy = tmp / "policy.yaml"
+    policy.write_text("name: bench\nguards: {input: {}, output: {}, context: {}}\n")
     env = {**os.environ, "KEEL_DATA_DIR": str(tmp / "keel"), "KEEL_BOOTSTRAP_ADMIN_KEY": ADMIN,
+           "KEEL_POLICY_FILE": str(policy),
            "KEEL_EMBEDDED_MODELS": "false", "KEEL_CONFIG": str(cfg), "KEEL_LOG_LEVEL": "warning"}
     log = open(tmp / "keel.log", "wb")
     proc = subprocess.Popen([PY, "-m", "keel", "serve", "--port", str(port)], env=env, cwd=ROOT,
@@ -164,6 +186,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--latency-ms", type=float, default=20)
     ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument("--only", default="", help="comma list of servers to measure (direct is always run)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed: apt-get install -y wrk")
@@ -176,17 +199,20 @@ def main() -> None:
     results: dict = {}
     try:
         results["direct"] = measure("direct", up + "/chat/completions", "x", args.duration, tmp, upstream.pid)
-        port = free_port()
-        proc = subprocess.Popen([PY, str(ROOT / "bench" / "minimal_proxy.py"), "--port", str(port), "--upstream", up],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_http(f"http://127.0.0.1:{port}/")
-        results["minimal"] = measure("minimal", f"http://127.0.0.1:{port}/v1/chat/completions", "bench",
-                                     args.duration, tmp, proc.pid)
-        stop(proc)
-        proc, url, key = start_keel(tmp, up)
-        results["keel"] = measure("keel", url + "/v1/chat/completions", key, args.duration, tmp, proc.pid)
-        stop(proc)
-        if not args.no_litellm and LITELLM.exists():
+        wanted = set(args.only.split(",")) if args.only else {"minimal", "keel", "litellm"}
+        if "minimal" in wanted:
+            port = free_port()
+            proc = subprocess.Popen([PY, str(ROOT / "bench" / "minimal_proxy.py"), "--port", str(port),
+                                     "--upstream", up], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_http(f"http://127.0.0.1:{port}/")
+            results["minimal"] = measure("minimal", f"http://127.0.0.1:{port}/v1/chat/completions", "bench",
+                                         args.duration, tmp, proc.pid)
+            stop(proc)
+        if "keel" in wanted:
+            proc, url, key = start_keel(tmp, up)
+            results["keel"] = measure("keel", url + "/v1/chat/completions", key, args.duration, tmp, proc.pid)
+            stop(proc)
+        if "litellm" in wanted and not args.no_litellm and LITELLM.exists():
             proc, url = start_litellm(tmp, up)
             results["litellm"] = measure("litellm", url + "/v1/chat/completions", "sk-bench", args.duration, tmp,
                                          proc.pid)
@@ -197,9 +223,11 @@ def main() -> None:
     for r in results.values():
         r["added_p50_ms_c1"] = round(r["p50_ms_c1"] - d["p50_ms_c1"], 3)
         r["added_p99_ms_c1"] = round(r["p99_ms_c1"] - d["p99_ms_c1"], 3)
-    k = results["keel"]
-    ratios = {"keel_vs_minimal_rps_c50": round(k["rps_c50"] / results["minimal"]["rps_c50"], 3)}
-    if "litellm" in results:
+    ratios = {}
+    if "keel" in results and "minimal" in results:
+        ratios["keel_vs_minimal_rps_c50"] = round(results["keel"]["rps_c50"] / results["minimal"]["rps_c50"], 3)
+    if "keel" in results and "litellm" in results:
+        k = results["keel"]
         ratios["keel_vs_litellm_rps_c50"] = round(k["rps_c50"] / max(results["litellm"]["rps_c50"], 0.1), 2)
     results["ratios"] = ratios
     print(json.dumps(results))

@@ -40,7 +40,8 @@ class Lifecycle:
 
 @dataclass
 class Built:
-    app: FastAPI
+    app: FastAPI  # the framework app (state, routes, OpenAPI)
+    asgi: RequestContext  # what the server runs: request ids, body limit, hot endpoints, then `app`
     bootstrap_key: str | None
 
 
@@ -84,9 +85,9 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Built:
     app.include_router(core_routes.router)
     app.include_router(identity_routes.router)
     _mount_capabilities(app, settings, store)
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes, log_requests=settings.log_requests,
-                       hot=app.state.hot_routes)
-    return Built(app=app, bootstrap_key=bootstrap_key)
+    asgi = RequestContext(app, max_body_bytes=settings.max_body_bytes, log_requests=settings.log_requests,
+                          hot=app.state.hot_routes)
+    return Built(app=app, asgi=asgi, bootstrap_key=bootstrap_key)
 
 
 def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:

@@ -30,7 +30,7 @@ def db_upgrade(config: Optional[Path] = ConfigOpt) -> None:
 
 
 def make_server_commands(app: typer.Typer, factory: Callable[[Settings], Any]) -> None:
-    """Register `up` and `serve`; `factory(settings)` returns an object with `.app` and `.bootstrap_key`."""
+    """Register `up` and `serve`; `factory(settings)` returns an object with `.asgi` and `.bootstrap_key`."""
 
     def _start(config: Optional[Path], host: Optional[str], port: Optional[int], dev: bool) -> None:
         overrides: dict[str, Any] = {"host": host, "port": port}
@@ -48,7 +48,7 @@ def make_server_commands(app: typer.Typer, factory: Callable[[Settings], Any]) -
                 console.print("First start: the admin API key is shown once — store it now:", style="yellow")
                 console.print(built.bootstrap_key, markup=False, highlight=False)
 
-        server.run(built.app, settings, on_ready=ready)
+        server.run(built.asgi, settings, on_ready=ready)
 
     @app.command("up")
     @handle_errors

@@ -6,7 +6,9 @@ Each capability declares its tables on the shared `metadata` and keeps its migra
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,17 @@ class Store:
 
     def is_current(self) -> bool:
         return set(self.current_heads()) == self.expected_heads()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sa.Connection]:
+        """A read-only connection. On SQLite it begins a plain (deferred) transaction, so readers never
+        queue behind writers for the write lock the way `engine.begin()` (BEGIN IMMEDIATE) does."""
+        with self.engine.connect() as conn:
+            conn.info["write"] = False
+            try:
+                yield conn
+            finally:
+                conn.info["write"] = True
 
     def ping(self) -> None:
         try:

@@ -116,6 +116,7 @@ class RequestContext:
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, log_requests: bool = True,
                  hot: dict[tuple[str, str], HotEndpoint] | None = None) -> None:
+        # Outermost layer: hot endpoints skip the framework's whole middleware stack as well.
         self.app = app
         self.max_body = max_body_bytes
         self.log_requests = log_requests
@@ -167,6 +168,7 @@ class RequestContext:
             try:
                 hot = self.hot.get((scope["method"], scope["path"]))
                 if hot is not None:
+                    scope["app"] = self.app
                     response = await hot(StarletteRequest(scope, receive_limited))
                     await response(scope, receive_limited, send_wrapped)
                 else:

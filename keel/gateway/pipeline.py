@@ -208,6 +208,8 @@ class Gateway:
     # -- metering -------------------------------------------------------------------------
     def _span(self, call: Call) -> trace.Span:
         span = self.tracer.start_span(f"{'chat' if call.kind == 'chat' else 'embeddings'} {call.alias}")
+        if not span.is_recording():
+            return span
         span.set_attribute("gen_ai.operation.name", "chat" if call.kind == "chat" else "embeddings")
         span.set_attribute("gen_ai.request.model", call.alias)
         span.set_attribute("keel.request_id", call.request_id)
@@ -242,6 +244,9 @@ class Gateway:
             "use_case": str(meta.get("use_case"))[:200] if meta and meta.get("use_case") else None,
             "task_id": str(meta.get("task_id"))[:200] if meta and meta.get("task_id") else None, "meta": meta,
         })
+        if not span.is_recording():
+            span.end()
+            return
         if cfg is not None:
             span.set_attribute("gen_ai.system", cfg.provider)
             span.set_attribute("gen_ai.response.model", cfg.model or cfg.alias)

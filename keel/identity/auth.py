@@ -6,6 +6,7 @@ within `auth_cache_ttl_s` (default 1 s) — the price of not hitting the store o
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import Request
@@ -24,20 +25,33 @@ class Authenticator:
         self.store = store
         self.ttl = ttl_s
         self._cache: dict[str, tuple[float, Principal]] = {}
+        self._inflight: dict[str, asyncio.Future[Principal]] = {}
 
     def invalidate(self) -> None:
         self._cache.clear()
 
     async def authenticate(self, key: str) -> Principal:
-        now = time.monotonic()
         hit = self._cache.get(key)
-        if hit and hit[0] > now:
+        if hit and hit[0] > time.monotonic():
             return hit[1]
-        principal = await run_in_threadpool(verify_key, self.store, key)
+        pending = self._inflight.get(key)
+        if pending is not None:  # one store lookup per key at a time, however many requests wait on it
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Principal] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            principal = await run_in_threadpool(verify_key, self.store, key)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: waiters (if any) re-raise it themselves
+            raise
+        finally:
+            self._inflight.pop(key, None)
+        fut.set_result(principal)
         if self.ttl > 0:
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[key] = (now + self.ttl, principal)
+            self._cache[key] = (time.monotonic() + self.ttl, principal)
         return principal
 
 

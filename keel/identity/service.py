@@ -186,7 +186,7 @@ def verify_key(store: Store, key: str) -> Principal:
     prefix = split_key(key)
     if prefix is None:
         raise Unauthorized("API key is malformed", fix=f"send `Authorization: Bearer {KEY_PREFIX}…`")
-    with store.engine.connect() as conn:
+    with store.read() as conn:
         r = conn.execute(sa.select(api_keys).where(api_keys.c.prefix == prefix)).first()
     if r is None or not hmac.compare_digest(r.key_hash, hash_key(key)):
         raise Unauthorized("API key is not valid", fix="check the key, or ask an admin for a new one")

@@ -14,6 +14,7 @@ import orjson
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult,
 )
@@ -48,7 +49,10 @@ class JSONLSpanExporter(SpanExporter):
 
 def make_tracer(exporter: str, data_dir: Path) -> tuple[trace.Tracer, TracerProvider]:
     """A tracer for Keel's spans (not installed globally, so tests and replicas stay independent)."""
-    provider = TracerProvider(resource=Resource.create({"service.name": "keel", "service.version": __version__}))
+    # With nowhere to send spans, sample none: spans still exist (non-recording) at almost no cost.
+    sampler = ALWAYS_OFF if exporter == "none" else ALWAYS_ON
+    provider = TracerProvider(resource=Resource.create({"service.name": "keel", "service.version": __version__}),
+                              sampler=sampler)
     if exporter == "jsonl":
         provider.add_span_processor(BatchSpanProcessor(JSONLSpanExporter(data_dir / "traces.jsonl"),
                                                        schedule_delay_millis=200))
