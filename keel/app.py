@@ -19,6 +19,8 @@ from keel.core.settings import Settings
 from keel.gateway import routes as gateway_routes
 from keel.gateway import service as gateway_service
 from keel.governance import service as governance_service
+from keel.knowledge import routes as knowledge_routes
+from keel.knowledge import service as knowledge_service
 from keel.observe import service as observe_service
 from keel.identity import routes as identity_routes
 from keel.identity import service as identity
@@ -103,7 +105,14 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
     app.state.gateway = gateway
     gov.attach(app, gateway)  # audit hook, governance routes, policy reload and retention tasks
     app.state.hot_routes.update(gateway_routes.hot_routes())
+
+    kn = knowledge_service.build(settings, store, gateway)
+    app.state.knowledge = kn
+    lifecycle.startup.append(kn.start)
+    app.include_router(knowledge_routes.router)
+    # Shutdown hooks run in reverse order: ingestion drains, then providers close, then the ledger flushes.
     lifecycle.shutdown.append(gateway.deployments.close)
+    lifecycle.shutdown.append(kn.stop)
     if settings.preload_models:
         async def _preload() -> None:
             app.state.preload_task = asyncio.create_task(gateway_service.preload(gateway))
