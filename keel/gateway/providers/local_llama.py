@@ -102,11 +102,12 @@ class LocalLlamaProvider:
         if not self.path.is_file():
             raise ConfigError(f"model file {self.path} for deployment {self.deployment} does not exist",
                               fix="set `path:` to an existing GGUF file", deployment=self.deployment)
-        self.threads = ctx.threads or os.cpu_count() or 1
+        self.threads = ctx.threads or max(1, (os.cpu_count() or 2) // 2)
         self.model_name = config.model or self.path.stem
         self.sampling = {k: config.options.get(k, v) for k, v in SAMPLING_DEFAULTS.items()}
         self._llm: llama_cpp.Llama | None = None
         self._formatter: Jinja2ChatFormatter | None = None
+        self._vocab: Any = None
         self._load_lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-llama")
         self._active: set[threading.Event] = set()
@@ -266,7 +267,7 @@ class LocalLlamaProvider:
             if len(tokens) + wanted > n_ctx:
                 if (req.body.get("keel") or {}).get("context_overflow") != "trim":
                     raise self._overflow(len(tokens), req.max_tokens, n_ctx)
-                tokens = self._trim(messages, wanted, n_ctx)
+                tokens = self._trim(messages, req.max_tokens, n_ctx)
             sampling = dict(self.sampling)
             for key, value in (("temperature", req.temperature), ("top_p", req.top_p)):
                 if value is not None:
@@ -281,8 +282,9 @@ class LocalLlamaProvider:
         prompt = self._formatter(messages=messages)
         return self._llm.tokenize(prompt.prompt.encode(), add_bos=not prompt.added_special, special=True)
 
-    def _trim(self, messages: list[dict[str, Any]], wanted: int, n_ctx: int) -> list[int]:
+    def _trim(self, messages: list[dict[str, Any]], max_tokens: int | None, n_ctx: int) -> list[int]:
         """Drop the oldest non-system messages (never the last user message) until the prompt fits."""
+        wanted = max_tokens or 1
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
         droppable = [m for m in messages[:last_user] if m["role"] != "system"]
         kept = list(messages)
@@ -293,7 +295,7 @@ class LocalLlamaProvider:
             dropped += 1
             tokens = self._tokenize(kept)
         if len(tokens) + wanted > n_ctx:
-            raise self._overflow(len(tokens), wanted, n_ctx, trimmed=True)
+            raise self._overflow(len(tokens), max_tokens, n_ctx, trimmed=True)
         log.info("trimmed %d oldest messages to fit the context", dropped, extra={"deployment": self.deployment})
         return tokens
 
