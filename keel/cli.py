@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from keel import demo
 from keel.app import create_app
 from keel.core import commands as core_commands
 from keel.governance import commands as governance_commands
@@ -12,7 +13,7 @@ from keel.knowledge import commands as knowledge_commands
 
 app = typer.Typer(help="Keel — a self-hosted AI operating layer.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-core_commands.make_server_commands(app, create_app)
+core_commands.make_server_commands(app, create_app, demo=demo.load)
 app.add_typer(core_commands.db_app, name="db")
 identity_commands.mount(app)
 governance_commands.mount(app)

@@ -37,17 +37,28 @@ def _stop(proc):
     return proc.returncode, out
 
 
-def test_up_prints_url_and_key_once_then_serves_models(tmp_path):
+def test_up_prints_url_and_key_once_then_serves_models_and_demo_data(tmp_path):
     port = free_port()
     proc = _up(tmp_path, port)
     url = f"http://127.0.0.1:{port}"
     assert _wait_ready(url), "keel up did not become ready within 60 s"
     assert (tmp_path / ".keel" / "keel.db").exists()
-    time.sleep(0.5)
-    rc, out = _stop(proc)
+    lines = []
+    while not any("sk-keel-" in line for line in lines):
+        lines.append(proc.stdout.readline())
+    key = re.search(r"sk-keel-\S+", "".join(lines)).group(0)
+    assert any(url in line for line in lines)
+    headers = {"Authorization": f"Bearer {key}"}
+    deadline = time.monotonic() + 90
+    docs = []
+    while time.monotonic() < deadline and len(docs) < 3:  # demo data: the handbook, ingested in the background
+        colls = httpx.get(url + "/v1/collections", headers=headers).json()["data"]
+        if colls:
+            docs = httpx.get(url + f"/v1/collections/{colls[0]['id']}/documents", headers=headers).json()["data"]
+        time.sleep(0.5)
+    assert [c["name"] for c in colls] == ["handbook"] and len(docs) == 3
+    rc, _ = _stop(proc)
     assert rc == 0
-    assert url in out
-    key = re.search(r"sk-keel-\S+", out).group(0)
     port2 = free_port()
     proc = _up(tmp_path, port2)
     url2 = f"http://127.0.0.1:{port2}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -29,8 +30,10 @@ def db_upgrade(config: Optional[Path] = ConfigOpt) -> None:
     console.print(f"database at {store.dialect} is current: {', '.join(heads)}")
 
 
-def make_server_commands(app: typer.Typer, factory: Callable[[Settings], Any]) -> None:
-    """Register `up` and `serve`; `factory(settings)` returns an object with `.asgi` and `.bootstrap_key`."""
+def make_server_commands(app: typer.Typer, factory: Callable[[Settings], Any],
+                         demo: Callable[[str, str], None] | None = None) -> None:
+    """Register `up` and `serve`; `factory(settings)` returns an object with `.asgi` and `.bootstrap_key`;
+    `demo(url, admin_key)` loads demo data on the first start of `keel up`."""
 
     def _start(config: Optional[Path], host: Optional[str], port: Optional[int], dev: bool) -> None:
         overrides: dict[str, Any] = {"host": host, "port": port}
@@ -47,6 +50,9 @@ def make_server_commands(app: typer.Typer, factory: Callable[[Settings], Any]) -
             if built.bootstrap_key:
                 console.print("First start: the admin API key is shown once — store it now:", style="yellow")
                 console.print(built.bootstrap_key, markup=False, highlight=False)
+                if dev and demo is not None:
+                    threading.Thread(target=demo, args=(url, built.bootstrap_key), name="keel-demo",
+                                     daemon=True).start()
 
         server.run(built.asgi, settings, on_ready=ready)
 
