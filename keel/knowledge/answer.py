@@ -43,8 +43,8 @@ class AnswerRequest:
 
 def citation(n: int, h: Hit, cited: bool) -> dict[str, Any]:
     return {"n": n, "document_id": h.document_id, "chunk_id": h.chunk_id, "collection": h.collection.name,
-            "title": h.title, "source": h.source, "section": h.section, "page": h.page,
-            "span": {"start": h.start, "end": h.end}, "score": round(h.score, 6),
+            "classification": h.collection.classification, "title": h.title, "source": h.source,
+            "section": h.section, "page": h.page, "span": {"start": h.start, "end": h.end}, "score": round(h.score, 6),
             "similarity": None if h.similarity is None else round(h.similarity, 6), "cited": cited,
             "text": h.text}
 
@@ -74,7 +74,14 @@ def _call(p: Principal, req: AnswerRequest, hits: list[Hit], request_id: str, st
                 chat=ChatRequest(model=req.model, messages=messages, max_tokens=req.max_tokens,
                                  temperature=req.temperature, stream=stream, include_usage=stream),
                 metadata={"use_case": "knowledge.answer", "task_id": request_id, "classification": level},
-                annotations={"retrieved_chunks": [h.chunk_id for h in hits]})
+                annotations={
+                    "retrieved_chunks": [h.chunk_id for h in hits],
+                    # governance reads these: the data classification of every collection in the prompt,
+                    # and the passages (verbatim in the prompt) its context guards judge on their own
+                    "collections": list({h.collection.id: {"id": h.collection.id,
+                                                           "classification": h.collection.classification}
+                                         for h in hits}.values()),
+                    "passages": [{"id": h.chunk_id, "text": h.text[:PASSAGE_CHARS]} for h in hits]})
 
 
 def _cited(text: str, n: int) -> set[int]:

@@ -1,5 +1,5 @@
-"""Knowledge test harness: the real server (with knowledge wired as keel/app.py will wire it,
-see launcher.py) on a loopback port, teams and keys for permission tests, upload helpers."""
+"""Knowledge test harness: the real server on a loopback port, the real `keel` CLI, teams and keys
+for permission tests, upload helpers."""
 
 from __future__ import annotations
 
@@ -16,16 +16,15 @@ import pytest
 
 from conftest import KeelServer, free_port, keel_env, new_db_url
 
-LAUNCHER = Path(__file__).with_name("launcher.py")
 
 
 def start_kserver(data_dir: Path, db_url: str, *, wait: bool = True, **env: str) -> KeelServer:
-    """Like conftest.start_server, through the launcher; embedded models on (local-embed, local-chat)."""
+    """Like conftest.start_server, with the embedded models on (local-embed, local-chat)."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / f"server-{port}.log"
-    full_env = keel_env(data_dir, db_url, KEEL_EMBEDDED_MODELS="true", KEEL_LOCAL_THREADS="2", **env)
-    args = [sys.executable, str(LAUNCHER), "serve", "--port", str(port)]
+    full_env = keel_env(data_dir, db_url, KEEL_EMBEDDED_MODELS="true", KEEL_LOCAL_THREADS="1", **env)
+    args = [sys.executable, "-m", "keel", "serve", "--port", str(port)]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(data_dir))
     srv = KeelServer(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, data_dir=data_dir, env=full_env)
@@ -48,7 +47,7 @@ def start_kserver(data_dir: Path, db_url: str, *, wait: bool = True, **env: str)
 
 def run_cli(srv: KeelServer, *args: str, key: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**srv.env, "KEEL_URL": srv.url, "KEEL_API_KEY": key or srv.admin_key, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, str(LAUNCHER), *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "keel", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
