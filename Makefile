@@ -25,12 +25,13 @@ $(VENV)/.llama-built: | $(BIN)/python
 	$(LLAMA_IS_PORTABLE)
 	touch $@
 
+# hnswlib builds from source with -march=native unless told otherwise: keep it portable too.
 $(VENV)/.installed: pyproject.toml $(VENV)/.llama-built
-	$(BIN)/pip install -q -e .
+	HNSWLIB_NO_NATIVE=1 $(BIN)/pip install -q -e .
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[test]"
+	HNSWLIB_NO_NATIVE=1 $(BIN)/pip install -q -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
