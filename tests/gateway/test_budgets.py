@@ -5,11 +5,9 @@ streams, the soft-limit alert fires once and reaches a webhook, and the admin AP
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +16,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from conftest import MASTER_KEY, ROOT, TEST_DB, free_port, ledger_rows
+from conftest import MASTER_KEY, TEST_DB, free_port, fake_upstream, ledger_rows
 
 pytestmark = pytest.mark.store
 
@@ -31,24 +29,8 @@ REAL = 34e-6
 
 @pytest.fixture
 def upstream_factory():
-    procs: list[subprocess.Popen] = []
-
-    def start(*args: str) -> str:
-        port = free_port()
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.fakes.openai_upstream", "--port", str(port), *args],
-                                      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{port}"
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait(10)
+    with contextlib.ExitStack() as stack:
+        yield lambda *args: stack.enter_context(fake_upstream(*args))
 
 
 def write_config(tmp_path, root: str):

@@ -5,8 +5,6 @@ The fake counts the chat requests it receives, so "served from the cache" means 
 saw no request"; the ledger shows each hit with the original tokens, cost 0 and the saved cost.
 """
 
-import subprocess
-import sys
 import time
 import uuid
 
@@ -14,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import ROOT, free_port, ledger_rows
+from conftest import fake_upstream, ledger_rows
 
 pytestmark = pytest.mark.store
 PRICE_IN, PRICE_OUT = 1.0, 2.0
@@ -25,21 +23,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 @pytest.fixture(scope="module")
 def upstream():
     """The fake OpenAI upstream; a small delay between stream events lets a client hang up mid-stream."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.openai_upstream", "--port", str(port),
-                             "--latency-ms", "20", "--chunk-delay-ms", "15"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    root = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(root + "/_stats", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield root
-    proc.terminate()
-    proc.wait(10)
+    with fake_upstream("--latency-ms", "20", "--chunk-delay-ms", "15") as root:
+        yield root
 
 
 @pytest.fixture(scope="module")

@@ -6,33 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from conftest import ROOT, free_port, ledger_rows
+from conftest import fake_upstream, ledger_rows
 
 pytestmark = pytest.mark.store
 
 
 @pytest.fixture
 def upstream():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.openai_upstream", "--port", str(port),
-                             "--latency-ms", "20"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    proc.terminate()
-    proc.wait(10)
+    with fake_upstream("--latency-ms", "20") as root:
+        yield root + "/v1"
 
 
 def write_config(tmp_path, base_url, extra: str = ""):

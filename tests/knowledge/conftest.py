@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import KeelServer, free_port, keel_env, new_db_url
+from conftest import KeelServer, fake_upstream, free_port, keel_env, new_db_url
 
 
 
@@ -111,22 +111,8 @@ def wait_job(c: httpx.Client, job_id: str, timeout: float = 120) -> dict[str, An
 @pytest.fixture(scope="module")
 def upstream():
     """The loopback fake OpenAI-compatible upstream (tests/fakes): the only fake, at the network edge."""
-    import socket
-
-    from conftest import ROOT
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.openai_upstream", "--port", str(port)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    proc.terminate()
-    proc.wait(10)
+    with fake_upstream() as root:
+        yield root + "/v1"
 
 
 def fake_chat_config(tmp: Path, base_url: str) -> Path:
