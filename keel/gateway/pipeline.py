@@ -85,6 +85,8 @@ class Gateway:
         self.tracer = tracer
         self.stages: list[Stage] = list(stages or [])
         self.call_deployment: Callable[[Call], Awaitable[Any]] = self._call_provider
+        self._chain_key: tuple[Any, ...] | None = None
+        self._chained: Next = self.call_deployment
 
     # -- resolution -----------------------------------------------------------------------
     def visible_aliases(self, principal: Principal) -> dict[str, str]:
@@ -143,10 +145,15 @@ class Gateway:
             call.upstream_ms += (time.perf_counter() - t0) * 1000
 
     def _chain(self) -> Next:
-        nxt: Next = self.call_deployment
-        for stage in reversed(self.stages):
-            nxt = (lambda s, n: (lambda c: s.handle(c, n)))(stage, nxt)
-        return nxt
+        """The stages wrapped around the terminal step; built once per (stages, terminal) pair, since
+        both are set after construction (the app factory, tests) but not per request."""
+        key = (tuple(self.stages), self.call_deployment)
+        if self._chain_key != key:
+            nxt: Next = self.call_deployment
+            for stage in reversed(self.stages):
+                nxt = (lambda s, n: (lambda c: s.handle(c, n)))(stage, nxt)
+            self._chain_key, self._chained = key, nxt
+        return self._chained
 
     # -- entry points ---------------------------------------------------------------------
     async def chat(self, call: Call) -> ChatResult:
