@@ -22,6 +22,7 @@ from keel.governance import service as governance_service
 from keel.knowledge import routes as knowledge_routes
 from keel.knowledge import service as knowledge_service
 from keel.observe import service as observe_service
+from keel.workflows import service as workflows_service
 from keel.identity import routes as identity_routes
 from keel.identity import service as identity
 from keel.identity.auth import Authenticator
@@ -113,6 +114,7 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
     # Shutdown hooks run in reverse order: ingestion drains, then providers close, then the ledger flushes.
     lifecycle.shutdown.append(gateway.deployments.close)
     lifecycle.shutdown.append(kn.stop)
+    workflows_service.attach(app, settings, store, gateway, kn)  # after knowledge: its runs use retrieval
     if settings.preload_models:
         async def _preload() -> None:
             app.state.preload_task = asyncio.create_task(gateway_service.preload(gateway))

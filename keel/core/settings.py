@@ -101,6 +101,15 @@ class Settings(BaseModel):
     local_threads: int = Field(default=0, ge=0, description="llama.cpp threads; 0 = half the cores")
     preload_models: bool = Field(default=False, description="load local models at start (`keel up` sets it)")
     trace_exporter: Literal["none", "jsonl", "console"] = "none"
+    workflows_dir: Path | None = Field(default=None, description="workflow specs (*.yaml) loaded at start")
+    smtp_host: str | None = Field(default=None, description="SMTP server for workflow email; unset = Keel's outbox")
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = False
+    smtp_sender: str = "keel@localhost"
+    workflow_schedule_interval_s: float = Field(default=15.0, gt=0, description="how often cron triggers are checked")
+    workflow_webhook_tolerance_s: float = Field(default=300.0, gt=0, description="max age of a signed webhook")
 
     @field_validator("database_url")
     @classmethod

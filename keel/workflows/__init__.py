@@ -1,0 +1,1 @@
+"""Workflows: durable, governed business processes."""

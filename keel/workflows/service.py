@@ -1,0 +1,355 @@
+"""Workflows as a capability: define versioned specs, start and inspect runs, cancel and retry them.
+
+A run is acknowledged only after its row and its DBOS workflow exist; at start the engine also
+re-launches any acknowledged run whose DBOS workflow is missing (a crash between the two writes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from dbos import DBOS, SetWorkflowID
+
+from keel.core.clock import utcnow
+from keel.core.errors import BadRequest, Conflict, NotFound
+from keel.core.ids import new_id
+from keel.identity.principal import Principal
+from keel.observe.tables import usage_ledger
+from keel.workflows.runtime import FINAL, Engine, keel_run, principal_dict, principal_from
+from keel.workflows.spec import WorkflowSpec, parse_spec, validate_inputs
+from keel.workflows.tables import workflow_outbox, workflow_records, workflow_runs, workflow_versions
+
+log = logging.getLogger("keel.workflows")
+STATUSES = ("running", "waiting_approval", "completed", "failed", "cancelled")
+
+
+def _iso(dt: Any) -> str | None:
+    from keel.workflows.approvals import _iso as iso
+    return iso(dt)
+
+
+def _visible(p: Principal, team_col: sa.Column) -> Any:
+    return sa.true() if p.is_admin else sa.or_(team_col.is_(None), team_col == p.team_id)
+
+
+class Workflows:
+    """The API behind `/v1/workflows…`, `/v1/approvals…` and the CLI."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.store = engine.store
+
+    # -- definitions ----------------------------------------------------------------------
+    def latest(self, name: str, p: Principal | None = None) -> Any:
+        q = sa.select(workflow_versions).where(workflow_versions.c.name == name)
+        if p is not None:
+            q = q.where(_visible(p, workflow_versions.c.team_id))
+        with self.store.read() as conn:
+            row = conn.execute(q.order_by(workflow_versions.c.version.desc()).limit(1)).first()
+        if row is None:
+            raise NotFound(f"workflow {name!r} not found", fix="define it with POST /v1/workflows", workflow=name)
+        return row
+
+    def _resolve(self, name: str) -> WorkflowSpec | None:
+        try:
+            return self.engine.spec(self.latest(name).id)
+        except NotFound:
+            return None
+
+    def define(self, source: str, p: Principal, *, team_id: str | None = None) -> dict[str, Any]:
+        """Validate and store a new version (an unchanged spec keeps its version)."""
+        p.require("workflows.define")
+        spec = parse_spec(source, resolve_workflow=self._resolve)
+        team = team_id if p.is_admin and team_id is not None else p.team_id
+        with self.store.engine.begin() as conn:
+            prev = conn.execute(sa.select(workflow_versions).where(workflow_versions.c.name == spec.name)
+                                .order_by(workflow_versions.c.version.desc()).limit(1)).first()
+            if prev is not None and not p.is_admin and prev.team_id not in (None, p.team_id):
+                raise Conflict(f"workflow {spec.name!r} belongs to another team", fix="choose another name",
+                               workflow=spec.name)
+            if prev is not None and prev.source == source:
+                return self._public_version(prev, created=False)
+            row = {"id": new_id("wfv"), "name": spec.name, "version": (prev.version + 1) if prev else 1,
+                   "source": source, "description": spec.description,
+                   "team_id": prev.team_id if prev is not None else team, "owner": principal_dict(p),
+                   "created_at": utcnow()}
+            conn.execute(workflow_versions.insert().values(**row))
+        self.engine._specs[row["id"]] = spec
+        self._audit("workflow.defined", p, row["team_id"], workflow=spec.name, version=row["version"])
+        return self._public_version(_Obj(row), created=True)
+
+    def _public_version(self, r: Any, *, created: bool) -> dict[str, Any]:
+        spec = self.engine.spec(r.id)
+        return {"object": "workflow", "name": r.name, "version": r.version, "description": r.description,
+                "team_id": r.team_id, "created": created, "created_at": _iso(r.created_at),
+                "inputs": spec.inputs_schema, "steps": [{"id": s.id, "type": s.type} for s in spec.steps],
+                "triggers": [t.type for t in spec.triggers]}
+
+    def list(self, p: Principal) -> list[dict[str, Any]]:
+        sub = (sa.select(workflow_versions.c.name, sa.func.max(workflow_versions.c.version).label("v"))
+               .group_by(workflow_versions.c.name).subquery())
+        q = (sa.select(workflow_versions).join(sub, sa.and_(sub.c.name == workflow_versions.c.name,
+                                                            sub.c.v == workflow_versions.c.version))
+             .where(_visible(p, workflow_versions.c.team_id)).order_by(workflow_versions.c.name))
+        with self.store.read() as conn:
+            rows = conn.execute(q).all()
+        return [self._public_version(r, created=False) for r in rows]
+
+    def get(self, name: str, p: Principal) -> dict[str, Any]:
+        r = self.latest(name, p)
+        out = self._public_version(r, created=False)
+        out["source"] = r.source
+        return out
+
+    # -- runs -----------------------------------------------------------------------------
+    async def start(self, name: str, inputs: Any, p: Principal, *, trigger: str = "api", run_id: str | None = None,
+                    actor: Principal | None = None, seed: dict[str, Any] | None = None,
+                    retry_of: str | None = None, version_id: str | None = None) -> dict[str, Any]:
+        """Record the run and start its durable workflow; idempotent for a given `run_id`."""
+        p.require("workflows.run")
+        ver = self.latest(name, p) if version_id is None else await asyncio.to_thread(self._version, version_id)
+        spec = self.engine.spec(ver.id)
+        inputs = {} if inputs is None else inputs
+        validate_inputs(spec, inputs)
+        run_id = run_id or new_id("run")
+        now = utcnow()
+        row = {"id": run_id, "workflow": spec.name, "version": ver.version, "version_id": ver.id, "status": "running",
+               "current_step": None, "inputs": inputs, "outputs": None, "error": None,
+               "principal": principal_dict(p), "team_id": ver.team_id if ver.team_id is not None else p.team_id,
+               "trigger": trigger, "parent_run": None, "retry_of": retry_of, "seed": seed,
+               "created_at": now, "updated_at": now, "finished_at": None}
+        await self.engine.insert_once(workflow_runs, row, workflow_runs.c.id == run_id)
+        with SetWorkflowID(run_id):
+            await DBOS.start_workflow_async(keel_run, run_id)
+        self._audit("workflow.run.started", actor or p, row["team_id"], workflow=spec.name, run_id=run_id,
+                    version=ver.version, trigger=trigger)
+        return {"id": run_id, "object": "workflow_run", "workflow": spec.name, "version": ver.version,
+                "status": "running", "trigger": trigger}
+
+    def _version(self, version_id: str) -> Any:
+        with self.store.read() as conn:
+            return conn.execute(sa.select(workflow_versions).where(workflow_versions.c.id == version_id)).one()
+
+    def _run_row(self, name: str, run_id: str, p: Principal) -> Any:
+        with self.store.read() as conn:
+            r = conn.execute(sa.select(workflow_runs).where(workflow_runs.c.id == run_id,
+                                                            workflow_runs.c.workflow == name,
+                                                            _visible(p, workflow_runs.c.team_id))).first()
+        if r is None:
+            raise NotFound(f"run {run_id} of workflow {name!r} not found", fix="list runs with GET "
+                           f"/v1/workflows/{name}/runs", run_id=run_id)
+        return r
+
+    def runs(self, name: str, p: Principal, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        self.latest(name, p)
+        q = (sa.select(workflow_runs).where(workflow_runs.c.workflow == name, _visible(p, workflow_runs.c.team_id))
+             .order_by(workflow_runs.c.created_at.desc()).limit(max(1, min(limit, 500))))
+        if status:
+            if status not in STATUSES:
+                raise BadRequest(f"unknown status {status!r}", fix=f"use one of {', '.join(STATUSES)}")
+            q = q.where(workflow_runs.c.status == status)
+        with self.store.read() as conn:
+            rows = conn.execute(q).all()
+        return [self._public_run(r) for r in rows]
+
+    def _public_run(self, r: Any) -> dict[str, Any]:
+        return {"id": r.id, "object": "workflow_run", "workflow": r.workflow, "version": r.version,
+                "status": r.status, "current_step": r.current_step, "trigger": r.trigger, "inputs": r.inputs,
+                "outputs": r.outputs, "error": r.error, "parent_run": r.parent_run, "retry_of": r.retry_of,
+                "created_at": _iso(r.created_at), "updated_at": _iso(r.updated_at),
+                "finished_at": _iso(r.finished_at)}
+
+    async def detail(self, name: str, run_id: str, p: Principal) -> dict[str, Any]:
+        """Status, each step's state and output, and the run's tokens and cost from the ledger."""
+        r = await asyncio.to_thread(self._run_row, name, run_id, p)
+        out = self._public_run(r)
+        spec = self.engine.spec(r.version_id)
+        done: dict[str, dict[str, Any]] = {}
+        for s in await DBOS.list_workflow_steps_async(run_id):
+            res = s.get("output")
+            name_ = s["function_name"]
+            if name_ in spec_ids(spec):
+                if s.get("error") is not None:
+                    done[name_] = {"status": "failed", "error": str(s["error"])[:500]}
+                elif isinstance(res, dict):
+                    done[name_] = {"status": res.get("status", "completed"), "output": res.get("output")}
+                done[name_]["started_at_ms"] = s.get("started_at_epoch_ms")
+                done[name_]["finished_at_ms"] = s.get("completed_at_epoch_ms")
+        seed = r.seed or {}
+        steps = []
+        for st in spec.steps:
+            item = {"id": st.id, "type": st.type}
+            if st.id in seed:
+                item.update(status="carried_over", output=seed[st.id].get("output"))
+            elif st.id in done:
+                item.update(done[st.id])
+            elif r.current_step == st.id and r.status == "waiting_approval":
+                item["status"] = "waiting_approval"
+            else:
+                item["status"] = "pending"
+            steps.append(item)
+        out["steps"] = steps
+        out["usage"] = await asyncio.to_thread(self._usage, run_id)
+        return out
+
+    def _usage(self, run_id: str) -> dict[str, Any]:
+        u = usage_ledger.c
+        q = (sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(u.tokens_in), 0),
+                       sa.func.coalesce(sa.func.sum(u.tokens_out), 0), sa.func.coalesce(sa.func.sum(u.cost), 0.0))
+             .where(sa.or_(u.task_id == run_id, u.task_id.like(f"{run_id}.%"))))
+        with self.store.read() as conn:
+            n, tin, tout, cost = conn.execute(q).one()
+        return {"calls": int(n), "prompt_tokens": int(tin), "completion_tokens": int(tout),
+                "total_tokens": int(tin) + int(tout), "cost": float(cost)}
+
+    async def cancel(self, name: str, run_id: str, p: Principal) -> dict[str, Any]:
+        p.require("workflows.run")
+        r = await asyncio.to_thread(self._run_row, name, run_id, p)
+        if r.status in FINAL:
+            raise Conflict(f"run {run_id} is already {r.status}", fix="only running or waiting runs can be cancelled",
+                           run_id=run_id)
+        await asyncio.to_thread(self.engine.set_status, run_id, "cancelled")
+        await DBOS.cancel_workflow_async(run_id)
+        self._audit("workflow.run.cancelled", p, r.team_id, workflow=name, run_id=run_id)
+        return self._public_run(await asyncio.to_thread(self._run_row, name, run_id, p))
+
+    async def retry(self, name: str, run_id: str, p: Principal, from_step: str | None) -> dict[str, Any]:
+        """A new run of the same version and inputs that reuses the results of the steps before `from_step`
+        (default: the step that failed)."""
+        r = await asyncio.to_thread(self._run_row, name, run_id, p)
+        if r.status not in ("failed", "cancelled"):
+            raise Conflict(f"run {run_id} is {r.status}", fix="retry a failed or cancelled run", run_id=run_id)
+        spec = self.engine.spec(r.version_id)
+        from_step = from_step or (r.error or {}).get("step") or r.current_step or spec.steps[0].id
+        if from_step not in spec_ids(spec):
+            raise BadRequest(f"step {from_step!r} is not in version {r.version} of {name!r}",
+                             fix=f"use one of {', '.join(spec_ids(spec))}")
+        detail = await self.detail(name, run_id, p)
+        seed: dict[str, Any] = {}
+        for item in detail["steps"]:
+            if item["id"] == from_step:
+                break
+            if item["status"] not in ("completed", "skipped", "carried_over"):
+                raise Conflict(f"step {item['id']!r} before {from_step!r} did not complete",
+                               fix=f"retry from {item['id']!r}", run_id=run_id)
+            seed[item["id"]] = {"status": "completed" if item["status"] == "carried_over" else item["status"],
+                                "output": item.get("output")}
+        return await self.start(name, r.inputs, p, trigger="retry", seed=seed, retry_of=run_id,
+                                version_id=r.version_id)
+
+    # -- sinks ----------------------------------------------------------------------------
+    def records(self, table: str, p: Principal, limit: int = 100) -> list[dict[str, Any]]:
+        q = (sa.select(workflow_records).where(workflow_records.c.table_name == table,
+                                               _visible(p, workflow_records.c.team_id))
+             .order_by(workflow_records.c.created_at.desc()).limit(max(1, min(limit, 1000))))
+        with self.store.read() as conn:
+            rows = conn.execute(q).all()
+        return [{"id": r.id, "table": r.table_name, "key": r.key, "data": r.data, "run_id": r.run_id,
+                 "step": r.step_id, "created_at": _iso(r.created_at)} for r in rows]
+
+    def outbox(self, p: Principal, run_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        q = (sa.select(workflow_outbox).where(_visible(p, workflow_outbox.c.team_id))
+             .order_by(workflow_outbox.c.created_at.desc()).limit(max(1, min(limit, 1000))))
+        if run_id:
+            q = q.where(workflow_outbox.c.run_id == run_id)
+        with self.store.read() as conn:
+            rows = conn.execute(q).all()
+        return [{"id": r.id, "run_id": r.run_id, "step": r.step_id, "to": r.to, "subject": r.subject,
+                 "body": r.body, "message_id": f"<{r.idempotency_key}@keel>", "created_at": _iso(r.created_at)}
+                for r in rows]
+
+    # -- start-up -------------------------------------------------------------------------
+    def load_dir(self, path: Path, owner: Principal) -> list[str]:
+        """Define every `*.yaml` in `path` (a bad file is logged with its location and skipped)."""
+        from keel.core.errors import KeelError
+
+        loaded = []
+        for f in sorted(path.glob("*.yaml")) + sorted(path.glob("*/workflow.yaml")):
+            try:
+                loaded.append(self.define(f.read_text(), owner)["name"])
+            except KeelError as exc:
+                log.error("workflow spec not loaded", extra={"file": str(f), "error": exc.detail})
+        return loaded
+
+    async def relaunch_orphans(self) -> int:
+        """Start the DBOS workflow of any acknowledged run that has none (crash between the two writes)."""
+        with self.store.read() as conn:
+            ids = conn.execute(sa.select(workflow_runs.c.id).where(workflow_runs.c.status.not_in(FINAL))).scalars().all()
+        n = 0
+        for run_id in ids:
+            if await DBOS.get_workflow_status_async(run_id) is None:
+                with SetWorkflowID(run_id):
+                    await DBOS.start_workflow_async(keel_run, run_id)
+                n += 1
+        return n
+
+    def _audit(self, action: str, p: Principal, team_id: str | None, **details: Any) -> None:
+        if self.engine.audit is not None:
+            self.engine.audit(action=action, actor=p.user_id or p.key_id, team_id=team_id, **details)
+
+
+class _Obj:
+    """Attribute access over a freshly inserted row dict."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+
+
+def spec_ids(spec: WorkflowSpec) -> list[str]:
+    return [s.id for s in spec.steps]
+
+
+async def create_child_run(engine: Engine, env: Any, child_id: str, inputs: Any) -> dict[str, Any]:
+    """The row of a sub-workflow run (one DBOS step of the parent, so created once)."""
+    svc = Workflows(engine)
+    ver = await asyncio.to_thread(svc.latest, env.step.config["name"])
+    spec = engine.spec(ver.id)
+    validate_inputs(spec, inputs)
+    now = utcnow()
+    row = {"id": child_id, "workflow": spec.name, "version": ver.version, "version_id": ver.id, "status": "running",
+           "current_step": None, "inputs": inputs, "outputs": None, "error": None,
+           "principal": principal_dict(env.principal), "team_id": env.team_id, "trigger": "workflow",
+           "parent_run": env.run_id, "retry_of": None, "seed": None, "created_at": now, "updated_at": now,
+           "finished_at": None}
+    await engine.insert_once(workflow_runs, row, workflow_runs.c.id == child_id)
+    return {"id": child_id}
+
+
+__all__ = ["Workflows", "principal_from", "create_child_run"]
+
+
+def attach(app: Any, settings: Any, store: Any, gateway: Any, knowledge: Any) -> Workflows:
+    """Wire workflows into the app: DBOS starts with the server (recovering unfinished runs), spec
+    files load, schedules tick; on shutdown schedules stop and DBOS lets go before providers close."""
+    from keel.identity.principal import Principal
+    from keel.workflows import routes
+    from keel.workflows.triggers import Scheduler
+
+    engine = Engine(settings, store, gateway, knowledge, app.state.vault, app.state.observe)
+    engine.audit = app.state.audit
+    svc = Workflows(engine)
+    scheduler = Scheduler(svc, settings.workflow_schedule_interval_s)
+    system = Principal(key_id="system", role="admin")
+
+    async def start() -> None:
+        engine.launch()
+        if settings.workflows_dir and Path(settings.workflows_dir).is_dir():
+            await asyncio.to_thread(svc.load_dir, Path(settings.workflows_dir), system)
+        n = await svc.relaunch_orphans()
+        if n:
+            log.warning("relaunched acknowledged runs that had no durable workflow", extra={"count": n})
+        await scheduler.start()
+
+    async def stop() -> None:
+        await scheduler.stop()
+        await engine.close()
+
+    app.state.workflows = svc
+    app.state.lifecycle.startup.append(start)
+    app.state.lifecycle.shutdown.append(stop)
+    app.include_router(routes.router)
+    return svc

@@ -1,0 +1,214 @@
+"""What each step type does. Every executor here runs inside one DBOS step, so its result is
+checkpointed once it returns: a step with a side effect (`http`, `notify`, `record`) is never
+repeated after that, and sends an idempotency key (run id + step id) so the target can drop the
+one repeat that a crash between the call and the checkpoint may cause.
+
+Approval, wait and sub-workflow steps need several durable operations and live in `runtime.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import jsonschema
+import sqlalchemy as sa
+
+from keel.core.clock import utcnow
+from keel.core.errors import BadRequest, KeelError
+from keel.core.ids import new_id
+from keel.gateway.pipeline import Call
+from keel.gateway.protocol import ChatRequest
+from keel.identity.principal import Principal
+from keel.workflows import templates
+from keel.workflows.spec import StepSpec, WorkflowSpec
+from keel.workflows.tables import workflow_outbox, workflow_records
+
+if TYPE_CHECKING:
+    from keel.workflows.runtime import Engine
+
+
+class StepFailed(KeelError):
+    """A step could not do its work (bad model output, a rejected request); the run fails with this."""
+
+    code, status, title = "workflow_step_failed", 422, "Workflow step failed"
+
+
+@dataclass
+class StepEnv:
+    """Everything one step execution may read: the engine's services, the run and the template context."""
+
+    engine: "Engine"
+    run_id: str
+    workflow: str
+    team_id: str | None
+    principal: Principal
+    spec: WorkflowSpec
+    step: StepSpec
+    context: dict[str, Any]
+
+    def render(self, value: Any) -> Any:
+        return templates.render(value, self.context)
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.run_id}.{self.step.id}"
+
+
+Executor = Callable[[StepEnv], Awaitable[dict[str, Any]]]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+async def run_llm(env: StepEnv) -> dict[str, Any]:
+    """A chat call through the governed gateway path, metered against the run (task id = run id)."""
+    c = env.step.config
+    messages = []
+    if c.get("system"):
+        messages.append({"role": "system", "content": _text(env.render(c["system"]))})
+    messages.append({"role": "user", "content": _text(env.render(c["prompt"]))})
+    schema = c.get("output_schema")
+    fmt = {"type": "json_schema", "json_schema": {"name": env.step.id, "schema": schema}} if schema else None
+    call = Call(request_id=f"{env.run_id}/{env.step.id}", principal=env.principal, kind="chat", alias=c["model"],
+                chat=ChatRequest(model=c["model"], messages=messages, max_tokens=c["max_tokens"],
+                                 temperature=c["temperature"], response_format=fmt),
+                metadata={"use_case": f"workflow:{env.workflow}", "task_id": env.run_id})
+    result = await env.engine.gateway.chat(call)
+    # The ledger row must be durable before this step's checkpoint: a crash in between re-runs the
+    # step under the same request id, which the ledger's primary key then refuses to count twice.
+    await env.engine.flush_ledger()
+    out: dict[str, Any] = {"text": result.content or "", "model": c["model"], "finish_reason": result.finish_reason,
+                           "usage": {"prompt_tokens": result.usage.prompt_tokens,
+                                     "completion_tokens": result.usage.completion_tokens},
+                           "cost": call.cost()}
+    if schema:
+        try:
+            out["json"] = json.loads(out["text"])
+            jsonschema.validate(out["json"], schema)
+        except (ValueError, jsonschema.ValidationError) as exc:
+            msg = exc.message if isinstance(exc, jsonschema.ValidationError) else str(exc)
+            raise StepFailed(f"step {env.step.id!r}: the model's output does not match output_schema: {msg}",
+                             fix="loosen output_schema, raise max_tokens, or use a stronger model",
+                             step=env.step.id) from None
+    return out
+
+
+async def run_retrieve(env: StepEnv) -> dict[str, Any]:
+    """A permission-filtered collection search as the run's principal."""
+    from keel.knowledge.search import Query, search
+
+    c = env.step.config
+    q = Query(text=_text(env.render(c["query"])), collections=list(c["collections"]), top_k=c["top_k"])
+    hits, _ = await search(env.engine.knowledge, env.principal, q, f"{env.run_id}/{env.step.id}")
+    return {"hits": [{"document_id": h.document_id, "title": h.title, "section": h.section, "source": h.source,
+                      "text": h.text, "score": round(h.score, 6)} for h in hits],
+            "text": "\n\n".join(h.text for h in hits)}
+
+
+async def run_answer(env: StepEnv) -> dict[str, Any]:
+    """An answer with citations over collections, through the same path as `/v1/answer`."""
+    from keel.knowledge.answer import AnswerRequest, answer
+
+    c = env.step.config
+    req = AnswerRequest(question=_text(env.render(c["question"])), collections=list(c["collections"]),
+                        model=c["model"], max_tokens=c["max_tokens"])
+    out = await answer(env.engine.knowledge, env.principal, req, f"{env.run_id}/{env.step.id}")
+    await env.engine.flush_ledger()
+    return {"text": out["answer"], "found": out["found"], "citations": out["citations"], "usage": out["usage"]}
+
+
+async def run_http(env: StepEnv) -> dict[str, Any]:
+    """An outbound HTTP call through the SSRF-safe egress; secrets come from the vault by reference."""
+    c = env.step.config
+    secrets = _SecretView(env)
+    header_ctx = dict(env.context, secrets=secrets)
+    headers = {str(k): _text(templates.render(v, header_ctx)) for k, v in (c.get("headers") or {}).items()}
+    body = env.render(c.get("body")) if c.get("body") is not None else None
+    return await env.engine.egress.request(
+        c["method"], _text(env.render(c["url"])), headers=headers, body=body, allow_hosts=env.spec.allow_hosts,
+        idempotency_key=env.idempotency_key, timeout_s=env.step.timeout_s, expect_status=c.get("expect_status"))
+
+
+class _SecretView:
+    """`{{ secrets.NAME }}` in http headers: read from the vault when rendered, never stored in outputs."""
+
+    def __init__(self, env: StepEnv) -> None:
+        self._env = env
+
+    def __getattr__(self, name: str) -> str:
+        try:
+            return self._env.engine.vault.get(name)
+        except KeelError:
+            raise StepFailed(f"step {self._env.step.id!r}: vault secret {name!r} does not exist",
+                             fix="store it with `keel secrets set` or POST /admin/secrets", step=self._env.step.id)
+
+    __getitem__ = __getattr__
+
+
+async def run_transform(env: StepEnv) -> dict[str, Any]:
+    """Sandboxed templates shaping data; no code runs."""
+    return {"value": env.render(env.step.config["output"])}
+
+
+async def run_condition(env: StepEnv) -> dict[str, Any]:
+    """Evaluate `if` and say which step runs next (None: the following one)."""
+    c = env.step.config
+    value = templates.truthy(env.render(c["if"]))
+    return {"value": value, "next": c.get("then") if value else c.get("else")}
+
+
+async def run_notify(env: StepEnv) -> dict[str, Any]:
+    """A webhook POST and/or an email (SMTP when configured, else Keel's outbox)."""
+    c = env.step.config
+    subject = _text(env.render(c.get("subject") or ""))
+    body = env.render(c.get("body")) if c.get("body") is not None else {}
+    out: dict[str, Any] = {}
+    url = _text(env.render(c["webhook"])).strip() if c.get("webhook") else ""
+    if url:
+        payload = {"workflow": env.workflow, "run_id": env.run_id, "step": env.step.id, "subject": subject,
+                   "body": body}
+        out["webhook"] = await env.engine.egress.webhook(url, payload, allow_hosts=env.spec.allow_hosts,
+                                                         idempotency_key=env.idempotency_key,
+                                                         timeout_s=env.step.timeout_s)
+    to = _text(env.render(c["email"])).strip() if c.get("email") else ""
+    if to:
+        out["email"] = await send_email(env, to, subject, _text(body))
+    if not out:
+        out["skipped"] = "no webhook or email address after rendering"
+    return out
+
+
+async def send_email(env: StepEnv, to: str, subject: str, body: str) -> dict[str, Any]:
+    mailer = env.engine.mailer
+    key = f"{env.idempotency_key}.email"
+    if mailer.configured:
+        return await mailer.send(to, subject, body, idempotency_key=key)
+    if "\n" in to or "\r" in to or "@" not in to:
+        raise BadRequest(f"step {env.step.id!r}: {to!r} is not an email address", fix="render one address")
+    row = {"id": new_id("mail"), "idempotency_key": key, "run_id": env.run_id, "step_id": env.step.id,
+           "team_id": env.team_id, "to": to[:320], "subject": subject, "body": body, "created_at": utcnow()}
+    await env.engine.insert_once(workflow_outbox, row, workflow_outbox.c.idempotency_key == key)
+    return {"to": to, "status": "outbox", "message_id": f"<{key}@keel>"}
+
+
+async def run_record(env: StepEnv) -> dict[str, Any]:
+    """Write a row into one of Keel's record tables (e.g. the lead-intake CRM); one per run and step."""
+    c = env.step.config
+    data = env.render(c["data"])
+    key = _text(env.render(c["key"])) if c.get("key") else None
+    row = {"id": new_id("rec"), "table_name": c["table"], "key": key, "data": data, "team_id": env.team_id,
+           "run_id": env.run_id, "step_id": env.step.id, "created_at": utcnow()}
+    rec_id = await env.engine.insert_once(workflow_records, row, sa.and_(workflow_records.c.run_id == env.run_id,
+                                                                         workflow_records.c.step_id == env.step.id))
+    return {"id": rec_id, "table": c["table"], "key": key, "data": data}
+
+
+EXECUTORS: dict[str, Executor] = {
+    "llm": run_llm, "retrieve": run_retrieve, "answer": run_answer, "http": run_http,
+    "transform": run_transform, "condition": run_condition, "notify": run_notify, "record": run_record,
+}

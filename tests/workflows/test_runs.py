@@ -1,0 +1,159 @@
+"""Runs end to end on the real server: steps in order, outputs referenced by later steps, inputs
+checked, versions kept, cancel and retry-from-step, sub-workflows and waits."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.workflows.conftest import define, run_detail, start, steps_by_id, wait_run
+
+pytestmark = pytest.mark.store
+
+BASIC = """
+name: basic
+inputs:
+  type: object
+  required: [who]
+  properties:
+    who: {type: string}
+    n: {type: integer}
+vars:
+  greeting: Hello
+steps:
+  - id: greet
+    type: transform
+    output:
+      text: "{{ vars.greeting }}, {{ inputs.who }}!"
+      n: "{{ (inputs.n or 1) * 2 }}"
+  - id: branch
+    type: condition
+    if: "{{ steps.greet.output.value.n > 5 }}"
+    then: big
+    else: small
+  - id: small
+    type: record
+    table: sizes
+    data: {who: "{{ inputs.who }}", size: small}
+  - id: big
+    type: record
+    when: "{{ steps.greet.output.value.n > 5 }}"
+    table: sizes
+    data: {who: "{{ inputs.who }}", size: big}
+  - id: mail
+    type: notify
+    email: "{{ inputs.who | lower }}@example.com"
+    subject: "{{ steps.greet.output.value.text }}"
+    body: "n is {{ steps.greet.output.value.n }}"
+"""
+
+
+@pytest.fixture(scope="module")
+def srv(module_server_factory):
+    s = module_server_factory()
+    define(s, BASIC)
+    return s
+
+
+def test_a_run_completes_with_every_step_output_and_native_types(srv):
+    """Guards the basic path: templates see inputs/vars/earlier outputs, numbers stay numbers."""
+    run_id = start(srv, "basic", {"who": "Ada", "n": 1})
+    d = wait_run(srv, "basic", run_id)
+    assert d["status"] == "completed", d
+    steps = steps_by_id(d)
+    assert steps["greet"]["output"]["value"] == {"text": "Hello, Ada!", "n": 2}
+    assert steps["branch"]["output"]["value"] is False
+    assert steps["small"]["status"] == "completed" and steps["big"]["status"] == "skipped"
+    assert d["usage"] == {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cost": 0.0}
+    with srv.admin() as c:
+        mail = c.get(f"/v1/outbox?run_id={run_id}").json()["data"]
+        recs = [r for r in c.get("/v1/records/sizes").json()["data"] if r["run_id"] == run_id]
+    assert [(m["to"], m["subject"], m["body"]) for m in mail] == [("ada@example.com", "Hello, Ada!", "n is 2")]
+    assert [r["data"] for r in recs] == [{"who": "Ada", "size": "small"}]
+
+
+def test_condition_jumps_forward(srv):
+    """Guards branching: `then` skips the steps between the condition and its target."""
+    d = wait_run(srv, "basic", start(srv, "basic", {"who": "Bo", "n": 4}))
+    steps = steps_by_id(d)
+    assert steps["branch"]["output"]["value"] is True
+    assert steps["small"]["status"] == "pending" and steps["big"]["status"] == "completed"
+
+
+def test_inputs_are_checked_against_the_schema(srv):
+    """Guards input validation: a wrong type is a 422 naming the field, and no run is created."""
+    with srv.admin() as c:
+        before = len(c.get("/v1/workflows/basic/runs").json()["data"])
+        r = c.post("/v1/workflows/basic/runs", json={"inputs": {"who": 3}})
+        assert r.status_code == 422, r.text
+        assert "who" in r.json()["detail"]
+        assert len(c.get("/v1/workflows/basic/runs").json()["data"]) == before
+
+
+def test_bad_spec_is_refused_with_its_location(srv):
+    """Guards definition-time checks over HTTP: the problem body carries line and field."""
+    bad = "name: broken\nsteps:\n  - id: a\n    type: transform\n    output: \"{{ steps.nope.output }}\"\n"
+    with srv.admin() as c:
+        r = c.post("/v1/workflows", json={"spec": bad})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["code"] == "workflow_spec_invalid"
+    assert body["errors"][0]["line"] == 5 and "nope" in body["errors"][0]["message"]
+
+
+def test_a_run_keeps_the_version_it_started_with(srv):
+    """Guards versioning: redefining a workflow does not change a run that already started."""
+    spec_v1 = "name: slow\nsteps:\n  - id: pause\n    type: wait\n    seconds: 2\n  - id: out\n    type: transform\n    output: v1\n"
+    v1 = define(srv, spec_v1)
+    run_id = start(srv, "slow")
+    v2 = define(srv, spec_v1.replace("output: v1", "output: v2"))
+    assert v2["version"] == v1["version"] + 1
+    d = wait_run(srv, "slow", run_id)
+    assert d["version"] == v1["version"]
+    assert steps_by_id(d)["out"]["output"]["value"] == "v1"
+    d2 = wait_run(srv, "slow", start(srv, "slow"))
+    assert steps_by_id(d2)["out"]["output"]["value"] == "v2"
+
+
+def test_cancel_stops_a_waiting_run(srv):
+    """Guards cancel: the run ends as cancelled and its later steps never run."""
+    define(srv, "name: sleeper\nsteps:\n  - id: nap\n    type: wait\n    seconds: 30\n"
+                "  - id: after\n    type: record\n    table: never\n    data: {x: 1}\n")
+    run_id = start(srv, "sleeper")
+    with srv.admin() as c:
+        r = c.post(f"/v1/workflows/sleeper/runs/{run_id}/cancel")
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "cancelled"
+        assert c.post(f"/v1/workflows/sleeper/runs/{run_id}/cancel").status_code == 409
+    d = run_detail(srv, "sleeper", run_id)
+    assert d["status"] == "cancelled" and steps_by_id(d)["after"]["status"] == "pending"
+
+
+def test_retry_from_the_failed_step_reuses_earlier_results(srv):
+    """Guards retry-from-step: a new run carries over the steps before the failed one."""
+    define(srv, "name: fragile\ninputs: {type: object, properties: {d: {type: integer}}}\nsteps:\n"
+                "  - id: first\n    type: transform\n    output: \"{{ 10 }}\"\n"
+                "  - id: divide\n    type: transform\n    output: \"{{ steps.first.output.value // inputs.d }}\"\n")
+    run_id = start(srv, "fragile", {"d": 0})
+    d = wait_run(srv, "fragile", run_id)
+    assert d["status"] == "failed" and d["error"]["step"] == "divide", d
+    with srv.admin() as c:
+        r = c.post(f"/v1/workflows/fragile/runs/{run_id}/retry", json={})
+        assert r.status_code == 201, r.text
+        retry_id = r.json()["id"]
+    d2 = wait_run(srv, "fragile", retry_id)
+    assert d2["retry_of"] == run_id
+    assert steps_by_id(d2)["first"]["status"] == "carried_over"
+
+
+def test_sub_workflow_runs_and_returns_its_outputs(srv):
+    """Guards the `workflow` step: the child is its own run, and the parent sees its result."""
+    define(srv, "name: child\ninputs: {type: object, properties: {x: {type: integer}}}\nsteps:\n"
+                "  - id: double\n    type: transform\n    output: \"{{ inputs.x * 2 }}\"\n")
+    define(srv, "name: parent\nsteps:\n  - id: call\n    type: workflow\n    name: child\n    inputs: {x: 21}\n"
+                "  - id: show\n    type: transform\n    output: \"{{ steps.call.output.result.value }}\"\n")
+    run_id = start(srv, "parent")
+    d = wait_run(srv, "parent", run_id)
+    assert d["status"] == "completed", d
+    assert steps_by_id(d)["show"]["output"]["value"] == 42
+    child = run_detail(srv, "child", f"{run_id}.call")
+    assert child["status"] == "completed" and child["parent_run"] == run_id
