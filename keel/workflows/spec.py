@@ -190,7 +190,7 @@ def _trigger(ck: Checker, raw: Any, j: int, inputs_schema: dict[str, Any]) -> Tr
 
 
 def _allow_hosts(ck: Checker, data: dict[str, Any]) -> tuple[str, ...]:
-    hosts = ck.str_list(data, (), "allow_hosts", default=[]) or []
+    hosts = ck.str_list(data, (), "allow_hosts", default=[], allow_empty=True) or []
     out = []
     for j, h in enumerate(hosts):
         if not HOST.match(h.strip().lower()):

@@ -196,10 +196,13 @@ class Checker:
         return seconds
 
     def str_list(self, raw: dict[str, Any], path: Path, key: str, *, required: bool = False,
-                 default: list[str] | None = None, choices: Iterable[str] | None = None) -> list[str] | None:
+                 default: list[str] | None = None, choices: Iterable[str] | None = None,
+                 allow_empty: bool = False) -> list[str] | None:
         value, fp = self._get(raw, path, key, required), path + (key,)
         if value is None:
             return copy.copy(default)
+        if value == [] and allow_empty:
+            return []
         if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
             self.error(fp, f"must be a non-empty list of strings (got {value!r})"[:300])
             return copy.copy(default)

@@ -10,7 +10,12 @@ import yaml
 
 from keel.core.errors import ValidationFailed
 from keel.workflows.errors import SpecError, TemplateError
-from keel.workflows.spec import WorkflowSpec, parse_duration, parse_spec, validate_inputs
+from keel.workflows.spec import (
+    WorkflowSpec,
+    parse_duration,
+    parse_spec,
+    validate_inputs,
+)
 from keel.workflows.templates import render, template_refs, truthy
 
 FULL = """\
