@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,9 @@ class Engine:
                              starttls=settings.smtp_starttls, sender=settings.smtp_sender)
         self._specs: dict[str, WorkflowSpec] = {}
         self.launched = False
+        # Model steps of many runs queue here, not inside the deployment, so waiting for a turn on a
+        # single local model never counts against its timeout or trips its circuit breaker.
+        self.model_slots = asyncio.Semaphore(settings.workflow_model_concurrency)
 
     @classmethod
     def current(cls) -> "Engine":
@@ -99,6 +103,8 @@ class Engine:
     async def close(self) -> None:
         if self.launched:
             await asyncio.to_thread(DBOS.destroy)
+            # DBOS made its (now shut down) pool the loop's default executor; later drains need a live one
+            asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(thread_name_prefix="keel-drain"))
             self.launched = False
         await self.egress.close()
         Engine._current = None

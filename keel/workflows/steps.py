@@ -9,6 +9,7 @@ Approval, wait and sub-workflow steps need several durable operations and live i
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -78,7 +79,9 @@ async def run_llm(env: StepEnv) -> dict[str, Any]:
                 chat=ChatRequest(model=c["model"], messages=messages, max_tokens=c["max_tokens"],
                                  temperature=c["temperature"], response_format=fmt),
                 metadata={"use_case": f"workflow:{env.workflow}", "task_id": env.run_id})
-    result = await env.engine.gateway.chat(call)
+    async with env.engine.model_slots:
+        call.started = time.perf_counter()
+        result = await env.engine.gateway.chat(call)
     # The ledger row must be durable before this step's checkpoint: a crash in between re-runs the
     # step under the same request id, which the ledger's primary key then refuses to count twice.
     await env.engine.flush_ledger()
@@ -117,7 +120,8 @@ async def run_answer(env: StepEnv) -> dict[str, Any]:
     c = env.step.config
     req = AnswerRequest(question=_text(env.render(c["question"])), collections=list(c["collections"]),
                         model=c["model"], max_tokens=c["max_tokens"])
-    out = await answer(env.engine.knowledge, env.principal, req, f"{env.run_id}/{env.step.id}")
+    async with env.engine.model_slots:
+        out = await answer(env.engine.knowledge, env.principal, req, f"{env.run_id}/{env.step.id}")
     await env.engine.flush_ledger()
     return {"text": out["answer"], "found": out["found"], "citations": out["citations"], "usage": out["usage"]}
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
-from conftest import KeelServer
+from conftest import ROOT, KeelServer, free_port
 
 FINAL = ("completed", "failed", "cancelled")
 
@@ -59,3 +64,22 @@ def pending_approval(srv: KeelServer, run_id: str, key: str | None = None) -> di
     found = [a for a in rows if a["run_id"] == run_id]
     assert found, f"no pending approval for {run_id}: {rows}"
     return found[0]
+
+
+@contextlib.contextmanager
+def receiver() -> Iterator[str]:
+    """`tests.fakes.receiver` as a subprocess; yields its root URL once it listens."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.receiver", "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -7,12 +7,8 @@ loop's `getaddrinfo` — the resolver Keel calls — for the names a test invent
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -23,29 +19,11 @@ from aiosmtpd.controller import Controller
 
 from keel.core.errors import BadRequest
 from keel.workflows.effects import EffectFailed, Egress, EgressDenied, Mailer, message_id
-from tests.conftest import ROOT, free_port
+from tests.conftest import free_port
 from tests.fakes.receiver import company
+from tests.workflows.conftest import receiver
 
 SECRET = "Bearer sk-secret-do-not-leak"
-
-
-@contextlib.contextmanager
-def receiver() -> Iterator[str]:
-    """`tests.fakes.receiver` as a subprocess; yields its root URL once it listens."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.receiver", "--port", str(port)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")
