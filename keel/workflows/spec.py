@@ -176,8 +176,10 @@ def _trigger(ck: Checker, raw: Any, j: int, inputs_schema: dict[str, Any]) -> Tr
     if typ == "schedule":
         ck.unknown_keys(raw, path, ("type", "cron", "inputs"), "a schedule trigger")
         cron = ck.text(raw, path, "cron", required=True, template=False)
-        if cron is not None and (len(cron.split()) != 5 or not croniter.is_valid(cron)):
-            ck.error(path + ("cron",), f"{cron!r} is not a 5-field cron expression (e.g. '0 9 * * 1-5')")
+        # five fields, or six with seconds last (croniter's convention) for sub-minute schedules
+        if cron is not None and (len(cron.split()) not in (5, 6) or not croniter.is_valid(cron)):
+            ck.error(path + ("cron",), f"{cron!r} is not a cron expression (e.g. '0 9 * * 1-5'; a sixth "
+                                       "field is seconds)")
         inputs = ck.mapping(raw, path, "inputs", default={}) or {}
         for e in Draft202012Validator(inputs_schema).iter_errors(inputs):
             ck.error(path + ("inputs",) + tuple(e.absolute_path), f"inputs do not match the inputs schema: {e.message}")

@@ -288,7 +288,7 @@ def test_unknown_root_and_unknown_input() -> None:
 
 
 def test_bad_cron() -> None:
-    """Schedule triggers need a valid 5-field cron expression."""
+    """Schedule triggers need a valid cron expression (five fields, or six with seconds)."""
     err = one_error("name: t\ntriggers:\n  - {type: schedule, cron: '61 * * * *'}\n"
                     "steps: [{id: a, type: transform, output: 1}]\n")
     assert (err["line"], err["field"]) == (3, "triggers[0].cron") and "cron" in err["message"]
