@@ -1,9 +1,11 @@
 """Demo data for `keel up`, loaded on first start through the HTTP API like any client: a `demo`
-team and a small `handbook` collection (examples/handbook) to search and ask questions over."""
+team, a small `handbook` collection (examples/handbook) to search and ask questions over, and the
+`lead_intake` workflow (examples/lead_intake) with the `companies` collection it enriches leads from."""
 
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 
 from keel.core.client import Client, RemoteError
@@ -11,7 +13,9 @@ from keel.core.errors import KeelError
 from keel.knowledge.client_upload import multipart
 
 log = logging.getLogger("keel.demo")
-HANDBOOK = Path(__file__).resolve().parent.parent / "examples" / "handbook"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+HANDBOOK = EXAMPLES / "handbook"
+LEAD_INTAKE = EXAMPLES / "lead_intake"
 
 
 def _ignore_conflict(fn, *args):  # noqa: ANN001, ANN202
@@ -23,19 +27,31 @@ def _ignore_conflict(fn, *args):  # noqa: ANN001, ANN202
         return None
 
 
+def _collection(client: Client, name: str, description: str, folder: Path) -> None:
+    """Create a collection and ingest `folder/*.md` into it (once: an existing collection is left alone)."""
+    coll = _ignore_conflict(client.post, "/v1/collections",
+                            {"name": name, "classification": "internal", "description": description})
+    if coll is None or not folder.is_dir():
+        return
+    files = [(p.name, p.read_bytes()) for p in sorted(folder.glob("*.md"))]
+    body, ctype = multipart(files, {})
+    job = client.request("POST", f"/v1/collections/{coll['id']}/documents", raw=body, content_type=ctype)
+    log.info("demo data loading", extra={"collection": coll["id"], "job": (job or {}).get("id")})
+
+
 def load(url: str, admin_key: str) -> None:
-    """Create the demo team and the handbook collection, and ingest the handbook."""
+    """Create the demo team, the handbook and companies collections, and the lead-intake workflow."""
     client = Client(url=url, key=admin_key)
     try:
         _ignore_conflict(client.post, "/admin/teams", {"name": "demo"})
-        coll = _ignore_conflict(client.post, "/v1/collections",
-                                {"name": "handbook", "classification": "internal",
-                                 "description": "Company handbook (demo data)"})
-        if coll is None or not HANDBOOK.is_dir():
-            return
-        files = [(p.name, p.read_bytes()) for p in sorted(HANDBOOK.glob("*.md"))]
-        body, ctype = multipart(files, {})
-        job = client.request("POST", f"/v1/collections/{coll['id']}/documents", raw=body, content_type=ctype)
-        log.info("demo data loading", extra={"collection": coll["id"], "job": (job or {}).get("id")})
+        _collection(client, "handbook", "Company handbook (demo data)", HANDBOOK)
+        _collection(client, "companies", "What sales knows about companies (demo data)", LEAD_INTAKE / "companies")
+        spec = LEAD_INTAKE / "workflow.yaml"
+        if spec.is_file():
+            if not any(s["name"] == "lead-intake-webhook" for s in client.get("/admin/secrets")["data"]):
+                # the web form's signing secret; replace it with PUT /admin/secrets/lead-intake-webhook
+                client.request("PUT", "/admin/secrets/lead-intake-webhook", {"value": secrets.token_urlsafe(32)})
+            wf = client.post("/v1/workflows", {"spec": spec.read_text(encoding="utf-8")})
+            log.info("demo workflow loaded", extra={"workflow": wf["name"], "version": wf["version"]})
     except KeelError as exc:  # demo data is a convenience: report it, never stop the server for it
         log.warning("demo data not loaded", extra={"error": exc.detail})

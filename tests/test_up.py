@@ -37,6 +37,40 @@ def _stop(proc):
     return proc.returncode, out
 
 
+def _lead_intake_end_to_end(url, headers):
+    """The demo workflow with the bundled model: enrich → summarise → CRM → notify sales → draft →
+    a reviewer edits and approves → the edited email is what is sent."""
+    lead = {"company": "Acme Logistics", "contact": "Ana", "email": "ana@acme-logistics.example",
+            "message": "We want to automate customs paperwork."}
+    r = httpx.post(url + "/v1/workflows/lead_intake/runs", json={"inputs": lead}, headers=headers)
+    assert r.status_code == 201, r.text
+    run_id = r.json()["id"]
+    run = {}
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and run.get("status") not in ("waiting_approval", "failed"):
+        run = httpx.get(url + f"/v1/workflows/lead_intake/runs/{run_id}", headers=headers).json()
+        time.sleep(0.5)
+    assert run["status"] == "waiting_approval", run
+    steps = {s["id"]: s for s in run["steps"]}
+    assert "Acme Logistics" in steps["enrich"]["output"]["hits"][0]["text"]
+    assert steps["summary"]["output"]["text"].strip() and steps["draft"]["output"]["text"].strip()
+    assert run["usage"]["calls"] >= 2 and run["usage"]["completion_tokens"] > 0
+    approval = f"apr_{run_id}.review"
+    r = httpx.post(url + f"/v1/approvals/{approval}/approve", headers=headers,
+                   json={"edits": {"draft": "Hi Ana, thanks for reaching out. Talk soon!"}, "reason": "tone"})
+    assert r.status_code == 200, r.text
+    while time.monotonic() < deadline and run["status"] != "completed":
+        run = httpx.get(url + f"/v1/workflows/lead_intake/runs/{run_id}", headers=headers).json()
+        time.sleep(0.3)
+    assert run["status"] == "completed", run
+    crm = httpx.get(url + "/v1/records/crm_leads", headers=headers).json()["data"]
+    assert [c["data"]["company"] for c in crm if c["run_id"] == run_id] == ["Acme Logistics"]
+    mail = httpx.get(url + f"/v1/outbox?run_id={run_id}", headers=headers).json()["data"]
+    assert sorted(m["to"] for m in mail) == ["ana@acme-logistics.example", "sales@example.com"]
+    sent = [m for m in mail if m["to"] == "ana@acme-logistics.example"][0]
+    assert sent["body"] == "Hi Ana, thanks for reaching out. Talk soon!"
+
+
 def test_up_prints_url_and_key_once_then_serves_models_and_demo_data(tmp_path):
     port = free_port()
     proc = _up(tmp_path, port)
@@ -51,12 +85,13 @@ def test_up_prints_url_and_key_once_then_serves_models_and_demo_data(tmp_path):
     headers = {"Authorization": f"Bearer {key}"}
     deadline = time.monotonic() + 90
     docs = []
-    while time.monotonic() < deadline and len(docs) < 3:  # demo data: the handbook, ingested in the background
+    while time.monotonic() < deadline and len(docs) < 6:  # demo data: two collections, ingested in the background
         colls = httpx.get(url + "/v1/collections", headers=headers).json()["data"]
-        if colls:
-            docs = httpx.get(url + f"/v1/collections/{colls[0]['id']}/documents", headers=headers).json()["data"]
+        docs = [d for c in colls
+                for d in httpx.get(url + f"/v1/collections/{c['id']}/documents", headers=headers).json()["data"]]
         time.sleep(0.5)
-    assert [c["name"] for c in colls] == ["handbook"] and len(docs) == 3
+    assert sorted(c["name"] for c in colls) == ["companies", "handbook"] and len(docs) == 6
+    _lead_intake_end_to_end(url, headers)
     rc, _ = _stop(proc)
     assert rc == 0
     port2 = free_port()
