@@ -306,7 +306,7 @@ def spec_ids(spec: WorkflowSpec) -> list[str]:
 async def create_child_run(engine: Engine, env: Any, child_id: str, inputs: Any) -> dict[str, Any]:
     """The row of a sub-workflow run (one DBOS step of the parent, so created once)."""
     svc = Workflows(engine)
-    ver = await asyncio.to_thread(svc.latest, env.step.config["name"])
+    ver = await asyncio.to_thread(svc.latest, env.step.config["name"], env.principal)  # only what the run may see
     spec = engine.spec(ver.id)
     validate_inputs(spec, inputs)
     now = utcnow()

@@ -19,7 +19,7 @@ from typing import Any
 
 from croniter import croniter
 
-from keel.core.errors import KeelError, Unauthorized
+from keel.core.errors import KeelError, NotFound, Unauthorized
 from keel.workflows.runtime import principal_from
 from keel.workflows.service import Workflows
 
@@ -52,10 +52,13 @@ def verify(secret: str, body: bytes, header: str | None, tolerance_s: float) -> 
 async def webhook(svc: Workflows, name: str, body: bytes, inputs: Any, signature: str | None,
                   delivery: str | None, tolerance_s: float) -> dict[str, Any]:
     """Check the signature against the workflow's webhook triggers and start a run."""
-    ver = await asyncio.to_thread(svc.latest, name)
+    not_found = Unauthorized("webhook signature missing or invalid", fix="check the workflow name and secret")
+    try:
+        ver = await asyncio.to_thread(svc.latest, name)
+    except NotFound:
+        raise not_found from None
     spec = svc.engine.spec(ver.id)
     secrets = [t.config["secret"] for t in spec.triggers if t.type == "webhook"]
-    not_found = Unauthorized("webhook signature missing or invalid", fix="check the workflow name and secret")
     if not secrets:
         raise not_found  # same answer as a bad signature: the endpoint does not reveal which workflows exist
     for secret_name in secrets:

@@ -157,3 +157,54 @@ def test_sub_workflow_runs_and_returns_its_outputs(srv):
     assert steps_by_id(d)["show"]["output"]["value"] == 42
     child = run_detail(srv, "child", f"{run_id}.call")
     assert child["status"] == "completed" and child["parent_run"] == run_id
+
+
+def test_http_step_retries_with_one_idempotency_key_and_reads_secrets(srv):
+    """Guards the http step: a 500 is retried with backoff under the same Idempotency-Key (the target
+    applies it once), vault secrets reach headers but never the run's outputs."""
+    from tests.workflows.conftest import receiver
+
+    with srv.admin() as c:
+        assert c.put("/admin/secrets/crm-token", json={"value": "sk-crm-very-secret"}).status_code == 200
+    with receiver() as rcv:
+        host = rcv.split("://", 1)[1]
+        define(srv, f"""
+name: crm_push
+allow_hosts: ["{host}"]
+inputs: {{type: object, properties: {{name: {{type: string}}}}}}
+steps:
+  - id: push
+    type: http
+    method: POST
+    url: "{rcv}/crm?fail=500&fail_times=1"
+    headers: {{Authorization: "Bearer {{{{ secrets['crm-token'] }}}}"}}
+    body: {{name: "{{{{ inputs.name }}}}"}}
+    retries: {{max_attempts: 3, backoff_s: 0.2}}
+""")
+        run_id = start(srv, "crm_push", {"name": "Acme"})
+        d = wait_run(srv, "crm_push", run_id)
+        import httpx
+
+        stats = httpx.get(rcv + "/_stats").json()
+    assert d["status"] == "completed", d
+    assert steps_by_id(d)["push"]["output"]["status"] == 200
+    assert stats["by_key"] == {f"{run_id}.push": 2} and stats["applied"] == 1
+    assert stats["requests"][-1]["body"] == {"name": "Acme"}
+    assert "sk-crm-very-secret" not in str(d)
+
+
+def test_http_step_refuses_hosts_outside_the_allow_list_at_run_time(srv):
+    """Guards SSRF at run time: a templated URL that renders to a host not allowed (or to the cloud
+    metadata address) fails the run with workflow_egress_denied and sends nothing."""
+    define(srv, """
+name: fetcher
+inputs: {type: object, properties: {url: {type: string}}}
+allow_hosts: [api.example.com]
+steps:
+  - id: get
+    type: http
+    url: "{{ inputs.url }}"
+""")
+    for url in ("http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:1/", "http://evil.example.net/"):
+        d = wait_run(srv, "fetcher", start(srv, "fetcher", {"url": url}))
+        assert d["status"] == "failed" and d["error"]["code"] == "workflow_egress_denied", d

@@ -85,7 +85,7 @@ def test_bad_missing_or_stale_signatures_are_refused(srv):
     assert post_hook(srv, {"company": "Tampered"}, sign(SECRET, raw)).status_code == 401
     r = httpx.post(f"{srv.url}/v1/workflows/no_such_flow/webhook", content=raw,
                    headers={"x-keel-signature": sign(SECRET, raw)})
-    assert r.status_code in (401, 404) and "Traceback" not in r.text
+    assert r.status_code == 401  # the same answer as a bad signature: no probing for workflow names
     with srv.admin() as c:
         assert len(c.get("/v1/workflows/hooked/runs").json()["data"]) == before
 
