@@ -108,6 +108,9 @@ class Settings(BaseModel):
     smtp_password: SecretStr | None = None
     smtp_starttls: bool = False
     smtp_sender: str = "keel@localhost"
+    workflow_executor_id: str = Field(default="local", min_length=1, max_length=100,
+                                      description="this process's stable identity for durable runs: each "
+                                                  "replica on one PostgreSQL needs its own, kept across restarts")
     workflow_model_concurrency: int = Field(default=2, ge=1, description="model calls workflow runs make at once")
     workflow_schedule_interval_s: float = Field(default=15.0, gt=0, description="how often cron triggers are checked")
     workflow_webhook_tolerance_s: float = Field(default=300.0, gt=0, description="max age of a signed webhook")

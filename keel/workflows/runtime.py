@@ -95,6 +95,7 @@ class Engine:
         Engine._current = self
         DBOS(config={"name": "keel", "system_database_url": system_database_url(self.store.url),
                       "application_version": APP_VERSION, "log_level": "WARNING",
+                      "executor_id": self.settings.workflow_executor_id,  # a restart recovers its own runs
                       "notification_listener_polling_interval_sec": 0.2,
                       "scheduler_polling_interval_sec": 3600.0})
         DBOS.launch()
