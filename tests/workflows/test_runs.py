@@ -208,3 +208,18 @@ steps:
     for url in ("http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:1/", "http://evil.example.net/"):
         d = wait_run(srv, "fetcher", start(srv, "fetcher", {"url": url}))
         assert d["status"] == "failed" and d["error"]["code"] == "workflow_egress_denied", d
+
+
+def test_wait_until_a_time_is_durable_and_on_time(srv):
+    """Guards `wait: until`: the run sleeps until the rendered ISO time, then continues."""
+    define(srv, "name: alarm\ninputs: {type: object, properties: {at: {type: string}}}\nsteps:\n"
+                "  - id: sleep\n    type: wait\n    until: \"{{ inputs.at }}\"\n"
+                "  - id: ring\n    type: transform\n    output: ring\n")
+    from datetime import UTC, datetime, timedelta
+
+    at = datetime.now(UTC) + timedelta(seconds=2)
+    d = wait_run(srv, "alarm", start(srv, "alarm", {"at": at.isoformat()}))
+    assert d["status"] == "completed"
+    ring = steps_by_id(d)["ring"]
+    assert ring["finished_at_ms"] / 1000 >= at.timestamp() - 0.05
+    assert 1.0 <= steps_by_id(d)["sleep"]["output"]["waited_s"] <= 3.0
