@@ -36,8 +36,15 @@ def free_port() -> int:
 def fake_upstream(*args: str) -> Iterator[str]:
     """The loopback fake OpenAI upstream (`tests/fakes`) as a subprocess with extra CLI `args`;
     yields its root URL once it listens (the API is under `/v1`, controls under `/_stats`…)."""
+    with loopback_process("tests.fakes.openai_upstream", *args) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def loopback_process(module: str, *args: str) -> Iterator[str]:
+    """`python -m module --port N args…` (a fake at the network edge); yields its URL once it listens."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.openai_upstream", "--port", str(port), *args],
+    proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20

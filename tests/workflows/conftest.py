@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
-from conftest import ROOT, KeelServer, free_port
+from conftest import KeelServer, loopback_process
 
 FINAL = ("completed", "failed", "cancelled")
 
@@ -68,18 +65,6 @@ def pending_approval(srv: KeelServer, run_id: str, key: str | None = None) -> di
 
 @contextlib.contextmanager
 def receiver() -> Iterator[str]:
-    """`tests.fakes.receiver` as a subprocess; yields its root URL once it listens."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.receiver", "--port", str(port)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    """`tests.fakes.receiver` (dedupes side effects by idempotency key) as a subprocess; yields its root URL."""
+    with loopback_process("tests.fakes.receiver") as url:
+        yield url
