@@ -52,6 +52,7 @@ class Deployments:
         self._static = {c.deployment_id(): c for c in static}
         self._dynamic: dict[str, DeploymentConfig] = {}
         self._providers: dict[str, tuple[DeploymentConfig, Provider]] = {}
+        self._by_alias: dict[str, list[DeploymentConfig]] = {}
         self._loaded_at = 0.0
         for cfg in static:
             registry.get(cfg.provider)  # unknown provider names fail at start
@@ -62,6 +63,7 @@ class Deployments:
         with self.store.engine.connect() as conn:
             rows = conn.execute(sa.select(deployments_table.c.id, deployments_table.c.config)).all()
         self._dynamic = {r.id: DeploymentConfig(**r.config) for r in rows}
+        self._by_alias = {}
         self._loaded_at = time.monotonic()
 
     def maybe_reload(self) -> None:
@@ -72,7 +74,13 @@ class Deployments:
         return {**self._static, **self._dynamic}
 
     def for_alias(self, alias: str) -> list[DeploymentConfig]:
-        return [c for c in self.all().values() if c.alias == alias]
+        """The alias's deployments (a list shared until the next reload: do not change it)."""
+        found = self._by_alias.get(alias)
+        if found is None:
+            found = [c for c in self.all().values() if c.alias == alias]
+            if len(self._by_alias) < 10_000:
+                self._by_alias[alias] = found
+        return found
 
     def aliases(self) -> dict[str, str]:
         """alias → kind."""
@@ -86,7 +94,7 @@ class Deployments:
         """The shared provider instance for `cfg`; a changed config gets a fresh instance."""
         did = cfg.deployment_id()
         held = self._providers.get(did)
-        if held is not None and held[0] == cfg:
+        if held is not None and (held[0] is cfg or held[0] == cfg):
             return held[1]
         prov = registry.get(cfg.provider)(cfg, self.ctx)
         self._providers[did] = (cfg, prov)

@@ -205,15 +205,19 @@ Done = Callable[[Usage | None], None]
 
 
 class Observed:
-    """A stream passed through unchanged that calls `done(usage)` exactly once, when it ends, fails or
-    is closed (a client that went away); usage the stream never reported is estimated from its text."""
+    """A stream passed through unchanged that calls each `done(usage)` exactly once, when it ends, fails
+    or is closed (a client that went away); usage the stream never reported is estimated from its text.
+    Stages that observe the same stream share one Observed (`watch`), not one layer each per delta."""
 
     def __init__(self, call: Call, inner: Any, done: Done) -> None:
         self._call = call
         self._inner = inner
-        self._done: Done | None = done
+        self._done: list[Done] = [done]
         self._usage: Usage | None = None
         self._texts: list[str] = []
+
+    def watch(self, done: Done) -> None:
+        self._done.append(done)
 
     def __aiter__(self) -> Observed:
         return self
@@ -237,9 +241,11 @@ class Observed:
             await aclose()
 
     def _finish(self) -> None:
-        done, self._done = self._done, None
-        if done is not None:
-            done(self._usage if self._usage is not None else _estimate_usage(self._call, self._texts))
+        dones, self._done = self._done, []
+        if dones:
+            usage = self._usage if self._usage is not None else _estimate_usage(self._call, self._texts)
+            for done in dones:
+                done(usage)
 
     def __del__(self) -> None:
         # Safety net: a stream dropped without being closed must still release what it holds.
@@ -258,6 +264,8 @@ async def after_call(call: Call, result: Awaitable[Any], done: Done) -> Any:
         done(out.usage)
     elif isinstance(out, EmbedResult):
         done(Usage(prompt_tokens=out.prompt_tokens))
+    elif type(out) is Observed and out._call is call:
+        out.watch(done)
     elif hasattr(out, "__anext__"):
         return Observed(call, out, done)
     else:
@@ -406,10 +414,17 @@ class RateLimiter:
                     ) -> Callable[[Call, DeploymentConfig], Awaitable[Any]]:
         """Guard `Gateway.invoke` with the deployment's own `rpm`/`tpm` (upstream protection)."""
 
+        own: dict[int, tuple[DeploymentConfig, Limit]] = {}
+
         async def guarded(call: Call, cfg: DeploymentConfig) -> Any:
             if cfg.rpm is None and cfg.tpm is None:
                 return await invoke(call, cfg)
-            lim = Limit("deployment", cfg.deployment_id(), cfg.rpm, cfg.tpm)
+            held = own.get(id(cfg))
+            if held is None or held[0] is not cfg or (held[1].rpm, held[1].tpm) != (cfg.rpm, cfg.tpm):
+                if len(own) > 1000:
+                    own.clear()
+                held = own[id(cfg)] = (cfg, Limit("deployment", cfg.deployment_id(), cfg.rpm, cfg.tpm))
+            lim = held[1]
             taken = await self._admit(call, [lim], lambda: prompt_tokens(call, self.lookups.provider(cfg)))
             return await self._run(call, invoke(call, cfg), taken)
 

@@ -213,7 +213,10 @@ class Gateway:
         return Usage(prompt_tokens=prompt, completion_tokens=out)
 
     # -- metering -------------------------------------------------------------------------
-    def _span(self, call: Call) -> trace.Span:
+    def _span(self, call: Call) -> trace.Span | None:
+        """The call's span; None when tracing is off (`make_tracer` gives a NoOpTracer), so no span is made."""
+        if type(self.tracer) is trace.NoOpTracer:
+            return None
         span = self.tracer.start_span(f"{'chat' if call.kind == 'chat' else 'embeddings'} {call.alias}")
         if not span.is_recording():
             return span
@@ -227,7 +230,7 @@ class Gateway:
                     span.set_attribute(attr, value)
         return span
 
-    def _finish(self, call: Call, span: trace.Span, error: BaseException | None = None) -> None:
+    def _finish(self, call: Call, span: trace.Span | None, error: BaseException | None = None) -> None:
         latency = (time.perf_counter() - call.started) * 1000
         if error is None:
             status, http_status, code = "ok", 200, None
@@ -251,6 +254,8 @@ class Gateway:
             "use_case": str(meta.get("use_case"))[:200] if meta and meta.get("use_case") else None,
             "task_id": str(meta.get("task_id"))[:200] if meta and meta.get("task_id") else None, "meta": meta,
         })
+        if span is None:
+            return
         if not span.is_recording():
             span.end()
             return

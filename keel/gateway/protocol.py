@@ -56,13 +56,15 @@ class ChatResult:
 @dataclass
 class ChatDelta:
     """One streamed piece. `tool_calls` uses OpenAI's delta format (with `index`); the last delta
-    carries `finish_reason`, and `usage` arrives on the last delta or on one of its own."""
+    carries `finish_reason`, and `usage` arrives on the last delta or on one of its own. `more` is a
+    hint: the next delta arrived with this one, so a writer may send both at once."""
 
     content: str | None = None
     role: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
+    more: bool = False
 
 
 @dataclass

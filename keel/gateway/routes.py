@@ -11,11 +11,10 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from keel.core.errors import BadRequest, KeelError, MalformedJSON, NotFound, NotSupported
-from keel.core.http import HotEndpoint, hot_json_endpoint, json_response
+from keel.core.http import HotEndpoint, StreamedResponse, hot_json_endpoint, json_response
 from keel.core.logs import request_id_var
 from keel.gateway import control_routes
 from keel.gateway.cache import router as cache_router
@@ -43,16 +42,74 @@ def _headers(call: Call) -> dict[str, str]:
     return h
 
 
-def chat_request(body: ChatCompletionBody) -> ChatRequest:
-    raw = body.model_dump(exclude_unset=True, exclude_none=True, exclude=_NOT_FORWARDED)
-    max_tokens = body.max_tokens or body.max_completion_tokens
-    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+_DICTS = ("response_format", "stream_options", "metadata", "keel")
+
+
+def fast_chat_body(raw: bytes) -> dict[str, Any] | None:
+    """A request body of the common shape, with every field already of its declared type, as the dict
+    `chat_body` would make of it; None for anything else, which `ChatCompletionBody` then validates
+    (with its lax coercions and its error messages)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(data) is not dict:
+        return None
+    model, messages = data.get("model"), data.get("messages")
+    if type(model) is not str or not model or type(messages) is not list or not messages:
+        return None
+    for i, m in enumerate(messages):
+        if type(m) is not dict or type(role := m.get("role")) is not str or role not in _ROLES:
+            return None
+        c = m.get("content")
+        if c is not None and type(c) is not str and not (type(c) is list and all(type(x) is dict for x in c)):
+            return None
+        if None in m.values():
+            messages[i] = {k: v for k, v in m.items() if v is not None}
+    for key in ("max_tokens", "max_completion_tokens"):
+        if (v := data.get(key)) is not None and (type(v) is not int or v < 1):
+            return None
+    for key, high in (("temperature", 2), ("top_p", 1)):
+        if (v := data.get(key)) is not None:
+            if type(v) is int:
+                v = data[key] = float(v)
+            if type(v) is not float or not 0 <= v <= high:
+                return None
+    stop, seed, tools = data.get("stop"), data.get("seed"), data.get("tools")
+    if stop is not None and type(stop) is not str and not (
+            type(stop) is list and all(type(x) is str for x in stop)):
+        return None
+    if (seed is not None and type(seed) is not int) or (tools is not None and not (
+            type(tools) is list and all(type(x) is dict for x in tools))):
+        return None
+    if "stream" in data and type(data["stream"]) is not bool:
+        return None
+    if any((v := data.get(key)) is not None and type(v) is not dict for key in _DICTS):
+        return None
+    if None in data.values():
+        data = {k: v for k, v in data.items() if v is not None}
+    return data
+
+
+def chat_body(body: ChatCompletionBody | dict[str, Any]) -> dict[str, Any]:
+    """The validated request as JSON: the fields the client set, None values left out (top level and
+    messages), as `fast_chat_body` gives it."""
+    if isinstance(body, dict):
+        return body
+    return body.model_dump(exclude_unset=True, exclude_none=True)
+
+
+def chat_request(data: dict[str, Any]) -> ChatRequest:
+    raw = {k: v for k, v in data.items() if k not in _NOT_FORWARDED}
+    stop, keel = data.get("stop"), data.get("keel")
     return ChatRequest(
-        model=body.model, messages=raw["messages"], max_tokens=max_tokens, temperature=body.temperature,
-        top_p=body.top_p, stop=stop, seed=body.seed, tools=body.tools, tool_choice=body.tool_choice,
-        response_format=body.response_format, stream=body.stream,
-        include_usage=bool((body.stream_options or {}).get("include_usage")),
-        body={**raw, **({"keel": body.keel} if body.keel else {})})
+        model=data["model"], messages=raw["messages"],
+        max_tokens=data.get("max_tokens") or data.get("max_completion_tokens"), temperature=data.get("temperature"),
+        top_p=data.get("top_p"), stop=[stop] if isinstance(stop, str) else stop, seed=data.get("seed"),
+        tools=data.get("tools"), tool_choice=data.get("tool_choice"), response_format=data.get("response_format"),
+        stream=bool(data.get("stream")), include_usage=bool((data.get("stream_options") or {}).get("include_usage")),
+        body={**raw, "keel": keel} if keel else raw)
 
 
 def completion_json(call: Call, result: ChatResult) -> dict[str, Any]:
@@ -91,32 +148,49 @@ def _usage_chunk(call: Call, created: int) -> bytes:
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
+def _shown(delta: ChatDelta) -> bool:
+    return delta.content is not None or bool(delta.role or delta.tool_calls or delta.finish_reason)
+
+
 async def _sse(call: Call, stream: AsyncIterator[ChatDelta], first: ChatDelta | None) -> AsyncIterator[bytes]:
-    """OpenAI SSE framing; an error after the first byte becomes an `error` event, then the stream ends."""
+    """OpenAI SSE framing; an error after the first byte becomes an `error` event, then the stream ends.
+    Deltas marked `more` (the next one is already here) go out in one write with the ones after them."""
     created = int(time.time())
+    out: list[bytes] = []
     try:
-        if first is not None and (first.content is not None or first.role or first.tool_calls
-                                  or first.finish_reason):
-            yield _chunk(call, created, first)
+        if first is not None:
+            if _shown(first):
+                out.append(_chunk(call, created, first))
+            if not first.more and out:
+                yield b"".join(out)
+                out.clear()
         async for delta in stream:
-            if delta.content is not None or delta.role or delta.tool_calls or delta.finish_reason:
-                yield _chunk(call, created, delta)
+            if _shown(delta):
+                out.append(_chunk(call, created, delta))
+            if not delta.more and out:
+                yield b"".join(out)
+                out.clear()
         if call.chat is not None and call.chat.include_usage:
-            yield _usage_chunk(call, created)
-        yield b"data: [DONE]\n\n"
+            out.append(_usage_chunk(call, created))
+        out.append(b"data: [DONE]\n\n")
     except KeelError as exc:
-        yield b"data: " + orjson.dumps(exc.to_problem(call.request_id)) + b"\n\n"
+        out.append(b"data: " + orjson.dumps(exc.to_problem(call.request_id)) + b"\n\n")
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
+    yield b"".join(out)
 
 
 @router.post("/v1/chat/completions", tags=["gateway"])
 async def chat_completions(body: ChatCompletionBody, request: Request,
                            p: Principal = Depends(principal)) -> Response:
     """OpenAI-compatible chat completions, streaming (SSE) or not, through the governed path."""
+    return await _chat(chat_body(body), request, p)
+
+
+async def _chat(data: dict[str, Any], request: Request, p: Principal) -> Response:
     gw = _gateway(request)
-    call = Call(request_id=request_id_var.get() or "", principal=p, kind="chat", alias=body.model,
-                chat=chat_request(body), metadata=dict(body.metadata or {}))
+    call = Call(request_id=request_id_var.get() or "", principal=p, kind="chat", alias=data["model"],
+                chat=chat_request(data), metadata=dict(data.get("metadata") or {}))
     if not call.stream:
         result = await gw.chat(call)
         return Response(orjson.dumps(completion_json(call, result)), media_type="application/json",
@@ -126,8 +200,8 @@ async def chat_completions(body: ChatCompletionBody, request: Request,
         first: ChatDelta | None = await stream.__anext__()  # errors before the first byte get a real status
     except StopAsyncIteration:
         first = None
-    return StreamingResponse(_sse(call, stream, first), media_type="text/event-stream",
-                             headers={**_headers(call), "cache-control": "no-cache"})
+    return StreamedResponse(_sse(call, stream, first), media_type="text/event-stream",
+                            headers={**_headers(call), "cache-control": "no-cache"})
 
 
 def _texts(body: EmbeddingsBody) -> list[str]:
@@ -183,13 +257,13 @@ async def get_model(alias: str, request: Request, p: Principal = Depends(princip
 def hot_routes() -> dict[tuple[str, str], HotEndpoint]:
     """The two busiest endpoints, served ahead of the framework router (see `RequestContext`)."""
 
-    async def chat(body: ChatCompletionBody, request: Request) -> Response:
-        return await chat_completions(body, request, await principal(request))
+    async def chat(body: ChatCompletionBody | dict[str, Any], request: Request) -> Response:
+        return await _chat(chat_body(body), request, await principal(request))
 
     async def embed(body: EmbeddingsBody, request: Request) -> Response:
         return await embeddings(body, request, await principal(request))
 
-    return {("POST", "/v1/chat/completions"): hot_json_endpoint(ChatCompletionBody, chat),
+    return {("POST", "/v1/chat/completions"): hot_json_endpoint(ChatCompletionBody, chat, fast_chat_body),
             ("POST", "/v1/embeddings"): hot_json_endpoint(EmbeddingsBody, embed)}
 
 

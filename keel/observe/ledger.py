@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -29,6 +30,7 @@ class Ledger:
         self._pending: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._compiled: tuple[sa.Dialect, str, Callable[[dict[str, Any]], Any]] | None = None
         self.written = 0
 
     def record(self, row: dict[str, Any]) -> None:
@@ -38,8 +40,29 @@ class Ledger:
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         with self.store.engine.begin() as conn:
-            conn.execute(usage_ledger.insert(), rows)
+            sql, params = self._insert(conn.dialect)
+            conn.exec_driver_sql(sql, [params(row) for row in rows])
         self.written += len(rows)
+
+    def _insert(self, dialect: sa.Dialect) -> tuple[str, Callable[[dict[str, Any]], Any]]:
+        """The INSERT compiled once for the store's dialect, and a function that turns a row into its
+        driver parameters with the columns' own conversions: what `conn.execute(insert, rows)` does per
+        row, without its per-row statement bookkeeping (a third of a flush's time at 1k rows/s)."""
+        if self._compiled is None or self._compiled[0] is not dialect:
+            compiled = usage_ledger.insert().compile(dialect=dialect)
+            convert = {c.name: f for c in usage_ledger.c
+                       if (f := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None}
+            names = list(compiled.positiontup or ()) if dialect.positional else [c.name for c in usage_ledger.c]
+            getters = [(name, convert.get(name)) for name in names]
+
+            def positional(row: dict[str, Any]) -> tuple[Any, ...]:
+                return tuple(row[n] if f is None else f(row[n]) for n, f in getters)
+
+            def named(row: dict[str, Any]) -> dict[str, Any]:
+                return {n: row[n] if f is None else f(row[n]) for n, f in getters}
+
+            self._compiled = (dialect, compiled.string, positional if dialect.positional else named)
+        return self._compiled[1], self._compiled[2]
 
     def flush_sync(self) -> None:
         rows, self._pending = self._pending, []

@@ -1,7 +1,7 @@
 """OpenTelemetry traces with GenAI semantic conventions.
 
-Spans always exist (so the request id and token usage are on them); where they go is a setting:
-`none` (default), `jsonl` (a file in the data dir, handy offline) or `console`.
+Each model call gets a span carrying the request id and token usage; where they go is a setting:
+`none` (default: no spans are made at all), `jsonl` (a file in the data dir, handy offline) or `console`.
 """
 
 from __future__ import annotations
@@ -48,11 +48,13 @@ class JSONLSpanExporter(SpanExporter):
 
 
 def make_tracer(exporter: str, data_dir: Path) -> tuple[trace.Tracer, TracerProvider]:
-    """A tracer for Keel's spans (not installed globally, so tests and replicas stay independent)."""
-    # With nowhere to send spans, sample none: spans still exist (non-recording) at almost no cost.
+    """A tracer for Keel's spans (not installed globally, so tests and replicas stay independent); with
+    nowhere to send spans, a NoOpTracer, which the gateway takes as "make no spans"."""
     sampler = ALWAYS_OFF if exporter == "none" else ALWAYS_ON
     provider = TracerProvider(resource=Resource.create({"service.name": "keel", "service.version": __version__}),
                               sampler=sampler)
+    if exporter == "none":
+        return trace.NoOpTracer(), provider
     if exporter == "jsonl":
         provider.add_span_processor(BatchSpanProcessor(JSONLSpanExporter(data_dir / "traces.jsonl"),
                                                        schedule_delay_millis=200))

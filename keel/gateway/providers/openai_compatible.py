@@ -23,6 +23,8 @@ from keel.gateway.protocol import (
     ChatDelta, ChatRequest, ChatResult, EmbedResult, ProviderContext, Usage, upstream_error,
 )
 
+READ_BUFSIZE = 2**20
+MAX_LINE = 2 * READ_BUFSIZE  # one SSE line, at most
 DRAIN_S = 1.0  # after the last event, how long to wait for the body's end so the connection can be reused
 PARSE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 _TYPED_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "seed", "tools", "tool_choice", "response_format")
@@ -87,6 +89,22 @@ def sse_data(line: bytes) -> bytes | None:
     return line[5:].strip() if line.startswith(b"data:") else None
 
 
+async def sse_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
+    """The `data:` payloads of an SSE body, in batches of those that arrived together (so a consumer can
+    pass a burst on in one write). A line longer than MAX_LINE is a malformed answer."""
+    tail = b""
+    while chunk := await content.readany():
+        lines = (tail + chunk).split(b"\n") if tail else chunk.split(b"\n")
+        tail = lines.pop()
+        if len(tail) > MAX_LINE:
+            raise ValueError(f"an SSE line is longer than {MAX_LINE} bytes")
+        batch = [data for line in lines if (data := sse_data(line))]
+        if batch:
+            yield batch
+    if tail and (data := sse_data(tail)):
+        yield [data]
+
+
 class HTTPProvider:
     """Shared upstream plumbing: one pooled aiohttp session per instance, created lazily in the running loop."""
 
@@ -114,9 +132,9 @@ class HTTPProvider:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
             connector = aiohttp.TCPConnector(limit=1000, keepalive_timeout=30, ttl_dns_cache=300)
-            # read_bufsize bounds one SSE line (2x this); no cookies, so tenants never share state.
+            # No cookies, so tenants never share state.
             self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                                  read_bufsize=2**20)
+                                                  read_bufsize=READ_BUFSIZE)
             self._loop = loop
         return self._session
 
@@ -280,20 +298,31 @@ class OpenAICompatibleProvider(HTTPProvider):
         return self._stream(self._body(req, True))
 
     async def _stream(self, body: dict[str, Any]) -> AsyncIterator[ChatDelta]:
-        finished = False
+        finished = done = False
         async with self._open_stream(f"{self.base_url}/chat/completions", body) as resp:
-            async for line in resp.content:
-                data = sse_data(line)
-                if not data:
-                    continue
-                if data == b"[DONE]":
-                    finished = True
-                    break
-                delta = self._delta(orjson.loads(data))
-                if delta is not None:
-                    finished = finished or delta.finish_reason is not None
+            async for batch in sse_batches(resp.content):
+                deltas, error = [], None
+                for data in batch:
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    try:
+                        delta = self._delta(orjson.loads(data))
+                    except (KeelError, *PARSE_ERRORS) as exc:  # raised after the deltas before it
+                        error = exc
+                        break
+                    if delta is not None:
+                        finished = finished or delta.finish_reason is not None
+                        deltas.append(delta)
+                for delta in deltas[:-1]:
+                    delta.more = True
+                for delta in deltas:
                     yield delta
-            if not finished:
+                if error is not None:
+                    raise error
+                if done:
+                    break
+            if not (done or finished):
                 raise self._malformed("the stream ended before [DONE]")
 
     def _delta(self, chunk: dict[str, Any]) -> ChatDelta | None:
