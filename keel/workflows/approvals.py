@@ -66,7 +66,8 @@ async def open_approval(engine: "Engine", env: "StepEnv") -> dict[str, Any]:
         return {"id": approval_id, "deadline": deadline.timestamp()}
 
     out = await asyncio.to_thread(do)
-    engine._audit("workflow.approval.requested", {"id": env.run_id, "workflow": env.workflow,
+    await asyncio.to_thread(
+        engine._audit, "workflow.approval.requested", {"id": env.run_id, "workflow": env.workflow,
                                                   "team_id": env.team_id, "principal": {"key_id": "system"}},
                   approval_id=approval_id, step=env.step.id)
     return out
@@ -83,8 +84,9 @@ async def escalate(engine: "Engine", env: "StepEnv", approval_id: str) -> float:
                                                            workflow_approvals.c.status == "pending")
                          .values(approvers=list(c["escalate_to"]), escalated=True, deadline=deadline))
     await asyncio.to_thread(do)
-    engine._audit("workflow.approval.escalated", {"id": env.run_id, "workflow": env.workflow, "team_id": env.team_id,
-                                                  "principal": {"key_id": "system"}},
+    await asyncio.to_thread(
+        engine._audit, "workflow.approval.escalated",
+        {"id": env.run_id, "workflow": env.workflow, "team_id": env.team_id, "principal": {"key_id": "system"}},
                   approval_id=approval_id, to=list(c["escalate_to"]))
     return deadline.timestamp()
 
@@ -118,7 +120,8 @@ async def close_approval(engine: "Engine", env: "StepEnv", approval_id: str,
 
     fields = await asyncio.to_thread(do)
     if decision["by"] == "system:timeout":
-        engine._audit("workflow.approval.timed_out", {"id": env.run_id, "workflow": env.workflow,
+        await asyncio.to_thread(
+            engine._audit, "workflow.approval.timed_out", {"id": env.run_id, "workflow": env.workflow,
                                                       "team_id": env.team_id, "principal": {"key_id": "system"}},
                       approval_id=approval_id, decision=decision["decision"])
     return {"status": "completed", "output": {"decision": decision["decision"], "by": decision["by"],
@@ -188,7 +191,8 @@ async def decide(engine: "Engine", p: Principal, approval_id: str, verdict: str,
                        fix="list pending ones with `keel approvals list`", approval_id=approval_id)
     message = {"decision": verdict, "by": actor, "reason": reason, "fields": fields}
     await DBOS.send_async(r.run_id, message, topic=approval_id, idempotency_key=f"{approval_id}.decision")
-    engine._audit(f"workflow.approval.{verdict}", {"id": r.run_id, "workflow": r.workflow, "team_id": r.team_id,
+    await asyncio.to_thread(
+        engine._audit, f"workflow.approval.{verdict}", {"id": r.run_id, "workflow": r.workflow, "team_id": r.team_id,
                                                    "principal": {"key_id": p.key_id}},
                   approval_id=approval_id, step=r.step_id, by=actor, reason=reason, edited=sorted(edits))
     r2 = await asyncio.to_thread(get_approval, engine, p, approval_id)

@@ -111,8 +111,9 @@ class Workflows:
                     retry_of: str | None = None, version_id: str | None = None) -> dict[str, Any]:
         """Record the run and start its durable workflow; idempotent for a given `run_id`."""
         p.require("workflows.run")
-        ver = self.latest(name, p) if version_id is None else await asyncio.to_thread(self._version, version_id)
-        spec = self.engine.spec(ver.id)
+        ver = await asyncio.to_thread(self.latest, name, p) if version_id is None else \
+            await asyncio.to_thread(self._version, version_id)
+        spec = await asyncio.to_thread(self.engine.spec, ver.id)
         inputs = {} if inputs is None else inputs
         validate_inputs(spec, inputs)
         run_id = run_id or new_id("run")
@@ -125,8 +126,8 @@ class Workflows:
         await self.engine.insert_once(workflow_runs, row, workflow_runs.c.id == run_id)
         with SetWorkflowID(run_id):
             await DBOS.start_workflow_async(keel_run, run_id)
-        self._audit("workflow.run.started", actor or p, row["team_id"], workflow=spec.name, run_id=run_id,
-                    version=ver.version, trigger=trigger)
+        await asyncio.to_thread(self._audit, "workflow.run.started", actor or p, row["team_id"], workflow=spec.name,
+                                run_id=run_id, version=ver.version, trigger=trigger)
         return {"id": run_id, "object": "workflow_run", "workflow": spec.name, "version": ver.version,
                 "status": "running", "trigger": trigger}
 
@@ -214,7 +215,7 @@ class Workflows:
                            run_id=run_id)
         await asyncio.to_thread(self.engine.set_status, run_id, "cancelled")
         await DBOS.cancel_workflow_async(run_id)
-        self._audit("workflow.run.cancelled", p, r.team_id, workflow=name, run_id=run_id)
+        await asyncio.to_thread(self._audit, "workflow.run.cancelled", p, r.team_id, workflow=name, run_id=run_id)
         return self._public_run(await asyncio.to_thread(self._run_row, name, run_id, p))
 
     async def retry(self, name: str, run_id: str, p: Principal, from_step: str | None) -> dict[str, Any]:
@@ -278,7 +279,8 @@ class Workflows:
     async def relaunch_orphans(self) -> int:
         """Start the DBOS workflow of any acknowledged run that has none (crash between the two writes)."""
         with self.store.read() as conn:
-            ids = conn.execute(sa.select(workflow_runs.c.id).where(workflow_runs.c.status.not_in(FINAL))).scalars().all()
+            ids = conn.execute(sa.select(workflow_runs.c.id)
+                               .where(workflow_runs.c.status.not_in(FINAL))).scalars().all()
         n = 0
         for run_id in ids:
             if await DBOS.get_workflow_status_async(run_id) is None:

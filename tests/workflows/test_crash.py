@@ -11,7 +11,6 @@ import random
 import signal
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import pytest
