@@ -101,7 +101,8 @@ class Settings(BaseModel):
     local_threads: int = Field(default=0, ge=0, description="llama.cpp threads; 0 = half the cores")
     preload_models: bool = Field(default=False, description="load local models at start (`keel up` sets it)")
     trace_exporter: Literal["none", "jsonl", "console"] = "none"
-    workflows_dir: Path | None = Field(default=None, description="workflow specs (*.yaml) loaded at start")
+    workflows_dir: Path | None = Field(default=Path("workflows"),
+                                       description="workflow specs (*.yaml) defined at start, if the folder exists")
     smtp_host: str | None = Field(default=None, description="SMTP server for workflow email; unset = Keel's outbox")
     smtp_port: int = Field(default=25, ge=1, le=65535)
     smtp_username: str | None = None

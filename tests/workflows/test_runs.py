@@ -223,3 +223,17 @@ def test_wait_until_a_time_is_durable_and_on_time(srv):
     ring = steps_by_id(d)["ring"]
     assert ring["finished_at_ms"] / 1000 >= at.timestamp() - 0.05
     assert 1.0 <= steps_by_id(d)["sleep"]["output"]["waited_s"] <= 3.0
+
+
+def test_specs_in_the_workflows_folder_load_at_start_and_a_bad_one_is_reported(module_server_factory, tmp_path):
+    """Guards `workflows/*.yaml`: good specs are defined at start; a bad one is skipped and logged with
+    its file and location, and does not stop the server."""
+    folder = tmp_path / "workflows"
+    folder.mkdir()
+    (folder / "good.yaml").write_text("name: from_folder\nsteps:\n  - id: a\n    type: transform\n    output: 1\n")
+    (folder / "bad.yaml").write_text("name: broken_one\nsteps:\n  - id: a\n    type: teleport\n")
+    s = module_server_factory(KEEL_WORKFLOWS_DIR=str(folder))
+    with s.admin() as c:
+        names = [w["name"] for w in c.get("/v1/workflows").json()["data"]]
+    assert "from_folder" in names and "broken_one" not in names
+    assert "bad.yaml" in s.logs() and "teleport" in s.logs()
