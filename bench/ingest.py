@@ -14,9 +14,12 @@
 3. Justifies HNSW over a flat scan: at the same 100k vectors, flat numpy scan vs HNSW latency
    and HNSW recall@10 against the exact scan.
 
-Prints one JSON line.    .venv/bin/python bench/ingest.py [--skip-postgres] [--dirs faq,howto] [--quick]
+Prints one JSON line.
+    .venv/bin/python bench/ingest.py [--skip-postgres] [--dirs faq,howto] [--quick] [--data DIR]
 (`--dirs` ingests only those top-level folders of the tree, for machines too slow or busy to
-embed all of it in one sitting; `--quick` checks the script on the FAQ alone and 3k chunks.)
+embed all of it in one sitting; `--quick` checks the script on the FAQ alone and 3k chunks;
+`--data DIR` keeps the SQLite store in DIR, and a later run with the same DIR skips ingestion and
+growing and measures search latency only, on the same chunks.)
 """
 
 from __future__ import annotations
@@ -268,35 +271,32 @@ async def postgres_latency(src_kn, src_coll, p, queries: list[str], base: Path) 
         server.cleanup()
 
 
+def option(name: str) -> str | None:
+    """The value of `--name value` or `--name=value` on the command line."""
+    return next((a.split("=", 1)[1] if "=" in a else sys.argv[sys.argv.index(a) + 1]
+                 for a in sys.argv if a == name or a.startswith(name + "=")), None)
+
+
 async def main() -> None:
     skip_pg = "--skip-postgres" in sys.argv
     quick = "--quick" in sys.argv
-    dirs = next((a.split("=", 1)[1] if "=" in a else sys.argv[sys.argv.index(a) + 1]
-                 for a in sys.argv if a.startswith("--dirs")), None)
-    files = corpus(["faq"] if quick else dirs.split(",") if dirs else None)
-    target = 3000 if quick else TARGET_CHUNKS
-    words = sum(len(d.split()) for _, d in files)
-    base = Path(tempfile.mkdtemp(prefix="keel-bench-ingest-"))
+    dirs = option("--dirs")
+    kept = option("--data")
+    base = Path(kept) if kept else Path(tempfile.mkdtemp(prefix="keel-bench-ingest-"))
+    reuse = (base / "data" / "keel.db").exists()
     app, kn, p = await boot(base / "data")
     from keel.knowledge import catalog
 
     try:
-        sample = sample_inputs(files, 32 if quick else 384)
-        raw_before = raw_embed_rate(sample, kn.config.embed_batch)
-        seconds, job_id = await ingest(kn, p, "pydocs", files)
-        raw_after = raw_embed_rate(sample, kn.config.embed_batch)
-        from keel.knowledge import jobs
-        view = jobs.view(kn.store, p, job_id, "none")
-        n_chunks = view["chunks"]
-        raw = (raw_before + raw_after) / 2
-        out = {"bench": "knowledge_ingest", "tree": dirs or ("faq" if quick else "all"), "docs": len(files), "words": words, "chunks": n_chunks,
-               "failed": view["counts"]["failed"], "seconds": round(seconds, 1),
-               "docs_per_s": round(len(files) / seconds, 2), "chunks_per_s": round(n_chunks / seconds, 2),
-               "raw_embed_chunks_per_s": round(raw, 2), "raw_embed_before_after": [round(raw_before, 2),
-                                                                                   round(raw_after, 2)],
-               "ratio_to_raw_embedding": round(n_chunks / seconds / raw, 3)}
+        if reuse:
+            out = {"bench": "knowledge_ingest", "reused_data": str(base)}
+        else:
+            files = corpus(["faq"] if quick else dirs.split(",") if dirs else None)
+            out = await ingestion(kn, p, files, dirs or ("faq" if quick else "all"), quick)
         c = catalog.readable(kn.store, p, ["pydocs"])[0]
-        out["chunks_for_latency"] = await asyncio.to_thread(grow, kn, c, target)
+        if not reuse:
+            await asyncio.to_thread(grow, kn, c, 3000 if quick else TARGET_CHUNKS)
+        out["chunks_for_latency"] = count_chunks(kn, c)
         queries = faq_questions()[:20] if quick else faq_questions()
         out["queries"] = len(queries)
         out["sqlite"] = await latency(kn, p, "pydocs", queries)
@@ -307,6 +307,35 @@ async def main() -> None:
     finally:
         await shutdown(app)
     print(json.dumps(out))
+
+
+async def ingestion(kn, p, files: list[tuple[str, bytes]], tree: str, quick: bool) -> dict:  # noqa: ANN001
+    """Part 1: ingest `files` as "pydocs" and compare chunks/s with the raw embedding throughput."""
+    from keel.knowledge import jobs
+
+    sample = sample_inputs(files, 32 if quick else 384)
+    raw_before = raw_embed_rate(sample, kn.config.embed_batch)
+    seconds, job_id = await ingest(kn, p, "pydocs", files)
+    raw_after = raw_embed_rate(sample, kn.config.embed_batch)
+    view = jobs.view(kn.store, p, job_id, "none")
+    n_chunks = view["chunks"]
+    raw = (raw_before + raw_after) / 2
+    return {"bench": "knowledge_ingest", "tree": tree, "docs": len(files),
+            "words": sum(len(d.split()) for _, d in files), "chunks": n_chunks,
+            "failed": view["counts"]["failed"], "seconds": round(seconds, 1),
+            "docs_per_s": round(len(files) / seconds, 2), "chunks_per_s": round(n_chunks / seconds, 2),
+            "raw_embed_chunks_per_s": round(raw, 2), "raw_embed_before_after": [round(raw_before, 2),
+                                                                                round(raw_after, 2)],
+            "ratio_to_raw_embedding": round(n_chunks / seconds / raw, 3)}
+
+
+def count_chunks(kn, c) -> int:  # noqa: ANN001
+    import sqlalchemy as sa
+
+    from keel.knowledge.tables import chunks
+
+    with kn.store.engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).where(chunks.c.collection_id == c.id)).scalar() or 0)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,8 @@ class Scope:
     principal: Principal
     collections: tuple[Collection, ...]
     filters: dict[str, Any] | None = None
+    # hybrid search: the keyword leg may trade exhaustiveness for latency, the vector leg backs it up
+    bounded_keyword: bool = False
 
     @property
     def collection_ids(self) -> list[str]:

@@ -106,7 +106,7 @@ async def search(kn: "Knowledge", p: Principal, q: Query, request_id: str) -> tu
     filter_conditions(q.filters)  # reject malformed filters before any work
     t0 = time.perf_counter()
     colls = await asyncio.to_thread(catalog.readable, kn.store, p, q.collections)
-    scope = Scope(p, tuple(colls), q.filters)
+    scope = Scope(p, tuple(colls), q.filters, bounded_keyword=q.mode == "hybrid")
     timings: dict[str, Any] = {}
     if not colls or not q.text.strip():
         return [], timings

@@ -122,11 +122,13 @@ class TermStats:
     A keyword query costs about as many rows as its terms match, and the most common terms
     ("python" in Python's docs) match most rows while adding least to BM25 (lowest IDF). In a
     large collection `select` keeps the rarest terms whose matches fit a row budget (at least
-    one term), so latency stays bounded; small collections use every term."""
+    one term), so latency stays bounded; small collections use every term. `budget` is that row
+    budget as a share of the collection's chunks."""
 
     MIN_CHUNKS, BUDGET, TTL_S = 20_000, 0.15, 300.0
 
-    def __init__(self) -> None:
+    def __init__(self, budget: float = BUDGET) -> None:
+        self.budget = budget
         self._cache: dict[tuple[str, str], tuple[float, int]] = {}
 
     def forget(self, collection_id: str) -> None:
@@ -138,7 +140,7 @@ class TermStats:
         """The terms to query; `count(term, cap)` counts the chunks matching `term`, stopping at `cap`."""
         if total < self.MIN_CHUNKS or len(terms) < 2:
             return terms
-        budget = int(total * self.BUDGET)
+        budget = int(total * self.budget)
         now = time.monotonic()
         if len(self._cache) > 50_000:
             self._cache.clear()
