@@ -186,7 +186,7 @@ async def latency(kn, p, coll: str, queries: list[str]) -> dict[str, float]:  # 
         await search(kn, p, Query(text=q, collections=[coll], top_k=10), new_id("req"))
     full, retr = [], []
     c = catalog.readable(kn.store, p, [coll])[0]
-    scope = Scope(p, (c,))
+    scope = Scope(p, (c,), bounded_keyword=True)  # the legs as hybrid search runs them
     vecs = [(await kn.embed(p, "local-embed", [q], task_id="bench", use_case="bench"))[0] for q in queries]
     for q, v in zip(queries, vecs):
         t = time.perf_counter()
