@@ -164,7 +164,7 @@ def _is_requester(engine: "Engine", p: Principal, run_id: str) -> bool:
 async def decide(engine: "Engine", p: Principal, approval_id: str, verdict: str, reason: str | None,
                  edits: dict[str, Any] | None) -> dict[str, Any]:
     """Approve (optionally with edits to editable fields) or reject; the run resumes at once."""
-    from dbos import DBOS
+    from keel.workflows.runtime import DBOS
 
     p.require("approvals.decide")
     r = await asyncio.to_thread(get_approval, engine, p, approval_id)
@@ -190,6 +190,7 @@ async def decide(engine: "Engine", p: Principal, approval_id: str, verdict: str,
         raise Conflict(f"approval {approval_id} is already {r.status if r.status != 'pending' else 'decided'}",
                        fix="list pending ones with `keel approvals list`", approval_id=approval_id)
     message = {"decision": verdict, "by": actor, "reason": reason, "fields": fields}
+    await engine.ensure_launched()
     await DBOS.send_async(r.run_id, message, topic=approval_id, idempotency_key=f"{approval_id}.decision")
     await asyncio.to_thread(
         engine._audit, f"workflow.approval.{verdict}", {"id": r.run_id, "workflow": r.workflow, "team_id": r.team_id,

@@ -64,7 +64,9 @@ async def define(request: Request, p: Principal = Depends(principal)) -> Respons
             raise BadRequest("`spec` (the workflow YAML as a string) is required",
                              fix='send {"spec": "<yaml>"} or the YAML with Content-Type: application/yaml')
         source, team = body["spec"], body.get("team")
-    out = await run_in_threadpool(_wf(request).define, source, p, team_id=team)
+    wf = _wf(request)
+    out = await run_in_threadpool(wf.define, source, p, team_id=team)
+    await wf.engine.ensure_launched()  # schedules and webhooks of the first workflow need a running engine
     return json_response(out, 201 if out["created"] else 200)
 
 

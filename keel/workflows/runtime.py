@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from dbos import DBOS, SetWorkflowID
-from dbos._error import DBOSMaxStepRetriesExceeded
 
 from keel.core.clock import utcnow
 from keel.core.db import Store
@@ -35,6 +33,24 @@ from keel.workflows.steps import EXECUTORS, StepEnv
 from keel.workflows.tables import workflow_runs, workflow_versions
 
 log = logging.getLogger("keel.workflows")
+
+
+class _LazyDBOS:
+    """`DBOS` imported on first use: a process that never defines a workflow never loads it (~25 MB)."""
+
+    def __getattr__(self, name: str) -> Any:
+        from dbos import DBOS as real
+
+        return getattr(real, name)
+
+
+DBOS: Any = _LazyDBOS()
+
+
+def SetWorkflowID(workflow_id: str) -> Any:  # noqa: N802 - DBOS' name
+    from dbos import SetWorkflowID as real
+
+    return real(workflow_id)
 FINAL = ("completed", "failed", "cancelled")
 APP_VERSION = "keel-workflows-1"  # pinned: runs recover across Keel upgrades; bump only if replay would diverge
 RECV_CHUNK_S = 300.0  # an approval wait re-checks its row this often (covers a decision whose message was lost)
@@ -106,6 +122,7 @@ class Engine:
         # Model steps of many runs queue here, not inside the deployment, so waiting for a turn on a
         # single local model never counts against its timeout or trips its circuit breaker.
         self.model_slots = asyncio.Semaphore(settings.workflow_model_concurrency)
+        self._launching = asyncio.Lock()
 
     @classmethod
     def current(cls) -> "Engine":
@@ -114,11 +131,21 @@ class Engine:
         return cls._current
 
     # -- lifecycle ------------------------------------------------------------------------
-    def launch(self) -> None:
-        """Start DBOS on the running event loop (so recovered runs share the app's HTTP sessions)."""
+    async def ensure_launched(self) -> None:
+        """Start DBOS on the running event loop (so recovered runs share the app's HTTP sessions), once:
+        at start when workflows exist, else when the first one is defined or started."""
+        if not self.launched:
+            async with self._launching:
+                if not self.launched:
+                    self._launch()
+
+    def _launch(self) -> None:
+        from dbos import DBOS as dbos_cls
+
+        keel_run()  # registered before DBOS is built
         Engine._current = self
         url = system_database_url(self.store.url)
-        DBOS(config={"name": "keel", "system_database_url": url, **_sqlite_tuning(url),
+        dbos_cls(config={"name": "keel", "system_database_url": url, **_sqlite_tuning(url),
                       "application_version": APP_VERSION, "log_level": "WARNING",
                       "executor_id": self.settings.workflow_executor_id,  # a restart recovers its own runs
                       "notification_listener_polling_interval_sec": 0.2,
@@ -207,6 +234,8 @@ class Engine:
                 i = spec.index(res["next"]) if res.get("next") else i + 1
         except Exception as exc:  # a step's error ends the run visibly as `failed`; cancellation is a BaseException
             error = _error_body(exc, step)
+            from dbos._error import DBOSMaxStepRetriesExceeded
+
             if not isinstance(exc, KeelError) and not isinstance(exc, DBOSMaxStepRetriesExceeded):
                 log.exception("workflow step crashed", extra={"run_id": run_id, "step": step and step.id})
             await asyncio.to_thread(self.set_status, run_id, "failed", error=error, current_step=step and step.id)
@@ -264,7 +293,7 @@ class Engine:
         inputs = env.render(env.step.config.get("inputs") or {})
         await DBOS.run_step_async({"name": f"{env.step.id}.create"}, create_child_run, self, env, child_id, inputs)
         with SetWorkflowID(child_id):
-            handle = await DBOS.start_workflow_async(keel_run, child_id)
+            handle = await DBOS.start_workflow_async(keel_run(), child_id)
         result = await handle.get_result()
         if result.get("status") != "completed":
             raise KeelError(f"sub-workflow run {child_id} {result.get('status')}: {result.get('error')}",
@@ -319,6 +348,8 @@ async def _done(output: dict[str, Any]) -> dict[str, Any]:
 
 
 def _error_body(exc: BaseException, step: StepSpec | None) -> dict[str, Any]:
+    from dbos._error import DBOSMaxStepRetriesExceeded
+
     if isinstance(exc, DBOSMaxStepRetriesExceeded) and exc.errors:
         inner = exc.errors[-1]
         body = _error_body(inner, step)
@@ -329,10 +360,21 @@ def _error_body(exc: BaseException, step: StepSpec | None) -> dict[str, Any]:
     return {"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"[:500], "step": step and step.id}
 
 
-@DBOS.workflow(name="keel.workflow_run", max_recovery_attempts=50)
-async def keel_run(run_id: str) -> dict[str, Any]:
-    """The one DBOS workflow: interpret run `run_id` (its spec version and inputs are in the store)."""
-    return await Engine.current().execute(run_id)
+_registered: list[Any] = []
+
+
+def keel_run() -> Any:
+    """The one DBOS workflow (registered on first use): interpret run `run_id`, whose spec version and
+    inputs are in the store."""
+    if not _registered:
+        from dbos import DBOS as dbos_cls
+
+        @dbos_cls.workflow(name="keel.workflow_run", max_recovery_attempts=50)
+        async def run(run_id: str) -> dict[str, Any]:
+            return await Engine.current().execute(run_id)
+
+        _registered.append(run)
+    return _registered[0]
 
 
 def deadline_after(seconds: float) -> float:

@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from dbos import DBOS, SetWorkflowID
 
 from keel.core.clock import utcnow
 from keel.core.errors import BadRequest, Conflict, NotFound
 from keel.core.ids import new_id
 from keel.identity.principal import Principal
 from keel.observe.tables import usage_ledger
-from keel.workflows.runtime import FINAL, Engine, keel_run, principal_dict, principal_from
+from keel.workflows.runtime import DBOS, FINAL, Engine, SetWorkflowID, keel_run, principal_dict, principal_from
 from keel.workflows.spec import WorkflowSpec, parse_spec, validate_inputs
 from keel.workflows.tables import workflow_outbox, workflow_records, workflow_runs, workflow_versions
 
@@ -89,6 +88,10 @@ class Workflows:
                 "inputs": spec.inputs_schema, "steps": [{"id": s.id, "type": s.type} for s in spec.steps],
                 "triggers": [t.type for t in spec.triggers]}
 
+    def any_defined(self) -> bool:
+        with self.store.read() as conn:
+            return conn.execute(sa.select(workflow_versions.c.id).limit(1)).first() is not None
+
     def list(self, p: Principal) -> list[dict[str, Any]]:
         sub = (sa.select(workflow_versions.c.name, sa.func.max(workflow_versions.c.version).label("v"))
                .group_by(workflow_versions.c.name).subquery())
@@ -124,8 +127,9 @@ class Workflows:
                "trigger": trigger, "parent_run": None, "retry_of": retry_of, "seed": seed,
                "created_at": now, "updated_at": now, "finished_at": None}
         await self.engine.insert_once(workflow_runs, row, workflow_runs.c.id == run_id)
+        await self.engine.ensure_launched()
         with SetWorkflowID(run_id):
-            await DBOS.start_workflow_async(keel_run, run_id)
+            await DBOS.start_workflow_async(keel_run(), run_id)
         await asyncio.to_thread(self._audit, "workflow.run.started", actor or p, row["team_id"], workflow=spec.name,
                                 run_id=run_id, version=ver.version, trigger=trigger)
         return {"id": run_id, "object": "workflow_run", "workflow": spec.name, "version": ver.version,
@@ -170,6 +174,7 @@ class Workflows:
         out = self._public_run(r)
         spec = self.engine.spec(r.version_id)
         done: dict[str, dict[str, Any]] = {}
+        await self.engine.ensure_launched()
         for s in await DBOS.list_workflow_steps_async(run_id):
             res = s.get("output")
             name_ = s["function_name"]
@@ -214,6 +219,7 @@ class Workflows:
             raise Conflict(f"run {run_id} is already {r.status}", fix="only running or waiting runs can be cancelled",
                            run_id=run_id)
         await asyncio.to_thread(self.engine.set_status, run_id, "cancelled")
+        await self.engine.ensure_launched()
         await DBOS.cancel_workflow_async(run_id)
         await asyncio.to_thread(self._audit, "workflow.run.cancelled", p, r.team_id, workflow=name, run_id=run_id)
         return self._public_run(await asyncio.to_thread(self._run_row, name, run_id, p))
@@ -285,7 +291,7 @@ class Workflows:
         for run_id in ids:
             if await DBOS.get_workflow_status_async(run_id) is None:
                 with SetWorkflowID(run_id):
-                    await DBOS.start_workflow_async(keel_run, run_id)
+                    await DBOS.start_workflow_async(keel_run(), run_id)
                 n += 1
         return n
 
@@ -338,13 +344,15 @@ def attach(app: Any, settings: Any, store: Any, gateway: Any, knowledge: Any) ->
     system = Principal(key_id="system", role="admin")
 
     async def start() -> None:
-        engine.launch()
         if settings.workflows_dir and Path(settings.workflows_dir).is_dir():
             await asyncio.to_thread(svc.load_dir, Path(settings.workflows_dir), system)
+        await scheduler.start()
+        if not await asyncio.to_thread(svc.any_defined):
+            return  # DBOS starts with the first definition
+        await engine.ensure_launched()  # recovers unfinished runs
         n = await svc.relaunch_orphans()
         if n:
             log.warning("relaunched acknowledged runs that had no durable workflow", extra={"count": n})
-        await scheduler.start()
 
     async def stop() -> None:
         await scheduler.stop()
