@@ -48,6 +48,7 @@ def statuses(c: httpx.Client) -> Counter:
     return Counter(r["status"] for r in c.get("/v1/workflows/lead_intake/runs?limit=100").json()["data"])
 
 
+@pytest.mark.timeout(1200)  # ~3.5 min here: 40 generations by the bundled model on one thread, 7 restarts
 def test_sigkill_at_random_moments_loses_and_repeats_nothing(module_server_factory):
     rnd = random.Random(7)
     srv = module_server_factory(**EMBEDDED)
