@@ -523,9 +523,11 @@ class RateLimiter:
         else:
             fix = (f"retry after {retry} s, or ask an admin to raise it: PUT /admin/limits/{b.scope}s/{b.scope_id}")
         resets = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.window_end))
-        return RateLimited(detail, fix=fix, headers={"Retry-After": str(retry)},
-                           limit={"scope": b.scope, "id": b.scope_id, "metric": b.metric, "value": b.limit,
-                                  "window_s": WINDOW_S, "resets_at": resets, "retry_after_s": retry})
+        err = RateLimited(detail, fix=fix, headers={"Retry-After": str(retry)},
+                          limit={"scope": b.scope, "id": b.scope_id, "metric": b.metric, "value": b.limit,
+                                 "window_s": WINDOW_S, "resets_at": resets, "retry_after_s": retry})
+        err.failover = b.scope == "deployment"  # the router tries the alias's other deployments first
+        return err
 
     # -- background upkeep ------------------------------------------------------------------------------
     async def _tick(self) -> None:

@@ -57,6 +57,8 @@ def classify(err: BaseException) -> str:
     STOP: the request itself is the problem (4xx, NotSupported, ContextOverflow, policy) or Keel has a bug."""
     if not isinstance(err, KeelError) or isinstance(err, InternalError):
         return STOP
+    if getattr(err, "failover", False):  # a deployment's own rate limit: another deployment may take it
+        return NEXT
     if getattr(err, "retryable", False):
         return RETRY
     return NEXT if err.status >= 500 else STOP
@@ -346,8 +348,10 @@ class Router:
         except BaseException as exc:
             st.in_flight -= 1
             kind = classify(exc)
-            # the upstream answering 4xx shows it is up; other stops (cancelled, NotSupported) say nothing
-            verdict = False if kind != STOP else True if isinstance(exc, UpstreamError) else None
+            # the upstream answering 4xx shows it is up; other stops (cancelled, NotSupported) and a
+            # deployment's own rate limit (the upstream was never called) say nothing about its health
+            verdict = (None if getattr(exc, "failover", False) else False if kind != STOP
+                       else True if isinstance(exc, UpstreamError) else None)
             self._settle(call, cfg, st, token, verdict, t0, attempts, exc)
             if kind != STOP:
                 raise _Failed(exc) from exc  # type: ignore[arg-type]

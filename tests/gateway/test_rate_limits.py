@@ -137,6 +137,29 @@ def test_team_limit_is_shared_by_its_keys_and_deployment_limit_guards_the_upstre
     assert {(x["scope"], x["rpm"]) for x in listing} == {("team", 3), ("deployment", 5)}
 
 
+def test_a_rate_limited_deployment_fails_over_to_another_of_the_alias(server_factory, upstream, tmp_path):
+    """Guards upstream protection without lost requests: when one deployment of an alias reaches its rpm,
+    the router sends the request to another deployment instead of answering 429; only when every
+    deployment is at its limit does the caller get the 429 naming one, with Retry-After."""
+    wait_for_fresh_window(10)
+    second = f"""  - alias: fake
+    provider: openai_compatible
+    model: gpt-fake-b
+    base_url: {upstream}
+    rpm: 2
+"""
+    srv = server_factory(config=write_config(tmp_path, upstream, "    rpm: 2\n" + second))
+    key = new_key(srv)
+    served = []
+    for _ in range(4):
+        r = chat(srv.url, key["key"])
+        assert r.status_code == 200, r.text
+        served.append(r.headers["x-keel-deployment"])
+    assert sorted(served) == ["fake/openai_compatible/gpt-fake"] * 2 + ["fake/openai_compatible/gpt-fake-b"] * 2
+    r = chat(srv.url, key["key"])
+    assert r.status_code == 429 and r.json()["limit"]["scope"] == "deployment" and "retry-after" in r.headers
+
+
 def test_limit_admin_api_validation(server_factory, upstream, tmp_path):
     srv = server_factory(config=write_config(tmp_path, upstream))
     admin = srv.admin()
