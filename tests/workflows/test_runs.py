@@ -237,3 +237,35 @@ def test_specs_in_the_workflows_folder_load_at_start_and_a_bad_one_is_reported(m
         names = [w["name"] for w in c.get("/v1/workflows").json()["data"]]
     assert "from_folder" in names and "broken_one" not in names
     assert "bad.yaml" in s.logs() and "teleport" in s.logs()
+
+
+def test_notify_email_goes_over_smtp_when_configured(module_server_factory):
+    """Guards the SMTP path end to end: with KEEL_SMTP_HOST set, a notify step's email reaches the SMTP
+    server (Message-ID from run and step) instead of the outbox."""
+    import email as email_lib
+
+    from aiosmtpd.controller import Controller
+
+    from conftest import free_port
+
+    received: list = []
+
+    class Inbox:
+        async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, ANN201, N802
+            received.append(email_lib.message_from_bytes(envelope.content))
+            return "250 OK"
+
+    port = free_port()
+    controller = Controller(Inbox(), hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        s = module_server_factory(KEEL_SMTP_HOST="127.0.0.1", KEEL_SMTP_PORT=str(port))
+        define(s, BASIC)
+        run_id = start(s, "basic", {"who": "Smtp", "n": 1})
+        assert wait_run(s, "basic", run_id)["status"] == "completed"
+    finally:
+        controller.stop()
+    assert [(m["To"], m["Subject"]) for m in received] == [("smtp@example.com", "Hello, Smtp!")]
+    assert run_id in received[0]["Message-ID"] and "mail" in received[0]["Message-ID"]
+    with s.admin() as c:
+        assert c.get(f"/v1/outbox?run_id={run_id}").json()["data"] == []
