@@ -27,6 +27,7 @@ class GuardEventLog:
         self.interval = interval
         self._pending: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()
 
     def record(self, request_id: str, key_id: str | None, team_id: str | None, policy_version: int | None,
                events: list[dict[str, Any]]) -> None:
@@ -40,14 +41,16 @@ class GuardEventLog:
             conn.execute(guard_events.insert(), rows)
 
     async def flush(self) -> None:
-        rows, self._pending = self._pending, []
-        if not rows:
-            return
-        try:
-            await asyncio.to_thread(self._write, rows)
-        except sa.exc.SQLAlchemyError:
-            self._pending[:0] = rows
-            raise
+        """Write every event recorded so far (waiting for a flush already writing: read-your-writes)."""
+        async with self._flushing:
+            rows, self._pending = self._pending, []
+            if not rows:
+                return
+            try:
+                await asyncio.to_thread(self._write, rows)
+            except sa.exc.SQLAlchemyError:
+                self._pending[:0] = rows
+                raise
 
     async def _loop(self) -> None:
         while True:

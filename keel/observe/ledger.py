@@ -30,6 +30,7 @@ class Ledger:
         self._pending: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self._compiled: tuple[sa.Dialect, str, Callable[[dict[str, Any]], Any]] | None = None
         self.written = 0
 
@@ -81,14 +82,17 @@ class Ledger:
                     log.warning("duplicate ledger row skipped", extra={"ledger_request_id": row["request_id"]})
 
     async def flush(self) -> None:
-        rows, self._pending = self._pending, []
-        if not rows:
-            return
-        try:
-            await asyncio.to_thread(self._write_safely, rows)
-        except sa.exc.SQLAlchemyError:
-            self._pending[:0] = rows  # keep them for the next try
-            raise
+        """Write every row recorded so far; when it returns they are in the store (a flush already
+        writing is waited for, so callers can read their writes)."""
+        async with self._flushing:
+            rows, self._pending = self._pending, []
+            if not rows:
+                return
+            try:
+                await asyncio.to_thread(self._write_safely, rows)
+            except sa.exc.SQLAlchemyError:
+                self._pending[:0] = rows  # keep them for the next try
+                raise
 
     async def _loop(self) -> None:
         while True:
