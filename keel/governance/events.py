@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from keel.core.clock import utcnow
 from keel.core.db import Store
 from keel.core.ids import new_id
+from keel.core.tasks import stop_task
 from keel.governance.tables import guard_events
 
 log = logging.getLogger("keel.guards")
@@ -64,12 +65,7 @@ class GuardEventLog:
         self._task = asyncio.create_task(self._loop(), name="keel-guard-events")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._task)
         await self.flush()
 
     def query(self, *, request_id: str | None = None, key_id: str | None = None, team_id: str | None = None,

@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from keel.core.db import Store
+from keel.core.tasks import stop_task
 from keel.observe.tables import usage_ledger
 
 log = logging.getLogger("keel.ledger")
@@ -111,10 +112,5 @@ class Ledger:
         self._task = asyncio.create_task(self._loop(), name="keel-ledger")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._task)
         await self.flush()

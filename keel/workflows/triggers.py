@@ -20,6 +20,7 @@ from typing import Any
 from croniter import croniter
 
 from keel.core.errors import KeelError, NotFound, Unauthorized
+from keel.core.tasks import stop_task
 from keel.workflows.runtime import principal_from
 from keel.workflows.service import Workflows
 
@@ -135,9 +136,4 @@ class Scheduler:
         self._task = asyncio.create_task(self._loop(), name="keel-workflow-schedules")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._task)
