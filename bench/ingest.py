@@ -95,14 +95,15 @@ async def ingest(kn, p, name: str, files: list[tuple[str, bytes]]) -> tuple[floa
     return time.perf_counter() - t0, job_id
 
 
-def raw_embed_rate(texts: list[str], batch: int) -> float:
-    """Chunks/s of the embedding model called directly (no Keel), same texts and batch size."""
+def raw_embed_rate(texts: list[str], batch: int, threads: int) -> float:
+    """Chunks/s of the embedding model called directly (no Keel), same texts, batch size and threads as
+    Keel's own provider (the default is half the cores; a baseline on all cores is not the same model)."""
     from keel.core.settings import DeploymentConfig
     from keel.gateway.protocol import ProviderContext
     from keel.gateway.providers.local_embed import LocalEmbedProvider
 
     prov = LocalEmbedProvider(DeploymentConfig(alias="local-embed", provider="local_embed"),
-                              ProviderContext(get_secret=lambda n: ""))
+                              ProviderContext(get_secret=lambda n: "", threads=threads))
     prov.embed_sync(texts[:8])
     t0 = time.perf_counter()
     for i in range(0, len(texts), batch):
@@ -314,9 +315,10 @@ async def ingestion(kn, p, files: list[tuple[str, bytes]], tree: str, quick: boo
     from keel.knowledge import jobs
 
     sample = sample_inputs(files, 32 if quick else 384)
-    raw_before = raw_embed_rate(sample, kn.config.embed_batch)
+    threads = kn.gateway.deployments.ctx.threads
+    raw_before = raw_embed_rate(sample, kn.config.embed_batch, threads)
     seconds, job_id = await ingest(kn, p, "pydocs", files)
-    raw_after = raw_embed_rate(sample, kn.config.embed_batch)
+    raw_after = raw_embed_rate(sample, kn.config.embed_batch, threads)
     view = jobs.view(kn.store, p, job_id, "none")
     n_chunks = view["chunks"]
     raw = (raw_before + raw_after) / 2
@@ -324,8 +326,8 @@ async def ingestion(kn, p, files: list[tuple[str, bytes]], tree: str, quick: boo
             "words": sum(len(d.split()) for _, d in files), "chunks": n_chunks,
             "failed": view["counts"]["failed"], "seconds": round(seconds, 1),
             "docs_per_s": round(len(files) / seconds, 2), "chunks_per_s": round(n_chunks / seconds, 2),
-            "raw_embed_chunks_per_s": round(raw, 2), "raw_embed_before_after": [round(raw_before, 2),
-                                                                                round(raw_after, 2)],
+            "embed_threads": threads, "raw_embed_chunks_per_s": round(raw, 2),
+            "raw_embed_before_after": [round(raw_before, 2), round(raw_after, 2)],
             "ratio_to_raw_embedding": round(n_chunks / seconds / raw, 3)}
 
 
