@@ -15,7 +15,6 @@ import logging
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -375,7 +374,3 @@ def keel_run() -> Any:
 
         _registered.append(run)
     return _registered[0]
-
-
-def deadline_after(seconds: float) -> float:
-    return (utcnow() + timedelta(seconds=seconds)).timestamp()

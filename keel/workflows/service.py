@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
@@ -79,7 +80,7 @@ class Workflows:
             conn.execute(workflow_versions.insert().values(**row))
         self.engine._specs[row["id"]] = spec
         self._audit("workflow.defined", p, row["team_id"], workflow=spec.name, version=row["version"])
-        return self._public_version(_Obj(row), created=True)
+        return self._public_version(SimpleNamespace(**row), created=True)
 
     def _public_version(self, r: Any, *, created: bool) -> dict[str, Any]:
         spec = self.engine.spec(r.id)
@@ -298,13 +299,6 @@ class Workflows:
     def _audit(self, action: str, p: Principal, team_id: str | None, **details: Any) -> None:
         if self.engine.audit is not None:
             self.engine.audit(action=action, actor=p.user_id or p.key_id, team_id=team_id, **details)
-
-
-class _Obj:
-    """Attribute access over a freshly inserted row dict."""
-
-    def __init__(self, d: dict[str, Any]) -> None:
-        self.__dict__.update(d)
 
 
 def spec_ids(spec: WorkflowSpec) -> list[str]:
