@@ -6,23 +6,18 @@ FTS5 tables and the on-disk HNSW files, or Postgres' tsvector/pgvector indexes â
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.types import TypeDecorator, UserDefinedType
 
+from keel.core.clock import iso  # noqa: F401 - re-exported for knowledge modules
 from keel.core.db import metadata
 
 TS = sa.DateTime(timezone=True)
 
 
-def iso(dt: datetime | None) -> str | None:
-    """ISO 8601 in UTC (SQLite hands back naive datetimes; they were written as UTC)."""
-    if dt is None:
-        return None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).isoformat()
 ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements only INTEGER PRIMARY KEY
 
 

@@ -10,12 +10,12 @@ approvers (admins always), in the run's team (reviewers without a team, and admi
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from keel.core.clock import utcnow
+from keel.core.clock import iso, utcnow
 from keel.core.errors import BadRequest, Conflict, NotFound
 from keel.identity.principal import Principal
 from keel.workflows.tables import workflow_approvals, workflow_runs
@@ -25,18 +25,14 @@ if TYPE_CHECKING:
     from keel.workflows.steps import StepEnv
 
 
-def _iso(dt: datetime | None) -> str | None:
-    if dt is None:
-        return None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).isoformat()
 
 
 def public(r: Any) -> dict[str, Any]:
     return {"id": r.id, "object": "approval", "status": r.status, "run_id": r.run_id, "workflow": r.workflow,
             "step": r.step_id, "approvers": r.approvers, "escalated": bool(r.escalated), "team_id": r.team_id,
             "instructions": r.instructions, "show": r.show, "editable": r.editable, "fields": r.fields,
-            "decided_by": r.decided_by, "reason": r.reason, "created_at": _iso(r.created_at),
-            "deadline": _iso(r.deadline), "decided_at": _iso(r.decided_at)}
+            "decided_by": r.decided_by, "reason": r.reason, "created_at": iso(r.created_at),
+            "deadline": iso(r.deadline), "decided_at": iso(r.decided_at)}
 
 
 # -- inside a run (each function is one DBOS step) ---------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from keel.core.clock import utcnow
+from keel.core.clock import iso, utcnow
 from keel.core.errors import BadRequest, Conflict, NotFound
 from keel.core.ids import new_id
 from keel.identity.principal import Principal
@@ -27,9 +27,6 @@ log = logging.getLogger("keel.workflows")
 STATUSES = ("running", "waiting_approval", "completed", "failed", "cancelled")
 
 
-def _iso(dt: Any) -> str | None:
-    from keel.workflows.approvals import _iso as iso
-    return iso(dt)
 
 
 def _visible(p: Principal, team_col: sa.Column) -> Any:
@@ -85,7 +82,7 @@ class Workflows:
     def _public_version(self, r: Any, *, created: bool) -> dict[str, Any]:
         spec = self.engine.spec(r.id)
         return {"object": "workflow", "name": r.name, "version": r.version, "description": r.description,
-                "team_id": r.team_id, "created": created, "created_at": _iso(r.created_at),
+                "team_id": r.team_id, "created": created, "created_at": iso(r.created_at),
                 "inputs": spec.inputs_schema, "steps": [{"id": s.id, "type": s.type} for s in spec.steps],
                 "triggers": [t.type for t in spec.triggers]}
 
@@ -166,8 +163,8 @@ class Workflows:
         return {"id": r.id, "object": "workflow_run", "workflow": r.workflow, "version": r.version,
                 "status": r.status, "current_step": r.current_step, "trigger": r.trigger, "inputs": r.inputs,
                 "outputs": r.outputs, "error": r.error, "parent_run": r.parent_run, "retry_of": r.retry_of,
-                "created_at": _iso(r.created_at), "updated_at": _iso(r.updated_at),
-                "finished_at": _iso(r.finished_at)}
+                "created_at": iso(r.created_at), "updated_at": iso(r.updated_at),
+                "finished_at": iso(r.finished_at)}
 
     async def detail(self, name: str, run_id: str, p: Principal) -> dict[str, Any]:
         """Status, each step's state and output, and the run's tokens and cost from the ledger."""
@@ -257,7 +254,7 @@ class Workflows:
         with self.store.read() as conn:
             rows = conn.execute(q).all()
         return [{"id": r.id, "table": r.table_name, "key": r.key, "data": r.data, "run_id": r.run_id,
-                 "step": r.step_id, "created_at": _iso(r.created_at)} for r in rows]
+                 "step": r.step_id, "created_at": iso(r.created_at)} for r in rows]
 
     def outbox(self, p: Principal, run_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         q = (sa.select(workflow_outbox).where(_visible(p, workflow_outbox.c.team_id))
@@ -267,7 +264,7 @@ class Workflows:
         with self.store.read() as conn:
             rows = conn.execute(q).all()
         return [{"id": r.id, "run_id": r.run_id, "step": r.step_id, "to": r.to, "subject": r.subject,
-                 "body": r.body, "message_id": f"<{r.idempotency_key}@keel>", "created_at": _iso(r.created_at)}
+                 "body": r.body, "message_id": f"<{r.idempotency_key}@keel>", "created_at": iso(r.created_at)}
                 for r in rows]
 
     # -- start-up -------------------------------------------------------------------------
