@@ -9,8 +9,9 @@ cost (`Call.cost()`, zero for a cache hit).
 The store keeps one `budget_usage` row per budget and period (periods roll over because rows are keyed
 on the period), holding the limit, `spent` and `reserved`. A replica reserves capacity from that row in
 slices with one conditional UPDATE that grants at most what is left (`spent + reserved + grant <=
-limit`), and serves requests' reservations from its slice in memory; settled spend and unused capacity
-go back to the store every half second and at shutdown. Every request's worst case was granted by the
+limit`), and serves requests' reservations from its slice in memory; settled spend goes back to the
+store every half second, a slice's free capacity once its budget saw no request for that long, and
+everything at shutdown (a budget in steady use keeps its slice, so its requests need no store round trip). Every request's worst case was granted by the
 store before the call, and the store never grants past the limit, so spend cannot pass it — as long as a
 call costs no more than its worst case, i.e. the provider's `count_tokens` does not undercount the prompt
 (a call that costs more is logged as a warning and its real cost is recorded).
@@ -48,7 +49,7 @@ from keel.gateway.protocol import Usage
 log = logging.getLogger("keel.gateway.budgets")
 
 NANO = 1_000_000_000
-FLUSH_S = 0.5  # settled spend and unused slices go back to the store this often
+FLUSH_S = 0.5  # settled spend goes to the store this often, and the free slices of budgets idle that long
 RELOAD_S = 2.0
 HOLD_TTL_S = 60  # a hold not renewed for this long belongs to a dead replica
 HEARTBEAT_S = 10.0
@@ -163,7 +164,7 @@ class Pool:
     and settled spend not yet written."""
 
     __slots__ = ("usage_id", "budget", "period_key", "resets_at", "avail", "inflight", "unflushed", "lock",
-                 "dead", "ensured", "state")
+                 "dead", "ensured", "state", "used")
 
     def __init__(self, budget: BudgetDef, period_key: str, resets_at: datetime | None) -> None:
         self.usage_id = f"{budget.id}@{period_key}"
@@ -175,6 +176,7 @@ class Pool:
         self.dead = False  # the budget is gone, or another replica expired this one's hold: stop writing
         self.ensured = False
         self.state: tuple[int, int, int] | None = None  # (spent, reserved, limit) as the store last said
+        self.used = False  # a request reserved from it since the last flush
 
 
 class Budgets:
@@ -229,6 +231,7 @@ class Budgets:
                     t.inflight -= worst
                     t.avail += worst
                 raise self._exceeded(pool, worst)
+            pool.used = True
             taken.append(pool)
 
         def settle(usage: Usage | None) -> None:
@@ -335,13 +338,17 @@ class Budgets:
             required=usd(worst))
 
     # -- background upkeep ------------------------------------------------------------------------------
-    def _snapshot(self) -> list[tuple[Pool, int, int]]:
-        """Take the settled spend and the free capacity of every pool, to hand back to the store."""
+    def _snapshot(self, everything: bool = False) -> list[tuple[Pool, int, int]]:
+        """Take the settled spend of every pool, and the free capacity of pools no request used since the
+        last flush (of all pools when `everything`), to hand back to the store."""
         items = []
         for pool in self._pools.values():
-            if not pool.dead and (pool.unflushed or pool.avail):
-                items.append((pool, pool.unflushed, pool.avail))
-                pool.unflushed = pool.avail = 0
+            free = 0 if pool.used and not everything else pool.avail
+            pool.used = False
+            if not pool.dead and (pool.unflushed or free):
+                items.append((pool, pool.unflushed, free))
+                pool.unflushed = 0
+                pool.avail -= free
         return items
 
     async def _tick(self) -> None:
@@ -368,7 +375,7 @@ class Budgets:
             await loop.run_in_executor(None, self.reload)
         if mono - self._beat >= HEARTBEAT_S:
             self._beat = mono
-            if any(p.inflight for p in self._pools.values()):
+            if any(p.inflight or p.avail for p in self._pools.values()):
                 await loop.run_in_executor(None, self._heartbeat)
         if mono - self._swept >= SWEEP_S:
             self._swept = mono
@@ -376,7 +383,7 @@ class Budgets:
 
     def _final(self) -> None:
         """At shutdown: write what is still in memory (blocking; the event loop is closing)."""
-        items = self._snapshot()
+        items = self._snapshot(everything=True)
         if items:
             alerts, _dead = self._flush(items)
             if alerts and self.settings.alert_webhook_url:

@@ -379,3 +379,54 @@ def test_an_unreachable_webhook_is_recorded_not_fatal(server_factory, upstream_f
     assert events[0]["delivery"].startswith("failed: ")
     assert chat(srv.url, key["key"]).status_code == 402
     assert srv.proc.poll() is None
+
+
+def test_steady_traffic_keeps_its_slice_between_flushes(tmp_path, db_url, upstream_factory):
+    """Performance guard: a budget in steady use claims from the store once, not after every flush (each
+    claim is a store round trip on some request's path); its settled spend still reaches the store every
+    flush, and the free slice goes back once the traffic stops."""
+    from keel.app import create_app
+    from keel.core.settings import DeploymentConfig, Settings
+    from keel.gateway import budgets as budgets_module
+    from keel.gateway.pipeline import Call
+    from keel.gateway.protocol import ChatRequest
+    from keel.identity import service as identity
+    from keel.identity.principal import Principal
+
+    root = upstream_factory()
+    model = DeploymentConfig(alias="fake", provider="openai_compatible", model="m", base_url=root + "/v1",
+                             input_price_per_1m=1.0, output_price_per_1m=2.0)
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, embedded_models=False,
+                        master_key=MASTER_KEY, models=[model])
+    app = create_app(settings).app
+    store, gateway = app.state.store, app.state.gateway
+    _, key = identity.create_key(store, role="member")
+    stage = next(s for s in gateway.stages if isinstance(s, budgets_module.Budgets))
+    budget = stage.create("key", key["id"], "day", 1.0)
+    who = Principal(key_id=key["id"], role="member")
+
+    statements: list[str] = []
+    sa.event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    seen: list[dict] = []
+
+    async def run() -> None:
+        end = time.monotonic() + 4 * budgets_module.FLUSH_S
+        i = 0
+        while time.monotonic() < end:
+            call = Call(request_id=f"r{i}", principal=who, kind="chat", alias="fake",
+                        chat=ChatRequest(model="fake", messages=[{"role": "user", "content": "hi"}], max_tokens=5))
+            await gateway.chat(call)
+            i += 1
+            await asyncio.sleep(0.02)
+        seen.append(await asyncio.to_thread(stage.get, budget["id"]))  # spend written while traffic flows
+        await asyncio.sleep(3 * budgets_module.FLUSH_S)  # idle: the slice goes back
+        seen.append(await asyncio.to_thread(stage.get, budget["id"]))
+        await gateway.deployments.close()
+
+    asyncio.run(run())
+    claims = [s for s in statements if "SET granted_nano" in s]
+    assert len(claims) == 1, f"{len(claims)} claims"
+    busy, idle = seen
+    assert busy["spent"] > 0
+    assert idle["reserved"] == 0 and idle["spent"] > busy["spent"] - 1e-12
+    store.dispose()
