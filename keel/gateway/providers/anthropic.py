@@ -14,7 +14,7 @@ import orjson
 from keel.core.errors import BadRequest, KeelError, NotSupported
 from keel.core.settings import DeploymentConfig
 from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult, EmbedResult, ProviderContext, Usage
-from keel.gateway.providers.openai_compatible import PARSE_ERRORS, HTTPProvider, message_of, sse_data
+from keel.gateway.providers.openai_compatible import PARSE_ERRORS, HTTPProvider, message_of, sse_batches
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 1024
@@ -275,16 +275,16 @@ class AnthropicProvider(HTTPProvider):
     async def _stream(self, body: dict[str, Any]) -> AsyncIterator[ChatDelta]:
         translator = StreamTranslator()
         async with self._open_stream(self.url, body) as resp:
-            async for line in resp.content:
-                data = sse_data(line)
-                if not data:
-                    continue
-                ev = orjson.loads(data)
-                if ev.get("type") == "error":
-                    raise self._event_error(ev)
-                delta = translator.event(ev)
-                if delta is not None:
-                    yield delta
+            async for batch in sse_batches(resp):
+                for data in batch:
+                    ev = orjson.loads(data)
+                    if ev.get("type") == "error":
+                        raise self._event_error(ev)
+                    delta = translator.event(ev)
+                    if delta is not None:
+                        yield delta
+                    if translator.done:
+                        break
                 if translator.done:
                     break
             if not translator.done:

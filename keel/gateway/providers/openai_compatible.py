@@ -1,6 +1,6 @@
 """Provider for any OpenAI-compatible server: OpenAI, vLLM, Ollama, llama.cpp server, TGI.
 
-`HTTPProvider` holds the upstream plumbing (pooled aiohttp session, timeouts, SSE, error mapping);
+`HTTPProvider` holds the upstream plumbing (pooled keep-alive connections, timeouts, SSE, error mapping);
 the Anthropic provider reuses it and only translates the wire format.
 """
 
@@ -12,19 +12,20 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
 from typing import Any, ClassVar
 
-import aiohttp
 import orjson
 
+from keel import __version__
 from keel.core.errors import ConfigError, KeelError
 from keel.core.settings import DeploymentConfig
 from keel.gateway.protocol import (
     ChatDelta, ChatRequest, ChatResult, EmbedResult, ProviderContext, Usage, upstream_error,
 )
+from keel.gateway.providers import http1
 
-READ_BUFSIZE = 2**20
-MAX_LINE = 2 * READ_BUFSIZE  # one SSE line, at most
+MAX_LINE = 2**21  # one SSE line, at most
 DRAIN_S = 1.0  # after the last event, how long to wait for the body's end so the connection can be reused
 PARSE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 _TYPED_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "seed", "tools", "tool_choice", "response_format")
@@ -89,11 +90,11 @@ def sse_data(line: bytes) -> bytes | None:
     return line[5:].strip() if line.startswith(b"data:") else None
 
 
-async def sse_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
+async def sse_batches(resp: http1.Response) -> AsyncIterator[list[bytes]]:
     """The `data:` payloads of an SSE body, in batches of those that arrived together (so a consumer can
     pass a burst on in one write). A line longer than MAX_LINE is a malformed answer."""
     tail = b""
-    while chunk := await content.readany():
+    while chunk := await resp.readany():
         lines = (tail + chunk).split(b"\n") if tail else chunk.split(b"\n")
         tail = lines.pop()
         if len(tail) > MAX_LINE:
@@ -106,7 +107,7 @@ async def sse_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes
 
 
 class HTTPProvider:
-    """Shared upstream plumbing: one pooled aiohttp session per instance, created lazily in the running loop."""
+    """Shared upstream plumbing: one pool of keep-alive connections per instance, made lazily in the running loop."""
 
     default_base_url: ClassVar[str] = ""
 
@@ -115,34 +116,45 @@ class HTTPProvider:
         self.ctx = ctx
         self.deployment = config.deployment_id()
         self.base_url = (config.base_url or self.default_base_url).rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
+        self._client: http1.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._headers: dict[str, str] | None = None
+        self._headers: bytes | None = None
         self._secret: str | None = None
-        self._total_timeout = aiohttp.ClientTimeout(total=config.timeout_s)
-        # Streams: connect and time-to-first-byte bounded, then an idle bound between chunks, no total.
-        self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=config.timeout_s,
-                                                     sock_read=config.timeout_s)
+        self._targets: dict[str, str] = {}
+        # JSON answers: one bound on the whole call. Streams: connection and status within timeout_s, then
+        # the same bound on each silence between chunks, none on the whole.
+        self._timeout = config.timeout_s
 
     def auth_headers(self, secret: str | None) -> dict[str, str]:
         """Headers that carry the credential (and API version) for this upstream."""
         raise NotImplementedError
 
-    def _get_session(self) -> aiohttp.ClientSession:
+    def _get_client(self) -> http1.Client:
         loop = asyncio.get_running_loop()
-        if self._session is None or self._session.closed or self._loop is not loop:
-            connector = aiohttp.TCPConnector(limit=1000, keepalive_timeout=30, ttl_dns_cache=300)
-            # No cookies, so tenants never share state.
-            self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                                  read_bufsize=READ_BUFSIZE)
+        if self._client is None or self._loop is not loop:
+            self._client = http1.Client(self.base_url, limit=1000, keepalive_s=30)
             self._loop = loop
-        return self._session
+        return self._client
 
-    def _request_headers(self) -> dict[str, str]:
+    def _target(self, url: str) -> str:
+        """The request target (path and query) of one of this deployment's URLs."""
+        target = self._targets.get(url)
+        if target is None:
+            u = urlsplit(url)
+            target = self._targets[url] = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        return target
+
+    def _request_headers(self) -> bytes:
         if self._headers is None:
             self._secret = self._read_secret()
             extra = self.config.options.get("headers") or {}
-            self._headers = {"Content-Type": "application/json", **extra, **self.auth_headers(self._secret)}
+            try:
+                self._headers = http1.header_block({"Content-Type": "application/json",
+                                                    "User-Agent": f"keel/{__version__}", **extra,
+                                                    **self.auth_headers(self._secret)})
+            except ValueError as exc:
+                raise ConfigError(f"deployment {self.deployment}: {exc}", fix="remove line breaks from its headers "
+                                  "and credential", deployment=self.deployment) from None
         return self._headers
 
     def _read_secret(self) -> str | None:
@@ -171,49 +183,50 @@ class HTTPProvider:
     def _malformed(self, what: str) -> KeelError:
         return self._fail(None, f"malformed upstream response: {what}")
 
-    def _status_error(self, resp: aiohttp.ClientResponse, raw: bytes) -> KeelError:
+    def _status_error(self, resp: http1.Response, raw: bytes) -> KeelError:
         return self._fail(resp.status, error_message(raw), retry_after=parse_retry_after(resp.headers))
 
-    def _connection_error(self, exc: aiohttp.ClientError) -> KeelError:
+    def _connection_error(self, exc: http1.HTTPError) -> KeelError:
         return self._fail(None, f"connection error ({type(exc).__name__}): {exc}")
 
     async def _post_json(self, url: str, body: dict[str, Any]) -> Any:
         """POST a JSON body and return the decoded JSON answer; every failure becomes a Keel error."""
-        session = self._get_session()
+        client, headers = self._get_client(), self._request_headers()
         try:
-            async with session.post(url, data=orjson.dumps(body), headers=self._request_headers(),
-                                    timeout=self._total_timeout) as resp:
+            async with asyncio.timeout(self._timeout):
+                resp = await client.post(self._target(url), orjson.dumps(body), headers)
                 raw = await resp.read()
-                if resp.status >= 400:
-                    raise self._status_error(resp, raw)
         except TimeoutError:
             raise self._fail(None, "", timeout=True) from None
-        except aiohttp.ClientError as exc:
+        except http1.HTTPError as exc:
             raise self._connection_error(exc) from None
+        if resp.status >= 400:
+            raise self._status_error(resp, raw)
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise self._malformed(f"not JSON ({exc})") from None
 
     @asynccontextmanager
-    async def _open_stream(self, url: str, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def _open_stream(self, url: str, body: dict[str, Any]) -> AsyncIterator[http1.Response]:
         """POST a streaming request; errors raised while reading it inside the block are translated here.
 
         Leaving the block early (the consumer closed the stream) closes the connection, which stops
         the upstream's work; a stream read to its end returns the connection to the pool.
         """
-        session = self._get_session()
+        client, headers = self._get_client(), self._request_headers()
         resp = None
         try:
-            resp = await session.post(url, data=orjson.dumps(body), headers=self._request_headers(),
-                                      timeout=self._stream_timeout)
-            if resp.status >= 400:
-                raise self._status_error(resp, await resp.read())
+            async with asyncio.timeout(self._timeout):
+                resp = await client.post(self._target(url), orjson.dumps(body), headers)
+                if resp.status >= 400:
+                    raise self._status_error(resp, await resp.read())
+            resp.idle_timeout = self._timeout
             yield resp
             await self._drain(resp)
         except TimeoutError:
             raise self._fail(None, "", timeout=True) from None
-        except aiohttp.ClientError as exc:
+        except http1.HTTPError as exc:
             raise self._connection_error(exc) from None
         except PARSE_ERRORS as exc:
             raise self._malformed(f"{type(exc).__name__}: {exc}") from None
@@ -222,23 +235,22 @@ class HTTPProvider:
                 resp.close()
 
     @staticmethod
-    async def _drain(resp: aiohttp.ClientResponse) -> None:
+    async def _drain(resp: http1.Response) -> None:
         """Read to the end of the body (servers end it right after the last event) so keep-alive works."""
         try:
             async with asyncio.timeout(DRAIN_S):
-                await resp.content.read()
-        except (TimeoutError, aiohttp.ClientError):
+                await resp.read()
+        except (TimeoutError, http1.HTTPError):
             return  # every event arrived; the caller's finally closes this connection instead of reusing it
-        resp.release()
 
     def count_tokens(self, messages: list[dict[str, Any]]) -> int:
         return estimate_tokens(messages)
 
     async def close(self) -> None:
-        """Close the session; safe to call twice. A session of a finished event loop can only be dropped."""
-        session, self._session = self._session, None
-        if session is not None and not session.closed and self._loop is asyncio.get_running_loop():
-            await session.close()
+        """Close the connections; safe to call twice. Those of a finished event loop can only be dropped."""
+        client, self._client = self._client, None
+        if client is not None and self._loop is asyncio.get_running_loop():
+            await client.close()
 
 
 class OpenAICompatibleProvider(HTTPProvider):
@@ -300,7 +312,7 @@ class OpenAICompatibleProvider(HTTPProvider):
     async def _stream(self, body: dict[str, Any]) -> AsyncIterator[ChatDelta]:
         finished = done = False
         async with self._open_stream(f"{self.base_url}/chat/completions", body) as resp:
-            async for batch in sse_batches(resp.content):
+            async for batch in sse_batches(resp):
                 deltas, error = [], None
                 for data in batch:
                     if data == b"[DONE]":
