@@ -103,3 +103,75 @@ def test_cli_keys_create_list_revoke(server):
     down = subprocess.run([sys.executable, "-m", "keel", "teams", "list"], capture_output=True, text=True,
                           env={**env, "KEEL_URL": "http://127.0.0.1:1"}, timeout=60)
     assert down.returncode == 1 and "cannot reach Keel" in down.stderr
+
+
+def test_a_key_in_steady_use_is_reverified_off_the_request_path(tmp_path, db_url, monkeypatch):
+    """Performance guard with revocation intact: once its cache entry is past half its TTL, a key's next
+    request is served from the cache while the store lookup runs in the background (no request waits on
+    it); a revocation that lookup finds drops the key at once; an entry past its TTL is never served."""
+    import asyncio
+    import threading
+
+    from keel.core.db import Store
+    from keel.core.errors import Unauthorized
+    from keel.identity import auth as auth_module
+    from keel.identity import service as identity
+
+    store = Store.open(db_url)
+    store.upgrade()
+    key, record = identity.create_key(store, role="member")
+    now = [0.0]
+    gate = threading.Event()
+    gate.set()
+    lookups: list[str] = []
+    real = auth_module.verify_key
+
+    def gated(store_, key_):
+        lookups.append(key_)
+        assert gate.wait(10)
+        return real(store_, key_)
+
+    monkeypatch.setattr(auth_module, "verify_key", gated)
+    auth = auth_module.Authenticator(store, ttl_s=1.0, clock=lambda: now[0])
+
+    async def main() -> None:
+        assert (await auth.authenticate(key)).key_id == record["id"]  # first use: looked up
+        now[0] = 0.3
+        await auth.authenticate(key)
+        assert len(lookups) == 1  # fresh: no lookup at all
+        gate.clear()  # from here the store is slow
+        now[0] = 0.6
+        served = await asyncio.wait_for(auth.authenticate(key), 2)  # served at once despite the slow lookup
+        assert served.key_id == record["id"]
+        for _ in range(200):  # the background lookup starts (and then waits on the slow store)
+            if len(lookups) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(lookups) == 2
+        await asyncio.wait_for(auth.authenticate(key), 2)
+        assert len(lookups) == 2  # one refresh at a time
+        gate.set()
+        while auth._tasks:
+            await asyncio.sleep(0.01)
+        now[0] = 1.05  # the refresh at 0.6 keeps it until 1.6, and fresh until 1.1
+        await auth.authenticate(key)
+        assert len(lookups) == 2
+
+        identity.revoke_key(store, record["id"])
+        now[0] = 1.3  # past half the TTL: served, and the background lookup finds the revocation
+        await auth.authenticate(key)
+        while auth._tasks:
+            await asyncio.sleep(0.01)
+        with pytest.raises(Unauthorized, match="revoked"):
+            await auth.authenticate(key)
+
+        other, _ = identity.create_key(store, role="member")
+        await auth.authenticate(other)
+        now[0] = 10.0  # past the TTL: looked up on the request's path again
+        gate.clear()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(auth.authenticate(other)), 0.2)
+        gate.set()
+
+    asyncio.run(main())
+    store.dispose()

@@ -1,13 +1,16 @@
 """Authenticate each request: bearer key → principal, cached briefly in memory.
 
 Revocation through this process clears the cache at once; another replica's revocation is seen
-within `auth_cache_ttl_s` (default 1 s) — the price of not hitting the store on every call.
+within `auth_cache_ttl_s` (default 1 s) — the price of not hitting the store on every call. A key in
+steady use is re-verified in the background once its entry is past half that time, so its requests
+never wait on the store; an entry past the whole time is never served.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -19,40 +22,62 @@ from keel.identity.service import verify_key
 
 
 class Authenticator:
-    """Verifies keys against the store with a small TTL cache."""
+    """Verifies keys against the store with a small TTL cache, refreshed ahead of expiry."""
 
-    def __init__(self, store: Store, ttl_s: float = 1.0) -> None:
+    def __init__(self, store: Store, ttl_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.ttl = ttl_s
+        self.clock = clock
         self._cache: dict[str, tuple[float, Principal]] = {}
         self._inflight: dict[str, asyncio.Future[Principal]] = {}
+        self._generation = 0  # bumped by invalidate(): a lookup begun before it must not refill the cache
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def invalidate(self) -> None:
+        self._generation += 1
         self._cache.clear()
 
     async def authenticate(self, key: str) -> Principal:
         hit = self._cache.get(key)
-        if hit and hit[0] > time.monotonic():
-            return hit[1]
+        if hit is not None:
+            left = hit[0] - self.clock()
+            if left > 0:
+                if left < self.ttl / 2 and key not in self._inflight:
+                    task = asyncio.get_running_loop().create_task(self._refresh(key))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                return hit[1]
         pending = self._inflight.get(key)
         if pending is not None:  # one store lookup per key at a time, however many requests wait on it
             return await asyncio.shield(pending)
+        return await self._lookup(key)
+
+    async def _lookup(self, key: str) -> Principal:
         fut: asyncio.Future[Principal] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
+        generation = self._generation
         try:
             principal = await run_in_threadpool(verify_key, self.store, key)
         except BaseException as exc:
+            if isinstance(exc, Unauthorized):
+                self._cache.pop(key, None)  # revoked, expired or gone: refused from now on
             fut.set_exception(exc)
             fut.exception()  # mark retrieved: waiters (if any) re-raise it themselves
             raise
         finally:
             self._inflight.pop(key, None)
         fut.set_result(principal)
-        if self.ttl > 0:
+        if self.ttl > 0 and generation == self._generation:
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[key] = (time.monotonic() + self.ttl, principal)
+            self._cache[key] = (self.clock() + self.ttl, principal)
         return principal
+
+    async def _refresh(self, key: str) -> None:
+        try:
+            await self._lookup(key)
+        except Exception:  # noqa: S110 - the entry expires as usual; the next request's own lookup reports it
+            pass
 
 
 def bearer(request: Request) -> str:
