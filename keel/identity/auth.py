@@ -43,41 +43,40 @@ class Authenticator:
             left = hit[0] - self.clock()
             if left > 0:
                 if left < self.ttl / 2 and key not in self._inflight:
-                    task = asyncio.get_running_loop().create_task(self._refresh(key))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    self._start_lookup(key)  # in the background: this request is served from the cache
                 return hit[1]
-        pending = self._inflight.get(key)
-        if pending is not None:  # one store lookup per key at a time, however many requests wait on it
-            return await asyncio.shield(pending)
-        return await self._lookup(key)
+        # One store lookup per key at a time, however many requests wait on it.
+        return await asyncio.shield(self._inflight.get(key) or self._start_lookup(key))
 
-    async def _lookup(self, key: str) -> Principal:
-        fut: asyncio.Future[Principal] = asyncio.get_running_loop().create_future()
+    def _start_lookup(self, key: str) -> asyncio.Future[Principal]:
+        """Register the key's lookup at once (so no second one starts), then run it in a task."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Principal] = loop.create_future()
         self._inflight[key] = fut
-        generation = self._generation
+        task = loop.create_task(self._lookup(key, fut, self._generation))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fut
+
+    async def _lookup(self, key: str, fut: asyncio.Future[Principal], generation: int) -> None:
         try:
             principal = await run_in_threadpool(verify_key, self.store, key)
-        except BaseException as exc:
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except Exception as exc:
             if isinstance(exc, Unauthorized):
                 self._cache.pop(key, None)  # revoked, expired or gone: refused from now on
             fut.set_exception(exc)
-            fut.exception()  # mark retrieved: waiters (if any) re-raise it themselves
-            raise
+            fut.exception()  # retrieved: waiters re-raise it themselves, a background refresh drops it
+            return
         finally:
             self._inflight.pop(key, None)
-        fut.set_result(principal)
         if self.ttl > 0 and generation == self._generation:
             if len(self._cache) > 10_000:
                 self._cache.clear()
             self._cache[key] = (self.clock() + self.ttl, principal)
-        return principal
-
-    async def _refresh(self, key: str) -> None:
-        try:
-            await self._lookup(key)
-        except Exception:  # noqa: S110 - the entry expires as usual; the next request's own lookup reports it
-            pass
+        fut.set_result(principal)
 
 
 def bearer(request: Request) -> str:
