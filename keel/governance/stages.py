@@ -87,6 +87,8 @@ class GuardStage:
             return await nxt(call)
         decision: Decision = call.annotations.get("policy_decision") or self.gov.policy.engine.decide(
             explicit=call.metadata.get("classification"), use_case=call.metadata.get("use_case"))
+        if not decision.review and not any(decision.guards.values()):
+            return await nxt(call)  # no guard on any side and no review: nothing to scan, hold or record
         engine = self.gov.policy.engine
         cg = CallGuards(self.gov.guards_for(engine), decision.guards,
                         Placeholders(self.gov.secret, call.principal.key_id), engine.policy.pii.restore)

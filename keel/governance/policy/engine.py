@@ -66,6 +66,9 @@ class PolicyEngine:
         self.policy = policy
         self.version = version
         self._rank = {c: i for i, c in enumerate(policy.classifications)}
+        # What follows from (classification, use case) alone: guards, risk, review, retention, rules. The
+        # engine is immutable, so it is worked out once per pair; decisions share it and never change it.
+        self._derived: dict[tuple[str, str | None], tuple[Any, ...]] = {}
 
     def rank(self, classification: str) -> int:
         return self._rank[classification]
@@ -94,6 +97,15 @@ class PolicyEngine:
         top = max(self._rank[c] for c, _ in candidates)
         level = self.policy.classifications[top]
         reasons = [why for c, why in candidates if self._rank[c] == top]
+        derived = self._derived.get((level, use_case))
+        if derived is None:
+            if len(self._derived) > 10_000:  # use cases are free text from callers: bound the memo
+                self._derived.clear()
+            derived = self._derived[(level, use_case)] = self._derive(level, use_case, top)
+        uc_name, risk, guards, review, retention, rules = derived
+        return Decision(self.version, level, reasons, uc_name, risk, guards, review, retention, rules)
+
+    def _derive(self, level: str, use_case: str | None, top: int) -> tuple[Any, ...]:
         uc = self.policy.use_cases.get(use_case or "")
         risk = uc.risk if uc else self.policy.default_risk
         tier = self.policy.risk_tiers.get(risk)  # type: ignore[call-overload]
@@ -106,9 +118,8 @@ class PolicyEngine:
         if uc:
             _merge(guards, uc.guards)
         rules = [r for r in self.policy.data_rules if self._rank[r.classification] <= top]
-        return Decision(self.version, level, reasons, use_case if uc else None, risk, guards,
-                        bool((tier and tier.review) or (uc and uc.review)),
-                        tier.retention if tier else Retention(), rules)
+        return (use_case if uc else None, risk, guards, bool((tier and tier.review) or (uc and uc.review)),
+                tier.retention if tier else Retention(), rules)
 
     @staticmethod
     def rule_allows(rule: DataRule, cfg: DeploymentConfig) -> bool:
