@@ -48,7 +48,9 @@ def run(app: Any, settings: Settings, on_ready: Callable[[str], None] | None = N
     """Serve `app` with uvicorn (uvloop + httptools); SIGINT/SIGTERM drain requests and run shutdown."""
     config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
                             lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=20,
-                            server_header=False)
+                            # Keel reads neither the client's address nor the scheme, so uvicorn's
+                            # X-Forwarded-* middleware would only be one more layer on every request.
+                            server_header=False, proxy_headers=False)
     server = _Server(config)
     configure_logging(settings.log_level)
 
