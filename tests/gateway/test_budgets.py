@@ -82,6 +82,19 @@ def settled(srv, budget_id: str, timeout: float = 10) -> dict:
         time.sleep(0.1)
 
 
+def inprocess_gateway(tmp_path, db_url: str, root: str):
+    """(store, gateway) of an app built in this process, with one priced model on the fake upstream `root`."""
+    from keel.app import create_app
+    from keel.core.settings import DeploymentConfig, Settings
+
+    model = DeploymentConfig(alias="fake", provider="openai_compatible", model="m", base_url=root + "/v1",
+                             input_price_per_1m=1.0, output_price_per_1m=2.0)
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, embedded_models=False,
+                        master_key=MASTER_KEY, models=[model])
+    app = create_app(settings).app
+    return app.state.store, app.state.gateway
+
+
 async def burst(urls: list[str], key: str, n: int) -> list[httpx.Response]:
     """`n` requests at once, spread round-robin over `urls`."""
     body = {"model": "fake", "messages": [{"role": "user", "content": "hello"}], "max_tokens": MAX_TOKENS}
@@ -324,20 +337,12 @@ def test_a_dead_replicas_hold_is_counted_as_spent(tmp_path, db_url):
 def test_no_store_round_trip_for_a_key_without_limits_or_budgets(tmp_path, db_url, upstream_factory):
     """Performance guard: with limits and budgets defined for others, a key without any never touches
     their tables on the request path."""
-    from keel.app import create_app
-    from keel.core.settings import DeploymentConfig, Settings
     from keel.gateway.pipeline import Call
     from keel.gateway.protocol import ChatRequest
     from keel.identity import service as identity
     from keel.identity.principal import Principal
 
-    root = upstream_factory()
-    model = DeploymentConfig(alias="fake", provider="openai_compatible", model="m", base_url=root + "/v1",
-                             input_price_per_1m=1.0, output_price_per_1m=2.0)
-    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, embedded_models=False,
-                        master_key=MASTER_KEY, models=[model])
-    app = create_app(settings).app
-    store, gateway = app.state.store, app.state.gateway
+    store, gateway = inprocess_gateway(tmp_path, db_url, upstream_factory())
     _, limited = identity.create_key(store, role="member")
     stages = {type(s).__name__: s for s in gateway.stages}
     stages["RateLimiter"].put("key", limited["id"], 10, 1000)
@@ -385,21 +390,13 @@ def test_steady_traffic_keeps_its_slice_between_flushes(tmp_path, db_url, upstre
     """Performance guard: a budget in steady use claims from the store once, not after every flush (each
     claim is a store round trip on some request's path); its settled spend still reaches the store every
     flush, and the free slice goes back once the traffic stops."""
-    from keel.app import create_app
-    from keel.core.settings import DeploymentConfig, Settings
     from keel.gateway import budgets as budgets_module
     from keel.gateway.pipeline import Call
     from keel.gateway.protocol import ChatRequest
     from keel.identity import service as identity
     from keel.identity.principal import Principal
 
-    root = upstream_factory()
-    model = DeploymentConfig(alias="fake", provider="openai_compatible", model="m", base_url=root + "/v1",
-                             input_price_per_1m=1.0, output_price_per_1m=2.0)
-    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, embedded_models=False,
-                        master_key=MASTER_KEY, models=[model])
-    app = create_app(settings).app
-    store, gateway = app.state.store, app.state.gateway
+    store, gateway = inprocess_gateway(tmp_path, db_url, upstream_factory())
     _, key = identity.create_key(store, role="member")
     stage = next(s for s in gateway.stages if isinstance(s, budgets_module.Budgets))
     budget = stage.create("key", key["id"], "day", 1.0)
