@@ -294,3 +294,14 @@ def test_tls_verifies_the_certificate(tmp_path):
                 await http1.Client(srv.origin).post("/", b"", b"")  # the system's trust store: refused
 
     run(main())
+
+
+def test_a_configured_url_becomes_a_valid_request_target():
+    from keel.core.settings import DeploymentConfig
+    from keel.gateway.protocol import ProviderContext
+    from keel.gateway.providers.openai_compatible import OpenAICompatibleProvider
+
+    prov = OpenAICompatibleProvider(DeploymentConfig(alias="a", provider="openai_compatible", model="m",
+                                                     base_url="http://h:1/v1/ü x"), ProviderContext(get_secret=dict().get))
+    assert prov._target(prov.base_url + "/chat/completions") == "/v1/%C3%BC%20x/chat/completions"
+    assert prov._target("http://h/openai?api-version=2024-02-01&a=b c") == "/openai?api-version=2024-02-01&a=b%20c"

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from email.utils import parsedate_to_datetime
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 from typing import Any, ClassVar
 
 import orjson
@@ -28,6 +28,7 @@ from keel.gateway.providers import http1
 MAX_LINE = 2**21  # one SSE line, at most
 DRAIN_S = 1.0  # after the last event, how long to wait for the body's end so the connection can be reused
 PARSE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
+_URL_SAFE = "/%:@!$&'()*+,;=-._~"  # what stays as it is in a request target
 _TYPED_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "seed", "tools", "tool_choice", "response_format")
 
 
@@ -141,7 +142,8 @@ class HTTPProvider:
         target = self._targets.get(url)
         if target is None:
             u = urlsplit(url)
-            target = self._targets[url] = (u.path or "/") + (f"?{u.query}" if u.query else "")
+            path = quote(u.path or "/", safe=_URL_SAFE)  # a configured path may hold any character
+            target = self._targets[url] = path + (f"?{quote(u.query, safe=_URL_SAFE + '?')}" if u.query else "")
         return target
 
     def _request_headers(self) -> bytes:
