@@ -32,6 +32,23 @@ def _store(tmp_path) -> Store:  # noqa: ANN001
     return store
 
 
+def flush_while_flushing(writer, slow: SlowWrites, record) -> None:  # noqa: ANN001
+    """Record, start a background flush, flush again while it writes: the second flush returns only
+    once the background write has finished."""
+
+    async def go() -> float:
+        record()
+        background = asyncio.create_task(writer.flush())
+        await asyncio.sleep(0.05)  # the background flush has taken the rows and is writing them
+        await writer.flush()
+        returned = time.monotonic()
+        await background
+        return returned
+
+    returned = asyncio.run(go())
+    assert slow.done and returned >= slow.done[0]
+
+
 def test_ledger_flush_waits_for_a_flush_in_progress(tmp_path):
     """Regression: a second flush saw an empty queue while the first was still writing, and returned early."""
     from conftest import ledger_rows
@@ -44,17 +61,7 @@ def test_ledger_flush_waits_for_a_flush_in_progress(tmp_path):
            "error_code": None, "stream": False, "cache_hit": False, "saved_cost": 0.0, "use_case": None,
            "task_id": None, "meta": None}
 
-    async def go() -> float:
-        ledger.record(row)
-        background = asyncio.create_task(ledger.flush())
-        await asyncio.sleep(0.05)  # the background flush has taken the row and is writing it
-        await ledger.flush()
-        returned = time.monotonic()
-        await background
-        return returned
-
-    returned = asyncio.run(go())
-    assert slow.done and returned >= slow.done[0]
+    flush_while_flushing(ledger, slow, lambda: ledger.record(row))
     assert len(ledger_rows(f"sqlite:///{tmp_path / 'keel.db'}")) == 1
 
 
@@ -63,16 +70,7 @@ def test_guard_event_flush_waits_for_a_flush_in_progress(tmp_path):
     log = GuardEventLog(_store(tmp_path))
     slow = SlowWrites(log, 0.3)
 
-    async def go() -> float:
-        log.record("req_1", None, None, 1, [{"side": "input", "guard": "pii", "type": "email", "action": "redact",
-                                             "location": "messages[0]", "start": 0, "end": 5}])
-        background = asyncio.create_task(log.flush())
-        await asyncio.sleep(0.05)
-        await log.flush()
-        returned = time.monotonic()
-        await background
-        return returned
-
-    returned = asyncio.run(go())
-    assert slow.done and returned >= slow.done[0]
+    flush_while_flushing(log, slow, lambda: log.record("req_1", None, None, 1, [
+        {"side": "input", "guard": "pii", "type": "email", "action": "redact", "location": "messages[0]",
+         "start": 0, "end": 5}]))
     assert len(log.query(request_id="req_1")) == 1

@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from keel.core.clock import utcnow
+from keel.core.batches import WriteQueue
 from keel.core.db import Store
 from keel.core.ids import new_id
 from keel.core.tasks import stop_task
@@ -26,16 +27,15 @@ class GuardEventLog:
     def __init__(self, store: Store, interval: float = 0.2) -> None:
         self.store = store
         self.interval = interval
-        self._pending: list[dict[str, Any]] = []
+        self._queue = WriteQueue(lambda rows: self._write(rows))  # `_write` looked up per flush, like the ledger's
         self._task: asyncio.Task[None] | None = None
-        self._flushing = asyncio.Lock()
 
     def record(self, request_id: str, key_id: str | None, team_id: str | None, policy_version: int | None,
                events: list[dict[str, Any]]) -> None:
         ts = utcnow()
         for e in events:
-            self._pending.append({"id": new_id("gev"), "request_id": request_id, "ts": ts, "key_id": key_id,
-                                  "team_id": team_id, "policy_version": policy_version, **e})
+            self._queue.pending.append({"id": new_id("gev"), "request_id": request_id, "ts": ts, "key_id": key_id,
+                                        "team_id": team_id, "policy_version": policy_version, **e})
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         with self.store.engine.begin() as conn:
@@ -43,15 +43,7 @@ class GuardEventLog:
 
     async def flush(self) -> None:
         """Write every event recorded so far (waiting for a flush already writing: read-your-writes)."""
-        async with self._flushing:
-            rows, self._pending = self._pending, []
-            if not rows:
-                return
-            try:
-                await asyncio.to_thread(self._write, rows)
-            except sa.exc.SQLAlchemyError:
-                self._pending[:0] = rows
-                raise
+        await self._queue.flush()
 
     async def _loop(self) -> None:
         while True:

@@ -14,6 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from keel.core.batches import WriteQueue
 from keel.core.db import Store
 from keel.core.tasks import stop_task
 from keel.observe.tables import usage_ledger
@@ -28,16 +29,15 @@ class Ledger:
         self.store = store
         self.interval = interval
         self.batch_size = batch_size
-        self._pending: list[dict[str, Any]] = []
+        self._queue = WriteQueue(self._write_safely)
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._flushing = asyncio.Lock()
         self._compiled: tuple[sa.Dialect, str, Callable[[dict[str, Any]], Any]] | None = None
         self.written = 0
 
     def record(self, row: dict[str, Any]) -> None:
-        self._pending.append(row)
-        if len(self._pending) >= self.batch_size:
+        self._queue.pending.append(row)
+        if len(self._queue.pending) >= self.batch_size:
             self._wake.set()
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
@@ -67,7 +67,7 @@ class Ledger:
         return self._compiled[1], self._compiled[2]
 
     def flush_sync(self) -> None:
-        rows, self._pending = self._pending, []
+        rows = self._queue.take()
         if rows:
             self._write_safely(rows)
 
@@ -85,15 +85,7 @@ class Ledger:
     async def flush(self) -> None:
         """Write every row recorded so far; when it returns they are in the store (a flush already
         writing is waited for, so callers can read their writes)."""
-        async with self._flushing:
-            rows, self._pending = self._pending, []
-            if not rows:
-                return
-            try:
-                await asyncio.to_thread(self._write_safely, rows)
-            except sa.exc.SQLAlchemyError:
-                self._pending[:0] = rows  # keep them for the next try
-                raise
+        await self._queue.flush()
 
     async def _loop(self) -> None:
         while True:
