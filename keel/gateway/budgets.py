@@ -11,10 +11,11 @@ on the period), holding the limit, `spent` and `reserved`. A replica reserves ca
 slices with one conditional UPDATE that grants at most what is left (`spent + reserved + grant <=
 limit`), and serves requests' reservations from its slice in memory; settled spend goes back to the
 store every half second, a slice's free capacity once its budget saw no request for that long, and
-everything at shutdown (a budget in steady use keeps its slice, so its requests need no store round trip). Every request's worst case was granted by the
-store before the call, and the store never grants past the limit, so spend cannot pass it — as long as a
-call costs no more than its worst case, i.e. the provider's `count_tokens` does not undercount the prompt
-(a call that costs more is logged as a warning and its real cost is recorded).
+everything at shutdown (a budget in steady use keeps its slice, so its requests need no store round
+trip). Every request's worst case was granted by the store before the call, and the store never grants
+past the limit, so spend cannot pass it — as long as a call costs no more than its worst case, i.e. the
+provider's `count_tokens` does not undercount the prompt (a call that costs more is logged as a warning
+and its real cost is recorded).
 
 A replica's slice is also written as a hold (`budget_holds`) that it renews. A replica that dies leaves
 its hold to expire; any replica then counts the held amount as spent — it cannot know how much really

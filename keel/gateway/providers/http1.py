@@ -23,8 +23,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-HIGH_WATER = 2**20  # body bytes buffered before reading from the socket pauses …
-LOW_WATER = 2**16  # … and how few let it resume
+HIGH_WATER = 2**20  # body bytes buffered before reading from the socket pauses (it resumes once they are read)
 
 _tls: ssl.SSLContext | None = None
 

@@ -122,9 +122,6 @@ class HTTPProvider:
         self._headers: bytes | None = None
         self._secret: str | None = None
         self._targets: dict[str, str] = {}
-        # JSON answers: one bound on the whole call. Streams: connection and status within timeout_s, then
-        # the same bound on each silence between chunks, none on the whole.
-        self._timeout = config.timeout_s
 
     def auth_headers(self, secret: str | None) -> dict[str, str]:
         """Headers that carry the credential (and API version) for this upstream."""
@@ -195,7 +192,7 @@ class HTTPProvider:
         """POST a JSON body and return the decoded JSON answer; every failure becomes a Keel error."""
         client, headers = self._get_client(), self._request_headers()
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self.config.timeout_s):  # one bound on the whole call
                 resp = await client.post(self._target(url), orjson.dumps(body), headers)
                 raw = await resp.read()
         except TimeoutError:
@@ -219,11 +216,12 @@ class HTTPProvider:
         client, headers = self._get_client(), self._request_headers()
         resp = None
         try:
-            async with asyncio.timeout(self._timeout):
+            # Connection and status within timeout_s; then the same bound on each silence, none on the whole.
+            async with asyncio.timeout(self.config.timeout_s):
                 resp = await client.post(self._target(url), orjson.dumps(body), headers)
                 if resp.status >= 400:
                     raise self._status_error(resp, await resp.read())
-            resp.idle_timeout = self._timeout
+            resp.idle_timeout = self.config.timeout_s
             yield resp
             await self._drain(resp)
         except TimeoutError:
