@@ -8,6 +8,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import Token
 from typing import Any
 
 import orjson
@@ -159,18 +160,14 @@ class RequestContext:
                 return
             await self.app(scope, receive, send)
             return
-        rid = None
         length = None
         for k, v in scope["headers"]:
-            if k == b"x-request-id":
-                rid = v.decode("latin-1")[:100]
-            elif k == b"content-length":
+            if k == b"content-length":
                 length = int(v) if v.isdigit() else None
-        rid = rid or request_id()
-        token = request_id_var.set(rid)
-        start = time.perf_counter()
+                break
+        rid, token, start = self.begin(scope)
         status_holder: dict[str, Any] = {"status": 0}
-        rid_header = (b"x-request-id", rid.encode("latin-1"))
+        rid_header = (b"x-request-id", rid)
 
         seen = 0
         too_large = False
@@ -212,11 +209,25 @@ class RequestContext:
                 status_holder["ours"] = True
                 await problem_response(self._too_large(seen))(scope, receive, send_wrapped)
         finally:
-            if self.log_requests and log.isEnabledFor(logging.INFO):
-                log.info("request", extra={"method": scope["method"], "path": scope["path"],
-                                           "status": status_holder["status"],
-                                           "ms": round((time.perf_counter() - start) * 1000, 2)})
-            request_id_var.reset(token)
+            self.end(scope, status_holder["status"], token, start)
+
+    @staticmethod
+    def begin(scope: Scope) -> tuple[bytes, Token[str | None], float]:
+        """The request's id (the client's `x-request-id`, else a new one) set for logs; and its start."""
+        rid = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")[:100]
+                break
+        rid = rid or request_id()
+        return rid.encode("latin-1"), request_id_var.set(rid), time.perf_counter()
+
+    def end(self, scope: Scope, status: int, token: Token[str | None], start: float) -> None:
+        """The access line, then the request id unset."""
+        if self.log_requests and log.isEnabledFor(logging.INFO):
+            log.info("request", extra={"method": scope["method"], "path": scope["path"], "status": status,
+                                       "ms": round((time.perf_counter() - start) * 1000, 2)})
+        request_id_var.reset(token)
 
     @staticmethod
     def _lifespan_send(send: Send) -> Send:

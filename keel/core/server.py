@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import uvicorn
 
+from keel.core.hotserve import protocol_for
+from keel.core.http import RequestContext
 from keel.core.logs import configure_logging
 from keel.core.settings import Settings
 
@@ -44,14 +46,20 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def config_for(app: Any, settings: Settings) -> uvicorn.Config:
+    """uvicorn's settings for `app`: uvloop, and Keel's protocol (httptools), which serves the hot
+    endpoints without the ASGI cycle (see keel/core/hotserve.py)."""
+    http: Any = protocol_for(app) if isinstance(app, RequestContext) else "httptools"
+    return uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http=http,
+                          lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=20,
+                          # Keel reads neither the client's address nor the scheme, so uvicorn's
+                          # X-Forwarded-* middleware would only be one more layer on every request.
+                          server_header=False, proxy_headers=False)
+
+
 def run(app: Any, settings: Settings, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve `app` with uvicorn (uvloop + httptools); SIGINT/SIGTERM drain requests and run shutdown."""
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                            lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=20,
-                            # Keel reads neither the client's address nor the scheme, so uvicorn's
-                            # X-Forwarded-* middleware would only be one more layer on every request.
-                            server_header=False, proxy_headers=False)
-    server = _Server(config)
+    """Serve `app` with uvicorn; SIGINT/SIGTERM drain requests and run shutdown."""
+    server = _Server(config_for(app, settings))
     configure_logging(settings.log_level)
 
     async def _serve() -> None:

@@ -1,0 +1,202 @@
+"""The server's HTTP/1.1 protocol: uvicorn's httptools protocol, with the hot endpoints (chat completions,
+embeddings) served without the ASGI request cycle.
+
+Measured on the gateway's path at concurrency 1 (`bench/gateway.py`), uvicorn's cycle — scope, receive
+and send messages, per-message header checks, a second write for the body — and the middleware around
+it cost about a quarter of what Keel adds to a call. A request qualifies when it is `POST` to a hot
+path with a `Content-Length` body within the limit, no `Expect`, no upgrade, and nothing ahead of it
+on the connection; the endpoint then gets the whole body at once and its answer leaves in one write.
+Every other request (chunked bodies, pipelined ones, query strings, other routes) takes uvicorn's
+path unchanged, where `RequestContext` serves the same endpoints: the two paths answer alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from starlette.requests import Request as StarletteRequest
+from starlette.responses import Response
+from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
+
+from keel.core.http import HotEndpoint, RequestContext, StreamedResponse
+
+log = logging.getLogger("keel.http")
+
+
+class _Hot:
+    """One request on the hot path, in the shape uvicorn's protocol reads off `cycle` (it marks a lost
+    connection through `disconnected` and `message_event.set()`, and a draining server through
+    `keep_alive`)."""
+
+    __slots__ = ("body", "disconnected", "endpoint", "keep_alive", "response_complete", "scope", "streaming", "task")
+
+    def __init__(self, endpoint: HotEndpoint, scope: dict[str, Any], keep_alive: bool) -> None:
+        self.endpoint = endpoint
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.body: list[bytes] = []
+        self.disconnected = False
+        self.response_complete = False
+        self.streaming = False
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def message_event(self) -> _Hot:
+        return self
+
+    def set(self) -> None:
+        """The connection is gone: a stream stops at once (its cleanup meters it as cancelled); a plain
+        call runs to its end, so its row and settlement are written, and its answer is dropped."""
+        if self.streaming and not self.response_complete and self.task is not None:
+            self.task.cancel()
+
+
+class HotProtocol(HttpToolsProtocol):
+    """`context` (set by `protocol_for`) holds the hot endpoints, the body limit and the access log."""
+
+    context: RequestContext
+    paths: frozenset[bytes]
+    _hot: _Hot | None = None  # the hot request in flight, even once a pipelined one became `cycle`
+
+    def on_headers_complete(self) -> None:
+        cycle = self.cycle
+        endpoint = None
+        if (self.url in self.paths and (cycle is None or cycle.response_complete) and not self.expect_100_continue
+                and self.limit_concurrency is None and self.parser.get_method() == b"POST"
+                and not self.parser.should_upgrade()):
+            endpoint = self._qualifies()
+        if endpoint is None:
+            super().on_headers_complete()
+            return
+        scope: dict[str, Any] = self.scope  # type: ignore[assignment]
+        version = self.parser.get_http_version()
+        scope["method"] = "POST"
+        scope["path"] = self.url.decode("ascii")
+        scope["raw_path"] = self.url
+        scope["query_string"] = b""
+        if version != "1.1":
+            scope["http_version"] = version
+        self.cycle = self._hot = _Hot(endpoint, scope, version != "1.0" and self.parser.should_keep_alive())  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        hot = self._hot
+        if hot is not None and hot is not self.cycle and not hot.response_complete:
+            hot.disconnected = True
+            hot.set()
+        super().connection_lost(exc)
+
+    def _qualifies(self) -> HotEndpoint | None:
+        length = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                if length is not None or not value.isdigit():
+                    return None
+                length = int(value)
+            elif name == b"transfer-encoding":
+                return None
+        if length is None or length > self.context.max_body:
+            return None  # uvicorn's path answers 413 and handles chunked bodies
+        return self.context.hot.get(("POST", self.url.decode("ascii")))
+
+    def on_body(self, body: bytes) -> None:
+        if type(self.cycle) is _Hot:
+            self.cycle.body.append(body)  # at most Content-Length bytes, within the limit
+        else:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        hot = self.cycle
+        if type(hot) is not _Hot:
+            super().on_message_complete()
+            return
+        task = hot.task = self.loop.create_task(self._serve(hot))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    async def _serve(self, hot: _Hot) -> None:
+        scope = hot.scope
+        body = b"".join(hot.body)
+        hot.body = []
+        ctx = self.context
+        scope["app"] = ctx.app
+        rid, token, start = ctx.begin(scope)
+        status = 0
+        started = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body
+            if body is None:
+                return {"type": "http.disconnect"}
+            out, body = body, None
+            return {"type": "http.request", "body": out, "more_body": False}
+
+        try:
+            response = await hot.endpoint(StarletteRequest(scope, receive))
+            status = response.status_code
+            started = True
+            if isinstance(response, StreamedResponse):
+                await self._stream(hot, response, rid)
+            else:
+                self._write(hot, self._head(hot, response, rid, chunked=False) + response.body)
+            self._complete(hot)
+        except asyncio.CancelledError:
+            if not hot.disconnected:
+                self.transport.close()
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]  # the client left mid-stream
+        except Exception as exc:  # the endpoint answers its own errors; this is a fault in writing
+            log.error("unhandled error", exc_info=exc)
+            if not started and not hot.disconnected:
+                status = 500
+                self._write(hot, STATUS_LINE[500] + b"content-type: text/plain; charset=utf-8\r\n"
+                            b"content-length: 21\r\nconnection: close\r\n\r\nInternal Server Error")
+            self.transport.close()
+        finally:
+            ctx.end(scope, status, token, start)
+
+    def _head(self, hot: _Hot, response: Response, rid: bytes, chunked: bool) -> bytes:
+        out = [STATUS_LINE[response.status_code]]
+        for name, value in self.server_state.default_headers:  # `date`, kept current by the server
+            out += (name, b": ", value, b"\r\n")
+        for name, value in response.raw_headers:
+            if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+                raise RuntimeError(f"response header {name!r} has a character HTTP does not allow there")
+            out += (name, b": ", value, b"\r\n")
+        out += (b"x-request-id: ", rid, b"\r\n")
+        if chunked:
+            out.append(b"transfer-encoding: chunked\r\n")
+        if not hot.keep_alive:
+            out.append(b"connection: close\r\n")
+        out.append(b"\r\n")
+        return b"".join(out)
+
+    def _write(self, hot: _Hot, data: bytes) -> None:
+        if not hot.disconnected and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def _stream(self, hot: _Hot, response: StreamedResponse, rid: bytes) -> None:
+        hot.streaming = True
+        self._write(hot, self._head(hot, response, rid, chunked=True))
+        async for chunk in response.body_iterator:
+            if self.flow.write_paused and not hot.disconnected:
+                await self.flow.drain()
+            if chunk:
+                self._write(hot, b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        self._write(hot, b"0\r\n\r\n")
+
+    def _complete(self, hot: _Hot) -> None:
+        hot.response_complete = True
+        self._hot = None
+        if hot.disconnected:
+            return
+        if not hot.keep_alive:
+            self.transport.close()
+        self.on_response_complete()
+
+
+def protocol_for(context: RequestContext) -> type[HotProtocol]:
+    """The protocol class uvicorn builds per connection, bound to this app's hot endpoints."""
+    paths = frozenset(path.encode("ascii") for method, path in context.hot if method == "POST")
+    return type("KeelHttpProtocol", (HotProtocol,), {"context": context, "paths": paths})
