@@ -133,7 +133,9 @@ class HotProtocol(HttpToolsProtocol):
             return {"type": "http.request", "body": out, "more_body": False}
 
         try:
-            response = await hot.endpoint(StarletteRequest(scope, receive))
+            request = StarletteRequest(scope, receive)
+            request._body = body  # what `request.body()` returns once read: here it is read already
+            response = await hot.endpoint(request)
             status = response.status_code
             started = True
             if isinstance(response, StreamedResponse):

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from keel.core.errors import BadRequest, KeelError, MalformedJSON, NotFound, NotSupported
-from keel.core.http import HotEndpoint, StreamedResponse, hot_json_endpoint, json_response
+from keel.core.http import HotEndpoint, JSONAnswer, StreamedResponse, hot_json_endpoint, json_response
 from keel.core.logs import request_id_var
 from keel.gateway import control_routes
 from keel.gateway.cache import router as cache_router
@@ -193,8 +193,7 @@ async def _chat(data: dict[str, Any], request: Request, p: Principal) -> Respons
                 chat=chat_request(data), metadata=dict(data.get("metadata") or {}))
     if not call.stream:
         result = await gw.chat(call)
-        return Response(orjson.dumps(completion_json(call, result)), media_type="application/json",
-                        headers=_headers(call))
+        return JSONAnswer(orjson.dumps(completion_json(call, result)), _headers(call))
     stream = gw.chat_stream(call)
     try:
         first: ChatDelta | None = await stream.__anext__()  # errors before the first byte get a real status
@@ -234,8 +233,7 @@ async def embeddings(body: EmbeddingsBody, request: Request, p: Principal = Depe
         data.append({"object": "embedding", "index": i, "embedding": emb})
     out = {"object": "list", "data": data, "model": body.model,
            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}}
-    return Response(orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
-                    headers=_headers(call))
+    return JSONAnswer(orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY), _headers(call))
 
 
 @router.get("/v1/models", tags=["gateway"])

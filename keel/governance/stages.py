@@ -49,10 +49,7 @@ class PolicyStage:
                                        classification=decision.classification, because=decision.reasons,
                                        policy_version=decision.policy_version)
             raise err
-        levels = engine.policy.classifications
-        audited_from = engine.rank("confidential" if "confidential" in levels else levels[-1])
-        sensitive = [c.get("id") for c in collections
-                     if c.get("classification") in levels and engine.rank(c["classification"]) >= audited_from]
+        sensitive = self._sensitive(engine, collections) if collections else None
         if sensitive:
             await self.gov.audit_async("data.access", call, collections=sensitive, model=call.alias,
                                        classification=decision.classification,
@@ -60,6 +57,14 @@ class PolicyStage:
         result = await nxt(call)
         self._tripwire(call, decision)
         return result
+
+    @staticmethod
+    def _sensitive(engine: Any, collections: list[dict[str, Any]]) -> list[Any]:
+        """The ids of the collections classified confidential or above (the top level if there is none)."""
+        levels = engine.policy.classifications
+        audited_from = engine.rank("confidential" if "confidential" in levels else levels[-1])
+        return [c.get("id") for c in collections
+                if c.get("classification") in levels and engine.rank(c["classification"]) >= audited_from]
 
     def _tripwire(self, call: Call, decision: Decision) -> None:
         """Defence in depth: a router that ignored the filter is caught, logged and audited."""
