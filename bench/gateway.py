@@ -1,7 +1,9 @@
 """Gateway throughput and added latency: direct vs a minimal proxy vs Keel vs the LiteLLM proxy.
 
 One run, one machine, one upstream (a fast loopback OpenAI-compatible fake with fixed latency).
-Load comes from `wrk` (C, so the load generator costs little CPU next to the servers).
+Load comes from `wrk` (C, so the load generator costs little CPU next to the servers). Added latency
+at concurrency 1 is measured in rounds, each server round right after a round straight to the upstream,
+and reported as the median over rounds of the difference (see `c1_rounds`).
 Prints ONE JSON line: {"direct": {...}, "minimal": {...}, "keel": {...}, "litellm": {...}, "ratios": {...}}.
 
     .venv/bin/python bench/gateway.py [--duration 10] [--no-litellm]
@@ -18,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,18 +110,41 @@ def wrk(url: str, token: str, body: dict, conc: int, duration: float, tmp: Path)
             "errors": data["errors"] + data["non2xx"]}
 
 
-def measure(name: str, url: str, token: str, duration: float, tmp: Path, pid: int | None) -> dict:
+def median(xs: list[float]) -> float:
+    return round(statistics.median(xs), 3)
+
+
+def c1_rounds(url: str, token: str, body: dict, direct: str, rounds: int, tmp: Path, seen: list[dict]) -> dict:
+    """Concurrency 1 in `rounds` rounds of 2 s, each right after a round straight to the upstream: the
+    added latency is taken within a round (the machine drifts over a run by more than the differences
+    measured), then the median over rounds is reported. The direct rounds go to `seen` (`direct`'s own)."""
+    own, added = [], []
+    for _ in range(rounds):
+        d = wrk(direct, "x", body, 1, 2, tmp)
+        c1 = wrk(url, token, body, 1, 2, tmp)
+        seen.append(d)
+        own.append(c1)
+        added.append((c1["p50_ms"] - d["p50_ms"], c1["p99_ms"] - d["p99_ms"]))
+    return {"p50_ms_c1": median([r["p50_ms"] for r in own]), "p99_ms_c1": median([r["p99_ms"] for r in own]),
+            "added_p50_ms_c1": median([a[0] for a in added]), "added_p99_ms_c1": median([a[1] for a in added]),
+            "errors": sum(r["errors"] for r in own)}
+
+
+def measure(name: str, url: str, token: str, duration: float, tmp: Path, pid: int | None, *, direct: str,
+            rounds: int, seen: dict[str, list[dict]]) -> dict:
     res: dict = {}
     for stream in (False, True):
+        key = "stream" if stream else "plain"
         body = {**BODY, "stream": stream}
         wrk(url, token, body, 10, 2, tmp)  # warm-up
-        c1 = wrk(url, token, body, 1, duration / 2, tmp)
+        # direct's own concurrency-1 figures are its rounds interleaved with the servers' (see `main`)
+        c1 = {"errors": 0} if url == direct else c1_rounds(url, token, body, direct, rounds, tmp,
+                                                             seen.setdefault(key, []))
         before = cpu_s(pid)
         c50 = wrk(url, token, body, 50, duration, tmp)
         cpu_us = (cpu_s(pid) - before) / max(c50["rps"] * max(1, int(duration)), 1) * 1e6
-        key = "stream" if stream else "plain"
-        res[key] = {"rps_c50": c50["rps"], "p50_ms_c1": c1["p50_ms"], "p99_ms_c1": c1["p99_ms"],
-                    "cpu_us_per_req": round(cpu_us, 1), "errors": c1["errors"] + c50["errors"]}
+        res[key] = {"rps_c50": c50["rps"], **c1, "cpu_us_per_req": round(cpu_us, 1),
+                    "errors": c1["errors"] + c50["errors"]}
     out = dict(res["plain"])
     out["stream"] = res["stream"]
     out["rss_mb"] = rss_mb(pid) if pid else None
@@ -187,6 +213,7 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=20)
     ap.add_argument("--no-litellm", action="store_true")
     ap.add_argument("--only", default="", help="comma list of servers to measure (direct is always run)")
+    ap.add_argument("--rounds", type=int, default=4, help="concurrency-1 rounds of 2 s per server and mode")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed: apt-get install -y wrk")
@@ -197,8 +224,11 @@ def main() -> None:
     up = f"http://127.0.0.1:{up_port}/v1"
     wait_http(f"http://127.0.0.1:{up_port}/_stats")
     results: dict = {}
+    direct = up + "/chat/completions"
+    seen: dict[str, list[dict]] = {}
+    run = {"direct": direct, "rounds": args.rounds, "seen": seen}
     try:
-        results["direct"] = measure("direct", up + "/chat/completions", "x", args.duration, tmp, upstream.pid)
+        results["direct"] = measure("direct", direct, "x", args.duration, tmp, upstream.pid, **run)
         wanted = set(args.only.split(",")) if args.only else {"minimal", "keel", "litellm"}
         if "minimal" in wanted:
             port = free_port()
@@ -206,23 +236,28 @@ def main() -> None:
                                      "--upstream", up], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_http(f"http://127.0.0.1:{port}/")
             results["minimal"] = measure("minimal", f"http://127.0.0.1:{port}/v1/chat/completions", "bench",
-                                         args.duration, tmp, proc.pid)
+                                         args.duration, tmp, proc.pid, **run)
             stop(proc)
         if "keel" in wanted:
             proc, url, key = start_keel(tmp, up)
-            results["keel"] = measure("keel", url + "/v1/chat/completions", key, args.duration, tmp, proc.pid)
+            results["keel"] = measure("keel", url + "/v1/chat/completions", key, args.duration, tmp, proc.pid, **run)
             stop(proc)
         if "litellm" in wanted and not args.no_litellm and LITELLM.exists():
             proc, url = start_litellm(tmp, up)
             results["litellm"] = measure("litellm", url + "/v1/chat/completions", "sk-bench", args.duration, tmp,
-                                         proc.pid)
+                                         proc.pid, **run)
             stop(proc)
+        for key in ("plain", "stream"):
+            if not seen.get(key):  # no server measured: direct's rounds alone
+                body = {**BODY, "stream": key == "stream"}
+                seen[key] = [wrk(direct, "x", body, 1, 2, tmp) for _ in range(args.rounds)]
     finally:
         stop(upstream)
     d = results["direct"]
-    for r in results.values():
-        r["added_p50_ms_c1"] = round(r["p50_ms_c1"] - d["p50_ms_c1"], 3)
-        r["added_p99_ms_c1"] = round(r["p99_ms_c1"] - d["p99_ms_c1"], 3)
+    for key, target in (("plain", d), ("stream", d["stream"])):
+        target.update({"p50_ms_c1": median([r["p50_ms"] for r in seen[key]]),
+                       "p99_ms_c1": median([r["p99_ms"] for r in seen[key]]),
+                       "added_p50_ms_c1": 0.0, "added_p99_ms_c1": 0.0})
     ratios = {}
     if "keel" in results and "minimal" in results:
         ratios["keel_vs_minimal_rps_c50"] = round(results["keel"]["rps_c50"] / results["minimal"]["rps_c50"], 3)
