@@ -240,3 +240,18 @@ def test_graceful_shutdown_finishes_the_request_in_flight(keel, fake):
     assert status == 200 and headers["connection"] == "close" and json.loads(body)["choices"]
     assert c.closed()
     c.close()
+
+
+def test_a_stream_whose_client_left_before_the_first_delta_is_cut_and_metered(keel, fake):
+    fake.latency = 0.4
+    c = Conn(keel["port"])
+    c.send(request(keel["key"], chat(stream=True, max_tokens=200), extra="X-Request-Id: gone-early\r\n"))
+    time.sleep(0.1)
+    c.close()  # before the upstream's first byte
+    deadline = time.monotonic() + 10
+    rows: list[Any] = []
+    while not rows and time.monotonic() < deadline:
+        rows = ledger_rows(keel["db_url"], "request_id = 'gone-early'")
+        time.sleep(0.05)
+    assert len(rows) == 1 and rows[0].status == "cancelled" and rows[0].error_code == "client_disconnected"
+    assert keel["served"].count == 1

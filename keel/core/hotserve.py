@@ -136,12 +136,13 @@ class HotProtocol(HttpToolsProtocol):
             request = StarletteRequest(scope, receive)
             request._body = body  # what `request.body()` returns once read: here it is read already
             response = await hot.endpoint(request)
-            status = response.status_code
-            started = True
-            if isinstance(response, StreamedResponse):
-                await self._stream(hot, response, rid)
+            streamed = isinstance(response, StreamedResponse)
+            head = self._head(hot, response, rid, chunked=streamed)
+            status, started = response.status_code, True
+            if streamed:
+                await self._stream(hot, response, head)  # type: ignore[arg-type]
             else:
-                self._write(hot, self._head(hot, response, rid, chunked=False) + response.body)
+                self._write(hot, head + response.body)
             self._complete(hot)
         except asyncio.CancelledError:
             if not hot.disconnected:
@@ -178,9 +179,11 @@ class HotProtocol(HttpToolsProtocol):
         if not hot.disconnected and not self.transport.is_closing():
             self.transport.write(data)
 
-    async def _stream(self, hot: _Hot, response: StreamedResponse, rid: bytes) -> None:
+    async def _stream(self, hot: _Hot, response: StreamedResponse, head: bytes) -> None:
         hot.streaming = True
-        self._write(hot, self._head(hot, response, rid, chunked=True))
+        if hot.disconnected:  # gone before the first delta: cut at the stream's first wait, so it meters itself
+            hot.set()
+        self._write(hot, head)
         async for chunk in response.body_iterator:
             if self.flow.write_paused and not hot.disconnected:
                 await self.flow.drain()
