@@ -5,6 +5,7 @@ Every request here is also checked for which path served it, so a fall-back cann
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -65,7 +66,8 @@ def keel(tmp_path, db_url, fake, monkeypatch) -> Iterator[dict[str, Any]]:
     while not srv.started and time.monotonic() < deadline:
         time.sleep(0.02)
     port = srv.servers[0].sockets[0].getsockname()[1]
-    yield {"port": port, "key": secret, "served": served, "server": srv, "db_url": db_url}
+    yield {"port": port, "key": secret, "served": served, "server": srv, "db_url": db_url,
+           "gateway": built.app.state.gateway}
     srv.should_exit = True
     thread.join(30)
 
@@ -255,3 +257,56 @@ def test_a_stream_whose_client_left_before_the_first_delta_is_cut_and_metered(ke
         time.sleep(0.05)
     assert len(rows) == 1 and rows[0].status == "cancelled" and rows[0].error_code == "client_disconnected"
     assert keel["served"].count == 1
+
+
+class Hold:
+    """A stage whose work after the call waits until the test releases it (slow bookkeeping)."""
+
+    def __init__(self, clear_answer: bool = False) -> None:
+        self.release = threading.Event()
+        self.clear_answer = clear_answer
+
+    async def handle(self, call: Any, nxt: Any) -> Any:
+        if self.clear_answer:
+            call.answer = None  # what a stage that may still change the answer does
+        result = await nxt(call)
+        while not self.release.is_set():
+            await asyncio.sleep(0.01)
+        return result
+
+
+def test_the_answer_leaves_before_the_bookkeeping_after_it(keel):
+    hold = Hold()
+    keel["gateway"].stages.insert(0, hold)  # outermost: its wait comes after every other stage's work
+    c = Conn(keel["port"])
+    c.send(request(keel["key"], chat(), extra="X-Request-Id: early\r\n"))
+    status, headers, body = c.read()  # arrives while the stage still holds the call
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"]
+    assert headers["x-request-id"] == "early" and not hold.release.is_set()
+    time.sleep(0.6)  # two ledger flushes: the row is not written while the call is held
+    assert ledger_rows(keel["db_url"], "request_id = 'early'") == []
+    hold.release.set()
+    deadline = time.monotonic() + 10
+    rows: list[Any] = []
+    while not rows and time.monotonic() < deadline:
+        rows = ledger_rows(keel["db_url"], "request_id = 'early'")
+        time.sleep(0.05)
+    assert len(rows) == 1 and rows[0].status == "ok" and rows[0].tokens_out > 0
+    c.send(request(keel["key"], chat()))  # the connection goes on
+    assert c.read()[0] == 200 and keel["served"].count == 2
+    c.close()
+
+
+def test_a_stage_that_may_change_the_answer_keeps_it_until_done(keel):
+    hold = Hold(clear_answer=True)
+    keel["gateway"].stages.insert(0, hold)
+    c = Conn(keel["port"])
+    c.send(request(keel["key"], chat()))
+    c.sock.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        c.sock.recv(1, socket.MSG_PEEK)  # nothing while the stage holds the call
+    c.sock.settimeout(20)
+    hold.release.set()
+    status, _, body = c.read()
+    assert status == 200 and json.loads(body)["object"] == "chat.completion"
+    c.close()

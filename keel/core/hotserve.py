@@ -20,7 +20,7 @@ from starlette.requests import Request as StarletteRequest
 from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
 
-from keel.core.http import HotEndpoint, RequestContext, StreamedResponse
+from keel.core.http import SEND_NOW, HotEndpoint, RequestContext, StreamedResponse
 
 log = logging.getLogger("keel.http")
 
@@ -30,7 +30,8 @@ class _Hot:
     connection through `disconnected` and `message_event.set()`, and a draining server through
     `keep_alive`)."""
 
-    __slots__ = ("body", "disconnected", "endpoint", "keep_alive", "response_complete", "scope", "streaming", "task")
+    __slots__ = ("body", "disconnected", "endpoint", "keep_alive", "response_complete", "rid", "scope", "sent",
+                 "streaming", "task")
 
     def __init__(self, endpoint: HotEndpoint, scope: dict[str, Any], keep_alive: bool) -> None:
         self.endpoint = endpoint
@@ -41,6 +42,8 @@ class _Hot:
         self.response_complete = False
         self.streaming = False
         self.task: asyncio.Task[None] | None = None
+        self.rid = b""
+        self.sent: Response | None = None  # an answer written before the endpoint returned (`SEND_NOW`)
 
     @property
     def message_event(self) -> _Hot:
@@ -121,7 +124,9 @@ class HotProtocol(HttpToolsProtocol):
         hot.body = []
         ctx = self.context
         scope["app"] = ctx.app
+        scope[SEND_NOW] = lambda response: self._send_now(hot, response)
         rid, token, start = ctx.begin(scope)
+        hot.rid = rid
         status = 0
         started = False
 
@@ -136,26 +141,33 @@ class HotProtocol(HttpToolsProtocol):
             request = StarletteRequest(scope, receive)
             request._body = body  # what `request.body()` returns once read: here it is read already
             response = await hot.endpoint(request)
-            streamed = isinstance(response, StreamedResponse)
-            head = self._head(hot, response, rid, chunked=streamed)
-            status, started = response.status_code, True
-            if streamed:
-                await self._stream(hot, response, head)  # type: ignore[arg-type]
+            if hot.sent is not None:
+                if response is not hot.sent:  # the work after the answer failed; the client has its answer
+                    log.error("a second answer to one request was dropped", extra={"status": response.status_code})
+                status = hot.sent.status_code
             else:
-                self._write(hot, head + response.body)
+                streamed = isinstance(response, StreamedResponse)
+                head = self._head(hot, response, rid, chunked=streamed)
+                status, started = response.status_code, True
+                if streamed:
+                    await self._stream(hot, response, head)  # type: ignore[arg-type]
+                else:
+                    self._write(hot, head + response.body)
             self._complete(hot)
         except asyncio.CancelledError:
             if not hot.disconnected:
-                self.transport.close()
+                if not hot.response_complete:  # once answered, the connection may be serving the next request
+                    self.transport.close()
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]  # the client left mid-stream
         except Exception as exc:  # the endpoint answers its own errors; this is a fault in writing
             log.error("unhandled error", exc_info=exc)
-            if not started and not hot.disconnected:
-                status = 500
-                self._write(hot, STATUS_LINE[500] + b"content-type: text/plain; charset=utf-8\r\n"
-                            b"content-length: 21\r\nconnection: close\r\n\r\nInternal Server Error")
-            self.transport.close()
+            if not hot.response_complete:
+                if not started and not hot.disconnected:
+                    status = 500
+                    self._write(hot, STATUS_LINE[500] + b"content-type: text/plain; charset=utf-8\r\n"
+                                b"content-length: 21\r\nconnection: close\r\n\r\nInternal Server Error")
+                self.transport.close()
         finally:
             ctx.end(scope, status, token, start)
 
@@ -175,6 +187,13 @@ class HotProtocol(HttpToolsProtocol):
         out.append(b"\r\n")
         return b"".join(out)
 
+    def _send_now(self, hot: _Hot, response: Response) -> None:
+        """Write a whole answer at once, before the endpoint returns (it then returns this response). The
+        request counts as answered from here: the connection may take its next request at once."""
+        self._write(hot, self._head(hot, response, hot.rid, chunked=False) + response.body)
+        hot.sent = response
+        self._complete(hot)
+
     def _write(self, hot: _Hot, data: bytes) -> None:
         if not hot.disconnected and not self.transport.is_closing():
             self.transport.write(data)
@@ -192,6 +211,8 @@ class HotProtocol(HttpToolsProtocol):
         self._write(hot, b"0\r\n\r\n")
 
     def _complete(self, hot: _Hot) -> None:
+        if hot.response_complete:
+            return
         hot.response_complete = True
         self._hot = None
         if hot.disconnected:

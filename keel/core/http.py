@@ -83,6 +83,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 HotEndpoint = Callable[[StarletteRequest], Awaitable[Response]]
+# Scope key of `send_now(response)`, when the server can write an answer before the endpoint returns
+# (Keel's own protocol, `keel/core/hotserve.py`); the endpoint then returns that same response.
+SEND_NOW = "keel.send_now"
 FastParse = Callable[[bytes], Any]
 
 

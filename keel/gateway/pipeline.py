@@ -47,6 +47,10 @@ class Call:
     cache_hit: bool = False
     saved_cost: float = 0.0
     annotations: dict[str, Any] = field(default_factory=dict)
+    # Sends a chat answer to the client as soon as the router has it, before the stages' bookkeeping
+    # (settlement, ledger row) runs; set by the HTTP layer when it can. A stage that may still change
+    # or refuse the answer once `nxt` returns (output guards, the policy's tripwire) clears it first.
+    answer: Callable[[ChatResult], None] | None = None
 
     @property
     def stream(self) -> bool:
@@ -64,7 +68,8 @@ Next = Callable[["Call"], Awaitable[Any]]
 
 class Stage(Protocol):
     """A step on the governed path. Returns what `nxt(call)` returns (a ChatResult, an async
-    iterator of ChatDelta for streams, or an EmbedResult), possibly wrapped; or raises a KeelError."""
+    iterator of ChatDelta for streams, or an EmbedResult), possibly wrapped; or raises a KeelError.
+    One that may change or refuse a chat answer after `nxt` returns sets `call.answer = None` first."""
 
     async def handle(self, call: Call, nxt: Next) -> Any: ...
 
@@ -149,7 +154,15 @@ class Gateway:
         both are set after construction (the app factory, tests) but not per request."""
         key = (tuple(self.stages), self.call_deployment)
         if self._chain_key != key:
-            nxt: Next = self.call_deployment
+            terminal = self.call_deployment
+
+            async def answered(call: Call) -> Any:
+                result = await terminal(call)
+                if call.answer is not None and type(result) is ChatResult:
+                    call.answer(result)
+                return result
+
+            nxt: Next = answered
             for stage in reversed(self.stages):
                 nxt = (lambda s, n: (lambda c: s.handle(c, n)))(stage, nxt)
             self._chain_key, self._chained = key, nxt

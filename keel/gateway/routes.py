@@ -14,7 +14,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from keel.core.errors import BadRequest, KeelError, MalformedJSON, NotFound, NotSupported
-from keel.core.http import HotEndpoint, JSONAnswer, StreamedResponse, hot_json_endpoint, json_response
+from keel.core.http import (
+    SEND_NOW, HotEndpoint, JSONAnswer, StreamedResponse, hot_json_endpoint, json_response,
+)
 from keel.core.logs import request_id_var
 from keel.gateway import control_routes
 from keel.gateway.cache import router as cache_router
@@ -192,8 +194,16 @@ async def _chat(data: dict[str, Any], request: Request, p: Principal) -> Respons
     call = Call(request_id=request_id_var.get() or "", principal=p, kind="chat", alias=data["model"],
                 chat=chat_request(data), metadata=dict(data.get("metadata") or {}))
     if not call.stream:
+        send_now = request.scope.get(SEND_NOW)
+        sent: list[Response] = []
+        if send_now is not None:
+            def answer(result: ChatResult) -> None:
+                sent.append(JSONAnswer(orjson.dumps(completion_json(call, result)), _headers(call)))
+                send_now(sent[0])
+
+            call.answer = answer
         result = await gw.chat(call)
-        return JSONAnswer(orjson.dumps(completion_json(call, result)), _headers(call))
+        return sent[0] if sent else JSONAnswer(orjson.dumps(completion_json(call, result)), _headers(call))
     stream = gw.chat_stream(call)
     try:
         first: ChatDelta | None = await stream.__anext__()  # errors before the first byte get a real status

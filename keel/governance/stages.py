@@ -54,6 +54,8 @@ class PolicyStage:
             await self.gov.audit_async("data.access", call, collections=sensitive, model=call.alias,
                                        classification=decision.classification,
                                        policy_version=decision.policy_version)
+        if decision.rules:
+            call.answer = None  # the tripwire below may still refuse the answer
         result = await nxt(call)
         self._tripwire(call, decision)
         return result
@@ -94,6 +96,7 @@ class GuardStage:
             explicit=call.metadata.get("classification"), use_case=call.metadata.get("use_case"))
         if not decision.review and not any(decision.guards.values()):
             return await nxt(call)  # no guard on any side and no review: nothing to scan, hold or record
+        answer, call.answer = call.answer, None  # the answer is scanned (and may be held) before it leaves
         engine = self.gov.policy.engine
         cg = CallGuards(self.gov.guards_for(engine), decision.guards,
                         Placeholders(self.gov.secret, call.principal.key_id), engine.policy.pii.restore)
@@ -124,6 +127,8 @@ class GuardStage:
         if held or cg.review_reasons:
             await self._hold(call, cg, decision, content, result.finish_reason, result.tool_calls)
         result.content = cg.restore(content)
+        if answer is not None:
+            answer(result)
         self._record(call, cg, decision)
         return result
 
