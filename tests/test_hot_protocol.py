@@ -6,6 +6,7 @@ Every request here is also checked for which path served it, so a fall-back cann
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 import threading
@@ -309,4 +310,29 @@ def test_a_stage_that_may_change_the_answer_keeps_it_until_done(keel):
     hold.release.set()
     status, _, body = c.read()
     assert status == 200 and json.loads(body)["object"] == "chat.completion"
+    c.close()
+
+
+def test_a_request_leaves_nothing_for_the_cyclic_collector(keel):
+    """Reference counting frees each request at once: no cycle through the scope, the task or the call
+    (they cost memory and collector pauses under load)."""
+    c = Conn(keel["port"])
+    for stream in (False, True, False):  # warm every path first
+        c.send(request(keel["key"], chat(stream=stream)))
+        c.read()
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for i in range(20):
+            c.send(request(keel["key"], chat(stream=i % 2 == 1)))
+            assert c.read()[0] == 200
+        gc.collect()
+        kinds = {type(o).__name__ for o in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert not kinds & {"_Hot", "Task", "coroutine", "Call", "JSONAnswer", "Context", "StarletteRequest",
+                        "Request"}, kinds
     c.close()

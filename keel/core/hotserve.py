@@ -170,6 +170,10 @@ class HotProtocol(HttpToolsProtocol):
                 self.transport.close()
         finally:
             ctx.end(scope, status, token, start)
+            # Break the request's reference cycles (scope ↔ hot, hot ↔ task), so reference counting frees
+            # it at once instead of leaving ~20 objects a request to the cyclic collector.
+            scope.pop(SEND_NOW, None)
+            hot.task = None
 
     def _head(self, hot: _Hot, response: Response, rid: bytes, chunked: bool) -> bytes:
         out = [STATUS_LINE[response.status_code]]

@@ -202,7 +202,10 @@ async def _chat(data: dict[str, Any], request: Request, p: Principal) -> Respons
                 send_now(sent[0])
 
             call.answer = answer
-        result = await gw.chat(call)
+        try:
+            result = await gw.chat(call)
+        finally:
+            call.answer = None  # the closure refers to the call: no cycle left for the collector
         return sent[0] if sent else JSONAnswer(orjson.dumps(completion_json(call, result)), _headers(call))
     stream = gw.chat_stream(call)
     try:
