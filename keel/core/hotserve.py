@@ -125,8 +125,7 @@ class HotProtocol(HttpToolsProtocol):
         ctx = self.context
         scope["app"] = ctx.app
         scope[SEND_NOW] = lambda response: self._send_now(hot, response)
-        rid, token, start = ctx.begin(scope)
-        hot.rid = rid
+        hot.rid, token, start = ctx.begin(scope)
         status = 0
         started = False
 
@@ -145,14 +144,13 @@ class HotProtocol(HttpToolsProtocol):
                 if response is not hot.sent:  # the work after the answer failed; the client has its answer
                     log.error("a second answer to one request was dropped", extra={"status": response.status_code})
                 status = hot.sent.status_code
-            else:
-                streamed = isinstance(response, StreamedResponse)
-                head = self._head(hot, response, rid, chunked=streamed)
+            elif isinstance(response, StreamedResponse):
+                head = self._head(hot, response, chunked=True)
                 status, started = response.status_code, True
-                if streamed:
-                    await self._stream(hot, response, head)  # type: ignore[arg-type]
-                else:
-                    self._write(hot, head + response.body)
+                await self._stream(hot, response, head)
+            else:
+                self._send_now(hot, response)  # a header it cannot carry raises before anything is written
+                status = response.status_code
             self._complete(hot)
         except asyncio.CancelledError:
             if not hot.disconnected:
@@ -175,7 +173,7 @@ class HotProtocol(HttpToolsProtocol):
             scope.pop(SEND_NOW, None)
             hot.task = None
 
-    def _head(self, hot: _Hot, response: Response, rid: bytes, chunked: bool) -> bytes:
+    def _head(self, hot: _Hot, response: Response, chunked: bool) -> bytes:
         out = [STATUS_LINE[response.status_code]]
         for name, value in self.server_state.default_headers:  # `date`, kept current by the server
             out += (name, b": ", value, b"\r\n")
@@ -183,7 +181,7 @@ class HotProtocol(HttpToolsProtocol):
             if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
                 raise RuntimeError(f"response header {name!r} has a character HTTP does not allow there")
             out += (name, b": ", value, b"\r\n")
-        out += (b"x-request-id: ", rid, b"\r\n")
+        out += (b"x-request-id: ", hot.rid, b"\r\n")
         if chunked:
             out.append(b"transfer-encoding: chunked\r\n")
         if not hot.keep_alive:
@@ -194,7 +192,7 @@ class HotProtocol(HttpToolsProtocol):
     def _send_now(self, hot: _Hot, response: Response) -> None:
         """Write a whole answer at once, before the endpoint returns (it then returns this response). The
         request counts as answered from here: the connection may take its next request at once."""
-        self._write(hot, self._head(hot, response, hot.rid, chunked=False) + response.body)
+        self._write(hot, self._head(hot, response, chunked=False) + response.body)
         hot.sent = response
         self._complete(hot)
 

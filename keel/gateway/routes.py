@@ -128,6 +128,10 @@ def completion_json(call: Call, result: ChatResult) -> dict[str, Any]:
     }
 
 
+def _completion(call: Call, result: ChatResult) -> JSONAnswer:
+    return JSONAnswer(orjson.dumps(completion_json(call, result)), _headers(call))
+
+
 def _chunk(call: Call, created: int, delta: ChatDelta) -> bytes:
     d: dict[str, Any] = {}
     if delta.role:
@@ -198,7 +202,7 @@ async def _chat(data: dict[str, Any], request: Request, p: Principal) -> Respons
         sent: list[Response] = []
         if send_now is not None:
             def answer(result: ChatResult) -> None:
-                sent.append(JSONAnswer(orjson.dumps(completion_json(call, result)), _headers(call)))
+                sent.append(_completion(call, result))
                 send_now(sent[0])
 
             call.answer = answer
@@ -206,7 +210,7 @@ async def _chat(data: dict[str, Any], request: Request, p: Principal) -> Respons
             result = await gw.chat(call)
         finally:
             call.answer = None  # the closure refers to the call: no cycle left for the collector
-        return sent[0] if sent else JSONAnswer(orjson.dumps(completion_json(call, result)), _headers(call))
+        return sent[0] if sent else _completion(call, result)
     stream = gw.chat_stream(call)
     try:
         first: ChatDelta | None = await stream.__anext__()  # errors before the first byte get a real status
