@@ -81,6 +81,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Built:
     app.state.vault = vault
     app.state.lifecycle = lifecycle
     app.state.authenticator = Authenticator(store, settings.auth_cache_ttl_s)
+    lifecycle.shutdown.append(app.state.authenticator.close)
     app.state.audit = None
     app.state.hot_routes = {}  # (method, path) → endpoint served ahead of the framework router
 
@@ -106,6 +107,7 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
     app.state.gateway = gateway
     gov.attach(app, gateway)  # audit hook, governance routes, policy reload and retention tasks
     app.state.hot_routes.update(gateway_routes.hot_routes())
+    lifecycle.startup.append(gateway.deployments.start)
 
     kn = knowledge_service.build(settings, store, gateway)
     app.state.knowledge = kn

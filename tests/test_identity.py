@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -105,10 +106,11 @@ def test_cli_keys_create_list_revoke(server):
     assert down.returncode == 1 and "cannot reach Keel" in down.stderr
 
 
-def test_a_key_in_steady_use_is_reverified_off_the_request_path(tmp_path, db_url, monkeypatch):
-    """Performance guard with revocation intact: once its cache entry is past half its TTL, a key's next
-    request is served from the cache while the store lookup runs in the background (no request waits on
-    it); a revocation that lookup finds drops the key at once; an entry past its TTL is never served."""
+def test_keys_in_use_are_reverified_off_the_request_path(tmp_path, db_url, monkeypatch):
+    """Performance guard with revocation intact: keys used recently are re-verified in the background,
+    all in one store query, so a request after a pause longer than the TTL does not wait on the store;
+    another replica's revocation is still seen within the TTL; an entry the store could not re-check is
+    not served past its TTL; a key unused for `keep_s` is forgotten and looked up again."""
     import asyncio
     import threading
 
@@ -119,62 +121,64 @@ def test_a_key_in_steady_use_is_reverified_off_the_request_path(tmp_path, db_url
 
     store = Store.open(db_url)
     store.upgrade()
-    key, record = identity.create_key(store, role="member")
-    now = [0.0]
+    key1, rec1 = identity.create_key(store, role="member")
+    key2, _ = identity.create_key(store, role="member")
     gate = threading.Event()
     gate.set()
     lookups: list[str] = []
-    real = auth_module.verify_key
+    batches: list[list[str]] = []
+    one, many = auth_module.verify_key, auth_module.verify_keys
 
-    def gated(store_, key_):
+    def verify_key(store_, key_):
         lookups.append(key_)
         assert gate.wait(10)
-        return real(store_, key_)
+        return one(store_, key_)
 
-    monkeypatch.setattr(auth_module, "verify_key", gated)
-    auth = auth_module.Authenticator(store, ttl_s=1.0, clock=lambda: now[0])
+    def verify_keys(store_, keys_):
+        batches.append(sorted(keys_))
+        assert gate.wait(10)
+        return many(store_, keys_)
+
+    monkeypatch.setattr(auth_module, "verify_key", verify_key)
+    monkeypatch.setattr(auth_module, "verify_keys", verify_keys)
+    auth = auth_module.Authenticator(store, ttl_s=1.0, keep_s=2.0)
 
     async def main() -> None:
-        assert (await auth.authenticate(key)).key_id == record["id"]  # first use: looked up
-        now[0] = 0.3
-        await auth.authenticate(key)
-        assert len(lookups) == 1  # fresh: no lookup at all
-        gate.clear()  # from here the store is slow
-        now[0] = 0.6
-        for _ in range(5):  # requests before the background lookup has even started: it starts once
-            await auth.authenticate(key)
-        served = await asyncio.wait_for(auth.authenticate(key), 2)  # served at once despite the slow lookup
-        assert served.key_id == record["id"]
-        for _ in range(200):  # the background lookup starts (and then waits on the slow store)
-            if len(lookups) == 2:
+        assert (await auth.authenticate(key1)).key_id == rec1["id"]  # first use: looked up
+        await auth.authenticate(key2)
+        await auth.authenticate(key1)
+        assert len(lookups) == 2  # fresh: no lookup
+        await asyncio.sleep(1.5)  # a pause of one and a half TTLs
+        await auth.authenticate(key1)
+        await auth.authenticate(key2)
+        assert len(lookups) == 2, "a request after a pause waited on the store"
+        assert batches and all(b == sorted([key1, key2]) for b in batches)  # both keys, one query a round
+
+        identity.revoke_key(store, rec1["id"])  # as another replica would: straight in the store
+        revoked_at = time.monotonic()
+        while True:
+            try:
+                await auth.authenticate(key1)
+            except Unauthorized as exc:
+                assert "revoked" in str(exc)
                 break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # time for any other lookup to start
-        assert len(lookups) == 2, lookups
-        await asyncio.wait_for(auth.authenticate(key), 2)
-        assert len(lookups) == 2  # one refresh at a time
-        gate.set()
-        while auth._tasks:
-            await asyncio.sleep(0.01)
-        now[0] = 1.05  # the refresh at 0.6 keeps it until 1.6, and fresh until 1.1
-        await auth.authenticate(key)
-        assert len(lookups) == 2
+            assert time.monotonic() - revoked_at < 1.0 + 1.0, "a revoked key was served past the TTL"
+            await asyncio.sleep(0.05)
+        assert key1 not in auth._cache
 
-        identity.revoke_key(store, record["id"])
-        now[0] = 1.3  # past half the TTL: served, and the background lookup finds the revocation
-        await auth.authenticate(key)
-        while auth._tasks:
-            await asyncio.sleep(0.01)
-        with pytest.raises(Unauthorized, match="revoked"):
-            await auth.authenticate(key)
-
-        other, _ = identity.create_key(store, role="member")
-        await auth.authenticate(other)
-        now[0] = 10.0  # past the TTL: looked up on the request's path again
-        gate.clear()
+        gate.clear()  # the store stops answering: key2's entry runs out a TTL after its last check
+        await asyncio.sleep(1.2)
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(auth.authenticate(other)), 0.2)
+            await asyncio.wait_for(asyncio.shield(auth.authenticate(key2)), 0.2)
         gate.set()
+        await auth.authenticate(key2)
+
+        looked = len(lookups)
+        await asyncio.sleep(2.6)  # key2 unused for longer than keep_s: forgotten, and the refresher stops
+        assert auth._cache == {} and auth._refresher.done()
+        await auth.authenticate(key2)
+        assert len(lookups) == looked + 1
+        await auth.close()
 
     asyncio.run(main())
     store.dispose()

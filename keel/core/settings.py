@@ -93,6 +93,8 @@ class Settings(BaseModel):
     redis_url: str | None = Field(default=None, description="optional: hot counters for rate limits")
     alert_webhook_url: str | None = Field(default=None, description="POSTed budget soft-limit alerts")
     budget_alert_percent: float = Field(default=80, gt=0, le=100)
+    budget_idle_s: float = Field(default=5.0, ge=0, description="seconds a budget's free slice stays with a "
+                                 "replica after its last request before going back to the store")
     policy_file: Path | None = Field(default=None, description="governance policy YAML, hot-reloaded; "
                                                                   "default: the built-in policy")
     policy_reload_interval_s: float = Field(default=2.0, gt=0)

@@ -10,9 +10,10 @@ The store keeps one `budget_usage` row per budget and period (periods roll over 
 on the period), holding the limit, `spent` and `reserved`. A replica reserves capacity from that row in
 slices with one conditional UPDATE that grants at most what is left (`spent + reserved + grant <=
 limit`), and serves requests' reservations from its slice in memory; settled spend goes back to the
-store every half second, a slice's free capacity once its budget saw no request for that long, and
-everything at shutdown (a budget in steady use keeps its slice, so its requests need no store round
-trip). Every request's worst case was granted by the store before the call, and the store never grants
+store every half second, a slice's free capacity once its budget saw no request for `budget_idle_s`
+(5 s), and everything at shutdown (a budget in use keeps its slice, so its requests need no store round
+trip, a client that pauses for a few seconds included; another replica waits at most that long for the
+capacity an idle one holds, at most one slice each). Every request's worst case was granted by the store before the call, and the store never grants
 past the limit, so spend cannot pass it — as long as a call costs no more than its worst case, i.e. the
 provider's `count_tokens` does not undercount the prompt (a call that costs more is logged as a warning
 and its real cost is recorded).
@@ -50,7 +51,7 @@ from keel.gateway.protocol import Usage
 log = logging.getLogger("keel.gateway.budgets")
 
 NANO = 1_000_000_000
-FLUSH_S = 0.5  # settled spend goes to the store this often, and the free slices of budgets idle that long
+FLUSH_S = 0.5  # settled spend goes to the store this often
 RELOAD_S = 2.0
 HOLD_TTL_S = 60  # a hold not renewed for this long belongs to a dead replica
 HEARTBEAT_S = 10.0
@@ -165,7 +166,7 @@ class Pool:
     and settled spend not yet written."""
 
     __slots__ = ("usage_id", "budget", "period_key", "resets_at", "avail", "inflight", "unflushed", "lock",
-                 "dead", "ensured", "state", "used")
+                 "dead", "ensured", "state", "used", "idle")
 
     def __init__(self, budget: BudgetDef, period_key: str, resets_at: datetime | None) -> None:
         self.usage_id = f"{budget.id}@{period_key}"
@@ -178,7 +179,7 @@ class Pool:
         self.ensured = False
         self.state: tuple[int, int, int] | None = None  # (spent, reserved, limit) as the store last said
         self.used = False  # a request reserved from it since the last flush
-
+        self.idle = 0  # flushes in a row with no request
 
 class Budgets:
     """The budget stage (reserve before, settle after) and the budgets' service functions.
@@ -340,12 +341,14 @@ class Budgets:
 
     # -- background upkeep ------------------------------------------------------------------------------
     def _snapshot(self, everything: bool = False) -> list[tuple[Pool, int, int]]:
-        """Take the settled spend of every pool, and the free capacity of pools no request used since the
-        last flush (of all pools when `everything`), to hand back to the store."""
+        """Take the settled spend of every pool, and the free capacity of pools no request used for
+        `budget_idle_s` (of all pools when `everything`), to hand back to the store."""
         items = []
+        idle_flushes = max(1.0, self.settings.budget_idle_s / FLUSH_S)
         for pool in self._pools.values():
-            free = 0 if pool.used and not everything else pool.avail
+            pool.idle = 0 if pool.used else pool.idle + 1
             pool.used = False
+            free = pool.avail if everything or pool.idle >= idle_flushes else 0
             if not pool.dead and (pool.unflushed or free):
                 items.append((pool, pool.unflushed, free))
                 pool.unflushed = 0

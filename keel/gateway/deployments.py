@@ -1,11 +1,13 @@
 """Which deployments serve which alias, and the long-lived provider instance for each.
 
 Deployments come from `keel.yaml` (read-only at run time), the embedded defaults, and the
-admin API (stored, so every replica sees them; replicas re-read the table every few seconds).
+admin API (stored, so every replica sees them; replicas re-read the table every few seconds in the
+background — a request never waits on that read — and keep the same objects while nothing changed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -17,6 +19,7 @@ from keel.core.clock import utcnow
 from keel.core.db import Store
 from keel.core.errors import BadRequest, Conflict, NotFound, ValidationFailed
 from keel.core.settings import DeploymentConfig, Settings
+from keel.core.tasks import stop_task
 from keel.gateway import registry
 from keel.gateway.protocol import Provider, ProviderContext
 from keel.gateway.tables import deployments as deployments_table
@@ -51,35 +54,70 @@ class Deployments:
         static += list(settings.models)
         self._static = {c.deployment_id(): c for c in static}
         self._dynamic: dict[str, DeploymentConfig] = {}
+        self._raw: dict[str, Any] = {}
         self._providers: dict[str, tuple[DeploymentConfig, Provider]] = {}
         self._by_alias: dict[str, list[DeploymentConfig]] = {}
+        self.version = 0  # bumped whenever the stored deployments change: caches of resolutions key on it
         self._loaded_at = 0.0
+        self._watcher: asyncio.Task[None] | None = None
         for cfg in static:
             registry.get(cfg.provider)  # unknown provider names fail at start
         self.reload()
 
     # -- reading ------------------------------------------------------------------------
     def reload(self) -> None:
+        self._apply(self._read())
+
+    def _read(self) -> dict[str, Any]:
         with self.store.engine.connect() as conn:
-            rows = conn.execute(sa.select(deployments_table.c.id, deployments_table.c.config)).all()
-        self._dynamic = {r.id: DeploymentConfig(**r.config) for r in rows}
-        self._by_alias = {}
+            return {r.id: r.config for r in conn.execute(sa.select(deployments_table.c.id, deployments_table.c.config))}
+
+    def _apply(self, raw: dict[str, Any]) -> None:
+        if raw != self._raw:
+            dynamic = {did: DeploymentConfig(**config) for did, config in raw.items()}
+            # Replaced, never changed in place: a reader holding the old dicts sees a consistent old state.
+            self._dynamic, self._by_alias, self._raw = dynamic, {}, raw
+            self.version += 1
         self._loaded_at = time.monotonic()
 
     def maybe_reload(self) -> None:
+        """Keep the stored deployments current: on an event loop, by a background task that re-reads them
+        every RELOAD_EVERY_S (see `start`); elsewhere by reading them now if stale."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        watcher = self._watcher
+        if loop is not None and watcher is not None and not watcher.done() and watcher.get_loop() is loop:
+            return
         if time.monotonic() - self._loaded_at > self.RELOAD_EVERY_S:
             self.reload()
+        if loop is not None:
+            self._watcher = loop.create_task(self._watch(), name="keel-deployments")
+
+    async def start(self) -> None:
+        """Start the background re-reads with the server (the first request would, otherwise)."""
+        self.maybe_reload()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.RELOAD_EVERY_S)
+            try:
+                self._apply(await asyncio.to_thread(self._read))
+            except Exception:  # a database hiccup: the next round retries, requests go on with what is known
+                log.exception("re-reading the stored deployments failed")
 
     def all(self) -> dict[str, DeploymentConfig]:
         return {**self._static, **self._dynamic}
 
     def for_alias(self, alias: str) -> list[DeploymentConfig]:
-        """The alias's deployments (a list shared until the next reload: do not change it)."""
-        found = self._by_alias.get(alias)
+        """The alias's deployments (a list shared until the next change: do not change it)."""
+        cache = self._by_alias  # taken first: a reload meanwhile leaves this dict behind, never fills it
+        found = cache.get(alias)
         if found is None:
             found = [c for c in self.all().values() if c.alias == alias]
-            if len(self._by_alias) < 10_000:
-                self._by_alias[alias] = found
+            if len(cache) < 10_000:
+                cache[alias] = found
         return found
 
     def aliases(self) -> dict[str, str]:
@@ -101,6 +139,7 @@ class Deployments:
         return prov
 
     async def close(self) -> None:
+        await stop_task(self._watcher)
         for _cfg, prov in list(self._providers.values()):
             await prov.close()
         self._providers.clear()

@@ -149,21 +149,21 @@ def prompt_tokens(call: Call, prov: Provider | None) -> int:
 
 class Lookups:
     """The deployments behind an alias (optionally with its fallbacks, transitively) and each deployment's
-    provider, cached for RELOAD_S so the request path skips `Deployments`' merging and config comparisons."""
+    provider, cached until the deployments change, so the request path skips `Deployments`' merging and
+    config comparisons."""
 
     def __init__(self, gateway: Gateway, settings: Settings) -> None:
         self.gateway = gateway
         self.settings = settings
-        self._aliases: dict[tuple[str, str, bool], tuple[float, list[DeploymentConfig]]] = {}
+        self._aliases: dict[tuple[str, str, bool], tuple[int, list[DeploymentConfig]]] = {}
         self._providers: dict[int, tuple[DeploymentConfig, Provider]] = {}
 
     def deployments(self, alias: str, kind: str, fallbacks: bool = False) -> list[DeploymentConfig]:
-        now = time.monotonic()
-        hit = self._aliases.get((alias, kind, fallbacks))
-        if hit is not None and hit[0] > now:
-            return hit[1]
         deployments = self.gateway.deployments
         deployments.maybe_reload()
+        hit = self._aliases.get((alias, kind, fallbacks))
+        if hit is not None and hit[0] == deployments.version:
+            return hit[1]
         seen: set[str] = set()
         todo, out = [alias], []
         while todo:
@@ -177,7 +177,7 @@ class Lookups:
                 todo += conf.fallbacks
         if len(self._aliases) > 1000:
             self._aliases.clear()
-        self._aliases[(alias, kind, fallbacks)] = (now + RELOAD_S, out)
+        self._aliases[(alias, kind, fallbacks)] = (deployments.version, out)
         return out
 
     def provider(self, cfg: DeploymentConfig) -> Provider:

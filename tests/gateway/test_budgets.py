@@ -50,6 +50,7 @@ models:
     base_url: {root}/v1
     input_price_per_1m: 1000.0
 ledger_flush_interval_s: 0.2
+budget_idle_s: 0.5
 """)
     return cfg
 
@@ -82,7 +83,7 @@ def settled(srv, budget_id: str, timeout: float = 10) -> dict:
         time.sleep(0.1)
 
 
-def inprocess_gateway(tmp_path, db_url: str, root: str):
+def inprocess_gateway(tmp_path, db_url: str, root: str, **settings):
     """(store, gateway) of an app built in this process, with one priced model on the fake upstream `root`."""
     from keel.app import create_app
     from keel.core.settings import DeploymentConfig, Settings
@@ -90,7 +91,7 @@ def inprocess_gateway(tmp_path, db_url: str, root: str):
     model = DeploymentConfig(alias="fake", provider="openai_compatible", model="m", base_url=root + "/v1",
                              input_price_per_1m=1.0, output_price_per_1m=2.0)
     settings = Settings(data_dir=tmp_path / "data", database_url=db_url, embedded_models=False,
-                        master_key=MASTER_KEY, models=[model])
+                        master_key=MASTER_KEY, models=[model], **settings)
     app = create_app(settings).app
     return app.state.store, app.state.gateway
 
@@ -386,17 +387,17 @@ def test_an_unreachable_webhook_is_recorded_not_fatal(server_factory, upstream_f
     assert srv.proc.poll() is None
 
 
-def test_steady_traffic_keeps_its_slice_between_flushes(tmp_path, db_url, upstream_factory):
-    """Performance guard: a budget in steady use claims from the store once, not after every flush (each
-    claim is a store round trip on some request's path); its settled spend still reaches the store every
-    flush, and the free slice goes back once the traffic stops."""
+def test_traffic_keeps_its_slice_between_flushes_and_short_pauses(tmp_path, db_url, upstream_factory):
+    """Performance guard: a budget in use claims from the store once, not after every flush or pause
+    shorter than `budget_idle_s` (each claim is a store round trip on some request's path); its settled
+    spend still reaches the store every flush, and the free slice goes back once it is idle that long."""
     from keel.gateway import budgets as budgets_module
     from keel.gateway.pipeline import Call
     from keel.gateway.protocol import ChatRequest
     from keel.identity import service as identity
     from keel.identity.principal import Principal
 
-    store, gateway = inprocess_gateway(tmp_path, db_url, upstream_factory())
+    store, gateway = inprocess_gateway(tmp_path, db_url, upstream_factory(), budget_idle_s=2.0)
     _, key = identity.create_key(store, role="member")
     stage = next(s for s in gateway.stages if isinstance(s, budgets_module.Budgets))
     budget = stage.create("key", key["id"], "day", 1.0)
@@ -414,9 +415,9 @@ def test_steady_traffic_keeps_its_slice_between_flushes(tmp_path, db_url, upstre
                         chat=ChatRequest(model="fake", messages=[{"role": "user", "content": "hi"}], max_tokens=5))
             await gateway.chat(call)
             i += 1
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(1.2 if i == 5 else 0.02)  # a pause over two flushes, shorter than idle
         seen.append(await asyncio.to_thread(stage.get, budget["id"]))  # spend written while traffic flows
-        await asyncio.sleep(3 * budgets_module.FLUSH_S)  # idle: the slice goes back
+        await asyncio.sleep(2.0 + 3 * budgets_module.FLUSH_S)  # idle: the slice goes back
         seen.append(await asyncio.to_thread(stage.get, budget["id"]))
         await gateway.deployments.close()
 

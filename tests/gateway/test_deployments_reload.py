@@ -1,0 +1,72 @@
+"""Stored deployments are re-read in the background: a request never waits on that read (it ran on the
+event loop, blocking every request in flight, once every few seconds), another replica's change is seen
+within the reload interval, and an unchanged table keeps the same objects so resolutions stay cached."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from keel.core.db import Store
+from keel.core.settings import DeploymentConfig, Settings
+from keel.gateway.deployments import Deployments
+from keel.gateway.limits import Lookups
+from keel.gateway.protocol import ProviderContext
+
+pytestmark = pytest.mark.store
+
+
+class _Gateway:
+    """What `Lookups` reads off the gateway: its deployments."""
+
+    def __init__(self, deployments: Deployments) -> None:
+        self.deployments = deployments
+
+
+def test_deployments_are_reread_off_the_request_path(tmp_path, db_url):
+    store = Store.open(db_url)
+    store.upgrade()
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, embedded_models=False,
+                        models=[DeploymentConfig(alias="static", provider="openai_compatible", model="m",
+                                                 base_url="http://127.0.0.1:9/v1")])
+    ctx = ProviderContext(get_secret=lambda name: None)
+    here = Deployments(store, settings, ctx)
+    there = Deployments(store, settings, ctx)  # another replica on the same store
+    here.RELOAD_EVERY_S = 0.2
+    lookups = Lookups(_Gateway(here), settings)
+    reads: list[str] = []
+
+    def on_execute(conn, cursor, statement, *args):
+        if "FROM deployments" in statement:
+            reads.append(threading.current_thread().name)
+
+    sa.event.listen(store.engine, "before_cursor_execute", on_execute)
+
+    async def main() -> None:
+        loop_thread = threading.current_thread().name
+        await here.start()
+        first = lookups.deployments("static", "chat")
+        version = here.version
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:  # requests for a second: five reload intervals
+            assert lookups.deployments("static", "chat") is first  # unchanged: the cached resolution
+            await asyncio.sleep(0.01)
+        assert len(reads) >= 3, reads  # the table was re-read meanwhile …
+        assert loop_thread not in reads, "the event loop read the deployments table"  # … never on the loop
+        assert here.version == version
+
+        await asyncio.to_thread(there.add, DeploymentConfig(alias="new", provider="openai_compatible", model="m",
+                                                            base_url="http://127.0.0.1:9/v1"))
+        seen_at = time.monotonic()
+        while not lookups.deployments("new", "chat"):
+            assert time.monotonic() - seen_at < 2.0, "another replica's deployment was not seen"
+            await asyncio.sleep(0.02)
+        assert here.version == version + 1
+        assert loop_thread not in reads
+        await here.close()
+        await there.close()
+
+    asyncio.run(main())
+    store.dispose()
