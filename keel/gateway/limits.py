@@ -44,6 +44,7 @@ SLICE = 0.01  # a claim asks for at most this share of a limit, and at least wha
 RELOAD_S = 2.0  # definitions are re-read this often while requests flow
 STALE_S = 3.0  # definitions older than this (an idle replica) are re-read before a request goes on
 SWEEP_S = 60.0
+PREFETCH_S = 2.5  # within a window's last seconds, the next window's slices are claimed for the limits in use
 
 rate_limits = sa.Table(
     "rate_limits", metadata,
@@ -535,11 +536,36 @@ class RateLimiter:
         for k in [k for k, b in self._buckets.items() if b.window_end < now - 5]:
             del self._buckets[k]
         loop = asyncio.get_running_loop()
+        await self._prefetch(now)
         if time.monotonic() - self._fresh.at >= RELOAD_S:
             await loop.run_in_executor(None, self.reload)
         if time.monotonic() - self._swept >= SWEEP_S:
             self._swept = time.monotonic()
             await loop.run_in_executor(None, self.counters.sweep, now)
+
+    async def _prefetch(self, now: float) -> None:
+        """Shortly before a window ends, claim the next window's slice of every limit used in this one, so
+        the first requests of the next minute need no store round trip (one claim per limit on some
+        request's path, every minute, otherwise). A slice a replica then does not use is lost for that
+        window, as any unused slice is: at most `SLICE` of each limit."""
+        start, end = self._current_window()
+        if end - now > PREFETCH_S:
+            return
+        loop = asyncio.get_running_loop()
+        for (scope, scope_id, metric, value, wstart) in list(self._buckets):
+            if wstart != start:
+                continue
+            nb = self._bucket(Limit(scope, scope_id), metric, value, end, end + WINDOW_S)
+            if nb.lock is None:
+                nb.lock = asyncio.Lock()
+            if nb.avail > 0 or nb.full or nb.lock.locked():
+                continue
+            async with nb.lock:  # a request of the new window waits for this claim instead of making its own
+                want = max(1, int(nb.limit * SLICE))
+                got = await loop.run_in_executor(None, self.counters.claim, nb.row, want, nb.limit, nb.window_end)
+                nb.avail += got
+                if got < want:
+                    nb.full = True
 
     # -- definitions (also the admin API's service functions) ----------------------------------------------
     def reload(self) -> None:

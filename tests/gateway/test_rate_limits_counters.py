@@ -53,3 +53,48 @@ def test_sweep_forgets_ended_windows(db_url):
     with store.engine.connect() as conn:
         assert [r.bucket for r in conn.execute(sa.select(rate_counters.c.bucket))] == ["current"]
     store.dispose()
+
+
+def test_the_next_windows_slices_are_claimed_before_it_starts(db_url, tmp_path, monkeypatch):
+    """Performance guard: shortly before a window ends, the limits in use claim their next window's slice
+    in the background, so the first requests of the next minute make no claim on their path."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from keel.core.settings import Settings
+    from keel.gateway import limits
+    from keel.gateway.limits import Limit, RateLimiter
+
+    store = Store.open(db_url)
+    store.upgrade()
+    claims: list[tuple[str, int]] = []
+
+    class Counting(StoreCounters):
+        def claim(self, bucket: str, want: int, limit: int, window_end: int) -> int:
+            claims.append((bucket, window_end))
+            return super().claim(bucket, want, limit, window_end)
+
+    now = [int(time.time()) // 60 * 60 + 3600 + 10.0]  # 10 s into a window
+    monkeypatch.setattr(limits, "time", SimpleNamespace(time=lambda: now[0], monotonic=time.monotonic,
+                                                        strftime=time.strftime, gmtime=time.gmtime))
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, embedded_models=False)
+    limiter = RateLimiter(store, settings, None, counters=Counting(store))  # type: ignore[arg-type]
+    lim = Limit("key", f"k{uuid.uuid4().hex}", rpm=1000, tpm=None)
+
+    async def main() -> None:
+        await limiter._admit(None, [lim], lambda: 1)  # type: ignore[arg-type]
+        assert len(claims) == 1
+        await limiter._tick()  # mid-window: nothing to do
+        assert len(claims) == 1
+        now[0] += 48.5  # 1.5 s before the window ends
+        await limiter._tick()
+        assert len(claims) == 2 and claims[1][1] == claims[0][1] + 60  # the next window's slice
+        await limiter._tick()
+        assert len(claims) == 2  # once
+        now[0] += 2  # the next window
+        for _ in range(5):
+            await limiter._admit(None, [lim], lambda: 1)  # type: ignore[arg-type]
+        assert len(claims) == 2, "a request of the new window claimed on its path"
+
+    asyncio.run(main())
+    store.dispose()
