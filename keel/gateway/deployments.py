@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any
 
@@ -60,25 +61,35 @@ class Deployments:
         self.version = 0  # bumped whenever the stored deployments change: caches of resolutions key on it
         self._loaded_at = 0.0
         self._watcher: asyncio.Task[None] | None = None
+        self._applying = threading.Lock()  # admin changes apply from worker threads, the watcher on the loop
+        self._reads = self._applied = 0  # reads numbered as they begin: one that began earlier never wins
         for cfg in static:
             registry.get(cfg.provider)  # unknown provider names fail at start
         self.reload()
 
     # -- reading ------------------------------------------------------------------------
     def reload(self) -> None:
-        self._apply(self._read())
+        self._apply(*self._read())
 
-    def _read(self) -> dict[str, Any]:
+    def _read(self) -> tuple[int, dict[str, Any]]:
+        with self._applying:
+            self._reads += 1
+            seq = self._reads
         with self.store.engine.connect() as conn:
-            return {r.id: r.config for r in conn.execute(sa.select(deployments_table.c.id, deployments_table.c.config))}
+            return seq, {r.id: r.config
+                         for r in conn.execute(sa.select(deployments_table.c.id, deployments_table.c.config))}
 
-    def _apply(self, raw: dict[str, Any]) -> None:
-        if raw != self._raw:
-            dynamic = {did: DeploymentConfig(**config) for did, config in raw.items()}
-            # Replaced, never changed in place: a reader holding the old dicts sees a consistent old state.
-            self._dynamic, self._by_alias, self._raw = dynamic, {}, raw
-            self.version += 1
-        self._loaded_at = time.monotonic()
+    def _apply(self, seq: int, raw: dict[str, Any]) -> None:
+        with self._applying:
+            if seq < self._applied:
+                return  # a read that began before the one applied already: older news
+            self._applied = seq
+            if raw != self._raw:
+                dynamic = {did: DeploymentConfig(**config) for did, config in raw.items()}
+                # Replaced, never changed in place: a reader holding the old dicts sees a consistent old state.
+                self._dynamic, self._by_alias, self._raw = dynamic, {}, raw
+                self.version += 1
+            self._loaded_at = time.monotonic()
 
     def maybe_reload(self) -> None:
         """Keep the stored deployments current: on an event loop, by a background task that re-reads them
@@ -103,7 +114,7 @@ class Deployments:
         while True:
             await asyncio.sleep(self.RELOAD_EVERY_S)
             try:
-                self._apply(await asyncio.to_thread(self._read))
+                self._apply(*await asyncio.to_thread(self._read))
             except Exception:  # a database hiccup: the next round retries, requests go on with what is known
                 log.exception("re-reading the stored deployments failed")
 

@@ -70,3 +70,19 @@ def test_deployments_are_reread_off_the_request_path(tmp_path, db_url):
 
     asyncio.run(main())
     store.dispose()
+
+
+def test_a_read_that_began_earlier_never_overwrites_a_later_one(tmp_path, db_url):
+    """The watcher's read (a worker thread) may finish after an admin change was applied; what it saw
+    is older and must not bring back the table as it was."""
+    store = Store.open(db_url)
+    store.upgrade()
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, embedded_models=False)
+    ctx = ProviderContext(get_secret=lambda name: None)
+    here = Deployments(store, settings, ctx)
+    early = here._read()  # the watcher's read, before the change
+    here.add(DeploymentConfig(alias="new", provider="openai_compatible", model="m", base_url="http://127.0.0.1:9/v1"))
+    assert here.for_alias("new")
+    here._apply(*early)  # … lands after it
+    assert here.for_alias("new"), "an older read undid a newer change"
+    store.dispose()
