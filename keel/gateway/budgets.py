@@ -13,10 +13,10 @@ limit`), and serves requests' reservations from its slice in memory; settled spe
 store every half second, a slice's free capacity once its budget saw no request for `budget_idle_s`
 (5 s), and everything at shutdown (a budget in use keeps its slice, so its requests need no store round
 trip, a client that pauses for a few seconds included; another replica waits at most that long for the
-capacity an idle one holds, at most one slice each). Every request's worst case was granted by the store before the call, and the store never grants
-past the limit, so spend cannot pass it — as long as a call costs no more than its worst case, i.e. the
-provider's `count_tokens` does not undercount the prompt (a call that costs more is logged as a warning
-and its real cost is recorded).
+capacity an idle one holds, at most one slice each). Every request's worst case was granted by the
+store before the call, and the store never grants past the limit, so spend cannot pass it — as long as
+a call costs no more than its worst case, i.e. the provider's `count_tokens` does not undercount the
+prompt (a call that costs more is logged as a warning and its real cost is recorded).
 
 A replica's slice is also written as a hold (`budget_holds`) that it renews. A replica that dies leaves
 its hold to expire; any replica then counts the held amount as spent — it cannot know how much really

@@ -87,8 +87,9 @@ class Authenticator:
             if len(self._cache) > 10_000:
                 self._cache.clear()
             self._cache[key] = [checked + self.ttl, principal, self.clock()]
-            if self._refresher is None or self._refresher.done():
-                self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop(), name="keel-auth")
+            loop, refresher = asyncio.get_running_loop(), self._refresher
+            if refresher is None or refresher.done() or refresher.get_loop() is not loop:
+                self._refresher = loop.create_task(self._refresh_loop(), name="keel-auth")
         fut.set_result(principal)
 
     async def refresh(self) -> None:
