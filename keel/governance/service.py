@@ -51,6 +51,7 @@ class Governance:
         self.stages = [PolicyStage(self), GuardStage(self)]
         self._guards: tuple[int, dict[str, Guard]] | None = None
         self._teams: dict[str, tuple[float, str | None]] = {}
+        self._team_reads: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- used by the stages -----------------------------------------------------------------
@@ -66,18 +67,34 @@ class Governance:
         return self._guards[1]
 
     async def team_classification(self, team_id: str | None) -> str | None:
+        """The team's default classification, cached for TEAM_CACHE_S: an entry past half of that is
+        re-read in the background while requests go on with it (a team in use never waits on the store);
+        one past the whole time is never used."""
         if team_id is None:
             return None
         hit = self._teams.get(team_id)
         now = time.monotonic()
-        if hit and hit[0] > now:
+        if hit is not None and hit[0] > now:
+            if hit[0] - now < TEAM_CACHE_S / 2 and team_id not in self._team_reads:
+                task = asyncio.get_running_loop().create_task(self._refresh_team(team_id))
+                self._team_reads[team_id] = task
+                task.add_done_callback(lambda _t: self._team_reads.pop(team_id, None))
             return hit[1]
+        return await self._read_team(team_id)
+
+    async def _refresh_team(self, team_id: str) -> None:
         try:
-            team = await run_in_threadpool(identity.get_team, self.store, team_id)
-            value = team["classification"]
+            await self._read_team(team_id)
+        except Exception:  # the entry runs out on its own; the next request past it reads the store itself
+            log.exception("re-reading a team's classification failed", extra={"team_id": team_id})
+
+    async def _read_team(self, team_id: str) -> str | None:
+        started = time.monotonic()
+        try:
+            value = (await run_in_threadpool(identity.get_team, self.store, team_id))["classification"]
         except NotFound:
             value = None
-        self._teams[team_id] = (now + TEAM_CACHE_S, value)
+        self._teams[team_id] = (started + TEAM_CACHE_S, value)
         return value
 
     async def audit_async(self, action: str, call: Call, **details: Any) -> None:
