@@ -44,7 +44,7 @@ from keel.core.db import Store, metadata
 from keel.core.errors import BudgetExceeded, Conflict, NotFound
 from keel.core.ids import new_id
 from keel.core.settings import Settings
-from keel.gateway.limits import Fresh, Lookups, Ticker, after_call, prompt_tokens
+from keel.gateway.admission import Fresh, Lookups, Ticker, after_call, prompt_tokens
 from keel.gateway.pipeline import Call, Gateway, Next
 from keel.gateway.protocol import Usage
 

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from keel.core.db import Store
 from keel.core.settings import DeploymentConfig, Settings
 from keel.gateway.deployments import Deployments
-from keel.gateway.limits import Lookups
+from keel.gateway.admission import Lookups
 from keel.gateway.protocol import ProviderContext
 
 pytestmark = pytest.mark.store
