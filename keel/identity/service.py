@@ -183,12 +183,10 @@ def count_keys(store: Store) -> int:
 
 def verify_key(store: Store, key: str) -> Principal:
     """The principal behind `key`, or `Unauthorized` (unknown, malformed, expired, revoked)."""
-    prefix = split_key(key)
-    if prefix is None:
-        raise Unauthorized("API key is malformed", fix=f"send `Authorization: Bearer {KEY_PREFIX}…`")
-    with store.read() as conn:
-        r = conn.execute(sa.select(api_keys).where(api_keys.c.prefix == prefix)).first()
-    return _principal(r, key)
+    result = verify_keys(store, [key])[key]
+    if isinstance(result, Unauthorized):
+        raise result
+    return result
 
 
 def verify_keys(store: Store, keys: list[str]) -> dict[str, Principal | Unauthorized]:
@@ -202,6 +200,8 @@ def verify_keys(store: Store, keys: list[str]) -> dict[str, Principal | Unauthor
             out[key] = Unauthorized("API key is malformed", fix=f"send `Authorization: Bearer {KEY_PREFIX}…`")
         else:
             by_prefix.setdefault(prefix, []).append(key)
+    if not by_prefix:
+        return out  # malformed keys only: no store round trip
     prefixes = list(by_prefix)
     rows: dict[str, Any] = {}
     with store.read() as conn:
