@@ -336,3 +336,61 @@ def test_a_request_leaves_nothing_for_the_cyclic_collector(keel):
     assert not kinds & {"_Hot", "Task", "coroutine", "Call", "JSONAnswer", "Context", "StarletteRequest",
                         "Request"}, kinds
     c.close()
+
+
+class Heads:
+    """Records which parser read each hot request (`_whole` or llhttp) and the scope it was served with."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.whole: list[bool] = []
+        self.scopes: list[dict[str, Any]] = []
+        real_whole, real_serve = hotserve.HotProtocol._whole, hotserve.HotProtocol._serve
+
+        def whole(protocol: hotserve.HotProtocol, data: bytes) -> bool:
+            took = real_whole(protocol, data)
+            self.whole.append(took)
+            return took
+
+        async def serve(protocol: hotserve.HotProtocol, hot: Any) -> None:
+            self.scopes.append({k: v for k, v in hot.scope.items() if k not in ("state", "app", "keel.send_now")})
+            await real_serve(protocol, hot)
+
+        monkeypatch.setattr(hotserve.HotProtocol, "_whole", whole)
+        monkeypatch.setattr(hotserve.HotProtocol, "_serve", serve)
+
+
+def test_a_whole_request_in_one_read_is_served_as_llhttp_would_serve_it(keel, monkeypatch):
+    heads = Heads(monkeypatch)
+    c = Conn(keel["port"])
+    one = request(keel["key"], chat(), extra="X-Request-Id: same\r\nX-Pad:\t padded \r\n")
+    c.send(one)
+    first = c.read()
+    split = one.index(b"X-Pad")
+    c.send(one[:split])  # the same request in two reads: llhttp parses it
+    time.sleep(0.05)
+    c.send(one[split:])
+    second = c.read()
+    assert heads.whole[0] is True and heads.whole[1] is False and len(heads.scopes) == 2
+    assert heads.scopes[0] == heads.scopes[1]  # the same scope, headers (lower-case, trimmed) included
+    assert (b"x-pad", b"padded") in heads.scopes[0]["headers"]
+    assert first[0] == second[0] == 200 and first[1]["x-request-id"] == second[1]["x-request-id"] == "same"
+    c.send(request(keel["key"], chat(), extra="Connection: close\r\n"))  # whole, and the connection closes
+    status, headers, _ = c.read()
+    assert status == 200 and headers["connection"] == "close" and c.closed() and heads.whole[-1] is True
+    c.close()
+
+
+@pytest.mark.parametrize("extra, status", [
+    ("Content-Length: 3\r\n", 400),  # a second length: llhttp refuses it
+    ("X-Folded: a\r\n b\r\n", 400),  # obs-fold
+    ("X-Bad: a\x01b\r\n", 400),  # a control character in a value
+    ("Bad Name: x\r\n", 400),  # a name that is not a token
+    ("Upgrade: h2c\r\nConnection: upgrade\r\n", 400),  # uvicorn refuses the upgrade, as without `_whole`
+])
+def test_heads_the_strict_pattern_does_not_take_go_to_llhttp(keel, monkeypatch, extra, status):
+    heads = Heads(monkeypatch)
+    c = Conn(keel["port"])
+    c.send(request(keel["key"], chat(), extra=extra))
+    assert c.read()[0] == status
+    assert heads.whole == [False]
+    c.close()

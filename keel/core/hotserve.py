@@ -8,12 +8,16 @@ path with a `Content-Length` body within the limit, no `Expect`, no upgrade, and
 on the connection; the endpoint then gets the whole body at once and its answer leaves in one write.
 Every other request (chunked bodies, pipelined ones, query strings, other routes) takes uvicorn's
 path unchanged, where `RequestContext` serves the same endpoints: the two paths answer alike.
+
+A qualifying request that arrives whole in one read, between messages, is taken apart here (`_whole`)
+without llhttp's Python callback per header; anything the strict pattern does not accept goes to llhttp.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 from starlette.requests import Request as StarletteRequest
@@ -23,6 +27,11 @@ from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, ST
 from keel.core.http import SEND_NOW, HotEndpoint, RequestContext, StreamedResponse
 
 log = logging.getLogger("keel.http")
+
+# A hot request's head as `_whole` takes it: `POST`, an origin-form target without a query, HTTP/1.1,
+# header lines whose names are tokens and whose values hold no control character but tab.
+_REQUEST = re.compile(rb"POST (/[!-~]*) HTTP/1\.1(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t -~\x80-\xff]*)*")
+_NOT_WHOLE = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 
 
 class _Hot:
@@ -62,6 +71,60 @@ class HotProtocol(HttpToolsProtocol):
     context: RequestContext
     paths: frozenset[bytes]
     _hot: _Hot | None = None  # the hot request in flight, even once a pipelined one became `cycle`
+    _mid = False  # llhttp is inside a message (it began one and has not completed it)
+
+    def data_received(self, data: bytes) -> None:
+        if self._mid or not self._whole(data):
+            super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        self._mid = True
+        super().on_message_begin()
+
+    def _whole(self, data: bytes) -> bool:
+        """Serve `data` if it is exactly one qualifying request (the conditions of `on_headers_complete`
+        and `_qualifies`); False, having changed nothing, for llhttp to parse it instead."""
+        cycle = self.cycle
+        if (cycle is not None and not cycle.response_complete) or self.pipeline or self.limit_concurrency is not None:
+            return False
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or (m := _REQUEST.fullmatch(data, 0, end)) is None or (url := m.group(1)) not in self.paths:
+            return False
+        headers: list[tuple[bytes, bytes]] = []
+        length = None
+        keep_alive = True
+        for line in data[m.end(1) + 11:end].split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            name, value = name.lower(), value.strip(b" \t")
+            if name == b"content-length":
+                if length is not None or not value.isdigit():
+                    return False
+                length = int(value)
+            elif name in _NOT_WHOLE:
+                return False
+            elif name == b"connection":
+                tokens = value.lower()
+                if b"upgrade" in tokens:
+                    return False
+                keep_alive = keep_alive and b"close" not in tokens
+            headers.append((name, value))
+        if length is None or length > self.context.max_body or length != len(data) - end - 4:
+            return False
+        endpoint = self.context.hot.get(("POST", url.decode("ascii")))
+        if endpoint is None:
+            return False
+        self._unset_keepalive_if_required()
+        self.url, self.headers, self.expect_100_continue = url, headers, False
+        self.scope = scope = {  # type: ignore[typeddict-item]  # what uvicorn's callbacks would have built
+            "type": "http", "asgi": {"version": self.asgi_version, "spec_version": "2.3"}, "http_version": "1.1",
+            "server": self.server, "client": self.client, "scheme": self.scheme, "root_path": self.root_path,
+            "headers": headers, "state": self.app_state.copy(), "method": "POST", "path": url.decode("ascii"),
+            "raw_path": url, "query_string": b""}
+        self.cycle = self._hot = hot = _Hot(endpoint, scope, keep_alive)  # type: ignore[assignment]
+        if length:
+            hot.body.append(data[end + 4:])
+        self.on_message_complete()
+        return True
 
     def on_headers_complete(self) -> None:
         cycle = self.cycle
@@ -110,6 +173,7 @@ class HotProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._mid = False
         hot = self.cycle
         if type(hot) is not _Hot:
             super().on_message_complete()

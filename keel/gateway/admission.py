@@ -1,6 +1,6 @@
 """What the two admission stages, rate limits and budgets, share: definitions kept fresh (`Fresh`), a
 supervised background loop (`Ticker`), cached alias and provider lookups (`Lookups`), the prompt size a
-limit or budget reserves on (`prompt_tokens`), and settling once a call is over (`after_call`, which
+limit or budget reserves on (`prompt_tokens`), and settling once a call is over (`settled`, which
 wraps streams in one `Observed`)."""
 
 from __future__ import annotations
@@ -199,14 +199,19 @@ class Observed:
         self._finish()
 
 
-async def after_call(call: Call, result: Awaitable[Any], done: Done) -> Any:
-    """Await `result` and call `done(usage)` once the call is over: at once for an answer (`None` for an
-    error: no usage known), at the end or close of a stream."""
-    try:
-        out = await result
-    except BaseException:
-        done(None)
-        raise
+def settled(call: Call, out: Any, done: Done) -> Any:
+    """`out`, what the rest of the path returned for `call`, with `done(usage)` called once the call is
+    over: at once for an answer, at the end or close of a stream. A stage awaits the rest of the path
+    itself and calls `done(None)` when it raises (no usage known), so no coroutine layer is added here:
+    every layer is resumed again when the upstream answers.
+
+    >>> try:
+    ...     out = await nxt(call)
+    ... except BaseException:
+    ...     done(None)
+    ...     raise
+    >>> return settled(call, out, done)
+    """
     if isinstance(out, ChatResult):
         done(out.usage)
     elif isinstance(out, EmbedResult):

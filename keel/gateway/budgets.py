@@ -44,7 +44,7 @@ from keel.core.db import Store
 from keel.core.errors import BudgetExceeded
 from keel.core.ids import new_id
 from keel.core.settings import Settings
-from keel.gateway.admission import Fresh, Lookups, Ticker, after_call, prompt_tokens
+from keel.gateway.admission import Fresh, Lookups, Ticker, prompt_tokens, settled
 from keel.gateway.budget_admin import (
     NANO, BudgetAdmin, budget_events, budget_holds, budget_usage, budgets, period_bounds, usd,
 )
@@ -179,7 +179,12 @@ class Budgets(BudgetAdmin):
                 log.warning("call cost more than its reserved worst case",
                             extra={"request_id": call.request_id, "cost": usd(cost), "reserved": usd(worst)})
 
-        return await after_call(call, nxt(call), settle)
+        try:
+            out = await nxt(call)
+        except BaseException:
+            settle(None)
+            raise
+        return settled(call, out, settle)
 
     def worst_case(self, call: Call) -> int:
         """The most the call can cost, in nano-dollars, over every deployment that may serve it."""

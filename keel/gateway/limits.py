@@ -33,7 +33,7 @@ from keel.core.clock import utcnow
 from keel.core.db import Store, metadata
 from keel.core.errors import ConfigError, NotFound, RateLimited
 from keel.core.settings import DeploymentConfig, Settings
-from keel.gateway.admission import Fresh, Lookups, Ticker, after_call, prompt_tokens
+from keel.gateway.admission import Done, Fresh, Lookups, Ticker, prompt_tokens, settled
 from keel.gateway.pipeline import Call, Gateway, Next
 from keel.gateway.protocol import Provider, Usage
 
@@ -208,8 +208,16 @@ class RateLimiter:
         if key is None and team is None:
             return await nxt(call)
         limits = [lim for lim in (key, team) if lim is not None]
-        taken = await self._admit(call, limits, lambda: prompt_tokens(call, self._alias_provider(call)))
-        return await self._run(call, nxt(call), taken)
+        needs = self._needs(limits, lambda: prompt_tokens(call, self._alias_provider(call)))
+        correct = await self._admit(call, needs)
+        if correct is None:
+            return await nxt(call)
+        try:
+            out = await nxt(call)
+        except BaseException:
+            correct(None)
+            raise
+        return settled(call, out, correct)
 
     def wrap_invoke(self, invoke: Callable[[Call, DeploymentConfig], Awaitable[Any]]
                     ) -> Callable[[Call, DeploymentConfig], Awaitable[Any]]:
@@ -225,9 +233,16 @@ class RateLimiter:
                 if len(own) > 1000:
                     own.clear()
                 held = own[id(cfg)] = (cfg, Limit("deployment", cfg.deployment_id(), cfg.rpm, cfg.tpm))
-            lim = held[1]
-            taken = await self._admit(call, [lim], lambda: prompt_tokens(call, self.lookups.provider(cfg)))
-            return await self._run(call, invoke(call, cfg), taken)
+            needs = self._needs([held[1]], lambda: prompt_tokens(call, self.lookups.provider(cfg)))
+            correct = await self._admit(call, needs)
+            if correct is None:
+                return await invoke(call, cfg)
+            try:
+                out = await invoke(call, cfg)
+            except BaseException:
+                correct(None)
+                raise
+            return settled(call, out, correct)
 
         return guarded
 
@@ -235,10 +250,10 @@ class RateLimiter:
         deps = self.lookups.deployments(call.alias, "embedding" if call.kind == "embedding" else "chat")
         return self.lookups.provider(deps[0]) if deps else None
 
-    async def _admit(self, call: Call, limits: list[Limit], estimate: Callable[[], int]) -> Taken:
-        """Take one request and the prompt estimate from every limit, or none of them and raise 429."""
+    def _needs(self, limits: list[Limit], estimate: Callable[[], int]) -> Taken:
+        """What the call takes from each of the limits' buckets in the current window."""
         start, end = self._current_window()
-        taken: Taken = []
+        needs: Taken = []
         tokens: int | None = None
         for lim in limits:
             for metric, value in (("rpm", lim.rpm), ("tpm", lim.tpm)):
@@ -247,28 +262,42 @@ class RateLimiter:
                 if metric == "tpm":
                     tokens = estimate() if tokens is None else tokens
                 need = 1 if metric == "rpm" else max(tokens or 0, 1)
-                bucket = self._bucket(lim, metric, value, start, end)
-                if bucket.avail >= need:  # the common case, without a coroutine
-                    bucket.avail -= need
-                elif not await self._take(bucket, need):
-                    for b, n in taken:
-                        b.avail += n
-                    raise self._refused(bucket, need)
-                taken.append((bucket, need))
-        return taken
+                needs.append((self._bucket(lim, metric, value, start, end), need))
+        return needs
 
-    async def _run(self, call: Call, result: Awaitable[Any], taken: Taken) -> Any:
-        """Await the call; when it is over, correct the tokens taken on the estimate to the real usage."""
+    async def _admit(self, call: Call, needs: Taken) -> Done | None:
+        """Take `needs` from every bucket, or none of them and raise 429. Gives what corrects the tokens
+        taken on the estimate to the real usage once the call is over (None: no limit counts tokens)."""
+        for bucket, need in needs:
+            if bucket.avail < need:
+                break
+        else:  # the common case: all in memory, nothing awaited
+            for bucket, need in needs:
+                bucket.avail -= need
+            return self._corrector(call, needs)
+        taken: Taken = []
+        for bucket, need in needs:
+            if bucket.avail >= need:
+                bucket.avail -= need
+            elif not await self._take(bucket, need):
+                for b, n in taken:
+                    b.avail += n
+                raise self._refused(bucket, need)
+            taken.append((bucket, need))
+        return self._corrector(call, taken)
+
+    @staticmethod
+    def _corrector(call: Call, taken: Taken) -> Done | None:
         tokens = [(b, n) for b, n in taken if b.metric == "tpm"]
         if not tokens:
-            return await result
+            return None
 
         def correct(usage: Usage | None) -> None:
             used = 0 if usage is None or call.cache_hit else usage.total_tokens
             for b, n in tokens:
                 b.avail += n - used
 
-        return await after_call(call, result, correct)
+        return correct
 
     async def _take(self, b: Bucket, need: int) -> bool:
         if b.avail >= need:

@@ -47,9 +47,10 @@ class Call:
     cache_hit: bool = False
     saved_cost: float = 0.0
     annotations: dict[str, Any] = field(default_factory=dict)
-    # Sends a chat answer to the client as soon as the router has it, before the stages' bookkeeping
-    # (settlement, ledger row) runs; set by the HTTP layer when it can. A stage that may still change
-    # or refuse the answer once `nxt` returns (output guards, the policy's tripwire) clears it first.
+    # Sends a chat answer to the client as soon as the provider returns it, before the router's and the
+    # stages' bookkeeping (settlement, ledger row) runs; set by the HTTP layer when it can. A stage that
+    # may still change or refuse the answer once `nxt` returns (output guards, the policy's tripwire)
+    # clears it first.
     answer: Callable[[ChatResult], None] | None = None
 
     @property
@@ -145,24 +146,24 @@ class Gateway:
             self.check_capabilities(call, cfg, prov)
             if call.stream:
                 return prov.stream(call.chat)  # type: ignore[arg-type]
-            return await prov.chat(call.chat)  # type: ignore[arg-type]
+            result = await prov.chat(call.chat)  # type: ignore[arg-type]
         finally:
             call.upstream_ms += (time.perf_counter() - t0) * 1000
+        # A provider's answer is final: no stage left it `call.answer` if it may still change it, and the
+        # router never retries a success. So it leaves here, before the router's and the deployment
+        # limit's bookkeeping, not after them.
+        answer = call.answer
+        if answer is not None:
+            call.answer = None
+            answer(result)
+        return result
 
     def _chain(self) -> Next:
         """The stages wrapped around the terminal step; built once per (stages, terminal) pair, since
         both are set after construction (the app factory, tests) but not per request."""
         key = (tuple(self.stages), self.call_deployment)
         if self._chain_key != key:
-            terminal = self.call_deployment
-
-            async def answered(call: Call) -> Any:
-                result = await terminal(call)
-                if call.answer is not None and type(result) is ChatResult:
-                    call.answer(result)
-                return result
-
-            nxt: Next = answered
+            nxt: Next = self.call_deployment  # it reaches `invoke`, which sends the early answer
             for stage in reversed(self.stages):
                 nxt = (lambda s, n: (lambda c: s.handle(c, n)))(stage, nxt)
             self._chain_key, self._chained = key, nxt

@@ -337,14 +337,17 @@ class Router:
         st.in_flight += 1
         t0 = time.perf_counter()
         try:
+            # An answer is awaited straight from `invoke` (each layer in between is resumed again when
+            # the upstream answers); a stream goes through `_first_delta`.
             if self._needs_guard(cfg):
                 try:
                     async with asyncio.timeout(cfg.timeout_s + TIMEOUT_GRACE_S):
-                        result = await self._invoke(call, cfg)
+                        result = await (self._first_delta(call, cfg) if call.stream
+                                        else self.gateway.invoke(call, cfg))
                 except TimeoutError:
                     raise upstream_error(None, "", cfg.deployment_id(), timeout=True) from None
             else:
-                result = await self._invoke(call, cfg)
+                result = await (self._first_delta(call, cfg) if call.stream else self.gateway.invoke(call, cfg))
         except BaseException as exc:
             st.in_flight -= 1
             kind = classify(exc)
@@ -362,11 +365,9 @@ class Router:
         st.in_flight -= 1
         return result
 
-    async def _invoke(self, call: Call, cfg: DeploymentConfig) -> Any:
-        """The provider's answer; for a stream, (the stream, its first delta or None)."""
+    async def _first_delta(self, call: Call, cfg: DeploymentConfig) -> Any:
+        """A stream's provider iterator and its first delta (None for an empty stream)."""
         result = await self.gateway.invoke(call, cfg)
-        if not call.stream:
-            return result
         t1 = time.perf_counter()
         try:
             return result, await result.__anext__()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import numpy as np
@@ -193,7 +193,10 @@ async def chat_completions(body: ChatCompletionBody, request: Request,
     return await _chat(chat_body(body), request, p)
 
 
-async def _chat(data: dict[str, Any], request: Request, p: Principal) -> Response:
+async def _chat(data: dict[str, Any], request: Request, p: Principal | None = None) -> Response:
+    """`p` None: the principal is resolved here (the hot path, one coroutine layer less)."""
+    if p is None:
+        p = await principal(request)
     gw = _gateway(request)
     call = Call(request_id=request_id_var.get() or "", principal=p, kind="chat", alias=data["model"],
                 chat=chat_request(data), metadata=dict(data.get("metadata") or {}))
@@ -272,8 +275,8 @@ async def get_model(alias: str, request: Request, p: Principal = Depends(princip
 def hot_routes() -> dict[tuple[str, str], HotEndpoint]:
     """The two busiest endpoints, served ahead of the framework router (see `RequestContext`)."""
 
-    async def chat(body: ChatCompletionBody | dict[str, Any], request: Request) -> Response:
-        return await _chat(chat_body(body), request, await principal(request))
+    def chat(body: ChatCompletionBody | dict[str, Any], request: Request) -> Awaitable[Response]:
+        return _chat(chat_body(body), request)
 
     async def embed(body: EmbeddingsBody, request: Request) -> Response:
         return await embeddings(body, request, await principal(request))

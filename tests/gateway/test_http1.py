@@ -130,11 +130,98 @@ def test_body_framings_and_interim_answers(answer, body):
     run(main())
 
 
+# One keep-alive connection answering, in turn, heads the whole-answer path takes and ones it leaves to
+# llhttp (chunked, 1xx first, no reason phrase, 204, pieces): each must read the same either way.
+MIXED = [
+    (ok(b"first", b"X-Twice: a\r\nx-twice: b\r\n"), 200, b"first", {"x-twice": "a, b"}),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 200, b"abc", {}),
+    (b"HTTP/1.1 503\r\ncontent-length:4\r\nRetry-After:\t7\r\n\r\nbusy", 503, b"busy", {"retry-after": "7"}),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok", 201, b"ok", {}),
+    (b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", 204, b"", {}),
+    (ok(b""), 200, b"", {"content-length": "0"}),
+    (ok(b"in pieces"), 200, b"in pieces", {}),
+    (ok(b"last"), 200, b"last", {}),
+]
+
+
+def test_whole_answers_and_llhttp_answers_alternate_on_one_connection():
+    async def scripted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for answer, *_ in MIXED:
+            await read_request(reader)
+            if answer == ok(b"in pieces"):
+                for i in range(0, len(answer), 5):
+                    writer.write(answer[i:i + 5])
+                    await writer.drain()
+                    await asyncio.sleep(0.005)
+            else:
+                writer.write(answer)
+                await writer.drain()
+        await read_request(reader)
+
+    async def main() -> None:
+        async with Server(scripted) as srv:
+            client = http1.Client(srv.origin)
+            for _, status, body, headers in MIXED:
+                resp = await client.post("/", b"q", b"")
+                assert (resp.status, await resp.read()) == (status, body)
+                assert headers.items() <= resp.headers.items()
+            assert srv.connections == 1
+
+    run(main())
+
+
+@pytest.mark.parametrize("answer", [
+    ok(b"bye", b"Connection: close\r\n"),
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: Keep-Alive, Close\r\n\r\nbye",
+])
+def test_a_whole_answer_that_says_close_is_not_reused(answer):
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader):
+            writer.write(answer)
+            await writer.drain()
+
+    async def main() -> None:
+        async with Server(handler) as srv:
+            client = http1.Client(srv.origin)
+            for _ in range(3):
+                assert await (await client.post("/", b"", b"")).read() == b"bye"
+            assert srv.connections == 3
+
+    run(main())
+
+
+def test_a_whole_answer_in_one_read_skips_llhttp():
+    conn = http1._Connection(http1.Client("http://127.0.0.1:9"))
+    conn.response = resp = http1.Response(conn)
+    conn.data_received(ok(b'{"a": 1}', b"Content-Type: application/json\r\n"))
+    assert not conn._fed  # llhttp never saw it
+    assert (resp.status, resp._done, resp._keep, resp._chunks) == (200, True, True, [b'{"a": 1}'])
+    assert resp.headers == {"content-length": "8", "content-type": "application/json"}
+    conn.response = resp = http1.Response(conn)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n{")  # the rest comes later
+    assert conn._fed and resp.status == 200 and not resp._done
+    conn.data_received(b'"a": 1}')
+    assert resp._done and resp._chunks == [b"{", b'"a": 1}']
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabcHTTP/1.1 200 OK\r\n",
+])
+def test_ambiguous_framing_is_left_to_llhttp(answer):
+    """Two lengths, a length with chunked, or bytes after the body: never read as a whole answer here."""
+    conn = http1._Connection(http1.Client("http://127.0.0.1:9"))
+    conn.response = http1.Response(conn)
+    assert conn._whole(conn.response, answer) is False
+
+
 @pytest.mark.parametrize("answer, message", [
     (b"", "without answering"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial", "before its answer ended"),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", "before its answer ended"),
     (b"SMTP ready\r\n\r\n", "malformed HTTP response"),
+    (b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n b\r\nContent-Length: 3\r\n\r\nfld", "malformed HTTP response"),
 ])
 def test_early_closes_and_garbage_are_protocol_errors(answer, message):
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -285,3 +285,20 @@ def test_max_retries_retries_the_same_deployment_before_moving_on(build, fake_a,
     run(gw, gw.chat(call))
     assert call.deployment.deployment_id() == "s/b"
     assert [a["deployment"] for a in call.annotations["attempts"]] == ["s/a", "s/a", "s/b"]
+
+
+def test_the_early_answer_leaves_before_the_routers_bookkeeping(build, fake_a):
+    """`call.answer` gets the provider's result while the attempt is still open (in flight, not yet in
+    the attempts record); once the call returns, the router has settled it."""
+    gw, router = build([dict(alias="m", model="gpt", id="m/a", base_url=fake_a.url)])
+    call = new_call("m")
+    seen: list[tuple[int, int, str | None]] = []
+
+    def answer(result: Any) -> None:
+        seen.append((router.snapshot()["m/a"]["in_flight"], len(call.annotations["attempts"]), result.content))
+
+    call.answer = answer
+    result = run(gw, gw.chat(call))
+    assert seen == [(1, 0, result.content)] and result.content
+    assert call.answer is None and router.snapshot()["m/a"]["in_flight"] == 0
+    assert [a["deployment"] for a in call.annotations["attempts"]] == ["m/a"]
