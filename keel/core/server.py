@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -57,10 +58,17 @@ def config_for(app: Any, settings: Settings) -> uvicorn.Config:
                           server_header=False, proxy_headers=False)
 
 
+# How long the event loop's thread may wait for the GIL while a worker thread (a ledger or budget flush,
+# a few ms of SQLAlchemy) holds it: CPython's default is 5 ms. Measured at concurrency 1, the requests
+# that met a flush set the added p99 (1.9 ms added p99 at the default, 1.1 ms at 0.5 ms, p50 unchanged).
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 def run(app: Any, settings: Settings, on_ready: Callable[[str], None] | None = None) -> None:
     """Serve `app` with uvicorn; SIGINT/SIGTERM drain requests and run shutdown."""
     server = _Server(config_for(app, settings))
     configure_logging(settings.log_level)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
     async def _serve() -> None:
         task = asyncio.create_task(server.serve())

@@ -234,9 +234,8 @@ class Router:
         first delta). Raises the last error when every deployment failed, or Unavailable/Forbidden when
         none could even be tried.
 
-        Each coroutine layer on the path is resumed again when the upstream answers (measured at
-        concurrency 1, ~10 µs a layer), so an alias without fallbacks is served by `_try_alias` alone and
-        one attempt is inlined there."""
+        Each coroutine layer on the path is resumed again when the upstream answers, so an alias without
+        fallbacks is served by `_try_alias` alone, and one attempt is inlined there."""
         primary = self.gateway.resolve(call)  # the key's scope is checked for the requested alias only
         attempts: list[dict[str, Any]] = []
         call.annotations["attempts"] = attempts
