@@ -122,8 +122,7 @@ class BudgetAdmin:
         with self.store.engine.connect() as conn:
             r = conn.execute(sa.select(budgets).where(budgets.c.id == budget_id)).first()
             if r is None:
-                raise NotFound(f"budget {budget_id!r} does not exist", fix="list budgets at GET /admin/budgets",
-                               budget_id=budget_id)
+                raise _unknown(budget_id)
             out = self._public(conn, r)
             e = budget_events.c
             rows = conn.execute(sa.select(budget_events).where(e.budget_id == budget_id)
@@ -157,8 +156,7 @@ class BudgetAdmin:
         with self.store.engine.begin() as conn:
             r = conn.execute(sa.select(budgets).where(b.id == budget_id)).first()
             if r is None:
-                raise NotFound(f"budget {budget_id!r} does not exist", fix="list budgets at GET /admin/budgets",
-                               budget_id=budget_id)
+                raise _unknown(budget_id)
             limit = to_nano(amount) if amount is not None else int(r.limit_nano)
             pct = alert_percent if alert_percent is not None else r.alert_percent
             conn.execute(budgets.update().where(b.id == budget_id).values(
@@ -176,9 +174,13 @@ class BudgetAdmin:
         with self.store.engine.begin() as conn:
             # Lock in the order every other writer uses — budget, usage rows, holds — so none deadlocks.
             if conn.execute(sa.select(budgets.c.id).where(budgets.c.id == budget_id).with_for_update()).first() is None:
-                raise NotFound(f"budget {budget_id!r} does not exist", fix="list budgets at GET /admin/budgets",
-                               budget_id=budget_id)
+                raise _unknown(budget_id)
             conn.execute(sa.select(u.id).where(u.budget_id == budget_id).order_by(u.id).with_for_update())
             conn.execute(budget_holds.delete().where(budget_holds.c.usage_id.like(f"{budget_id}@%")))
             conn.execute(budgets.delete().where(budgets.c.id == budget_id))
         self.reload()
+
+
+def _unknown(budget_id: str) -> NotFound:
+    return NotFound(f"budget {budget_id!r} does not exist", fix="list budgets at GET /admin/budgets",
+                    budget_id=budget_id)
