@@ -332,12 +332,7 @@ class Client:
             while not r.status:
                 if r._error is not None:
                     raise r._error
-                # `Response._wait` inlined: this coroutine is resumed when the answer comes, one layer less
-                r._waiter = fut = asyncio.get_running_loop().create_future()
-                try:
-                    await fut
-                finally:
-                    r._waiter = None
+                await r._wait(None)
         except BaseException:
             r.close()
             raise
