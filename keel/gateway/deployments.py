@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from keel.core.clock import utcnow
 from keel.core.db import Store
-from keel.core.errors import BadRequest, Conflict, NotFound, ValidationFailed
+from keel.core.errors import BadRequest, ConfigError, Conflict, NotFound, ValidationFailed
 from keel.core.settings import DeploymentConfig, Settings
 from keel.core.tasks import stop_task
 from keel.gateway import registry
@@ -163,7 +163,12 @@ class Deployments:
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise ValidationFailed(f"invalid deployment: {problems}", fix="correct the named fields") from None
-        registry.get(cfg.provider)
+        try:
+            registry.get(cfg.provider)
+        except ConfigError:  # a config file's mistake stops the start; an API caller's is the caller's
+            raise ValidationFailed(f"invalid deployment: provider: unknown provider {cfg.provider[:100]!r}",
+                                   fix=f"use one of: {', '.join(registry.names())}, or install its plugin",
+                                   provider=cfg.provider[:100]) from None
         return cfg
 
     def add(self, cfg: DeploymentConfig) -> dict[str, Any]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
@@ -19,6 +17,7 @@ from keel.identity.auth import principal
 from keel.identity.principal import Principal
 
 router = APIRouter()
+SEQ_MAX = 2**63 - 1  # audit sequence numbers and policy versions are 64-bit integers in every store
 
 
 class DecisionIn(BaseModel):
@@ -27,12 +26,20 @@ class DecisionIn(BaseModel):
     reason: str | None = Field(default=None, max_length=4000)
 
 
+class CollectionRef(BaseModel):
+    """A collection the tested request would read: its id (for the explanation) and classification."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = Field(default=None, max_length=300)
+    classification: str | None = Field(default=None, max_length=100)
+
+
 class PolicyTestIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1)
     classification: str | None = None
     team: str | None = Field(default=None, description="team id or name whose default applies")
-    collections: list[dict[str, Any]] = Field(default_factory=list, description="[{id, classification}]")
+    collections: list[CollectionRef] = Field(default_factory=list, max_length=1000)
     use_case: str | None = None
 
 
@@ -54,8 +61,9 @@ def _audit_scope(p: Principal) -> str | None:
 
 @router.get("/v1/audit", tags=["audit"])
 async def list_audit(request: Request, action: str | None = None, actor: str | None = None,
-                     before: int | None = None, after: int | None = None, limit: int = 100,
-                     p: Principal = Depends(principal)) -> Response:
+                     before: int | None = Query(None, ge=0, le=SEQ_MAX, description="events with a lower seq"),
+                     after: int | None = Query(None, ge=0, le=SEQ_MAX, description="events with a higher seq"),
+                     limit: int = Query(100, ge=1, le=1000), p: Principal = Depends(principal)) -> Response:
     """Audit events, newest first (`after` pages forward). Read-only for everyone: there is no edit."""
     _auditor(p)
     rows = await run_in_threadpool(_gov(request).audit.events, team_id=_audit_scope(p), action=action,
@@ -95,7 +103,7 @@ def parse_anchor(anchor: str | None) -> tuple[int, str] | None:
 # -- reviews ----------------------------------------------------------------------------------
 
 @router.get("/v1/reviews", tags=["reviews"])
-async def list_reviews(request: Request, status: str | None = "pending", limit: int = 100,
+async def list_reviews(request: Request, status: str | None = "pending", limit: int = Query(100, ge=1, le=500),
                        p: Principal = Depends(principal)) -> Response:
     """The review queue of the caller's team (all teams for admins and team-less reviewers)."""
     p.require("reviews.decide")
@@ -139,7 +147,7 @@ async def reject_review(review_id: str, body: DecisionIn, request: Request,
 # -- guard events -------------------------------------------------------------------------------
 
 @router.get("/v1/guard-events", tags=["guards"])
-async def guard_events(request: Request, request_id: str | None = None, limit: int = 200,
+async def guard_events(request: Request, request_id: str | None = None, limit: int = Query(200, ge=1, le=1000),
                        p: Principal = Depends(principal)) -> Response:
     """What guards found (type, span, action — never the value). Callers see their own key's requests."""
     gov = _gov(request)
@@ -169,7 +177,8 @@ async def policy_versions(request: Request, p: Principal = Depends(principal)) -
 
 
 @router.get("/admin/policy/versions/{version}", tags=["policy"])
-async def policy_version(version: int, request: Request, p: Principal = Depends(principal)) -> Response:
+async def policy_version(request: Request, version: int = Path(ge=1, le=SEQ_MAX),
+                         p: Principal = Depends(principal)) -> Response:
     _auditor(p)
     return json_response(await run_in_threadpool(loader.get_version, request.app.state.store, version))
 
@@ -192,6 +201,7 @@ async def test_policy(body: PolicyTestIn, request: Request, p: Principal = Depen
     team = None
     if body.team:
         team = (await run_in_threadpool(identity.get_team, request.app.state.store, body.team))["classification"]
-    decision = engine.decide(team=team, explicit=body.classification, collections=body.collections,
+    collections = [c.model_dump(exclude_none=True) for c in body.collections]
+    decision = engine.decide(team=team, explicit=body.classification, collections=collections,
                              use_case=body.use_case)
     return json_response(engine.explain(decision, body.model, gov.candidates(body.model)))

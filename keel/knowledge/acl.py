@@ -16,7 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from keel.core.errors import BadRequest
+from keel.core.errors import BadRequest, ValidationFailed
 from keel.identity.principal import Principal
 from keel.knowledge.tables import document_acl, documents
 
@@ -42,6 +42,34 @@ class Collection:
         for access, kind, value in sorted(self.acl):
             out[access]["teams" if kind == "team" else "roles"].append(value)
         return out
+
+
+ACL_FIX = 'e.g. {"teams": ["red"], "roles": ["member"]}: team names or ids and role names, as strings'
+
+
+def acl_names(part: Any, where: str) -> dict[str, list[str]]:
+    """An ACL part `{"teams": [...], "roles": [...]}` checked to hold only names; a mistake names its field
+    (`where`, e.g. `acl.read`). None means no entries."""
+    if part is None:
+        return {"teams": [], "roles": []}
+    if not isinstance(part, dict):
+        raise ValidationFailed(f"{where} must be an object with `teams` and/or `roles`", fix=ACL_FIX)
+    for key in part:
+        if key not in ("teams", "roles"):
+            raise ValidationFailed(f"{where}.{str(key)[:100]}: unknown ACL key", fix=ACL_FIX)
+    out: dict[str, list[str]] = {}
+    for key in ("teams", "roles"):
+        values = part.get(key)
+        if values is None:
+            values = []
+        if not isinstance(values, list):
+            raise ValidationFailed(f"{where}.{key} must be a list of names, not {type(values).__name__}", fix=ACL_FIX)
+        for i, value in enumerate(values):
+            if not isinstance(value, str) or not value:
+                raise ValidationFailed(f"{where}.{key}.{i} must be a non-empty name, not {type(value).__name__}",
+                                       fix=ACL_FIX)
+        out[key] = values
+    return out
 
 
 def _matches(p: Principal, kind: str, value: str) -> bool:

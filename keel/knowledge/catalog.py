@@ -13,11 +13,11 @@ import sqlalchemy as sa
 
 from keel.core.clock import utcnow
 from keel.core.db import Store
-from keel.core.errors import BadRequest, Conflict, Forbidden, NotFound
+from keel.core.errors import BadRequest, Conflict, Forbidden, NotFound, ValidationFailed
 from keel.core.ids import new_id
 from keel.identity import service as identity
 from keel.identity.principal import ROLES, Principal
-from keel.knowledge.acl import Collection, can_read, can_write, document_readable
+from keel.knowledge.acl import Collection, acl_names, can_read, can_write, document_readable
 from keel.knowledge.index import ChunkIndex, reading, transaction
 from keel.knowledge.tables import collection_acl, collections, documents, iso
 
@@ -94,11 +94,15 @@ def resolve_team(store: Store, ref: str) -> str:
 
 def _acl_rows(store: Store, acl: dict[str, Any] | None) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
+    acl = acl or {}
+    if not isinstance(acl, dict) or not set(acl) <= {"read", "write"}:
+        raise ValidationFailed("acl must be an object with `read` and/or `write` parts",
+                               fix='e.g. {"read": {"teams": ["red"]}, "write": {"roles": ["builder"]}}')
     for access in ("read", "write"):
-        part = (acl or {}).get(access) or {}
-        for team in part.get("teams") or []:
+        part = acl_names(acl.get(access), f"acl.{access}")
+        for team in part["teams"]:
             rows.append((access, "team", resolve_team(store, team)))
-        for role in part.get("roles") or []:
+        for role in part["roles"]:
             if role not in ROLES and role != "*":
                 raise BadRequest(f"unknown role {role!r} in the {access} ACL", fix=f"use one of: {', '.join(ROLES)}, *")
             rows.append((access, "role", role))

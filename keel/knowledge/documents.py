@@ -21,7 +21,7 @@ from keel.core.errors import BadRequest, KeelError, NotFound
 from keel.core.ids import new_id
 from keel.identity.principal import ROLES, Principal
 from keel.knowledge import catalog
-from keel.knowledge.acl import Collection, can_read, document_readable
+from keel.knowledge.acl import Collection, acl_names, can_read, document_readable
 from keel.knowledge.chunking import Chunk, chunk
 from keel.knowledge.errors import FileRejected
 from keel.knowledge.index import ChunkIn, ChunkIndex, reading, transaction
@@ -82,10 +82,11 @@ def resolve_document_acl(store: Store, acl: dict[str, Any] | None) -> list[tuple
     widens who reads it; `{}` (or empty lists) clears it so the document inherits the collection's."""
     if acl is None:
         return None
+    names = acl_names(acl, "acl")
     rows = []
-    for team in acl.get("teams") or []:
+    for team in names["teams"]:
         rows.append(("team", catalog.resolve_team(store, team)))
-    for role in acl.get("roles") or []:
+    for role in names["roles"]:
         if role not in ROLES and role != "*":
             raise BadRequest(f"unknown role {role!r} in the document ACL", fix=f"use one of: {', '.join(ROLES)}, *")
         rows.append(("role", role))

@@ -74,14 +74,20 @@ class PolicyEngine:
         return self._rank[classification]
 
     def check_classification(self, value: Any, where: str) -> str:
+        if not isinstance(value, str):
+            raise BadRequest(f"{where} must be a string, not {type(value).__name__}",
+                             fix=f"use one of: {', '.join(self.policy.classifications)}")
         if value not in self._rank:
-            raise BadRequest(f"{where} {value!r} is not a classification of policy version {self.version}",
-                             fix=f"use one of: {', '.join(self.policy.classifications)}", classification=value)
-        return str(value)
+            raise BadRequest(f"{where} {value[:200]!r} is not a classification of policy version {self.version}",
+                             fix=f"use one of: {', '.join(self.policy.classifications)}", classification=value[:200])
+        return value
 
     def decide(self, *, team: str | None = None, explicit: Any = None,
                collections: list[dict[str, Any]] | None = None, use_case: str | None = None) -> Decision:
         """The highest of team default, explicit `metadata.classification` and every collection used."""
+        if use_case is not None and not isinstance(use_case, str):
+            raise BadRequest(f"metadata.use_case must be a string, not {type(use_case).__name__}",
+                             fix="name a use case of the policy, e.g. \"metadata\": {\"use_case\": \"support-reply\"}")
         candidates = [(self.policy.default_classification, "policy default")]
         if team:
             candidates.append((team if team in self._rank else self.policy.default_classification,
