@@ -50,7 +50,8 @@ def load(url: str, admin_key: str) -> None:
         if spec.is_file():
             if not any(s["name"] == "lead-intake-webhook" for s in client.get("/admin/secrets")["data"]):
                 # the web form's signing secret; replace it with PUT /admin/secrets/lead-intake-webhook
-                client.request("PUT", "/admin/secrets/lead-intake-webhook", {"value": secrets.token_urlsafe(32)})
+                client.request("PUT", "/admin/secrets/lead-intake-webhook",
+                               {"value": secrets.token_urlsafe(32), "uses": ["webhook"]})
             wf = client.post("/v1/workflows", {"spec": spec.read_text(encoding="utf-8")})
             log.info("demo workflow loaded", extra={"workflow": wf["name"], "version": wf["version"]})
     except KeelError as exc:  # demo data is a convenience: report it, never stop the server for it

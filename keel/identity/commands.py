@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+
+from keel.core.client import Client
 from keel.core.cliutil import KeyOpt, UrlOpt, client, console, handle_errors, print_rows
+from keel.core.errors import BadRequest
 
 teams_app = typer.Typer(help="Manage teams.", no_args_is_help=True)
 users_app = typer.Typer(help="Manage users.", no_args_is_help=True)
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
-secrets_app = typer.Typer(help="Store provider credentials in the encrypted vault.", no_args_is_help=True)
+secrets_app = typer.Typer(help="Store secrets in the encrypted vault: owner, uses, grants.", no_args_is_help=True)
 
 
 def _csv(value: Optional[str]) -> Optional[list[str]]:
@@ -93,29 +96,71 @@ def keys_revoke(key_id: str, url: Optional[str] = UrlOpt, key: Optional[str] = K
     console.print(f"revoked {k['id']}")
 
 
+UseOpt = typer.Option(None, "--use", help="provider, http_header or webhook (repeat for several)")
+
+
+def _secrets_base(c: Client, team: Optional[str]) -> str:
+    """Admins manage every secret under /admin/secrets; anyone else their own team's under /v1/secrets."""
+    if c.get("/v1/me")["role"] == "admin":
+        return "/admin/secrets"
+    if team:
+        raise BadRequest("--team is for admins; your secrets belong to your key's team", fix="drop --team")
+    return "/v1/secrets"
+
+
 @secrets_app.command("set")
 @handle_errors
 def secrets_set(name: str, value: str = typer.Option(..., prompt=True, hide_input=True),
-                url: Optional[str] = UrlOpt, key: Optional[str] = KeyOpt) -> None:
-    """Store a secret (prompted, never echoed)."""
-    client(url, key).request("PUT", f"/admin/secrets/{name}", {"value": value})
-    console.print(f"stored {name}")
+                team: Optional[str] = typer.Option(None, help="owning team (admins; default: global)"),
+                use: Optional[list[str]] = UseOpt, url: Optional[str] = UrlOpt, key: Optional[str] = KeyOpt) -> None:
+    """Store a secret (prompted, never echoed); an update keeps its uses unless --use is given."""
+    c = client(url, key)
+    base = _secrets_base(c, team)
+    body: dict[str, Any] = {"value": value, "uses": use or None}
+    if base == "/admin/secrets":
+        body["team"] = team
+    out = c.request("PUT", f"{base}/{name}", body)
+    console.print(f"stored {name}\t{out['team_id'] or 'global'}\t{','.join(out['uses'])}", markup=False)
 
 
 @secrets_app.command("list")
 @handle_errors
 def secrets_list(url: Optional[str] = UrlOpt, key: Optional[str] = KeyOpt) -> None:
-    """List secret names (values are never shown)."""
-    for s in client(url, key).get("/admin/secrets")["data"]:
-        console.print(f"{s['name']}\t{s['updated_at']}")
+    """List secret names, owners, uses and grants (values are never shown)."""
+    c = client(url, key)
+    rows = c.get(_secrets_base(c, None))["data"]
+    print_rows(["name", "owner", "uses", "grants", "updated"],
+               [[s["name"], s["team_id"] or "global", ",".join(s["uses"]),
+                 " ".join(f"{g['team_id']}:{g['use']}" for g in s.get("grants", [])), s["updated_at"]] for s in rows])
 
 
 @secrets_app.command("delete")
 @handle_errors
 def secrets_delete(name: str, url: Optional[str] = UrlOpt, key: Optional[str] = KeyOpt) -> None:
-    """Delete a secret."""
-    client(url, key).request("DELETE", f"/admin/secrets/{name}")
+    """Delete a secret (and its grants)."""
+    c = client(url, key)
+    c.request("DELETE", f"{_secrets_base(c, None)}/{name}")
     console.print(f"deleted {name}")
+
+
+@secrets_app.command("grant")
+@handle_errors
+def secrets_grant(name: str, team: str = typer.Option(..., help="team id or name"),
+                  use: str = typer.Option(..., help="http_header or webhook"),
+                  url: Optional[str] = UrlOpt, key: Optional[str] = KeyOpt) -> None:
+    """Let a team's workflows use a secret for one of its uses (admins)."""
+    client(url, key).request("PUT", f"/admin/secrets/{name}/grants/{team}/{use}")
+    console.print(f"granted {name} to {team} for {use}")
+
+
+@secrets_app.command("revoke")
+@handle_errors
+def secrets_revoke(name: str, team: str = typer.Option(..., help="team id or name"),
+                   use: str = typer.Option(..., help="http_header or webhook"),
+                   url: Optional[str] = UrlOpt, key: Optional[str] = KeyOpt) -> None:
+    """Take a grant back; runs that need it fail from their next step on (admins)."""
+    client(url, key).request("DELETE", f"/admin/secrets/{name}/grants/{team}/{use}")
+    console.print(f"revoked {name} from {team} for {use}")
 
 
 def mount(app: typer.Typer) -> None:

@@ -14,7 +14,7 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     "admin": frozenset({"*"}),
     "builder": frozenset({"models.use", "collections.read", "collections.write", "workflows.define",
                           "workflows.run", "agents.define", "agents.run", "feedback.write", "evals.run",
-                          "reports.read.own"}),
+                          "reports.read.own", "secrets.manage"}),
     "member": frozenset({"models.use", "collections.read", "workflows.run", "agents.run", "feedback.write",
                          "reports.read.own"}),
     "reviewer": frozenset({"models.use", "collections.read", "reviews.decide", "approvals.decide",

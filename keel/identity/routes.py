@@ -1,4 +1,5 @@
-"""Admin HTTP API for teams, users, API keys and secrets, plus `/v1/me`."""
+"""Admin HTTP API for teams, users, API keys and secrets (owners, uses, grants), `/v1/secrets` for a
+builder's own team, plus `/v1/me`. No route ever returns a secret's value."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from starlette.concurrency import run_in_threadpool
 from keel.core.http import json_response
 from keel.identity import service
 from keel.identity.auth import admin, principal
+from keel.core.errors import Forbidden
 from keel.identity.principal import Principal
+from keel.identity.vault import USES
 
 router = APIRouter()
 
@@ -51,6 +54,15 @@ class KeyIn(BaseModel):
 class SecretIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     value: str = Field(min_length=1)
+    team: str | None = Field(default=None, description="owning team (id or name); none: a global secret")
+    uses: list[str] | None = Field(default=None, description=f"what it may serve: {', '.join(USES)}; default "
+                                   "provider (global) or http_header and webhook (a team's); an update keeps them")
+
+
+class TeamSecretIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: str = Field(min_length=1)
+    uses: list[str] | None = Field(default=None, description="http_header and/or webhook (default both)")
 
 
 def _store(request: Request):  # noqa: ANN202
@@ -136,18 +148,80 @@ async def delete_key(key_id: str, request: Request, p: Principal = Depends(admin
 
 @router.get("/admin/secrets", tags=["admin"])
 async def list_secrets(request: Request, _p: Principal = Depends(admin)) -> Response:
+    """Every secret's name, owner, uses and grants (never a value)."""
     return json_response({"data": await run_in_threadpool(request.app.state.vault.names)})
+
+
+def _team_id(store: Any, ref: str | None) -> str | None:
+    return service.get_team(store, ref)["id"] if ref else None
 
 
 @router.put("/admin/secrets/{name}", tags=["admin"])
 async def put_secret(name: str, body: SecretIn, request: Request, p: Principal = Depends(admin)) -> Response:
-    await run_in_threadpool(request.app.state.vault.put, name, body.value)
-    _audit(request, "secret.put", p, secret=name)
-    return json_response({"name": name, "stored": True})
+    """Store a secret owned by `team` (or global) serving `uses`."""
+    team_id = await run_in_threadpool(_team_id, _store(request), body.team)
+    out = await run_in_threadpool(lambda: request.app.state.vault.put(name, body.value, team_id=team_id,
+                                                                      uses=body.uses))
+    _audit(request, "secret.put", p, secret=name, owner=team_id, uses=out["uses"], team_id=team_id)
+    return json_response({**out, "stored": True})
 
 
 @router.delete("/admin/secrets/{name}", status_code=204, tags=["admin"])
 async def delete_secret(name: str, request: Request, p: Principal = Depends(admin)) -> Response:
     await run_in_threadpool(request.app.state.vault.delete, name)
     _audit(request, "secret.delete", p, secret=name)
+    return json_response(None, 204)
+
+
+@router.put("/admin/secrets/{name}/grants/{team}/{use}", tags=["admin"])
+async def grant_secret(name: str, team: str, use: str, request: Request, p: Principal = Depends(admin)) -> Response:
+    """Let `team`'s workflows use secret `name` for `use` (one of the secret's own uses)."""
+    team_id = await run_in_threadpool(_team_id, _store(request), team)
+    created = await run_in_threadpool(request.app.state.vault.grant, name, team_id, use, p.user_id or p.key_id)
+    _audit(request, "secret.grant", p, secret=name, grantee=team_id, use=use, team_id=team_id)
+    return json_response({"secret": name, "team_id": team_id, "use": use, "granted": True}, 201 if created else 200)
+
+
+@router.delete("/admin/secrets/{name}/grants/{team}/{use}", status_code=204, tags=["admin"])
+async def revoke_secret(name: str, team: str, use: str, request: Request, p: Principal = Depends(admin)) -> Response:
+    team_id = await run_in_threadpool(_team_id, _store(request), team)
+    await run_in_threadpool(request.app.state.vault.revoke, name, team_id, use)
+    _audit(request, "secret.revoke", p, secret=name, grantee=team_id, use=use, team_id=team_id)
+    return json_response(None, 204)
+
+
+# -- a team's own secrets (builders) ------------------------------------------------------------
+
+def _team_manager(p: Principal) -> str:
+    p.require("secrets.manage")
+    if p.team_id is None:
+        raise Forbidden(f"key {p.key_id} has no team, so it owns no team secrets",
+                        fix="use a key that belongs to a team, or an admin key with /admin/secrets", key_id=p.key_id)
+    return p.team_id
+
+
+@router.get("/v1/secrets", tags=["identity"])
+async def list_team_secrets(request: Request, p: Principal = Depends(principal)) -> Response:
+    """Names and uses of the secrets the caller's team owns or was granted (never a value)."""
+    team_id = _team_manager(p)
+    return json_response({"data": await run_in_threadpool(
+        lambda: request.app.state.vault.names(team_id, scoped=True))})
+
+
+@router.put("/v1/secrets/{name}", tags=["identity"])
+async def put_team_secret(name: str, body: TeamSecretIn, request: Request,
+                          p: Principal = Depends(principal)) -> Response:
+    """Store a secret owned by the caller's team (for its workflows' headers and webhooks)."""
+    team_id = _team_manager(p)
+    out = await run_in_threadpool(lambda: request.app.state.vault.put(name, body.value, team_id=team_id,
+                                                                      uses=body.uses))
+    _audit(request, "secret.put", p, secret=name, owner=team_id, uses=out["uses"], team_id=team_id)
+    return json_response({**out, "stored": True})
+
+
+@router.delete("/v1/secrets/{name}", status_code=204, tags=["identity"])
+async def delete_team_secret(name: str, request: Request, p: Principal = Depends(principal)) -> Response:
+    team_id = _team_manager(p)
+    await run_in_threadpool(lambda: request.app.state.vault.delete(name, team_id, scoped=True))
+    _audit(request, "secret.delete", p, secret=name, owner=team_id, team_id=team_id)
     return json_response(None, 204)

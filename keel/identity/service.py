@@ -20,7 +20,7 @@ from keel.core.db import Store
 from keel.core.errors import BadRequest, Conflict, NotFound, Unauthorized
 from keel.core.ids import new_id
 from keel.identity.principal import ROLES, Principal, Scopes
-from keel.identity.tables import api_keys, teams, users
+from keel.identity.tables import api_keys, secret_grants, secrets, teams, users
 
 KEY_PREFIX = "sk-keel-"
 CLASSIFICATIONS = ("public", "internal", "confidential", "restricted")
@@ -97,6 +97,12 @@ def delete_team(store: Store, ref: str) -> None:
         if in_use:
             raise Conflict(f"team {team['name']!r} still has {in_use} active keys",
                            fix="revoke its keys first", team_id=team["id"])
+        owned = conn.execute(sa.select(sa.func.count()).select_from(secrets)
+                             .where(secrets.c.team_id == team["id"])).scalar()
+        if owned:
+            raise Conflict(f"team {team['name']!r} still owns {owned} secrets",
+                           fix="delete them first (keel secrets list shows them)", team_id=team["id"])
+        conn.execute(secret_grants.delete().where(secret_grants.c.team_id == team["id"]))
         conn.execute(api_keys.delete().where(api_keys.c.team_id == team["id"]))
         conn.execute(users.delete().where(users.c.team_id == team["id"]))
         conn.execute(teams.delete().where(teams.c.id == team["id"]))

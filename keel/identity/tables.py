@@ -1,4 +1,5 @@
-"""Identity tables: teams, users, API keys (hashed), vault secrets (encrypted)."""
+"""Identity tables: teams, users, API keys (hashed), vault secrets (encrypted, owned, with their uses)
+and the grants that let a team use a secret it does not own."""
 
 import sqlalchemy as sa
 
@@ -43,6 +44,17 @@ secrets = sa.Table(
     "secrets", metadata,
     sa.Column("name", sa.String(200), primary_key=True),
     sa.Column("ciphertext", sa.LargeBinary, nullable=False),
+    sa.Column("team_id", sa.String(40), nullable=True, index=True),  # the owner; NULL = global (admins)
+    sa.Column("uses", sa.JSON, nullable=False),  # what it may serve: provider, http_header, webhook
     sa.Column("created_at", TS, nullable=False),
     sa.Column("updated_at", TS, nullable=False),
+)
+
+secret_grants = sa.Table(
+    "secret_grants", metadata,
+    sa.Column("secret", sa.String(200), primary_key=True),
+    sa.Column("team_id", sa.String(40), primary_key=True),
+    sa.Column("use", sa.String(20), primary_key=True),
+    sa.Column("granted_by", sa.String(100), nullable=False),
+    sa.Column("created_at", TS, nullable=False),
 )

@@ -1,6 +1,9 @@
 """Secrets vault: values encrypted at rest with the master key; only names ever leave it.
 
-`get()` is for in-process use (a provider fetching its credential); no route returns a value.
+Every secret has an owner (a team, or global) and the uses it may serve (`provider`: a deployment's
+credential; `http_header`: a workflow's outbound header; `webhook`: an inbound webhook's HMAC key). A
+workflow reads a secret only through `resolve(name, team, use)`: its team owns it, or an admin granted it
+to that team for that use, and the use is among the secret's own. No route returns a value.
 """
 
 from __future__ import annotations
@@ -9,17 +12,56 @@ import base64
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from cryptography.fernet import Fernet, InvalidToken
 
 from keel.core.clock import utcnow
 from keel.core.db import Store
-from keel.core.errors import BadRequest, ConfigError, NotFound
+from keel.core.errors import BadRequest, ConfigError, Conflict, Forbidden, NotFound
 from keel.core.logs import redactor
-from keel.identity.tables import secrets
+from keel.identity.tables import secret_grants, secrets
 
 NAME_MAX = 200
+USES = ("provider", "http_header", "webhook")
+TEAM_USES = ("http_header", "webhook")  # a team's own secret is never a (global) deployment's credential
+GLOBAL_DEFAULT_USES = ("provider",)  # what an admin's secret serves unless the admin says otherwise
+
+
+class SecretNotAllowed(Forbidden):
+    """A workflow (or deployment) named a secret its owner may not use for this purpose."""
+
+    code, title = "secret_not_allowed", "Secret not allowed"
+
+
+class SecretUseNotAllowed(Conflict):
+    """A grant asks for a use the secret itself does not serve (e.g. a provider key in a header)."""
+
+    code, title = "secret_use_not_allowed", "Secret use not allowed"
+
+
+def denied(name: str, team_id: str | None, use: str, **ids: str) -> SecretNotAllowed:
+    """The one answer for a secret that is missing, not the team's, or not for this use (no name oracle)."""
+    if team_id is None:
+        return SecretNotAllowed(f"secret {name!r} is not a global secret that serves {use}",
+                                fix=f"an admin stores it without a team for this use: keel secrets set {name} "
+                                    f"--use {use}", secret=name, use=use, **ids)
+    return SecretNotAllowed(f"secret {name!r} is not available to team {team_id} for {use}",
+                            fix=f"store it as your team's secret (keel secrets set {name} --use {use}), or ask an "
+                                f"admin to grant it: keel secrets grant {name} --team {team_id} --use {use}",
+                            secret=name, use=use, team_id=team_id, **ids)
+
+
+def check_uses(uses: list[str] | tuple[str, ...], team_id: str | None) -> tuple[str, ...]:
+    """Validated uses, in canonical order; a team's secret may not be a provider credential."""
+    bad = [u for u in uses if u not in USES]
+    if bad or not uses:
+        raise BadRequest(f"unknown or no secret uses {bad or list(uses)}", fix=f"use one or more of: {', '.join(USES)}")
+    if team_id is not None and "provider" in uses:
+        raise BadRequest("a team's secret cannot be a provider credential (deployments are global)",
+                         fix="store provider credentials without a team, or drop the provider use")
+    return tuple(u for u in USES if u in uses)
 
 
 def load_master_key(explicit: str | None, data_dir: Path) -> bytes:
@@ -42,7 +84,7 @@ def load_master_key(explicit: str | None, data_dir: Path) -> bytes:
 
 
 class Vault:
-    """Named secrets, Fernet-encrypted (AES-128-CBC + HMAC) in the store."""
+    """Named secrets, Fernet-encrypted (AES-128-CBC + HMAC) in the store, each with an owner and uses."""
 
     def __init__(self, store: Store, master_key: bytes) -> None:
         self._store = store
@@ -54,49 +96,155 @@ class Vault:
             raise BadRequest(f"invalid secret name {name[:40]!r}",
                              fix="use 1-200 letters, digits, '-', '_' or '.'")
 
-    def put(self, name: str, value: str) -> None:
+    def put(self, name: str, value: str, *, team_id: str | None = None,
+            uses: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Store a value owned by `team_id` (None: global). A new secret serves `uses` (default: provider for a
+        global one, http_header and webhook for a team's); an update keeps its uses unless given. A name
+        another owner holds is refused: owners never change by overwriting."""
         self._check_name(name)
         if not value:
             raise BadRequest(f"secret {name!r} has an empty value", fix="send a non-empty `value`")
+        wanted = check_uses(uses, team_id) if uses is not None else None
         redactor.add(value)
         token = self._fernet.encrypt(value.encode())
         now = utcnow()
         with self._store.engine.begin() as conn:
-            updated = conn.execute(secrets.update().where(secrets.c.name == name)
-                                   .values(ciphertext=token, updated_at=now)).rowcount
-            if not updated:
-                conn.execute(secrets.insert().values(name=name, ciphertext=token, created_at=now, updated_at=now))
+            row = conn.execute(sa.select(secrets.c.team_id, secrets.c.uses).where(secrets.c.name == name)).first()
+            if row is None:
+                final = wanted or (GLOBAL_DEFAULT_USES if team_id is None else TEAM_USES)
+                conn.execute(secrets.insert().values(name=name, ciphertext=token, team_id=team_id, uses=list(final),
+                                                     created_at=now, updated_at=now))
+                return {"name": name, "team_id": team_id, "uses": list(final), "created": True}
+            if row.team_id != team_id:
+                raise Conflict(f"secret name {name!r} is held by another owner",
+                               fix="choose another name (an admin may delete the existing secret first)", secret=name)
+            final = wanted or tuple(row.uses)
+            conn.execute(secrets.update().where(secrets.c.name == name)
+                         .values(ciphertext=token, uses=list(final), updated_at=now))
+            conn.execute(secret_grants.delete().where(secret_grants.c.secret == name,
+                                                      secret_grants.c.use.not_in(final)))
+        return {"name": name, "team_id": team_id, "uses": list(final), "created": False}
 
-    def get(self, name: str) -> str:
-        with self._store.engine.connect() as conn:
-            row = conn.execute(sa.select(secrets.c.ciphertext).where(secrets.c.name == name)).first()
-        if row is None:
-            raise NotFound(f"secret {name!r} is not in the vault", fix=f"store it: keel secrets set {name}",
-                           secret=name)
+    def _decrypt(self, name: str, token: bytes) -> str:
         try:
-            value = self._fernet.decrypt(row[0]).decode()
+            value = self._fernet.decrypt(token).decode()
         except InvalidToken:
             raise ConfigError(f"secret {name!r} cannot be decrypted with this master key",
                               fix="start Keel with the master key the secret was stored with") from None
         redactor.add(value)
         return value
 
-    def names(self) -> list[dict[str, str]]:
+    def get(self, name: str) -> str:
+        """A deployment's credential: a global secret that serves `provider` (NotFound if there is none)."""
         with self._store.engine.connect() as conn:
-            rows = conn.execute(sa.select(secrets.c.name, secrets.c.created_at, secrets.c.updated_at)
-                                .order_by(secrets.c.name)).all()
-        return [{"name": r.name, "created_at": r.created_at.isoformat(), "updated_at": r.updated_at.isoformat()}
-                for r in rows]
+            row = conn.execute(sa.select(secrets).where(secrets.c.name == name)).first()
+        if row is None:
+            raise NotFound(f"secret {name!r} is not in the vault", fix=f"store it: keel secrets set {name}",
+                           secret=name)
+        if row.team_id is not None or "provider" not in row.uses:
+            raise denied(name, None, "provider")
+        return self._decrypt(name, row.ciphertext)
 
-    def delete(self, name: str) -> None:
+    def allowed(self, conn: sa.Connection, name: str, team_id: str | None, use: str) -> Any:
+        """The secret's row if `team_id` (None: a global workflow) may use it for `use`, else None."""
+        row = conn.execute(sa.select(secrets).where(secrets.c.name == name)).first()
+        if row is None or use not in row.uses:
+            return None
+        if row.team_id == team_id:
+            return row
+        if team_id is None:
+            return None
+        grant = conn.execute(sa.select(secret_grants.c.secret).where(
+            secret_grants.c.secret == name, secret_grants.c.team_id == team_id, secret_grants.c.use == use)).first()
+        return row if grant is not None else None
+
+    def check(self, name: str, team_id: str | None, use: str, **ids: str) -> None:
+        """Raise SecretNotAllowed unless `team_id` may use secret `name` for `use` (the value stays sealed)."""
+        with self._store.read() as conn:
+            if self.allowed(conn, name, team_id, use) is None:
+                raise denied(name, team_id, use, **ids)
+
+    def resolve(self, name: str, team_id: str | None, use: str) -> str:
+        """The value, for a workflow owned by `team_id` (None: global) that uses it for `use`."""
+        with self._store.read() as conn:
+            row = self.allowed(conn, name, team_id, use)
+        if row is None:
+            raise denied(name, team_id, use)
+        return self._decrypt(name, row.ciphertext)
+
+    def names(self, team_id: str | None = None, *, scoped: bool = False) -> list[dict[str, Any]]:
+        """Every secret with owner, uses and grants (admins); `scoped`: those `team_id` owns or was granted,
+        with the uses it may put them to."""
+        with self._store.read() as conn:
+            rows = conn.execute(sa.select(secrets.c.name, secrets.c.team_id, secrets.c.uses, secrets.c.created_at,
+                                          secrets.c.updated_at).order_by(secrets.c.name)).all()
+            grants = conn.execute(sa.select(secret_grants).order_by(secret_grants.c.team_id,
+                                                                    secret_grants.c.use)).all()
+        by_secret: dict[str, list[dict[str, str]]] = {}
+        for g in grants:
+            by_secret.setdefault(g.secret, []).append({"team_id": g.team_id, "use": g.use})
+        out = []
+        for r in rows:
+            item = {"name": r.name, "team_id": r.team_id, "uses": list(r.uses),
+                    "created_at": r.created_at.isoformat(), "updated_at": r.updated_at.isoformat()}
+            mine = [g["use"] for g in by_secret.get(r.name, []) if g["team_id"] == team_id and g["use"] in r.uses]
+            if not scoped:
+                out.append({**item, "grants": by_secret.get(r.name, [])})
+            elif r.team_id == team_id:
+                out.append({**item, "owned": True})
+            elif mine:
+                out.append({**item, "uses": mine, "owned": False})
+        return out
+
+    def delete(self, name: str, team_id: str | None = None, *, scoped: bool = False) -> None:
+        """Delete a secret and its grants; `scoped`: only if `team_id` owns it (else it is not found)."""
+        q = secrets.delete().where(secrets.c.name == name)
+        if scoped:
+            q = q.where(secrets.c.team_id == team_id if team_id is not None else secrets.c.team_id.is_(None))
         with self._store.engine.begin() as conn:
-            if not conn.execute(secrets.delete().where(secrets.c.name == name)).rowcount:
+            if not conn.execute(q).rowcount:
                 raise NotFound(f"secret {name!r} is not in the vault", secret=name)
+            conn.execute(secret_grants.delete().where(secret_grants.c.secret == name))
+
+    def grant(self, name: str, team_id: str, use: str, by: str) -> bool:
+        """Let team `team_id` use secret `name` for `use` (one of the secret's own uses); True if new."""
+        if use not in USES:
+            raise BadRequest(f"unknown secret use {use!r}", fix=f"use one of: {', '.join(USES)}")
+        with self._store.engine.begin() as conn:
+            row = conn.execute(sa.select(secrets.c.team_id, secrets.c.uses).where(secrets.c.name == name)).first()
+            if row is None:
+                raise NotFound(f"secret {name!r} is not in the vault", fix=f"store it: keel secrets set {name}",
+                               secret=name)
+            if use not in row.uses or use == "provider":
+                raise SecretUseNotAllowed(
+                    f"secret {name!r} serves {', '.join(row.uses)}, not {use}",
+                    fix=(f"an admin adds the use first: keel secrets set {name} --use {use} (a provider credential "
+                         "should not be sent in headers: store a separate secret)") if use != "provider" else
+                    "deployments use global secrets directly; grants are for workflow uses",
+                    secret=name, use=use)
+            found = conn.execute(sa.select(secret_grants.c.secret).where(
+                secret_grants.c.secret == name, secret_grants.c.team_id == team_id,
+                secret_grants.c.use == use)).first()
+            if found is None:
+                conn.execute(secret_grants.insert().values(secret=name, team_id=team_id, use=use,
+                                                           granted_by=by[:100], created_at=utcnow()))
+        return found is None
+
+    def revoke(self, name: str, team_id: str, use: str) -> None:
+        with self._store.engine.begin() as conn:
+            gone = conn.execute(secret_grants.delete().where(
+                secret_grants.c.secret == name, secret_grants.c.team_id == team_id,
+                secret_grants.c.use == use)).rowcount
+        if not gone:
+            raise NotFound(f"secret {name!r} is not granted to team {team_id} for {use}",
+                           fix="list grants with `keel secrets list`", secret=name)
 
     def prime_redactor(self) -> None:
         """Teach the log scrubber every stored value, so none can leak even by accident."""
-        for item in self.names():
+        with self._store.engine.connect() as conn:
+            rows = conn.execute(sa.select(secrets.c.name, secrets.c.ciphertext)).all()
+        for r in rows:
             try:
-                self.get(item["name"])
+                self._decrypt(r.name, r.ciphertext)
             except ConfigError:
                 continue

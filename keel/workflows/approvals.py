@@ -3,8 +3,9 @@ wakes the waiting run. The decision is written first (atomically: only a pending
 decided) and then sent to the run; a run that misses the message finds the decision on its next
 check, so a crash between the two loses nothing.
 
-Who may decide: a principal with `approvals.decide` whose role is among the approval's current
-approvers (admins always), in the run's team (reviewers without a team, and admins, see all).
+Who may see and decide (`access.runs_visible`): a principal with `approvals.decide` whose role is among
+the approval's current approvers, in the run's team; admins see and decide all; auditors read their
+team's (all without a team) and decide none.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sqlalchemy as sa
 from keel.core.clock import iso, utcnow
 from keel.core.errors import BadRequest, Conflict, NotFound
 from keel.identity.principal import Principal
+from keel.workflows.access import runs_visible
 from keel.workflows.tables import workflow_approvals, workflow_runs
 
 if TYPE_CHECKING:
@@ -126,26 +128,26 @@ async def close_approval(engine: "Engine", env: "StepEnv", approval_id: str,
 
 # -- the people side (API and CLI) --------------------------------------------------------------
 def _visible(p: Principal) -> Any:
-    if p.is_admin or p.team_id is None:
-        return sa.true()
-    return workflow_approvals.c.team_id == p.team_id
+    return runs_visible(p, workflow_approvals.c.team_id)
 
 
 def list_approvals(engine: "Engine", p: Principal, status: str | None = "pending", limit: int = 100) -> list[dict]:
-    p.require("approvals.decide")
+    """Approvals the caller may decide, or (auditors) read."""
+    if not p.has("audit.read"):
+        p.require("approvals.decide")
     q = sa.select(workflow_approvals).where(_visible(p)).order_by(workflow_approvals.c.created_at).limit(limit)
     if status:
         q = q.where(workflow_approvals.c.status == status)
     with engine.store.read() as conn:
         rows = conn.execute(q).all()
-    return [public(r) for r in rows if p.is_admin or p.role in r.approvers]
+    return [public(r) for r in rows if p.is_admin or p.has("audit.read") or p.role in r.approvers]
 
 
 def get_approval(engine: "Engine", p: Principal, approval_id: str) -> Any:
     with engine.store.read() as conn:
         r = conn.execute(sa.select(workflow_approvals).where(workflow_approvals.c.id == approval_id,
                                                              _visible(p))).first()
-    if r is None or not (p.has("approvals.decide") or _is_requester(engine, p, r.run_id)):
+    if r is None or not (p.has("approvals.decide") or p.has("audit.read") or _is_requester(engine, p, r.run_id)):
         raise NotFound(f"approval {approval_id} not found", fix="list pending ones with `keel approvals list`",
                        approval_id=approval_id)
     return r

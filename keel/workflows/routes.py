@@ -48,7 +48,8 @@ def _wf(request: Request) -> Workflows:
 @router.post("/v1/workflows")
 async def define(request: Request, p: Principal = Depends(principal)) -> Response:
     """Define or update a workflow from its YAML: the raw body (`Content-Type: application/yaml`) or
-    JSON `{"spec": "<yaml>", "team": "<team id, admins only>"}`. A changed spec becomes a new version."""
+    JSON `{"spec": "<yaml>", "team": "<team id or name, admins only>"}`. A changed spec becomes a new version.
+    A workflow belongs to its builder's team (an admin's: `team`, else global); only its owner changes it."""
     raw = await request.body()
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     team = None
@@ -64,6 +65,8 @@ async def define(request: Request, p: Principal = Depends(principal)) -> Respons
             raise BadRequest("`spec` (the workflow YAML as a string) is required",
                              fix='send {"spec": "<yaml>"} or the YAML with Content-Type: application/yaml')
         source, team = body["spec"], body.get("team")
+        if team is not None and not isinstance(team, str):
+            raise BadRequest("`team` must be a team id or name", fix="send a string, or omit it")
     wf = _wf(request)
     out = await run_in_threadpool(wf.define, source, p, team_id=team)
     await wf.engine.ensure_launched()  # schedules and webhooks of the first workflow need a running engine
@@ -111,7 +114,7 @@ async def retry_run(name: str, run_id: str, body: RetryIn, request: Request,
     return json_response(await _wf(request).retry(name, run_id, p, body.from_step), 201)
 
 
-@router.post("/v1/workflows/{name}/webhook", status_code=201)
+@router.post("/v1/workflows/{name}/webhook", status_code=201, openapi_extra={"security": []})
 async def inbound_webhook(name: str, request: Request) -> Response:
     """Start a run from a signed webhook: the JSON body is the run's inputs. Authenticated by the
     HMAC signature (`X-Keel-Signature`), not a bearer key."""

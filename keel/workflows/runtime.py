@@ -189,6 +189,12 @@ class Engine:
             spec = self._specs[version_id] = parse_spec(src)
         return spec
 
+    def owner_team(self, version_id: str) -> str | None:
+        """The team a workflow version belongs to (None: global); it never changes."""
+        with self.store.read() as conn:
+            return conn.execute(sa.select(workflow_versions.c.team_id)
+                                .where(workflow_versions.c.id == version_id)).scalar_one()
+
     def set_status(self, run_id: str, status: str, **fields: Any) -> None:
         """Move a run to `status` unless it already ended (a cancel wins over a late step)."""
         now = utcnow()
@@ -211,6 +217,7 @@ class Engine:
             log.error("workflow run row missing", extra={"run_id": run_id})
             return {"status": "failed"}
         spec = await asyncio.to_thread(self.spec, run["version_id"])
+        owner_team = await asyncio.to_thread(self.owner_team, run["version_id"])
         principal = principal_from(run["principal"])
         ctx: dict[str, Any] = {"inputs": run["inputs"], "vars": spec.vars, "steps": {},
                                "run": {"id": run_id, "workflow": spec.name, "version": run["version"]}}
@@ -224,7 +231,7 @@ class Engine:
                     i += 1
                     continue
                 env = StepEnv(engine=self, run_id=run_id, workflow=spec.name, team_id=run["team_id"],
-                              principal=principal, spec=spec, step=step, context=ctx)
+                              principal=principal, spec=spec, step=step, context=ctx, owner_team=owner_team)
                 res = await self.run_step(env)
                 ctx["steps"][step.id] = {"status": res["status"], "output": res.get("output")}
                 if res.get("stop"):

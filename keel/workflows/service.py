@@ -17,20 +17,17 @@ import sqlalchemy as sa
 from keel.core.clock import iso, utcnow
 from keel.core.errors import BadRequest, Conflict, NotFound
 from keel.core.ids import new_id
+from keel.identity import service as identity
 from keel.identity.principal import Principal
 from keel.observe.tables import usage_ledger
+from keel.workflows.access import definition_owner, definitions_visible, require_team_for_runs, runs_visible
 from keel.workflows.runtime import DBOS, FINAL, Engine, SetWorkflowID, keel_run, principal_dict, principal_from
-from keel.workflows.spec import WorkflowSpec, parse_spec, validate_inputs
+from keel.workflows.spec import WorkflowSpec, parse_spec, secret_refs, validate_inputs
 from keel.workflows.tables import workflow_outbox, workflow_records, workflow_runs, workflow_versions
 
 log = logging.getLogger("keel.workflows")
 STATUSES = ("running", "waiting_approval", "completed", "failed", "cancelled")
 
-
-
-
-def _visible(p: Principal, team_col: sa.Column) -> Any:
-    return sa.true() if p.is_admin else sa.or_(team_col.is_(None), team_col == p.team_id)
 
 
 class Workflows:
@@ -44,35 +41,44 @@ class Workflows:
     def latest(self, name: str, p: Principal | None = None) -> Any:
         q = sa.select(workflow_versions).where(workflow_versions.c.name == name)
         if p is not None:
-            q = q.where(_visible(p, workflow_versions.c.team_id))
+            q = q.where(definitions_visible(p, workflow_versions.c.team_id))
         with self.store.read() as conn:
             row = conn.execute(q.order_by(workflow_versions.c.version.desc()).limit(1)).first()
         if row is None:
             raise NotFound(f"workflow {name!r} not found", fix="define it with POST /v1/workflows", workflow=name)
         return row
 
-    def _resolve(self, name: str) -> WorkflowSpec | None:
+    def _resolve(self, name: str, p: Principal) -> WorkflowSpec | None:
         try:
-            return self.engine.spec(self.latest(name).id)
+            return self.engine.spec(self.latest(name, p).id)
         except NotFound:
             return None
 
+    @staticmethod
+    def _prev(conn: sa.Connection, name: str) -> Any:
+        return conn.execute(sa.select(workflow_versions).where(workflow_versions.c.name == name)
+                            .order_by(workflow_versions.c.version.desc()).limit(1)).first()
+
     def define(self, source: str, p: Principal, *, team_id: str | None = None) -> dict[str, Any]:
-        """Validate and store a new version (an unchanged spec keeps its version)."""
+        """Validate and store a new version (an unchanged spec keeps its version). Only the owner may: a
+        global workflow's admins, a team's builders; every secret it names must be its owner's to use."""
         p.require("workflows.define")
-        spec = parse_spec(source, resolve_workflow=self._resolve)
-        team = team_id if p.is_admin and team_id is not None else p.team_id
+        spec = parse_spec(source, resolve_workflow=lambda name: self._resolve(name, p))
+        requested = identity.get_team(self.store, team_id)["id"] if team_id is not None else None
+        with self.store.read() as conn:
+            prev = self._prev(conn, spec.name)
+        team = definition_owner(p, spec.name, prev.team_id if prev else None, prev is not None, requested)
+        for secret, field, use in secret_refs(spec):
+            self.engine.vault.check(secret, team, use, field=field, workflow=spec.name)
         with self.store.engine.begin() as conn:
-            prev = conn.execute(sa.select(workflow_versions).where(workflow_versions.c.name == spec.name)
-                                .order_by(workflow_versions.c.version.desc()).limit(1)).first()
-            if prev is not None and not p.is_admin and prev.team_id not in (None, p.team_id):
-                raise Conflict(f"workflow {spec.name!r} belongs to another team", fix="choose another name",
+            prev = self._prev(conn, spec.name)
+            if team != definition_owner(p, spec.name, prev.team_id if prev else None, prev is not None, requested):
+                raise Conflict(f"workflow {spec.name!r} changed owner meanwhile", fix="send it again",
                                workflow=spec.name)
             if prev is not None and prev.source == source:
                 return self._public_version(prev, created=False)
             row = {"id": new_id("wfv"), "name": spec.name, "version": (prev.version + 1) if prev else 1,
-                   "source": source, "description": spec.description,
-                   "team_id": prev.team_id if prev is not None else team, "owner": principal_dict(p),
+                   "source": source, "description": spec.description, "team_id": team, "owner": principal_dict(p),
                    "created_at": utcnow()}
             conn.execute(workflow_versions.insert().values(**row))
         self.engine._specs[row["id"]] = spec
@@ -95,7 +101,7 @@ class Workflows:
                .group_by(workflow_versions.c.name).subquery())
         q = (sa.select(workflow_versions).join(sub, sa.and_(sub.c.name == workflow_versions.c.name,
                                                             sub.c.v == workflow_versions.c.version))
-             .where(_visible(p, workflow_versions.c.team_id)).order_by(workflow_versions.c.name))
+             .where(definitions_visible(p, workflow_versions.c.team_id)).order_by(workflow_versions.c.name))
         with self.store.read() as conn:
             rows = conn.execute(q).all()
         return [self._public_version(r, created=False) for r in rows]
@@ -109,11 +115,15 @@ class Workflows:
     # -- runs -----------------------------------------------------------------------------
     async def start(self, name: str, inputs: Any, p: Principal, *, trigger: str = "api", run_id: str | None = None,
                     actor: Principal | None = None, seed: dict[str, Any] | None = None,
-                    retry_of: str | None = None, version_id: str | None = None) -> dict[str, Any]:
-        """Record the run and start its durable workflow; idempotent for a given `run_id`."""
+                    retry_of: str | None = None, version_id: str | None = None,
+                    team_id: Any = ...) -> dict[str, Any]:
+        """Record the run and start its durable workflow; idempotent for a given `run_id`. The run belongs to
+        the workflow's team, or for a global workflow to the caller's (`team_id`: a retry keeps its run's)."""
         p.require("workflows.run")
+        require_team_for_runs(p)
         ver = await asyncio.to_thread(self.latest, name, p) if version_id is None else \
             await asyncio.to_thread(self._version, version_id)
+        team = team_id if team_id is not ... else ver.team_id if ver.team_id is not None else p.team_id
         spec = await asyncio.to_thread(self.engine.spec, ver.id)
         inputs = {} if inputs is None else inputs
         validate_inputs(spec, inputs)
@@ -121,7 +131,7 @@ class Workflows:
         now = utcnow()
         row = {"id": run_id, "workflow": spec.name, "version": ver.version, "version_id": ver.id, "status": "running",
                "current_step": None, "inputs": inputs, "outputs": None, "error": None,
-               "principal": principal_dict(p), "team_id": ver.team_id if ver.team_id is not None else p.team_id,
+               "principal": principal_dict(p), "team_id": team,
                "trigger": trigger, "parent_run": None, "retry_of": retry_of, "seed": seed,
                "created_at": now, "updated_at": now, "finished_at": None}
         await self.engine.insert_once(workflow_runs, row, workflow_runs.c.id == run_id)
@@ -141,7 +151,7 @@ class Workflows:
         with self.store.read() as conn:
             r = conn.execute(sa.select(workflow_runs).where(workflow_runs.c.id == run_id,
                                                             workflow_runs.c.workflow == name,
-                                                            _visible(p, workflow_runs.c.team_id))).first()
+                                                            runs_visible(p, workflow_runs.c.team_id))).first()
         if r is None:
             raise NotFound(f"run {run_id} of workflow {name!r} not found", fix="list runs with GET "
                            f"/v1/workflows/{name}/runs", run_id=run_id)
@@ -149,7 +159,7 @@ class Workflows:
 
     def runs(self, name: str, p: Principal, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         self.latest(name, p)
-        q = (sa.select(workflow_runs).where(workflow_runs.c.workflow == name, _visible(p, workflow_runs.c.team_id))
+        q = (sa.select(workflow_runs).where(workflow_runs.c.workflow == name, runs_visible(p, workflow_runs.c.team_id))
              .order_by(workflow_runs.c.created_at.desc()).limit(max(1, min(limit, 500))))
         if status:
             if status not in STATUSES:
@@ -224,7 +234,8 @@ class Workflows:
 
     async def retry(self, name: str, run_id: str, p: Principal, from_step: str | None) -> dict[str, Any]:
         """A new run of the same version and inputs that reuses the results of the steps before `from_step`
-        (default: the step that failed)."""
+        (default: the step that failed). It stays in the original run's team."""
+        p.require("workflows.run")
         r = await asyncio.to_thread(self._run_row, name, run_id, p)
         if r.status not in ("failed", "cancelled"):
             raise Conflict(f"run {run_id} is {r.status}", fix="retry a failed or cancelled run", run_id=run_id)
@@ -244,12 +255,12 @@ class Workflows:
             seed[item["id"]] = {"status": "completed" if item["status"] == "carried_over" else item["status"],
                                 "output": item.get("output")}
         return await self.start(name, r.inputs, p, trigger="retry", seed=seed, retry_of=run_id,
-                                version_id=r.version_id)
+                                version_id=r.version_id, team_id=r.team_id)
 
     # -- sinks ----------------------------------------------------------------------------
     def records(self, table: str, p: Principal, limit: int = 100) -> list[dict[str, Any]]:
         q = (sa.select(workflow_records).where(workflow_records.c.table_name == table,
-                                               _visible(p, workflow_records.c.team_id))
+                                               runs_visible(p, workflow_records.c.team_id))
              .order_by(workflow_records.c.created_at.desc()).limit(max(1, min(limit, 1000))))
         with self.store.read() as conn:
             rows = conn.execute(q).all()
@@ -257,7 +268,7 @@ class Workflows:
                  "step": r.step_id, "created_at": iso(r.created_at)} for r in rows]
 
     def outbox(self, p: Principal, run_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        q = (sa.select(workflow_outbox).where(_visible(p, workflow_outbox.c.team_id))
+        q = (sa.select(workflow_outbox).where(runs_visible(p, workflow_outbox.c.team_id))
              .order_by(workflow_outbox.c.created_at.desc()).limit(max(1, min(limit, 1000))))
         if run_id:
             q = q.where(workflow_outbox.c.run_id == run_id)
@@ -298,6 +309,16 @@ class Workflows:
             self.engine.audit(action=action, actor=p.user_id or p.key_id, team_id=team_id, **details)
 
 
+def trigger_principal(ver: Any) -> Principal:
+    """Who a webhook- or schedule-started run acts as: the version's definer, unless that is not a member of the
+    workflow's team (an admin defining it for a team); then a builder of the team, so the run reads only what
+    the team may read and its results leak nothing to the team."""
+    owner = principal_from(ver.owner)
+    if ver.team_id is not None and owner.team_id != ver.team_id:
+        return Principal(key_id="system", role="builder", team_id=ver.team_id, key_name=f"workflow {ver.name}")
+    return owner
+
+
 def spec_ids(spec: WorkflowSpec) -> list[str]:
     return [s.id for s in spec.steps]
 
@@ -318,7 +339,7 @@ async def create_child_run(engine: Engine, env: Any, child_id: str, inputs: Any)
     return {"id": child_id}
 
 
-__all__ = ["Workflows", "principal_from", "create_child_run"]
+__all__ = ["Workflows", "principal_from", "create_child_run", "trigger_principal"]
 
 
 def attach(app: Any, settings: Any, store: Any, gateway: Any, knowledge: Any) -> Workflows:

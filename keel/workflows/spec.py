@@ -15,6 +15,7 @@ from jsonschema import Draft202012Validator
 
 from keel.core.errors import ValidationFailed
 from keel.workflows.errors import SpecError
+from keel.workflows.templates import is_template, static_names
 from keel.workflows.spec_checks import (
     BUILDERS,
     COMMON_KEYS,
@@ -40,6 +41,7 @@ __all__ = [
     "WorkflowSpec",
     "parse_duration",
     "parse_spec",
+    "secret_refs",
     "validate_inputs",
 ]
 
@@ -121,6 +123,22 @@ def validate_inputs(spec: WorkflowSpec, inputs: Any) -> None:
         raise ValidationFailed(f"inputs for workflow '{spec.name}' are invalid: {first['path']}: {first['message']}"
                                f"{more}", fix="send inputs that match the workflow's inputs schema",
                                workflow=spec.name, errors=errors)
+
+
+def secret_refs(spec: WorkflowSpec) -> list[tuple[str, str, str]]:
+    """Every vault secret the spec names, as (secret, field, use): http headers and webhook triggers."""
+    out = []
+    for i, step in enumerate(spec.steps):
+        if step.type != "http":
+            continue
+        for header, value in (step.config.get("headers") or {}).items():
+            if is_template(value):
+                for name in sorted(static_names(value, "secrets") or ()):
+                    out.append((name, f"steps[{i}].headers.{header}", "http_header"))
+    for j, trigger in enumerate(spec.triggers):
+        if trigger.type == "webhook":
+            out.append((trigger.config["secret"], f"triggers[{j}].secret", "webhook"))
+    return out
 
 
 def _load(text: str) -> tuple[yaml.Node | None, Any]:

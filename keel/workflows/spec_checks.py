@@ -20,7 +20,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from keel.identity.principal import ROLES
-from keel.workflows.templates import is_template, referenced_attrs, template_refs
+from keel.workflows.templates import is_template, referenced_attrs, static_names, template_refs
 
 if TYPE_CHECKING:
     from keel.workflows.spec import WorkflowSpec
@@ -272,6 +272,9 @@ class Checker:
             if ref[0] == "secrets":
                 if not secrets:
                     self.error(path, "secrets may only be used in http headers")
+                elif static_names(text, "secrets") is None:
+                    self.error(path, "name each secret literally (secrets.NAME or secrets['NAME']), so who may "
+                                     "use it is checked when the workflow is defined")
             elif ref[0] not in TEMPLATE_ROOTS:
                 self.error(path, f"unknown variable '{ref[0]}' (templates may use {', '.join(TEMPLATE_ROOTS)})")
             elif ref[0] == "steps" and len(ref) == 2:

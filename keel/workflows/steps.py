@@ -43,11 +43,12 @@ class StepEnv:
     engine: "Engine"
     run_id: str
     workflow: str
-    team_id: str | None
+    team_id: str | None  # the run's team (its records, mail and approvals belong to it)
     principal: Principal
     spec: WorkflowSpec
     step: StepSpec
     context: dict[str, Any]
+    owner_team: str | None = None  # the workflow version's team (None: global): whose secrets it may use
 
     def render(self, value: Any) -> Any:
         return templates.render(value, self.context)
@@ -139,17 +140,15 @@ async def run_http(env: StepEnv) -> dict[str, Any]:
 
 
 class _SecretView:
-    """`{{ secrets.NAME }}` in http headers: read from the vault when rendered, never stored in outputs."""
+    """`{{ secrets.NAME }}` in http headers: read from the vault when rendered, never stored in outputs, and
+    only a secret the workflow's owner may use as a header (checked again on every run: a revoked grant
+    fails the step with `secret_not_allowed` before anything is sent)."""
 
     def __init__(self, env: StepEnv) -> None:
         self._env = env
 
     def __getattr__(self, name: str) -> str:
-        try:
-            return self._env.engine.vault.get(name)
-        except KeelError:
-            raise StepFailed(f"step {self._env.step.id!r}: vault secret {name!r} does not exist",
-                             fix="store it with `keel secrets set` or POST /admin/secrets", step=self._env.step.id)
+        return self._env.engine.vault.resolve(name, self._env.owner_team, "http_header")
 
     __getitem__ = __getattr__
 

@@ -141,6 +141,24 @@ def template_refs(text: str) -> set[tuple[str, ...]]:
     return refs
 
 
+@lru_cache(maxsize=2048)
+def static_names(text: str, root: str) -> frozenset[str] | None:
+    """Names read from `root` as `root.NAME` / `root['NAME']`; None if `root` is also used any other way
+    (`root[inputs.x]`, `root` itself), so what it reads cannot be known before the template runs."""
+    ast = ENV.parse(text)
+    uses = sum(1 for n in ast.find_all(nodes.Name) if n.name == root)
+    names = []
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
+        base = node.node
+        if not isinstance(base, nodes.Name) or base.name != root:
+            continue
+        if isinstance(node, nodes.Getattr):
+            names.append(node.attr)
+        elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            names.append(node.arg.value)
+    return frozenset(names) if len(names) == uses else None
+
+
 def referenced_attrs(text: str, root: str) -> set[str]:
     """Static attribute names read from `root`: `{{ inputs.company }}` → {"company"} for "inputs"."""
     _, pairs = _analyse(text)

@@ -1,8 +1,10 @@
 """Triggers besides the API: signed inbound webhooks and cron schedules. Both start runs as the
-workflow's owner (the principal that defined the version) and are recorded in the audit trail.
+workflow's owner (`trigger_principal`: the principal that defined the version, within the workflow's
+team) and are recorded in the audit trail.
 
 A webhook carries `X-Keel-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`
-with the secret from the vault entry its trigger names; old timestamps are refused (replay). A
+with the secret from the vault entry its trigger names — one the workflow's owner may use as a
+`webhook` key (checked on every delivery); old timestamps are refused (replay). A
 delivery id (`Idempotency-Key` header) makes a redelivered webhook return the same run.
 A schedule's run id is derived from its due time, so replicas checking the same schedule start it once.
 """
@@ -21,8 +23,7 @@ from croniter import croniter
 
 from keel.core.errors import KeelError, NotFound, Unauthorized
 from keel.core.tasks import stop_task
-from keel.workflows.runtime import principal_from
-from keel.workflows.service import Workflows
+from keel.workflows.service import Workflows, trigger_principal
 
 log = logging.getLogger("keel.workflows.triggers")
 
@@ -64,15 +65,15 @@ async def webhook(svc: Workflows, name: str, body: bytes, inputs: Any, signature
         raise not_found  # same answer as a bad signature: the endpoint does not reveal which workflows exist
     for secret_name in secrets:
         try:
-            secret = svc.engine.vault.get(secret_name)
-        except KeelError:
-            log.error("webhook secret missing from the vault", extra={"workflow": name, "secret": secret_name})
+            secret = await asyncio.to_thread(svc.engine.vault.resolve, secret_name, ver.team_id, "webhook")
+        except KeelError as exc:
+            log.error("webhook secret not usable", extra={"workflow": name, "secret": secret_name, "error": exc.detail})
             continue
         try:
             verify(secret, body, signature, tolerance_s)
         except Unauthorized:
             continue
-        owner = principal_from(ver.owner)
+        owner = trigger_principal(ver)
         run_id = None
         if delivery:
             run_id = "run_hook_" + hashlib.sha256(f"{name}\0{delivery}".encode()).hexdigest()[:24]
@@ -105,7 +106,7 @@ class Scheduler:
                     due = nxt
                 run_id = f"run_cron_{spec.name}_{int(due)}"
                 try:
-                    await self.svc.start(spec.name, t.config.get("inputs") or {}, principal_from(ver.owner),
+                    await self.svc.start(spec.name, t.config.get("inputs") or {}, trigger_principal(ver),
                                          trigger="schedule", run_id=run_id)
                     started.append(run_id)
                 except KeelError as exc:

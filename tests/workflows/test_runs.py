@@ -165,7 +165,7 @@ def test_http_step_retries_with_one_idempotency_key_and_reads_secrets(srv):
     from tests.workflows.conftest import receiver
 
     with srv.admin() as c:
-        assert c.put("/admin/secrets/crm-token", json={"value": "sk-crm-very-secret"}).status_code == 200
+        assert c.put("/admin/secrets/crm-token", json={"value": "sk-crm-very-secret", "uses": ["http_header"]}).status_code == 200
     with receiver() as rcv:
         host = rcv.split("://", 1)[1]
         define(srv, f"""

@@ -45,7 +45,7 @@ steps:
 def srv(module_server_factory):
     s = module_server_factory(KEEL_WORKFLOW_SCHEDULE_INTERVAL_S="0.5")
     with s.admin() as c:
-        assert c.put("/admin/secrets/hooked-secret", json={"value": SECRET}).status_code in (200, 201, 204)
+        assert c.put("/admin/secrets/hooked-secret", json={"value": SECRET, "uses": ["webhook"]}).status_code in (200, 201, 204)
     define(s, HOOKED)
     return s
 
