@@ -44,7 +44,8 @@ def definition_owner(p: Principal, name: str, prev_team: str | None, exists: boo
     """The team a new version of workflow `name` belongs to, or Forbidden/Conflict when `p` may not define it.
 
     A global workflow changes only by admins; a team's only by its builders (and admins); a new one belongs to
-    the builder's team (an admin's: the requested team, else global); ownership never moves by redefining."""
+    the builder's team (an admin's: the requested team, else the admin's own, global for a team-less admin);
+    ownership never moves by redefining."""
     if exists:
         if prev_team is None and not p.is_admin:
             raise Forbidden(f"workflow {name!r} is global: only admins may change it", workflow=name,
@@ -56,7 +57,7 @@ def definition_owner(p: Principal, name: str, prev_team: str | None, exists: boo
                            "a new version does not move it", fix="omit `team` when redefining it", workflow=name)
         return prev_team
     if p.is_admin:
-        return requested
+        return requested if requested is not None else p.team_id
     if p.team_id is None:
         raise Forbidden(f"key {p.key_id} has no team, so it cannot own a workflow", workflow=name, key_id=p.key_id,
                         fix="use a builder key that belongs to a team (global workflows are defined by admins)")

@@ -1,0 +1,403 @@
+"""Authorization matrix: every role (admin, builder, member, reviewer, auditor) × own team / other team /
+no team × action, from one table with the expected answer for each cell.
+
+Targets belong to team `red`: "own" is a key of team red, "other" a key of team blue, "none" a key without
+a team. An answer is an HTTP status, `2xx` (any success), or for a listing `seen` / `hidden` (200, with the
+target in it or not). A cell whose action succeeds consumes its target (a cancelled run, a decided
+approval, a deleted secret), and the next cell gets a fresh one. One server for the module, keys reused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.governance.conftest import POLICY, REPLY, Keys, chat, models_yaml, start_governed
+from conftest import new_db_url
+
+pytestmark = pytest.mark.store
+
+ROLES = ("admin", "builder", "member", "reviewer", "auditor")
+RELATIONS = {"own": "red", "other": "blue", "none": None}
+
+
+def grid(text: str) -> dict[tuple[str, str], str]:
+    """`role own other none` lines → {(role, relation): expected answer}."""
+    out = {}
+    for line in text.strip().splitlines():
+        role, *answers = line.split()
+        assert role in ROLES and len(answers) == 3, line
+        out.update({(role, rel): ans for rel, ans in zip(RELATIONS, answers)})
+    assert len(out) == 15
+    return out
+
+
+def by_role(allowed: set[str], yes: str = "200", no: str = "403") -> dict[tuple[str, str], str]:
+    """The same answer for every team: `yes` for the roles in `allowed`, `no` for the rest."""
+    return {(r, rel): (yes if r in allowed else no) for r in ROLES for rel in RELATIONS}
+
+
+TEAM_SCOPED_READ = """
+admin    {s} {s} {s}
+builder  {s} {h} {h}
+member   {s} {h} {h}
+reviewer {s} {h} {h}
+auditor  {s} {h} {s}
+"""
+
+
+def team_read(seen: str, hidden: str) -> dict[tuple[str, str], str]:
+    """Readable within the target's team; admins and team-less auditors read everything."""
+    return grid(TEAM_SCOPED_READ.format(s=seen, h=hidden))
+
+
+@dataclass
+class Row:
+    """One action: request shape, expected answer per cell, and what it acts on."""
+
+    name: str
+    method: str
+    path: str  # formatted with the target's fields and `cell`
+    expect: dict[tuple[str, str], str]
+    body: Any = None  # a str is sent as YAML; formatted like the path
+    target: str | None = None  # a `World` method returning a fresh target (fields for path/body, `seen` id)
+    consumes: bool = False  # a success uses the target up
+
+
+GOV_READERS = {"admin", "auditor"}
+TABLE = [
+    # -- governance (audit, policy, reviews, guard events) ----------------------------------------
+    Row("audit list", "GET", "/v1/audit", by_role(GOV_READERS)),
+    Row("audit verify", "GET", "/v1/audit/verify", by_role(GOV_READERS)),
+    Row("audit export", "GET", "/v1/audit/export", grid("""
+        admin    200 200 200
+        builder  403 403 403
+        member   403 403 403
+        reviewer 403 403 403
+        auditor  403 403 200""")),
+    Row("policy get", "GET", "/admin/policy", by_role(GOV_READERS)),
+    Row("policy versions", "GET", "/admin/policy/versions", by_role(GOV_READERS)),
+    Row("policy version", "GET", "/admin/policy/versions/1", by_role(GOV_READERS)),
+    Row("policy check", "POST", "/admin/policy/check", by_role(GOV_READERS), body="name: x\n"),
+    Row("policy test", "POST", "/v1/policy/test", by_role(GOV_READERS), body={"model": "cloud"}),
+    Row("reviews list", "GET", "/v1/reviews", by_role({"admin", "reviewer"})),
+    Row("guard events", "GET", "/v1/guard-events", by_role(set(ROLES))),
+    Row("review get", "GET", "/v1/reviews/{review}", grid("""
+        admin    200 200 200
+        builder  404 404 404
+        member   200 404 404
+        reviewer 200 404 200
+        auditor  404 404 404"""), target="review"),
+    # -- workflow definitions -----------------------------------------------------------------------
+    Row("workflow define new", "POST", "/v1/workflows", grid("""
+        admin    201 201 201
+        builder  201 201 403
+        member   403 403 403
+        reviewer 403 403 403
+        auditor  403 403 403"""), body="name: new_{cell}\nsteps:\n  - {{id: a, type: transform, output: 1}}\n"),
+    Row("workflow redefine team's", "POST", "/v1/workflows", grid("""
+        admin    201 201 201
+        builder  201 409 409
+        member   403 403 403
+        reviewer 403 403 403
+        auditor  403 403 403"""), body="name: red_def\nsteps:\n  - {{id: a, type: transform, output: {cell}}}\n"),
+    Row("workflow redefine global", "POST", "/v1/workflows", grid("""
+        admin    201 201 201
+        builder  403 403 403
+        member   403 403 403
+        reviewer 403 403 403
+        auditor  403 403 403"""), body="name: global_def\nsteps:\n  - {{id: a, type: transform, output: {cell}}}\n"),
+    # -- runs ---------------------------------------------------------------------------------------
+    Row("run read", "GET", "/v1/workflows/red_wait/runs/{run}", team_read("200", "404"), target="waiting_run"),
+    Row("run list", "GET", "/v1/workflows/red_wait/runs", team_read("seen", "404"), target="waiting_run"),
+    Row("team-less admin run read", "GET", "/v1/workflows/global_run/runs/{run}", grid("""
+        admin    200 200 200
+        builder  404 404 404
+        member   404 404 404
+        reviewer 404 404 404
+        auditor  404 404 200"""), target="teamless_run"),
+    Row("run cancel", "POST", "/v1/workflows/red_wait/runs/{run}/cancel", grid("""
+        admin    200 200 200
+        builder  200 404 404
+        member   200 404 404
+        reviewer 403 403 403
+        auditor  403 403 403"""), target="waiting_run", consumes=True),
+    Row("run retry", "POST", "/v1/workflows/red_fail/runs/{run}/retry", grid("""
+        admin    201 201 201
+        builder  201 404 404
+        member   201 404 404
+        reviewer 403 403 403
+        auditor  403 403 403"""), body={}, target="failed_run"),
+    # -- approvals ----------------------------------------------------------------------------------
+    Row("approvals list", "GET", "/v1/approvals", grid("""
+        admin    seen seen   seen
+        builder  403  403    403
+        member   403  403    403
+        reviewer seen hidden hidden
+        auditor  seen hidden seen"""), target="approval"),
+    Row("approval get", "GET", "/v1/approvals/{approval}", grid("""
+        admin    200 200 200
+        builder  404 404 404
+        member   404 404 404
+        reviewer 200 404 404
+        auditor  200 404 200"""), target="approval"),
+    *(Row(f"approval {verb}", "POST", f"/v1/approvals/{{approval}}/{verb}", grid("""
+        admin    200 200 200
+        builder  403 403 403
+        member   403 403 403
+        reviewer 200 404 404
+        auditor  403 403 403"""), body={}, target="approval", consumes=True) for verb in ("approve", "reject")),
+    # -- records and outbox -------------------------------------------------------------------------
+    Row("records", "GET", "/v1/records/red_rec", team_read("seen", "hidden"), target="waiting_run"),
+    Row("outbox", "GET", "/v1/outbox", team_read("seen", "hidden"), target="waiting_run"),
+    Row("team-less admin run records", "GET", "/v1/records/red_rec", grid("""
+        admin    seen   seen   seen
+        builder  hidden hidden hidden
+        member   hidden hidden hidden
+        reviewer hidden hidden hidden
+        auditor  hidden hidden seen"""), target="teamless_run"),
+    # -- secrets ------------------------------------------------------------------------------------
+    Row("team secrets list", "GET", "/v1/secrets", grid("""
+        admin    seen hidden 403
+        builder  seen hidden 403
+        member   403  403    403
+        reviewer 403  403    403
+        auditor  403  403    403"""), target="team_secret"),
+    Row("team secret set", "PUT", "/v1/secrets/{name}", grid("""
+        admin    200 409 403
+        builder  200 409 403
+        member   403 403 403
+        reviewer 403 403 403
+        auditor  403 403 403"""), body={"value": "value-{cell}-0123456789"}, target="team_secret"),
+    Row("team secret delete", "DELETE", "/v1/secrets/{name}", grid("""
+        admin    204 404 403
+        builder  204 404 403
+        member   403 403 403
+        reviewer 403 403 403
+        auditor  403 403 403"""), target="team_secret", consumes=True),
+    Row("secrets admin list", "GET", "/admin/secrets", by_role({"admin"})),
+    Row("secret admin set", "PUT", "/admin/secrets/glob-sec", by_role({"admin"}),
+        body={"value": "glob-{cell}-0123456789", "uses": ["http_header"]}),
+    Row("secret grant", "PUT", "/admin/secrets/glob-sec/grants/red/http_header", by_role({"admin"}, yes="2xx"),
+        target="glob_secret"),
+    Row("secret revoke", "DELETE", "/admin/secrets/glob-sec/grants/red/http_header", by_role({"admin"}, yes="204"),
+        target="grant", consumes=True),
+    # -- deployments (admin endpoints) --------------------------------------------------------------
+    Row("deployments list", "GET", "/admin/deployments", by_role({"admin"})),
+    Row("deployment add", "POST", "/admin/deployments", by_role({"admin"}, yes="201"),
+        body={"alias": "authz-{cell}", "provider": "openai_compatible", "model": "m", "base_url": "{cloud}"}),
+]
+
+
+def _fmt(value: Any, fields: dict[str, Any]) -> Any:
+    if isinstance(value, str):
+        return value.format(**fields)
+    if isinstance(value, dict):
+        return {k: _fmt(v, fields) for k, v in value.items()}
+    return value
+
+
+def _eventually(check: Callable[[], Any], timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+class World:
+    """The module's server, keys and the red team's targets (fresh ones on demand)."""
+
+    def __init__(self, srv: Any, keys: Keys, cloud_url: str) -> None:
+        self.srv, self.keys, self.cloud = srv, keys, cloud_url
+        self.cache: dict[str, dict[str, Any]] = {}
+        red_builder, admin_red = keys.keys[("builder", "red")], keys.keys[("admin", "red")]
+        self.red_builder, self.admin_red = red_builder, admin_red
+        for key, spec in ((red_builder, "name: red_def\nsteps:\n  - {id: a, type: transform, output: 0}\n"),
+                          (srv.admin_key, "name: global_def\nsteps:\n  - {id: a, type: transform, output: 0}\n"),
+                          (srv.admin_key, "name: global_run\nsteps:\n"
+                                          "  - {id: rec, type: record, table: red_rec, data: {who: '{{ run.id }}'}}\n"
+                                          "  - {id: nap, type: wait, seconds: 600}\n"),
+                          (red_builder, "name: red_wait\nsteps:\n"
+                                        "  - {id: rec, type: record, table: red_rec, data: {who: '{{ run.id }}'}}\n"
+                                        "  - {id: mail, type: notify, email: a@example.com, subject: '{{ run.id }}'}\n"
+                                        "  - {id: nap, type: wait, seconds: 600}\n"),
+                          (red_builder, "name: red_fail\nsteps:\n  - {id: boom, type: transform, output: '{{ 1 // 0 }}'}\n"),
+                          (red_builder, "name: red_appr\nsteps:\n  - {id: ok, type: approval, approvers: [reviewer, admin]}\n")):
+            with srv.client(key) as c:
+                r = c.post("/v1/workflows", content=spec, headers={"content-type": "application/yaml"})
+            assert r.status_code == 201, r.text
+
+    def fresh(self, name: str, consumed: bool) -> dict[str, Any]:
+        if consumed or name not in self.cache:
+            self.cache[name] = getattr(self, name)()
+        return self.cache[name]
+
+    def _start(self, key: str, workflow: str) -> str:
+        with self.srv.client(key) as c:
+            r = c.post(f"/v1/workflows/{workflow}/runs", json={"inputs": {}})
+        assert r.status_code == 201, r.text
+        return r.json()["id"]
+
+    def _status(self, workflow: str, run_id: str, statuses: tuple[str, ...]) -> None:
+        def check() -> bool:
+            with self.srv.admin() as c:
+                return c.get(f"/v1/workflows/{workflow}/runs/{run_id}").json().get("status") in statuses
+        _eventually(check)
+
+    def _recorded(self, run_id: str, path: str = "/v1/records/red_rec") -> None:
+        def check() -> bool:
+            with self.srv.admin() as c:
+                return run_id in c.get(path).text
+        _eventually(check)
+
+    def waiting_run(self) -> dict[str, Any]:
+        run_id = self._start(self.admin_red, "red_wait")
+        self._recorded(run_id)
+        self._recorded(run_id, f"/v1/outbox?run_id={run_id}")
+        return {"run": run_id, "seen": run_id}
+
+    def teamless_run(self) -> dict[str, Any]:
+        run_id = self._start(self.srv.admin_key, "global_run")
+        self._recorded(run_id)
+        return {"run": run_id, "seen": run_id}
+
+    def failed_run(self) -> dict[str, Any]:
+        run_id = self._start(self.admin_red, "red_fail")
+        self._status("red_fail", run_id, ("failed",))
+        return {"run": run_id}
+
+    def approval(self) -> dict[str, Any]:
+        run_id = self._start(self.admin_red, "red_appr")
+        self._status("red_appr", run_id, ("waiting_approval",))
+        return {"approval": f"apr_{run_id}.ok", "seen": f"apr_{run_id}.ok"}
+
+    def review(self) -> dict[str, Any]:
+        r = chat(self.srv, self.keys.keys[("member", "red")], "onprem", "hello", metadata={"use_case": "support-reply"})
+        return {"review": r.json()["review_id"]}
+
+    def team_secret(self) -> dict[str, Any]:
+        name = f"red-sec-{len(self.cache)}-{time.monotonic_ns()}"
+        with self.srv.client(self.red_builder) as c:
+            assert c.put(f"/v1/secrets/{name}", json={"value": "red-value-0123456789"}).status_code == 200
+        return {"name": name, "seen": name}
+
+    def glob_secret(self) -> dict[str, Any]:
+        with self.srv.admin() as c:
+            r = c.put("/admin/secrets/glob-sec", json={"value": "glob-value-0123456789", "uses": ["http_header"]})
+            assert r.status_code == 200, r.text
+        return {}
+
+    def grant(self) -> dict[str, Any]:
+        self.glob_secret()
+        with self.srv.admin() as c:
+            assert c.put("/admin/secrets/glob-sec/grants/red/http_header").status_code in (200, 201)
+        return {}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, pg_server):
+    cloud, onprem = FakeOpenAI(reply=REPLY).start(), FakeOpenAI(reply=REPLY).start()
+    base = tmp_path_factory.mktemp("authz")
+    (base / "policy.yaml").write_text(POLICY)
+    (base / "keel.yaml").write_text(models_yaml(cloud.url, onprem.url))
+    srv = start_governed(base / "data", new_db_url(base, pg_server), config=base / "keel.yaml",
+                         KEEL_POLICY_FILE=str(base / "policy.yaml"))
+    try:
+        yield World(srv, Keys(srv), cloud.url)
+    finally:
+        srv.stop()
+        cloud.stop()
+        onprem.stop()
+
+
+def _answer(row: Row, r: httpx.Response, target: dict[str, Any]) -> str:
+    if r.status_code == 200 and any(v in ("seen", "hidden") for v in row.expect.values()):
+        return "seen" if target["seen"] in r.text else "hidden"
+    return str(r.status_code)
+
+
+def _send(client: httpx.Client, row: Row, path: str, body: Any) -> httpx.Response:
+    if isinstance(body, str):
+        return client.request(row.method, path, content=body, headers={"content-type": "application/yaml"})
+    return client.request(row.method, path, json=body) if body is not None else client.request(row.method, path)
+
+
+@pytest.mark.parametrize("row", TABLE, ids=[row.name for row in TABLE])
+def test_authorization_matrix(world, row):
+    """Each cell of the row answers exactly as the table says (and anonymous callers get 401)."""
+    wrong = []
+    consumed = False
+    for role in ROLES:
+        for rel, team in RELATIONS.items():
+            target = world.fresh(row.target, consumed) if row.target else {}
+            fields = {**target, "cell": f"{role}_{rel}", "cloud": world.cloud}
+            path, body = _fmt(row.path, fields), _fmt(row.body, fields)
+            with world.keys.client(role, team) as c:
+                r = _send(c, row, path, body)
+            got, want = _answer(row, r, target), row.expect[(role, rel)]
+            if not (got == want or (want == "2xx" and got.startswith("2"))):
+                wrong.append(f"{role}/{rel}: want {want}, got {got} {r.text[:160]}")
+            if r.status_code >= 500:
+                wrong.append(f"{role}/{rel}: server error {r.text[:200]}")
+            consumed = row.consumes and 200 <= r.status_code < 300
+    if consumed:
+        world.cache.pop(row.target, None)
+    fields = {"run": "run_x", "approval": "apr_x", "review": "rev_x", "name": "x", "cell": "anon",
+              "cloud": world.cloud, **(world.cache.get(row.target) or {})}
+    with world.srv.client() as anonymous:
+        r = _send(anonymous, row, _fmt(row.path, fields), _fmt(row.body, fields))
+    if r.status_code != 401:
+        wrong.append(f"anonymous: want 401, got {r.status_code}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_nobody_can_edit_the_audit_trail(world):
+    for role in ROLES:
+        with world.keys.client(role, None) as c:
+            for method in ("POST", "PUT", "PATCH", "DELETE"):
+                for path in ("/v1/audit", "/v1/audit/1"):
+                    assert c.request(method, path, json={}).status_code in (404, 405), (role, method, path)
+
+
+def test_team_scoping_leaks_nothing(world):
+    """A red member's denial and guard events are visible to red's auditor and to that key, never to blue."""
+    keys, srv = world.keys, world.srv
+    red = keys.keys[("member", "red")]
+    r = chat(srv, red, "cloud", "hi", metadata={"classification": "restricted"})
+    assert r.status_code == 403
+    rid = r.headers["x-request-id"]
+    blocked = chat(srv, red, "cloud", "my key is AKIAIOSFODNN7EXAMPLE")
+    assert blocked.status_code == 403
+    bid = blocked.headers["x-request-id"]
+
+    def audit_ids(role, team):
+        with keys.client(role, team) as c:
+            return {e["details"].get("request_id") for e in c.get("/v1/audit?limit=1000").json()["data"]}
+
+    assert rid in audit_ids("auditor", "red") and rid in audit_ids("auditor", None) and rid in audit_ids("admin", "blue")
+    assert rid not in audit_ids("auditor", "blue")
+
+    def guard_seen(role, team):
+        with keys.client(role, team) as c:
+            return any(e["request_id"] == bid for e in c.get("/v1/guard-events?limit=1000").json()["data"])
+
+    assert guard_seen("member", "red") and guard_seen("auditor", "red") and guard_seen("admin", None)
+    for role, team in (("member", "blue"), ("builder", "red"), ("reviewer", "red"), ("auditor", "blue")):
+        assert not guard_seen(role, team), (role, team)
+
+
+def test_reviews_cannot_be_decided_outside_their_team(world):
+    """A review hidden from a cell (404 in the table) cannot be decided by it either."""
+    rid = world.review()["review"]
+    for role, team in (("reviewer", "blue"), ("builder", "red"), ("auditor", None), ("member", "blue")):
+        with world.keys.client(role, team) as c:
+            assert c.post(f"/v1/reviews/{rid}/approve", json={}).status_code in (403, 404), (role, team)
