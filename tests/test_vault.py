@@ -64,3 +64,66 @@ def test_master_key_file_created_0600(tmp_path, db_url):
     mode = stat.S_IMODE((tmp_path / "master.key").stat().st_mode)
     assert mode == 0o600 and load_master_key(None, tmp_path) == key
     assert Settings().data_dir.name == ".keel"
+
+
+def test_existing_secrets_become_global_and_never_header_secrets(db_url):
+    """Guards the secret-owner migration: a secret stored before owners existed becomes global and serves
+    provider and webhook (its value never leaves Keel through either), never an outbound header."""
+    from alembic import command
+    from cryptography.fernet import Fernet
+
+    from keel.core.db import Store
+    from keel.identity.vault import SecretNotAllowed, Vault
+
+    store = Store.open(db_url)
+    cfg = store._alembic_config()
+    with store.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "id_0001")
+    vault_key = Fernet.generate_key()
+    token = Fernet(vault_key).encrypt(b"old-provider-key")
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO secrets (name, ciphertext, created_at, updated_at) "
+                             "VALUES ('legacy', :t, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"), {"t": token})
+    store.upgrade()
+    vault = Vault(store, vault_key)
+    [row] = vault.names()
+    assert (row["name"], row["team_id"], row["uses"], row["grants"]) == ("legacy", None, ["provider", "webhook"], [])
+    assert vault.get("legacy") == "old-provider-key"
+    assert vault.resolve("legacy", None, "webhook") == "old-provider-key"
+    with pytest.raises(SecretNotAllowed):
+        vault.resolve("legacy", None, "http_header")
+    store.dispose()
+
+
+def test_cli_sets_owner_and_uses_grants_and_revokes(server):
+    """Guards `keel secrets set NAME --team T --use U`, `grant` and `revoke`, and a builder's own team's
+    secrets through the same commands; no command prints a value."""
+    env = {**server.env, "KEEL_URL": server.url, "KEEL_API_KEY": server.admin_key}
+
+    def keel(*args, key=None):
+        e = dict(env, KEEL_API_KEY=key) if key else env
+        return subprocess.run([sys.executable, "-m", "keel", "secrets", *args], env=e, capture_output=True,
+                              text=True, timeout=60)
+
+    with server.admin() as c:
+        team = c.post("/admin/teams", json={"name": "ops"}).json()["id"]
+        builder = c.post("/admin/keys", json={"role": "builder", "team": "ops"}).json()["key"]
+    out = keel("set", "hook-key", "--value", "hook-value-0123456789", "--use", "webhook", "--use", "http_header")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[2:] == ["global", "http_header,webhook"] and "hook-value" not in out.stdout
+    out = keel("set", "ops-key", "--value", "ops-value-0123456789", "--team", "ops", "--use", "provider")
+    assert out.returncode == 1 and "provider credential" in out.stderr
+    assert keel("grant", "hook-key", "--team", "ops", "--use", "http_header").returncode == 0
+    listed = keel("list").stdout
+    assert f"{team}:http_header" in listed and "hook-value" not in listed
+    mine = keel("list", key=builder).stdout
+    assert "hook-key" in mine
+    assert keel("set", "own-key", "--value", "own-value-0123456789", key=builder).returncode == 0
+    assert keel("delete", "hook-key", key=builder).returncode == 1
+    assert keel("revoke", "hook-key", "--team", "ops", "--use", "http_header").returncode == 0
+    assert "hook-key" not in keel("list", key=builder).stdout
+    assert "own-key" in keel("list", key=builder).stdout
+    with server.admin() as c:
+        r = c.delete(f"/admin/teams/{team}")
+        assert r.status_code == 409  # it still has active keys (and owns a secret)

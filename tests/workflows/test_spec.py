@@ -14,6 +14,7 @@ from keel.workflows.spec import (
     WorkflowSpec,
     parse_duration,
     parse_spec,
+    secret_refs,
     validate_inputs,
 )
 from keel.workflows.templates import render, template_refs, truthy
@@ -277,6 +278,26 @@ def test_secrets_only_in_headers() -> None:
         """))
     assert (err["line"], err["field"]) == (8, "steps[0].body.key")
     assert err["message"] == "secrets may only be used in http headers"
+
+
+def test_secrets_must_be_named_literally() -> None:
+    """Guards the definition-time secret check: a secret chosen by a template (`secrets[inputs.x]`) could not
+    be checked before the run, so it is refused; literal names are listed with their field and use."""
+    err = one_error(steps_yaml("""\
+        - id: a
+          type: http
+          url: https://ok.example.com/
+          headers: {X-Key: "{{ secrets[vars.which] }}"}
+        """).replace("steps:", "vars: {which: k}\nsteps:"))
+    assert err["field"] == "steps[0].headers.X-Key" and "literally" in err["message"]
+    spec = parse_spec(steps_yaml("""\
+        - id: a
+          type: http
+          url: https://ok.example.com/
+          headers: {X-Key: "{{ secrets.one }}-{{ secrets['two'] }}"}
+        """))
+    assert secret_refs(spec) == [("one", "steps[0].headers.X-Key", "http_header"),
+                                 ("two", "steps[0].headers.X-Key", "http_header")]
 
 
 def test_unknown_root_and_unknown_input() -> None:
