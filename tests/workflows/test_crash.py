@@ -56,6 +56,8 @@ def test_sigkill_at_random_moments_loses_and_repeats_nothing(module_server_facto
     with receiver() as rcv:
         with srv.admin() as c:
             setup_companies(c)
+            r = c.put("/admin/secrets/lead-intake-webhook", json={"value": "whsec-crash-0123456789", "uses": ["webhook"]})
+            assert r.status_code == 200, r.text
             r = c.post("/v1/workflows", json={"spec": lead_spec(rcv)})
             assert r.status_code == 201, r.text
             run_ids = []
