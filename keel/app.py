@@ -25,7 +25,7 @@ from keel.observe import service as observe_service
 from keel.workflows import service as workflows_service
 from keel.identity import routes as identity_routes
 from keel.identity import service as identity
-from keel.identity.auth import Authenticator
+from keel.identity.auth import Authenticator, principal
 from keel.identity.vault import Vault, load_master_key
 
 log = logging.getLogger("keel.app")
@@ -85,7 +85,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Built:
     app.state.audit = None
     app.state.hot_routes = {}  # (method, path) → endpoint served ahead of the framework router
 
-    install_error_handlers(app)
+    install_error_handlers(app, authenticate=principal)
     app.include_router(core_routes.router)
     app.include_router(identity_routes.router)
     _mount_capabilities(app, settings, store)

@@ -15,6 +15,7 @@ class KeelError(Exception):
     code = "keel_error"
     status = 500
     title = "Keel error"
+    retryable = False  # may the same request succeed if tried again (on the same or another deployment)?
 
     def __init__(self, detail: str, *, fix: str | None = None, headers: dict[str, str] | None = None,
                  **ids: Any) -> None:
@@ -104,6 +105,13 @@ class NotSupported(BadRequest):
     code, title = "not_supported", "Not supported"
 
 
+class InputRejected(BadRequest):
+    """A model could not take the request's content (its chat template, tokenizer or grammar refused it):
+    the caller's to fix, never retried and never held against the deployment."""
+
+    code, title = "input_rejected", "Input rejected by the model"
+
+
 class ContextOverflow(BadRequest):
     """The prompt plus `max_tokens` does not fit the model's context window."""
 
@@ -123,15 +131,46 @@ class BudgetExceeded(KeelError):
 
 
 class UpstreamError(KeelError):
-    """A provider answered with an error; its status and message are kept."""
+    """A provider failed (5xx, a broken connection, a malformed answer); its status and message are kept.
+    Counted against the deployment's health; worth another try."""
 
     code, status, title = "upstream_error", 502, "Upstream error"
+    retryable = True
+
+    def __init__(self, detail: str, *, retry_after: float | None = None, **kw: Any) -> None:
+        super().__init__(detail, **kw)
+        self.retry_after = retry_after  # seconds the upstream asked to wait, if it said
 
 
 class UpstreamTimeout(UpstreamError):
     """A provider did not answer within the deployment's timeout."""
 
     code, status, title = "upstream_timeout", 504, "Upstream timeout"
+
+
+class UpstreamRateLimited(UpstreamError):
+    """A provider answered 429: worth another try after its retry-after, or on another deployment."""
+
+    code, status, title = "upstream_rate_limited", 429, "Upstream rate limited"
+
+
+class UpstreamRefused(UpstreamError):
+    """A provider refused Keel's request for a reason that is not the caller's (its credential, a missing
+    endpoint): the same deployment will refuse again, another may serve it."""
+
+    retryable = False
+
+
+class UpstreamRejected(UpstreamError):
+    """A provider rejected the request itself (HTTP 400, 404, 409, 413, 422): the caller's to fix, answered
+    with the upstream's status, never retried and never held against the deployment."""
+
+    code, status, title = "upstream_rejected", 400, "Rejected by the upstream"
+    retryable = False
+
+    def __init__(self, detail: str, *, status: int = 400, **kw: Any) -> None:
+        super().__init__(detail, **kw)
+        self.status = status
 
 
 class Unavailable(KeelError):

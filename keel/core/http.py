@@ -27,6 +27,7 @@ from keel.core.logs import request_id_var
 
 log = logging.getLogger("keel.http")
 PROBLEM = "application/problem+json"
+Authenticate = Callable[[StarletteRequest], Awaitable[Any]]  # the caller of a request, or raises Unauthorized
 
 
 def problem_response(err: KeelError) -> Response:
@@ -50,15 +51,22 @@ def _validation_error(exc: RequestValidationError | ValidationError) -> KeelErro
     return err
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error, ours or the framework's, leaves as problem+json; nothing leaves as a traceback."""
+def install_error_handlers(app: FastAPI, authenticate: Authenticate | None = None) -> None:
+    """Every error, ours or the framework's, leaves as problem+json; nothing leaves as a traceback.
+    `authenticate(request)` is asked first when a body is not even JSON (the framework decodes it before
+    the route's own key check runs), so an anonymous caller gets 401, never a verdict on its body."""
 
     @app.exception_handler(KeelError)
     async def _keel(_req: Request, exc: KeelError) -> Response:
         return problem_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_req: Request, exc: RequestValidationError) -> Response:
+    async def _validation(req: Request, exc: RequestValidationError) -> Response:
+        if authenticate is not None and any(e.get("type") == "json_invalid" for e in exc.errors()):
+            try:
+                await authenticate(req)
+            except KeelError as err:
+                return problem_response(err)
         return problem_response(_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
@@ -86,25 +94,33 @@ HotEndpoint = Callable[[StarletteRequest], Awaitable[Response]]
 # Scope key of `send_now(response)`, when the server can write an answer before the endpoint returns
 # (Keel's own protocol, `keel/core/hotserve.py`); the endpoint then returns that same response.
 SEND_NOW = "keel.send_now"
-FastParse = Callable[[bytes], Any]
+FastParse = Callable[[Any], Any]
 
 
-def hot_json_endpoint(model: type[BaseModel], handler: Callable[[Any, StarletteRequest], Awaitable[Response]],
-                      fast: FastParse | None = None) -> HotEndpoint:
-    """Wrap `handler(body, request)` for the hot path, with every error as the same problem+json the
-    framework path gives. `fast(raw)` may turn a body of the common shape into what the handler takes
-    (None when unsure); any other body is validated by pydantic, whose model the handler then gets."""
+def hot_json_endpoint(model: type[BaseModel], handler: Callable[[Any, StarletteRequest, Any], Awaitable[Response]],
+                      fast: FastParse | None = None, authenticate: Authenticate | None = None) -> HotEndpoint:
+    """Wrap `handler(body, request, caller)` for the hot path, with every error as the same problem+json the
+    framework path gives. The caller is authenticated first (`authenticate(request)`, so an anonymous
+    malformed body is a 401, not a 422); the body is then decoded as strict JSON (RFC 8259: no NaN, no
+    lone surrogates, UTF-8 only). `fast(data)` may turn a body of the common shape into what the handler
+    takes (None when unsure); any other body is validated by pydantic, whose model the handler then gets."""
 
     async def endpoint(request: StarletteRequest) -> Response:
         try:
+            caller = await authenticate(request) if authenticate is not None else None
             raw = await request.body()
-            body = fast(raw) if fast is not None else None
+            try:
+                data = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise MalformedJSON(f"request body is not valid JSON: {exc}",
+                                    fix="send a JSON object with Content-Type: application/json") from None
+            body = fast(data) if fast is not None else None
             if body is None:
                 try:
-                    body = model.model_validate_json(raw)
+                    body = model.model_validate(data)
                 except ValidationError as exc:
                     raise _validation_error(exc) from None
-            return await handler(body, request)
+            return await handler(body, request, caller)
         except KeelError as exc:
             return problem_response(exc)
         except _BodyTooLarge:

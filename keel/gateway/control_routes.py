@@ -186,3 +186,16 @@ async def delete_budget(budget_id: str, request: Request, p: Principal = Depends
     await run_in_threadpool(budgets.delete, budget_id)
     _audit(request, "budget.delete", p, budget_id=budget_id)
     return json_response(None, 204)
+
+
+# -- deployment health ---------------------------------------------------------------------------------------
+
+@router.get("/admin/circuits", tags=["admin"])
+async def list_circuits(request: Request, _p: Principal = Depends(admin)) -> Response:
+    """Each deployment's circuit breaker in this replica (closed, open or half_open), its consecutive failures,
+    requests in flight and median latencies; deployments this replica has not called yet are absent."""
+    router_ = getattr(request.app.state.gateway, "router", None)
+    if router_ is None:
+        raise Unavailable("the router is not installed in this server", fix="build the gateway with keel.gateway.service")
+    snapshot = router_.snapshot()
+    return json_response({"data": [{"deployment": did, **state} for did, state in sorted(snapshot.items())]})

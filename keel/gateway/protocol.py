@@ -5,11 +5,14 @@ inside the provider that needs it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
-from keel.core.errors import KeelError, UpstreamError, UpstreamTimeout
+from keel.core.errors import (
+    UpstreamError, UpstreamRateLimited, UpstreamRefused, UpstreamRejected, UpstreamTimeout,
+)
 from keel.core.settings import DeploymentConfig
 
 
@@ -93,8 +96,9 @@ class Provider(Protocol):
       stops the upstream work. The final delta has `finish_reason`; usage is always reported.
     - A request the backend cannot serve (tools, JSON mode, embeddings on a chat model) raises
       `NotSupported` *before* any upstream call; a prompt that does not fit raises `ContextOverflow`.
-    - Upstream failures raise `UpstreamError`/`UpstreamTimeout` (see `upstream_error`), never a
-      foreign exception; the upstream status and message are kept.
+    - Upstream failures raise `UpstreamError` or a subclass (see `upstream_error`), never a foreign
+      exception; the upstream status and message are kept. Input the backend cannot take (its template,
+      tokenizer or grammar refused it) raises `InputRejected`: the caller's, never the deployment's.
     - Instances are long-lived and shared by concurrent requests; `close()` releases resources.
     """
 
@@ -118,29 +122,31 @@ class Provider(Protocol):
 ProviderFactory = Callable[[DeploymentConfig, ProviderContext], Provider]
 
 
-def upstream_error(status: int | None, message: str, deployment: str, *, timeout: bool = False) -> KeelError:
+CALLER_STATUSES = frozenset({400, 404, 409, 413, 422})  # an upstream's answer that the request itself is wrong
+
+
+def upstream_error(status: int | None, message: str, deployment: str, *, timeout: bool = False,
+                   retry_after: float | None = None) -> UpstreamError:
     """Translate an upstream failure into the most specific Keel error, keeping status and message.
 
-    Upstream 400/404/413/422 are the caller's request → same status; 429 → 429; 401/403 are Keel's
-    credential problem → 502; 5xx, connection and protocol errors → 502; timeouts → 504.
-    `err.retryable` tells the router whether another try may succeed.
+    Upstream 400/404/409/413/422 are the caller's request → `UpstreamRejected` with the same status;
+    429 → `UpstreamRateLimited`; other 4xx (401/403: Keel's credential) → `UpstreamRefused` (502);
+    5xx, connection and protocol errors → `UpstreamError` (502); timeouts → `UpstreamTimeout` (504).
+    Each class says whether another try may succeed (`retryable`).
     """
     message = (message or "").strip()[:500]
     if timeout:
-        err: KeelError = UpstreamTimeout(f"deployment {deployment} did not answer in time",
-                                         fix="retry, raise the deployment's timeout_s, or add a fallback",
-                                         deployment=deployment)
-        err.retryable = True  # type: ignore[attr-defined]
-        return err
+        return UpstreamTimeout(f"deployment {deployment} did not answer in time",
+                               fix="retry, raise the deployment's timeout_s, or add a fallback", deployment=deployment)
     detail = f"deployment {deployment} failed" + (f" with HTTP {status}" if status else "") + (
         f": {message}" if message else "")
-    err = UpstreamError(detail, fix="check the upstream provider, its credential and the request",
-                        deployment=deployment, upstream_status=status, upstream_message=message or None)
-    if status in (400, 404, 409, 413, 422):
-        err.status = status
-        err.code = "upstream_rejected"
-    elif status == 429:
-        err.status = 429
-        err.code = "upstream_rate_limited"
-    err.retryable = status is None or status == 429 or status >= 500  # type: ignore[attr-defined]
-    return err
+    kw: dict[str, Any] = {"fix": "check the upstream provider, its credential and the request", "deployment": deployment,
+                          "upstream_status": status, "upstream_message": message or None, "retry_after": retry_after}
+    if status in CALLER_STATUSES:
+        return UpstreamRejected(detail, status=status, **{**kw, "fix": "correct the request as the message says"})
+    if status == 429:
+        headers = {"Retry-After": str(math.ceil(retry_after))} if retry_after is not None else None
+        return UpstreamRateLimited(detail, headers=headers, **kw)
+    if status is not None and status < 500:
+        return UpstreamRefused(detail, **kw)
+    return UpstreamError(detail, **kw)

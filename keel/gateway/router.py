@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keel.core.errors import (
-    Forbidden, InternalError, KeelError, NotSupported, Unavailable, UpstreamError, UpstreamTimeout,
+    Forbidden, InternalError, KeelError, NotSupported, Unavailable, UpstreamTimeout,
 )
 from keel.core.settings import AliasConfig, DeploymentConfig, Settings
 from keel.gateway import registry
@@ -59,7 +59,7 @@ def classify(err: BaseException) -> str:
         return STOP
     if getattr(err, "failover", False):  # a deployment's own rate limit: another deployment may take it
         return NEXT
-    if getattr(err, "retryable", False):
+    if err.retryable:
         return RETRY
     return NEXT if err.status >= 500 else STOP
 
@@ -381,10 +381,10 @@ class Router:
         """Settle a failed attempt; gives the error when the router may go on, re-raises it when it must stop."""
         st.in_flight -= 1
         kind = classify(exc)
-        # the upstream answering 4xx shows it is up; other stops (cancelled, NotSupported) and a
-        # deployment's own rate limit (the upstream was never called) say nothing about its health
-        verdict = (None if getattr(exc, "failover", False) else False if kind != STOP
-                   else True if isinstance(exc, UpstreamError) else None)
+        # Only the deployment's own failures count against it. A stop is the caller's request (an upstream
+        # 400, bad input, policy), a cancellation or a bug in Keel; a deployment's own rate limit means the
+        # upstream was never called: none of them says anything about the deployment's health.
+        verdict = None if kind == STOP or getattr(exc, "failover", False) else False
         self._settle(call, cfg, st, token, verdict, t0, attempts, exc)
         if kind == STOP:
             raise exc

@@ -22,7 +22,7 @@ from keel.gateway import control_routes
 from keel.gateway.cache import router as cache_router
 from keel.gateway.pipeline import Call, Gateway
 from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult
-from keel.gateway.schemas import ChatCompletionBody, EmbeddingsBody
+from keel.gateway.schemas import ChatCompletionBody, EmbeddingsBody, fast_chat_body
 from keel.identity.auth import admin, principal
 from keel.identity.principal import Principal
 
@@ -42,56 +42,6 @@ def _headers(call: Call) -> dict[str, str]:
     if call.cache_hit:
         h["x-keel-cache"] = "hit"
     return h
-
-
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-_DICTS = ("response_format", "stream_options", "metadata", "keel")
-
-
-def fast_chat_body(raw: bytes) -> dict[str, Any] | None:
-    """A request body of the common shape, with every field already of its declared type, as the dict
-    `chat_body` would make of it; None for anything else, which `ChatCompletionBody` then validates
-    (with its lax coercions and its error messages)."""
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    if type(data) is not dict:
-        return None
-    model, messages = data.get("model"), data.get("messages")
-    if type(model) is not str or not model or type(messages) is not list or not messages:
-        return None
-    for i, m in enumerate(messages):
-        if type(m) is not dict or type(role := m.get("role")) is not str or role not in _ROLES:
-            return None
-        c = m.get("content")
-        if c is not None and type(c) is not str and not (type(c) is list and all(type(x) is dict for x in c)):
-            return None
-        if None in m.values():
-            messages[i] = {k: v for k, v in m.items() if v is not None}
-    for key in ("max_tokens", "max_completion_tokens"):
-        if (v := data.get(key)) is not None and (type(v) is not int or v < 1):
-            return None
-    for key, high in (("temperature", 2), ("top_p", 1)):
-        if (v := data.get(key)) is not None:
-            if type(v) is int:
-                v = data[key] = float(v)
-            if type(v) is not float or not 0 <= v <= high:
-                return None
-    stop, seed, tools = data.get("stop"), data.get("seed"), data.get("tools")
-    if stop is not None and type(stop) is not str and not (
-            type(stop) is list and all(type(x) is str for x in stop)):
-        return None
-    if (seed is not None and type(seed) is not int) or (tools is not None and not (
-            type(tools) is list and all(type(x) is dict for x in tools))):
-        return None
-    if "stream" in data and type(data["stream"]) is not bool:
-        return None
-    if any((v := data.get(key)) is not None and type(v) is not dict for key in _DICTS):
-        return None
-    if None in data.values():
-        data = {k: v for k, v in data.items() if v is not None}
-    return data
 
 
 def chat_body(body: ChatCompletionBody | dict[str, Any]) -> dict[str, Any]:
@@ -193,10 +143,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request,
     return await _chat(chat_body(body), request, p)
 
 
-async def _chat(data: dict[str, Any], request: Request, p: Principal | None = None) -> Response:
-    """`p` None: the principal is resolved here (the hot path, one coroutine layer less)."""
-    if p is None:
-        p = await principal(request)
+async def _chat(data: dict[str, Any], request: Request, p: Principal) -> Response:
     gw = _gateway(request)
     call = Call(request_id=request_id_var.get() or "", principal=p, kind="chat", alias=data["model"],
                 chat=chat_request(data), metadata=dict(data.get("metadata") or {}))
@@ -273,16 +220,14 @@ async def get_model(alias: str, request: Request, p: Principal = Depends(princip
 
 
 def hot_routes() -> dict[tuple[str, str], HotEndpoint]:
-    """The two busiest endpoints, served ahead of the framework router (see `RequestContext`)."""
+    """The two busiest endpoints, served ahead of the framework router (see `RequestContext`); the
+    caller is authenticated before the body is read."""
 
-    def chat(body: ChatCompletionBody | dict[str, Any], request: Request) -> Awaitable[Response]:
-        return _chat(chat_body(body), request)
+    def chat(body: ChatCompletionBody | dict[str, Any], request: Request, p: Principal) -> Awaitable[Response]:
+        return _chat(chat_body(body), request, p)
 
-    async def embed(body: EmbeddingsBody, request: Request) -> Response:
-        return await embeddings(body, request, await principal(request))
-
-    return {("POST", "/v1/chat/completions"): hot_json_endpoint(ChatCompletionBody, chat, fast_chat_body),
-            ("POST", "/v1/embeddings"): hot_json_endpoint(EmbeddingsBody, embed)}
+    return {("POST", "/v1/chat/completions"): hot_json_endpoint(ChatCompletionBody, chat, fast_chat_body, principal),
+            ("POST", "/v1/embeddings"): hot_json_endpoint(EmbeddingsBody, embeddings, authenticate=principal)}
 
 
 # -- admin: deployments -------------------------------------------------------------------------

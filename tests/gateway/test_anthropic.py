@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from keel.core.errors import NotSupported, UpstreamError, UpstreamTimeout
+from keel.core.errors import NotSupported, UpstreamError, UpstreamRateLimited, UpstreamRejected, UpstreamTimeout
 from keel.core.settings import DeploymentConfig
 from keel.gateway.protocol import ProviderContext
 from keel.gateway.providers.anthropic import AnthropicProvider, translate_messages, translate_tool_choice
@@ -173,12 +173,12 @@ def test_key_never_in_any_error(fake):
 
 
 FAILURES = [  # fault, streaming, error class, HTTP status, retryable, text in the detail
-    ("400", False, UpstreamError, 400, False, "HTTP 400: fake upstream fault 400"),
-    ("400", True, UpstreamError, 400, False, "HTTP 400: fake upstream fault 400"),
+    ("400", False, UpstreamRejected, 400, False, "HTTP 400: fake upstream fault 400"),
+    ("400", True, UpstreamRejected, 400, False, "HTTP 400: fake upstream fault 400"),
     ("500", False, UpstreamError, 502, True, "HTTP 500"),
     ("529", True, UpstreamError, 502, True, "HTTP 529"),
-    ("429", False, UpstreamError, 429, True, "HTTP 429"),
-    ("429", True, UpstreamError, 429, True, "HTTP 429"),
+    ("429", False, UpstreamRateLimited, 429, True, "HTTP 429"),
+    ("429", True, UpstreamRateLimited, 429, True, "HTTP 429"),
     ("hang", False, UpstreamTimeout, 504, True, "did not answer in time"),
     ("hang-mid", True, UpstreamTimeout, 504, True, "did not answer in time"),
     ("reset", False, UpstreamError, 502, True, "connection error"),

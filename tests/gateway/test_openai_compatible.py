@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.core.errors import ConfigError, UpstreamError, UpstreamTimeout
+from keel.core.errors import ConfigError, UpstreamError, UpstreamRateLimited, UpstreamRejected, UpstreamTimeout
 from keel.core.settings import DeploymentConfig
 from keel.gateway.protocol import ChatRequest, ProviderContext
 from keel.gateway.providers.openai_compatible import OpenAICompatibleProvider, parse_retry_after
@@ -126,12 +126,12 @@ def test_streaming_tool_calls_arrive_as_openai_deltas(fake):
 
 
 FAILURES = [  # fault, streaming, error class, HTTP status, retryable, text in the detail
-    ("400", False, UpstreamError, 400, False, "HTTP 400: fake upstream fault 400"),
-    ("400", True, UpstreamError, 400, False, "HTTP 400: fake upstream fault 400"),
+    ("400", False, UpstreamRejected, 400, False, "HTTP 400: fake upstream fault 400"),
+    ("400", True, UpstreamRejected, 400, False, "HTTP 400: fake upstream fault 400"),
     ("500", False, UpstreamError, 502, True, "HTTP 500: fake upstream fault 500"),
     ("500", True, UpstreamError, 502, True, "HTTP 500"),
-    ("429", False, UpstreamError, 429, True, "HTTP 429"),
-    ("429", True, UpstreamError, 429, True, "HTTP 429"),
+    ("429", False, UpstreamRateLimited, 429, True, "HTTP 429"),
+    ("429", True, UpstreamRateLimited, 429, True, "HTTP 429"),
     ("hang", False, UpstreamTimeout, 504, True, "did not answer in time"),
     ("hang", True, UpstreamTimeout, 504, True, "did not answer in time"),
     ("hang-mid", True, UpstreamTimeout, 504, True, "did not answer in time"),

@@ -40,7 +40,9 @@ import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
-from keel.core.errors import BadRequest, ConfigError, ContextOverflow, KeelError, NotSupported, Unavailable
+from keel.core.errors import (
+    BadRequest, ConfigError, ContextOverflow, InputRejected, KeelError, NotSupported, Unavailable,
+)
 from keel.core.settings import DeploymentConfig
 from keel.gateway.protocol import (ChatDelta, ChatRequest, ChatResult, EmbedResult, ProviderContext, Usage,
                                    upstream_error)
@@ -206,7 +208,8 @@ class LocalLlamaProvider:
     def count_tokens(self, messages: list[dict[str, Any]]) -> int:
         """Prompt tokens of `messages` after the chat template (loads the model if needed)."""
         self.load()
-        return len(self._tokenize(_plain(messages)))
+        with self._input_errors():
+            return len(self._tokenize(_plain(messages)))
 
     async def close(self) -> None:
         self._closed = True
@@ -237,7 +240,7 @@ class LocalLlamaProvider:
         if kind not in ("text", "json_object", "json_schema"):
             raise NotSupported(f"response_format type {kind!r} is not supported by deployment {self.deployment}",
                                fix="use `text`, `json_object` or `json_schema`", deployment=self.deployment)
-        if int(req.body.get("n") or 1) != 1:
+        if req.body.get("n") not in (None, 1):
             raise NotSupported(f"deployment {self.deployment} returns one choice only",
                                fix="omit `n` or set it to 1", deployment=self.deployment)
         if req.max_tokens is not None and req.max_tokens < 1:
@@ -261,6 +264,7 @@ class LocalLlamaProvider:
         """Template and tokenize the prompt, check (or trim to) the context, build the sampler settings."""
         with self._llama_errors():
             n_ctx = self.load().n_ctx()
+        with self._input_errors():
             messages = _plain(req.messages)
             tokens = self._tokenize(messages)
             wanted = req.max_tokens or 1
@@ -275,7 +279,7 @@ class LocalLlamaProvider:
             stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
             return _Job(tokens=tokens, max_tokens=req.max_tokens or min(DEFAULT_MAX_TOKENS, n_ctx - len(tokens)),
                         stop=[s for s in stop if s], sampling=sampling, grammar=self._grammar(req.response_format),
-                        seed=req.seed, cancel=cancel)
+                        seed=None if req.seed is None else req.seed & 0xFFFFFFFF, cancel=cancel)  # llama.cpp: uint32
 
     def _tokenize(self, messages: list[dict[str, Any]]) -> list[int]:
         assert self._llm is not None and self._formatter is not None
@@ -319,10 +323,18 @@ class LocalLlamaProvider:
             raise BadRequest("response_format json_schema needs `json_schema.schema`, a JSON Schema object",
                              fix="send {\"type\": \"json_schema\", \"json_schema\": {\"name\": …, \"schema\": {…}}}")
         try:
-            return LlamaGrammar.from_string(json_schema_to_gbnf(json.dumps(schema)), verbose=False)
-        except (ValueError, KeyError, TypeError, NotImplementedError) as exc:
-            raise BadRequest(f"the JSON schema cannot be turned into a grammar: {exc}",
-                             fix="simplify the schema", deployment=self.deployment) from exc
+            gbnf = json_schema_to_gbnf(json.dumps(schema))
+        except Exception as exc:  # a pure function of the caller's schema: whatever it raises is the caller's
+            raise InputRejected(f"the JSON schema cannot be turned into a grammar ({type(exc).__name__}: "
+                                f"{str(exc)[:200]})", fix="simplify the schema", deployment=self.deployment) from None
+        # llama.cpp parses the grammar only when sampling starts, and one it cannot parse leaves the sampler
+        # chain with a null sampler: parse it here first, where a failure is the caller's.
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, gbnf.encode(), b"root")
+        if not sampler:
+            raise InputRejected("the JSON schema gives a grammar llama.cpp cannot parse", fix="simplify the schema",
+                                deployment=self.deployment)
+        llama_cpp.llama_sampler_free(sampler)
+        return LlamaGrammar.from_string(gbnf, verbose=False)
 
     def _generate(self, job: _Job, on_text: Callable[[str], None]) -> tuple[str, int]:
         """Run one generation on the worker; `on_text` gets each text piece. Returns (finish_reason, tokens)."""
@@ -365,6 +377,20 @@ class LocalLlamaProvider:
             if held:
                 on_text(held)
         return finish, n
+
+    @contextmanager
+    def _input_errors(self) -> Iterator[None]:
+        """Failures while templating, tokenizing or compiling the request are the request's: the model is
+        loaded and works, so they become `InputRejected`, never an error held against the deployment."""
+        try:
+            yield
+        except KeelError:
+            raise
+        except Exception as exc:
+            log.warning("the model could not read a request", exc_info=exc, extra={"deployment": self.deployment})
+            raise InputRejected(f"deployment {self.deployment} cannot read this request ({type(exc).__name__}: "
+                                f"{str(exc)[:200]})", fix="check the messages' roles and content, and "
+                                "response_format", deployment=self.deployment) from None
 
     @contextmanager
     def _llama_errors(self) -> Iterator[None]:

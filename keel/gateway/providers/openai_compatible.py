@@ -173,11 +173,7 @@ class HTTPProvider:
               retry_after: float | None = None) -> KeelError:
         if self._secret:
             message = message.replace(self._secret, "***")
-        err = upstream_error(status, message, self.deployment, timeout=timeout)
-        err.retry_after = retry_after  # type: ignore[attr-defined]
-        if retry_after is not None and err.status == 429:
-            err.headers["Retry-After"] = str(math.ceil(retry_after))
-        return err
+        return upstream_error(status, message, self.deployment, timeout=timeout, retry_after=retry_after)
 
     def _malformed(self, what: str) -> KeelError:
         return self._fail(None, f"malformed upstream response: {what}")
