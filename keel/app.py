@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI
 
@@ -39,6 +39,46 @@ class Lifecycle:
 
     startup: list[Hook] = field(default_factory=list)
     shutdown: list[Hook] = field(default_factory=list)
+
+
+PROBLEM = {
+    "type": "object", "title": "Problem", "required": ["type", "title", "status", "detail", "code"],
+    "description": "RFC 9457 problem details: a stable `code`, what was wrong, how to fix it, the ids involved",
+    "properties": {"type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+                   "detail": {"type": "string"}, "code": {"type": "string"}, "fix": {"type": "string"},
+                   "request_id": {"type": "string"},
+                   "error": {"type": "object", "properties": {"message": {"type": "string"}}}},
+}
+
+
+class KeelAPI(FastAPI):
+    """The framework app, whose OpenAPI document also states how to authenticate and how errors look."""
+
+    def openapi(self) -> dict[str, Any]:
+        schema = super().openapi()
+        if "bearerAuth" not in schema.get("components", {}).get("securitySchemes", {}):
+            describe_auth_and_problems(schema)
+        return schema
+
+
+def describe_auth_and_problems(schema: dict[str, Any]) -> None:
+    """Every operation needs a bearer key unless its route says `security: []`; every error is a problem body
+    (the framework's own 422 shape is never sent)."""
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {})["bearerAuth"] = {
+        "type": "http", "scheme": "bearer", "description": "a Keel API key: `Authorization: Bearer sk-keel-…`"}
+    schema["security"] = [{"bearerAuth": []}]
+    schemas = components.setdefault("schemas", {})
+    schemas["Problem"] = PROBLEM
+    problem = {"content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            if "422" in responses:
+                responses["422"] = {"description": "Validation failed", **problem}
+            responses.setdefault("default", {"description": "Error", **problem})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
 
 
 @dataclass
@@ -74,7 +114,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Built:
                     log.exception("shutdown hook failed")
             store.dispose()
 
-    app = FastAPI(title="Keel", version=__version__, lifespan=lifespan,
+    app = KeelAPI(title="Keel", version=__version__, lifespan=lifespan,
                   description="A self-hosted AI operating layer: governed, observed, costed.")
     app.state.settings = settings
     app.state.store = store

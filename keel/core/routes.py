@@ -12,12 +12,12 @@ from keel.core.http import json_response
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", openapi_extra={"security": []})
 async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get("/readyz")
+@router.get("/readyz", openapi_extra={"security": []})
 async def readyz(request: Request) -> Response:
     store = request.app.state.store
     await run_in_threadpool(store.ping)
