@@ -323,13 +323,32 @@ class DeploymentPatch(BaseModel):
 
 # -- the hot path's parser -------------------------------------------------------------------------------
 
-_INTS = {"max_tokens": (1, MAX_TOKENS), "max_completion_tokens": (1, MAX_TOKENS), "n": (1, 128),
-         "seed": (-INT64, INT64 - 1), "top_logprobs": (0, 20)}
-_FLOATS = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2)}
-_BOOLS = ("stream", "logprobs", "parallel_tool_calls")
-_CHECKS = {"tools": check_tools, "tool_choice": check_tool_choice, "response_format": check_response_format,
-           "metadata": check_metadata, "keel": check_keel, "logit_bias": check_logit_bias}
-_MESSAGE_STRS = ("name", "tool_call_id")
+_INT, _FLOAT, _BOOL, _CHECK = 0, 1, 2, 3
+_FIELDS: dict[str, tuple[int, Any, Any]] = {
+    "max_tokens": (_INT, 1, MAX_TOKENS), "max_completion_tokens": (_INT, 1, MAX_TOKENS), "n": (_INT, 1, 128),
+    "seed": (_INT, -INT64, INT64 - 1), "top_logprobs": (_INT, 0, 20),
+    "temperature": (_FLOAT, 0, 2), "top_p": (_FLOAT, 0, 1), "presence_penalty": (_FLOAT, -2, 2),
+    "frequency_penalty": (_FLOAT, -2, 2),
+    "stream": (_BOOL, None, None), "logprobs": (_BOOL, None, None), "parallel_tool_calls": (_BOOL, None, None),
+    "tools": (_CHECK, check_tools, None), "tool_choice": (_CHECK, check_tool_choice, None),
+    "response_format": (_CHECK, check_response_format, None), "metadata": (_CHECK, check_metadata, None),
+    "keel": (_CHECK, check_keel, None), "logit_bias": (_CHECK, check_logit_bias, None),
+}
+
+
+def _fast_message(m: Any) -> bool:
+    """Is this message one `Message` accepts? (Raises ValueError or TypeError for some that are not.)"""
+    if type(m) is not dict or m.get("role") not in ROLES:
+        return False
+    content = m.get("content")
+    if content is not None and type(content) is not str:
+        check_content(content)
+    if len(m) > (2 if "content" in m else 1):  # more than role and content
+        check_tool_calls(m.get("tool_calls"))
+        for key in ("name", "tool_call_id"):
+            if m.get(key) is not None and type(m[key]) is not str:
+                return False
+    return True
 
 
 def fast_chat_body(data: Any) -> dict[str, Any] | None:
@@ -342,36 +361,36 @@ def fast_chat_body(data: Any) -> dict[str, Any] | None:
     model, messages = data.get("model"), data.get("messages")
     if type(model) is not str or not 0 < len(model) <= 256 or type(messages) is not list or not messages:
         return None
-    out_messages = []
+    out = {}
     try:
         for m in messages:
-            if type(m) is not dict or m.get("role") not in ROLES:
+            if not _fast_message(m):
                 return None
-            check_content(m.get("content"))
-            check_tool_calls(m.get("tool_calls"))
-            for key in _MESSAGE_STRS:
-                if m.get(key) is not None and type(m[key]) is not str:
+        for key, v in data.items():
+            if v is None:
+                continue
+            out[key] = v
+            spec = _FIELDS.get(key)
+            if spec is None:
+                continue
+            kind, low, high = spec
+            if kind == _INT:
+                if type(v) is not int or not low <= v <= high:
                     return None
-            out_messages.append({k: v for k, v in m.items() if v is not None} if None in m.values() else m)
-        for key, check in _CHECKS.items():
-            if data.get(key) is not None:
-                check(data[key])
+            elif kind == _FLOAT:
+                if type(v) is int:
+                    v = out[key] = float(v)
+                if type(v) is not float or not low <= v <= high:
+                    return None
+            elif kind == _BOOL:
+                if type(v) is not bool:
+                    return None
+            else:
+                low(v)
     except (ValueError, TypeError, AttributeError):
         return None
-    out = {k: v for k, v in data.items() if v is not None}
-    out["messages"] = out_messages
-    for key, (low, high) in _INTS.items():
-        if (v := out.get(key)) is not None and (type(v) is not int or not low <= v <= high):
-            return None
-    for key, (low, high) in _FLOATS.items():
-        if (v := out.get(key)) is not None:
-            if type(v) is int:
-                v = out[key] = float(v)
-            if type(v) is not float or not low <= v <= high:
-                return None
-    for key in _BOOLS:
-        if key in out and type(out[key]) is not bool:
-            return None
+    if any(None in m.values() for m in messages):
+        out["messages"] = [{k: v for k, v in m.items() if v is not None} for m in messages]
     stop, user, opts = out.get("stop"), out.get("user"), out.get("stream_options")
     if stop is not None and type(stop) is not str and not (type(stop) is list and all(type(x) is str for x in stop)):
         return None

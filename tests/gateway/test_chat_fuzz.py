@@ -62,9 +62,9 @@ good_part = st.builds(lambda t: {"type": "text", "text": t}, text) | st.just(
 bad_part = st.one_of(st.builds(lambda t: {"type": "text", "text": t}, junk), st.just({"type": "video"}),
                      st.just({"type": []}), st.just({"type": "image_url", "image_url": {"url": 5}}), junk)
 good_message = st.fixed_dictionaries(
-    {"role": st.sampled_from(["system", "developer", "user", "assistant"]),
-     "content": text | st.lists(good_part, min_size=1, max_size=2)},
-    optional={"name": st.sampled_from(["ann", "bob"])})
+    {"role": st.sampled_from(["system", "developer", "user", "assistant"])},
+    optional={"content": text | st.lists(good_part, min_size=1, max_size=2) | st.none(),
+              "name": st.sampled_from(["ann", "bob"])})
 GOOD = {
     "max_tokens": st.integers(1, 8), "max_completion_tokens": st.integers(1, 8), "n": st.just(1),
     "temperature": st.floats(0, 2) | st.integers(0, 2), "top_p": st.floats(0, 1), "seed": st.integers(-2**63, 2**63 - 1),
