@@ -35,6 +35,18 @@ EMBEDDED = [
 ]
 
 
+OPTIONS_DEPTH = 16  # far past any provider's options, far under what an answer can carry
+
+
+def _depth(value: Any) -> int:
+    """How deeply JSON objects and arrays nest in `value` (0 for a scalar), without recursion."""
+    level, layer = 0, [value]
+    while containers := [item for item in layer if isinstance(item, (dict, list))]:
+        level += 1
+        layer = [v for item in containers for v in (item.values() if isinstance(item, dict) else item)]
+    return level
+
+
 def public(cfg: DeploymentConfig, source: str) -> dict[str, Any]:
     """A deployment as the admin API shows it (credential by name only, never a value)."""
     data = cfg.model_dump(exclude={"options"})
@@ -163,6 +175,13 @@ class Deployments:
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise ValidationFailed(f"invalid deployment: {problems}", fix="correct the named fields") from None
+        for name, value, limit in (("id", cfg.deployment_id(), 300), ("alias", cfg.alias, 200)):
+            if len(value) > limit:
+                raise ValidationFailed(f"invalid deployment: {name}: longer than {limit} characters",
+                                       fix=f"use a shorter {name}")
+        if _depth(cfg.options) > OPTIONS_DEPTH:
+            raise ValidationFailed(f"invalid deployment: options: nested more than {OPTIONS_DEPTH} levels deep",
+                                   fix="pass the provider's options as a flat object")
         try:
             registry.get(cfg.provider)
         except ConfigError:  # a config file's mistake stops the start; an API caller's is the caller's

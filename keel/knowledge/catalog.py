@@ -84,6 +84,26 @@ def get_writable(store: Store, p: Principal, ref: str) -> Collection:
     return c
 
 
+METADATA_DEPTH = 16  # nesting well past any real use, well under what an answer can carry
+
+
+def check_metadata(meta: Any, where: str = "metadata") -> dict[str, Any]:
+    """Metadata is a JSON object of at most METADATA_DEPTH levels; anything else names its field."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise ValidationFailed(f"{where} must be a JSON object", fix='e.g. "metadata": {"owner": "ops"}')
+    level, stack = 0, [meta]
+    while stack:
+        level += 1
+        if level > METADATA_DEPTH:
+            raise ValidationFailed(f"{where} is nested more than {METADATA_DEPTH} levels deep",
+                                   fix="flatten it: filters compare top-level values")
+        stack = [v for item in stack for v in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(v, (dict, list))]
+    return meta
+
+
 def resolve_team(store: Store, ref: str) -> str:
     try:
         return identity.get_team(store, ref)["id"]
@@ -128,6 +148,7 @@ def create(store: Store, index: ChunkIndex, p: Principal, *, name: str, classifi
         if owner_id is None and not p.is_admin:
             raise BadRequest("this key has no team, so the collection would have no owner",
                              fix="use a key that belongs to a team")
+    meta = check_metadata(meta)
     rows = _acl_rows(store, acl)
     now = utcnow()
     c = Collection(id=new_id("col"), name=name, classification=classification, owner_team_id=owner_id,

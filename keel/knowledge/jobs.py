@@ -77,9 +77,10 @@ def _rejection(u: Upload, max_file_bytes: int) -> FileRejected | None:
 def create_job(store: Store, p: Principal, c: Collection, uploads: list[Upload], *, max_file_bytes: int,
                acl_rows: list[tuple[str, str]] | None = None, metadata: dict[str, Any] | None = None) -> str:
     """Commit the job and its items (the bytes included): from here on the upload is acknowledged."""
+    metadata = catalog.check_metadata(metadata)
     now = utcnow()
     job_id = new_id("job")
-    options = {"acl_rows": acl_rows, "metadata": metadata or {}}
+    options = {"acl_rows": acl_rows, "metadata": metadata}
     rows, pending = [], 0
     for n, u in enumerate(uploads):
         err = _rejection(u, max_file_bytes)

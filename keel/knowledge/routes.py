@@ -49,7 +49,7 @@ class CollectionIn(BaseModel):
     description: str = ""
     owner_team: str | None = None
     acl: AclIn = Field(default_factory=AclIn)
-    embedding_model: str = catalog.DEFAULT_EMBEDDING
+    embedding_model: str = Field(default=catalog.DEFAULT_EMBEDDING, min_length=1, max_length=200)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 

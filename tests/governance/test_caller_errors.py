@@ -83,3 +83,21 @@ def test_an_unknown_provider_for_a_deployment_is_a_422_naming_the_provider(admin
     problem(admin.put("/admin/deployments/x/ok", json={"provider": "no-such-provider"}), 422, "no-such-provider")
     problem(admin.put("/admin/deployments/x/ok", json={"provider": ["openai_compatible"]}), 422, "provider")
     assert admin.delete("/admin/deployments/x/ok").status_code == 204
+
+
+def test_deployment_options_nested_past_any_use_are_a_422_and_never_stored(admin):
+    """Options so deep that no answer could carry them once broke every later listing of deployments."""
+    deep: dict[str, Any] = {}
+    for _ in range(300):
+        deep = {"a": deep}
+    body = {"alias": "deep", "provider": "openai_compatible", "id": "deep/x", "options": deep}
+    problem(admin.post("/admin/deployments", json=body), 422, "options")
+    listed = admin.get("/admin/deployments")
+    assert listed.status_code == 200 and "deep/x" not in {d["id"] for d in listed.json()["data"]}
+
+
+@pytest.mark.parametrize("field, value", [("id", "x/" + "y" * 400), ("alias", "a" * 300)])
+def test_deployment_names_longer_than_the_store_holds_are_a_422(admin, field, value):
+    """SQLite stores any length; PostgreSQL refuses, which was a 500 there."""
+    body = {"alias": "long", "provider": "openai_compatible", "id": "long/x", field: value}
+    problem(admin.post("/admin/deployments", json=body), 422, field)

@@ -75,3 +75,30 @@ def test_a_document_acl_of_names_is_still_accepted(admin):
     r = admin.post("/v1/collections/acl-target/documents", files=[("files", ("a.md", b"# A\n\nhello\n"))],
                    data={"acl": json.dumps({"teams": ["red"], "roles": ["member"]})})
     assert r.status_code == 202, r.text
+
+
+def nested(depth: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for _ in range(depth):
+        out = {"a": out}
+    return out
+
+
+def test_metadata_nested_past_any_use_is_a_422_and_never_stored(admin):
+    """Metadata so deep that no answer could carry it once broke every later listing of collections."""
+    problem(admin.post("/v1/collections", json={"name": "deep-meta", "classification": "internal",
+                                                "metadata": nested(300)}), 422, "metadata")
+    r = admin.post("/v1/collections/acl-target/documents", files=[("files", ("d.md", b"# D\n\nhello\n"))],
+                   data={"metadata": json.dumps(nested(300))})
+    problem(r, 422, "metadata")
+    assert admin.get("/v1/collections").status_code == 200
+    assert admin.get("/v1/collections/deep-meta").status_code == 404
+    ok = admin.post("/v1/collections", json={"name": "meta-ok", "classification": "internal",
+                                             "metadata": {"owner": "ops", "tags": ["a", 1, True], "more": nested(5)}})
+    assert ok.status_code == 201, ok.text
+
+
+def test_an_embedding_model_name_longer_than_the_store_holds_is_a_422(admin):
+    """SQLite stores any length; PostgreSQL refuses, which was a 500 there."""
+    problem(admin.post("/v1/collections", json={"name": "long-model", "classification": "internal",
+                                                "embedding_model": "m" * 300}), 422, "embedding_model")
