@@ -17,7 +17,8 @@ from keel.identity.auth import principal
 from keel.identity.principal import Principal
 
 router = APIRouter()
-SEQ_MAX = 2**63 - 1  # audit sequence numbers and policy versions are 64-bit integers in every store
+SEQ_MAX = 2**63 - 1  # audit sequence numbers are 64-bit integers in every store
+VERSION_MAX = 2**31 - 1  # policy versions are 32-bit
 
 
 class DecisionIn(BaseModel):
@@ -177,7 +178,7 @@ async def policy_versions(request: Request, p: Principal = Depends(principal)) -
 
 
 @router.get("/admin/policy/versions/{version}", tags=["policy"])
-async def policy_version(request: Request, version: int = Path(ge=1, le=SEQ_MAX),
+async def policy_version(request: Request, version: int = Path(ge=1, le=VERSION_MAX),
                          p: Principal = Depends(principal)) -> Response:
     _auditor(p)
     return json_response(await run_in_threadpool(loader.get_version, request.app.state.store, version))

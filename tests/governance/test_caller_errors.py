@@ -48,6 +48,7 @@ def test_audit_paging_past_any_sequence_number_is_a_422_naming_the_parameter(adm
 
 def test_numbers_in_other_governance_queries_and_paths_are_bounded(admin):
     problem(admin.get(f"/admin/policy/versions/{HUGE}"), 422, "version")
+    problem(admin.get(f"/admin/policy/versions/{2**31}"), 422, "version")  # a 32-bit column in PostgreSQL
     problem(admin.get("/v1/reviews", params={"limit": HUGE}), 422, "limit")
     problem(admin.get("/v1/guard-events", params={"limit": -5}), 422, "limit")
     assert admin.get("/admin/policy/versions/1").status_code in (200, 404)
