@@ -31,9 +31,7 @@ CHECKS = [not_a_server_error, response_schema_conformance]
 
 # Operations with a known failure in code this test's author does not own: still fuzzed, and still expected
 # to pass; while they fail, they are reported as xfail with the finding (see the notes), not hidden.
-KNOWN: dict[str, str] = {
-    "GET /v1/approvals": "negative `limit` reaches PostgreSQL's LIMIT (workflows)",
-}
+KNOWN: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")

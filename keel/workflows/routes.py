@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -90,7 +90,7 @@ async def start_run(name: str, body: RunIn, request: Request, p: Principal = Dep
 
 
 @router.get("/v1/workflows/{name}/runs")
-async def list_runs(name: str, request: Request, status: str | None = None, limit: int = 50,
+async def list_runs(name: str, request: Request, status: str | None = None, limit: int = Query(50, ge=1, le=500),
                     p: Principal = Depends(principal)) -> Response:
     rows = await run_in_threadpool(_wf(request).runs, name, p, status, limit)
     return json_response({"object": "list", "data": rows})
@@ -132,7 +132,7 @@ async def inbound_webhook(name: str, request: Request) -> Response:
 
 # -- approvals ---------------------------------------------------------------------------------
 @router.get("/v1/approvals", tags=["approvals"])
-async def list_approvals(request: Request, status: str | None = "pending", limit: int = 100,
+async def list_approvals(request: Request, status: str | None = "pending", limit: int = Query(100, ge=1, le=500),
                          p: Principal = Depends(principal)) -> Response:
     """Approvals the caller may decide (pending by default; `status=` for others, empty for all)."""
     rows = await run_in_threadpool(approvals.list_approvals, _wf(request).engine, p, status or None, limit)
@@ -160,14 +160,15 @@ async def reject(approval_id: str, body: RejectIn, request: Request, p: Principa
 
 # -- sinks -----------------------------------------------------------------------------------
 @router.get("/v1/records/{table}")
-async def list_records(table: str, request: Request, limit: int = 100, p: Principal = Depends(principal)) -> Response:
+async def list_records(table: str, request: Request, limit: int = Query(100, ge=1, le=1000),
+                       p: Principal = Depends(principal)) -> Response:
     """Rows workflow `record` steps wrote (e.g. the lead-intake CRM's `crm_leads`)."""
     rows = await run_in_threadpool(_wf(request).records, table, p, limit)
     return json_response({"object": "list", "data": rows})
 
 
 @router.get("/v1/outbox")
-async def list_outbox(request: Request, run_id: str | None = None, limit: int = 100,
+async def list_outbox(request: Request, run_id: str | None = None, limit: int = Query(100, ge=1, le=1000),
                       p: Principal = Depends(principal)) -> Response:
     """Email that workflow steps sent while no SMTP server is configured."""
     rows = await run_in_threadpool(_wf(request).outbox, p, run_id, limit)

@@ -187,3 +187,15 @@ def test_a_waiting_run_survives_a_restart(module_server_factory, tmp_path):
     d = wait_run(second, "mail_restart", run_id)
     assert d["status"] == "completed"
     assert len(outbox(second, run_id)) == 1
+
+
+@pytest.mark.store
+@pytest.mark.parametrize("path", ["/v1/approvals", "/v1/records/crm_leads", "/v1/outbox",
+                                  "/v1/workflows/nope/runs"])
+@pytest.mark.parametrize("limit", [-182662, 0, 10**9])
+def test_list_limits_out_of_range_are_the_callers_422(srv, path, limit):
+    """A negative `limit` reached PostgreSQL's LIMIT and answered 500 (the API fuzz found it)."""
+    with srv.client(srv.admin_key) as c:
+        r = c.get(path, params={"limit": limit})
+    assert r.status_code == 422, r.text
+    assert "limit" in r.text
