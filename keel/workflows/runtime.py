@@ -240,9 +240,7 @@ class Engine:
                 i = spec.index(res["next"]) if res.get("next") else i + 1
         except Exception as exc:  # a step's error ends the run visibly as `failed`; cancellation is a BaseException
             error = _error_body(exc, step)
-            from dbos._error import DBOSMaxStepRetriesExceeded
-
-            if not isinstance(exc, KeelError) and not isinstance(exc, DBOSMaxStepRetriesExceeded):
+            if not isinstance(exc, KeelError) and _retried_errors(exc) is None:
                 log.exception("workflow step crashed", extra={"run_id": run_id, "step": step and step.id})
             await asyncio.to_thread(self.set_status, run_id, "failed", error=error, current_step=step and step.id)
             await asyncio.to_thread(self._audit, "workflow.run.failed", run, error=error)
@@ -353,13 +351,18 @@ async def _done(output: dict[str, Any]) -> dict[str, Any]:
     return {"status": "completed", "output": output}
 
 
-def _error_body(exc: BaseException, step: StepSpec | None) -> dict[str, Any]:
-    from dbos._error import DBOSMaxStepRetriesExceeded
+def _retried_errors(exc: BaseException) -> list[BaseException] | None:
+    """Each attempt's error when `exc` is DBOS' "step retried too often" (public `dbos.error`), else None."""
+    from dbos import error as dbos_error
 
-    if isinstance(exc, DBOSMaxStepRetriesExceeded) and exc.errors:
-        inner = exc.errors[-1]
-        body = _error_body(inner, step)
-        body["attempts"] = len(exc.errors)
+    return exc.errors if isinstance(exc, dbos_error.DBOSMaxStepRetriesExceeded) else None
+
+
+def _error_body(exc: BaseException, step: StepSpec | None) -> dict[str, Any]:
+    errors = _retried_errors(exc)
+    if errors:
+        body = _error_body(errors[-1], step)
+        body["attempts"] = len(errors)
         return body
     if isinstance(exc, KeelError):
         return {"code": exc.code, "detail": exc.detail, "fix": exc.fix, "step": step and step.id}

@@ -193,6 +193,30 @@ steps:
     assert "sk-crm-very-secret" not in str(d)
 
 
+def test_a_step_that_exhausts_its_retries_fails_the_run_with_its_last_error_and_attempts(srv):
+    """Guards retry exhaustion: after `max_attempts` transient failures the run fails with the last
+    attempt's own error (code and step) and the number of attempts, logged without a traceback."""
+    from tests.workflows.conftest import receiver
+
+    with receiver() as rcv:
+        define(srv, f"""
+name: flaky_push
+allow_hosts: ["{rcv.split("://", 1)[1]}"]
+steps:
+  - id: push
+    type: http
+    method: POST
+    url: "{rcv}/crm?fail=503&fail_times=10"
+    body: {{ping: 1}}
+    retries: {{max_attempts: 3, backoff_s: 0.1}}
+""")
+        d = wait_run(srv, "flaky_push", start(srv, "flaky_push", {}))
+    assert d["status"] == "failed", d
+    assert (d["error"]["code"], d["error"]["step"], d["error"]["attempts"]) == ("workflow_effect_failed", "push", 3)
+    assert "503" in d["error"]["detail"]
+    assert "workflow step crashed" not in srv.logs()
+
+
 def test_http_step_refuses_hosts_outside_the_allow_list_at_run_time(srv):
     """Guards SSRF at run time: a templated URL that renders to a host not allowed (or to the cloud
     metadata address) fails the run with workflow_egress_denied and sends nothing."""
