@@ -127,10 +127,11 @@ def test_hot_requests_keep_alive_and_answer_like_the_framework_path(keel):
     assert status == 200 and keel["served"].count == 1
     answer = json.loads(body)
     assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"]
-    assert headers["x-request-id"] == "req-hot-1" and headers["x-keel-deployment"]
+    assert headers["x-client-request-id"] == "req-hot-1" and headers["x-request-id"].startswith("req_")
+    assert headers["x-keel-deployment"]
     assert float(headers["x-keel-overhead-ms"]) >= 0 and headers["content-type"] == "application/json"
     # The same request on the framework path (a query string keeps it off the hot path) answers alike.
-    c.send(request(keel["key"], chat(), path="/v1/chat/completions?via=asgi"))
+    c.send(request(keel["key"], chat(), path="/v1/chat/completions?via=asgi", extra="X-Request-Id: req-hot-1\r\n"))
     status2, headers2, body2 = c.read()
     assert status2 == 200 and keel["served"].count == 1
     assert set(headers2) == set(headers)
@@ -150,8 +151,8 @@ def test_pipelined_requests_are_answered_in_order(keel):
            + request(keel["key"], chat(), extra="X-Request-Id: second\r\n")
            + f"GET /v1/models HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {keel['key']}\r\n\r\n".encode())
     first, second, third = c.read(), c.read(), c.read()
-    assert (first[0], first[1]["x-request-id"]) == (200, "first")
-    assert (second[0], second[1]["x-request-id"]) == (200, "second")
+    assert (first[0], first[1]["x-client-request-id"]) == (200, "first")
+    assert (second[0], second[1]["x-client-request-id"]) == (200, "second")
     assert third[0] == 200 and "data" in json.loads(third[2])
     assert keel["served"].count == 1  # the ones queued behind it took the framework path
     c.close()
@@ -254,7 +255,7 @@ def test_a_stream_whose_client_left_before_the_first_delta_is_cut_and_metered(ke
     deadline = time.monotonic() + 10
     rows: list[Any] = []
     while not rows and time.monotonic() < deadline:
-        rows = ledger_rows(keel["db_url"], "request_id = 'gone-early'")
+        rows = ledger_rows(keel["db_url"], "client_request_id = 'gone-early'")
         time.sleep(0.05)
     assert len(rows) == 1 and rows[0].status == "cancelled" and rows[0].error_code == "client_disconnected"
     assert keel["served"].count == 1
@@ -283,14 +284,14 @@ def test_the_answer_leaves_before_the_bookkeeping_after_it(keel):
     c.send(request(keel["key"], chat(), extra="X-Request-Id: early\r\n"))
     status, headers, body = c.read()  # arrives while the stage still holds the call
     assert status == 200 and json.loads(body)["choices"][0]["message"]["content"]
-    assert headers["x-request-id"] == "early" and not hold.release.is_set()
+    assert headers["x-client-request-id"] == "early" and not hold.release.is_set()
     time.sleep(0.6)  # two ledger flushes: the row is not written while the call is held
-    assert ledger_rows(keel["db_url"], "request_id = 'early'") == []
+    assert ledger_rows(keel["db_url"], "client_request_id = 'early'") == []
     hold.release.set()
     deadline = time.monotonic() + 10
     rows: list[Any] = []
     while not rows and time.monotonic() < deadline:
-        rows = ledger_rows(keel["db_url"], "request_id = 'early'")
+        rows = ledger_rows(keel["db_url"], "client_request_id = 'early'")
         time.sleep(0.05)
     assert len(rows) == 1 and rows[0].status == "ok" and rows[0].tokens_out > 0
     c.send(request(keel["key"], chat()))  # the connection goes on
@@ -373,7 +374,8 @@ def test_a_whole_request_in_one_read_is_served_as_llhttp_would_serve_it(keel, mo
     assert heads.whole[0] is True and heads.whole[1] is False and len(heads.scopes) == 2
     assert heads.scopes[0] == heads.scopes[1]  # the same scope, headers (lower-case, trimmed) included
     assert (b"x-pad", b"padded") in heads.scopes[0]["headers"]
-    assert first[0] == second[0] == 200 and first[1]["x-request-id"] == second[1]["x-request-id"] == "same"
+    assert first[0] == second[0] == 200
+    assert first[1]["x-client-request-id"] == second[1]["x-client-request-id"] == "same"
     c.send(request(keel["key"], chat(), extra="Connection: close\r\n"))  # whole, and the connection closes
     status, headers, _ = c.read()
     assert status == 200 and headers["connection"] == "close" and c.closed() and heads.whole[-1] is True
@@ -385,7 +387,7 @@ def test_a_whole_request_in_one_read_is_served_as_llhttp_would_serve_it(keel, mo
     ("X-Folded: a\r\n b\r\n", 400),  # obs-fold
     ("X-Bad: a\x01b\r\n", 400),  # a control character in a value
     ("Bad Name: x\r\n", 400),  # a name that is not a token
-    ("Upgrade: h2c\r\nConnection: upgrade\r\n", 400),  # uvicorn refuses the upgrade, as without `_whole`
+    ("Upgrade: h2c\r\nConnection: upgrade\r\n", 400),  # llhttp ends an upgrade request at its head: no body
 ])
 def test_heads_the_strict_pattern_does_not_take_go_to_llhttp(keel, monkeypatch, extra, status):
     heads = Heads(monkeypatch)

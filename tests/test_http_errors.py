@@ -51,11 +51,18 @@ def test_oversize_body_is_413(server_factory):
         assert c.get("/healthz").status_code == 200
 
 
-def test_request_id_is_echoed_and_logged(server):
+def test_the_request_id_is_keels_own_and_the_clients_is_echoed_and_logged_beside_it(server):
+    """Regression (hole 7): a client's `x-request-id` became Keel's request id. Keel's id is its own on every
+    request; the client's (`x-client-request-id`, or `x-request-id`) comes back as `x-client-request-id`
+    and is on the log lines next to Keel's, for correlation."""
     with server.admin() as c:
         r = c.get("/v1/me", headers={"x-request-id": "req-from-client-1"})
-    assert r.headers["x-request-id"] == "req-from-client-1"
+        r2 = c.get("/v1/me", headers={"x-client-request-id": "req-from-client-1"})
+    rid = r.headers["x-request-id"]
+    assert rid.startswith("req_") and rid != r2.headers["x-request-id"]
+    assert r.headers["x-client-request-id"] == r2.headers["x-client-request-id"] == "req-from-client-1"
+    both = f'"request_id":"{rid}","client_request_id":"req-from-client-1"'
     deadline = time.monotonic() + 10  # the access line is written as the response completes
-    while '"request_id":"req-from-client-1"' not in server.logs() and time.monotonic() < deadline:
+    while both not in server.logs() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert '"request_id":"req-from-client-1"' in server.logs()
+    assert both in server.logs()

@@ -69,6 +69,12 @@ class PayloadTooLarge(KeelError):
     code, status, title = "payload_too_large", 413, "Payload too large"
 
 
+class HeadersTooLarge(KeelError):
+    """The request's line and headers are over the size or count limit; the connection closes."""
+
+    code, status, title = "headers_too_large", 431, "Request header fields too large"
+
+
 class NotFound(KeelError):
     """The route or the named object does not exist (or the caller may not see it)."""
 

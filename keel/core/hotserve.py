@@ -10,7 +10,13 @@ Every other request (chunked bodies, pipelined ones, query strings, other routes
 path unchanged, where `RequestContext` serves the same endpoints: the two paths answer alike.
 
 A qualifying request that arrives whole in one read, between messages, is taken apart here (`_whole`)
-without llhttp's Python callback per header; anything the strict pattern does not accept goes to llhttp.
+without llhttp's Python callback per header; anything the strict pattern does not accept goes to llhttp,
+and so does everything after a request that llhttp would not follow with another (`Connection: close`).
+
+The edge's limits live here too: a head over `max_header_bytes` or `max_headers` is answered 431 and the
+connection closes, before any endpoint or auth runs (uvicorn's httptools protocol has no such limit). An
+`Upgrade` request is answered as an ordinary one and then the connection closes: llhttp reads whatever
+follows it as another protocol, so no byte after it may ever be served as a request (request smuggling).
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ import logging
 import re
 from typing import Any
 
+import orjson
 from starlette.requests import Request as StarletteRequest
 from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
 
-from keel.core.http import SEND_NOW, HotEndpoint, RequestContext, StreamedResponse
+from keel.core.errors import HeadersTooLarge
+from keel.core.http import PROBLEM, SEND_NOW, HotEndpoint, RequestContext, StreamedResponse
 
 log = logging.getLogger("keel.http")
 
@@ -39,7 +47,7 @@ class _Hot:
     connection through `disconnected` and `message_event.set()`, and a draining server through
     `keep_alive`)."""
 
-    __slots__ = ("body", "disconnected", "endpoint", "keep_alive", "response_complete", "rid", "scope", "sent",
+    __slots__ = ("body", "disconnected", "endpoint", "ids", "keep_alive", "response_complete", "scope", "sent",
                  "streaming", "task")
 
     def __init__(self, endpoint: HotEndpoint, scope: dict[str, Any], keep_alive: bool) -> None:
@@ -51,7 +59,7 @@ class _Hot:
         self.response_complete = False
         self.streaming = False
         self.task: asyncio.Task[None] | None = None
-        self.rid = b""
+        self.ids: list[tuple[bytes, bytes]] = []  # `x-request-id` and the client's `x-client-request-id`
         self.sent: Response | None = None  # an answer written before the endpoint returned (`SEND_NOW`)
 
     @property
@@ -66,19 +74,36 @@ class _Hot:
 
 
 class HotProtocol(HttpToolsProtocol):
-    """`context` (set by `protocol_for`) holds the hot endpoints, the body limit and the access log."""
+    """`context` (set by `protocol_for`) holds the hot endpoints, the body limit and the access log;
+    `max_header_bytes` and `max_headers` bound a request's head."""
 
     context: RequestContext
     paths: frozenset[bytes]
+    max_header_bytes: int
+    max_headers: int
     _hot: _Hot | None = None  # the hot request in flight, even once a pipelined one became `cycle`
     _mid = False  # llhttp is inside a message (it began one and has not completed it)
+    _in_head = False  # … and inside its head
+    _head_bytes = 0  # bytes of the reads that fell wholly inside the current head
+    _completed = False  # a message ended inside the current read (so not all of the read is the open head)
+    _upgrade = False  # the message llhttp is in asks for an upgrade
+    _reusable = True  # the last request leaves the connection open for another that llhttp would parse
+    _done = False  # nothing more on this connection is HTTP: an upgrade request or a refused head came
 
     def data_received(self, data: bytes) -> None:
-        if self._mid or not self._whole(data):
+        if self._done:
+            return  # what follows an upgrade request or a refused head is never read as a request
+        self._completed = False
+        if self._mid or not self._reusable or not self._whole(data):
             super().data_received(data)
+        if self._in_head and not self._done and not self._completed:  # all of this read is an open head
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_header_bytes:
+                self._refuse_head()
 
     def on_message_begin(self) -> None:
-        self._mid = True
+        self._mid = self._in_head = True
+        self._head_bytes = 0
         super().on_message_begin()
 
     def _whole(self, data: bytes) -> bool:
@@ -88,12 +113,16 @@ class HotProtocol(HttpToolsProtocol):
         if (cycle is not None and not cycle.response_complete) or self.pipeline or self.limit_concurrency is not None:
             return False
         end = data.find(b"\r\n\r\n")
-        if end < 0 or (m := _REQUEST.fullmatch(data, 0, end)) is None or (url := m.group(1)) not in self.paths:
+        if (end < 0 or end > self.max_header_bytes or (m := _REQUEST.fullmatch(data, 0, end)) is None
+                or (url := m.group(1)) not in self.paths):
             return False
         headers: list[tuple[bytes, bytes]] = []
         length = None
         keep_alive = True
-        for line in data[m.end(1) + 11:end].split(b"\r\n"):
+        lines = data[m.end(1) + 11:end].split(b"\r\n")
+        if len(lines) > self.max_headers:
+            return False  # llhttp's path answers 431
+        for line in lines:
             name, _, value = line.partition(b":")
             name, value = name.lower(), value.strip(b" \t")
             if name == b"content-length":
@@ -114,6 +143,7 @@ class HotProtocol(HttpToolsProtocol):
         if endpoint is None:
             return False
         self._unset_keepalive_if_required()
+        self._reusable = keep_alive
         self.url, self.headers, self.expect_100_continue = url, headers, False
         self.scope = scope = {  # type: ignore[typeddict-item]  # what uvicorn's callbacks would have built
             "type": "http", "asgi": {"version": self.asgi_version, "spec_version": "2.3"}, "http_version": "1.1",
@@ -127,14 +157,25 @@ class HotProtocol(HttpToolsProtocol):
         return True
 
     def on_headers_complete(self) -> None:
+        if self._done:
+            return
+        self._in_head = False
+        headers = self.headers
+        if (len(headers) > self.max_headers
+                or len(self.url) + sum(len(n) + len(v) + 4 for n, v in headers) > self.max_header_bytes):
+            self._refuse_head()
+            return
+        self._upgrade = upgrade = self.parser.should_upgrade()
+        self._reusable = not upgrade and self.parser.should_keep_alive()
         cycle = self.cycle
         endpoint = None
         if (self.url in self.paths and (cycle is None or cycle.response_complete) and not self.expect_100_continue
-                and self.limit_concurrency is None and self.parser.get_method() == b"POST"
-                and not self.parser.should_upgrade()):
+                and self.limit_concurrency is None and self.parser.get_method() == b"POST" and not upgrade):
             endpoint = self._qualifies()
         if endpoint is None:
             super().on_headers_complete()
+            if upgrade:  # answered as an ordinary request; llhttp takes what follows as another protocol
+                self.cycle.keep_alive = False
             return
         scope: dict[str, Any] = self.scope  # type: ignore[assignment]
         version = self.parser.get_http_version()
@@ -167,20 +208,51 @@ class HotProtocol(HttpToolsProtocol):
         return self.context.hot.get(("POST", self.url.decode("ascii")))
 
     def on_body(self, body: bytes) -> None:
+        if self._done:
+            return
         if type(self.cycle) is _Hot:
             self.cycle.body.append(body)  # at most Content-Length bytes, within the limit
         else:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        if self._done:
+            return
         self._mid = False
+        self._completed = True
         hot = self.cycle
         if type(hot) is not _Hot:
             super().on_message_complete()
+            self._done = self._upgrade
             return
         task = hot.task = self.loop.create_task(self._serve(hot))
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
+
+    def _refuse_head(self) -> None:
+        """431 for a head over the limits, and nothing more read from the connection. An answer still being
+        written goes out first and the connection closes after it (then the refused request gets none)."""
+        self._done = True
+        self._in_head = False
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.keep_alive = False
+            return
+        err = HeadersTooLarge(f"the request's headers are over the limit of {self.max_header_bytes} bytes or "
+                              f"{self.max_headers} fields", fix="send fewer or smaller headers, or raise "
+                              "KEEL_MAX_HEADER_BYTES / KEEL_MAX_HEADERS")
+        body = orjson.dumps(err.to_problem())
+        out = [STATUS_LINE[431]]
+        for name, value in self.server_state.default_headers:
+            out += (name, b": ", value, b"\r\n")
+        out += (b"content-type: ", PROBLEM.encode(), b"\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body),
+                body)
+        self.transport.write(b"".join(out))
+        # Closing with the client's bytes still unread would reset the connection, and the client could lose
+        # the answer: end the sending side now, and close once the client does (or after the keep-alive time).
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(self.timeout_keep_alive, self.transport.close)
 
     async def _serve(self, hot: _Hot) -> None:
         scope = hot.scope
@@ -189,7 +261,7 @@ class HotProtocol(HttpToolsProtocol):
         ctx = self.context
         scope["app"] = ctx.app
         scope[SEND_NOW] = lambda response: self._send_now(hot, response)
-        hot.rid, token, start = ctx.begin(scope)
+        hot.ids, token, start = ctx.begin(scope)
         status = 0
         started = False
 
@@ -245,7 +317,8 @@ class HotProtocol(HttpToolsProtocol):
             if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
                 raise RuntimeError(f"response header {name!r} has a character HTTP does not allow there")
             out += (name, b": ", value, b"\r\n")
-        out += (b"x-request-id: ", hot.rid, b"\r\n")
+        for name, value in hot.ids:
+            out += (name, b": ", value, b"\r\n")
         if chunked:
             out.append(b"transfer-encoding: chunked\r\n")
         if not hot.keep_alive:
@@ -288,7 +361,8 @@ class HotProtocol(HttpToolsProtocol):
         self.on_response_complete()
 
 
-def protocol_for(context: RequestContext) -> type[HotProtocol]:
-    """The protocol class uvicorn builds per connection, bound to this app's hot endpoints."""
+def protocol_for(context: RequestContext, max_header_bytes: int, max_headers: int) -> type[HotProtocol]:
+    """The protocol class uvicorn builds per connection, bound to this app's hot endpoints and head limits."""
     paths = frozenset(path.encode("ascii") for method, path in context.hot if method == "POST")
-    return type("KeelHttpProtocol", (HotProtocol,), {"context": context, "paths": paths})
+    return type("KeelHttpProtocol", (HotProtocol,), {"context": context, "paths": paths,
+                                                     "max_header_bytes": max_header_bytes, "max_headers": max_headers})

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import Token
@@ -23,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from keel.core.errors import (
     BadRequest, InternalError, KeelError, MalformedJSON, MethodNotAllowed, NotFound, PayloadTooLarge, ValidationFailed,
 )
-from keel.core.logs import request_id_var
+from keel.core.logs import client_request_id_var, request_id_var
 
 log = logging.getLogger("keel.http")
 PROBLEM = "application/problem+json"
@@ -135,6 +136,8 @@ def hot_json_endpoint(model: type[BaseModel], handler: Callable[[Any, StarletteR
 
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 _B36_PAIRS = [x + y for x in _B36 for y in _B36]
+Tokens = tuple[Token[str | None], Token[str | None]]  # the request id's and the client's id's, for `end`
+_CLIENT_ID = re.compile(rb"[!-~]{1,128}")  # a client's request id: visible ASCII, safe to echo and to log
 
 
 def request_id() -> str:
@@ -184,9 +187,8 @@ class RequestContext:
             if k == b"content-length":
                 length = int(v) if v.isdigit() else None
                 break
-        rid, token, start = self.begin(scope)
+        ids, token, start = self.begin(scope)
         status_holder: dict[str, Any] = {"status": 0}
-        rid_header = (b"x-request-id", rid)
 
         seen = 0
         too_large = False
@@ -196,7 +198,7 @@ class RequestContext:
                 return  # the app's answer to a truncated body is replaced by our 413 below
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
-                message["headers"] = list(message.get("headers", [])) + [rid_header]
+                message["headers"] = list(message.get("headers", [])) + ids
             await send(message)
 
         async def receive_limited() -> Message:
@@ -231,22 +233,37 @@ class RequestContext:
             self.end(scope, status_holder["status"], token, start)
 
     @staticmethod
-    def begin(scope: Scope) -> tuple[bytes, Token[str | None], float]:
-        """The request's id (the client's `x-request-id`, else a new one) set for logs; and its start."""
-        rid = None
-        for k, v in scope["headers"]:
-            if k == b"x-request-id":
-                rid = v.decode("latin-1")[:100]
-                break
-        rid = rid or request_id()
-        return rid.encode("latin-1"), request_id_var.set(rid), time.perf_counter()
+    def begin(scope: Scope) -> tuple[list[tuple[bytes, bytes]], Tokens, float]:
+        """Set the request's ids for logs and return the response headers that carry them, and its start.
 
-    def end(self, scope: Scope, status: int, token: Token[str | None], start: float) -> None:
-        """The access line, then the request id unset."""
+        Keel's id is always Keel's own: it keys the usage ledger, so requests can never share a row. The
+        client's id (`x-client-request-id`, else `x-request-id`) is kept beside it for correlation and
+        echoed as `x-client-request-id`; one that is not 1-128 visible ASCII characters is ignored rather
+        than refused, since it serves only the client's own correlation."""
+        client = fallback = None
+        for k, v in scope["headers"]:
+            if k == b"x-client-request-id":
+                client = v
+                break
+            if k == b"x-request-id" and fallback is None:
+                fallback = v
+        if client is None:
+            client = fallback
+        rid = request_id()
+        ids = [(b"x-request-id", rid.encode("ascii"))]
+        crid = None
+        if client is not None and _CLIENT_ID.fullmatch(client):
+            ids.append((b"x-client-request-id", client))
+            crid = client.decode("ascii")
+        return ids, (request_id_var.set(rid), client_request_id_var.set(crid)), time.perf_counter()
+
+    def end(self, scope: Scope, status: int, token: Tokens, start: float) -> None:
+        """The access line, then the request's ids unset."""
         if self.log_requests and log.isEnabledFor(logging.INFO):
             log.info("request", extra={"method": scope["method"], "path": scope["path"], "status": status,
                                        "ms": round((time.perf_counter() - start) * 1000, 2)})
-        request_id_var.reset(token)
+        request_id_var.reset(token[0])
+        client_request_id_var.reset(token[1])
 
     @staticmethod
     def _lifespan_send(send: Send) -> Send:

@@ -11,7 +11,11 @@ from typing import Any
 
 import orjson
 
+# Keel's own id of the request being served (the ledger's key), and the id the client sent for its own
+# correlation (`X-Client-Request-Id`, or a client's `X-Request-Id`), if it sent a valid one.
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("keel_request_id", default=None)
+client_request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("keel_client_request_id",
+                                                                                    default=None)
 
 _BEARER = re.compile(r"(?i)(bearer\s+|sk-keel-)[A-Za-z0-9_\-\.]{6,}")
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -52,6 +56,8 @@ class JSONFormatter(logging.Formatter):
         rid = getattr(record, "request_id", None) or request_id_var.get()
         if rid:
             out["request_id"] = rid
+        if crid := client_request_id_var.get():
+            out["client_request_id"] = crid
         for k, v in record.__dict__.items():
             if k not in _RESERVED and k not in ("request_id", "color_message") and not k.startswith("_"):
                 out[k] = v

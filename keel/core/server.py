@@ -49,9 +49,11 @@ class _Server(uvicorn.Server):
 
 def config_for(app: Any, settings: Settings) -> uvicorn.Config:
     """uvicorn's settings for `app`: uvloop, and Keel's protocol (httptools), which serves the hot
-    endpoints without the ASGI cycle (see keel/core/hotserve.py)."""
-    http: Any = protocol_for(app) if isinstance(app, RequestContext) else "httptools"
-    return uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http=http,
+    endpoints without the ASGI cycle and bounds request heads (see keel/core/hotserve.py). Keel serves no
+    WebSocket route, so no upgrade is ever accepted (`ws="none"`): one protocol less at the edge."""
+    http: Any = (protocol_for(app, settings.max_header_bytes, settings.max_headers)
+                 if isinstance(app, RequestContext) else "httptools")
+    return uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http=http, ws="none",
                           lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=20,
                           # Keel reads neither the client's address nor the scheme, so uvicorn's
                           # X-Forwarded-* middleware would only be one more layer on every request.

@@ -83,6 +83,9 @@ class Settings(BaseModel):
     bootstrap_admin_key: SecretStr | None = Field(
         default=None, description="use this value for the first admin key instead of a random one")
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, description="a request's line and headers together; "
+                                  "over it the server answers 431 and closes the connection")
+    max_headers: int = Field(default=100, ge=10, description="header fields in one request; over it, 431")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_requests: bool = True
     auth_cache_ttl_s: float = Field(default=1.0, ge=0, description="seconds a verified key is trusted in memory")

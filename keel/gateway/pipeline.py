@@ -20,6 +20,7 @@ from opentelemetry import trace
 
 from keel.core.clock import utcnow
 from keel.core.errors import KeelError, NotFound, NotSupported
+from keel.core.logs import client_request_id_var
 from keel.core.settings import DeploymentConfig
 from keel.gateway.deployments import Deployments
 from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult, EmbedResult, Provider, Usage
@@ -267,6 +268,7 @@ class Gateway:
             "cache_hit": call.cache_hit, "saved_cost": call.saved_cost,
             "use_case": str(meta.get("use_case"))[:200] if meta and meta.get("use_case") else None,
             "task_id": str(meta.get("task_id"))[:200] if meta and meta.get("task_id") else None, "meta": meta,
+            "client_request_id": client_request_id_var.get(),  # the HTTP client's own id, for correlation
         })
         if span is None:
             return

@@ -1,8 +1,9 @@
 """The usage ledger writer: rows are queued in memory and written in batches off the hot path.
 
 `record()` never blocks a request; a background task flushes every `interval` seconds or every
-`batch_size` rows, and `stop()` drains everything on graceful shutdown. The request id is the
-primary key, so a row can never be written twice.
+`batch_size` rows, and `stop()` drains everything on graceful shutdown. The request id (always one
+Keel made: a fresh one per HTTP request, or a deterministic one such as a workflow step's
+`{run_id}/{step_id}`) is the primary key, so a call re-run after a crash is never metered twice.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class Ledger:
     def _insert(self, dialect: sa.Dialect) -> tuple[str, Callable[[dict[str, Any]], Any]]:
         """The INSERT compiled once for the store's dialect, and a function that turns a row into its
         driver parameters with the columns' own conversions: what `conn.execute(insert, rows)` does per
-        row, without its per-row statement bookkeeping (a third of a flush's time at 1k rows/s)."""
+        row, without its per-row statement bookkeeping (a third of a flush's time at 1k rows/s). A column a
+        row leaves out is written as NULL."""
         if self._compiled is None or self._compiled[0] is not dialect:
             compiled = usage_ledger.insert().compile(dialect=dialect)
             convert = {c.name: f for c in usage_ledger.c
@@ -58,10 +60,10 @@ class Ledger:
             getters = [(name, convert.get(name)) for name in names]
 
             def positional(row: dict[str, Any]) -> tuple[Any, ...]:
-                return tuple(row[n] if f is None else f(row[n]) for n, f in getters)
+                return tuple(row.get(n) if f is None else f(row.get(n)) for n, f in getters)
 
             def named(row: dict[str, Any]) -> dict[str, Any]:
-                return {n: row[n] if f is None else f(row[n]) for n, f in getters}
+                return {n: row.get(n) if f is None else f(row.get(n)) for n, f in getters}
 
             self._compiled = (dialect, compiled.string, positional if dialect.positional else named)
         return self._compiled[1], self._compiled[2]
@@ -75,7 +77,7 @@ class Ledger:
         try:
             self._write(rows)
         except sa.exc.IntegrityError:
-            # A duplicate request id (a client re-sent its own x-request-id): write row by row, skip repeats.
+            # A repeated request id (a workflow step re-run after a crash): write row by row, skip repeats.
             for row in rows:
                 try:
                     self._write([row])

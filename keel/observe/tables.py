@@ -1,4 +1,8 @@
-"""The usage ledger: one row per metered request — success, error, or a stream cut short."""
+"""The usage ledger: one row per metered request — success, error, or a stream cut short.
+
+`request_id` is always Keel's own id (a client cannot make two requests share a row); the id a client
+sent for its own correlation is kept in `client_request_id`.
+"""
 
 import sqlalchemy as sa
 
@@ -29,4 +33,5 @@ usage_ledger = sa.Table(
     sa.Column("use_case", sa.String(200), nullable=True, index=True),
     sa.Column("task_id", sa.String(200), nullable=True, index=True),
     sa.Column("meta", sa.JSON, nullable=True),
+    sa.Column("client_request_id", sa.String(128), nullable=True, index=True),
 )

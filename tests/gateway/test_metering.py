@@ -99,3 +99,77 @@ def test_sigterm_mid_load_loses_no_row(server_factory, upstream, tmp_path):
     rows = ledger_rows(srv.extra["db_url"])
     assert len(rows) == len(got)
     assert len({r.request_id for r in rows}) == len(rows)
+
+
+def test_requests_reusing_a_client_request_id_each_leave_their_own_row(server_factory, upstream, tmp_path):
+    """Regression (security issue, hole 7): the client's `X-Request-Id` was the ledger's key, so requests
+    that reused one left one row between them and costs undercounted. Keel's own id keys every row; the
+    client's id is kept beside it for correlation and echoed back as `x-client-request-id`."""
+    srv = server_factory(config=_config(tmp_path, upstream))
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hello"}]}
+    answers = []
+    with httpx.Client(base_url=srv.url, timeout=30, headers={"Authorization": f"Bearer {srv.admin_key}"}) as c:
+        for path in ("/v1/chat/completions", "/v1/chat/completions?via=asgi"):  # both of the server's paths
+            for header in ("X-Request-Id", "X-Client-Request-Id"):
+                answers += [c.post(path, json=body, headers={header: "reused-1"}) for _ in range(2)]
+        with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True},
+                      headers={"X-Request-Id": "reused-1"}) as r:
+            r.read()
+            answers.append(r)
+    assert [r.status_code for r in answers] == [200] * 9
+    assert all(r.headers["x-client-request-id"] == "reused-1" for r in answers)
+    keel_ids = {r.headers["x-request-id"] for r in answers}
+    assert len(keel_ids) == 9 and all(i.startswith("req_") for i in keel_ids)
+    assert srv.stop(signal.SIGTERM) == 0
+    rows = ledger_rows(srv.extra["db_url"])
+    assert len(rows) == 9 and {r.request_id for r in rows} == keel_ids
+    assert {r.client_request_id for r in rows} == {"reused-1"}
+    assert sum(r.cost for r in rows) == pytest.approx(9 * rows[0].cost) and rows[0].cost > 0
+
+
+@pytest.mark.parametrize("header, value", [
+    ("X-Request-Id", "x" * 129),  # too long
+    ("X-Client-Request-Id", "has space"),  # not visible ASCII
+    ("X-Request-Id", b"caf\xe9"),  # not ASCII
+])
+def test_a_client_request_id_that_is_not_visible_ascii_is_ignored(server, header, value):
+    """A bad client id is ignored, not refused: it only serves the client's correlation, so it must not cost
+    the request; it is not echoed (it could carry bytes that do not belong in a header)."""
+    with server.admin() as c:
+        r = c.get("/v1/me", headers={header: value})
+    assert r.status_code == 200 and "x-client-request-id" not in r.headers
+    assert r.headers["x-request-id"].startswith("req_")
+
+
+def test_a_workflow_steps_own_request_id_still_meters_a_rerun_once(db_url):
+    """Internal callers keep their deterministic ids (a workflow step's `{run_id}/{step_id}`): a step re-run
+    after a crash writes its row again under the same id, and the ledger still counts it once, in a batch
+    of its own or among other rows. Only the HTTP edge's client-supplied id changed meaning."""
+    import datetime
+
+    from keel.core.db import Store
+    from keel.observe.ledger import Ledger
+
+    store = Store.open(db_url)
+    store.upgrade()
+    try:
+        ledger = Ledger(store)
+
+        def row(request_id: str) -> dict:
+            return {"request_id": request_id, "ts": datetime.datetime.now(datetime.UTC), "kind": "chat",
+                    "alias": "fake", "tokens_in": 3, "tokens_out": 4, "cost": 0.5, "latency_ms": 1.0,
+                    "status": "ok", "http_status": 200, "stream": False, "cache_hit": False, "saved_cost": 0.0,
+                    "task_id": request_id.split("/")[0]}
+
+        ledger.record(row("run_1/draft"))
+        ledger.flush_sync()
+        ledger.record(row("run_1/draft"))  # the re-run after a crash, alone
+        ledger.flush_sync()
+        for rid in ("run_2/draft", "run_1/draft", "run_2/send"):  # and in a batch among new rows
+            ledger.record(row(rid))
+        ledger.flush_sync()
+    finally:
+        store.dispose()
+    rows = ledger_rows(db_url)
+    assert sorted(r.request_id for r in rows) == ["run_1/draft", "run_2/draft", "run_2/send"]
+    assert all(r.client_request_id is None for r in rows)
