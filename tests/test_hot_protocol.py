@@ -396,3 +396,16 @@ def test_heads_the_strict_pattern_does_not_take_go_to_llhttp(keel, monkeypatch, 
     assert c.read()[0] == status
     assert heads.whole == [False]
     c.close()
+
+
+def test_a_pipelined_head_over_the_limits_lets_the_answer_before_it_finish_then_closes(keel, fake):
+    """A head over the limits behind a request still being answered: that answer goes out whole (saying
+    `connection: close`), then the connection closes and the refused request never runs."""
+    fake.latency = 0.3
+    c = Conn(keel["port"])
+    crowded = "".join(f"X-H{i}: v\r\n" for i in range(150))
+    c.send(request(keel["key"], chat()) + request(keel["key"], chat(), extra=crowded))
+    status, headers, body = c.read()
+    assert status == 200 and headers["connection"] == "close" and json.loads(body)["choices"]
+    assert c.closed() and fake.requests == 1
+    c.close()
