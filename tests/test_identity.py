@@ -182,3 +182,65 @@ def test_keys_in_use_are_reverified_off_the_request_path(tmp_path, db_url, monke
 
     asyncio.run(main())
     store.dispose()
+
+
+PRINCIPALS = [
+    ("admin", dict(key_id="key_a", role="admin")),
+    ("scoped", dict(key_id="key_b", role="builder", team_id="team_1", user_id="usr_1", key_name="ci",
+                    scopes={"models": ["small", "*"], "collections": [], "agents": None})),
+    ("system", dict(key_id="system", role="member", key_name="workflow lead_intake")),
+]
+
+
+@pytest.mark.parametrize("name,fields", PRINCIPALS, ids=[n for n, _ in PRINCIPALS])
+def test_principal_round_trips_through_to_dict_and_from_dict(name, fields):
+    """Guards the one serialisation of a principal (stored in workflow runs and knowledge jobs): what
+    `to_dict` writes, `from_dict` reads back equal, through JSON."""
+    import json
+
+    from keel.identity.principal import Principal, Scopes
+
+    p = Principal(**{**fields, "scopes": Scopes.from_dict(fields.get("scopes"))})
+    d = json.loads(json.dumps(p.to_dict()))
+    assert Principal.from_dict(d) == p
+    assert d == Principal.from_dict(d).to_dict()
+
+
+def test_principal_from_dict_reads_rows_stored_before_it_existed():
+    """Guards stored runs and ingest jobs: the dicts written by the hand-made copies (with and without
+    `key_name`, scopes absent) still load."""
+    from keel.identity.principal import Principal, Scopes
+
+    run_row = {"key_id": "key_1", "role": "builder", "team_id": "team_1", "user_id": None, "key_name": "ci",
+               "scopes": {"models": ["m"], "collections": None, "agents": None}}
+    job_row = {"key_id": "key_2", "role": "member", "team_id": None, "user_id": "usr_2",
+               "scopes": {"models": None, "collections": ["docs"], "agents": None}}
+    assert Principal.from_dict(run_row) == Principal(key_id="key_1", role="builder", team_id="team_1", key_name="ci",
+                                                     scopes=Scopes(models=("m",)))
+    assert Principal.from_dict(job_row) == Principal(key_id="key_2", role="member", user_id="usr_2",
+                                                     scopes=Scopes(collections=("docs",)))
+    assert Principal.from_dict({"key_id": "key_3", "role": "auditor"}).scopes == Scopes()
+
+
+@pytest.mark.parametrize("bad,field", [
+    ("not a dict", "principal"),
+    ({"role": "admin"}, "key_id"),
+    ({"key_id": "", "role": "admin"}, "key_id"),
+    ({"key_id": "k", "role": "root"}, "role"),
+    ({"key_id": "k", "role": "admin", "team_id": 7}, "team_id"),
+    ({"key_id": "k", "role": "admin", "key_name": None}, "key_name"),
+    ({"key_id": "k", "role": "admin", "extra_power": True}, "extra_power"),
+    ({"key_id": "k", "role": "admin", "scopes": ["models"]}, "scopes"),
+    ({"key_id": "k", "role": "admin", "scopes": {"models": "gpt"}}, "scopes.models"),
+    ({"key_id": "k", "role": "admin", "scopes": {"models": [1]}}, "scopes.models"),
+    ({"key_id": "k", "role": "admin", "scopes": {"tools": []}}, "scopes.tools"),
+])
+def test_principal_from_dict_refuses_a_bad_dict_naming_the_field(bad, field):
+    """Guards authority read back from storage: a dict that does not load raises InvalidPrincipal naming
+    the field, never a bare KeyError or a principal with a field silently dropped (an unknown field could
+    be a restriction this version does not know)."""
+    from keel.identity.principal import InvalidPrincipal, Principal
+
+    with pytest.raises(InvalidPrincipal) as info:
+        Principal.from_dict(bad)
+    assert info.value.ids["field"] == field and field in info.value.detail

@@ -24,7 +24,7 @@ from keel.core.clock import utcnow
 from keel.core.db import Store
 from keel.core.errors import KeelError, NotFound
 from keel.core.ids import new_id
-from keel.identity.principal import Principal, Scopes
+from keel.identity.principal import Principal
 from keel.knowledge import catalog, documents as docs
 from keel.knowledge.acl import Collection, can_write
 from keel.knowledge.errors import EmptyFile, FileRejected, FileTooLarge
@@ -53,11 +53,6 @@ class Upload:
 def principal_json(p: Principal) -> dict[str, Any]:
     return {"key_id": p.key_id, "role": p.role, "team_id": p.team_id, "user_id": p.user_id,
             "scopes": p.scopes.to_dict()}
-
-
-def principal_from(d: dict[str, Any]) -> Principal:
-    return Principal(key_id=d["key_id"], role=d["role"], team_id=d.get("team_id"), user_id=d.get("user_id"),
-                     scopes=Scopes.from_dict(d.get("scopes")))
 
 
 def _rejection(u: Upload, max_file_bytes: int) -> FileRejected | None:
@@ -232,7 +227,7 @@ class Worker:
         j, c, rows = await asyncio.to_thread(self._pending, job_id)
         if j is None or c is None:
             return
-        p = principal_from(j.principal)
+        p = Principal.from_dict(j.principal)
         groups: list[list[int]] = [[]]
         size = 0
         for r in rows:

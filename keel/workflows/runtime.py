@@ -24,7 +24,7 @@ from keel.core.clock import utcnow
 from keel.core.db import Store
 from keel.core.errors import KeelError
 from keel.core.settings import Settings
-from keel.identity.principal import Principal, Scopes
+from keel.identity.principal import Principal
 from keel.workflows import approvals, templates
 from keel.workflows.effects import Egress, Mailer
 from keel.workflows.spec import StepSpec, WorkflowSpec, parse_spec
@@ -53,16 +53,6 @@ def SetWorkflowID(workflow_id: str) -> Any:  # noqa: N802 - DBOS' name
 FINAL = ("completed", "failed", "cancelled")
 APP_VERSION = "keel-workflows-1"  # pinned: runs recover across Keel upgrades; bump only if replay would diverge
 RECV_CHUNK_S = 300.0  # an approval wait re-checks its row this often (covers a decision whose message was lost)
-
-
-def principal_from(d: dict[str, Any]) -> Principal:
-    return Principal(key_id=d["key_id"], role=d["role"], team_id=d.get("team_id"), user_id=d.get("user_id"),
-                     key_name=d.get("key_name", ""), scopes=Scopes.from_dict(d.get("scopes")))
-
-
-def principal_dict(p: Principal) -> dict[str, Any]:
-    return {"key_id": p.key_id, "role": p.role, "team_id": p.team_id, "user_id": p.user_id,
-            "key_name": p.key_name, "scopes": p.scopes.to_dict()}
 
 
 class _RelaxedSyncConnection(sqlite3.Connection):
@@ -218,7 +208,7 @@ class Engine:
             return {"status": "failed"}
         spec = await asyncio.to_thread(self.spec, run["version_id"])
         owner_team = await asyncio.to_thread(self.owner_team, run["version_id"])
-        principal = principal_from(run["principal"])
+        principal = Principal.from_dict(run["principal"])
         ctx: dict[str, Any] = {"inputs": run["inputs"], "vars": spec.vars, "steps": {},
                                "run": {"id": run_id, "workflow": spec.name, "version": run["version"]}}
         seed = run["seed"] or {}

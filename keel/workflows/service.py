@@ -21,7 +21,7 @@ from keel.identity import service as identity
 from keel.identity.principal import Principal
 from keel.observe.tables import usage_ledger
 from keel.workflows.access import definition_owner, definitions_visible, require_team_for_runs, runs_visible
-from keel.workflows.runtime import DBOS, FINAL, Engine, SetWorkflowID, keel_run, principal_dict, principal_from
+from keel.workflows.runtime import DBOS, FINAL, Engine, SetWorkflowID, keel_run
 from keel.workflows.spec import WorkflowSpec, parse_spec, secret_refs, validate_inputs
 from keel.workflows.tables import workflow_outbox, workflow_records, workflow_runs, workflow_versions
 
@@ -78,7 +78,7 @@ class Workflows:
             if prev is not None and prev.source == source:
                 return self._public_version(prev, created=False)
             row = {"id": new_id("wfv"), "name": spec.name, "version": (prev.version + 1) if prev else 1,
-                   "source": source, "description": spec.description, "team_id": team, "owner": principal_dict(p),
+                   "source": source, "description": spec.description, "team_id": team, "owner": p.to_dict(),
                    "created_at": utcnow()}
             conn.execute(workflow_versions.insert().values(**row))
         self.engine._specs[row["id"]] = spec
@@ -131,7 +131,7 @@ class Workflows:
         now = utcnow()
         row = {"id": run_id, "workflow": spec.name, "version": ver.version, "version_id": ver.id, "status": "running",
                "current_step": None, "inputs": inputs, "outputs": None, "error": None,
-               "principal": principal_dict(p), "team_id": team,
+               "principal": p.to_dict(), "team_id": team,
                "trigger": trigger, "parent_run": None, "retry_of": retry_of, "seed": seed,
                "created_at": now, "updated_at": now, "finished_at": None}
         await self.engine.insert_once(workflow_runs, row, workflow_runs.c.id == run_id)
@@ -313,7 +313,7 @@ def trigger_principal(ver: Any) -> Principal:
     """Who a webhook- or schedule-started run acts as: the version's definer, unless that is not a member of the
     workflow's team (an admin defining it for a team); then a builder of the team, so the run reads only what
     the team may read and its results leak nothing to the team."""
-    owner = principal_from(ver.owner)
+    owner = Principal.from_dict(ver.owner)
     if ver.team_id is not None and owner.team_id != ver.team_id:
         return Principal(key_id="system", role="builder", team_id=ver.team_id, key_name=f"workflow {ver.name}")
     return owner
@@ -332,14 +332,14 @@ async def create_child_run(engine: Engine, env: Any, child_id: str, inputs: Any)
     now = utcnow()
     row = {"id": child_id, "workflow": spec.name, "version": ver.version, "version_id": ver.id, "status": "running",
            "current_step": None, "inputs": inputs, "outputs": None, "error": None,
-           "principal": principal_dict(env.principal), "team_id": env.team_id, "trigger": "workflow",
+           "principal": env.principal.to_dict(), "team_id": env.team_id, "trigger": "workflow",
            "parent_run": env.run_id, "retry_of": None, "seed": None, "created_at": now, "updated_at": now,
            "finished_at": None}
     await engine.insert_once(workflow_runs, row, workflow_runs.c.id == child_id)
     return {"id": child_id}
 
 
-__all__ = ["Workflows", "principal_from", "create_child_run", "trigger_principal"]
+__all__ = ["Workflows", "create_child_run", "trigger_principal"]
 
 
 def attach(app: Any, settings: Any, store: Any, gateway: Any, knowledge: Any) -> Workflows:
