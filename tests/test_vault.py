@@ -127,3 +127,103 @@ def test_cli_sets_owner_and_uses_grants_and_revokes(server):
     with server.admin() as c:
         r = c.delete(f"/admin/teams/{team}")
         assert r.status_code == 409  # it still has active keys (and owns a secret)
+
+
+PASSPHRASE = "correct horse battery staple"
+
+
+def _legacy_key(passphrase: str) -> bytes:
+    """The key earlier versions made from KEEL_MASTER_KEY: one SHA-256 of the passphrase."""
+    import base64
+    import hashlib
+
+    return base64.urlsafe_b64encode(hashlib.sha256(passphrase.encode()).digest())
+
+
+def _ciphertext(store, name: str) -> bytes:
+    with store.engine.connect() as conn:
+        return bytes(conn.execute(sa.text("SELECT ciphertext FROM secrets WHERE name = :n"), {"n": name}).scalar())
+
+
+def test_a_passphrase_is_stretched_by_scrypt_with_a_salt_per_installation(db_url, tmp_path):
+    """Guards KEEL_MASTER_KEY: the passphrase goes through a memory-hard KDF (scrypt, >= 16 MiB) with a
+    salt kept in the database, so replicas with their own data dirs derive the same key, another
+    installation with the same passphrase a different one, and no single SHA-256 opens a value."""
+    from cryptography.fernet import Fernet, InvalidToken
+
+    from keel.core.db import Store
+    from keel.identity.vault import Vault, load_master_key
+
+    store = Store.open(db_url)
+    store.upgrade()
+    one = Vault(store, load_master_key(PASSPHRASE, tmp_path / "replica-1"))
+    one.put("crm", "crm-value-0123456789", uses=["webhook"])
+    two = Vault(store, load_master_key(PASSPHRASE, tmp_path / "replica-2"))
+    assert two.resolve("crm", None, "webhook") == "crm-value-0123456789"
+    token = _ciphertext(store, "crm")
+    with pytest.raises(InvalidToken):
+        Fernet(_legacy_key(PASSPHRASE)).decrypt(token)
+    with store.engine.connect() as conn:
+        kdf = conn.execute(sa.text("SELECT algorithm, salt, n, r, p FROM vault_kdf")).one()
+    assert kdf.algorithm == "scrypt" and len(bytes(kdf.salt)) >= 16 and 128 * kdf.r * kdf.n >= 16 * 2**20
+
+    other = Store.open(f"sqlite:///{tmp_path / 'other.db'}")
+    other.upgrade()
+    with other.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO secrets (name, ciphertext, team_id, uses, created_at, updated_at) VALUES "
+                             "('crm', :t, NULL, '[\"webhook\"]', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"), {"t": token})
+    from keel.core.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        Vault(other, load_master_key(PASSPHRASE, tmp_path / "other")).resolve("crm", None, "webhook")
+    other.dispose()
+    store.dispose()
+
+
+def test_secrets_sealed_with_the_legacy_sha256_key_still_open_and_are_resealed(db_url, tmp_path):
+    """Guards upgrades of installations with KEEL_MASTER_KEY: a value sealed with the old SHA-256 key still
+    opens, and reading it (as every start does for the log scrubber) reseals it under the scrypt key."""
+    from cryptography.fernet import Fernet, InvalidToken
+
+    from keel.core.db import Store
+    from keel.identity.vault import Vault, load_master_key
+
+    store = Store.open(db_url)
+    store.upgrade()
+    with store.engine.begin() as conn:
+        for name, value in (("openai", b"sk-old-provider-key"), ("hook", b"old-webhook-secret")):
+            conn.execute(sa.text("INSERT INTO secrets (name, ciphertext, team_id, uses, created_at, updated_at) "
+                                 "VALUES (:n, :t, NULL, '[\"provider\", \"webhook\"]', CURRENT_TIMESTAMP, "
+                                 "CURRENT_TIMESTAMP)"), {"n": name, "t": Fernet(_legacy_key(PASSPHRASE)).encrypt(value)})
+    vault = Vault(store, load_master_key(PASSPHRASE, tmp_path))
+    assert vault.get("openai") == "sk-old-provider-key"
+    vault.prime_redactor()
+    for name in ("openai", "hook"):
+        with pytest.raises(InvalidToken):
+            Fernet(_legacy_key(PASSPHRASE)).decrypt(_ciphertext(store, name))
+    fresh = Vault(store, load_master_key(PASSPHRASE, tmp_path / "elsewhere"))
+    assert fresh.get("openai") == "sk-old-provider-key"
+    assert fresh.resolve("hook", None, "webhook") == "old-webhook-secret"
+    store.dispose()
+
+
+def test_a_server_started_on_a_legacy_vault_reseals_it(server_factory, db_url, tmp_path):
+    """Guards the upgrade on a real start: secrets stored by an older Keel under KEEL_MASTER_KEY are resealed
+    with the scrypt key when the server starts (before any request)."""
+    from cryptography.fernet import Fernet, InvalidToken
+
+    from conftest import MASTER_KEY
+    from keel.core.db import Store
+    from keel.identity.vault import Vault, load_master_key
+
+    store = Store.open(db_url)
+    store.upgrade()
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO secrets (name, ciphertext, team_id, uses, created_at, updated_at) "
+                             "VALUES ('legacy', :t, NULL, '[\"provider\"]', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"),
+                     {"t": Fernet(_legacy_key(MASTER_KEY)).encrypt(b"legacy-value-0123456789")})
+    server_factory().stop()
+    with pytest.raises(InvalidToken):
+        Fernet(_legacy_key(MASTER_KEY)).decrypt(_ciphertext(store, "legacy"))
+    assert Vault(store, load_master_key(MASTER_KEY, tmp_path / "check")).get("legacy") == "legacy-value-0123456789"
+    store.dispose()

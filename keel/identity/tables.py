@@ -1,5 +1,5 @@
-"""Identity tables: teams, users, API keys (hashed), vault secrets (encrypted, owned, with their uses)
-and the grants that let a team use a secret it does not own."""
+"""Identity tables: teams, users, API keys (hashed), vault secrets (encrypted, owned, with their uses),
+the grants that let a team use a secret it does not own, and how a passphrase becomes the vault's key."""
 
 import sqlalchemy as sa
 
@@ -56,5 +56,18 @@ secret_grants = sa.Table(
     sa.Column("team_id", sa.String(40), primary_key=True),
     sa.Column("use", sa.String(20), primary_key=True),
     sa.Column("granted_by", sa.String(100), nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+)
+
+# One row (id 1): the scrypt salt and cost that turn a KEEL_MASTER_KEY passphrase into the vault's key.
+# It lives in the database every replica shares, so all of them derive the same key.
+vault_kdf = sa.Table(
+    "vault_kdf", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("algorithm", sa.String(20), nullable=False),
+    sa.Column("salt", sa.LargeBinary, nullable=False),
+    sa.Column("n", sa.Integer, nullable=False),
+    sa.Column("r", sa.Integer, nullable=False),
+    sa.Column("p", sa.Integer, nullable=False),
     sa.Column("created_at", TS, nullable=False),
 )

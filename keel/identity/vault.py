@@ -11,17 +11,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from keel.core.clock import utcnow
 from keel.core.db import Store
 from keel.core.errors import BadRequest, ConfigError, Conflict, Forbidden, NotFound
 from keel.core.logs import redactor
-from keel.identity.tables import secret_grants, secrets
+from keel.identity.tables import secret_grants, secrets, vault_kdf
 
 NAME_MAX = 200
 USES = ("provider", "http_header", "webhook")
@@ -64,31 +65,80 @@ def check_uses(uses: list[str] | tuple[str, ...], team_id: str | None) -> tuple[
     return tuple(u for u in USES if u in uses)
 
 
-def load_master_key(explicit: str | None, data_dir: Path) -> bytes:
-    """`KEEL_MASTER_KEY` (any passphrase, stretched by SHA-256) or a 0600 key file made on first start."""
+# scrypt at OWASP's first recommended cost (128 MiB, a fraction of a second, once per process start).
+# Stored with the salt, so a later version may raise it for new installations without locking out old ones.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
+
+
+@dataclass(frozen=True)
+class MasterKey:
+    """Where the vault's key comes from: a Fernet key (the 0600 key file), or a `KEEL_MASTER_KEY` passphrase,
+    stretched by scrypt with this installation's salt once the store is known."""
+
+    key: bytes | None = field(default=None, repr=False)
+    passphrase: str | None = field(default=None, repr=False)
+
+    def fernet_keys(self, store: Store) -> list[bytes]:
+        """The keys to open values with, the one to seal with first. A passphrase also yields its legacy key (one
+        SHA-256, as earlier versions made it), so values they sealed still open until they are resealed."""
+        if self.passphrase is None:
+            assert self.key is not None
+            return [self.key]
+        row = kdf_params(store)
+        stretched = hashlib.scrypt(self.passphrase.encode(), salt=bytes(row.salt), n=row.n, r=row.r, p=row.p,
+                                   maxmem=256 * row.r * row.n + 2**20, dklen=32)
+        legacy = hashlib.sha256(self.passphrase.encode()).digest()
+        return [base64.urlsafe_b64encode(stretched), base64.urlsafe_b64encode(legacy)]
+
+
+def kdf_params(store: Store) -> Any:
+    """This installation's scrypt salt and cost, made on first use. The salt is kept in the database the
+    replicas share, so each derives the same key from one passphrase; it is random per installation, so no
+    table precomputed over passphrases serves two installations (it need not be secret)."""
+    with store.engine.begin() as conn:
+        row = conn.execute(sa.select(vault_kdf).where(vault_kdf.c.id == 1)).first()
+        if row is None:
+            try:
+                with conn.begin_nested():
+                    conn.execute(vault_kdf.insert().values(id=1, algorithm="scrypt", salt=os.urandom(16), n=SCRYPT_N,
+                                                           r=SCRYPT_R, p=SCRYPT_P, created_at=utcnow()))
+            except sa.exc.IntegrityError:  # another replica made it first: use theirs
+                pass
+            row = conn.execute(sa.select(vault_kdf).where(vault_kdf.c.id == 1)).one()
+    if row.algorithm != "scrypt":
+        raise ConfigError(f"the vault's key derivation {row.algorithm!r} is not known to this version",
+                          fix="run the Keel version that set up this database, or a newer one")
+    return row
+
+
+def load_master_key(explicit: str | None, data_dir: Path) -> MasterKey:
+    """`KEEL_MASTER_KEY` (any passphrase, stretched by scrypt) or a 0600 key file made on first start."""
     if explicit:
-        return base64.urlsafe_b64encode(hashlib.sha256(explicit.encode()).digest())
+        return MasterKey(passphrase=explicit)
     path = data_dir / "master.key"
     if path.exists():
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
             raise ConfigError(f"master key file {path} is readable by others (mode {mode:o})",
                               fix=f"chmod 600 {path}")
-        return path.read_bytes().strip()
+        return MasterKey(key=path.read_bytes().strip())
     data_dir.mkdir(parents=True, exist_ok=True)
     key = Fernet.generate_key()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(key)
-    return key
+    return MasterKey(key=key)
 
 
 class Vault:
     """Named secrets, Fernet-encrypted (AES-128-CBC + HMAC) in the store, each with an owner and uses."""
 
-    def __init__(self, store: Store, master_key: bytes) -> None:
+    def __init__(self, store: Store, master_key: MasterKey | bytes) -> None:
+        """`master_key`: what `load_master_key` found, or a Fernet key itself."""
         self._store = store
-        self._fernet = Fernet(master_key)
+        keys = master_key.fernet_keys(store) if isinstance(master_key, MasterKey) else [master_key]
+        self._fernet = MultiFernet([Fernet(k) for k in keys])  # seals with the first, opens with any
+        self._current = Fernet(keys[0])
 
     @staticmethod
     def _check_name(name: str) -> None:
@@ -126,13 +176,25 @@ class Vault:
         return {"name": name, "team_id": team_id, "uses": list(final), "created": False}
 
     def _decrypt(self, name: str, token: bytes) -> str:
+        """The value; one still sealed with an older key (the legacy passphrase hash) is resealed on the way."""
+        token = bytes(token)
         try:
-            value = self._fernet.decrypt(token).decode()
+            value = self._current.decrypt(token).decode()
         except InvalidToken:
-            raise ConfigError(f"secret {name!r} cannot be decrypted with this master key",
-                              fix="start Keel with the master key the secret was stored with") from None
+            try:
+                value = self._fernet.decrypt(token).decode()
+            except InvalidToken:
+                raise ConfigError(f"secret {name!r} cannot be decrypted with this master key",
+                                  fix="start Keel with the master key the secret was stored with") from None
+            self._reseal(name, token)
         redactor.add(value)
         return value
+
+    def _reseal(self, name: str, token: bytes) -> None:
+        """Seal `name` under the current key, unless its value changed meanwhile (then it already is)."""
+        with self._store.engine.begin() as conn:
+            conn.execute(secrets.update().where(secrets.c.name == name, secrets.c.ciphertext == token)
+                         .values(ciphertext=self._fernet.rotate(token)))
 
     def get(self, name: str) -> str:
         """A deployment's credential: a global secret that serves `provider` (NotFound if there is none)."""
@@ -240,7 +302,8 @@ class Vault:
                            fix="list grants with `keel secrets list`", secret=name)
 
     def prime_redactor(self) -> None:
-        """Teach the log scrubber every stored value, so none can leak even by accident."""
+        """Teach the log scrubber every stored value, so none can leak even by accident (at start: reading each
+        also reseals any value an earlier version sealed with the legacy passphrase key)."""
         with self._store.engine.connect() as conn:
             rows = conn.execute(sa.select(secrets.c.name, secrets.c.ciphertext)).all()
         for r in rows:
