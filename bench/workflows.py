@@ -91,9 +91,9 @@ def dbos_baseline(url: str, steps: int, runs: int) -> dict:
     gaps: list[float] = []
 
     async def go() -> list[float]:
-        from keel.workflows.runtime import _sqlite_tuning  # the same SQLite settings Keel gives DBOS
+        from keel.workflows.durable import sqlite_tuning  # the same SQLite settings Keel gives DBOS
 
-        DBOS(config={"name": "bench-dbos", "system_database_url": url, "log_level": "WARNING", **_sqlite_tuning(url)})
+        DBOS(config={"name": "bench-dbos", "system_database_url": url, "log_level": "WARNING", **sqlite_tuning(url)})
         DBOS.launch()
         try:
             out: list[float] = []

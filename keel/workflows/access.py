@@ -64,3 +64,13 @@ def definition_owner(p: Principal, name: str, prev_team: str | None, exists: boo
     if requested is not None and requested != p.team_id:
         raise Forbidden("a builder defines workflows for its own team only", fix="omit `team`", workflow=name)
     return p.team_id
+
+
+def trigger_principal(ver: Any) -> Principal:
+    """Who a webhook- or schedule-started run acts as: the version's definer, unless that is not a member of the
+    workflow's team (an admin defining it for a team); then a builder of the team, so the run reads only what
+    the team may read and its results leak nothing to the team."""
+    owner = Principal.from_dict(ver.owner)
+    if ver.team_id is not None and owner.team_id != ver.team_id:
+        return Principal(key_id="system", role="builder", team_id=ver.team_id, key_name=f"workflow {ver.name}")
+    return owner

@@ -14,7 +14,7 @@ from keel.core.http import json_response
 from keel.identity.auth import principal
 from keel.identity.principal import Principal
 from keel.workflows import approvals, triggers
-from keel.workflows.service import Workflows
+from keel.workflows.manager import Workflows
 
 router = APIRouter(tags=["workflows"])
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "text/plain")
@@ -69,7 +69,7 @@ async def define(request: Request, p: Principal = Depends(principal)) -> Respons
             raise BadRequest("`team` must be a team id or name", fix="send a string, or omit it")
     wf = _wf(request)
     out = await run_in_threadpool(wf.define, source, p, team_id=team)
-    await wf.engine.ensure_launched()  # schedules and webhooks of the first workflow need a running engine
+    await wf.durable.ensure_launched()  # schedules and webhooks of the first workflow need a running engine
     return json_response(out, 201 if out["created"] else 200)
 
 
@@ -135,26 +135,28 @@ async def inbound_webhook(name: str, request: Request) -> Response:
 async def list_approvals(request: Request, status: str | None = "pending", limit: int = Query(100, ge=1, le=500),
                          p: Principal = Depends(principal)) -> Response:
     """Approvals the caller may decide (pending by default; `status=` for others, empty for all)."""
-    rows = await run_in_threadpool(approvals.list_approvals, _wf(request).engine, p, status or None, limit)
+    rows = await run_in_threadpool(approvals.list_approvals, _wf(request).run_store, p, status or None, limit)
     return json_response({"object": "list", "data": rows})
 
 
 @router.get("/v1/approvals/{approval_id}", tags=["approvals"])
 async def get_approval(approval_id: str, request: Request, p: Principal = Depends(principal)) -> Response:
-    r = await run_in_threadpool(approvals.get_approval, _wf(request).engine, p, approval_id)
+    r = await run_in_threadpool(approvals.get_approval, _wf(request).run_store, p, approval_id)
     return json_response(approvals.public(r))
 
 
 @router.post("/v1/approvals/{approval_id}/approve", tags=["approvals"])
 async def approve(approval_id: str, body: ApproveIn, request: Request, p: Principal = Depends(principal)) -> Response:
     """Approve, optionally editing the editable fields: the edited values are what later steps use."""
-    out = await approvals.decide(_wf(request).engine, p, approval_id, "approved", body.reason, body.edits)
+    wf = _wf(request)
+    out = await approvals.decide(wf.run_store, wf.durable, p, approval_id, "approved", body.reason, body.edits)
     return json_response(out)
 
 
 @router.post("/v1/approvals/{approval_id}/reject", tags=["approvals"])
 async def reject(approval_id: str, body: RejectIn, request: Request, p: Principal = Depends(principal)) -> Response:
-    out = await approvals.decide(_wf(request).engine, p, approval_id, "rejected", body.reason, None)
+    wf = _wf(request)
+    out = await approvals.decide(wf.run_store, wf.durable, p, approval_id, "rejected", body.reason, None)
     return json_response(out)
 
 

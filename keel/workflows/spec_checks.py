@@ -11,7 +11,7 @@ import datetime as dt
 import math
 import re
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import jinja2
@@ -20,13 +20,11 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from keel.identity.principal import ROLES
+from keel.workflows.spec_types import WorkflowSpec
 from keel.workflows.templates import is_template, referenced_attrs, static_names, template_refs
 
-if TYPE_CHECKING:
-    from keel.workflows.spec import WorkflowSpec
-
 Path = tuple[str | int, ...]
-Resolver = Callable[[str], "WorkflowSpec | None"]
+Resolver = Callable[[str], WorkflowSpec | None]
 
 NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 STEP_ID = re.compile(r"^[a-z][a-z0-9_]{0,63}$")

@@ -3,15 +3,17 @@ checkpointed once it returns: a step with a side effect (`http`, `notify`, `reco
 repeated after that, and sends an idempotency key (run id + step id) so the target can drop the
 one repeat that a crash between the call and the checkpoint may cause.
 
-Approval, wait and sub-workflow steps need several durable operations and live in `runtime.py`.
+Approval, wait and sub-workflow steps need several durable operations and live in `runtime.py`
+(approvals' own in `approvals.py`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import jsonschema
 import sqlalchemy as sa
@@ -23,11 +25,10 @@ from keel.gateway.pipeline import Call
 from keel.gateway.protocol import ChatRequest
 from keel.identity.principal import Principal
 from keel.workflows import templates
+from keel.workflows.effects import Egress, Mailer
 from keel.workflows.spec import StepSpec, WorkflowSpec
+from keel.workflows.store import RunStore
 from keel.workflows.tables import workflow_outbox, workflow_records
-
-if TYPE_CHECKING:
-    from keel.workflows.runtime import Engine
 
 
 class StepFailed(KeelError):
@@ -36,11 +37,27 @@ class StepFailed(KeelError):
     code, status, title = "workflow_step_failed", 422, "Workflow step failed"
 
 
+@dataclass(frozen=True)
+class StepParts:
+    """The services steps use, built once by the engine."""
+
+    runs: RunStore
+    gateway: Any  # keel.gateway's service: `chat(call)` on the governed path
+    knowledge: Any  # keel.knowledge's service, for retrieve and answer steps
+    vault: Any  # keel.identity.vault.Vault: `resolve(name, team, use)`
+    egress: Egress
+    mailer: Mailer
+    # Model steps of many runs queue here, not inside the deployment, so waiting for a turn on a
+    # single local model never counts against its timeout or trips its circuit breaker.
+    model_slots: asyncio.Semaphore
+    flush_ledger: Callable[[], Awaitable[None]]
+
+
 @dataclass
 class StepEnv:
-    """Everything one step execution may read: the engine's services, the run and the template context."""
+    """Everything one step execution may read: the engine's parts, the run and the template context."""
 
-    engine: "Engine"
+    parts: StepParts
     run_id: str
     workflow: str
     team_id: str | None  # the run's team (its records, mail and approvals belong to it)
@@ -80,12 +97,12 @@ async def run_llm(env: StepEnv) -> dict[str, Any]:
                 chat=ChatRequest(model=c["model"], messages=messages, max_tokens=c["max_tokens"],
                                  temperature=c["temperature"], response_format=fmt),
                 metadata={"use_case": f"workflow:{env.workflow}", "task_id": env.run_id})
-    async with env.engine.model_slots:
+    async with env.parts.model_slots:
         call.started = time.perf_counter()
-        result = await env.engine.gateway.chat(call)
+        result = await env.parts.gateway.chat(call)
     # The ledger row must be durable before this step's checkpoint: a crash in between re-runs the
     # step under the same request id, which the ledger's primary key then refuses to count twice.
-    await env.engine.flush_ledger()
+    await env.parts.flush_ledger()
     out: dict[str, Any] = {"text": result.content or "", "model": c["model"], "finish_reason": result.finish_reason,
                            "usage": {"prompt_tokens": result.usage.prompt_tokens,
                                      "completion_tokens": result.usage.completion_tokens},
@@ -108,7 +125,7 @@ async def run_retrieve(env: StepEnv) -> dict[str, Any]:
 
     c = env.step.config
     q = Query(text=_text(env.render(c["query"])), collections=list(c["collections"]), top_k=c["top_k"])
-    hits, _ = await search(env.engine.knowledge, env.principal, q, f"{env.run_id}/{env.step.id}")
+    hits, _ = await search(env.parts.knowledge, env.principal, q, f"{env.run_id}/{env.step.id}")
     return {"hits": [{"document_id": h.document_id, "title": h.title, "section": h.section, "source": h.source,
                       "text": h.text, "score": round(h.score, 6)} for h in hits],
             "text": "\n\n".join(h.text for h in hits)}
@@ -121,9 +138,9 @@ async def run_answer(env: StepEnv) -> dict[str, Any]:
     c = env.step.config
     req = AnswerRequest(question=_text(env.render(c["question"])), collections=list(c["collections"]),
                         model=c["model"], max_tokens=c["max_tokens"])
-    async with env.engine.model_slots:
-        out = await answer(env.engine.knowledge, env.principal, req, f"{env.run_id}/{env.step.id}")
-    await env.engine.flush_ledger()
+    async with env.parts.model_slots:
+        out = await answer(env.parts.knowledge, env.principal, req, f"{env.run_id}/{env.step.id}")
+    await env.parts.flush_ledger()
     return {"text": out["answer"], "found": out["found"], "citations": out["citations"], "usage": out["usage"]}
 
 
@@ -134,7 +151,7 @@ async def run_http(env: StepEnv) -> dict[str, Any]:
     header_ctx = dict(env.context, secrets=secrets)
     headers = {str(k): _text(templates.render(v, header_ctx)) for k, v in (c.get("headers") or {}).items()}
     body = env.render(c.get("body")) if c.get("body") is not None else None
-    return await env.engine.egress.request(
+    return await env.parts.egress.request(
         c["method"], _text(env.render(c["url"])), headers=headers, body=body, allow_hosts=env.spec.allow_hosts,
         idempotency_key=env.idempotency_key, timeout_s=env.step.timeout_s, expect_status=c.get("expect_status"))
 
@@ -148,7 +165,7 @@ class _SecretView:
         self._env = env
 
     def __getattr__(self, name: str) -> str:
-        return self._env.engine.vault.resolve(name, self._env.owner_team, "http_header")
+        return self._env.parts.vault.resolve(name, self._env.owner_team, "http_header")
 
     __getitem__ = __getattr__
 
@@ -175,7 +192,7 @@ async def run_notify(env: StepEnv) -> dict[str, Any]:
     if url:
         payload = {"workflow": env.workflow, "run_id": env.run_id, "step": env.step.id, "subject": subject,
                    "body": body}
-        out["webhook"] = await env.engine.egress.webhook(url, payload, allow_hosts=env.spec.allow_hosts,
+        out["webhook"] = await env.parts.egress.webhook(url, payload, allow_hosts=env.spec.allow_hosts,
                                                          idempotency_key=env.idempotency_key,
                                                          timeout_s=env.step.timeout_s)
     to = _text(env.render(c["email"])).strip() if c.get("email") else ""
@@ -187,7 +204,7 @@ async def run_notify(env: StepEnv) -> dict[str, Any]:
 
 
 async def send_email(env: StepEnv, to: str, subject: str, body: str) -> dict[str, Any]:
-    mailer = env.engine.mailer
+    mailer = env.parts.mailer
     key = f"{env.idempotency_key}.email"
     if mailer.configured:
         return await mailer.send(to, subject, body, idempotency_key=key)
@@ -195,7 +212,7 @@ async def send_email(env: StepEnv, to: str, subject: str, body: str) -> dict[str
         raise BadRequest(f"step {env.step.id!r}: {to!r} is not an email address", fix="render one address")
     row = {"id": new_id("mail"), "idempotency_key": key, "run_id": env.run_id, "step_id": env.step.id,
            "team_id": env.team_id, "to": to[:320], "subject": subject, "body": body, "created_at": utcnow()}
-    await env.engine.insert_once(workflow_outbox, row, workflow_outbox.c.idempotency_key == key)
+    await env.parts.runs.insert_once(workflow_outbox, row, workflow_outbox.c.idempotency_key == key)
     return {"to": to, "status": "outbox", "message_id": f"<{key}@keel>"}
 
 
@@ -206,7 +223,7 @@ async def run_record(env: StepEnv) -> dict[str, Any]:
     key = _text(env.render(c["key"])) if c.get("key") else None
     row = {"id": new_id("rec"), "table_name": c["table"], "key": key, "data": data, "team_id": env.team_id,
            "run_id": env.run_id, "step_id": env.step.id, "created_at": utcnow()}
-    rec_id = await env.engine.insert_once(workflow_records, row, sa.and_(workflow_records.c.run_id == env.run_id,
+    rec_id = await env.parts.runs.insert_once(workflow_records, row, sa.and_(workflow_records.c.run_id == env.run_id,
                                                                          workflow_records.c.step_id == env.step.id))
     return {"id": rec_id, "table": c["table"], "key": key, "data": data}
 

@@ -23,7 +23,9 @@ from croniter import croniter
 
 from keel.core.errors import KeelError, NotFound, Unauthorized
 from keel.core.tasks import stop_task
-from keel.workflows.service import Workflows, trigger_principal
+from keel.identity.principal import Principal
+from keel.workflows.access import trigger_principal
+from keel.workflows.manager import Workflows
 
 log = logging.getLogger("keel.workflows.triggers")
 
@@ -59,13 +61,13 @@ async def webhook(svc: Workflows, name: str, body: bytes, inputs: Any, signature
         ver = await asyncio.to_thread(svc.latest, name)
     except NotFound:
         raise not_found from None
-    spec = svc.engine.spec(ver.id)
+    spec = svc.run_store.spec(ver.id)
     secrets = [t.config["secret"] for t in spec.triggers if t.type == "webhook"]
     if not secrets:
         raise not_found  # same answer as a bad signature: the endpoint does not reveal which workflows exist
     for secret_name in secrets:
         try:
-            secret = await asyncio.to_thread(svc.engine.vault.resolve, secret_name, ver.team_id, "webhook")
+            secret = await asyncio.to_thread(svc.vault.resolve, secret_name, ver.team_id, "webhook")
         except KeelError as exc:
             log.error("webhook secret not usable", extra={"workflow": name, "secret": secret_name, "error": exc.detail})
             continue
@@ -115,14 +117,12 @@ class Scheduler:
         return started
 
     def _scheduled(self) -> list[tuple[Any, Any]]:
-        from keel.identity.principal import Principal
-
         admin = Principal(key_id="system", role="admin")
         out = []
         for item in self.svc.list(admin):
             if "schedule" in item["triggers"]:
                 ver = self.svc.latest(item["name"])
-                out.append((ver, self.svc.engine.spec(ver.id)))
+                out.append((ver, self.svc.run_store.spec(ver.id)))
         return out
 
     async def _loop(self) -> None:
