@@ -161,7 +161,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def start_keel(tmp: Path, upstream: str) -> tuple[subprocess.Popen, str, str]:
+def start_keel(tmp: Path, upstream: str, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str]:
     port = free_port()
     cfg = tmp / "keel.yaml"
     cfg.write_text(f"models:\n  - alias: bench\n    provider: openai_compatible\n    model: gpt-fake\n"
@@ -172,7 +172,7 @@ def start_keel(tmp: Path, upstream: str) -> tuple[subprocess.Popen, str, str]:
     policy.write_text("name: bench\nguards: {input: {}, output: {}, context: {}}\n")
     env = {**os.environ, "KEEL_DATA_DIR": str(tmp / "keel"), "KEEL_BOOTSTRAP_ADMIN_KEY": ADMIN,
            "KEEL_POLICY_FILE": str(policy),
-           "KEEL_EMBEDDED_MODELS": "false", "KEEL_CONFIG": str(cfg), "KEEL_LOG_LEVEL": "warning"}
+           "KEEL_EMBEDDED_MODELS": "false", "KEEL_CONFIG": str(cfg), "KEEL_LOG_LEVEL": "warning", **(extra_env or {})}
     log = open(tmp / "keel.log", "wb")
     proc = subprocess.Popen([PY, "-m", "keel", "serve", "--port", str(port)], env=env, cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -214,6 +214,8 @@ def main() -> None:
     ap.add_argument("--no-litellm", action="store_true")
     ap.add_argument("--only", default="", help="comma list of servers to measure (direct is always run)")
     ap.add_argument("--rounds", type=int, default=4, help="concurrency-1 rounds of 2 s per server and mode")
+    ap.add_argument("--ab", default="", help="NAME=A,B: an A/B of Keel under two values of the environment variable "
+                    "NAME, measured in the order A B B A (each as `keel[NAME=value]`, its two figures kept apart)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed: apt-get install -y wrk")
@@ -238,7 +240,15 @@ def main() -> None:
             results["minimal"] = measure("minimal", f"http://127.0.0.1:{port}/v1/chat/completions", "bench",
                                          args.duration, tmp, proc.pid, **run)
             stop(proc)
-        if "keel" in wanted:
+        if "keel" in wanted and args.ab:
+            name, values = args.ab.split("=", 1)
+            a, b = values.split(",")
+            for i, value in enumerate((a, b, b, a)):
+                proc, url, key = start_keel(tmp, up, {name: value})
+                label = f"keel[{name}={value}]#{1 + (i in (2, 3))}"
+                results[label] = measure(label, url + "/v1/chat/completions", key, args.duration, tmp, proc.pid, **run)
+                stop(proc)
+        elif "keel" in wanted:
             proc, url, key = start_keel(tmp, up)
             results["keel"] = measure("keel", url + "/v1/chat/completions", key, args.duration, tmp, proc.pid, **run)
             stop(proc)
@@ -259,6 +269,8 @@ def main() -> None:
                        "p99_ms_c1": median([r["p99_ms"] for r in seen[key]]),
                        "added_p50_ms_c1": 0.0, "added_p99_ms_c1": 0.0})
     ratios = {}
+    for label in (k for k in results if k.startswith("keel[") and "minimal" in results):
+        ratios[f"{label}_vs_minimal_rps_c50"] = round(results[label]["rps_c50"] / results["minimal"]["rps_c50"], 3)
     if "keel" in results and "minimal" in results:
         ratios["keel_vs_minimal_rps_c50"] = round(results["keel"]["rps_c50"] / results["minimal"]["rps_c50"], 3)
     if "keel" in results and "litellm" in results:

@@ -92,8 +92,8 @@ def install_error_handlers(app: FastAPI, authenticate: Authenticate | None = Non
 
 
 HotEndpoint = Callable[[StarletteRequest], Awaitable[Response]]
-# Scope key of `send_now(response)`, when the server can write an answer before the endpoint returns
-# (Keel's own protocol, `keel/core/hotserve.py`); the endpoint then returns that same response.
+# Scope key of `send_now(response)`, set for the hot endpoints by `RequestContext`: it starts writing an
+# answer before the endpoint returns (its bookkeeping goes on after); the endpoint then returns that response.
 SEND_NOW = "keel.send_now"
 FastParse = Callable[[Any], Any]
 
@@ -220,8 +220,17 @@ class RequestContext:
                 hot = self.hot.get((scope["method"], scope["path"]))
                 if hot is not None:
                     scope["app"] = self.app
-                    response = await hot(StarletteRequest(scope, receive_limited))
-                    await response(scope, receive_limited, send_wrapped)
+                    early: list[asyncio.Future[None]] = []
+                    scope[SEND_NOW] = lambda response: early.append(
+                        asyncio.ensure_future(response(scope, receive_limited, send_wrapped)))
+                    try:
+                        response = await hot(StarletteRequest(scope, receive_limited))
+                    finally:
+                        del scope[SEND_NOW]  # the closure refers to the scope: no cycle left for the collector
+                    if early:
+                        await early[0]
+                    else:
+                        await response(scope, receive_limited, send_wrapped)
                 else:
                     await self.app(scope, receive_limited, send_wrapped)
             except _BodyTooLarge:

@@ -1,20 +1,28 @@
-"""Start the server: settings validated, store migrated, then — only then — the port is bound."""
+"""Start the server: settings validated, store migrated, then — only then — the port is bound.
+
+The HTTP server is granian's embeddable server (hyper underneath) on Keel's own uvloop event loop, through
+its public API: it parses requests, bounds their heads while they arrive (431) and frames bodies;
+`keel.core.edge.Edge` adds what RFC 9112 leaves to the application. Chosen over uvicorn by an A/B in
+`bench/gateway.py` and because uvicorn's httptools protocol buffers a request head without any limit.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
+import socket
 import sys
 import threading
-from collections.abc import Iterator
 from typing import Any, Callable
 
-import uvicorn
+import uvloop
+from granian.constants import HTTPModes, Interfaces
+from granian.http import HTTP1Settings
+from granian.log import LogLevels
+from granian.server.embed import Server
 
-from keel.core.hotserve import protocol_for
-from keel.core.http import RequestContext
+from keel.core.edge import Edge
 from keel.core.logs import configure_logging
 from keel.core.settings import Settings
 
@@ -31,61 +39,64 @@ def log_sources(settings: Settings, sources: dict[str, str]) -> None:
         log.info("setting", extra={"setting": name, "source": source, "value": str(shown)})
 
 
-class _Server(uvicorn.Server):
-    """uvicorn re-raises the caught signal after a graceful shutdown; Keel exits 0 instead."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
-
-
-def config_for(app: Any, settings: Settings) -> uvicorn.Config:
-    """uvicorn's settings for `app`: uvloop, and Keel's protocol (httptools), which serves the hot
-    endpoints without the ASGI cycle and bounds request heads (see keel/core/hotserve.py). Keel serves no
-    WebSocket route, so no upgrade is ever accepted (`ws="none"`): one protocol less at the edge."""
-    http: Any = (protocol_for(app, settings.max_header_bytes, settings.max_headers)
-                 if isinstance(app, RequestContext) else "httptools")
-    return uvicorn.Config(app, host=settings.host, port=settings.port, loop="uvloop", http=http, ws="none",
-                          lifespan="on", log_config=None, access_log=False, timeout_graceful_shutdown=20,
-                          # Keel reads neither the client's address nor the scheme, so uvicorn's
-                          # X-Forwarded-* middleware would only be one more layer on every request.
-                          server_header=False, proxy_headers=False)
-
-
 # How long the event loop's thread may wait for the GIL while a worker thread (a ledger or budget flush,
-# a few ms of SQLAlchemy) holds it: CPython's default is 5 ms. Measured at concurrency 1, the requests
-# that met a flush set the added p99 (1.9 ms added p99 at the default, 1.1 ms at 0.5 ms, p50 unchanged).
+# a few ms of SQLAlchemy) holds it: CPython's default is 5 ms; requests that met a flush set the added p99.
 GIL_SWITCH_INTERVAL_S = 0.0005
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# granian's own log lines go through Keel's handlers (configure_logging), its errors only.
+GRANIAN_LOGS = {"version": 1, "disable_existing_loggers": False,
+                "loggers": {"_granian": {"handlers": [], "propagate": True}}}
+
+
+def _port(settings: Settings) -> int:
+    if settings.port:
+        return settings.port
+    with socket.socket() as s:  # port 0: a free one, chosen here so the URL is known before serving
+        s.bind((settings.host, 0))
+        return s.getsockname()[1]
+
+
+async def serve(app: Any, settings: Settings, on_ready: Callable[[str], None] | None = None,
+                stop: asyncio.Event | None = None) -> bool:
+    """Serve `app` until `stop` is set, or SIGINT/SIGTERM in the main thread; in-flight requests finish
+    and the app's shutdown hooks run. False if the app's startup failed (nothing was served)."""
+    loop = asyncio.get_running_loop()
+    port = _port(settings)
+    started = asyncio.Event()
+    edge = Edge(app, settings.max_header_bytes, settings.max_headers, on_started=started.set)
+    server = Server(edge, address=settings.host, port=port, interface=Interfaces.ASGI, http=HTTPModes.http1,
+                    websockets=False, backlog=1024, log_access=False, log_level=LogLevels.error,
+                    log_dictconfig=GRANIAN_LOGS,
+                    # hyper's read buffer: a head that does not fit is refused with 431 while it arrives
+                    http1_settings=HTTP1Settings(max_buffer_size=max(settings.max_header_bytes, 8192)))
+    task = asyncio.create_task(server.serve())
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, server.stop)
+    watchers = [asyncio.ensure_future(started.wait())]
+    if stop is not None:
+        watchers.append(asyncio.ensure_future(stop.wait()))
+    await asyncio.wait([task, watchers[0]], return_when=asyncio.FIRST_COMPLETED)
+    if started.is_set() and on_ready is not None:
+        on_ready(f"http://{settings.host}:{port}")
+    if stop is not None:
+        await asyncio.wait([task, watchers[1]], return_when=asyncio.FIRST_COMPLETED)
+        server.stop()
+    try:
+        await task
+    finally:
+        for w in watchers:
+            w.cancel()
+        if main:
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+    return started.is_set()
 
 
 def run(app: Any, settings: Settings, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve `app` with uvicorn; SIGINT/SIGTERM drain requests and run shutdown."""
-    server = _Server(config_for(app, settings))
+    """Serve `app` in this process; SIGINT/SIGTERM drain requests, run shutdown and exit 0."""
     configure_logging(settings.log_level)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-
-    async def _serve() -> None:
-        task = asyncio.create_task(server.serve())
-        while not server.started and not task.done():
-            await asyncio.sleep(0.02)
-        if server.started and on_ready:
-            sock = server.servers[0].sockets[0].getsockname() if server.servers else (settings.host, settings.port)
-            on_ready(f"http://{sock[0]}:{sock[1]}")
-        await task
-
-    try:
-        import uvloop
-
-        uvloop.run(_serve())
-    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
-        asyncio.run(_serve())
-    if not server.started:
+    if not uvloop.run(serve(app, settings, on_ready)):
         raise SystemExit(1)

@@ -85,7 +85,8 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, description="a request's line and headers together; "
                                   "over it the server answers 431 and closes the connection")
-    max_headers: int = Field(default=100, ge=10, description="header fields in one request; over it, 431")
+    max_headers: int = Field(default=100, ge=10, le=100, description="header fields in one request; over it, 431 "
+                             "(the HTTP server refuses more than 100 itself)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_requests: bool = True
     auth_cache_ttl_s: float = Field(default=1.0, ge=0, description="seconds a verified key is trusted in memory")
