@@ -15,7 +15,8 @@ from typing import Any
 import orjson
 
 from keel.core.settings import DeploymentConfig, Settings
-from keel.gateway.pipeline import Call, Gateway
+from keel.gateway.deployments import Deployments
+from keel.gateway.pipeline import Call
 from keel.gateway.protocol import ChatDelta, ChatResult, EmbedResult, Provider, Usage
 
 log = logging.getLogger("keel.gateway.admission")
@@ -99,14 +100,14 @@ class Lookups:
     provider, cached until the deployments change, so the request path skips `Deployments`' merging and
     config comparisons."""
 
-    def __init__(self, gateway: Gateway, settings: Settings) -> None:
-        self.gateway = gateway
+    def __init__(self, deployments: Deployments, settings: Settings) -> None:
+        self.source = deployments
         self.settings = settings
         self._aliases: dict[tuple[str, str, bool], tuple[int, list[DeploymentConfig]]] = {}
         self._providers: dict[int, tuple[DeploymentConfig, Provider]] = {}
 
     def deployments(self, alias: str, kind: str, fallbacks: bool = False) -> list[DeploymentConfig]:
-        deployments = self.gateway.deployments
+        deployments = self.source
         deployments.maybe_reload()
         hit = self._aliases.get((alias, kind, fallbacks))
         if hit is not None and hit[0] == deployments.version:
@@ -131,7 +132,7 @@ class Lookups:
         hit = self._providers.get(id(cfg))
         if hit is not None and hit[0] is cfg:
             return hit[1]
-        prov = self.gateway.deployments.provider(cfg)
+        prov = self.source.provider(cfg)
         if len(self._providers) > 1000:
             self._providers.clear()
         self._providers[id(cfg)] = (cfg, prov)

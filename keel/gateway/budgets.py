@@ -48,7 +48,8 @@ from keel.gateway.admission import Fresh, Lookups, Ticker, prompt_tokens, settle
 from keel.gateway.budget_admin import (
     NANO, BudgetAdmin, budget_events, budget_holds, budget_usage, budgets, period_bounds, usd,
 )
-from keel.gateway.pipeline import Call, Gateway, Next
+from keel.gateway.deployments import Deployments
+from keel.gateway.pipeline import Call, Next
 from keel.gateway.protocol import Usage
 
 log = logging.getLogger("keel.gateway.budgets")
@@ -117,16 +118,15 @@ class Budgets(BudgetAdmin):
     """The budget stage (reserve before, settle after); the admin API's service functions come from
     `BudgetAdmin` (`keel/gateway/budget_admin.py`).
 
-    >>> stage = Budgets(store, settings, gateway)
+    >>> stage = Budgets(store, settings, deployments)
     >>> stage.create("team", team_id, "month", 250.0)
     """
 
-    def __init__(self, store: Store, settings: Settings, gateway: Gateway) -> None:
+    def __init__(self, store: Store, settings: Settings, deployments: Deployments) -> None:
         self.store = store
         self.settings = settings
-        self.gateway = gateway
         self.replica = new_id("replica")
-        self.lookups = Lookups(gateway, settings)
+        self.lookups = Lookups(deployments, settings)
         self._index: dict[tuple[str, str], tuple[BudgetDef, ...]] = {}
         self._defs: dict[str, BudgetDef] = {}
         self._fresh = Fresh(self.reload)

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,7 +34,8 @@ from keel.core.db import Store, metadata
 from keel.core.errors import ConfigError, NotFound, RateLimited
 from keel.core.settings import DeploymentConfig, Settings
 from keel.gateway.admission import Done, Fresh, Lookups, Ticker, prompt_tokens, settled
-from keel.gateway.pipeline import Call, Gateway, Next
+from keel.gateway.deployments import Deployments
+from keel.gateway.pipeline import Call, Next, Upstream
 from keel.gateway.protocol import Provider, Usage
 
 log = logging.getLogger("keel.gateway.limits")
@@ -176,19 +177,19 @@ Taken = list[tuple[Bucket, int]]
 
 
 class RateLimiter:
-    """The admission stage for key and team limits; `wrap_invoke` guards each deployment call.
+    """The admission stage for key and team limits; `DeploymentLimits` uses it around each deployment call.
 
-    >>> limiter = RateLimiter(store, settings, gateway)
-    >>> gateway.invoke = limiter.wrap_invoke(gateway.invoke)
-    >>> gateway.stages.insert(0, limiter)
+    >>> limiter = RateLimiter(store, settings, deployments)
+    >>> upstream = DeploymentLimits(Providers(deployments), limiter)
+    >>> gateway = Gateway(deployments, ledger, tracer, stages=[limiter, ...], router=Router(upstream, settings))
     """
 
-    def __init__(self, store: Store, settings: Settings, gateway: Gateway,
+    def __init__(self, store: Store, settings: Settings, deployments: Deployments,
                  counters: Counters | None = None) -> None:
         self.store = store
-        self.gateway = gateway
+        self.deployments = deployments
         self.counters = counters or make_counters(settings, store)
-        self.lookups = Lookups(gateway, settings)
+        self.lookups = Lookups(deployments, settings)
         self._limits: dict[tuple[str, str], Limit] = {}
         self._fresh = Fresh(self.reload)
         self._swept = time.monotonic()
@@ -208,8 +209,8 @@ class RateLimiter:
         if key is None and team is None:
             return await nxt(call)
         limits = [lim for lim in (key, team) if lim is not None]
-        needs = self._needs(limits, lambda: prompt_tokens(call, self._alias_provider(call)))
-        correct = await self._admit(call, needs)
+        needs = self.needs(limits, lambda: prompt_tokens(call, self._alias_provider(call)))
+        correct = await self.admit(call, needs)
         if correct is None:
             return await nxt(call)
         try:
@@ -219,38 +220,11 @@ class RateLimiter:
             raise
         return settled(call, out, correct)
 
-    def wrap_invoke(self, invoke: Callable[[Call, DeploymentConfig], Awaitable[Any]]
-                    ) -> Callable[[Call, DeploymentConfig], Awaitable[Any]]:
-        """Guard `Gateway.invoke` with the deployment's own `rpm`/`tpm` (upstream protection)."""
-
-        own: dict[int, tuple[DeploymentConfig, Limit]] = {}
-
-        async def guarded(call: Call, cfg: DeploymentConfig) -> Any:
-            if cfg.rpm is None and cfg.tpm is None:
-                return await invoke(call, cfg)
-            held = own.get(id(cfg))
-            if held is None or held[0] is not cfg or (held[1].rpm, held[1].tpm) != (cfg.rpm, cfg.tpm):
-                if len(own) > 1000:
-                    own.clear()
-                held = own[id(cfg)] = (cfg, Limit("deployment", cfg.deployment_id(), cfg.rpm, cfg.tpm))
-            needs = self._needs([held[1]], lambda: prompt_tokens(call, self.lookups.provider(cfg)))
-            correct = await self._admit(call, needs)
-            if correct is None:
-                return await invoke(call, cfg)
-            try:
-                out = await invoke(call, cfg)
-            except BaseException:
-                correct(None)
-                raise
-            return settled(call, out, correct)
-
-        return guarded
-
     def _alias_provider(self, call: Call) -> Provider | None:
         deps = self.lookups.deployments(call.alias, "embedding" if call.kind == "embedding" else "chat")
         return self.lookups.provider(deps[0]) if deps else None
 
-    def _needs(self, limits: list[Limit], estimate: Callable[[], int]) -> Taken:
+    def needs(self, limits: list[Limit], estimate: Callable[[], int]) -> Taken:
         """What the call takes from each of the limits' buckets in the current window."""
         start, end = self._current_window()
         needs: Taken = []
@@ -265,7 +239,7 @@ class RateLimiter:
                 needs.append((self._bucket(lim, metric, value, start, end), need))
         return needs
 
-    async def _admit(self, call: Call, needs: Taken) -> Done | None:
+    async def admit(self, call: Call, needs: Taken) -> Done | None:
         """Take `needs` from every bucket, or none of them and raise 429. Gives what corrects the tokens
         taken on the estimate to the real usage once the call is over (None: no limit counts tokens)."""
         for bucket, need in needs:
@@ -407,7 +381,7 @@ class RateLimiter:
         """Stored key and team limits, then the limits deployments carry in their settings."""
         self.reload()
         out = [lim.to_dict() for _k, lim in sorted(self._limits.items())]
-        for cfg in self.gateway.deployments.all().values():
+        for cfg in self.deployments.all().values():
             if cfg.rpm is not None or cfg.tpm is not None:
                 out.append(Limit("deployment", cfg.deployment_id(), cfg.rpm, cfg.tpm).to_dict("deployment"))
         return out
@@ -436,3 +410,40 @@ class RateLimiter:
                 raise NotFound(f"{scope} {scope_id} has no rate limit", fix="list limits at GET /admin/limits",
                                scope=scope, scope_id=scope_id)
         self.reload()
+
+
+class DeploymentLimits:
+    """An `Upstream` that takes from a deployment's own `rpm`/`tpm` (upstream protection) before each
+    attempt on it, and corrects the tokens to the real usage after; the router sees the same shape.
+
+    >>> upstream = DeploymentLimits(Providers(deployments), limiter)
+    """
+
+    def __init__(self, inner: Upstream, limiter: RateLimiter) -> None:
+        self.inner = inner
+        self.limiter = limiter
+        self.deployments = inner.deployments
+        self.resolve = inner.resolve
+        self.check_capabilities = inner.check_capabilities
+        self._invoke = inner.invoke
+        self._own: dict[int, tuple[DeploymentConfig, Limit]] = {}
+
+    async def invoke(self, call: Call, cfg: DeploymentConfig) -> Any:
+        if cfg.rpm is None and cfg.tpm is None:
+            return await self._invoke(call, cfg)
+        held = self._own.get(id(cfg))
+        if held is None or held[0] is not cfg or (held[1].rpm, held[1].tpm) != (cfg.rpm, cfg.tpm):
+            if len(self._own) > 1000:
+                self._own.clear()
+            held = self._own[id(cfg)] = (cfg, Limit("deployment", cfg.deployment_id(), cfg.rpm, cfg.tpm))
+        limiter = self.limiter
+        needs = limiter.needs([held[1]], lambda: prompt_tokens(call, limiter.lookups.provider(cfg)))
+        correct = await limiter.admit(call, needs)
+        if correct is None:
+            return await self._invoke(call, cfg)
+        try:
+            out = await self._invoke(call, cfg)
+        except BaseException:
+            correct(None)
+            raise
+        return settled(call, out, correct)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -82,30 +82,44 @@ def pick_weighted(candidates: list[DeploymentConfig]) -> DeploymentConfig:
     return random.choices(candidates, weights=[c.weight for c in candidates])[0]
 
 
-class Gateway:
-    """Runs calls through the stages to a provider and meters every one of them."""
+class Upstream(Protocol):
+    """What the terminal step calls: the deployments behind a call's alias, and one attempt on one of them.
 
-    def __init__(self, deployments: Deployments, ledger: Ledger, tracer: trace.Tracer,
-                 stages: list[Stage] | None = None) -> None:
+    `resolve(call)` gives the alias's deployments after the key's scope check (NotFound / NotSupported
+    otherwise); `invoke(call, cfg)` calls `cfg`'s provider once and records it on the call; a wrapper
+    (deployment rate limits) keeps the same shape and delegates the rest.
+
+    >>> upstream = Providers(deployments)
+    >>> result = await upstream.invoke(call, upstream.resolve(call)[0])
+    """
+
+    deployments: Deployments
+
+    def resolve(self, call: Call) -> list[DeploymentConfig]: ...
+
+    def check_capabilities(self, call: Call, cfg: DeploymentConfig, prov: Provider) -> None: ...
+
+    async def invoke(self, call: Call, cfg: DeploymentConfig) -> Any: ...
+
+
+class Terminal(Protocol):
+    """The last step of the path, after every stage: the router (retries, fallbacks, breakers) or `Direct`."""
+
+    def call(self, call: Call) -> Awaitable[Any]: ...
+
+
+class Providers:
+    """The `Upstream` that calls providers: resolution, capability checks and the one provider call."""
+
+    def __init__(self, deployments: Deployments) -> None:
         self.deployments = deployments
-        self.ledger = ledger
-        self.tracer = tracer
-        self.stages: list[Stage] = list(stages or [])
-        self.call_deployment: Callable[[Call], Awaitable[Any]] = self._call_provider
-        self._chain_key: tuple[Any, ...] | None = None
-        self._chained: Next = self.call_deployment
-
-    # -- resolution -----------------------------------------------------------------------
-    def visible_aliases(self, principal: Principal) -> dict[str, str]:
-        self.deployments.maybe_reload()
-        return {a: k for a, k in sorted(self.deployments.aliases().items()) if principal.may_use_model(a)}
 
     def resolve(self, call: Call) -> list[DeploymentConfig]:
         """The deployments behind the call's alias, after the key's scope check."""
         self.deployments.maybe_reload()
         candidates = self.deployments.for_alias(call.alias)
         if not candidates or not call.principal.may_use_model(call.alias):
-            visible = ", ".join(self.visible_aliases(call.principal)) or "none"
+            visible = ", ".join(visible_aliases(self.deployments, call.principal)) or "none"
             raise NotFound(f"model {call.alias!r} does not exist or this key may not use it",
                            fix=f"use one of: {visible}", model=call.alias)
         kinds = {c.kind for c in candidates}
@@ -132,11 +146,6 @@ class Gateway:
         if req.stream and not prov.can_stream:
             raise NotSupported(f"deployment {did} cannot stream", fix="send `stream: false`", deployment=did)
 
-    async def _call_provider(self, call: Call) -> Any:
-        """Terminal step: choose a deployment and call it (the router replaces this with retries/fallbacks)."""
-        cfg = pick_weighted(self.resolve(call))
-        return await self.invoke(call, cfg)
-
     async def invoke(self, call: Call, cfg: DeploymentConfig) -> Any:
         prov = self.deployments.provider(cfg)
         call.deployment, call.provider = cfg, prov
@@ -159,12 +168,49 @@ class Gateway:
             answer(result)
         return result
 
+
+class Direct:
+    """The terminal step without a router: one weighted choice among the alias's deployments, one attempt."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+
+    async def call(self, call: Call) -> Any:
+        return await self.upstream.invoke(call, pick_weighted(self.upstream.resolve(call)))
+
+
+def visible_aliases(deployments: Deployments, principal: Principal) -> dict[str, str]:
+    deployments.maybe_reload()
+    return {a: k for a, k in sorted(deployments.aliases().items()) if principal.may_use_model(a)}
+
+
+class Gateway:
+    """Runs calls through the stages to its terminal step and meters every one of them.
+
+    >>> gateway = Gateway(deployments, ledger, tracer, stages=[limiter, policy, guards, budgets, cache],
+    ...                   router=Router(DeploymentLimits(Providers(deployments), limiter), settings))
+    """
+
+    def __init__(self, deployments: Deployments, ledger: Ledger, tracer: trace.Tracer, *,
+                 stages: Sequence[Stage] = (), router: Terminal | None = None) -> None:
+        self.deployments = deployments
+        self.ledger = ledger
+        self.tracer = tracer
+        self.stages: list[Stage] = list(stages)
+        self.router: Terminal = router if router is not None else Direct(Providers(deployments))
+        self._terminal: Next = self.router.call
+        self._chain_key: tuple[Stage, ...] | None = None
+        self._chained: Next = self._terminal
+
+    def visible_aliases(self, principal: Principal) -> dict[str, str]:
+        return visible_aliases(self.deployments, principal)
+
     def _chain(self) -> Next:
-        """The stages wrapped around the terminal step; built once per (stages, terminal) pair, since
-        both are set after construction (the app factory, tests) but not per request."""
-        key = (tuple(self.stages), self.call_deployment)
+        """The stages wrapped around the terminal step; built once, and again only if a test changed the
+        stage list, never per request."""
+        key = tuple(self.stages)
         if self._chain_key != key:
-            nxt: Next = self.call_deployment  # it reaches `invoke`, which sends the early answer
+            nxt: Next = self._terminal  # it reaches `invoke`, which sends the early answer
             for stage in reversed(self.stages):
                 nxt = (lambda s, n: (lambda c: s.handle(c, n)))(stage, nxt)
             self._chain_key, self._chained = key, nxt

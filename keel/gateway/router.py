@@ -36,7 +36,7 @@ from keel.core.errors import (
 from keel.core.settings import AliasConfig, DeploymentConfig, Settings
 from keel.gateway import registry
 from keel.gateway.circuit import HALF_OPEN, Circuit
-from keel.gateway.pipeline import Call, Gateway
+from keel.gateway.pipeline import Call, Upstream
 from keel.gateway.protocol import ChatDelta, upstream_error
 from keel.gateway.providers.openai_compatible import HTTPProvider
 
@@ -185,11 +185,11 @@ class Router:
     `allow(call, cfg)` (default: allow all) is asked before any deployment is used, fallbacks included;
     governance plugs its policy in here, so a call never reaches a deployment that policy forbids.
 
-    >>> router = Router(gateway, settings, allow=lambda call, cfg: cfg.provider != "anthropic")
-    >>> gateway.call_deployment = router.call
+    >>> router = Router(Providers(deployments), settings, allow=lambda call, cfg: cfg.provider != "anthropic")
+    >>> gateway = Gateway(deployments, ledger, tracer, stages=stages, router=router)
     """
 
-    def __init__(self, gateway: Gateway, settings: Settings, *, allow: Allow | None = None,
+    def __init__(self, gateway: Upstream, settings: Settings, *, allow: Allow | None = None,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
         self.gateway = gateway

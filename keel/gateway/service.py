@@ -12,9 +12,9 @@ from keel.core.settings import DeploymentConfig, Settings
 from keel.gateway.budgets import Budgets
 from keel.gateway.cache import CacheStage
 from keel.gateway.deployments import Deployments
-from keel.gateway.limits import RateLimiter
-from keel.gateway.pipeline import Call, Gateway, Stage
-from keel.gateway.protocol import ProviderContext
+from keel.gateway.limits import DeploymentLimits, RateLimiter
+from keel.gateway.pipeline import Call, Gateway, Providers, Stage
+from keel.gateway.protocol import EmbedResult, ProviderContext
 from keel.gateway.router import Router
 from keel.identity.vault import Vault
 from keel.observe.service import Observe
@@ -25,34 +25,25 @@ log = logging.getLogger("keel.gateway")
 def build(settings: Settings, store: Store, vault: Vault, observe: Observe,
           stages: list[Stage] | None = None, allow: Callable[[Call, DeploymentConfig], bool] | None = None,
           ) -> Gateway:
-    """`stages` come from capabilities above the gateway (policy, guards); the gateway adds its own.
-    `allow(call, deployment)` lets governance keep a call (fallbacks included) off forbidden deployments."""
+    """The gateway, built from its parts: rate limits first, then `stages` from the capabilities above
+    the gateway (policy, guards), then budgets and the cache; the router is the terminal step, and every
+    attempt it makes goes through the deployments' own rate limits. `allow(call, deployment)` lets
+    governance keep a call (fallbacks included) off forbidden deployments."""
     # llama.cpp's worker threads spin at barriers: on a busy machine more threads than free cores makes
     # decoding dozens of times slower (measured here: 1.9 s vs 89 s for 32 tokens on 2 loaded cores).
     # Default to half the cores, leaving the rest to the event loop and embeddings.
     threads = settings.local_threads or max(1, (os.cpu_count() or 2) // 2)
     ctx = ProviderContext(get_secret=vault.get, data_dir=str(settings.data_dir), threads=threads)
     deployments = Deployments(store, settings, ctx)
-    gateway = Gateway(deployments, observe.ledger, observe.tracer)
-    gateway.stages = admission_stages(gateway, settings, store) + list(stages or []) + spend_stages(
-        gateway, settings, store)
-    router = Router(gateway, settings, allow=allow)
-    gateway.router = router  # type: ignore[attr-defined]
-    gateway.call_deployment = router.call
+    limiter = RateLimiter(store, settings, deployments)
+    router = Router(DeploymentLimits(Providers(deployments), limiter), settings, allow=allow)
+
+    async def embed(call: Call) -> EmbedResult:
+        return await gateway.embed(call)  # the cache embeds through the gateway it sits in
+
+    gateway = Gateway(deployments, observe.ledger, observe.tracer, router=router, stages=[
+        limiter, *(stages or ()), Budgets(store, settings, deployments), CacheStage(settings, store, embed)])
     return gateway
-
-
-def admission_stages(gateway: Gateway, settings: Settings, store: Store) -> list[Stage]:
-    """Stages that run before policy and guards: rate limits (keys and teams here; each deployment's own
-    `rpm`/`tpm` guard every `Gateway.invoke`, the one call the router makes per attempt)."""
-    limiter = RateLimiter(store, settings, gateway)
-    gateway.invoke = limiter.wrap_invoke(gateway.invoke)  # type: ignore[method-assign]
-    return [limiter]
-
-
-def spend_stages(gateway: Gateway, settings: Settings, store: Store) -> list[Stage]:
-    """Stages that run after policy and guards, just before the router: budgets, then the cache."""
-    return [Budgets(store, settings, gateway), CacheStage(gateway, settings, store)]
 
 
 async def preload(gateway: Gateway) -> None:

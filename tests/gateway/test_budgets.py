@@ -320,7 +320,7 @@ def test_a_dead_replicas_hold_is_counted_as_spent(tmp_path, db_url):
 
     with store.engine.begin() as conn:  # the replica stops renewing its hold: it is dead
         conn.execute(budget_holds.update().values(expires_at=0))
-    other = Budgets(store, settings, app.state.gateway)
+    other = Budgets(store, settings, app.state.gateway.deployments)
     assert other.sweep() == 1
     state = stage.get(budget["id"])
     assert state["reserved"] == 0 and state["spent"] == pytest.approx(35e-6)

@@ -18,13 +18,6 @@ from keel.gateway.protocol import ProviderContext
 pytestmark = pytest.mark.store
 
 
-class _Gateway:
-    """What `Lookups` reads off the gateway: its deployments."""
-
-    def __init__(self, deployments: Deployments) -> None:
-        self.deployments = deployments
-
-
 def test_deployments_are_reread_off_the_request_path(tmp_path, db_url):
     store = Store.open(db_url)
     store.upgrade()
@@ -35,7 +28,7 @@ def test_deployments_are_reread_off_the_request_path(tmp_path, db_url):
     here = Deployments(store, settings, ctx)
     there = Deployments(store, settings, ctx)  # another replica on the same store
     here.RELOAD_EVERY_S = 0.2
-    lookups = Lookups(_Gateway(here), settings)
+    lookups = Lookups(here, settings)
     reads: list[str] = []
 
     def on_execute(conn, cursor, statement, *args):

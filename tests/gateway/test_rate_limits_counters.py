@@ -82,7 +82,7 @@ def test_the_next_windows_slices_are_claimed_before_it_starts(db_url, tmp_path, 
     lim = Limit("key", f"k{uuid.uuid4().hex}", rpm=1000, tpm=None)
 
     async def main() -> None:
-        await limiter._admit(None, limiter._needs([lim], lambda: 1))  # type: ignore[arg-type]
+        await limiter.admit(None, limiter.needs([lim], lambda: 1))  # type: ignore[arg-type]
         assert len(claims) == 1
         await limiter._tick()  # mid-window: nothing to do
         assert len(claims) == 1
@@ -93,7 +93,7 @@ def test_the_next_windows_slices_are_claimed_before_it_starts(db_url, tmp_path, 
         assert len(claims) == 2  # once
         now[0] += 2  # the next window
         for _ in range(5):
-            await limiter._admit(None, limiter._needs([lim], lambda: 1))  # type: ignore[arg-type]
+            await limiter.admit(None, limiter.needs([lim], lambda: 1))  # type: ignore[arg-type]
         assert len(claims) == 2, "a request of the new window claimed on its path"
 
     asyncio.run(main())

@@ -15,7 +15,7 @@ from keel.core.errors import Forbidden, NotSupported, Unavailable, UpstreamError
 from keel.core.settings import AliasConfig, DeploymentConfig, Settings
 from keel.gateway import registry
 from keel.gateway.deployments import Deployments
-from keel.gateway.pipeline import Call, Gateway
+from keel.gateway.pipeline import Call, Gateway, Providers
 from keel.gateway.protocol import ChatRequest, ProviderContext
 from keel.gateway.router import Router
 from keel.identity.principal import Principal
@@ -67,10 +67,9 @@ def build(db_url, tmp_path):
                             aliases={k: AliasConfig(**v) for k, v in (aliases or {}).items()})
         store = Store.open(db_url)
         store.upgrade()
-        gw = Gateway(Deployments(store, settings, ProviderContext(get_secret=lambda name: "")),
-                     Ledger(store), trace.get_tracer("test"))
-        router = Router(gw, settings, **router_kw)
-        gw.call_deployment = router.call
+        deployments = Deployments(store, settings, ProviderContext(get_secret=lambda name: ""))
+        router = Router(Providers(deployments), settings, **router_kw)
+        gw = Gateway(deployments, Ledger(store), trace.get_tracer("test"), router=router)
         made.append(gw)
         return gw, router
 

@@ -14,7 +14,7 @@ from opentelemetry import trace
 from keel.core.db import Store
 from keel.core.settings import AliasConfig, DeploymentConfig, Settings
 from keel.gateway.deployments import Deployments
-from keel.gateway.pipeline import Call, Gateway
+from keel.gateway.pipeline import Call, Gateway, Providers
 from keel.gateway.protocol import ChatRequest, ProviderContext
 from keel.gateway.router import Router
 from keel.governance import service as governance_service
@@ -89,9 +89,9 @@ def governed_gateway(db_url, tmp_path, fakes):
     store = Store.open(db_url)
     store.upgrade()
     gov = governance_service.build(settings, store, policy_file=policy)
-    gw = Gateway(Deployments(store, settings, ProviderContext(get_secret=lambda name: "")), Ledger(store),
-                 trace.get_tracer("test"), stages=gov.stages)
-    gw.call_deployment = Router(gw, settings, allow=gov.allow).call
+    deployments = Deployments(store, settings, ProviderContext(get_secret=lambda name: ""))
+    gw = Gateway(deployments, Ledger(store), trace.get_tracer("test"), stages=gov.stages,
+                 router=Router(Providers(deployments), settings, allow=gov.allow))
     gov.candidates = gw.deployments.for_alias
     yield gw, gov, cloud, onprem
     store.dispose()

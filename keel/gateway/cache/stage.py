@@ -10,9 +10,8 @@ stream is stored when it ran to its end, never when it was cut, failed, or the c
 The cache never fails a request: when the store or the embedding model is unavailable the call
 goes on uncached and a warning is logged.
 
-Example (what `keel.gateway.service.spend_stages` does):
-    >>> stage = CacheStage(gateway, settings, store)  # doctest: +SKIP
-    >>> gateway.stages.append(stage)  # doctest: +SKIP
+Example (what `keel.gateway.service.build` does; `embed` is the gateway's own):
+    >>> stage = CacheStage(settings, store, embed=gateway.embed)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -33,8 +32,8 @@ from keel.core.errors import KeelError
 from keel.core.settings import Settings
 from keel.gateway.cache.keys import Plan, exact_key, plan_for, scope_of, semantic_key
 from keel.gateway.cache.store import CacheStore, Entry
-from keel.gateway.pipeline import Call, Gateway, Next
-from keel.gateway.protocol import ChatDelta, ChatResult, Usage
+from keel.gateway.pipeline import Call, Next
+from keel.gateway.protocol import ChatDelta, ChatResult, EmbedResult, Usage
 from keel.identity.principal import Principal
 
 log = logging.getLogger("keel.gateway.cache")
@@ -58,8 +57,8 @@ class Probe:
 class CacheStage:
     """Exact and semantic response cache (see `keel.gateway.cache.keys` for what is cached when)."""
 
-    def __init__(self, gateway: Gateway, settings: Settings, store: Store) -> None:
-        self.gateway = gateway
+    def __init__(self, settings: Settings, store: Store, embed: Callable[[Call], Awaitable[EmbedResult]]) -> None:
+        self.embed = embed  # the gateway's own `embed`: the cache's vectors are metered and governed like any call
         self.settings = settings
         self.entries = CacheStore(store)
 
@@ -103,7 +102,7 @@ class CacheStage:
                    kind="embedding", alias=alias, texts=[text], metadata=dict(call.metadata),
                    annotations={"internal": "cache"})  # lets a stage tell the cache's own call apart
         try:
-            result = await self.gateway.embed(sub)
+            result = await self.embed(sub)
         except KeelError as exc:
             log.warning("semantic cache skipped: embedding failed", extra={
                 "alias": call.alias, "embedding_alias": alias, "error_code": exc.code, "error": exc.detail})
