@@ -264,11 +264,9 @@ class Hold:
 
     def __init__(self, clear_answer: bool = False) -> None:
         self.release = threading.Event()
-        self.clear_answer = clear_answer
+        self.changes_answer = clear_answer  # one that may still change the answer holds it (the default)
 
     async def handle(self, call: Any, nxt: Any) -> Any:
-        if self.clear_answer:
-            call.answer = None  # what a stage that may still change the answer does
         result = await nxt(call)
         while not self.release.is_set():
             await asyncio.sleep(0.01)

@@ -122,6 +122,8 @@ class Budgets(BudgetAdmin):
     >>> stage.create("team", team_id, "month", 250.0)
     """
 
+    changes_answer = False  # it settles spend after `nxt`, and never touches the answer
+
     def __init__(self, store: Store, settings: Settings, deployments: Deployments) -> None:
         self.store = store
         self.settings = settings

@@ -184,6 +184,8 @@ class RateLimiter:
     >>> gateway = Gateway(deployments, ledger, tracer, stages=[limiter, ...], router=Router(upstream, settings))
     """
 
+    changes_answer = False  # it settles tokens after `nxt`, and never touches the answer
+
     def __init__(self, store: Store, settings: Settings, deployments: Deployments,
                  counters: Counters | None = None) -> None:
         self.store = store

@@ -48,11 +48,18 @@ class Call:
     cache_hit: bool = False
     saved_cost: float = 0.0
     annotations: dict[str, Any] = field(default_factory=dict)
-    # Sends a chat answer to the client as soon as the provider returns it, before the router's and the
-    # stages' bookkeeping (settlement, ledger row) runs; set by the HTTP layer when it can. A stage that
-    # may still change or refuse the answer once `nxt` returns (output guards, the policy's tripwire)
-    # clears it first.
+    # Sends a chat answer to the client as soon as no stage may still change it: straight from the
+    # provider when no stage on the path holds it (before the router's and the stages' bookkeeping), else
+    # once every stage that holds it returned it. Set by the HTTP layer when it can; the pipeline decides
+    # when it is called (see `Stage`), and calls it at most once.
     answer: Callable[[ChatResult], None] | None = None
+    holding: set[int] | None = None  # the stages that hold this call's answer (ids), see `release_answer`
+
+    def release_answer(self, stage: object) -> None:
+        """`stage` will not change or refuse this call's answer once `nxt` returned it: the answer need not
+        wait for the stage (a per-call decision of a stage whose `changes_answer` is true)."""
+        if self.holding:
+            self.holding.discard(id(stage))
 
     @property
     def stream(self) -> bool:
@@ -71,9 +78,48 @@ Next = Callable[["Call"], Awaitable[Any]]
 class Stage(Protocol):
     """A step on the governed path. Returns what `nxt(call)` returns (a ChatResult, an async
     iterator of ChatDelta for streams, or an EmbedResult), possibly wrapped; or raises a KeelError.
-    One that may change or refuse a chat answer after `nxt` returns sets `call.answer = None` first."""
+
+    The early answer is the pipeline's decision: a stage holds each chat answer until it returned it
+    (it may change or refuse it), unless its class says `changes_answer = False` (it never does: limits,
+    budgets, the cache), or it calls `call.release_answer(self)` for a call it will leave alone. A stage
+    that declares nothing holds the answer, so forgetting can delay an answer but never leak one.
+    """
 
     async def handle(self, call: Call, nxt: Next) -> Any: ...
+
+
+def holds_answer(stage: Stage) -> bool:
+    """Whether the pipeline holds the early answer around `stage` (its `changes_answer`, true if unset)."""
+    return bool(getattr(stage, "changes_answer", True))
+
+
+def _step(stage: Stage, nxt: Next, sends: bool) -> Next:
+    """`stage` around `nxt`. A stage that may change the answer is entered as one of the call's holders;
+    around the outermost one (`sends`) the held answer leaves once every holder has returned it."""
+    handle = stage.handle
+    if not holds_answer(stage):
+        return lambda call: handle(call, nxt)
+    sid = id(stage)
+
+    def held(call: Call) -> Awaitable[Any]:
+        if call.answer is None:  # a stream, an embedding, an internal call: nothing to hold
+            return handle(call, nxt)
+        if call.holding is None:
+            call.holding = {sid}
+        else:
+            call.holding.add(sid)
+        return _send_after(call, handle(call, nxt)) if sends else handle(call, nxt)
+
+    return held
+
+
+async def _send_after(call: Call, pending: Awaitable[Any]) -> Any:
+    result = await pending
+    answer = call.answer
+    if answer is not None and isinstance(result, ChatResult):
+        call.answer = None
+        answer(result)
+    return result
 
 
 def pick_weighted(candidates: list[DeploymentConfig]) -> DeploymentConfig:
@@ -159,11 +205,10 @@ class Providers:
             result = await prov.chat(call.chat)  # type: ignore[arg-type]
         finally:
             call.upstream_ms += (time.perf_counter() - t0) * 1000
-        # A provider's answer is final: no stage left it `call.answer` if it may still change it, and the
-        # router never retries a success. So it leaves here, before the router's and the deployment
-        # limit's bookkeeping, not after them.
+        # With no stage holding it, a provider's answer is final (the router never retries a success): it
+        # leaves here, before the router's, the deployment limit's and the stages' bookkeeping.
         answer = call.answer
-        if answer is not None:
+        if answer is not None and not call.holding:
             call.answer = None
             answer(result)
         return result
@@ -210,9 +255,10 @@ class Gateway:
         stage list, never per request."""
         key = tuple(self.stages)
         if self._chain_key != key:
-            nxt: Next = self._terminal  # it reaches `invoke`, which sends the early answer
+            nxt: Next = self._terminal  # it reaches `invoke`, which sends an answer no stage holds
+            outermost = next((s for s in self.stages if holds_answer(s)), None)
             for stage in reversed(self.stages):
-                nxt = (lambda s, n: (lambda c: s.handle(c, n)))(stage, nxt)
+                nxt = _step(stage, nxt, sends=stage is outermost)
             self._chain_key, self._chained = key, nxt
         return self._chained
 
@@ -224,6 +270,10 @@ class Gateway:
         except BaseException as exc:
             self._finish(call, span, error=exc)
             raise
+        answer = call.answer  # served without the provider (a cache hit): final now
+        if answer is not None:
+            call.answer = None
+            answer(result)
         call.usage = result.usage
         self._finish(call, span)
         return result

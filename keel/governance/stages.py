@@ -30,6 +30,8 @@ class PolicyStage:
     of the requested model may receive its data; the router's `allow` hook (`Governance.allow`) then
     keeps every try, fallbacks included, on deployments the same decision allows."""
 
+    changes_answer = True  # the tripwire refuses an answer served where the policy forbids it
+
     def __init__(self, gov: "Governance") -> None:
         self.gov = gov
 
@@ -54,8 +56,8 @@ class PolicyStage:
             await self.gov.audit_async("data.access", call, collections=sensitive, model=call.alias,
                                        classification=decision.classification,
                                        policy_version=decision.policy_version)
-        if decision.rules:
-            call.answer = None  # the tripwire below may still refuse the answer
+        if not decision.rules:
+            call.release_answer(self)  # no rule: the tripwire below has nothing to refuse
         result = await nxt(call)
         self._tripwire(call, decision)
         return result
@@ -86,6 +88,8 @@ class GuardStage:
     """Runs the guards the decision names on the messages, passages, tool outputs and the answer;
     holds answers for review (202) and records every finding as type + span."""
 
+    changes_answer = True  # output guards redact, block or hold the answer
+
     def __init__(self, gov: "Governance") -> None:
         self.gov = gov
 
@@ -95,8 +99,8 @@ class GuardStage:
         decision: Decision = call.annotations.get("policy_decision") or self.gov.policy.engine.decide(
             explicit=call.metadata.get("classification"), use_case=call.metadata.get("use_case"))
         if not decision.review and not any(decision.guards.values()):
-            return await nxt(call)  # no guard on any side and no review: nothing to scan, hold or record
-        answer, call.answer = call.answer, None  # the answer is scanned (and may be held) before it leaves
+            call.release_answer(self)  # no guard on any side and no review: nothing to scan, hold or record
+            return await nxt(call)
         engine = self.gov.policy.engine
         cg = CallGuards(self.gov.guards_for(engine), decision.guards,
                         Placeholders(self.gov.secret, call.principal.key_id), engine.policy.pii.restore)
@@ -127,8 +131,6 @@ class GuardStage:
         if held or cg.review_reasons:
             await self._hold(call, cg, decision, content, result.finish_reason, result.tool_calls)
         result.content = cg.restore(content)
-        if answer is not None:
-            answer(result)
         self._record(call, cg, decision)
         return result
 

@@ -57,6 +57,8 @@ class Probe:
 class CacheStage:
     """Exact and semantic response cache (see `keel.gateway.cache.keys` for what is cached when)."""
 
+    changes_answer = False  # it files the answer `nxt` returned (or answers a hit itself), never alters one
+
     def __init__(self, settings: Settings, store: Store, embed: Callable[[Call], Awaitable[EmbedResult]]) -> None:
         self.embed = embed  # the gateway's own `embed`: the cache's vectors are metered and governed like any call
         self.settings = settings
