@@ -147,14 +147,16 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
     app.state.gateway = gateway
     gov.attach(app, gateway)  # audit hook, governance routes, policy reload and retention tasks
     app.state.hot_routes.update(gateway_routes.hot_routes())
-    lifecycle.startup.append(gateway.deployments.start)
+    lifecycle.startup.append(gateway.start)  # deployments' watcher, then the stages' background work
 
     kn = knowledge_service.build(settings, store, gateway)
     app.state.knowledge = kn
     lifecycle.startup.append(kn.start)
     app.include_router(knowledge_routes.router)
-    # Shutdown hooks run in reverse order: ingestion drains, then providers close, then the ledger flushes.
-    lifecycle.shutdown.append(gateway.deployments.close)
+    # Shutdown hooks run in reverse order, all before the store closes: workflows and ingestion drain, then
+    # the gateway's stages write what they hold (budgets' spend and alerts) and providers close, then
+    # governance and the ledger flush.
+    lifecycle.shutdown.append(gateway.stop)
     lifecycle.shutdown.append(kn.stop)
     workflows_service.attach(app, settings, store, gateway, kn)  # after knowledge: its runs use retrieval
     if settings.preload_models:

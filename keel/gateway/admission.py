@@ -45,36 +45,47 @@ class Fresh:
 
 
 class Ticker:
-    """A supervised background loop for a stage: started by the stage's first request (the app factory
-    hands stages no lifecycle hook), it awaits `tick()` every `every_s` seconds, logs and survives its
-    errors, and runs `final()` once when the server's event loop shuts down and cancels it."""
+    """A supervised background loop for a stage, started and stopped by the stage's `start`/`stop` (the
+    app's lifecycle): it awaits `tick()` every `every_s` seconds and logs and survives its errors. `stop()`
+    lets a tick in progress finish (a flush is never cut in half) and returns once the loop has ended, so
+    the stage's final work comes after its last tick; a tick stuck past STOP_WAIT_S is cancelled."""
 
-    def __init__(self, name: str, every_s: float, tick: Callable[[], Awaitable[None]],
-                 final: Callable[[], None] | None = None) -> None:
+    STOP_WAIT_S = 10.0
+
+    def __init__(self, name: str, every_s: float, tick: Callable[[], Awaitable[None]]) -> None:
         self.name = name
         self.every = every_s
         self.tick = tick
-        self.final = final
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
-    def ensure(self) -> None:
+    def start(self) -> None:
         if self._task is None or self._task.done():
+            self._stopping = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
 
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping.set()
+        _done, pending = await asyncio.wait([task], timeout=self.STOP_WAIT_S)
+        if pending:
+            log.error("background work did not stop in time; cancelled", extra={"task": self.name})
+            task.cancel()
+            await asyncio.wait([task])
+
     async def _run(self) -> None:
-        try:
-            while True:
-                await asyncio.sleep(self.every)
-                try:
-                    await self.tick()
-                except Exception:  # the next tick retries; the loop must outlive a database hiccup
-                    log.exception("background work failed", extra={"task": self.name})
-        finally:
-            if self.final is not None:
-                try:
-                    self.final()
-                except Exception:
-                    log.exception("final background work failed", extra={"task": self.name})
+        while True:
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.every)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.tick()
+            except Exception:  # the next tick retries; the loop must outlive a database hiccup
+                log.exception("background work failed", extra={"task": self.name})
 
 
 def prompt_tokens(call: Call, prov: Provider | None) -> int:

@@ -136,12 +136,27 @@ class Budgets(BudgetAdmin):
         self._periods: dict[str, tuple[float, str, datetime | None]] = {}
         self._beat = self._swept = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._ticker = Ticker("keel-budgets", FLUSH_S, self._tick, final=self._final)
+        self._ticker = Ticker("keel-budgets", FLUSH_S, self._tick)
         self.reload()
+
+    async def start(self) -> None:
+        """Flush settled spend every FLUSH_S, renew holds and sweep dead replicas' until `stop`."""
+        self._ticker.start()
+
+    async def stop(self) -> None:
+        """Write everything still in memory (spend, free slices), send the alerts it crosses and wait for
+        every alert's delivery to be written: the app runs this before it closes the store."""
+        await self._ticker.stop()
+        items = self._snapshot(everything=True)
+        if items:
+            alerts, _dead = await asyncio.get_running_loop().run_in_executor(None, self._flush, items)
+            for event in alerts:
+                self._notify(event)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
 
     # -- the governed path -----------------------------------------------------------------------------
     async def handle(self, call: Call, nxt: Next) -> Any:
-        self._ticker.ensure()
         if self._fresh.stale():
             await self._fresh.refresh()
         if not self._index:
@@ -324,15 +339,6 @@ class Budgets(BudgetAdmin):
         if mono - self._swept >= SWEEP_S:
             self._swept = mono
             await loop.run_in_executor(None, self.sweep)
-
-    def _final(self) -> None:
-        """At shutdown: write what is still in memory (blocking; the event loop is closing)."""
-        items = self._snapshot(everything=True)
-        if items:
-            alerts, _dead = self._flush(items)
-            if alerts and self.settings.alert_webhook_url:
-                log.warning("budget alerts recorded at shutdown were not sent to the webhook",
-                            extra={"events": [a["id"] for a in alerts]})
 
     def _flush(self, items: list[tuple[Pool, int, int]]) -> tuple[list[dict[str, Any]], list[Pool]]:
         """Write settled spend, hand back free capacity, renew holds; claim soft-limit alerts."""

@@ -200,9 +200,15 @@ class RateLimiter:
         self._ticker = Ticker("keel-rate-limits", 1.0, self._tick)
         self.reload()
 
+    async def start(self) -> None:
+        """Run the background upkeep (next-window claims, definition reloads, sweeps) until `stop`."""
+        self._ticker.start()
+
+    async def stop(self) -> None:
+        await self._ticker.stop()
+
     # -- the governed path -----------------------------------------------------------------------------
     async def handle(self, call: Call, nxt: Next) -> Any:
-        self._ticker.ensure()
         if self._fresh.stale():
             await self._fresh.refresh()
         p = call.principal

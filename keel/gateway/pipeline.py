@@ -10,6 +10,7 @@ app factory hands it the list, so a test can run the path bare.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -26,6 +27,8 @@ from keel.gateway.deployments import Deployments
 from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult, EmbedResult, Provider, Usage
 from keel.identity.principal import Principal
 from keel.observe.ledger import Ledger
+
+log = logging.getLogger("keel.gateway")
 
 
 @dataclass
@@ -83,6 +86,10 @@ class Stage(Protocol):
     (it may change or refuse it), unless its class says `changes_answer = False` (it never does: limits,
     budgets, the cache), or it calls `call.release_answer(self)` for a call it will leave alone. A stage
     that declares nothing holds the answer, so forgetting can delay an answer but never leak one.
+
+    A stage with background work (flushes, reloads) also has `async start()` and `async stop()`; the
+    gateway runs them with the app's lifecycle, and `stop()` writes what the stage still holds while the
+    store is open.
     """
 
     async def handle(self, call: Call, nxt: Next) -> Any: ...
@@ -249,6 +256,27 @@ class Gateway:
 
     def visible_aliases(self, principal: Principal) -> dict[str, str]:
         return visible_aliases(self.deployments, principal)
+
+    # -- lifecycle (the app's startup and shutdown) -----------------------------------------
+    async def start(self) -> None:
+        """Watch the deployments, then start the stages' background work."""
+        await self.deployments.start()
+        for stage in self.stages:
+            start = getattr(stage, "start", None)
+            if start is not None:
+                await start()
+
+    async def stop(self) -> None:
+        """Stop the stages' background work, last stage first, each writing what it holds; then close the
+        providers. Runs before the store closes; one stage's failure does not keep the others from stopping."""
+        for stage in reversed(self.stages):
+            stop = getattr(stage, "stop", None)
+            if stop is not None:
+                try:
+                    await stop()
+                except Exception:
+                    log.exception("stopping a stage failed", extra={"stage": type(stage).__name__})
+        await self.deployments.close()
 
     def _chain(self) -> Next:
         """The stages wrapped around the terminal step; built once, and again only if a test changed the

@@ -250,6 +250,29 @@ def test_soft_limit_alert_fires_once_and_reaches_the_webhook(server_factory, ups
     assert chat(srv.url, key["key"]).status_code == 200
 
 
+def test_shutdown_flushes_budgets_before_the_store_closes(server_factory, upstream_factory, tmp_path, webhook):
+    """Regression guard: SIGTERM drains the budget stage as part of the app's lifecycle, before the store
+    closes: settled spend, the free slice it holds and the soft-limit alert that spend crosses (posted, and
+    its delivery written) all reach the store, not a flush run by the event loop's teardown afterwards."""
+    url, received = webhook
+    srv = server_factory(config=write_config(tmp_path, upstream_factory()), KEEL_ALERT_WEBHOOK_URL=url,
+                         KEEL_BUDGET_ALERT_PERCENT="10", KEEL_BUDGET_IDLE_S="3600")  # the slice stays in memory
+    key = new_key(srv)
+    budget = new_budget(srv, "key", key["id"], amount=100e-6)
+    assert chat(srv.url, key["key"]).status_code == 200  # 34 of 100 µ$: past the 10% threshold
+    assert srv.stop(signal.SIGTERM) == 0
+    engine = sa.create_engine(srv.extra["db_url"])
+    with engine.connect() as conn:
+        spent, reserved = conn.execute(sa.text("SELECT spent_nano, reserved_nano FROM budget_usage")).one()
+        holds = conn.execute(sa.text("SELECT count(*) FROM budget_holds")).scalar()
+        events = conn.execute(sa.text("SELECT kind, delivery FROM budget_events WHERE budget_id = :b"),
+                              {"b": budget["id"]}).all()
+    engine.dispose()
+    assert reserved == 0 and holds == 0 and spent / 1e9 == pytest.approx(REAL)
+    assert [(e.kind, e.delivery) for e in events] == [("soft_limit", "http 200")]
+    assert len(received) == 1 and received[0]["budget_id"] == budget["id"]
+
+
 def test_budget_admin_api(server_factory, upstream_factory, tmp_path):
     srv = server_factory(config=write_config(tmp_path, upstream_factory()))
     admin = srv.admin()
@@ -354,11 +377,12 @@ def test_no_store_round_trip_for_a_key_without_limits_or_budgets(tmp_path, db_ur
     free = Principal(key_id="key_free", role="member")
 
     async def run() -> None:
+        await gateway.start()
         for i in range(30):
             call = Call(request_id=f"r{i}", principal=free, kind="chat", alias="fake",
                         chat=ChatRequest(model="fake", messages=[{"role": "user", "content": "hi"}], max_tokens=5))
             await gateway.chat(call)
-        await gateway.deployments.close()
+        await gateway.stop()
 
     asyncio.run(run())
     touched = [s for s in statements if any(t in s for t in ("rate_counters", "budget_usage", "budget_holds"))]
@@ -408,6 +432,7 @@ def test_traffic_keeps_its_slice_between_flushes_and_short_pauses(tmp_path, db_u
     seen: list[dict] = []
 
     async def run() -> None:
+        await gateway.start()  # what the app's startup does: budgets flush from here on
         end = time.monotonic() + 4 * budgets_module.FLUSH_S
         i = 0
         while time.monotonic() < end:
@@ -419,7 +444,7 @@ def test_traffic_keeps_its_slice_between_flushes_and_short_pauses(tmp_path, db_u
         seen.append(await asyncio.to_thread(stage.get, budget["id"]))  # spend written while traffic flows
         await asyncio.sleep(2.0 + 3 * budgets_module.FLUSH_S)  # idle: the slice goes back
         seen.append(await asyncio.to_thread(stage.get, budget["id"]))
-        await gateway.deployments.close()
+        await gateway.stop()
 
     asyncio.run(run())
     claims = [s for s in statements if "SET granted_nano" in s]
