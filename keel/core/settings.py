@@ -121,6 +121,18 @@ class Settings(BaseModel):
     workflow_model_concurrency: int = Field(default=2, ge=1, description="model calls workflow runs make at once")
     workflow_schedule_interval_s: float = Field(default=15.0, gt=0, description="how often cron triggers are checked")
     workflow_webhook_tolerance_s: float = Field(default=300.0, gt=0, description="max age of a signed webhook")
+    outbound_ca_bundle: Path | None = Field(default=None, description="PEM CA bundle trusted for outbound HTTPS "
+                                            "(providers, webhooks, workflow steps) instead of the system's store")
+    outbound_client_cert: Path | None = Field(default=None, description="PEM client certificate presented to "
+                                              "upstreams that ask for one (its key inside, or outbound_client_key)")
+    outbound_client_key: Path | None = Field(default=None, description="PEM key of outbound_client_cert")
+
+    @field_validator("outbound_ca_bundle", "outbound_client_cert", "outbound_client_key")
+    @classmethod
+    def _existing_file(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"{v} is not a file")
+        return v
 
     @field_validator("database_url")
     @classmethod

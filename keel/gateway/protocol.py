@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 from keel.core.errors import (
     UpstreamError, UpstreamRateLimited, UpstreamRefused, UpstreamRejected, UpstreamTimeout,
 )
+from keel.core.outbound import Outbound
 from keel.core.settings import DeploymentConfig
 
 
@@ -84,6 +85,7 @@ class ProviderContext:
     get_secret: Callable[[str], str]
     data_dir: str = ".keel"
     threads: int = 0
+    outbound: Outbound = Outbound()  # CA bundle, client certificate and proxies for HTTP upstreams
 
 
 @runtime_checkable

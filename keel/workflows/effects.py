@@ -18,6 +18,7 @@ import socket
 import ssl
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
@@ -28,6 +29,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from keel.core.errors import BadRequest, KeelError
+from keel.core.outbound import Outbound
 
 log = logging.getLogger("keel.workflows.effects")
 
@@ -206,7 +208,8 @@ def _encode_body(body: Any, headers: dict[str, str]) -> bytes | None:
 
 
 class Egress:
-    """SSRF-safe outbound HTTP for workflow steps: one aiohttp session, allow-list, IP checks at connect time.
+    """SSRF-safe outbound HTTP for workflow steps: a session from Keel's outbound stack (its CA bundle and client
+    certificate, never a proxy), the allow-list, and IP checks at connect time.
 
     >>> egress = Egress()
     >>> out = await egress.request("POST", "https://crm.example.com/leads", body={"email": "a@b.c"},
@@ -214,9 +217,14 @@ class Egress:
     >>> out["status"], out["body"]
     """
 
-    def __init__(self, *, timeout_s: float = 30.0, max_response_bytes: int = 1_000_000) -> None:
+    def __init__(self, *, timeout_s: float = 30.0, max_response_bytes: int = 1_000_000,
+                 outbound: Outbound = Outbound()) -> None:
         self.timeout_s = timeout_s
         self.max_response_bytes = max_response_bytes
+        # Never through an environment proxy: the proxy would resolve the name, so the connect-time address
+        # check would see the proxy's address, not the target's; a step connects directly or not at all.
+        self.outbound = replace(outbound, env_proxy=False)
+        self.outbound.ssl_context("workflow egress")  # a bad CA bundle or client certificate fails at start
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -224,10 +232,8 @@ class Egress:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
             # No DNS cache: every new connection is resolved, and so checked, again.
-            connector = aiohttp.TCPConnector(resolver=CheckedResolver(), use_dns_cache=False, limit=100,
-                                             keepalive_timeout=30)
-            self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                                  trust_env=False)
+            self._session = self.outbound.session(limit=100, keepalive_s=30, where="workflow egress",
+                                                  resolver=CheckedResolver(), dns_cache=False)
             self._loop = loop
         return self._session
 

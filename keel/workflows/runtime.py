@@ -11,6 +11,7 @@ from typing import Any
 
 from keel.core.clock import utcnow
 from keel.core.errors import KeelError
+from keel.core.outbound import Outbound
 from keel.core.settings import Settings
 from keel.identity.principal import Principal
 from keel.workflows import approvals, templates
@@ -41,7 +42,8 @@ class Engine:
         pw = settings.smtp_password.get_secret_value() if settings.smtp_password else None
         mailer = Mailer(settings.smtp_host, settings.smtp_port, username=settings.smtp_username, password=pw,
                         starttls=settings.smtp_starttls, sender=settings.smtp_sender)
-        self.parts = StepParts(runs=runs, gateway=gateway, knowledge=knowledge, vault=vault, egress=Egress(),
+        egress = Egress(outbound=Outbound.from_settings(settings))
+        self.parts = StepParts(runs=runs, gateway=gateway, knowledge=knowledge, vault=vault, egress=egress,
                                mailer=mailer, model_slots=asyncio.Semaphore(settings.workflow_model_concurrency),
                                flush_ledger=observe.ledger.flush)
         self.durable = Durable(runs.store.url, settings.workflow_executor_id, self.execute)

@@ -14,7 +14,7 @@ import orjson
 from keel.core.errors import BadRequest, KeelError, NotSupported
 from keel.core.settings import DeploymentConfig
 from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult, EmbedResult, ProviderContext, Usage
-from keel.gateway.providers.openai_compatible import PARSE_ERRORS, HTTPProvider, message_of, sse_batches
+from keel.gateway.providers.openai_compatible import PARSE_ERRORS, HTTPProvider, message_of
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 1024
@@ -274,8 +274,8 @@ class AnthropicProvider(HTTPProvider):
 
     async def _stream(self, body: dict[str, Any]) -> AsyncIterator[ChatDelta]:
         translator = StreamTranslator()
-        async with self._open_stream(self.url, body) as resp:
-            async for batch in sse_batches(resp):
+        async with self._open_stream(self.url, body) as batches:
+            async for batch in batches:
                 for data in batch:
                     ev = orjson.loads(data)
                     if ev.get("type") == "error":

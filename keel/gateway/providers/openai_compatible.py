@@ -1,7 +1,7 @@
 """Provider for any OpenAI-compatible server: OpenAI, vLLM, Ollama, llama.cpp server, TGI.
 
-`HTTPProvider` holds the upstream plumbing (pooled keep-alive connections, timeouts, SSE, error mapping);
-the Anthropic provider reuses it and only translates the wire format.
+`HTTPProvider` holds the upstream plumbing (an aiohttp session from `keel.core.outbound`, timeouts, SSE, error
+mapping); the Anthropic provider reuses it and only translates the wire format.
 """
 
 from __future__ import annotations
@@ -12,23 +12,23 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from email.utils import parsedate_to_datetime
-from urllib.parse import quote, urlsplit
 from typing import Any, ClassVar
 
+import aiohttp
 import orjson
+from yarl import URL
 
 from keel import __version__
 from keel.core.errors import ConfigError, KeelError
+from keel.core.outbound import check_headers
 from keel.core.settings import DeploymentConfig
 from keel.gateway.protocol import (
     ChatDelta, ChatRequest, ChatResult, EmbedResult, ProviderContext, Usage, upstream_error,
 )
-from keel.gateway.providers import http1
 
 MAX_LINE = 2**21  # one SSE line, at most
 DRAIN_S = 1.0  # after the last event, how long to wait for the body's end so the connection can be reused
 PARSE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
-_URL_SAFE = "/%:@!$&'()*+,;=-._~"  # what stays as it is in a request target
 _TYPED_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "seed", "tools", "tool_choice", "response_format")
 
 
@@ -91,11 +91,16 @@ def sse_data(line: bytes) -> bytes | None:
     return line[5:].strip() if line.startswith(b"data:") else None
 
 
-async def sse_batches(resp: http1.Response) -> AsyncIterator[list[bytes]]:
+async def sse_batches(content: aiohttp.StreamReader, idle_s: float) -> AsyncIterator[list[bytes]]:
     """The `data:` payloads of an SSE body, in batches of those that arrived together (so a consumer can
-    pass a burst on in one write). A line longer than MAX_LINE is a malformed answer."""
+    pass a burst on in one write); each wait for more is bounded by `idle_s`. A line longer than MAX_LINE
+    is a malformed answer."""
     tail = b""
-    while chunk := await resp.readany():
+    while True:
+        async with asyncio.timeout(idle_s):
+            chunk = await content.readany()
+        if not chunk:
+            break
         lines = (tail + chunk).split(b"\n") if tail else chunk.split(b"\n")
         tail = lines.pop()
         if len(tail) > MAX_LINE:
@@ -108,7 +113,8 @@ async def sse_batches(resp: http1.Response) -> AsyncIterator[list[bytes]]:
 
 
 class HTTPProvider:
-    """Shared upstream plumbing: one pool of keep-alive connections per instance, made lazily in the running loop."""
+    """Shared upstream plumbing: one aiohttp session (keep-alive pool) per instance, made lazily in the running
+    loop from Keel's outbound stack (`keel.core.outbound`: CA bundle, client certificate, proxy)."""
 
     default_base_url: ClassVar[str] = ""
 
@@ -117,43 +123,47 @@ class HTTPProvider:
         self.ctx = ctx
         self.deployment = config.deployment_id()
         self.base_url = (config.base_url or self.default_base_url).rstrip("/")
-        self._client: http1.Client | None = None
+        where = f"deployment {self.deployment}"
+        self.outbound = ctx.outbound.with_options(config.options, where)
+        self._tls = self.outbound.ssl_context(where)  # a bad CA bundle or certificate fails here, not per call
+        self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._headers: bytes | None = None
+        self._proxy: tuple[URL | None, aiohttp.BasicAuth | None] = (None, None)
+        self._headers: dict[str, str] | None = None
         self._secret: str | None = None
-        self._targets: dict[str, str] = {}
+        self._urls: dict[str, URL] = {}
 
     def auth_headers(self, secret: str | None) -> dict[str, str]:
         """Headers that carry the credential (and API version) for this upstream."""
         raise NotImplementedError
 
-    def _get_client(self) -> http1.Client:
+    def _get_session(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:
-            self._client = http1.Client(self.base_url, limit=1000, keepalive_s=30)
+        if self._session is None or self._loop is not loop:
+            self._session = self.outbound.session(limit=1000, keepalive_s=30, tls=self._tls)
+            self._proxy = self.outbound.proxy_for(self.base_url)
             self._loop = loop
-        return self._client
+        return self._session
 
-    def _target(self, url: str) -> str:
-        """The request target (path and query) of one of this deployment's URLs."""
-        target = self._targets.get(url)
-        if target is None:
-            u = urlsplit(url)
-            path = quote(u.path or "/", safe=_URL_SAFE)  # a configured path may hold any character
-            target = self._targets[url] = path + (f"?{quote(u.query, safe=_URL_SAFE + '?')}" if u.query else "")
-        return target
+    def _url(self, url: str) -> URL:
+        """One of this deployment's URLs, parsed once (a configured path may hold any character)."""
+        parsed = self._urls.get(url)
+        if parsed is None:
+            parsed = self._urls[url] = URL(url)
+        return parsed
 
-    def _request_headers(self) -> bytes:
+    def _request_headers(self) -> dict[str, str]:
         if self._headers is None:
             self._secret = self._read_secret()
             extra = self.config.options.get("headers") or {}
+            headers = {"Content-Type": "application/json", "User-Agent": f"keel/{__version__}", **extra,
+                       **self.auth_headers(self._secret)}
             try:
-                self._headers = http1.header_block({"Content-Type": "application/json",
-                                                    "User-Agent": f"keel/{__version__}", **extra,
-                                                    **self.auth_headers(self._secret)})
+                check_headers(headers)
             except ValueError as exc:
                 raise ConfigError(f"deployment {self.deployment}: {exc}", fix="remove line breaks from its headers "
                                   "and credential", deployment=self.deployment) from None
+            self._headers = headers
         return self._headers
 
     def _read_secret(self) -> str | None:
@@ -178,23 +188,32 @@ class HTTPProvider:
     def _malformed(self, what: str) -> KeelError:
         return self._fail(None, f"malformed upstream response: {what}")
 
-    def _status_error(self, resp: http1.Response, raw: bytes) -> KeelError:
+    def _status_error(self, resp: aiohttp.ClientResponse, raw: bytes) -> KeelError:
         return self._fail(resp.status, error_message(raw), retry_after=parse_retry_after(resp.headers))
 
-    def _connection_error(self, exc: http1.HTTPError) -> KeelError:
+    def _client_error(self, exc: aiohttp.ClientError) -> KeelError:
+        """aiohttp's error as the most specific upstream error: a head it could not read is malformed,
+        the rest (refused, reset, TLS, a proxy that said no, a body cut short) a connection error."""
+        if isinstance(exc, aiohttp.ClientResponseError) and not isinstance(exc, aiohttp.ClientHttpProxyError):
+            return self._malformed(exc.message)
         return self._fail(None, f"connection error ({type(exc).__name__}): {exc}")
+
+    async def _send(self, url: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        session, headers = self._get_session(), self._request_headers()
+        proxy, proxy_auth = self._proxy
+        return await session.post(self._url(url), data=orjson.dumps(body), headers=headers, allow_redirects=False,
+                                  proxy=proxy, proxy_auth=proxy_auth)
 
     async def _post_json(self, url: str, body: dict[str, Any]) -> Any:
         """POST a JSON body and return the decoded JSON answer; every failure becomes a Keel error."""
-        client, headers = self._get_client(), self._request_headers()
         try:
             async with asyncio.timeout(self.config.timeout_s):  # one bound on the whole call
-                resp = await client.post(self._target(url), orjson.dumps(body), headers)
+                resp = await self._send(url, body)
                 raw = await resp.read()
         except TimeoutError:
             raise self._fail(None, "", timeout=True) from None
-        except http1.HTTPError as exc:
-            raise self._connection_error(exc) from None
+        except aiohttp.ClientError as exc:
+            raise self._client_error(exc) from None
         if resp.status >= 400:
             raise self._status_error(resp, raw)
         try:
@@ -203,50 +222,55 @@ class HTTPProvider:
             raise self._malformed(f"not JSON ({exc})") from None
 
     @asynccontextmanager
-    async def _open_stream(self, url: str, body: dict[str, Any]) -> AsyncIterator[http1.Response]:
-        """POST a streaming request; errors raised while reading it inside the block are translated here.
+    async def _open_stream(self, url: str, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[list[bytes]]]:
+        """POST a streaming request and yield its SSE batches; errors raised while reading them inside the
+        block are translated here.
 
         Leaving the block early (the consumer closed the stream) closes the connection, which stops
         the upstream's work; a stream read to its end returns the connection to the pool.
         """
-        client, headers = self._get_client(), self._request_headers()
-        resp = None
+        resp = batches = None
         try:
             # Connection and status within timeout_s; then the same bound on each silence, none on the whole.
             async with asyncio.timeout(self.config.timeout_s):
-                resp = await client.post(self._target(url), orjson.dumps(body), headers)
+                resp = await self._send(url, body)
                 if resp.status >= 400:
                     raise self._status_error(resp, await resp.read())
-            resp.idle_timeout = self.config.timeout_s
-            yield resp
+            batches = sse_batches(resp.content, self.config.timeout_s)
+            yield batches
             await self._drain(resp)
         except TimeoutError:
             raise self._fail(None, "", timeout=True) from None
-        except http1.HTTPError as exc:
-            raise self._connection_error(exc) from None
+        except aiohttp.ClientError as exc:
+            raise self._client_error(exc) from None
         except PARSE_ERRORS as exc:
             raise self._malformed(f"{type(exc).__name__}: {exc}") from None
         finally:
+            if batches is not None:
+                await batches.aclose()
             if resp is not None:
-                resp.close()
+                if resp.content.at_eof():
+                    resp.release()
+                else:
+                    resp.close()
 
     @staticmethod
-    async def _drain(resp: http1.Response) -> None:
+    async def _drain(resp: aiohttp.ClientResponse) -> None:
         """Read to the end of the body (servers end it right after the last event) so keep-alive works."""
         try:
             async with asyncio.timeout(DRAIN_S):
                 await resp.read()
-        except (TimeoutError, http1.HTTPError):
+        except (TimeoutError, aiohttp.ClientError):
             return  # every event arrived; the caller's finally closes this connection instead of reusing it
 
     def count_tokens(self, messages: list[dict[str, Any]]) -> int:
         return estimate_tokens(messages)
 
     async def close(self) -> None:
-        """Close the connections; safe to call twice. Those of a finished event loop can only be dropped."""
-        client, self._client = self._client, None
-        if client is not None and self._loop is asyncio.get_running_loop():
-            await client.close()
+        """Close the session; safe to call twice. That of a finished event loop can only be dropped."""
+        session, self._session = self._session, None
+        if session is not None and self._loop is asyncio.get_running_loop():
+            await session.close()
 
 
 class OpenAICompatibleProvider(HTTPProvider):
@@ -307,8 +331,8 @@ class OpenAICompatibleProvider(HTTPProvider):
 
     async def _stream(self, body: dict[str, Any]) -> AsyncIterator[ChatDelta]:
         finished = done = False
-        async with self._open_stream(f"{self.base_url}/chat/completions", body) as resp:
-            async for batch in sse_batches(resp):
+        async with self._open_stream(f"{self.base_url}/chat/completions", body) as batches:
+            async for batch in batches:
                 deltas, error = [], None
                 for data in batch:
                     if data == b"[DONE]":
