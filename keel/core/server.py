@@ -39,8 +39,8 @@ def log_sources(settings: Settings, sources: dict[str, str]) -> None:
         log.info("setting", extra={"setting": name, "source": source, "value": str(shown)})
 
 
-# How long the event loop's thread may wait for the GIL while a worker thread (a ledger or budget flush,
-# a few ms of SQLAlchemy) holds it: CPython's default is 5 ms; requests that met a flush set the added p99.
+# How long the event loop's thread may wait for the GIL while a worker thread (a ledger or budget flush in
+# SQLAlchemy) holds it: CPython's default is 5 ms; requests that met a flush set the added p99 (bench/gateway.py).
 GIL_SWITCH_INTERVAL_S = 0.0005
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # granian's own log lines go through Keel's handlers (configure_logging), its errors only.

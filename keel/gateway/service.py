@@ -30,7 +30,7 @@ def build(settings: Settings, store: Store, vault: Vault, observe: Observe,
     attempt it makes goes through the deployments' own rate limits. `allow(call, deployment)` lets
     governance keep a call (fallbacks included) off forbidden deployments."""
     # llama.cpp's worker threads spin at barriers: on a busy machine more threads than free cores makes
-    # decoding dozens of times slower (measured here: 1.9 s vs 89 s for 32 tokens on 2 loaded cores).
+    # decoding many times slower (the figures are in bench/README.md).
     # Default to half the cores, leaving the rest to the event loop and embeddings.
     threads = settings.local_threads or max(1, (os.cpu_count() or 2) // 2)
     ctx = ProviderContext(get_secret=vault.get, data_dir=str(settings.data_dir), threads=threads)

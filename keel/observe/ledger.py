@@ -50,7 +50,7 @@ class Ledger:
     def _insert(self, dialect: sa.Dialect) -> tuple[str, Callable[[dict[str, Any]], Any]]:
         """The INSERT compiled once for the store's dialect, and a function that turns a row into its
         driver parameters with the columns' own conversions: what `conn.execute(insert, rows)` does per
-        row, without its per-row statement bookkeeping (a third of a flush's time at 1k rows/s). A column a
+        row, without its per-row statement bookkeeping (a large share of a flush's time; bench/README.md). A column a
         row leaves out is written as NULL."""
         if self._compiled is None or self._compiled[0] is not dialect:
             compiled = usage_ledger.insert().compile(dialect=dialect)

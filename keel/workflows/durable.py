@@ -22,7 +22,7 @@ Interpret = Callable[[str], Awaitable[dict[str, Any]]]
 
 
 class _LazyDBOS:
-    """`DBOS` imported on first use: a process that never defines a workflow never loads it (~25 MB)."""
+    """`DBOS` imported on first use: a process that never defines a workflow never loads it (nor holds its memory)."""
 
     def __getattr__(self, name: str) -> Any:
         from dbos import DBOS as real

@@ -2,8 +2,8 @@
 
 The store keeps every chunk's embedding, so this file is a cache: after a crash, `reconcile`
 adds what the checkpoint missed and forgets what was deleted since. Why HNSW and not a flat
-numpy scan: at 100k chunks a flat float32 scan costs ~20 ms per query on this machine's two
-cores, an HNSW query about 1 ms at recall@10 near 1 (see `bench/ingest.py`). When document ACLs
+numpy scan: at 100k chunks a flat float32 scan costs many times an HNSW query, which keeps recall@10
+near 1 (`bench/ingest.py`; the figures are in bench/README.md). When document ACLs
 or filters leave only a few chunks, those are scored exactly instead (`EXACT_BELOW`).
 """
 

@@ -27,9 +27,9 @@ from keel.knowledge.index import ChunkIn, Scored, TermStats, Tx, insert_chunks, 
 from keel.knowledge.tables import chunks, documents
 
 EF_SEARCH = 100
-# bench/ingest.py at 100k chunks on the 2-core bench machine: ranking the ~13k matches the shared
-# 15% budget allows took ~35 ms warm (~150 ms for one term in a quarter of the chunks); 4% keeps
-# the keyword leg's p95 under ~35 ms even with other work on the machine.
+# The keyword leg's row budget, below TermStats' shared one: ranking every match the shared budget allows
+# is slow on PostgreSQL at scale, and this smaller share keeps the leg's p95 bounded even with other work on
+# the machine (bench/ingest.py; the figures are in bench/README.md).
 KEYWORD_BUDGET = 0.04
 
 
