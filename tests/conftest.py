@@ -3,7 +3,9 @@ and the real Keel server started as a subprocess on a loopback port."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import socket
@@ -12,10 +14,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -24,12 +26,59 @@ TEST_DB = os.environ.get("KEEL_TEST_DATABASE", "sqlite")
 ADMIN_KEY = "sk-keel-adminadmin00_" + "t" * 40
 MASTER_KEY = "test-master-key-not-for-production"
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+EMBEDDED = {"KEEL_EMBEDDED_MODELS": "true", "KEEL_LOCAL_THREADS": "1"}  # settings: the bundled models on
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def eventually(check: Callable[[], T], timeout: float = 30, interval: float = 0.05,
+               retry: tuple[type[BaseException], ...] = (AssertionError,)) -> T:
+    """Poll `check` until it returns a truthy value (returned) without raising one of `retry`; past
+    `timeout` seconds fail with its last result or error. How tests wait for background work."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = check()
+            if got:
+                return got
+            last: BaseException | None = None
+        except retry as exc:
+            got, last = None, exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not so within {timeout}s; last result {got!r}") from last
+        time.sleep(interval)
+
+
+async def eventually_async(check: Callable[[], Any], timeout: float = 30, interval: float = 0.01,
+                           retry: tuple[type[BaseException], ...] = (AssertionError,)) -> Any:
+    """`eventually` inside an event loop: `check` may be a coroutine function; the loop keeps running
+    (the background task being waited for gets its turn) between tries."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = check()
+            if inspect.isawaitable(got):
+                got = await got
+            if got:
+                return got
+            last: BaseException | None = None
+        except retry as exc:
+            got, last = None, exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not so within {timeout}s; last result {got!r}") from last
+        await asyncio.sleep(interval)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @contextlib.contextmanager
@@ -47,12 +96,7 @@ def loopback_process(module: str, *args: str) -> Iterator[str]:
     proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
+        eventually(lambda: listening(port), timeout=20)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
@@ -93,24 +137,6 @@ def db_url(tmp_path: Path, pg_server: Any) -> str:
     return new_db_url(tmp_path, pg_server)
 
 
-@pytest.fixture(scope="module")
-def module_server_factory(tmp_path_factory, pg_server: Any):
-    """Like `server_factory`, but servers live for the whole module (e.g. to load a model once)."""
-    started: list[KeelServer] = []
-
-    def make(**env: Any) -> KeelServer:
-        base = tmp_path_factory.mktemp("keel")
-        db = env.pop("db_url", None) or new_db_url(base, pg_server)
-        srv = start_server(env.pop("data_dir", base / "data"), db, **env)
-        srv.extra["db_url"] = db
-        started.append(srv)
-        return srv
-
-    yield make
-    for srv in started:
-        srv.stop()
-
-
 def ledger_rows(db_url: str, where: str = "1=1") -> list[Any]:
     """Read the usage ledger straight from the store."""
     import sqlalchemy as sa
@@ -145,6 +171,15 @@ class KeelServer:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def healthy(self) -> bool:
+        """Whether /healthz answers 200; raises if the process has exited (it never will)."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"keel exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
+        try:
+            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -167,7 +202,10 @@ def keel_env(data_dir: Path, db_url: str, **env: str) -> dict[str, str]:
 
 
 def start_server(data_dir: Path, db_url: str, *, command: str = "serve", wait: bool = True,
-                 config: Path | None = None, **env: str) -> KeelServer:
+                 config: Path | None = None, timeout: float = 120, **env: str) -> KeelServer:
+    """The one way tests start Keel: `keel <command>` on a free loopback port with `KEEL_*` settings
+    `env` (and `config`, a keel.yaml), waiting for /healthz unless `wait` is false. A server that
+    exits first raises RuntimeError with its log (a startup error must stop it before the port binds)."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / f"server-{port}.log"
@@ -177,39 +215,53 @@ def start_server(data_dir: Path, db_url: str, *, command: str = "serve", wait: b
         args += ["--config", str(config)]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(data_dir))
-    srv = KeelServer(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, data_dir=data_dir, env=full_env)
+    srv = KeelServer(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, data_dir=data_dir, env=full_env,
+                     extra={"db_url": db_url})
     if wait:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"keel exited with {proc.returncode}:\n{srv.logs()[-4000:]}")
-            try:
-                if httpx.get(srv.url + "/healthz", timeout=1).status_code == 200:
-                    return srv
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        srv.stop(signal.SIGKILL)
-        raise RuntimeError(f"keel did not start in time:\n{srv.logs()[-4000:]}")
+        try:
+            eventually(srv.healthy, timeout=timeout, interval=0.1)
+        except AssertionError:
+            srv.stop(signal.SIGKILL)
+            raise RuntimeError(f"keel did not start in time:\n{srv.logs()[-4000:]}") from None
     return srv
+
+
+class ServerFactory:
+    """Starts servers with given settings — `make(config=…, data_dir=…, db_url=…, KEEL_X="…")` — on
+    `db_url` and under `base()` unless told otherwise, and stops them all at the end."""
+
+    def __init__(self, base: Callable[[], Path], db_url: Callable[[Path], str]) -> None:
+        self.base, self.db_url = base, db_url
+        self.started: list[KeelServer] = []
+
+    def __call__(self, **settings: Any) -> KeelServer:
+        base = self.base()
+        data_dir = settings.pop("data_dir", None) or base / "data"
+        db = settings.pop("db_url", None) or self.db_url(base)
+        srv = start_server(data_dir, db, **settings)
+        self.started.append(srv)
+        return srv
+
+    def stop_all(self) -> None:
+        for srv in self.started:
+            srv.stop()
 
 
 @pytest.fixture
 def server_factory(tmp_path: Path, db_url: str):
-    """Start servers on the test's database; all are stopped at the end."""
-    started: list[KeelServer] = []
+    """Start servers on the test's database (and `tmp_path/data`); all are stopped at the end."""
+    factory = ServerFactory(lambda: tmp_path, lambda _base: db_url)
+    yield factory
+    factory.stop_all()
 
-    def make(**env: Any) -> KeelServer:
-        data_dir = env.pop("data_dir", tmp_path / "data")
-        db = env.pop("db_url", db_url)
-        srv = start_server(data_dir, db, **env)
-        srv.extra["db_url"] = db
-        started.append(srv)
-        return srv
 
-    yield make
-    for srv in started:
-        srv.stop()
+@pytest.fixture(scope="module")
+def module_server_factory(tmp_path_factory, pg_server: Any):
+    """Like `server_factory`, but servers live for the whole module (e.g. to load a model once), each
+    on a fresh database unless given `db_url`."""
+    factory = ServerFactory(lambda: tmp_path_factory.mktemp("keel"), lambda base: new_db_url(base, pg_server))
+    yield factory
+    factory.stop_all()
 
 
 @pytest.fixture

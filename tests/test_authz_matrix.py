@@ -10,7 +10,6 @@ approval, a deleted secret), and the next cell gets a fresh one. One server for 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +17,8 @@ import httpx
 import pytest
 
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.governance.conftest import POLICY, REPLY, Keys, chat, models_yaml, start_governed
-from conftest import new_db_url
+from tests.governance.conftest import POLICY, REPLY, Keys, chat, models_yaml
+from conftest import eventually
 
 pytestmark = pytest.mark.store
 
@@ -203,16 +202,6 @@ def _fmt(value: Any, fields: dict[str, Any]) -> Any:
     return value
 
 
-def _eventually(check: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
-
-
 class World:
     """The module's server, keys and the red team's targets (fresh ones on demand)."""
 
@@ -251,13 +240,13 @@ class World:
         def check() -> bool:
             with self.srv.admin() as c:
                 return c.get(f"/v1/workflows/{workflow}/runs/{run_id}").json().get("status") in statuses
-        _eventually(check)
+        eventually(check, timeout=60)
 
     def _recorded(self, run_id: str, path: str = "/v1/records/red_rec") -> None:
         def check() -> bool:
             with self.srv.admin() as c:
                 return run_id in c.get(path).text
-        _eventually(check)
+        eventually(check, timeout=60)
 
     def waiting_run(self) -> dict[str, Any]:
         run_id = self._start(self.admin_red, "red_wait")
@@ -304,13 +293,12 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, pg_server):
+def world(tmp_path_factory, module_server_factory):
     cloud, onprem = FakeOpenAI(reply=REPLY).start(), FakeOpenAI(reply=REPLY).start()
     base = tmp_path_factory.mktemp("authz")
     (base / "policy.yaml").write_text(POLICY)
     (base / "keel.yaml").write_text(models_yaml(cloud.url, onprem.url))
-    srv = start_governed(base / "data", new_db_url(base, pg_server), config=base / "keel.yaml",
-                         KEEL_POLICY_FILE=str(base / "policy.yaml"))
+    srv = module_server_factory(config=base / "keel.yaml", KEEL_POLICY_FILE=str(base / "policy.yaml"))
     try:
         yield World(srv, Keys(srv), cloud.url)
     finally:

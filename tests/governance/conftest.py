@@ -3,48 +3,16 @@ helpers to make keys and policies."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import ROOT, KeelServer, free_port, keel_env, new_db_url
+from conftest import KeelServer
 from tests.fakes import FakeUpstream
 from tests.fakes.openai_upstream import FakeOpenAI
 
 REPLY = "Sure. Write to ops@example.com and quote card 4111 1111 1111 1111 if asked."
-
-
-def start_governed(data_dir: Path, db_url: str, *, config: Path | None = None, **env: str) -> KeelServer:
-    """Start `keel serve` and wait for /healthz (or raise with its log)."""
-    port = free_port()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = data_dir / f"server-{port}.log"
-    full_env = keel_env(data_dir, db_url, **env)
-    args = [sys.executable, "-m", "keel", "serve", "--port", str(port)]
-    if config:
-        args += ["--config", str(config)]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT))
-    srv = KeelServer(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, data_dir=data_dir, env=full_env)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"keel exited with {proc.returncode}:\n{srv.logs()[-4000:]}")
-        try:
-            if httpx.get(srv.url + "/healthz", timeout=1).status_code == 200:
-                srv.extra["db_url"] = db_url
-                return srv
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    srv.stop(signal.SIGKILL)
-    raise RuntimeError(f"keel did not start in time:\n{srv.logs()[-4000:]}")
 
 
 def models_yaml(cloud: str, onprem: str, extra: str = "") -> str:
@@ -106,18 +74,16 @@ def bodies(fake: FakeUpstream) -> list[Any]:
 
 
 @pytest.fixture(scope="module")
-def governed(tmp_path_factory, pg_server, upstreams):
+def governed(tmp_path_factory, module_server_factory, upstreams):
     """One governed server for the module, with the test policy (hot-reload checked every 0.3 s)."""
     base = tmp_path_factory.mktemp("gov")
     policy = base / "policy.yaml"
     policy.write_text(POLICY)
     config = base / "keel.yaml"
     config.write_text(models_yaml(upstreams["cloud"].url, upstreams["onprem"].url))
-    srv = start_governed(base / "data", new_db_url(base, pg_server), config=config,
-                         KEEL_POLICY_FILE=str(policy), KEEL_POLICY_RELOAD_INTERVAL_S="0.3")
+    srv = module_server_factory(config=config, KEEL_POLICY_FILE=str(policy), KEEL_POLICY_RELOAD_INTERVAL_S="0.3")
     srv.extra["policy_path"] = policy
-    yield srv
-    srv.stop()
+    return srv
 
 
 class Keys:

@@ -4,11 +4,10 @@ at start stops the server before the port is bound, naming the field."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from tests.governance.conftest import POLICY, chat, start_governed
+from conftest import eventually
+from tests.governance.conftest import POLICY, chat
 
 pytestmark = pytest.mark.store
 
@@ -16,15 +15,6 @@ pytestmark = pytest.mark.store
 def _active(srv) -> int:
     with srv.admin() as admin:
         return admin.get("/admin/policy/versions").json()["active"]
-
-
-def _wait_for(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_hot_reload_versions_and_rejection(governed, keys):
@@ -35,11 +25,11 @@ def test_hot_reload_versions_and_rejection(governed, keys):
     assert denied.status_code == 403 and denied.json()["policy_version"] == v1
     path.write_text(POLICY.replace('providers: [local, local_embed]\n    deployments: ["onprem/*", "mixed/onprem"]',
                                    'providers: [local, local_embed, openai_compatible]'))
-    assert _wait_for(lambda: _active(governed) == v1 + 1)
+    eventually(lambda: _active(governed) == v1 + 1)
     assert chat(governed, key, "cloud", "hi", metadata={"classification": "restricted"}).status_code == 200
     path.write_text("data_rules:\n  - {name: broken, classification: nonsense}\n")
     with governed.admin() as admin:
-        assert _wait_for(lambda: any(e["action"] == "policy.rejected"
+        eventually(lambda: any(e["action"] == "policy.rejected"
                                      for e in admin.get("/v1/audit?action=policy.*").json()["data"]))
         assert _active(governed) == v1 + 1
         versions = admin.get("/admin/policy/versions").json()["data"]
@@ -51,12 +41,12 @@ def test_hot_reload_versions_and_rejection(governed, keys):
         assert admin.get("/v1/audit/verify").json()["ok"]
     assert "policy file rejected" in governed.logs()
     path.write_text(POLICY)  # back to the first text: the stored version is reused, not duplicated
-    assert _wait_for(lambda: _active(governed) == v1)
+    eventually(lambda: _active(governed) == v1)
 
 
-def test_invalid_policy_at_start_exits_before_binding(tmp_path, db_url):
+def test_invalid_policy_at_start_exits_before_binding(tmp_path, server_factory):
     policy = tmp_path / "bad.yaml"
     policy.write_text("name: x\nguards:\n  output: {injection: block}\n")
     with pytest.raises(RuntimeError) as exc:
-        start_governed(tmp_path / "data", db_url, KEEL_POLICY_FILE=str(policy))
+        server_factory(KEEL_POLICY_FILE=str(policy))
     assert "guards.output.injection" in str(exc.value) and "bad.yaml:3" in str(exc.value)

@@ -4,45 +4,15 @@ for permission tests, upload helpers."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import KeelServer, fake_upstream, free_port, keel_env, new_db_url
-
-
-
-def start_kserver(data_dir: Path, db_url: str, *, wait: bool = True, **env: str) -> KeelServer:
-    """Like conftest.start_server, with the embedded models on (local-embed, local-chat)."""
-    port = free_port()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = data_dir / f"server-{port}.log"
-    full_env = keel_env(data_dir, db_url, KEEL_EMBEDDED_MODELS="true", KEEL_LOCAL_THREADS="1", **env)
-    args = [sys.executable, "-m", "keel", "serve", "--port", str(port)]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(data_dir))
-    srv = KeelServer(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, data_dir=data_dir, env=full_env)
-    srv.extra["db_url"] = db_url
-    deadline = time.monotonic() + 120
-    while wait and time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"keel exited with {proc.returncode}:\n{srv.logs()[-4000:]}")
-        try:
-            if httpx.get(srv.url + "/healthz", timeout=1).status_code == 200:
-                return srv
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    if wait:
-        srv.stop(signal.SIGKILL)
-        raise RuntimeError(f"keel did not start in time:\n{srv.logs()[-4000:]}")
-    return srv
+from conftest import EMBEDDED, KeelServer, eventually, fake_upstream
 
 
 def run_cli(srv: KeelServer, *args: str, key: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -52,19 +22,9 @@ def run_cli(srv: KeelServer, *args: str, key: str | None = None, timeout: float 
 
 
 @pytest.fixture(scope="module")
-def kserver_factory(tmp_path_factory, pg_server: Any):
-    started: list[KeelServer] = []
-
-    def make(**env: Any) -> KeelServer:
-        base = tmp_path_factory.mktemp("kn")
-        db = env.pop("db_url", None) or new_db_url(base, pg_server)
-        srv = start_kserver(env.pop("data_dir", base / "data"), db, **env)
-        started.append(srv)
-        return srv
-
-    yield make
-    for srv in started:
-        srv.stop()
+def kserver_factory(module_server_factory):
+    """`module_server_factory` with the embedded models on (local-embed, local-chat)."""
+    return lambda **settings: module_server_factory(**{**EMBEDDED, **settings})
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +60,11 @@ def upload(c: httpx.Client, collection: str, files: dict[str, bytes], *, wait: f
 
 
 def wait_job(c: httpx.Client, job_id: str, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
+    """The job once it left queued/running (fails after `timeout` seconds)."""
+    def done() -> dict[str, Any] | None:
         v = c.get(f"/v1/jobs/{job_id}").json()
-        if v["status"] not in ("queued", "running") or time.monotonic() > deadline:
-            return v
-        time.sleep(0.2)
+        return v if v["status"] not in ("queued", "running") else None
+    return eventually(done, timeout=timeout, interval=0.2)
 
 
 @pytest.fixture(scope="module")

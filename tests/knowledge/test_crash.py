@@ -4,12 +4,13 @@ the job by itself, and neither the resume nor a full re-run creates a duplicate 
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 import sqlalchemy as sa
 
-from .conftest import start_kserver, upload, wait_job
+from conftest import EMBEDDED, eventually
+
+from .conftest import upload, wait_job
 
 pytestmark = [pytest.mark.store, pytest.mark.slow]
 
@@ -32,26 +33,24 @@ def rows(db_url: str, sql: str) -> list:
         engine.dispose()
 
 
-def test_kill_9_mid_ingest_then_restart_finishes_without_duplicates(tmp_path, db_url):
-    data = tmp_path / "data"
-    srv = start_kserver(data, db_url)
+def test_kill_9_mid_ingest_then_restart_finishes_without_duplicates(server_factory, db_url):
+    srv = server_factory(**EMBEDDED)
     batch = files()
     with srv.admin() as a:
         assert a.post("/v1/collections", json={"name": "manual", "classification": "internal"}).status_code == 201
         job = upload(a, "manual", batch, wait=0).json()
         assert job["status"] in ("queued", "running")
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+
+        def two_files_in() -> dict[str, int] | None:
             counts = a.get(f"/v1/jobs/{job['id']}?items=none").json()["counts"]
-            if counts["new"] >= 2:
-                break
-            time.sleep(0.05)
+            return counts if counts["new"] >= 2 else None
+        counts = eventually(two_files_in, timeout=120)
     assert 0 < counts["new"] and counts["pending"] > 0, counts
     srv.stop(signal.SIGKILL)
     before = {r[0] for r in rows(db_url, "SELECT source FROM knowledge_documents")}
     assert before and len(before) < len(batch)
 
-    srv = start_kserver(data, db_url)
+    srv = server_factory(**EMBEDDED)
     try:
         with srv.admin() as a:
             done = wait_job(a, job["id"], timeout=240)
