@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from keel import __version__
+from keel.core import apidocs
 from keel.core import routes as core_routes
 from keel.core.db import Store
 from keel.core.http import RequestContext, install_error_handlers
@@ -52,7 +53,11 @@ PROBLEM = {
 
 
 class KeelAPI(FastAPI):
-    """The framework app, whose OpenAPI document also states how to authenticate and how errors look."""
+    """The framework app, whose OpenAPI document also states how to authenticate and how errors look. The
+    framework's own public /openapi.json, /docs and /redoc are off: `keel.core.apidocs` serves them behind a key."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs, openapi_url=None, docs_url=None, redoc_url=None)
 
     def openapi(self) -> dict[str, Any]:
         schema = super().openapi()
@@ -79,6 +84,14 @@ def describe_auth_and_problems(schema: dict[str, Any]) -> None:
             responses.setdefault("default", {"description": "Error", **problem})
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
+
+
+async def docs_caller(request: Request, key: str | None) -> Any:
+    """The API reference's caller: the key `request` sends in its headers, or (key given) that key."""
+    if key is None:
+        return await principal(request)
+    authenticator: Authenticator = request.app.state.authenticator
+    return await authenticator.authenticate(key)
 
 
 @dataclass
@@ -127,6 +140,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Built:
 
     install_error_handlers(app, authenticate=principal)
     app.include_router(core_routes.router)
+    app.include_router(apidocs.router(docs_caller))
     app.include_router(identity_routes.router)
     _mount_capabilities(app, settings, store)
     asgi = RequestContext(app, max_body_bytes=settings.max_body_bytes, log_requests=settings.log_requests,

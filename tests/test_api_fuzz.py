@@ -142,7 +142,7 @@ def verdict(findings: list[Finding], role: str, count: int) -> None:
 
 def test_openapi_declares_the_bearer_key_and_problem_bodies(fuzz_server):
     srv = fuzz_server()
-    spec = httpx.get(srv.url + "/openapi.json").json()
+    spec = httpx.get(srv.url + "/openapi.json", headers={"Authorization": f"Bearer {srv.admin_key}"}).json()
     assert spec["components"]["securitySchemes"]["bearerAuth"] == {
         "type": "http", "scheme": "bearer", "description": spec["components"]["securitySchemes"]["bearerAuth"][
             "description"]}
