@@ -149,6 +149,14 @@ def ledger_rows(db_url: str, where: str = "1=1") -> list[Any]:
         engine.dispose()
 
 
+def wait_ledger(db_url: str, where: str = "1=1", n: int = 1, timeout: float = 30) -> list[Any]:
+    """The ledger rows matching `where` once there are at least `n` (the ledger is written in the background)."""
+    def enough() -> list[Any] | None:
+        rows = ledger_rows(db_url, where)
+        return rows if len(rows) >= n else None
+    return eventually(enough, timeout=timeout)
+
+
 @dataclass
 class KeelServer:
     """A running `keel serve` subprocess."""

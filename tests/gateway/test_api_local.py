@@ -2,12 +2,12 @@
 models: real generated text, real usage numbers, one ledger row per request."""
 
 import asyncio
-import time
+import json
 
 import openai
 import pytest
 
-from conftest import ledger_rows
+from conftest import eventually, wait_ledger
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +18,6 @@ def srv(module_server_factory):
 @pytest.fixture(scope="module")
 def client(srv):
     return openai.OpenAI(base_url=srv.url + "/v1", api_key=srv.admin_key, max_retries=0)
-
-
-def _wait_rows(db_url, where, n, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = ledger_rows(db_url, where)
-        if len(rows) >= n:
-            return rows
-        time.sleep(0.1)
-    return ledger_rows(db_url, where)
 
 
 def test_models_lists_embedded_aliases(client):
@@ -46,7 +36,7 @@ def test_chat_non_streaming_real_text_and_usage(client, srv):
     assert resp.model == "local-chat"
     assert raw.headers["x-keel-deployment"] == "local-chat/local"
     rid = raw.headers["x-request-id"]
-    rows = _wait_rows(srv.extra["db_url"], f"request_id = '{rid}'", 1)
+    rows = wait_ledger(srv.extra["db_url"], f"request_id = '{rid}'", 1)
     assert len(rows) == 1
     row = rows[0]
     assert row.status == "ok" and row.tokens_in == resp.usage.prompt_tokens
@@ -68,7 +58,7 @@ def test_chat_streaming_with_usage(client, srv):
     assert "".join(pieces).strip()
     assert finish in ("stop", "length")
     assert usage is not None and usage.completion_tokens > 0 and usage.prompt_tokens > 0
-    rows = _wait_rows(srv.extra["db_url"], "stream = true AND status = 'ok'", 1)
+    rows = wait_ledger(srv.extra["db_url"], "stream = true AND status = 'ok'", 1)
     assert rows and rows[-1].ttft_ms is not None and rows[-1].ttft_ms > 0
 
 
@@ -126,12 +116,7 @@ def test_spans_carry_request_id_and_usage(client, srv):
         model="local-chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
     rid = raw.headers["x-request-id"]
     path = srv.data_dir / "traces.jsonl"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if path.exists() and rid in path.read_text():
-            break
-        time.sleep(0.2)
-    import json
+    eventually(lambda: path.exists() and rid in path.read_text())
     spans = [json.loads(line) for line in path.read_text().splitlines() if rid in line]
     assert spans, "no span for the request"
     attrs = spans[0]["attributes"]

@@ -149,7 +149,7 @@ def test_embed_runs_off_the_event_loop(provider):
             nonlocal ticks
             while True:
                 ticks += 1
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(0.001)  # the subject: a ticker that runs only while the loop is free
         task = asyncio.create_task(ticker())
         await provider.embed(["Budgets are reserved before the call. " * 30] * 64)
         task.cancel()

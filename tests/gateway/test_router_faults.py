@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import ledger_rows
+from conftest import eventually, ledger_rows, wait_ledger
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI
 
@@ -133,14 +133,18 @@ def text_of(data):
                    for d in data if d != "[DONE]" and "choices" in orjson.loads(d))
 
 
-def billed(srv, rids, timeout=10.0):
-    """The ledger rows of these requests, once every one has arrived (and a moment more, to catch doubles)."""
+def billed(srv, rids):
+    """The ledger rows of these requests, once every one has arrived and so has a later request's row (the
+    ledger writes in order, so a double of any of them would be in by then)."""
+    db = srv.extra["db_url"]
     where = "request_id IN (" + ", ".join(f"'{r}'" for r in rids) + ")"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and len(ledger_rows(srv.extra["db_url"], where)) < len(rids):
-        time.sleep(0.05)
-    time.sleep(0.2)
-    return ledger_rows(srv.extra["db_url"], where)
+    wait_ledger(db, where, n=len(rids))
+    with srv.client(srv.admin_key) as c:  # an unknown model: billed as an error, reaches no upstream
+        later = c.post("/v1/chat/completions", json={"model": "no-such-alias",
+                                                         "messages": [{"role": "user", "content": "hi"}]})
+    assert later.status_code == 404, later.text
+    wait_ledger(db, f"request_id = '{later.headers['x-request-id']}'")
+    return ledger_rows(db, where)
 
 
 def test_always_500_deployment_with_healthy_fallback_500_of_500_succeed(srv, http, up):
@@ -175,16 +179,19 @@ def test_circuit_opens_half_opens_and_closes(srv, http, up):
         assert chat(http, "circ").headers["x-keel-deployment"] == HEALTHY
     assert circ.requests == 3, "open: no request reaches the deployment"
 
-    time.sleep(1.1)
-    assert chat(http, "circ").headers["x-keel-deployment"] == HEALTHY
+    # open for the cooldown (1 s): every request goes to the fallback until one is let through as a trial
+    eventually(lambda: chat(http, "circ").headers["x-keel-deployment"] == HEALTHY and circ.requests > 3)
     assert circ.requests == 4, "half-open: exactly one trial, which fails"
     assert chat(http, "circ").headers["x-keel-deployment"] == HEALTHY
     assert circ.requests == 4, "the failed trial re-opened the circuit"
 
     circ.sticky = None  # the deployment recovers
-    time.sleep(1.1)
-    r = chat(http, "circ")
-    assert r.status_code == 200 and r.headers["x-keel-deployment"] == "circ/one"
+
+    def served_by_circ():
+        r = chat(http, "circ")
+        return r if r.headers["x-keel-deployment"] == "circ/one" else None
+    r = eventually(served_by_circ)  # the next trial, once the cooldown is over, succeeds
+    assert r.status_code == 200
     assert circ.requests == 5
     for _ in range(3):
         assert chat(http, "circ").headers["x-keel-deployment"] == "circ/one"
