@@ -6,7 +6,7 @@ from typing import Any
 
 from keel.core.errors import KeelError
 
-SPEC_DOCS = "see README › Workflows for the spec format"
+SPEC_DOCS = "see docs/workflows.md (linked from the README) for the spec format"
 
 
 def format_location(error: dict[str, Any]) -> str:
