@@ -179,6 +179,11 @@ class KeelServer:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def answered(self, request_id: str) -> bool:
+        """Whether request `request_id`'s access line is in the log: the server is done with it (a stream
+        cut short by its client included), so its ledger row is recorded."""
+        return f'"msg":"request","request_id":"{request_id}"' in self.logs()
+
     def healthy(self) -> bool:
         """Whether /healthz answers 200; raises if the process has exited (it never will)."""
         if self.proc.poll() is not None:

@@ -3,12 +3,11 @@ row, and rows queued in memory are flushed on graceful shutdown (SIGTERM mid-loa
 
 import concurrent.futures as cf
 import signal
-import time
 
 import httpx
 import pytest
 
-from conftest import fake_upstream, ledger_rows
+from conftest import eventually, fake_upstream, ledger_rows
 
 pytestmark = pytest.mark.store
 
@@ -56,7 +55,8 @@ def test_n_requests_n_rows_including_errors_and_cut_streams(server_factory, upst
                       json={"model": "stalls", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
         assert r.status_code == 200
         next(r.iter_lines())  # read one event, then hang up
-    time.sleep(0.5)
+        cut = r.headers["x-request-id"]
+    eventually(lambda: srv.answered(cut))  # the server has seen the hang-up and recorded the cut stream
     assert srv.stop(signal.SIGTERM) == 0
     rows = ledger_rows(srv.extra["db_url"])
     assert len(rows) == 7, [(r.status, r.error_code) for r in rows]
@@ -88,9 +88,7 @@ def test_sigterm_mid_load_loses_no_row(server_factory, upstream, tmp_path):
 
     with cf.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(one, i) for i in range(400)]
-        deadline = time.monotonic() + 60
-        while len(done) < 20 and time.monotonic() < deadline:  # mid-load: some answered, many in flight
-            time.sleep(0.05)
+        eventually(lambda: len(done) >= 20, timeout=60)  # mid-load: some answered, many in flight
         srv.proc.send_signal(signal.SIGTERM)
         answered = [f.result() for f in futures]
     srv.proc.wait(60)
