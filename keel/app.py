@@ -156,10 +156,11 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
     lifecycle.startup.append(obs.start)
     lifecycle.shutdown.append(obs.stop)  # runs last: after the gateway drained its streams
 
-    gov = governance_service.build(settings, store)  # a bad policy file fails here, before the port is bound
-    gateway = gateway_service.build(settings, store, app.state.vault, obs, stages=gov.stages, allow=gov.allow)
+    deployments = gateway_service.deployments(settings, store, app.state.vault)
+    gov = governance_service.build(settings, store, deployments)  # a bad policy file fails here, before the port is bound
+    gateway = gateway_service.build(settings, store, deployments, obs, stages=gov.stages, allow=gov.allow)
     app.state.gateway = gateway
-    gov.attach(app, gateway)  # audit hook, governance routes, policy reload and retention tasks
+    gov.attach(app)  # audit hook, governance routes, policy reload and retention tasks
     app.state.hot_routes.update(gateway_routes.hot_routes())
     lifecycle.startup.append(gateway.start)  # deployments' watcher, then the stages' background work
 

@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 
 from keel.core.db import Store
+from keel.core.outbound import Outbound
 from keel.core.settings import DeploymentConfig, Settings
 from keel.gateway.budgets import Budgets
 from keel.gateway.cache import CacheStage
@@ -22,19 +23,25 @@ from keel.observe.service import Observe
 log = logging.getLogger("keel.gateway")
 
 
-def build(settings: Settings, store: Store, vault: Vault, observe: Observe,
+def deployments(settings: Settings, store: Store, vault: Vault) -> Deployments:
+    """The deployments behind the model aliases (keel.yaml and the admin API), with their providers'
+    credentials from the vault; governance reads them too, so the app factory makes them first."""
+    # llama.cpp's worker threads spin at barriers: on a busy machine more threads than free cores makes
+    # decoding many times slower (the figures are in bench/README.md).
+    # Default to half the cores, leaving the rest to the event loop and embeddings.
+    threads = settings.local_threads or max(1, (os.cpu_count() or 2) // 2)
+    ctx = ProviderContext(get_secret=vault.get, data_dir=str(settings.data_dir), threads=threads,
+                          outbound=Outbound.from_settings(settings))
+    return Deployments(store, settings, ctx)
+
+
+def build(settings: Settings, store: Store, deployments: Deployments, observe: Observe,
           stages: list[Stage] | None = None, allow: Callable[[Call, DeploymentConfig], bool] | None = None,
           ) -> Gateway:
     """The gateway, built from its parts: rate limits first, then `stages` from the capabilities above
     the gateway (policy, guards), then budgets and the cache; the router is the terminal step, and every
     attempt it makes goes through the deployments' own rate limits. `allow(call, deployment)` lets
     governance keep a call (fallbacks included) off forbidden deployments."""
-    # llama.cpp's worker threads spin at barriers: on a busy machine more threads than free cores makes
-    # decoding many times slower (the figures are in bench/README.md).
-    # Default to half the cores, leaving the rest to the event loop and embeddings.
-    threads = settings.local_threads or max(1, (os.cpu_count() or 2) // 2)
-    ctx = ProviderContext(get_secret=vault.get, data_dir=str(settings.data_dir), threads=threads)
-    deployments = Deployments(store, settings, ctx)
     limiter = RateLimiter(store, settings, deployments)
     router = Router(DeploymentLimits(Providers(deployments), limiter), settings, allow=allow)
 

@@ -7,22 +7,48 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from keel.core.errors import KeelError
+from keel.core.settings import DeploymentConfig
 from keel.gateway.pipeline import Call, Next
 from keel.gateway.protocol import ChatDelta
-from keel.governance.guards.base import Placeholders
+from keel.governance import guards as guard_registry
+from keel.governance.audit import AuditLog
+from keel.governance.events import GuardEventLog
+from keel.governance.guards.base import Guard, Placeholders
 from keel.governance.guards.runner import CallGuards, GuardBlocked
-from keel.governance.policy.engine import Decision
-from keel.governance.reviews import ReviewPending
-
-if TYPE_CHECKING:
-    from keel.governance.service import Governance
+from keel.governance.policy.engine import Decision, PolicyEngine
+from keel.governance.policy.loader import PolicySource
+from keel.governance.reviews import ReviewPending, ReviewQueue
+from keel.governance.teams import TeamClassifications
 
 log = logging.getLogger("keel.governance")
+
+
+async def audit_call(audit: AuditLog, action: str, call: Call, **details: Any) -> None:
+    """Record `action` for `call` in the audit log, off the event loop."""
+    await asyncio.to_thread(audit.record, action, call.principal.key_id, call.principal.team_id,
+                            request_id=call.request_id, **details)
+
+
+class PolicyGuards:
+    """The guard instances the current policy version configures, rebuilt when the policy changes."""
+
+    def __init__(self) -> None:
+        self._built: tuple[int, dict[str, Guard]] | None = None
+
+    def for_engine(self, engine: PolicyEngine) -> dict[str, Guard]:
+        if self._built is None or self._built[0] != engine.version:
+            p = engine.policy
+            self._built = (engine.version, {
+                "pii": guard_registry.build("pii", entities=p.pii.entities),
+                "secrets": guard_registry.build("secrets"),
+                "injection": guard_registry.build("injection", threshold=p.injection.threshold),
+            })
+        return self._built[1]
 
 
 class PolicyStage:
@@ -32,28 +58,32 @@ class PolicyStage:
 
     changes_answer = True  # the tripwire refuses an answer served where the policy forbids it
 
-    def __init__(self, gov: "Governance") -> None:
-        self.gov = gov
+    def __init__(self, policy: PolicySource, teams: TeamClassifications,
+                 candidates: Callable[[str], list[DeploymentConfig]], audit: AuditLog) -> None:
+        self.policy = policy
+        self.teams = teams
+        self.candidates = candidates
+        self.audit = audit
 
     async def handle(self, call: Call, nxt: Next) -> Any:
-        engine = self.gov.policy.engine
+        engine = self.policy.engine
         collections = call.annotations.get("collections") or []
-        decision = engine.decide(team=await self.gov.team_classification(call.principal.team_id),
+        decision = engine.decide(team=await self.teams.get(call.principal.team_id),
                                  explicit=call.metadata.get("classification"), collections=collections,
                                  use_case=call.metadata.get("use_case"))
         call.annotations["policy_decision"] = decision
         call.metadata["keel_policy"] = {"version": decision.policy_version, "classification": decision.classification,
                                         "risk": decision.risk}
-        candidates = self.gov.candidates(call.alias)
+        candidates = self.candidates(call.alias)
         if candidates and decision.rules and not engine.allowed(decision, candidates):
             err = engine.deny(decision, call.alias, candidates)
-            await self.gov.audit_async("policy.deny", call, rule=err.ids["rule"], model=call.alias,
+            await audit_call(self.audit, "policy.deny", call, rule=err.ids["rule"], model=call.alias,
                                        classification=decision.classification, because=decision.reasons,
                                        policy_version=decision.policy_version)
             raise err
         sensitive = self._sensitive(engine, collections) if collections else None
         if sensitive:
-            await self.gov.audit_async("data.access", call, collections=sensitive, model=call.alias,
+            await audit_call(self.audit, "data.access", call, collections=sensitive, model=call.alias,
                                        classification=decision.classification,
                                        policy_version=decision.policy_version)
         if not decision.rules:
@@ -75,13 +105,13 @@ class PolicyStage:
         cfg = call.deployment
         if cfg is None or not decision.rules:
             return
-        rule = self.gov.policy.engine.forbidding_rule(decision, cfg)
+        rule = self.policy.engine.forbidding_rule(decision, cfg)
         if rule is not None:
             log.error("call served by a deployment the policy forbids",
                       extra={"deployment": cfg.deployment_id(), "rule": rule.name})
-            self.gov.audit(action="policy.violation", actor=call.principal.key_id, team_id=call.principal.team_id,
-                           request_id=call.request_id, deployment=cfg.deployment_id(), rule=rule.name)
-            raise self.gov.policy.engine.deny(decision, call.alias, [cfg])
+            self.audit(action="policy.violation", actor=call.principal.key_id, team_id=call.principal.team_id,
+                       request_id=call.request_id, deployment=cfg.deployment_id(), rule=rule.name)
+            raise self.policy.engine.deny(decision, call.alias, [cfg])
 
 
 class GuardStage:
@@ -90,20 +120,26 @@ class GuardStage:
 
     changes_answer = True  # output guards redact, block or hold the answer
 
-    def __init__(self, gov: "Governance") -> None:
-        self.gov = gov
+    def __init__(self, policy: PolicySource, guards: PolicyGuards, secret: bytes, reviews: ReviewQueue,
+                 events: GuardEventLog, audit: AuditLog) -> None:
+        self.policy = policy
+        self.guards = guards
+        self.secret = secret  # the placeholders' HMAC key; placeholders never outlive one process
+        self.reviews = reviews
+        self.events = events
+        self.audit = audit
 
     async def handle(self, call: Call, nxt: Next) -> Any:
         if call.kind != "chat" or call.chat is None:
             return await nxt(call)
-        decision: Decision = call.annotations.get("policy_decision") or self.gov.policy.engine.decide(
+        decision: Decision = call.annotations.get("policy_decision") or self.policy.engine.decide(
             explicit=call.metadata.get("classification"), use_case=call.metadata.get("use_case"))
         if not decision.review and not any(decision.guards.values()):
             call.release_answer(self)  # no guard on any side and no review: nothing to scan, hold or record
             return await nxt(call)
-        engine = self.gov.policy.engine
-        cg = CallGuards(self.gov.guards_for(engine), decision.guards,
-                        Placeholders(self.gov.secret, call.principal.key_id), engine.policy.pii.restore)
+        engine = self.policy.engine
+        cg = CallGuards(self.guards.for_engine(engine), decision.guards,
+                        Placeholders(self.secret, call.principal.key_id), engine.policy.pii.restore)
         try:
             messages = cg.guard_messages(call.chat.messages, call.annotations.get("passages") or [])
         except GuardBlocked as exc:
@@ -191,12 +227,12 @@ class GuardStage:
         reasons = (["policy: review required for risk tier " + decision.risk] if decision.review else [])
         reasons += cg.review_reasons
         hook = call.metadata.get("review_webhook")
-        prefixes = self.gov.policy.engine.policy.reviews.caller_webhook_prefixes
+        prefixes = self.policy.engine.policy.reviews.caller_webhook_prefixes
         webhook = hook if isinstance(hook, str) and any(hook.startswith(p) for p in prefixes) else None
         retention = decision.retention
         days = min([d for d in (retention.prompts_days, retention.outputs_days) if d is not None], default=None)
         row = await asyncio.to_thread(
-            self.gov.reviews.create, request_id=call.request_id, principal=call.principal, alias=call.alias,
+            self.reviews.create, request_id=call.request_id, principal=call.principal, alias=call.alias,
             deployment=call.deployment.deployment_id() if call.deployment else None, use_case=decision.use_case,
             classification=decision.classification, reasons=reasons,
             messages=call.chat.messages if call.chat else [],
@@ -204,7 +240,7 @@ class GuardStage:
                     "tool_calls": tool_calls}, policy_version=decision.policy_version, webhook_url=webhook,
             retain_days=days)
         self._record(call, cg, decision)
-        await self.gov.audit_async("review.hold", call, review_id=row["id"], reasons=reasons[:20],
+        await audit_call(self.audit, "review.hold", call, review_id=row["id"], reasons=reasons[:20],
                                    policy_version=decision.policy_version)
         raise ReviewPending(f"the answer to request {call.request_id} is held for human review as {row['id']}",
                             fix=f"poll GET /v1/reviews/{row['id']}" + (" or wait for the webhook" if webhook else ""),
@@ -213,7 +249,7 @@ class GuardStage:
 
     async def _blocked(self, call: Call, cg: CallGuards, decision: Decision, exc: GuardBlocked) -> None:
         self._record(call, cg, decision)
-        await self.gov.audit_async("guard.block", call, side=exc.ids.get("side"), findings=exc.ids.get("findings"),
+        await audit_call(self.audit, "guard.block", call, side=exc.ids.get("side"), findings=exc.ids.get("findings"),
                                    policy_version=decision.policy_version)
 
     def _record(self, call: Call, cg: CallGuards, decision: Decision) -> None:
@@ -226,7 +262,7 @@ class GuardStage:
         for e in events:
             key = f"{e['guard']}.{e['type']}"
             counts[key] = counts.get(key, 0) + 1
-        self.gov.events.record(call.request_id, call.principal.key_id, call.principal.team_id,
+        self.events.record(call.request_id, call.principal.key_id, call.principal.team_id,
                                decision.policy_version, events)
 
 

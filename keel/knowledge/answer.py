@@ -8,15 +8,14 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from keel.gateway.pipeline import Call
 from keel.gateway.protocol import ChatRequest
 from keel.identity.principal import Principal
-from keel.knowledge.search import Hit, Query, search
-
-if TYPE_CHECKING:
-    from keel.knowledge.service import Knowledge
+from keel.knowledge.hits import Hit
+from keel.knowledge.parts import Library
+from keel.knowledge.search import Query, search
 
 NOTHING_FOUND = ("I could not find anything relevant to this question in the collections you can read, "
                  "so I cannot answer it from them.")
@@ -59,7 +58,7 @@ def _context(hits: list[Hit]) -> str:
     return "\n\n".join(parts)
 
 
-async def retrieve(kn: "Knowledge", p: Principal, req: AnswerRequest, request_id: str) -> list[Hit]:
+async def retrieve(kn: Library, p: Principal, req: AnswerRequest, request_id: str) -> list[Hit]:
     q = Query(text=req.question, collections=req.collections, top_k=req.top_k, filters=req.filters,
               rerank=req.rerank, **({"weights": req.weights} if req.weights else {}))
     hits, _ = await search(kn, p, q, request_id)
@@ -88,7 +87,7 @@ def _cited(text: str, n: int) -> set[int]:
     return {int(m) for m in re.findall(r"\[(\d+)\]", text or "") if 1 <= int(m) <= n}
 
 
-async def answer(kn: "Knowledge", p: Principal, req: AnswerRequest, request_id: str) -> dict[str, Any]:
+async def answer(kn: Library, p: Principal, req: AnswerRequest, request_id: str) -> dict[str, Any]:
     hits = await retrieve(kn, p, req, request_id)
     if not hits:
         return {"object": "answer", "answer": NOTHING_FOUND, "found": False, "citations": [], "model": None,
@@ -101,7 +100,7 @@ async def answer(kn: "Knowledge", p: Principal, req: AnswerRequest, request_id: 
             "usage": {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens}}
 
 
-async def answer_stream(kn: "Knowledge", p: Principal, req: AnswerRequest,
+async def answer_stream(kn: Library, p: Principal, req: AnswerRequest,
                         request_id: str) -> tuple[list[Hit], AsyncIterator[dict[str, Any]]]:
     """Retrieve now (so errors become a normal problem response), then stream events:
     `citations` first, `delta`s with text, and `done` with which passages were cited."""

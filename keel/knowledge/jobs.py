@@ -13,9 +13,10 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
@@ -28,12 +29,11 @@ from keel.identity.principal import Principal
 from keel.knowledge import catalog, documents as docs
 from keel.knowledge.acl import Collection, can_write
 from keel.knowledge.errors import EmptyFile, FileRejected, FileTooLarge
-from keel.knowledge.index import reading
+from keel.knowledge.index import ChunkIndex, reading
 from keel.knowledge.parsers import format_of
+from keel.knowledge.parts import Embedder, KnowledgeConfig
 from keel.knowledge.tables import collections, iso, job_items, jobs
 
-if TYPE_CHECKING:
-    from keel.knowledge.service import Knowledge
 
 log = logging.getLogger("keel.knowledge.jobs")
 LEASE_S, HEARTBEAT_S = 15.0, 5.0
@@ -131,9 +131,13 @@ def view(store: Store, p: Principal, job_id: str, items: str = "all") -> dict[st
 class Worker:
     """Takes jobs, one at a time per process, and turns their items into documents."""
 
-    def __init__(self, kn: "Knowledge") -> None:
-        self.kn = kn
-        self.store = kn.store
+    def __init__(self, store: Store, index: ChunkIndex, config: KnowledgeConfig, embedder: Embedder,
+                 progress: Callable[[int, int], None]) -> None:
+        self.store = store
+        self.index = index
+        self.config = config
+        self.embedder = embedder
+        self.progress = progress  # (files, chunks) done, for the service's counters
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{new_id('w')[-6:]}"
         self.wake = asyncio.Event()
         self._stopping = False
@@ -247,8 +251,8 @@ class Worker:
                 nxt = asyncio.create_task(asyncio.to_thread(self._prepare, c, groups[i + 1])) \
                     if i + 1 < len(groups) else None
                 c = await self._embed(job_id, c, p, batch)
-                await asyncio.to_thread(docs.commit, self.store, self.kn.index, c, job_id, batch)
-                self.kn.progress(len(batch), sum(len(b.chunks) for b in batch if b.error is None and not b.unchanged))
+                await asyncio.to_thread(docs.commit, self.store, self.index, c, job_id, batch)
+                self.progress(len(batch), sum(len(b.chunks) for b in batch if b.error is None and not b.unchanged))
         finally:
             beat.cancel()
             if nxt is not None and not nxt.done():  # interrupted: the next group's parsing is not needed
@@ -263,7 +267,7 @@ class Worker:
                 except Exception:  # the job already failed or stopped; keep the helper's own error in the log
                     log.exception("ingest helper task failed", extra={"job_id": job_id})
         await asyncio.to_thread(self._finish, job_id)
-        await asyncio.to_thread(self.kn.index.checkpoint)
+        await asyncio.to_thread(self.index.checkpoint)
 
     def _prepare(self, c: Collection, item_ids: list[int]) -> list[docs.Prepared]:
         with reading(self.store) as conn:
@@ -274,7 +278,7 @@ class Worker:
         for r in rows:
             try:
                 out.append(docs.prepare(r.id, r.source, r.origin, r.content or b"", r.options or {},
-                                        hashes.get(r.source), self.kn.config.max_unzipped_bytes))
+                                        hashes.get(r.source), self.config.max_unzipped_bytes))
             except Exception as exc:  # a parser bug on one file must not sink the batch; it is logged
                 log.exception("parser failed", extra={"source": r.source})
                 bad = docs.Prepared(r.id, r.source, r.origin, "", r.size_bytes, r.options or {})
@@ -287,10 +291,10 @@ class Worker:
         todo = [b for b in batch if b.error is None and not b.unchanged]
         texts = [t for b in todo for t in b.embed_inputs()]
         vectors: list[np.ndarray] = []
-        step = self.kn.config.embed_batch
+        step = self.config.embed_batch
         try:
             for i in range(0, len(texts), step):
-                vectors.append(await self.kn.embed(p, c.embedding_model, texts[i:i + step], task_id=job_id,
+                vectors.append(await self.embedder.embed(p, c.embedding_model, texts[i:i + step], task_id=job_id,
                                                    use_case="knowledge.ingest"))
         except KeelError as exc:
             for b in todo:

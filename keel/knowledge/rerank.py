@@ -7,15 +7,13 @@ which numbered passages answer the query; a cross-encoder would implement the sa
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from keel.core.errors import Unavailable, UpstreamError
 from keel.gateway.pipeline import Call, Gateway
 from keel.gateway.protocol import ChatRequest
 from keel.identity.principal import Principal
-
-if TYPE_CHECKING:
-    from keel.knowledge.search import Hit
+from keel.knowledge.hits import Hit
 
 
 class Reranker(Protocol):
@@ -26,7 +24,7 @@ class Reranker(Protocol):
     failing the search; every model call goes through the gateway as `principal`.
     """
 
-    async def rerank(self, query: str, hits: list["Hit"], principal: Principal, request_id: str) -> list["Hit"]: ...
+    async def rerank(self, query: str, hits: list[Hit], principal: Principal, request_id: str) -> list[Hit]: ...
 
 
 class ChatReranker:
@@ -40,7 +38,7 @@ class ChatReranker:
         self.gateway = gateway
         self.alias = alias
 
-    async def rerank(self, query: str, hits: list["Hit"], principal: Principal, request_id: str) -> list["Hit"]:
+    async def rerank(self, query: str, hits: list[Hit], principal: Principal, request_id: str) -> list[Hit]:
         listing = "\n".join(f"[{i}] {h.title} — {h.section}: {' '.join(h.text.split())[:400]}"
                             for i, h in enumerate(hits, 1))
         messages = [

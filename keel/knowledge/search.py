@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
@@ -17,11 +17,13 @@ from keel.core.errors import BadRequest
 from keel.identity.principal import Principal
 from keel.knowledge import catalog
 from keel.knowledge.acl import Collection, Scope, filter_conditions
+from keel.knowledge.hits import Hit
 from keel.knowledge.index import Scored, reading
+from keel.knowledge.parts import Library
+from keel.knowledge.rerank import ChatReranker
 from keel.knowledge.tables import chunks, documents
 
-if TYPE_CHECKING:
-    from keel.knowledge.service import Knowledge
+__all__ = ["DEFAULT_WEIGHTS", "Hit", "Query", "rrf", "search"]
 
 RRF_K = 60
 # From bench/retrieval.py on the validation half of the Python FAQ queries: nDCG@10 is flat for a BM25
@@ -29,34 +31,6 @@ RRF_K = 60
 # keyword matches (identifiers, codes) weighing on other corpora. Requests may set their own.
 DEFAULT_WEIGHTS = {"bm25": 0.25, "vector": 1.0}
 MODES = ("hybrid", "bm25", "vector")
-
-
-@dataclass
-class Hit:
-    chunk_id: int
-    document_id: str
-    collection: Collection
-    title: str
-    source: str
-    format: str
-    section: str
-    page: int | None
-    start: int
-    end: int
-    text: str
-    score: float
-    bm25_rank: int | None = None
-    vector_rank: int | None = None
-    similarity: float | None = None
-
-    def public(self) -> dict[str, Any]:
-        return {"chunk_id": self.chunk_id, "document_id": self.document_id, "collection": self.collection.name,
-                "collection_id": self.collection.id, "classification": self.collection.classification,
-                "title": self.title, "source": self.source, "format": self.format, "section": self.section,
-                "page": self.page, "span": {"start": self.start, "end": self.end}, "text": self.text,
-                "score": round(self.score, 6),
-                "ranks": {"bm25": self.bm25_rank, "vector": self.vector_rank},
-                "similarity": None if self.similarity is None else round(self.similarity, 6)}
 
 
 @dataclass
@@ -81,7 +55,7 @@ def rrf(lists: dict[str, list[Scored]], weights: dict[str, float], k: int = RRF_
     return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
-def _hydrate(kn: "Knowledge", scope: Scope, ids: list[int]) -> dict[int, tuple[Any, np.ndarray | None]]:
+def _hydrate(kn: Library, scope: Scope, ids: list[int]) -> dict[int, tuple[Any, np.ndarray | None]]:
     """Chunk + document rows for `ids`, re-checked against the scope (defence in depth)."""
     if not ids:
         return {}
@@ -94,7 +68,7 @@ def _hydrate(kn: "Knowledge", scope: Scope, ids: list[int]) -> dict[int, tuple[A
         return {r.id: (r, r.embedding) for r in conn.execute(q)}
 
 
-async def search(kn: "Knowledge", p: Principal, q: Query, request_id: str) -> tuple[list[Hit], dict[str, Any]]:
+async def search(kn: Library, p: Principal, q: Query, request_id: str) -> tuple[list[Hit], dict[str, Any]]:
     """The hits for `q` the principal may read, best first, and timings in ms."""
     if q.mode not in MODES:
         raise BadRequest(f"unknown mode {q.mode!r}", fix=f"use one of: {', '.join(MODES)}")
@@ -162,8 +136,6 @@ async def search(kn: "Knowledge", p: Principal, q: Query, request_id: str) -> tu
                         r.span_end, r.text, score, ranks.get("bm25", {}).get(cid), ranks.get("vector", {}).get(cid),
                         sim))
     if q.rerank and hits:
-        from keel.knowledge.rerank import ChatReranker
-
         t = time.perf_counter()
         hits = await ChatReranker(kn.gateway, q.rerank).rerank(q.text, hits[:max(q.top_k * 2, 10)], p, request_id)
 

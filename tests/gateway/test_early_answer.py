@@ -44,8 +44,8 @@ def build(db_url, tmp_path, fake):
         store.upgrade()
         stores.append(store)
         vault = Vault(store, load_master_key("test-master-key", tmp_path))
-        return gateway_service.build(settings, store, vault, observe_service.build(settings, store),
-                                     stages=list(stages))
+        return gateway_service.build(settings, store, gateway_service.deployments(settings, store, vault),
+                                     observe_service.build(settings, store), stages=list(stages))
 
     yield make
     for store in stores:

@@ -88,11 +88,10 @@ def governed_gateway(db_url, tmp_path, fakes):
     policy.write_text(POLICY)
     store = Store.open(db_url)
     store.upgrade()
-    gov = governance_service.build(settings, store, policy_file=policy)
     deployments = Deployments(store, settings, ProviderContext(get_secret=lambda name: ""))
+    gov = governance_service.build(settings, store, deployments, policy_file=policy)
     gw = Gateway(deployments, Ledger(store), trace.get_tracer("test"), stages=gov.stages,
                  router=Router(Providers(deployments), settings, allow=gov.allow))
-    gov.candidates = gw.deployments.for_alias
     yield gw, gov, cloud, onprem
     store.dispose()
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from types import SimpleNamespace
 
 import pytest
 
 from keel.core.db import Store
-from keel.governance import service as gov_service
+from keel.governance.teams import TEAM_CACHE_S, TeamClassifications
 from keel.identity import service as identity
 
 pytestmark = pytest.mark.store
@@ -21,7 +20,6 @@ def test_a_team_in_use_is_reread_off_the_request_path(db_url, monkeypatch):
     store.upgrade()
     team = identity.create_team(store, "risk", classification="confidential")
     now = [100.0]
-    monkeypatch.setattr(gov_service, "time", SimpleNamespace(monotonic=lambda: now[0]))
     gate = threading.Event()
     gate.set()
     reads: list[str] = []
@@ -33,27 +31,27 @@ def test_a_team_in_use_is_reread_off_the_request_path(db_url, monkeypatch):
         return real(store_, ref)
 
     monkeypatch.setattr(identity, "get_team", get_team)
-    gov = gov_service.Governance(store, None, 60.0)
-    ttl = gov_service.TEAM_CACHE_S
+    teams = TeamClassifications(store, clock=lambda: now[0])
+    ttl = TEAM_CACHE_S
 
     async def main() -> None:
-        assert await gov.team_classification(team["id"]) == "confidential"  # first use: read
+        assert await teams.get(team["id"]) == "confidential"  # first use: read
         now[0] += ttl * 0.3
-        await gov.team_classification(team["id"])
+        await teams.get(team["id"])
         assert len(reads) == 1  # fresh
         gate.clear()  # the store is slow from here
         now[0] += ttl * 0.4  # past half the cache time: served, and re-read in the background
-        assert await asyncio.wait_for(gov.team_classification(team["id"]), 1) == "confidential"
-        await asyncio.wait_for(gov.team_classification(team["id"]), 1)
+        assert await asyncio.wait_for(teams.get(team["id"]), 1) == "confidential"
+        await asyncio.wait_for(teams.get(team["id"]), 1)
         await asyncio.sleep(0.1)
         assert len(reads) == 2  # one background read, however many requests
         gate.set()
-        while gov._team_reads:
+        while teams.reads:
             await asyncio.sleep(0.01)
         now[0] += ttl * 2  # past the cache time: read on the request's path
         gate.clear()
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(gov.team_classification(team["id"])), 0.2)
+            await asyncio.wait_for(asyncio.shield(teams.get(team["id"])), 0.2)
         gate.set()
 
     asyncio.run(main())

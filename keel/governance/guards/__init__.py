@@ -6,6 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 from keel.governance.guards.base import Guard
+from keel.governance.guards.injection import InjectionGuard
+from keel.governance.guards.pii import PiiGuard
+from keel.governance.guards.secrets import SecretsGuard
 
 _factories: dict[str, Callable[..., Guard]] = {}
 
@@ -23,14 +26,6 @@ def names() -> list[str]:
     return sorted(_factories)
 
 
-def _register_builtins() -> None:
-    from keel.governance.guards.injection import InjectionGuard
-    from keel.governance.guards.pii import PiiGuard
-    from keel.governance.guards.secrets import SecretsGuard
-
-    register("pii", PiiGuard)
-    register("secrets", SecretsGuard)
-    register("injection", InjectionGuard)
-
-
-_register_builtins()
+register("pii", PiiGuard)  # the built-ins register as a third-party guard would
+register("secrets", SecretsGuard)
+register("injection", InjectionGuard)

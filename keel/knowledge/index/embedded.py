@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from keel.core.db import Store
 from keel.core.errors import Unavailable
 from keel.knowledge.acl import Collection, Scope
-from keel.knowledge.index import ChunkIn, Scored, TermStats, Tx, insert_chunks, query_terms, reading
+from keel.knowledge.index.base import ChunkIn, Scored, TermStats, Tx, insert_chunks, query_terms, reading
 from keel.knowledge.index.hnsw import VectorShard
 from keel.knowledge.tables import chunks, collections, documents
 

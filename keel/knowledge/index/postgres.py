@@ -23,7 +23,7 @@ from sqlalchemy.types import UserDefinedType
 
 from keel.core.db import Store
 from keel.knowledge.acl import Collection, Scope
-from keel.knowledge.index import ChunkIn, Scored, TermStats, Tx, insert_chunks, query_terms
+from keel.knowledge.index.base import ChunkIn, Scored, TermStats, Tx, insert_chunks, query_terms
 from keel.knowledge.tables import chunks, documents
 
 EF_SEARCH = 100

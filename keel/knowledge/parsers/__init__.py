@@ -12,96 +12,22 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from keel.knowledge.errors import EmptyFile, UnsupportedFormat, WrongFormat
+from keel.knowledge.parsers.base import Builder, Parsed, Section
+from keel.knowledge.parsers.docx import parse_docx
+from keel.knowledge.parsers.html import parse_html
+from keel.knowledge.parsers.pdf import parse_pdf
+from keel.knowledge.parsers.tabular import parse_csv, parse_json
+from keel.knowledge.parsers.text import parse_text
+
+__all__ = ["FORMATS", "Builder", "Parsed", "Section", "format_of", "parse"]
 
 FORMATS = {
     ".md": "md", ".markdown": "md", ".txt": "txt", ".text": "txt", ".rst": "rst", ".rst.txt": "rst",
     ".html": "html", ".htm": "html", ".pdf": "pdf", ".docx": "docx", ".csv": "csv", ".json": "json",
 }
-
-
-@dataclass
-class Section:
-    """A stretch `[start, end)` of the parsed text under one heading path (and on one page)."""
-
-    start: int
-    end: int
-    path: tuple[str, ...] = ()
-    page: int | None = None
-
-
-@dataclass
-class Parsed:
-    text: str
-    sections: list[Section]
-    title: str
-    format: str
-    pages: int | None = None
-    meta: dict = field(default_factory=dict)
-
-
-class Builder:
-    """Accumulates blocks of text; a heading or a new page opens a new section."""
-
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.length = 0
-        self.path: list[tuple[int, str]] = []
-        self.page: int | None = None
-        self.sections: list[Section] = []
-        self.first_heading = ""
-
-    def _open(self) -> None:
-        if self.sections and self.sections[-1].start == self.length:
-            self.sections[-1] = Section(self.length, self.length, tuple(t for _, t in self.path), self.page)
-        else:
-            self.sections.append(Section(self.length, self.length, tuple(t for _, t in self.path), self.page))
-
-    def _add(self, text: str) -> None:
-        if not self.sections:
-            self._open()
-        if self.length:
-            self.parts.append("\n\n")
-            self.length += 2
-        self.parts.append(text)
-        self.length += len(text)
-
-    def heading(self, level: int, title: str) -> None:
-        title = " ".join(title.split())
-        if not title:
-            return
-        self.first_heading = self.first_heading or title
-        while self.path and self.path[-1][0] >= level:
-            self.path.pop()
-        self.path.append((level, title))
-        if self.length:
-            self.parts.append("\n\n")
-            self.length += 2
-        self._open()
-        self.parts.append(title)
-        self.length += len(title)
-
-    def new_page(self, page: int) -> None:
-        self.page = page
-        if self.length:
-            self.parts.append("\n\n")
-            self.length += 2
-        self._open()
-
-    def block(self, text: str) -> None:
-        text = text.strip()
-        if text:
-            self._add(text)
-
-    def build(self, fmt: str, title: str, pages: int | None = None) -> Parsed:
-        text = "".join(self.parts)
-        for i, s in enumerate(self.sections):
-            s.end = self.sections[i + 1].start if i + 1 < len(self.sections) else len(text)
-        sections = [s for s in self.sections if text[s.start:s.end].strip()]
-        return Parsed(text=text, sections=sections, title=title or self.first_heading, format=fmt, pages=pages)
 
 
 def format_of(name: str) -> str:
@@ -145,19 +71,14 @@ def parse(name: str, data: bytes, *, max_unzipped_bytes: int = 256 * 1024 * 1024
         raise WrongFormat(f"{name}: named as {fmt} text but its content is {what}",
                           fix="give the file its real extension", source=name)
     if fmt == "pdf":
-        from keel.knowledge.parsers.pdf import parse_pdf
         parsed = parse_pdf(name, data)
     elif fmt == "docx":
-        from keel.knowledge.parsers.docx import parse_docx
         parsed = parse_docx(name, data, max_unzipped_bytes)
     elif fmt == "html":
-        from keel.knowledge.parsers.html import parse_html
         parsed = parse_html(name, data)
     elif fmt in ("csv", "json"):
-        from keel.knowledge.parsers.tabular import parse_csv, parse_json
         parsed = (parse_csv if fmt == "csv" else parse_json)(name, data)
     else:
-        from keel.knowledge.parsers.text import parse_text
         parsed = parse_text(name, data, fmt)
     if not parsed.text.strip() or not parsed.sections:
         raise EmptyFile(f"{name}: no text could be extracted" + (" (a scanned PDF needs OCR first)"

@@ -10,7 +10,7 @@ import io
 import zipfile
 
 from keel.knowledge.errors import ArchiveBomb, CorruptFile
-from keel.knowledge.parsers import Builder, Parsed
+from keel.knowledge.parsers.base import Builder, Parsed
 
 MAX_RATIO = 200  # uncompressed/compressed for any member over 1 MiB
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from selectolax.lexbor import LexborHTMLParser
 
-from keel.knowledge.parsers import Builder, Parsed
+from keel.knowledge.parsers.base import Builder, Parsed
 from keel.knowledge.parsers.text import decode
 
 _SKIP = {"script", "style", "noscript", "nav", "template", "svg", "head", "iframe", "object", "form", "button"}

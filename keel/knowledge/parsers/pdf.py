@@ -6,7 +6,7 @@ import io
 import logging
 
 from keel.knowledge.errors import CorruptFile, EmptyFile
-from keel.knowledge.parsers import Builder, Parsed
+from keel.knowledge.parsers.base import Builder, Parsed
 
 logging.getLogger("pypdf").setLevel(logging.ERROR)
 

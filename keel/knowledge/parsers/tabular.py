@@ -10,7 +10,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from keel.knowledge.errors import CorruptFile
-from keel.knowledge.parsers import Builder, Parsed
+from keel.knowledge.parsers.base import Builder, Parsed
 from keel.knowledge.parsers.text import decode
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from keel.knowledge.parsers import Parsed, Section
+from keel.knowledge.parsers.base import Parsed, Section
 
 _ATX = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)[ \t#]*$")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)")
