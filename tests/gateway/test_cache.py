@@ -12,7 +12,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import fake_upstream, ledger_rows
+from conftest import eventually, fake_upstream, ledger_rows, wait_ledger
 
 pytestmark = pytest.mark.store
 PRICE_IN, PRICE_OUT = 1.0, 2.0
@@ -84,13 +84,7 @@ def text_of(events) -> str:
 
 def row(srv, response, timeout=10):
     rid = response.headers["x-request-id"] if hasattr(response, "headers") else response["x-request-id"]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = ledger_rows(srv.extra["db_url"], f"request_id = '{rid}'")
-        if rows:
-            return rows[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no ledger row for {rid}")
+    return wait_ledger(srv.extra["db_url"], f"request_id = '{rid}'", timeout=timeout)[0]
 
 
 def unique(prefix="q") -> str:
@@ -165,8 +159,7 @@ def test_ttl_expiry(srv, upstream):
     q, before = unique(), upstream_calls(upstream)
     chat(srv, q, model="short", temperature=0)
     assert hit(chat(srv, q, model="short", temperature=0))
-    time.sleep(1.1)
-    assert not hit(chat(srv, q, model="short", temperature=0))
+    eventually(lambda: not hit(chat(srv, q, model="short", temperature=0)), timeout=5)  # hits until ttl_s: 1 ends
     assert upstream_calls(upstream) == before + 2
 
 
@@ -183,7 +176,7 @@ def test_invalidation_by_alias(srv, upstream):
     assert r.status_code == 200 and r.json()["alias"] == "exact" and r.json()["deleted"] >= 1
     before = upstream_calls(upstream)
     assert hit(chat(srv, q, model="plain", temperature=0, keel={"cache": "exact"}))  # other aliases keep theirs
-    time.sleep(1.1)  # past the generation sync, which must not take our own invalidation for a new one
+    time.sleep(1.1)  # the clock past SYNC_S, so the next lookup syncs: it must not take our own invalidation for new
     assert not hit(chat(srv, q, temperature=0))
     assert hit(chat(srv, q, temperature=0))  # the fresh answer was stored again
     assert upstream_calls(upstream) == before + 1
@@ -233,7 +226,8 @@ def test_stream_client_hangs_up_is_not_stored(srv, upstream):
                       json={"model": "exact", "messages": [{"role": "user", "content": q}], "stream": True,
                             "temperature": 0}) as r:
         next(r.iter_lines())  # one event, then hang up
-    time.sleep(0.5)
+        cut = r.headers["x-request-id"]
+    eventually(lambda: srv.answered(cut))  # the server is done with the cut stream (stored it or not)
     assert not hit(chat(srv, q, temperature=0))
     assert upstream_calls(upstream) == before + 2
 
@@ -302,8 +296,7 @@ def test_replicas_share_entries_and_invalidation(srv, upstream, module_server_fa
     assert hit(chat(other, q, model="plain", temperature=0, keel={"cache": "exact"}))  # now from its memory
     with srv.admin() as admin:
         assert admin.delete("/admin/cache/plain").status_code == 200
-    time.sleep(1.2)
-    assert not hit(chat(other, q, model="plain", temperature=0, keel={"cache": "exact"}))
+    eventually(lambda: not hit(chat(other, q, model="plain", temperature=0, keel={"cache": "exact"})), timeout=5)
     assert upstream_calls(upstream) == before + 2
     system = unique("You are a geography tutor.")
     assert not hit(_ask(srv, system, "What is the capital of Italy?"))
