@@ -53,7 +53,7 @@ def wait_for_fresh_window(margin_s: float = 15) -> None:
     """Limits count in fixed one-minute windows: start a burst early enough in one to finish inside it."""
     into = time.time() % 60
     if into > 60 - margin_s:
-        time.sleep(60 - into + 0.2)
+        time.sleep(60 - into + 0.2)  # waits for the wall clock's next minute (the server's), not for background work
 
 
 async def burst(url: str, key: str, n: int, concurrency: int) -> list[int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -14,6 +13,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from conftest import eventually
 from tests.governance.conftest import REPLY, chat
 
 pytestmark = pytest.mark.store
@@ -68,17 +68,13 @@ def test_held_answer_is_released_only_after_edit_then_approve(governed, keys, we
     with governed.client(key) as caller:
         released = caller.get(f"/v1/reviews/{rid}").json()
     assert released["status"] == "approved" and released["output"]["content"] == "Thanks, we are on it."
-    deadline = time.monotonic() + 10
-    while not got and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert got and got[0]["type"] == "review.approved" and got[0]["review"]["id"] == rid
+    eventually(lambda: got)
+    assert got[0]["type"] == "review.approved" and got[0]["review"]["id"] == rid
     with governed.admin() as admin:
         actions = [e["action"] for e in admin.get("/v1/audit?action=review.*").json()["data"]]
         assert {"review.hold", "review.approve"} <= set(actions)
-        deadline = time.monotonic() + 5
-        while admin.get(f"/v1/reviews/{rid}").json()["webhook_status"] is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert admin.get(f"/v1/reviews/{rid}").json()["webhook_status"].startswith("delivered")
+        status = eventually(lambda: admin.get(f"/v1/reviews/{rid}").json()["webhook_status"])
+        assert status.startswith("delivered")
 
 
 def test_reject_needs_a_reason_and_other_teams_cannot_see_it(governed, keys):
