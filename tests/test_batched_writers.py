@@ -4,22 +4,26 @@ that starts while the background flush is still writing must not return before t
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
+from conftest import eventually_async
 from keel.core.db import Store
 from keel.governance.events import GuardEventLog
 from keel.observe.ledger import Ledger
 
 
 class SlowWrites:
-    """Makes `_write` take a while, and records when each write finished."""
+    """Makes `_write` take a while, and records when each write started and finished."""
 
     def __init__(self, writer, delay: float) -> None:  # noqa: ANN001
+        self.started = threading.Event()
         self.done: list[float] = []
         inner = writer._write
 
         def slow(rows):  # noqa: ANN001, ANN202
-            time.sleep(delay)
+            self.started.set()
+            time.sleep(delay)  # the subject: a write that is still going when the second flush comes
             inner(rows)
             self.done.append(time.monotonic())
 
@@ -39,7 +43,7 @@ def flush_while_flushing(writer, slow: SlowWrites, record) -> None:  # noqa: ANN
     async def go() -> float:
         record()
         background = asyncio.create_task(writer.flush())
-        await asyncio.sleep(0.05)  # the background flush has taken the rows and is writing them
+        await eventually_async(slow.started.is_set)  # the background flush has taken the rows and is writing them
         await writer.flush()
         returned = time.monotonic()
         await background
