@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
-from conftest import KeelServer, loopback_process
+from conftest import KeelServer, eventually, loopback_process
 
 FINAL = ("completed", "failed", "cancelled")
 
@@ -38,17 +37,17 @@ def run_detail(srv: KeelServer, name: str, run_id: str, key: str | None = None) 
 def wait_run(srv: KeelServer, name: str, run_id: str, statuses: tuple[str, ...] = FINAL,
              timeout: float = 60) -> dict[str, Any]:
     """Poll until the run's status is one of `statuses`; fail with the last detail seen."""
-    deadline = time.monotonic() + timeout
     last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        try:
-            last = run_detail(srv, name, run_id)
-        except httpx.HTTPError:
-            last = {}
-        if last.get("status") in statuses:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"run {run_id} did not reach {statuses} in {timeout}s: {last}\n{srv.logs()[-3000:]}")
+
+    def reached() -> dict[str, Any] | None:
+        nonlocal last
+        last = run_detail(srv, name, run_id)  # an HTTP error (a server restarting) is retried
+        return last if last.get("status") in statuses else None
+    try:
+        return eventually(reached, timeout=timeout, interval=0.1, retry=(httpx.HTTPError,))
+    except AssertionError as exc:
+        raise AssertionError(f"run {run_id} did not reach {statuses} in {timeout}s: {last}\n"
+                             f"{srv.logs()[-3000:]}") from exc
 
 
 def steps_by_id(detail: dict[str, Any]) -> dict[str, dict[str, Any]]:

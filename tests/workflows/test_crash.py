@@ -16,13 +16,12 @@ import httpx
 import pytest
 import yaml
 
-from conftest import ROOT, ledger_rows
+from conftest import EMBEDDED, ROOT, ledger_rows
 from tests.workflows.conftest import receiver, steps_by_id, wait_run
 
 pytestmark = [pytest.mark.store, pytest.mark.slow]
 RUNS = 20
 EXAMPLE = ROOT / "examples" / "lead_intake"
-EMBEDDED = {"KEEL_EMBEDDED_MODELS": "true", "KEEL_LOCAL_THREADS": "1"}
 
 
 def lead_spec(receiver_url: str) -> str:
@@ -70,7 +69,7 @@ def test_sigkill_at_random_moments_loses_and_repeats_nothing(module_server_facto
 
         kills = 0
         for _ in range(6):  # kill while runs are mid-flight, then restart on the same store
-            time.sleep(rnd.uniform(0.5, 4.0))
+            time.sleep(rnd.uniform(0.5, 4.0))  # the subject: a kill at a random moment of the runs
             srv.stop(signal.SIGKILL)
             kills += 1
             srv = module_server_factory(db_url=db_url, data_dir=data_dir, **EMBEDDED)
@@ -84,7 +83,7 @@ def test_sigkill_at_random_moments_loses_and_repeats_nothing(module_server_facto
         with srv.admin() as c:
             for run_id in run_ids[:10]:
                 assert c.post(f"/v1/approvals/apr_{run_id}.review/approve", json={}).status_code == 200
-        time.sleep(rnd.uniform(0.0, 0.5))
+        time.sleep(rnd.uniform(0.0, 0.5))  # the subject: a kill at a random moment of the sends
         srv.stop(signal.SIGKILL)
         kills += 1
         srv = module_server_factory(db_url=db_url, data_dir=data_dir, **EMBEDDED)

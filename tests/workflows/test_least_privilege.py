@@ -3,11 +3,10 @@ cannot change a workflow it does not own, and nobody sees or acts on a run outsi
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
+from conftest import eventually
 from tests.workflows.conftest import define, receiver, start, steps_by_id, wait_run
 
 pytestmark = pytest.mark.store
@@ -199,12 +198,8 @@ def test_team_less_admin_run_is_hidden_from_every_team(srv, keys):
     to every team's member, builder and reviewer, who can neither cancel nor retry it."""
     define(srv, SECRETIVE)
     run_id = start(srv, "admin_only_run", {"note": "acquisition-target-zeta"})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with srv.admin() as c:
-            if c.get(f"/v1/outbox?run_id={run_id}").json()["data"]:
-                break
-        time.sleep(0.1)
+    with srv.admin() as c:
+        eventually(lambda: c.get(f"/v1/outbox?run_id={run_id}").json()["data"])
     for role in ("member", "builder", "reviewer"):
         for team in ("red", "blue", None):
             with srv.client(keys[(role, team)]) as c:

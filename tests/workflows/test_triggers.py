@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from keel.workflows.triggers import sign
+from conftest import eventually
 from tests.workflows.conftest import define, wait_run
 
 pytestmark = pytest.mark.store
@@ -107,15 +108,12 @@ def test_a_redelivered_webhook_returns_the_same_run(srv):
 def test_schedule_starts_runs_on_time_once_each(srv):
     """Guards cron triggers: a schedule every 2 s starts runs as the owner, one per due time."""
     define(srv, TICKING)
-    deadline = time.monotonic() + 20
-    runs: list[dict] = []
-    while time.monotonic() < deadline:
+
+    def three_runs() -> list[dict] | None:
         with srv.admin() as c:
             runs = c.get("/v1/workflows/ticking/runs?limit=100").json()["data"]
-        if len(runs) >= 3:
-            break
-        time.sleep(0.5)
-    assert len(runs) >= 3, runs
+        return runs if len(runs) >= 3 else None
+    runs = eventually(three_runs, timeout=20, interval=0.5)
     assert all(r["trigger"] == "schedule" and r["id"].startswith("run_cron_ticking_") for r in runs)
     due = sorted(int(r["id"].rsplit("_", 1)[1]) for r in runs)
     assert len(set(due)) == len(due) and all(t % 2 == 0 for t in due)
