@@ -5,11 +5,10 @@ answers with citations (streaming too), and metering of every embedding call."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from conftest import ledger_rows
+from conftest import ledger_rows, wait_ledger
 
 from .conftest import fake_chat_config, upload, wait_job
 from .files import CSV, HTML, JSON, MD, RST, make_docx, make_pdf, make_zip_bomb
@@ -129,12 +128,8 @@ def test_background_job_status_and_delete_document(admin):
 
 
 def test_embedding_calls_go_through_the_gateway_and_are_metered(admin, ksrv):
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        rows = ledger_rows(ksrv.extra["db_url"], "kind = 'embedding'")
-        if any(r.use_case == "knowledge.search" for r in rows):
-            break
-        time.sleep(0.2)
+    wait_ledger(ksrv.extra["db_url"], "kind = 'embedding' AND use_case = 'knowledge.search'")
+    rows = ledger_rows(ksrv.extra["db_url"], "kind = 'embedding'")
     uses = {r.use_case for r in rows}
     assert {"knowledge.ingest", "knowledge.search"} <= uses, uses
     assert all(r.alias == "local-embed" and r.tokens_in > 0 for r in rows if r.use_case == "knowledge.ingest")
@@ -169,14 +164,7 @@ def test_answer_prompt_numbers_passages_and_is_metered_as_a_chat_call(admin, ksr
     body = admin.post("/v1/answer", json={"question": "Who gets 25 days of paid holiday?", "collections": ["docs"],
                                           "top_k": 3, "model": "fake-chat"}).json()
     assert body["found"] and [c["n"] for c in body["citations"]] == list(range(1, len(body["citations"]) + 1))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        rows = ledger_rows(ksrv.extra["db_url"], "kind = 'chat'")
-        if any(r.use_case == "knowledge.answer" and r.alias == "fake-chat" for r in rows):
-            break
-        time.sleep(0.2)
-    assert any(r.use_case == "knowledge.answer" and r.alias == "fake-chat" for r in rows), [
-        (r.kind, r.alias, r.use_case, r.status) for r in ledger_rows(ksrv.extra["db_url"])]
+    wait_ledger(ksrv.extra["db_url"], "kind = 'chat' AND use_case = 'knowledge.answer' AND alias = 'fake-chat'")
 
 
 def test_rerank_stage_reorders_only_the_fused_hits_through_the_gateway(admin, ksrv):
@@ -185,9 +173,4 @@ def test_rerank_stage_reorders_only_the_fused_hits_through_the_gateway(admin, ks
     assert {h["chunk_id"] for h in reranked} <= {h["chunk_id"] for h in search(admin, "refunds invoices holidays",
                                                                                top_k=10)}
     assert len(reranked) == len(plain)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if any(r.use_case == "knowledge.rerank" for r in ledger_rows(ksrv.extra["db_url"], "kind = 'chat'")):
-            break
-        time.sleep(0.2)
-    assert any(r.use_case == "knowledge.rerank" for r in ledger_rows(ksrv.extra["db_url"], "kind = 'chat'"))
+    wait_ledger(ksrv.extra["db_url"], "kind = 'chat' AND use_case = 'knowledge.rerank'")
