@@ -5,11 +5,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 
-from conftest import free_port
+from conftest import eventually, free_port
 
 
 def _up(tmp_path, port):
@@ -20,15 +19,9 @@ def _up(tmp_path, port):
 
 
 def _wait_ready(url, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    return False
+    """Until /readyz answers 200 (fails after `timeout` seconds)."""
+    eventually(lambda: httpx.get(url + "/readyz", timeout=1).status_code == 200, timeout=timeout, interval=0.2,
+               retry=(httpx.HTTPError,))
 
 
 def _stop(proc):
@@ -45,11 +38,11 @@ def _lead_intake_end_to_end(url, headers):
     r = httpx.post(url + "/v1/workflows/lead_intake/runs", json={"inputs": lead}, headers=headers)
     assert r.status_code == 201, r.text
     run_id = r.json()["id"]
-    run = {}
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and run.get("status") not in ("waiting_approval", "failed"):
+
+    def run_in(*statuses):
         run = httpx.get(url + f"/v1/workflows/lead_intake/runs/{run_id}", headers=headers).json()
-        time.sleep(0.5)
+        return run if run["status"] in statuses else None
+    run = eventually(lambda: run_in("waiting_approval", "failed"), timeout=240, interval=0.5)
     assert run["status"] == "waiting_approval", run
     steps = {s["id"]: s for s in run["steps"]}
     assert "Acme Logistics" in steps["enrich"]["output"]["hits"][0]["text"]
@@ -59,9 +52,7 @@ def _lead_intake_end_to_end(url, headers):
     r = httpx.post(url + f"/v1/approvals/{approval}/approve", headers=headers,
                    json={"edits": {"draft": "Hi Ana, thanks for reaching out. Talk soon!"}, "reason": "tone"})
     assert r.status_code == 200, r.text
-    while time.monotonic() < deadline and run["status"] != "completed":
-        run = httpx.get(url + f"/v1/workflows/lead_intake/runs/{run_id}", headers=headers).json()
-        time.sleep(0.3)
+    run = eventually(lambda: run_in("completed", "failed"), timeout=120, interval=0.3)
     assert run["status"] == "completed", run
     crm = httpx.get(url + "/v1/records/crm_leads", headers=headers).json()["data"]
     assert [c["data"]["company"] for c in crm if c["run_id"] == run_id] == ["Acme Logistics"]
@@ -75,7 +66,7 @@ def test_up_prints_url_and_key_once_then_serves_models_and_demo_data(tmp_path):
     port = free_port()
     proc = _up(tmp_path, port)
     url = f"http://127.0.0.1:{port}"
-    assert _wait_ready(url), "keel up did not become ready within 60 s"
+    _wait_ready(url)
     assert (tmp_path / ".keel" / "keel.db").exists()
     lines = []
     while not any("sk-keel-" in line for line in lines):
@@ -83,13 +74,13 @@ def test_up_prints_url_and_key_once_then_serves_models_and_demo_data(tmp_path):
     key = re.search(r"sk-keel-\S+", "".join(lines)).group(0)
     assert any(url in line for line in lines)
     headers = {"Authorization": f"Bearer {key}"}
-    deadline = time.monotonic() + 90
-    docs = []
-    while time.monotonic() < deadline and len(docs) < 6:  # demo data: two collections, ingested in the background
+
+    def demo_data():  # two collections, ingested in the background
         colls = httpx.get(url + "/v1/collections", headers=headers).json()["data"]
         docs = [d for c in colls
                 for d in httpx.get(url + f"/v1/collections/{c['id']}/documents", headers=headers).json()["data"]]
-        time.sleep(0.5)
+        return (colls, docs) if len(docs) >= 6 else None
+    colls, docs = eventually(demo_data, timeout=90, interval=0.5)
     assert sorted(c["name"] for c in colls) == ["companies", "handbook"] and len(docs) == 6
     _lead_intake_end_to_end(url, headers)
     rc, _ = _stop(proc)
@@ -97,7 +88,7 @@ def test_up_prints_url_and_key_once_then_serves_models_and_demo_data(tmp_path):
     port2 = free_port()
     proc = _up(tmp_path, port2)
     url2 = f"http://127.0.0.1:{port2}"
-    assert _wait_ready(url2)
+    _wait_ready(url2)
     models = httpx.get(url2 + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
     assert {"local-chat", "local-embed"} <= {m["id"] for m in models["data"]}
     rc, out = _stop(proc)
