@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
+from conftest import eventually, eventually_async
+
 pytestmark = pytest.mark.store
 
 
@@ -52,11 +54,13 @@ def test_wrong_missing_and_expired_keys_get_401(server):
         key = admin.post("/admin/keys", json={"role": "member", "expires_at": soon}).json()["key"]
         past = admin.post("/admin/keys", json={"role": "member", "expires_at": "2001-01-01T00:00:00Z"})
         assert past.status_code == 400
-    import time
-    time.sleep(2.6)
-    with server.client(key) as c:
-        r = c.get("/v1/me")
-        assert r.status_code == 401 and "expired" in r.json()["detail"]
+
+    def refused():
+        with server.client(key) as c:
+            r = c.get("/v1/me")
+        return r if r.status_code == 401 else None
+    r = eventually(refused, timeout=10)  # served until it expires 1.5 s from now, then refused
+    assert "expired" in r.json()["detail"]
 
 
 @pytest.mark.parametrize("role", ["builder", "member", "reviewer", "auditor"])
@@ -148,7 +152,7 @@ def test_keys_in_use_are_reverified_off_the_request_path(tmp_path, db_url, monke
         await auth.authenticate(key2)
         await auth.authenticate(key1)
         assert len(lookups) == 2  # fresh: no lookup
-        await asyncio.sleep(1.5)  # a pause of one and a half TTLs
+        await asyncio.sleep(1.5)  # the subject: a pause of one and a half TTLs, the refresher running meanwhile
         await auth.authenticate(key1)
         await auth.authenticate(key2)
         assert len(lookups) == 2, "a request after a pause waited on the store"
@@ -167,15 +171,15 @@ def test_keys_in_use_are_reverified_off_the_request_path(tmp_path, db_url, monke
         assert key1 not in auth._cache
 
         gate.clear()  # the store stops answering: key2's entry runs out a TTL after its last check
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(1.2)  # the subject: more than a TTL passes with the store silent
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(asyncio.shield(auth.authenticate(key2)), 0.2)
         gate.set()
         await auth.authenticate(key2)
 
         looked = len(lookups)
-        await asyncio.sleep(2.6)  # key2 unused for longer than keep_s: forgotten, and the refresher stops
-        assert auth._cache == {} and auth._refresher.done()
+        # key2 unused for longer than keep_s (2 s): forgotten, and the refresher stops
+        await eventually_async(lambda: auth._cache == {} and auth._refresher.done(), timeout=10)
         await auth.authenticate(key2)
         assert len(lookups) == looked + 1
         await auth.close()
