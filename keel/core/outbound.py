@@ -100,9 +100,9 @@ class Outbound:
                 tls: ssl.SSLContext | bool | None = None, resolver: AbstractResolver | None = None,
                 dns_cache: bool = True) -> aiohttp.ClientSession:
         """A session with this TLS context (or `tls`, one `ssl_context()` made before) and a keep-alive pool of
-        `limit` connections; no cookies, no timeouts of its own (callers bound what they await), no redirects
-        unless a request asks, and no proxy: pass `proxy_for(url)` per request. Call it inside the event loop
-        that will use it."""
+        `limit` connections; no cookies, no timeouts of its own (callers bound what they await) and no proxy:
+        pass `proxy_for(url)` per request, with `allow_redirects=False` (a redirect could leave where Keel
+        meant to send a credential). Call it inside the event loop that will use it."""
         connector = aiohttp.TCPConnector(limit=limit, keepalive_timeout=keepalive_s, resolver=resolver,
                                          ssl=self.ssl_context(where) if tls is None else tls,
                                          use_dns_cache=dns_cache)

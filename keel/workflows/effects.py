@@ -224,7 +224,7 @@ class Egress:
         # Never through an environment proxy: the proxy would resolve the name, so the connect-time address
         # check would see the proxy's address, not the target's; a step connects directly or not at all.
         self.outbound = replace(outbound, env_proxy=False)
-        self.outbound.ssl_context("workflow egress")  # a bad CA bundle or client certificate fails at start
+        self._tls = self.outbound.ssl_context("workflow egress")  # a bad CA bundle or certificate fails at start
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -232,7 +232,7 @@ class Egress:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:
             # No DNS cache: every new connection is resolved, and so checked, again.
-            self._session = self.outbound.session(limit=100, keepalive_s=30, where="workflow egress",
+            self._session = self.outbound.session(limit=100, keepalive_s=30, tls=self._tls,
                                                   resolver=CheckedResolver(), dns_cache=False)
             self._loop = loop
         return self._session
