@@ -242,7 +242,7 @@ class Sleepy:
         self.config = config
 
     async def chat(self, req):
-        await asyncio.sleep(60)
+        await asyncio.sleep(60)  # the subject: a provider that never answers
 
     def count_tokens(self, messages) -> int:
         return 1
