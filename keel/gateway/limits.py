@@ -187,8 +187,9 @@ class RateLimiter:
     changes_answer = False  # it settles tokens after `nxt`, and never touches the answer
 
     def __init__(self, store: Store, settings: Settings, deployments: Deployments,
-                 counters: Counters | None = None) -> None:
+                 counters: Counters | None = None, clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.clock = clock  # wall-clock seconds: windows are whole minutes of it, the same on every replica
         self.deployments = deployments
         self.counters = counters or make_counters(settings, store)
         self.lookups = Lookups(deployments, settings)
@@ -264,7 +265,7 @@ class RateLimiter:
             elif not await self._take(bucket, need):
                 for b, n in taken:
                     b.avail += n
-                raise self._refused(bucket, need)
+                raise self._refused(bucket, need, self.clock())
             taken.append((bucket, need))
         return self._corrector(call, taken)
 
@@ -307,7 +308,7 @@ class RateLimiter:
             return False
 
     def _current_window(self) -> tuple[int, int]:
-        now = time.time()
+        now = self.clock()
         if now >= self._window[1]:
             start = int(now // WINDOW_S * WINDOW_S)
             self._window = (start, start + WINDOW_S)
@@ -321,8 +322,8 @@ class RateLimiter:
         return b
 
     @staticmethod
-    def _refused(b: Bucket, need: int) -> RateLimited:
-        retry = max(1, math.ceil(b.window_end - time.time()))
+    def _refused(b: Bucket, need: int, now: float) -> RateLimited:
+        retry = max(1, math.ceil(b.window_end - now))
         unit = "requests" if b.metric == "rpm" else "tokens"
         who = f"{b.scope} {b.scope_id}"
         if need > b.limit:
@@ -343,7 +344,7 @@ class RateLimiter:
 
     # -- background upkeep ------------------------------------------------------------------------------
     async def _tick(self) -> None:
-        now = time.time()
+        now = self.clock()
         for k in [k for k, b in self._buckets.items() if b.window_end < now - 5]:
             del self._buckets[k]
         loop = asyncio.get_running_loop()

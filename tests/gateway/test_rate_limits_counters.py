@@ -55,14 +55,12 @@ def test_sweep_forgets_ended_windows(db_url):
     store.dispose()
 
 
-def test_the_next_windows_slices_are_claimed_before_it_starts(db_url, tmp_path, monkeypatch):
+def test_the_next_windows_slices_are_claimed_before_it_starts(db_url, tmp_path):
     """Performance guard: shortly before a window ends, the limits in use claim their next window's slice
     in the background, so the first requests of the next minute make no claim on their path."""
     import asyncio
-    from types import SimpleNamespace
 
     from keel.core.settings import Settings
-    from keel.gateway import limits
     from keel.gateway.limits import Limit, RateLimiter
 
     store = Store.open(db_url)
@@ -75,10 +73,9 @@ def test_the_next_windows_slices_are_claimed_before_it_starts(db_url, tmp_path, 
             return super().claim(bucket, want, limit, window_end)
 
     now = [int(time.time()) // 60 * 60 + 3600 + 10.0]  # 10 s into a window
-    monkeypatch.setattr(limits, "time", SimpleNamespace(time=lambda: now[0], monotonic=time.monotonic,
-                                                        strftime=time.strftime, gmtime=time.gmtime))
     settings = Settings(data_dir=tmp_path / "data", database_url=db_url, embedded_models=False)
-    limiter = RateLimiter(store, settings, None, counters=Counting(store))  # type: ignore[arg-type]
+    limiter = RateLimiter(store, settings, None, counters=Counting(store),  # type: ignore[arg-type]
+                          clock=lambda: now[0])
     lim = Limit("key", f"k{uuid.uuid4().hex}", rpm=1000, tpm=None)
 
     async def main() -> None:
