@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import MASTER_KEY, ledger_rows
+from conftest import MASTER_KEY, eventually, ledger_rows, wait_ledger
 from keel.core import server
 from tests.fakes.openai_upstream import FakeOpenAI
 
@@ -223,21 +223,16 @@ def test_streams_are_chunked_sse_and_a_client_leaving_cuts_them(keel, fake):
             first = next(r.iter_lines())
             assert first.startswith("data: ")
     # Gone after the first chunk of a slow stream: the row says cancelled, the upstream saw the close.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        rows = ledger_rows(keel["db_url"], "status = 'cancelled'")
-        if rows:
-            break
-        time.sleep(0.05)
+    rows = wait_ledger(keel["db_url"], "status = 'cancelled'")
     assert len(rows) == 1 and rows[0].error_code == "client_disconnected" and rows[0].stream
     c.close()
 
 
 def test_graceful_shutdown_finishes_the_request_in_flight(keel, fake):
     fake.latency = 0.5
-    c = Conn(keel["port"])
+    c, before = Conn(keel["port"]), fake.requests
     c.send(request(keel["key"], chat()))
-    time.sleep(0.2)
+    eventually(lambda: fake.requests > before)  # in flight: the upstream has it and answers in 0.5 s
     keel["server"].stop()  # what SIGTERM does
     status, _, body = c.read()
     assert status == 200 and json.loads(body)["choices"]
@@ -247,15 +242,11 @@ def test_graceful_shutdown_finishes_the_request_in_flight(keel, fake):
 
 def test_a_stream_whose_client_left_before_the_first_delta_is_cut_and_metered(keel, fake):
     fake.latency = 0.4
-    c = Conn(keel["port"])
+    c, before = Conn(keel["port"]), fake.requests
     c.send(request(keel["key"], chat(stream=True, max_tokens=200), extra="X-Request-Id: gone-early\r\n"))
-    time.sleep(0.1)
+    eventually(lambda: fake.requests > before)  # the upstream has it and answers in 0.4 s
     c.close()  # before the upstream's first byte
-    deadline = time.monotonic() + 10
-    rows: list[Any] = []
-    while not rows and time.monotonic() < deadline:
-        rows = ledger_rows(keel["db_url"], "client_request_id = 'gone-early'")
-        time.sleep(0.05)
+    rows = wait_ledger(keel["db_url"], "client_request_id = 'gone-early'")
     assert len(rows) == 1 and rows[0].status == "cancelled" and rows[0].error_code == "client_disconnected"
 
 
@@ -269,7 +260,7 @@ class Hold:
     async def handle(self, call: Any, nxt: Any) -> Any:
         result = await nxt(call)
         while not self.release.is_set():
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the subject: bookkeeping that lasts until the test releases it
         return result
 
 
@@ -281,14 +272,10 @@ def test_the_answer_leaves_before_the_bookkeeping_after_it(keel):
     status, headers, body = c.read()  # arrives while the stage still holds the call
     assert status == 200 and json.loads(body)["choices"][0]["message"]["content"]
     assert headers["x-client-request-id"] == "early" and not hold.release.is_set()
-    time.sleep(0.6)  # two ledger flushes: the row is not written while the call is held
+    time.sleep(0.6)  # a negative check: two ledger flushes pass and the held call's row is not written
     assert ledger_rows(keel["db_url"], "client_request_id = 'early'") == []
     hold.release.set()
-    deadline = time.monotonic() + 10
-    rows: list[Any] = []
-    while not rows and time.monotonic() < deadline:
-        rows = ledger_rows(keel["db_url"], "client_request_id = 'early'")
-        time.sleep(0.05)
+    rows = wait_ledger(keel["db_url"], "client_request_id = 'early'")
     assert len(rows) == 1 and rows[0].status == "ok" and rows[0].tokens_out > 0
     c.send(request(keel["key"], chat()))  # the connection goes on
     assert c.read()[0] == 200
