@@ -16,6 +16,7 @@ from keel.core import apidocs
 from keel.core import routes as core_routes
 from keel.core.db import Store
 from keel.core.http import RequestContext, install_error_handlers
+from keel.core.outbound import Outbound
 from keel.core.settings import Settings
 from keel.gateway import routes as gateway_routes
 from keel.gateway import service as gateway_service
@@ -156,9 +157,11 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
     lifecycle.startup.append(obs.start)
     lifecycle.shutdown.append(obs.stop)  # runs last: after the gateway drained its streams
 
-    deployments = gateway_service.deployments(settings, store, app.state.vault)
-    gov = governance_service.build(settings, store, deployments)  # a bad policy file fails here, before the port is bound
-    gateway = gateway_service.build(settings, store, deployments, obs, stages=gov.stages, allow=gov.allow)
+    outbound = Outbound.from_settings(settings)  # one outbound HTTP stack: providers, budget alerts, review webhooks
+    deployments = gateway_service.deployments(settings, store, app.state.vault, outbound)
+    gov = governance_service.build(settings, store, deployments, outbound=outbound)  # a bad policy file fails here
+    gateway = gateway_service.build(settings, store, deployments, obs, stages=gov.stages, allow=gov.allow,
+                                    outbound=outbound)
     app.state.gateway = gateway
     gov.attach(app)  # audit hook, governance routes, policy reload and retention tasks
     app.state.hot_routes.update(gateway_routes.hot_routes())

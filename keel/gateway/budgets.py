@@ -43,6 +43,7 @@ from keel.core.clock import utcnow
 from keel.core.db import Store
 from keel.core.errors import BudgetExceeded
 from keel.core.ids import new_id
+from keel.core.outbound import Outbound
 from keel.core.settings import Settings
 from keel.gateway.admission import Fresh, Lookups, Ticker, prompt_tokens, settled
 from keel.gateway.budget_admin import (
@@ -118,15 +119,19 @@ class Budgets(BudgetAdmin):
     """The budget stage (reserve before, settle after); the admin API's service functions come from
     `BudgetAdmin` (`keel/gateway/budget_admin.py`).
 
-    >>> stage = Budgets(store, settings, deployments)
+    >>> stage = Budgets(store, settings, deployments, Outbound.from_settings(settings))
     >>> stage.create("team", team_id, "month", 250.0)
     """
 
     changes_answer = False  # it settles spend after `nxt`, and never touches the answer
 
-    def __init__(self, store: Store, settings: Settings, deployments: Deployments) -> None:
+    def __init__(self, store: Store, settings: Settings, deployments: Deployments, outbound: Outbound) -> None:
         self.store = store
         self.settings = settings
+        # The alert URL is the admin's, like a provider's base_url: it goes out as providers do (CA bundle,
+        # client certificate and the environment's proxy, with NO_PROXY for receivers inside the network).
+        self.outbound = outbound
+        self._tls = outbound.ssl_context("budget alert webhook")  # a bad CA bundle or certificate fails at start
         self.replica = new_id("replica")
         self.lookups = Lookups(deployments, settings)
         self._index: dict[tuple[str, str], tuple[BudgetDef, ...]] = {}
@@ -435,11 +440,13 @@ class Budgets(BudgetAdmin):
                 **event["detail"], "period_key": event["period_key"], "spent": usd(event["spent_nano"]),
                 "limit": usd(event["limit_nano"]), "ts": event["ts"].isoformat()}
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-                async with session.post(url, data=orjson.dumps(body),
-                                        headers={"Content-Type": "application/json"}) as resp:
+            proxy, proxy_auth = self.outbound.proxy_for(url)
+            async with self.outbound.session(limit=1, tls=self._tls) as session:
+                async with session.post(url, data=orjson.dumps(body), headers={"Content-Type": "application/json"},
+                                        proxy=proxy, proxy_auth=proxy_auth, allow_redirects=False,
+                                        timeout=aiohttp.ClientTimeout(total=10)) as resp:
                     outcome = f"http {resp.status}"
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:  # ValueError: a malformed URL
             outcome = f"failed: {type(exc).__name__}"
             log.warning("budget alert webhook failed", extra={"event_id": event["id"], "error": type(exc).__name__})
         await asyncio.get_running_loop().run_in_executor(None, self._delivered, event["id"], outcome)

@@ -23,33 +23,36 @@ from keel.observe.service import Observe
 log = logging.getLogger("keel.gateway")
 
 
-def deployments(settings: Settings, store: Store, vault: Vault) -> Deployments:
+def deployments(settings: Settings, store: Store, vault: Vault, outbound: Outbound | None = None) -> Deployments:
     """The deployments behind the model aliases (keel.yaml and the admin API), with their providers'
-    credentials from the vault; governance reads them too, so the app factory makes them first."""
+    credentials from the vault and `outbound`, the process's one outbound HTTP stack (by default made from
+    `settings`); governance reads them too, so the app factory makes them first."""
     # llama.cpp's worker threads spin at barriers: on a busy machine more threads than free cores makes
     # decoding many times slower (the figures are in bench/README.md).
     # Default to half the cores, leaving the rest to the event loop and embeddings.
     threads = settings.local_threads or max(1, (os.cpu_count() or 2) // 2)
     ctx = ProviderContext(get_secret=vault.get, data_dir=str(settings.data_dir), threads=threads,
-                          outbound=Outbound.from_settings(settings))
+                          outbound=outbound or Outbound.from_settings(settings))
     return Deployments(store, settings, ctx)
 
 
 def build(settings: Settings, store: Store, deployments: Deployments, observe: Observe,
           stages: list[Stage] | None = None, allow: Callable[[Call, DeploymentConfig], bool] | None = None,
-          ) -> Gateway:
+          outbound: Outbound | None = None) -> Gateway:
     """The gateway, built from its parts: rate limits first, then `stages` from the capabilities above
     the gateway (policy, guards), then budgets and the cache; the router is the terminal step, and every
     attempt it makes goes through the deployments' own rate limits. `allow(call, deployment)` lets
-    governance keep a call (fallbacks included) off forbidden deployments."""
+    governance keep a call (fallbacks included) off forbidden deployments. Budget alerts go out through
+    `outbound` (by default the deployments' providers' stack)."""
     limiter = RateLimiter(store, settings, deployments)
     router = Router(DeploymentLimits(Providers(deployments), limiter), settings, allow=allow)
 
     async def embed(call: Call) -> EmbedResult:
         return await gateway.embed(call)  # the cache embeds through the gateway it sits in
 
+    budgets = Budgets(store, settings, deployments, outbound or deployments.ctx.outbound)
     gateway = Gateway(deployments, observe.ledger, observe.tracer, router=router, stages=[
-        limiter, *(stages or ()), Budgets(store, settings, deployments), CacheStage(settings, store, embed)])
+        limiter, *(stages or ()), budgets, CacheStage(settings, store, embed)])
     return gateway
 
 

@@ -18,6 +18,7 @@ from keel.core.clock import utcnow
 from keel.core.db import Store
 from keel.core.errors import BadRequest, Conflict, KeelError, NotFound
 from keel.core.ids import new_id
+from keel.core.outbound import Outbound
 from keel.governance.tables import reviews
 from keel.identity.principal import Principal
 
@@ -59,10 +60,15 @@ def released(r: Any) -> dict[str, Any]:
 
 
 class ReviewQueue:
-    """Create, list, read and decide review items; decisions notify webhooks in supervised tasks."""
+    """Create, list, read and decide review items; decisions notify webhooks in supervised tasks, through
+    Keel's outbound stack (`outbound`: CA bundle, client certificate, proxy)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, outbound: Outbound) -> None:
         self.store = store
+        # Webhook URLs are the policy's, or a caller's under a prefix the policy allows: admin-chosen like a
+        # provider's base_url, so they go out as providers do, through the environment's proxy (NO_PROXY aside).
+        self.outbound = outbound
+        self._tls = outbound.ssl_context("review webhook")  # a bad CA bundle or certificate fails at start
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
 
@@ -154,12 +160,17 @@ class ReviewQueue:
         body = {"type": f"review.{review['status']}", "review": {k: review.get(k) for k in (
             "id", "status", "request_id", "model", "use_case", "decided_at", "decision_reason", "final_output")}}
         if self._session is None:
-            self._session = aiohttp.ClientSession()
-        status = "failed"
-        for attempt in range(3):
+            self._session = self.outbound.session(limit=20, tls=self._tls)
+        status, tries = "failed", 3
+        try:
+            proxy, proxy_auth = self.outbound.proxy_for(url)
+        except ValueError:  # a caller's URL under an allowed prefix may still be malformed
+            (proxy, proxy_auth), status, tries = (None, None), "failed:InvalidURL", 0
+        for attempt in range(tries):
             try:
                 async with self._session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s),
-                                              headers={"x-keel-review-id": review["id"]}) as resp:
+                                              headers={"x-keel-review-id": review["id"]}, proxy=proxy,
+                                              proxy_auth=proxy_auth, allow_redirects=False) as resp:
                     if resp.status < 300:
                         status = f"delivered:{resp.status}"
                         break

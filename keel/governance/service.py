@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from keel.core.db import Store
+from keel.core.outbound import Outbound
 from keel.core.settings import DeploymentConfig, Settings
 from keel.gateway.deployments import Deployments
 from keel.gateway.pipeline import Call
@@ -40,12 +41,12 @@ class Governance:
     deployments behind a model alias (the policy stage and `/v1/policy/test` judge them)."""
 
     def __init__(self, store: Store, policy_file: Path | None, reload_interval_s: float,
-                 candidates: Candidates = lambda _alias: []) -> None:
+                 candidates: Candidates = lambda _alias: [], *, outbound: Outbound) -> None:
         self.store = store
         self.audit = AuditLog(store)
         self.policy = PolicySource(store, policy_file, self.audit)
         self.reload_interval_s = reload_interval_s
-        self.reviews = ReviewQueue(store)
+        self.reviews = ReviewQueue(store, outbound)
         self.events = GuardEventLog(store)
         self.teams = TeamClassifications(store)
         self.candidates = candidates
@@ -101,13 +102,16 @@ class Governance:
 
 
 def build(settings: Settings, store: Store, deployments: Deployments | None = None, *,
-          policy_file: Path | None = None, reload_interval_s: float | None = None) -> Governance:
+          policy_file: Path | None = None, reload_interval_s: float | None = None,
+          outbound: Outbound | None = None) -> Governance:
     """Governance for this process; a bad policy file raises ConfigError before the port is bound.
-    `deployments` are the gateway's (the policy judges the deployments behind each alias)."""
+    `deployments` are the gateway's (the policy judges the deployments behind each alias); review webhooks
+    go out through `outbound`, the process's one outbound HTTP stack (by default made from `settings`)."""
     path = policy_file or getattr(settings, "policy_file", None)
     interval = reload_interval_s or getattr(settings, "policy_reload_interval_s", 2.0)
     candidates: Candidates = (lambda _alias: []) if deployments is None else _candidates(deployments)
-    return Governance(store, Path(path) if path else None, float(interval), candidates)
+    return Governance(store, Path(path) if path else None, float(interval), candidates,
+                      outbound=outbound or Outbound.from_settings(settings))
 
 
 def _candidates(deployments: Deployments) -> Candidates:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from conftest import MASTER_KEY, TEST_DB, free_port, fake_upstream, ledger_rows
+from conftest import MASTER_KEY, TEST_DB, eventually, free_port, fake_upstream, ledger_rows
 
 pytestmark = pytest.mark.store
 
@@ -327,6 +327,7 @@ def test_a_dead_replicas_hold_is_counted_as_spent(tmp_path, db_url):
     """A replica that dies mid-call leaves its reservation behind; once its hold expires another replica
     counts it as spent (never as free: that could overspend), and a late write of the dead one is ignored."""
     from keel.app import create_app
+    from keel.core.outbound import Outbound
     from keel.core.settings import Settings
     from keel.gateway.budgets import Budgets, budget_holds
     from keel.identity import service as identity
@@ -343,7 +344,7 @@ def test_a_dead_replicas_hold_is_counted_as_spent(tmp_path, db_url):
 
     with store.engine.begin() as conn:  # the replica stops renewing its hold: it is dead
         conn.execute(budget_holds.update().values(expires_at=0))
-    other = Budgets(store, settings, app.state.gateway.deployments)
+    other = Budgets(store, settings, app.state.gateway.deployments, Outbound())
     assert other.sweep() == 1
     state = stage.get(budget["id"])
     assert state["reserved"] == 0 and state["spent"] == pytest.approx(35e-6)
@@ -390,6 +391,36 @@ def test_no_store_round_trip_for_a_key_without_limits_or_budgets(tmp_path, db_ur
     definition_reads = [s for s in statements if "FROM rate_limits" in s or "FROM budgets" in s]
     assert len(definition_reads) <= 4  # re-read every 2 s, never per request
     store.dispose()
+
+
+def test_the_alert_webhook_uses_the_outbound_ca_bundle_and_client_certificate(server_factory, upstream_factory,
+                                                                                 tmp_path):
+    """Regression guard: the budget alert went out through a session of its own, so a receiver behind the
+    configured CA bundle (and asking for the configured client certificate) was never reached."""
+    from tests.fakes.tls import make_pki
+
+    pki = make_pki(tmp_path)
+    _Hook.received = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    httpd.socket = pki.server_context(require_client_cert=True).wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        srv = server_factory(config=write_config(tmp_path, upstream_factory()),
+                             KEEL_ALERT_WEBHOOK_URL=f"https://127.0.0.1:{httpd.server_address[1]}/alerts",
+                             KEEL_BUDGET_ALERT_PERCENT="50", KEEL_OUTBOUND_CA_BUNDLE=str(pki.ca),
+                             KEEL_OUTBOUND_CLIENT_CERT=str(pki.client_cert),
+                             KEEL_OUTBOUND_CLIENT_KEY=str(pki.client_key))
+        key = new_key(srv)
+        budget = new_budget(srv, "key", key["id"], amount=40e-6)
+        assert chat(srv.url, key["key"]).status_code == 200  # 34 of 40 µ$: past the 50% threshold
+        events = eventually(lambda: [e for e in srv.admin().get(f"/admin/budgets/{budget['id']}").json()["events"]
+                                     if e["delivery"]], timeout=15)
+        assert [(e["kind"], e["delivery"]) for e in events] == [("soft_limit", "http 200")]
+        assert len(_Hook.received) == 1 and _Hook.received[0]["budget_id"] == budget["id"]
+    finally:
+        httpd.shutdown()
+        thread.join(5)
 
 
 def test_an_unreachable_webhook_is_recorded_not_fatal(server_factory, upstream_factory, tmp_path):

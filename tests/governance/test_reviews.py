@@ -14,15 +14,14 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import eventually
-from tests.governance.conftest import REPLY, chat
+from tests.fakes.tls import make_pki
+from tests.governance.conftest import POLICY, REPLY, Keys, chat, models_yaml
 
 pytestmark = pytest.mark.store
 
 
-@pytest.fixture(scope="module")
-def webhook():
-    got: list[dict[str, Any]] = []
-
+def receiver(got: list[dict[str, Any]]) -> ThreadingHTTPServer:
+    """A loopback webhook receiver that records each JSON body it is sent (serve it in a thread)."""
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802
             got.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
@@ -32,7 +31,13 @@ def webhook():
         def log_message(self, *_args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    return ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+
+@pytest.fixture(scope="module")
+def webhook():
+    got: list[dict[str, Any]] = []
+    server = receiver(got)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}/hook", got
     server.shutdown()
@@ -116,3 +121,33 @@ def test_cli_lists_and_decides(governed, keys):
     assert ok.exit_code == 0 and "approved" in ok.output
     missing = runner.invoke(reviews_app, ["reject", rid, "--reason", "x"], env=env)
     assert missing.exit_code == 1 and "already decided" in missing.output
+
+
+def test_the_review_webhook_uses_the_outbound_ca_bundle_and_client_certificate(server_factory, upstreams, tmp_path):
+    """Regression guard: review decisions went out through a session of their own, so a receiver behind the
+    configured CA bundle (and asking for the configured client certificate) was never reached."""
+    pki = make_pki(tmp_path)
+    got: list[dict[str, Any]] = []
+    hook = receiver(got)
+    hook.socket = pki.server_context(require_client_cert=True).wrap_socket(hook.socket, server_side=True)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        prefixes = 'caller_webhook_prefixes: ["http://127.0.0.1:"]'
+        assert prefixes in POLICY
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(POLICY.replace(prefixes, 'caller_webhook_prefixes: ["https://127.0.0.1:"]'))
+        config = tmp_path / "keel.yaml"
+        config.write_text(models_yaml(upstreams["cloud"].url, upstreams["onprem"].url))
+        srv = server_factory(config=config, KEEL_POLICY_FILE=str(policy), KEEL_OUTBOUND_CA_BUNDLE=str(pki.ca),
+                             KEEL_OUTBOUND_CLIENT_CERT=str(pki.client_cert),
+                             KEEL_OUTBOUND_CLIENT_KEY=str(pki.client_key))
+        keys = Keys(srv)
+        r, _key = _hold(srv, keys, review_webhook=f"https://127.0.0.1:{hook.server_port}/hook")
+        rid = r.json()["review_id"]
+        with keys.client("reviewer", "red") as reviewer:
+            assert reviewer.post(f"/v1/reviews/{rid}/approve", json={}).status_code == 200
+            status = eventually(lambda: reviewer.get(f"/v1/reviews/{rid}").json()["webhook_status"], timeout=15)
+        assert status == "delivered:204"
+        assert [(g["type"], g["review"]["id"]) for g in got] == [("review.approved", rid)]
+    finally:
+        hook.shutdown()
