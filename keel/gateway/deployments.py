@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import ssl
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,6 +22,7 @@ from pydantic import ValidationError
 from keel.core.clock import utcnow
 from keel.core.db import Store
 from keel.core.errors import BadRequest, ConfigError, Conflict, NotFound, ValidationFailed
+from keel.core.outbound import TLS_OPTIONS, Outbound
 from keel.core.settings import DeploymentConfig, Settings
 from keel.core.tasks import stop_task
 from keel.gateway import registry
@@ -45,6 +49,39 @@ def _depth(value: Any) -> int:
         level += 1
         layer = [v for item in containers for v in (item.values() if isinstance(item, dict) else item)]
     return level
+
+
+def tls_problem(options: dict[str, Any], outbound: Outbound, where: str) -> tuple[str, str, str] | None:
+    """What is wrong with a deployment's own TLS files (`ca_bundle`, `client_cert`, `client_key` options, on
+    top of the install-wide `outbound`), as (option, detail, fix); None when they load. Checked when the
+    deployment is defined, so a mistake is reported to whoever made it, not to every later call."""
+    given = {k: options[k] for k in TLS_OPTIONS if options.get(k) is not None}
+    for key, value in given.items():
+        if not isinstance(value, str) or not value.strip():
+            return key, f"options.{key}: must be the path of a PEM file", f"set options.{key} to a PEM file's path"
+        if not os.path.isfile(value):  # a folder, a device or a FIFO is refused here, never read
+            return key, (f"options.{key}: {value} does not exist or is not a file"), (
+                f"put the PEM file at {value} on every Keel server, or correct options.{key}")
+        if not os.access(value, os.R_OK):
+            return key, f"options.{key}: {value} cannot be read by Keel", f"let Keel's user read {value}"
+    if "client_key" in given and "client_cert" not in given and not outbound.client_cert:
+        return "client_key", f"options.client_key: {given['client_key']} is a key without a client certificate", (
+            "set options.client_cert (or outbound_client_cert) too, or remove options.client_key")
+    if "ca_bundle" in given:
+        try:
+            ssl.create_default_context(cafile=given["ca_bundle"])
+        except (OSError, ssl.SSLError) as exc:
+            return "ca_bundle", f"options.ca_bundle: {given['ca_bundle']} is not a PEM CA bundle ({exc})", (
+                "point options.ca_bundle at a PEM file of the CA certificates to trust")
+    if "client_cert" in given or "client_key" in given:
+        key = "client_cert" if "client_cert" in given else "client_key"
+        try:
+            replace(outbound, **given).ssl_context(where)
+        except ConfigError as exc:
+            return key, f"options.{key}: {exc.detail}", (
+                "point options.client_cert at the PEM certificate and options.client_key at its own key "
+                "(or leave the key out when it is inside the certificate file)")
+    return None
 
 
 def public(cfg: DeploymentConfig, source: str) -> dict[str, Any]:
@@ -76,7 +113,12 @@ class Deployments:
         self._applying = threading.Lock()  # admin changes apply from worker threads, the watcher on the loop
         self._reads = self._applied = 0  # reads numbered as they begin: one that began earlier never wins
         for cfg in static:
-            registry.get(cfg.provider)  # unknown provider names fail at start
+            registry.get(cfg.provider)  # unknown provider names fail at start, and so do unusable TLS files
+            where = f"deployment {cfg.deployment_id()}"
+            if problem := tls_problem(cfg.options, ctx.outbound, where):
+                option, detail, fix = problem
+                raise ConfigError(f"{where} in keel.yaml: {detail}", fix=fix, deployment=cfg.deployment_id(),
+                                  option=option)
         self.reload()
 
     # -- reading ------------------------------------------------------------------------
@@ -168,8 +210,9 @@ class Deployments:
         self._providers.clear()
 
     # -- admin changes ------------------------------------------------------------------
-    @staticmethod
-    def parse(data: dict[str, Any]) -> DeploymentConfig:
+    def parse(self, data: dict[str, Any]) -> DeploymentConfig:
+        """A deployment from the admin API, checked as far as it can be before its first call; a mistake is
+        the caller's `ValidationFailed` (422) naming the field."""
         try:
             cfg = DeploymentConfig(**data)
         except ValidationError as exc:
@@ -188,6 +231,10 @@ class Deployments:
             raise ValidationFailed(f"invalid deployment: provider: unknown provider {cfg.provider[:100]!r}",
                                    fix=f"use one of: {', '.join(registry.names())}, or install its plugin",
                                    provider=cfg.provider[:100]) from None
+        did = cfg.deployment_id()
+        if problem := tls_problem(cfg.options, self.ctx.outbound, f"deployment {did}"):
+            option, detail, fix = problem
+            raise ValidationFailed(f"invalid deployment {did}: {detail}", fix=fix, deployment=did, option=option)
         return cfg
 
     def add(self, cfg: DeploymentConfig) -> dict[str, Any]:
