@@ -199,6 +199,10 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 message["headers"] = list(message.get("headers", [])) + ids
+                if status_holder.get("ours"):
+                    # The body is left unread: the connection cannot carry another request, so say so
+                    # (a client that reused it met a closed socket instead of an answer).
+                    message["headers"].append((b"connection", b"close"))
             await send(message)
 
         async def receive_limited() -> Message:
