@@ -11,7 +11,7 @@ import re
 from typing import Any, Literal
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_TOKENS = 2**31 - 1  # what llama.cpp and the usual upstreams can take
 INT64 = 2**63
@@ -196,6 +196,12 @@ def check_logit_bias(bias: Any) -> None:
 
 # -- the bodies ------------------------------------------------------------------------------------------
 
+FIELD_CHECKS: dict[str, Any] = {
+    "logit_bias": check_logit_bias, "tools": check_tools, "tool_choice": check_tool_choice,
+    "response_format": check_response_format, "metadata": check_metadata, "keel": check_keel,
+}
+
+
 class Message(BaseModel):
     """One chat message; extra fields pass through."""
 
@@ -255,40 +261,10 @@ class ChatCompletionBody(BaseModel):
             raise ValueError("stream_options must be {\"include_usage\": true|false}")
         return v
 
-    @field_validator("logit_bias", mode="before")
+    @field_validator("logit_bias", "tools", "tool_choice", "response_format", "metadata", "keel", mode="before")
     @classmethod
-    def _logit_bias(cls, v: Any) -> Any:
-        check_logit_bias(v)
-        return v
-
-    @field_validator("tools", mode="before")
-    @classmethod
-    def _tools(cls, v: Any) -> Any:
-        check_tools(v)
-        return v
-
-    @field_validator("tool_choice", mode="before")
-    @classmethod
-    def _tool_choice(cls, v: Any) -> Any:
-        check_tool_choice(v)
-        return v
-
-    @field_validator("response_format", mode="before")
-    @classmethod
-    def _response_format(cls, v: Any) -> Any:
-        check_response_format(v)
-        return v
-
-    @field_validator("metadata", mode="before")
-    @classmethod
-    def _metadata(cls, v: Any) -> Any:
-        check_metadata(v)
-        return v
-
-    @field_validator("keel", mode="before")
-    @classmethod
-    def _keel(cls, v: Any) -> Any:
-        check_keel(v)
+    def _checked(cls, v: Any, info: ValidationInfo) -> Any:
+        FIELD_CHECKS[info.field_name](v)  # the same checks the hot parser runs
         return v
 
 
