@@ -8,6 +8,8 @@ import threading
 
 import pytest
 
+from conftest import eventually_async
+
 from keel.core.db import Store
 from keel.governance.teams import TEAM_CACHE_S, TeamClassifications
 from keel.identity import service as identity
@@ -43,16 +45,18 @@ def test_a_team_in_use_is_reread_off_the_request_path(db_url, monkeypatch):
         now[0] += ttl * 0.4  # past half the cache time: served, and re-read in the background
         assert await asyncio.wait_for(teams.get(team["id"]), 1) == "confidential"
         await asyncio.wait_for(teams.get(team["id"]), 1)
-        await asyncio.sleep(0.1)
-        assert len(reads) == 2  # one background read, however many requests
+        await eventually_async(lambda: len(reads) >= 2, timeout=10)  # the background re-read has started
         gate.set()
-        while teams.reads:
-            await asyncio.sleep(0.01)
+        main_only = {asyncio.current_task()}
+        await eventually_async(lambda: asyncio.all_tasks() == main_only, timeout=10)  # every read started ended
+        assert len(reads) == 2 and not teams.reads  # one background read, however many requests
         now[0] += ttl * 2  # past the cache time: read on the request's path
         gate.clear()
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(teams.get(team["id"])), 0.2)
+        request = asyncio.create_task(teams.get(team["id"]))
+        await eventually_async(lambda: len(reads) == 3, timeout=10)  # its read is at the (slow) store…
+        assert not request.done()  # … and the request waits for it
         gate.set()
+        assert await asyncio.wait_for(request, 10) == "confidential"
 
     asyncio.run(main())
     store.dispose()
