@@ -16,7 +16,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from conftest import MASTER_KEY, TEST_DB, eventually, free_port, fake_upstream, ledger_rows
+from conftest import MASTER_KEY, TEST_DB, eventually, eventually_async, free_port, fake_upstream, wait_ledger
 
 pytestmark = pytest.mark.store
 
@@ -74,13 +74,20 @@ def chat(url: str, key: str, **kw) -> httpx.Response:
 
 
 def settled(srv, budget_id: str, timeout: float = 10) -> dict:
-    """The budget once nothing is reserved any more (replicas hand back within half a second)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        state = srv.admin().get(f"/admin/budgets/{budget_id}").json()
-        if state["reserved"] == 0 or time.monotonic() > deadline:
-            return state
-        time.sleep(0.1)
+    """The budget once the store holds nothing reserved for it: every settled call's spend is written and
+    the free slices are handed back (replicas do so once a budget is idle for `budget_idle_s`)."""
+    def state() -> dict | None:
+        got = srv.admin().get(f"/admin/budgets/{budget_id}").json()
+        return got if got["reserved"] == 0 else None
+    return eventually(state, timeout=timeout, interval=0.1)
+
+
+def delivered(srv, budget_id: str, timeout: float = 15) -> list[dict]:
+    """The budget's events once there is one and each has its delivery written (after its POST returned)."""
+    def events() -> list[dict] | None:
+        got = srv.admin().get(f"/admin/budgets/{budget_id}").json()["events"]
+        return got if got and all(e["delivery"] for e in got) else None
+    return eventually(events, timeout=timeout, interval=0.1)
 
 
 def inprocess_gateway(tmp_path, db_url: str, root: str, **settings):
@@ -118,7 +125,7 @@ def check_no_overspend(responses: list[httpx.Response], budget: dict, state: dic
     assert state["reserved"] == 0
     assert state["spent"] <= budget["amount"]  # 0 overspend
     assert state["spent"] == pytest.approx(len(ok) * REAL)
-    rows = ledger_rows(db_url, "status = 'ok'")
+    rows = wait_ledger(db_url, "status = 'ok'", n=len(ok))  # the ledger is written in the background
     assert len(rows) == len(ok)
     assert sum(r.cost for r in rows) <= budget["amount"] + 1e-12
 
@@ -130,7 +137,6 @@ def test_50_concurrent_requests_never_overspend(server_factory, upstream_factory
     budget = new_budget(srv, "key", key["id"], amount=20 * WORST)
     responses = asyncio.run(burst([srv.url], key["key"], 50))
     state = settled(srv, budget["id"])
-    time.sleep(0.5)  # the ledger writes every 0.2 s
     check_no_overspend(responses, budget, state, srv.extra["db_url"])
 
 
@@ -144,7 +150,6 @@ def test_50_concurrent_requests_over_two_servers_never_overspend(server_factory,
     two = server_factory(config=cfg, data_dir=tmp_path / "two")
     responses = asyncio.run(burst([one.url, two.url], key["key"], 50))
     state = settled(one, budget["id"])
-    time.sleep(0.5)
     check_no_overspend(responses, budget, state, one.extra["db_url"])
 
 
@@ -228,21 +233,19 @@ def test_soft_limit_alert_fires_once_and_reaches_the_webhook(server_factory, ups
             break
     # 5 calls spend 170 µ$; the 6th may cost 35 µ$ more than the 30 µ$ left.
     assert codes == [200] * 5 + [402]
-    deadline = time.monotonic() + 10
-    while not received and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.5)  # long enough for a second alert, if one were (wrongly) sent
+    # Once all 5 calls' spend is in the store, every flush that could alert has run (the alert is claimed in
+    # the flush that writes the spend), and each alert's delivery is written after its POST came back.
+    state = settled(srv, budget["id"])
+    assert state["spent"] == pytest.approx(5 * REAL)
+    events = delivered(srv, budget["id"])
+    assert [(e["kind"], e["delivery"]) for e in events] == [("soft_limit", "http 200")]
     assert len(received) == 1, received
     alert = received[0]
     assert alert["type"] == "budget.soft_limit" and alert["budget_id"] == budget["id"]
     assert alert["scope"] == "user" and alert["scope_id"] == user["id"] and alert["period"] == "month"
     assert alert["alert_percent"] == 50 and alert["limit"] == pytest.approx(200e-6)
     assert 100e-6 <= alert["spent"] <= 200e-6
-    state = settled(srv, budget["id"])
     assert state["alerted"] is True
-    events = [e for e in state["events"] if e["kind"] == "soft_limit"]
-    assert len(events) == 1 and events[0]["delivery"] == "http 200"
-    assert state["spent"] == pytest.approx(5 * REAL)
 
     # Raising the limit re-arms the alert for this period; the key can spend again.
     r = admin.patch(f"/admin/budgets/{budget['id']}", json={"amount": 0.01})
@@ -414,8 +417,7 @@ def test_the_alert_webhook_uses_the_outbound_ca_bundle_and_client_certificate(se
         key = new_key(srv)
         budget = new_budget(srv, "key", key["id"], amount=40e-6)
         assert chat(srv.url, key["key"]).status_code == 200  # 34 of 40 µ$: past the 50% threshold
-        events = eventually(lambda: [e for e in srv.admin().get(f"/admin/budgets/{budget['id']}").json()["events"]
-                                     if e["delivery"]], timeout=15)
+        events = delivered(srv, budget["id"])
         assert [(e["kind"], e["delivery"]) for e in events] == [("soft_limit", "http 200")]
         assert len(_Hook.received) == 1 and _Hook.received[0]["budget_id"] == budget["id"]
     finally:
@@ -430,12 +432,7 @@ def test_an_unreachable_webhook_is_recorded_not_fatal(server_factory, upstream_f
     key = new_key(srv)
     budget = new_budget(srv, "key", key["id"], amount=40e-6)
     assert chat(srv.url, key["key"]).status_code == 200  # 34 of 40 µ$: past the 50% threshold
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        events = srv.admin().get(f"/admin/budgets/{budget['id']}").json()["events"]
-        if events and events[0]["delivery"]:
-            break
-        time.sleep(0.2)
+    events = delivered(srv, budget["id"])
     assert [e["kind"] for e in events] == ["soft_limit"]
     assert events[0]["delivery"].startswith("failed: ")
     assert chat(srv.url, key["key"]).status_code == 402
@@ -471,10 +468,15 @@ def test_traffic_keeps_its_slice_between_flushes_and_short_pauses(tmp_path, db_u
                         chat=ChatRequest(model="fake", messages=[{"role": "user", "content": "hi"}], max_tokens=5))
             await gateway.chat(call)
             i += 1
-            await asyncio.sleep(1.2 if i == 5 else 0.02)  # a pause over two flushes, shorter than idle
+            # The subject, not a wait: requests paced 20 ms apart, and after the 5th a pause over two flushes
+            # but shorter than idle (real time: the budget ticker runs on the loop's clock).
+            await asyncio.sleep(1.2 if i == 5 else 0.02)
         seen.append(await asyncio.to_thread(stage.get, budget["id"]))  # spend written while traffic flows
-        await asyncio.sleep(2.0 + 3 * budgets_module.FLUSH_S)  # idle: the slice goes back
-        seen.append(await asyncio.to_thread(stage.get, budget["id"]))
+
+        async def handed_back() -> dict | None:  # idle: the slice goes back
+            state = await asyncio.to_thread(stage.get, budget["id"])
+            return state if state["reserved"] == 0 else None
+        seen.append(await eventually_async(handed_back, timeout=15, interval=0.1))
         await gateway.stop()
 
     asyncio.run(run())
