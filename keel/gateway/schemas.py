@@ -186,6 +186,11 @@ def check_keel(options: Any) -> None:
             raise ValueError(f"keel.{key} must be one of {', '.join(allowed)}")
 
 
+def check_stream_options(opts: Any) -> None:
+    if opts is not None and (type(opts) is not dict or type(opts.get("include_usage")) not in (type(None), bool)):
+        raise ValueError("stream_options must be {\"include_usage\": true|false}")
+
+
 def check_logit_bias(bias: Any) -> None:
     if bias is None:
         return
@@ -199,6 +204,7 @@ def check_logit_bias(bias: Any) -> None:
 FIELD_CHECKS: dict[str, Any] = {
     "logit_bias": check_logit_bias, "tools": check_tools, "tool_choice": check_tool_choice,
     "response_format": check_response_format, "metadata": check_metadata, "keel": check_keel,
+    "stream_options": check_stream_options,
 }
 
 
@@ -254,14 +260,7 @@ class ChatCompletionBody(BaseModel):
     metadata: dict[str, Any] | None = None
     keel: dict[str, Any] | None = None
 
-    @field_validator("stream_options", mode="before")
-    @classmethod
-    def _stream_options(cls, v: Any) -> Any:
-        if v is not None and (type(v) is not dict or type(v.get("include_usage")) not in (type(None), bool)):
-            raise ValueError("stream_options must be {\"include_usage\": true|false}")
-        return v
-
-    @field_validator("logit_bias", "tools", "tool_choice", "response_format", "metadata", "keel", mode="before")
+    @field_validator(*FIELD_CHECKS, mode="before")
     @classmethod
     def _checked(cls, v: Any, info: ValidationInfo) -> Any:
         FIELD_CHECKS[info.field_name](v)  # the same checks the hot parser runs
@@ -293,10 +292,6 @@ class EmbeddingsBody(BaseModel):
         return v
 
 
-class DeploymentPatch(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
 # -- the hot path's parser -------------------------------------------------------------------------------
 
 _INT, _FLOAT, _BOOL, _CHECK = 0, 1, 2, 3
@@ -306,9 +301,7 @@ _FIELDS: dict[str, tuple[int, Any, Any]] = {
     "temperature": (_FLOAT, 0, 2), "top_p": (_FLOAT, 0, 1), "presence_penalty": (_FLOAT, -2, 2),
     "frequency_penalty": (_FLOAT, -2, 2),
     "stream": (_BOOL, None, None), "logprobs": (_BOOL, None, None), "parallel_tool_calls": (_BOOL, None, None),
-    "tools": (_CHECK, check_tools, None), "tool_choice": (_CHECK, check_tool_choice, None),
-    "response_format": (_CHECK, check_response_format, None), "metadata": (_CHECK, check_metadata, None),
-    "keel": (_CHECK, check_keel, None), "logit_bias": (_CHECK, check_logit_bias, None),
+    **{key: (_CHECK, check, None) for key, check in FIELD_CHECKS.items()},
 }
 
 
@@ -367,10 +360,9 @@ def fast_chat_body(data: Any) -> dict[str, Any] | None:
         return None
     if any(None in m.values() for m in messages):
         out["messages"] = [{k: v for k, v in m.items() if v is not None} for m in messages]
-    stop, user, opts = out.get("stop"), out.get("user"), out.get("stream_options")
+    stop, user = out.get("stop"), out.get("user")
     if stop is not None and type(stop) is not str and not (type(stop) is list and all(type(x) is str for x in stop)):
         return None
-    if (user is not None and type(user) is not str) or (opts is not None and (
-            type(opts) is not dict or type(opts.get("include_usage")) not in (type(None), bool))):
+    if user is not None and type(user) is not str:
         return None
     return out
