@@ -58,6 +58,13 @@ class Call:
     answer: Callable[[ChatResult], None] | None = None
     holding: set[int] | None = None  # the stages that hold this call's answer (ids), see `release_answer`
 
+    def send_answer(self, result: ChatResult) -> None:
+        """Send the early answer, if it is still to be sent: at most once per call."""
+        answer = self.answer
+        if answer is not None:
+            self.answer = None
+            answer(result)
+
     def release_answer(self, stage: object) -> None:
         """`stage` will not change or refuse this call's answer once `nxt` returned it: the answer need not
         wait for the stage (a per-call decision of a stage whose `changes_answer` is true)."""
@@ -122,10 +129,8 @@ def _step(stage: Stage, nxt: Next, sends: bool) -> Next:
 
 async def _send_after(call: Call, pending: Awaitable[Any]) -> Any:
     result = await pending
-    answer = call.answer
-    if answer is not None and isinstance(result, ChatResult):
-        call.answer = None
-        answer(result)
+    if isinstance(result, ChatResult):
+        call.send_answer(result)
     return result
 
 
@@ -214,10 +219,8 @@ class Providers:
             call.upstream_ms += (time.perf_counter() - t0) * 1000
         # With no stage holding it, a provider's answer is final (the router never retries a success): it
         # leaves here, before the router's, the deployment limit's and the stages' bookkeeping.
-        answer = call.answer
-        if answer is not None and not call.holding:
-            call.answer = None
-            answer(result)
+        if not call.holding:
+            call.send_answer(result)
         return result
 
 
@@ -298,10 +301,7 @@ class Gateway:
         except BaseException as exc:
             self._finish(call, span, error=exc)
             raise
-        answer = call.answer  # served without the provider (a cache hit): final now
-        if answer is not None:
-            call.answer = None
-            answer(result)
+        call.send_answer(result)  # served without the provider (a cache hit): final now
         call.usage = result.usage
         self._finish(call, span)
         return result
