@@ -38,6 +38,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def problem(r: httpx.Response, status: int, *names: str) -> dict[str, Any]:
+    """The response is a problem+json with `status` whose detail names every one of `names`, and a fix."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
+    body = r.json()
+    assert body.get("fix"), body
+    for name in names:
+        assert name in body["detail"], body
+    return body
+
+
 def eventually(check: Callable[[], T], timeout: float = 30, interval: float = 0.05,
                retry: tuple[type[BaseException], ...] = (AssertionError,)) -> T:
     """Poll `check` until it returns a truthy value (returned) without raising one of `retry`; past

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import KeelServer
+from conftest import KeelServer, problem
 
 pytestmark = pytest.mark.store
 
@@ -25,17 +25,6 @@ def srv(module_server_factory) -> KeelServer:
 def admin(srv: KeelServer) -> httpx.Client:
     with srv.admin() as c:
         yield c
-
-
-def problem(r: httpx.Response, status: int, *names: str) -> dict[str, Any]:
-    """The response is a problem+json with `status` whose detail names every one of `names`, and a fix."""
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
-    body = r.json()
-    assert body.get("fix"), body
-    for name in names:
-        assert name in body["detail"], body
-    return body
 
 
 def test_audit_paging_past_any_sequence_number_is_a_422_naming_the_parameter(admin):

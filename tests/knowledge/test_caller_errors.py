@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import KeelServer
+from conftest import KeelServer, problem
 
 pytestmark = pytest.mark.store
 
@@ -27,16 +27,6 @@ def admin(srv: KeelServer) -> httpx.Client:
         assert c.post("/v1/collections", json={"name": "acl-target", "classification": "internal",
                                                "owner_team": "red"}).status_code == 201
         yield c
-
-
-def problem(r: httpx.Response, status: int, *names: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
-    body = r.json()
-    assert body.get("fix"), body
-    for name in names:
-        assert name in body["detail"], body
-    return body
 
 
 BAD_COLLECTION_ACLS = [
