@@ -10,10 +10,10 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from keel.core.errors import Forbidden
 from keel.core.http import json_response
 from keel.identity import service
 from keel.identity.auth import admin, principal
-from keel.core.errors import Forbidden
 from keel.identity.principal import Principal
 from keel.identity.vault import USES
 
@@ -69,6 +69,10 @@ def _store(request: Request):  # noqa: ANN202
     return request.app.state.store
 
 
+def _team_id(store: Any, ref: str | None) -> str | None:
+    return service.get_team(store, ref)["id"] if ref else None
+
+
 def _audit(request: Request, action: str, p: Principal, **details: Any) -> None:
     hook = getattr(request.app.state, "audit", None)
     if hook is not None:
@@ -120,7 +124,7 @@ async def create_user(body: UserIn, request: Request, p: Principal = Depends(adm
 @router.get("/admin/keys", tags=["admin"])
 async def list_keys(request: Request, team: str | None = None, _p: Principal = Depends(admin)) -> Response:
     store = _store(request)
-    team_id = (await run_in_threadpool(service.get_team, store, team))["id"] if team else None
+    team_id = await run_in_threadpool(_team_id, store, team)
     return json_response({"data": await run_in_threadpool(service.list_keys, store, team_id)})
 
 
@@ -152,16 +156,16 @@ async def list_secrets(request: Request, _p: Principal = Depends(admin)) -> Resp
     return json_response({"data": await run_in_threadpool(request.app.state.vault.names)})
 
 
-def _team_id(store: Any, ref: str | None) -> str | None:
-    return service.get_team(store, ref)["id"] if ref else None
-
-
 @router.put("/admin/secrets/{name}", tags=["admin"])
 async def put_secret(name: str, body: SecretIn, request: Request, p: Principal = Depends(admin)) -> Response:
     """Store a secret owned by `team` (or global) serving `uses`."""
     team_id = await run_in_threadpool(_team_id, _store(request), body.team)
-    out = await run_in_threadpool(lambda: request.app.state.vault.put(name, body.value, team_id=team_id,
-                                                                      uses=body.uses))
+    return await _put_secret(request, p, name, body.value, team_id, body.uses)
+
+
+async def _put_secret(request: Request, p: Principal, name: str, value: str, team_id: str | None,
+                      uses: list[str] | None) -> Response:
+    out = await run_in_threadpool(lambda: request.app.state.vault.put(name, value, team_id=team_id, uses=uses))
     _audit(request, "secret.put", p, secret=name, owner=team_id, uses=out["uses"], team_id=team_id)
     return json_response({**out, "stored": True})
 
@@ -212,11 +216,7 @@ async def list_team_secrets(request: Request, p: Principal = Depends(principal))
 async def put_team_secret(name: str, body: TeamSecretIn, request: Request,
                           p: Principal = Depends(principal)) -> Response:
     """Store a secret owned by the caller's team (for its workflows' headers and webhooks)."""
-    team_id = _team_manager(p)
-    out = await run_in_threadpool(lambda: request.app.state.vault.put(name, body.value, team_id=team_id,
-                                                                      uses=body.uses))
-    _audit(request, "secret.put", p, secret=name, owner=team_id, uses=out["uses"], team_id=team_id)
-    return json_response({**out, "stored": True})
+    return await _put_secret(request, p, name, body.value, _team_manager(p), body.uses)
 
 
 @router.delete("/v1/secrets/{name}", status_code=204, tags=["identity"])
