@@ -1,0 +1,310 @@
+"""The agent loop on DBOS: a model call, then each tool call it asks for, until it answers. Each model call
+and each tool call is one checkpointed step, so a restart resumes at the first action without one.
+
+Before every action the step reads the kill switch and the run's budgets from the store; before every tool
+call the mandate decides (`policy.py`). A refused call is logged with its rule and told to the model, which
+may try something else; a spent budget or the kill switch stops the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC
+from typing import Any
+
+from keel.agents.mandate import Mandate
+from keel.agents.policy import Decision, check_call
+from keel.agents.store import AgentStore
+from keel.agents.tools import EXECUTORS, ToolCall, ToolParts, as_text
+from keel.core.errors import KeelError
+from keel.gateway.pipeline import Call
+from keel.gateway.protocol import ChatRequest
+from keel.identity.principal import Principal
+from keel.workflows import approvals
+from keel.workflows.durable import DBOS
+from keel.workflows.spec_types import StepSpec
+from keel.workflows.steps import StepEnv, StepParts
+
+log = logging.getLogger("keel.agents")
+RECV_CHUNK_S = 300.0
+SHOW = {"tool": "{{ call.tool }}", "arguments": "{{ call.arguments }}", "rule": "{{ call.rule }}"}
+
+_registered: list[Any] = []
+
+
+def agent_workflow() -> Any:
+    """The one DBOS workflow of agent runs (registered before DBOS launches, so recovery finds it)."""
+    if not _registered:
+        from dbos import DBOS as dbos_cls
+
+        @dbos_cls.workflow(name="keel.agent_run", max_recovery_attempts=50)
+        async def run(run_id: str) -> dict[str, Any]:
+            return await AgentEngine.current().execute(run_id)
+
+        _registered.append(run)
+    return _registered[0]
+
+
+class Run:
+    """One run's fixed facts, read once at the start of `execute`."""
+
+    def __init__(self, row: dict[str, Any], mandate: Mandate, owner_team: str | None) -> None:
+        self.id, self.agent, self.version = row["id"], row["agent"], row["version"]
+        self.team_id, self.owner_team, self.mandate = row["team_id"], owner_team, mandate
+        self.principal = Principal.from_dict(row["principal"])
+        self.actor = self.principal.user_id or self.principal.key_id
+        created = row["created_at"]
+        self.started_at = (created if created.tzinfo else created.replace(tzinfo=UTC)).timestamp()
+
+
+class AgentEngine:
+    """Runs' interpreter, built from its parts; `current()` is the one DBOS hands runs to in this process."""
+
+    _current: AgentEngine | None = None
+
+    def __init__(self, store: AgentStore, gateway: Any, parts: ToolParts, approval_parts: StepParts,
+                 flush_ledger: Callable[[], Any], *, model_slots: int = 2,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store, self.gateway, self.parts = store, gateway, parts
+        self.approval_parts, self.flush_ledger, self.clock = approval_parts, flush_ledger, clock
+        self.model_slots = asyncio.Semaphore(model_slots)
+        agent_workflow()
+        AgentEngine._current = self
+
+    @classmethod
+    def current(cls) -> AgentEngine:
+        if cls._current is None:
+            raise RuntimeError("the agent engine is not running in this process")
+        return cls._current
+
+    # -- the loop ---------------------------------------------------------------------------------
+    async def execute(self, run_id: str) -> dict[str, Any]:
+        row = await asyncio.to_thread(self.store.load_run, run_id)
+        if row is None:
+            log.error("agent run row missing", extra={"run_id": run_id})
+            return {"status": "failed"}
+        try:
+            run = Run(row, await asyncio.to_thread(self.store.mandate, row["version_id"]),
+                      await asyncio.to_thread(self.store.owner_team, row["version_id"]))
+            m = run.mandate
+            system = m.goal + ("\n\n" + m.instructions if m.instructions else "")
+            messages: list[dict[str, Any]] = [{"role": "system", "content": system},
+                                              {"role": "user", "content": row["task"]}]
+            state: dict[str, Any] = {"steps": 0, "tokens": 0, "cost": 0.0, "calls": {}}
+            seq = 0
+            while True:
+                seq += 1
+                out = await DBOS.run_step_async({"name": f"model.{seq}"}, self.model_step, run, messages, state, seq)
+                if "stop" in out:
+                    return await self._finish(run, "stopped", error=out["stop"])
+                state["steps"] += 1
+                state["tokens"] += out["tokens"]
+                state["cost"] += out["cost"]
+                msg = out["message"]
+                messages.append(msg)
+                if not msg.get("tool_calls"):
+                    return await self._finish(run, "completed", answer=msg.get("content") or "")
+                for call in msg["tool_calls"]:
+                    seq += 1
+                    res = await self.tool_call(run, call, state, seq)
+                    messages.append({"role": "tool", "tool_call_id": call.get("id") or f"call_{seq}",
+                                     "content": res["content"]})
+                    if "stop" in res:
+                        return await self._finish(run, "stopped", error=res["stop"])
+        except Exception as exc:  # an error ends the run visibly as `failed`; cancellation is a BaseException
+            error = ({"code": exc.code, "detail": exc.detail, "fix": exc.fix} if isinstance(exc, KeelError)
+                     else {"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"[:500]})
+            if not isinstance(exc, KeelError):
+                log.exception("agent run crashed", extra={"run_id": run_id})
+            await asyncio.to_thread(self.store.set_status, run_id, "failed", error=error)
+            await asyncio.to_thread(self.store.audit_quietly, "agent.run.failed", "system", row["team_id"],
+                                    run_id=run_id, agent=row["agent"], error=error)
+            return {"status": "failed", "error": error}
+
+    async def _finish(self, run: Run, status: str, *, answer: str | None = None,
+                      error: dict[str, Any] | None = None) -> dict[str, Any]:
+        await asyncio.to_thread(self.store.set_status, run.id, status, answer=answer, error=error)
+        await asyncio.to_thread(self.store.audit_quietly, f"agent.run.{status}", run.actor, run.team_id,
+                                run_id=run.id, agent=run.agent, version=run.version, **({"error": error} if error else {}))
+        return {"status": status, "answer": answer, "error": error}
+
+    # -- actions (each one DBOS step) -------------------------------------------------------------
+    def _log(self, run: Run, seq: int, kind: str, decision: str, *, tool: str | None = None, args: Any = None,
+             rule: str | None = None, detail: str = "", result: str | None = None, tokens: int = 0,
+             cost: float = 0.0) -> None:
+        written = self.store.log_action({
+            "run_id": run.id, "seq": seq, "agent": run.agent, "version": run.version, "principal": run.actor,
+            "team_id": run.team_id, "kind": kind, "tool": tool, "arguments": args, "decision": decision,
+            "rule": rule, "detail": detail[:2000], "result": None if result is None else result[:1000],
+            "tokens": tokens, "cost": cost})
+        if written:
+            self.store.audit_quietly(f"agent.action.{decision}", run.actor, run.team_id, run_id=run.id,
+                                     agent=run.agent, version=run.version, seq=seq, kind=kind, tool=tool,
+                                     rule=rule, tokens=tokens, cost=cost)
+
+    def _gate(self, run: Run, state: dict[str, Any], *, model: bool) -> tuple[str, str] | None:
+        """The kill switch and the run's budgets, read now: (rule, detail) when the run must stop."""
+        if self.store.paused(run.agent):
+            return "kill_switch", f"agent {run.agent!r} is paused"
+        b = run.mandate.budgets
+        elapsed = self.clock() - run.started_at
+        if elapsed > b.wall_time_s:
+            return "budget.wall_time", f"the run has taken {elapsed:.0f} s (budget {b.wall_time_s:g} s)"
+        if model:
+            if state["steps"] >= b.steps:
+                return "budget.steps", f"the run made {state['steps']} model calls (budget {b.steps})"
+            if state["tokens"] >= b.tokens:
+                return "budget.tokens", f"the run used {state['tokens']} tokens (budget {b.tokens})"
+            if b.cost is not None and state["cost"] >= b.cost:
+                return "budget.cost", f"the run cost {state['cost']:.6f} (budget {b.cost:g})"
+        return None
+
+    async def model_step(self, run: Run, messages: list[dict[str, Any]], state: dict[str, Any],
+                         seq: int) -> dict[str, Any]:
+        m = run.mandate
+        stop = await asyncio.to_thread(self._gate, run, state, model=True)
+        if stop is not None:
+            await asyncio.to_thread(self._log, run, seq, "model", "refused", rule=stop[0], detail=stop[1])
+            return {"stop": {"code": "agent_stopped", "rule": stop[0], "detail": stop[1]}}
+        max_tokens = max(1, min(m.budgets.max_tokens_per_call, m.budgets.tokens - state["tokens"]))
+        call = Call(request_id=f"{run.id}/{seq}", principal=run.principal, kind="chat", alias=m.model,
+                    chat=ChatRequest(model=m.model, messages=messages, max_tokens=max_tokens,
+                                     tools=[t.openai() for t in m.tools.values()] or None),
+                    metadata={"use_case": f"agent:{run.agent}", "task_id": run.id})
+        async with self.model_slots:
+            call.started = time.perf_counter()
+            result = await self.gateway.chat(call)
+        await self.flush_ledger()  # the ledger row is durable before the checkpoint (its request id dedupes a repeat)
+        tokens, cost = result.usage.total_tokens, call.cost()
+        msg: dict[str, Any] = {"role": "assistant", "content": result.content}
+        if result.tool_calls:
+            msg["tool_calls"] = result.tool_calls
+        summary = result.content or ", ".join(str((c.get("function") or {}).get("name")) for c in result.tool_calls or [])
+        await asyncio.to_thread(self._log, run, seq, "model", "allowed", detail=m.model, result=summary or "",
+                                tokens=tokens, cost=cost)
+        return {"message": msg, "tokens": tokens, "cost": cost}
+
+    async def tool_call(self, run: Run, call: dict[str, Any], state: dict[str, Any], seq: int) -> dict[str, Any]:
+        fn = call.get("function") or {}
+        name, raw = str(fn.get("name") or ""), fn.get("arguments")
+        out = await DBOS.run_step_async({"name": f"tool.{seq}"}, self.tool_step, run, name, raw, state, seq, False)
+        if "approval" in out:
+            decision = await self._wait_for_person(run, seq, name, out["args"], out["approval"])
+            if decision["decision"] != "approved":
+                content = f"A person rejected this call ({decision.get('reason') or 'no reason given'})."
+                await DBOS.run_step_async({"name": f"tool.{seq}.rejected"}, self._rejected, run, seq, name,
+                                          out["args"], decision)
+                return {"content": content}
+            fields = decision.get("fields") or {}
+            if out["approval"]["ask"]:
+                return await DBOS.run_step_async({"name": f"tool.{seq}.answer"}, self._answered, run, seq, name,
+                                                 out["args"], fields)
+            args = fields.get("arguments", out["args"])
+            out = await DBOS.run_step_async({"name": f"tool.{seq}.approved"}, self.tool_step, run, name, args,
+                                            state, seq, True)
+        if out.get("allowed"):
+            state["calls"][name] = state["calls"].get(name, 0) + 1
+        return out
+
+    async def tool_step(self, run: Run, name: str, raw: Any, state: dict[str, Any], seq: int,
+                        approved: bool) -> dict[str, Any]:
+        """Check, then (allowed) run one tool call; logged either way."""
+        stop = await asyncio.to_thread(self._gate, run, state, model=False)
+        if stop is not None:
+            await asyncio.to_thread(self._log, run, seq, "tool", "refused", tool=name[:64], args=_loggable(raw),
+                                    rule=stop[0], detail=stop[1])
+            return {"content": f"Refused: {stop[1]}.", "stop": {"code": "agent_stopped", "rule": stop[0],
+                                                                 "detail": stop[1]}}
+        decision, args = await asyncio.to_thread(
+            check_call, run.mandate, name, raw, calls_in_run=state["calls"].get(name, 0),
+            calls_today=lambda: self.store.calls_today(run.agent, name), approved=approved)
+        if not decision.allowed:
+            await asyncio.to_thread(self._log, run, seq, "tool", "refused", tool=name[:64], args=_loggable(args),
+                                    rule=decision.rule, detail=decision.detail)
+            return {"content": f"Refused by the agent's mandate ({decision.rule}): {decision.detail}"}
+        if decision.approval is not None:
+            return {"approval": _approval_config(decision), "args": args}
+        tool = run.mandate.tools[name]
+        c = ToolCall(run_id=run.id, seq=seq, agent=run.agent, team_id=run.team_id, owner_team=run.owner_team,
+                     principal=run.principal, mandate=run.mandate, tool=tool, args=args)
+        try:
+            result = as_text(await EXECUTORS[tool.kind](self.parts, c))
+        except KeelError as exc:  # the tool failed (after being allowed): the model hears why
+            await asyncio.to_thread(self._log, run, seq, "tool", "failed", tool=name, args=args, rule=exc.code,
+                                    detail=exc.detail)
+            return {"content": f"The tool failed: {exc.detail}", "allowed": True}
+        await asyncio.to_thread(self._log, run, seq, "tool", "allowed", tool=name, args=args,
+                                rule="approved" if approved else None, result=result)
+        return {"content": result, "allowed": True}
+
+    async def _rejected(self, run: Run, seq: int, name: str, args: Any, decision: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.to_thread(self._log, run, seq, "tool", "refused", tool=name, args=args, rule="approval",
+                                detail=f"rejected by {decision.get('by')}: {decision.get('reason') or ''}")
+        return {}
+
+    async def _answered(self, run: Run, seq: int, name: str, args: Any, fields: dict[str, Any]) -> dict[str, Any]:
+        answer = str(fields.get("answer") or "")
+        await asyncio.to_thread(self._log, run, seq, "tool", "allowed", tool=name, args=args, rule="approved",
+                                result=answer)
+        return {"content": answer or "(no answer)", "allowed": True}
+
+    # -- approvals: the workflow approvals' rows, roles and audit ---------------------------------
+    def _env(self, run: Run, seq: int, config: dict[str, Any], show: dict[str, Any]) -> StepEnv:
+        step = StepSpec(id=f"call_{seq}", type="approval", when=None, retries=1, backoff_s=1.0,
+                        timeout_s=config["timeout_s"], config=config, line=0)
+        return StepEnv(parts=self.approval_parts, run_id=run.id, workflow=f"agent:{run.agent}", team_id=run.team_id,
+                       principal=run.principal, spec=None, step=step, context={"call": show},  # type: ignore[arg-type]
+                       owner_team=run.owner_team)
+
+    async def _wait_for_person(self, run: Run, seq: int, name: str, args: Any,
+                               config: dict[str, Any]) -> dict[str, Any]:
+        """Open an approval (once), wait durably for its decision; a timeout rejects."""
+        if config["ask"]:
+            show = {"tool": name, "arguments": args, "rule": config["rule"]}
+            config = dict(config, show={"question": "{{ call.arguments.question }}", "answer": ""},
+                          editable=["answer"])
+        else:
+            show = {"tool": name, "arguments": args, "rule": config["rule"]}
+        env = self._env(run, seq, config, show)
+        opened = await DBOS.run_step_async({"name": f"tool.{seq}.open"}, self._open, env, run)
+        approval_id, deadline = opened["id"], opened["deadline"]
+        decision: dict[str, Any] | None = None
+        while decision is None:
+            now = await DBOS.run_step_async({"name": f"tool.{seq}.clock"}, time.time)
+            if deadline - now <= 0:
+                decision = {"decision": "rejected", "by": "system:timeout", "reason": "no decision before the deadline"}
+                break
+            decision = await DBOS.recv_async(topic=approval_id, timeout_seconds=min(deadline - now, RECV_CHUNK_S))
+            if decision is None:
+                decision = await DBOS.run_step_async({"name": f"tool.{seq}.check"}, approvals.recorded_decision,
+                                                     self.approval_parts.runs, approval_id)
+        closed = await DBOS.run_step_async({"name": f"tool.{seq}.close"}, self._close, env, run, approval_id, decision)
+        return dict(decision, fields=closed["output"]["fields"])
+
+    async def _open(self, env: StepEnv, run: Run) -> dict[str, Any]:
+        out = await approvals.open_approval(env)
+        await asyncio.to_thread(self.store.set_status, run.id, "waiting_approval")
+        return out
+
+    async def _close(self, env: StepEnv, run: Run, approval_id: str, decision: dict[str, Any]) -> dict[str, Any]:
+        out = await approvals.close_approval(env, approval_id, decision)
+        await asyncio.to_thread(self.store.set_status, run.id, "running")
+        return out
+
+
+def _approval_config(d: Decision) -> dict[str, Any]:
+    a = d.approval
+    assert a is not None
+    return {"approvers": list(a.approvers), "show": SHOW, "editable": ["arguments"], "instructions":
+            f"The agent asks to make this call; the mandate's {d.approval_rule} needs a person's approval.",
+            "timeout_s": a.timeout_s, "on_timeout": "reject", "escalate_to": [], "escalation_timeout_s": a.timeout_s,
+            "rule": d.approval_rule, "ask": a.tool == "ask_human" and d.approval_rule == "ask_human"}
+
+
+def _loggable(args: Any) -> Any:
+    if isinstance(args, (dict, list)) or args is None:
+        return args
+    return str(args)[:2000]

@@ -1,0 +1,285 @@
+"""Mandates: parse an agent's YAML into a validated `Mandate`, reporting every problem with its line.
+
+A mandate is the agent's security boundary: the tools it may call (each with a JSON Schema for its
+arguments, rules over them, allow-lists and call counts), the collections it may read, its budgets, which
+calls need a person's approval. Whatever the model asks for, only what the mandate allows happens.
+
+Example: `parse_mandate("name: helper\\nmodel: local-chat\\ngoal: answer\\ntools: {retrieve: {}}").tools`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator
+
+from keel.agents.errors import MandateError
+from keel.agents.rules import Rule, parse_rule, valid_host_entry, valid_recipient_entry
+from keel.identity.principal import ROLES
+from keel.workflows.spec_checks import NAME, SECRET_NAME, Checker, Path, kind_of
+
+AGENT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,47}$")  # an approval's `workflow` column holds `agent:<name>`
+TOOL_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]{0,63}$")
+TABLE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+TOP_KEYS = ("name", "description", "goal", "instructions", "model", "collections", "tools", "budgets", "approvals")
+TOOL_KEYS = ("description", "parameters", "rules", "allow_hosts", "methods", "allow_recipients", "tables",
+             "max_calls_per_run", "max_calls_per_day", "endpoint", "headers")
+BUDGET_KEYS = ("steps", "tokens", "cost", "wall_time", "max_tokens_per_call")
+APPROVAL_KEYS = ("tool", "when", "approvers", "timeout")
+HTTP_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+BUILTIN_SCHEMAS: dict[str, dict[str, Any]] = {
+    "retrieve": {"type": "object", "additionalProperties": False, "required": ["query"], "properties": {
+        "query": {"type": "string", "minLength": 1, "maxLength": 2000},
+        "collections": {"type": "array", "items": {"type": "string"}, "maxItems": 20},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": 20}}},
+    "http": {"type": "object", "additionalProperties": False, "required": ["url"], "properties": {
+        "method": {"type": "string", "enum": HTTP_METHODS}, "url": {"type": "string", "maxLength": 2000},
+        "body": {}}},
+    "record": {"type": "object", "additionalProperties": False, "required": ["table", "data"], "properties": {
+        "table": {"type": "string", "pattern": TABLE.pattern}, "data": {"type": "object"},
+        "key": {"type": "string", "maxLength": 300}}},
+    "notify": {"type": "object", "additionalProperties": False, "required": ["to", "subject"], "properties": {
+        "to": {"type": "string", "maxLength": 320}, "subject": {"type": "string", "maxLength": 300},
+        "body": {"type": "string", "maxLength": 20000}}},
+    "ask_human": {"type": "object", "additionalProperties": False, "required": ["question"], "properties": {
+        "question": {"type": "string", "minLength": 1, "maxLength": 4000}}},
+}
+BUILTIN_DESCRIPTIONS = {
+    "retrieve": "Search the knowledge collections this agent may read; returns the best passages.",
+    "http": "Call an HTTP API on an allowed host.",
+    "record": "Write a row into one of Keel's record tables.",
+    "notify": "Send an email to an allowed recipient.",
+    "ask_human": "Ask a person a question and wait for the answer.",
+}
+# the keys each kind of tool takes besides description, rules and call counts
+KIND_KEYS = {"retrieve": (), "http": ("allow_hosts", "methods", "headers"), "record": ("tables",),
+             "notify": ("allow_recipients",), "ask_human": (), "endpoint": ("endpoint", "parameters", "headers")}
+COMMON_TOOL_KEYS = ("description", "rules", "max_calls_per_run", "max_calls_per_day")
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """One tool the mandate allows: a built-in (`kind` = its name) or an HTTP `endpoint` that takes the arguments."""
+
+    name: str
+    kind: str
+    description: str
+    parameters: dict[str, Any]
+    rules: tuple[Rule, ...] = ()
+    allow_hosts: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ("GET",)
+    allow_recipients: tuple[str, ...] = ()
+    tables: tuple[str, ...] = ()
+    max_calls_per_run: int | None = None
+    max_calls_per_day: int | None = None
+    endpoint: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # header → vault secret name
+
+    def openai(self) -> dict[str, Any]:
+        """The tool as OpenAI's `tools` entry."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.parameters}}
+
+
+@dataclass(frozen=True)
+class ApprovalRule:
+    """Calls of `tool` (where `when` holds, or all) wait for a person with one of `approvers`' roles."""
+
+    tool: str
+    when: Rule | None
+    approvers: tuple[str, ...]
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Per-run limits; the run stops (logged, with the budget's name) when one is spent."""
+
+    steps: int = 10
+    tokens: int = 20000
+    cost: float | None = None
+    wall_time_s: float = 300.0
+    max_tokens_per_call: int = 1024
+
+
+@dataclass(frozen=True)
+class Mandate:
+    """A parsed, validated mandate; build it with `parse_mandate`."""
+
+    name: str
+    description: str
+    goal: str
+    instructions: str
+    model: str
+    collections: tuple[str, ...]
+    tools: dict[str, ToolSpec]
+    budgets: Budgets
+    approvals: tuple[ApprovalRule, ...]
+    source: str
+
+    def secret_refs(self) -> list[tuple[str, str, str]]:
+        """(secret, field, use) for every vault secret the tools send as a header."""
+        return [(secret, f"tools.{t.name}.headers.{h}", "http_header") for t in self.tools.values()
+                for h, secret in t.headers.items()]
+
+    def approval_for(self, tool: str, args: Any) -> tuple[int, ApprovalRule] | None:
+        for i, a in enumerate(self.approvals):
+            if a.tool == tool and (a.when is None or a.when.holds(args)):
+                return i, a
+        return None
+
+
+def _load(text: str) -> tuple[yaml.Node | None, Any]:
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        return root, (loader.construct_document(root) if root is not None else None)
+    finally:
+        loader.dispose()
+
+
+def _int(ck: Checker, raw: dict[str, Any], path: Path, key: str, hi: int) -> int | None:
+    return ck.number(raw, path, key, None, 1, hi, integer=True)
+
+
+def _tool(ck: Checker, name: Any, raw: Any) -> ToolSpec | None:
+    path: Path = ("tools", str(name))
+    if not isinstance(name, str) or not TOOL_NAME.match(name):
+        ck.error(path, f"tool name {name!r} must match {TOOL_NAME.pattern}", at_key=True)
+        return None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        ck.error(path, f"a tool must be a mapping (got {kind_of(raw)})")
+        return None
+    kind = name if name in BUILTIN_SCHEMAS else "endpoint"
+    ck.unknown_keys(raw, path, COMMON_TOOL_KEYS + KIND_KEYS[kind],
+                    f"the built-in tool {name}" if kind != "endpoint" else "an endpoint tool")
+    if kind == "endpoint":
+        endpoint = ck.text(raw, path, "endpoint", required=True, template=False)
+        if endpoint is not None and not re.match(r"^https?://[^/\s]+", endpoint):
+            ck.error(path + ("endpoint",), f"{endpoint!r} is not an http(s) URL (a tool that is not built in "
+                                           f"({', '.join(BUILTIN_SCHEMAS)}) is an HTTP endpoint Keel POSTs to)")
+        params = ck.schema(raw, path, "parameters", None)
+        if raw.get("parameters") is None:
+            ck.missing(path, "parameters")
+        if params is not None and params.get("type") != "object":
+            ck.error(path + ("parameters",), "must be a JSON Schema with type: object")
+        params = {"additionalProperties": False, **(params or {"type": "object"})}
+    else:
+        endpoint, params = None, BUILTIN_SCHEMAS[kind]
+    rules = []
+    for j, text in enumerate(ck.str_list(raw, path, "rules", default=[], allow_empty=True) or []):
+        try:
+            rules.append(parse_rule(text, name, params))
+        except ValueError as exc:
+            ck.error(path + ("rules", j), str(exc))
+    hosts = tuple(h.strip().lower() for h in ck.str_list(raw, path, "allow_hosts", default=[]) or [])
+    for j, h in enumerate(hosts):
+        if not valid_host_entry(h):
+            ck.error(path + ("allow_hosts", j), f"{h!r} is not 'host', 'host:port' or '*.domain'")
+    if kind == "http" and not hosts:
+        ck.missing(path, "allow_hosts")
+    recipients = tuple(ck.str_list(raw, path, "allow_recipients", default=[]) or [])
+    for j, r in enumerate(recipients):
+        if not valid_recipient_entry(r):
+            ck.error(path + ("allow_recipients", j), f"{r!r} is not 'name@domain' or '*@domain'")
+    if kind == "notify" and not recipients:
+        ck.missing(path, "allow_recipients")
+    tables = tuple(ck.str_list(raw, path, "tables", default=[]) or [])
+    for j, t in enumerate(tables):
+        if not TABLE.match(t):
+            ck.error(path + ("tables", j), f"table {t!r} must match {TABLE.pattern}")
+    if kind == "record" and not tables:
+        ck.missing(path, "tables")
+    headers = ck.mapping(raw, path, "headers", default={}) or {}
+    for h, ref in headers.items():
+        if not isinstance(ref, dict) or set(ref) != {"secret"} or not isinstance(ref["secret"], str) \
+                or not SECRET_NAME.match(ref["secret"]):
+            ck.error(path + ("headers", h), "a header's value is {secret: NAME}, a vault secret of the agent's team")
+    methods = tuple(ck.str_list(raw, path, "methods", default=["GET"], choices=HTTP_METHODS) or ["GET"])
+    description = ck.text(raw, path, "description", template=False) or BUILTIN_DESCRIPTIONS.get(kind, name)
+    return ToolSpec(name=name, kind=kind, description=description, parameters=params, rules=tuple(rules),
+                    allow_hosts=hosts, methods=methods, allow_recipients=recipients, tables=tables,
+                    max_calls_per_run=_int(ck, raw, path, "max_calls_per_run", 10_000),
+                    max_calls_per_day=_int(ck, raw, path, "max_calls_per_day", 10_000_000), endpoint=endpoint,
+                    headers={h: r["secret"] for h, r in headers.items() if isinstance(r, dict) and "secret" in r})
+
+
+def _budgets(ck: Checker, data: dict[str, Any]) -> Budgets:
+    raw = ck.mapping(data, (), "budgets", default={}) or {}
+    ck.unknown_keys(raw, ("budgets",), BUDGET_KEYS, "budgets")
+    path: Path = ("budgets",)
+    d = Budgets()
+    return Budgets(steps=ck.number(raw, path, "steps", d.steps, 1, 1000, integer=True),
+                   tokens=ck.number(raw, path, "tokens", d.tokens, 1, 100_000_000, integer=True),
+                   cost=ck.number(raw, path, "cost", None, 0.0, 1e9),
+                   wall_time_s=ck.duration(raw, path, "wall_time", d.wall_time_s) or d.wall_time_s,
+                   max_tokens_per_call=ck.number(raw, path, "max_tokens_per_call", d.max_tokens_per_call, 1,
+                                                 1_000_000, integer=True))
+
+
+def _approval(ck: Checker, raw: Any, j: int, tools: dict[str, ToolSpec]) -> ApprovalRule | None:
+    path: Path = ("approvals", j)
+    if not isinstance(raw, dict):
+        ck.error(path, f"an approval rule is a mapping with tool (and when, approvers, timeout); got {kind_of(raw)}")
+        return None
+    ck.unknown_keys(raw, path, APPROVAL_KEYS, "an approval rule")
+    tool = ck.text(raw, path, "tool", required=True, template=False)
+    if tool is not None and tool not in tools:
+        ck.error(path + ("tool",), f"tool {tool!r} is not in this mandate's tools ({', '.join(tools) or 'none'})")
+    when = None
+    if raw.get("when") is not None:
+        try:
+            when = parse_rule(str(raw["when"]), tool, tools[tool].parameters if tool in tools else None)
+        except ValueError as exc:
+            ck.error(path + ("when",), str(exc))
+    approvers = ck.str_list(raw, path, "approvers", default=["reviewer", "admin"], choices=ROLES)
+    timeout = ck.duration(raw, path, "timeout", 7 * 86400.0)
+    return ApprovalRule(tool=str(tool), when=when, approvers=tuple(approvers or ()), timeout_s=float(timeout or 1))
+
+
+def parse_mandate(text: str) -> Mandate:
+    """Parse and validate a mandate; MandateError lists every problem with line, column and field."""
+    try:
+        root, data = _load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise MandateError([{"line": mark.line + 1 if mark else None, "column": mark.column + 1 if mark else None,
+                             "field": "(root)", "message": f"invalid YAML: {problem}"}]) from None
+    if not isinstance(data, dict):
+        raise MandateError([{"line": 1, "column": 1, "field": "(root)",
+                             "message": f"a mandate must be a mapping with name, model, goal and tools "
+                                        f"(got {kind_of(data)})"}])
+    ck = Checker(root, None)
+    ck.unknown_keys(data, (), TOP_KEYS, "a mandate")
+    name = ck.text(data, (), "name", required=True, template=False, pattern=AGENT_NAME)
+    model = ck.text(data, (), "model", required=True, template=False)
+    goal = ck.text(data, (), "goal", required=True, template=False)
+    instructions = ck.text(data, (), "instructions", default="", template=False) or ""
+    description = ck.text(data, (), "description", default="", template=False) or ""
+    collections = ck.str_list(data, (), "collections", default=[], allow_empty=True) or []
+    for j, c in enumerate(collections):
+        if not NAME.match(c):
+            ck.error(("collections", j), f"collection {c!r} must match {NAME.pattern}")
+    raw_tools = ck.mapping(data, (), "tools", required=True, default={}) or {}
+    tools = {t.name: t for t in (_tool(ck, n, raw) for n, raw in raw_tools.items()) if t is not None}
+    if "retrieve" in tools and not collections:
+        ck.error(("tools", "retrieve"), "the retrieve tool needs the mandate's `collections` (none listed)")
+    budgets = _budgets(ck, data)
+    raw_approvals = data.get("approvals") or []
+    if not isinstance(raw_approvals, list):
+        ck.error(("approvals",), f"must be a list of approval rules (got {kind_of(raw_approvals)})")
+        raw_approvals = []
+    approvals = [_approval(ck, raw, j, tools) for j, raw in enumerate(raw_approvals)]
+    for t in tools.values():
+        Draft202012Validator(t.parameters)  # checked above; builds once so a bad one fails here, not mid-run
+    if ck.errors:
+        raise MandateError(sorted(ck.errors, key=lambda e: (e["line"] or 0, e["column"] or 0)),
+                           agent=name if isinstance(name, str) else None)
+    return Mandate(name=str(name), description=description, goal=str(goal), instructions=instructions,
+                   model=str(model), collections=tuple(collections), tools=tools, budgets=budgets,
+                   approvals=tuple(a for a in approvals if a is not None), source=text)

@@ -1,0 +1,149 @@
+"""Agent rows shared by the API and the loop: mandate versions (parsed once), the kill switch, runs, the
+action log (one row per run and position, so a replayed step never logs twice) and the audit hook."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from keel.agents.access import definitions_visible
+from keel.agents.mandate import Mandate, parse_mandate
+from keel.agents.tables import agent_actions, agent_effects, agent_runs, agent_switches, agent_versions
+from keel.core.clock import utcnow
+from keel.core.db import Store
+from keel.core.errors import NotFound
+from keel.core.ids import new_id
+from keel.identity.principal import Principal
+
+log = logging.getLogger("keel.agents")
+FINAL = ("completed", "failed", "stopped")
+STATUSES = ("running", "waiting_approval", *FINAL)
+
+
+class AgentStore:
+    """The store's agent tables; `audit(action=…, actor=…, team_id=…, **details)` writes the audit trail."""
+
+    def __init__(self, store: Store, audit: Callable[..., Any] | None = None) -> None:
+        self.store = store
+        self._audit = audit
+        self._mandates: dict[str, Mandate] = {}
+
+    # -- versions -----------------------------------------------------------------------------
+    def latest(self, name: str, p: Principal | None = None) -> Any:
+        q = sa.select(agent_versions).where(agent_versions.c.name == name)
+        if p is not None:
+            q = q.where(definitions_visible(p, agent_versions.c.team_id))
+        with self.store.read() as conn:
+            row = conn.execute(q.order_by(agent_versions.c.version.desc()).limit(1)).first()
+        if row is None or (p is not None and not p.may_use_agent(name)):
+            raise NotFound(f"agent {name!r} not found", fix="define it with POST /v1/agents", agent=name)
+        return row
+
+    def mandate(self, version_id: str) -> Mandate:
+        m = self._mandates.get(version_id)
+        if m is None:
+            with self.store.read() as conn:
+                src = conn.execute(sa.select(agent_versions.c.source)
+                                   .where(agent_versions.c.id == version_id)).scalar_one()
+            m = self._mandates[version_id] = parse_mandate(src)
+        return m
+
+    def remember(self, version_id: str, mandate: Mandate) -> None:
+        self._mandates[version_id] = mandate
+
+    def owner_team(self, version_id: str) -> str | None:
+        with self.store.read() as conn:
+            return conn.execute(sa.select(agent_versions.c.team_id).where(agent_versions.c.id == version_id)).scalar_one()
+
+    # -- kill switch --------------------------------------------------------------------------
+    def paused(self, name: str) -> bool:
+        """Read from the store every time (never cached), so a pause on any replica holds on every replica."""
+        with self.store.read() as conn:
+            return bool(conn.execute(sa.select(agent_switches.c.paused).where(agent_switches.c.name == name)).scalar())
+
+    def set_paused(self, name: str, paused: bool, by: str, reason: str | None) -> None:
+        values = {"paused": paused, "changed_by": by, "reason": reason, "changed_at": utcnow()}
+        with self.store.engine.begin() as conn:
+            if conn.execute(agent_switches.update().where(agent_switches.c.name == name).values(**values)).rowcount == 0:
+                conn.execute(agent_switches.insert().values(name=name, **values))
+
+    # -- runs ---------------------------------------------------------------------------------
+    def insert_run(self, row: dict[str, Any]) -> None:
+        with self.store.engine.begin() as conn:
+            if conn.execute(sa.select(agent_runs.c.id).where(agent_runs.c.id == row["id"])).first() is None:
+                conn.execute(agent_runs.insert().values(**row))
+
+    def load_run(self, run_id: str) -> dict[str, Any] | None:
+        with self.store.read() as conn:
+            row = conn.execute(sa.select(agent_runs).where(agent_runs.c.id == run_id)).mappings().first()
+        return dict(row) if row else None
+
+    def set_status(self, run_id: str, status: str, **fields: Any) -> None:
+        now = utcnow()
+        values = dict(fields, status=status, updated_at=now)
+        if status in FINAL:
+            values["finished_at"] = now
+        with self.store.engine.begin() as conn:
+            conn.execute(agent_runs.update().where(agent_runs.c.id == run_id, agent_runs.c.status.not_in(FINAL))
+                         .values(**values))
+
+    def unfinished(self) -> list[str]:
+        with self.store.read() as conn:
+            return list(conn.execute(sa.select(agent_runs.c.id).where(agent_runs.c.status.not_in(FINAL))).scalars())
+
+    # -- action log ---------------------------------------------------------------------------
+    def log_action(self, row: dict[str, Any]) -> bool:
+        """Write one action unless the run already has one at this position; True when written now."""
+        row = {"id": new_id("act"), "created_at": utcnow(), **row}
+        with self.store.engine.begin() as conn:
+            found = conn.execute(sa.select(agent_actions.c.id).where(agent_actions.c.run_id == row["run_id"],
+                                                                     agent_actions.c.seq == row["seq"])).first()
+            if found is not None:
+                return False
+            try:
+                with conn.begin_nested():
+                    conn.execute(agent_actions.insert().values(**row))
+            except sa.exc.IntegrityError:  # a concurrent twin (a recovered run on another worker) won
+                return False
+        return True
+
+    def actions(self, run_id: str) -> list[dict[str, Any]]:
+        with self.store.read() as conn:
+            rows = conn.execute(sa.select(agent_actions).where(agent_actions.c.run_id == run_id)
+                                .order_by(agent_actions.c.seq)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def calls_today(self, agent: str, tool: str) -> int:
+        """Allowed calls of `tool` by any run of `agent` in the last 24 hours."""
+        since = utcnow() - timedelta(days=1)
+        with self.store.read() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).where(
+                agent_actions.c.agent == agent, agent_actions.c.tool == tool, agent_actions.c.kind == "tool",
+                agent_actions.c.decision == "allowed", agent_actions.c.created_at >= since)).scalar() or 0)
+
+    def effect(self, row: dict[str, Any]) -> str:
+        """Insert a tool effect once per idempotency key; returns the id that is there."""
+        row = {"id": new_id("eff"), "created_at": utcnow(), **row}
+        with self.store.engine.begin() as conn:
+            found = conn.execute(sa.select(agent_effects.c.id)
+                                 .where(agent_effects.c.idempotency_key == row["idempotency_key"])).scalar()
+            if found is not None:
+                return str(found)
+            conn.execute(agent_effects.insert().values(**row))
+        return row["id"]
+
+    # -- audit --------------------------------------------------------------------------------
+    def audit(self, action: str, actor: str, team_id: str | None, **details: Any) -> None:
+        if self._audit is not None:
+            self._audit(action=action, actor=actor, team_id=team_id, **details)
+
+    def audit_quietly(self, action: str, actor: str, team_id: str | None, **details: Any) -> None:
+        """An event from inside a run: a store hiccup is logged, never fails the run."""
+        try:
+            self.audit(action, actor, team_id, **details)
+        except sa.exc.SQLAlchemyError:
+            log.exception("audit event not written", extra={"action": action})

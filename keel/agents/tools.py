@@ -1,0 +1,106 @@
+"""The built-in tools and endpoint tools, run only after the mandate allowed the call (`policy.py`).
+
+Each runs inside one DBOS step; a side effect carries the idempotency key run id + position, so the one
+repeat a crash between the effect and its checkpoint may cause is dropped (by Keel's own effect table, or by
+the receiving service for `http` and endpoint tools).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from keel.agents.mandate import Mandate, ToolSpec
+from keel.agents.store import AgentStore
+from keel.identity.principal import Principal
+from keel.workflows.effects import Egress
+
+RESULT_CHARS = 4000  # what the model sees of a tool's result
+
+
+@dataclass(frozen=True)
+class ToolParts:
+    """The services tools use, built once by the engine."""
+
+    store: AgentStore
+    knowledge: Any  # keel.knowledge's service
+    vault: Any  # keel.identity.vault.Vault
+    egress: Egress
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One allowed call, with what it may touch: the run's principal and team, the mandate's owner team."""
+
+    run_id: str
+    seq: int
+    agent: str
+    team_id: str | None
+    owner_team: str | None
+    principal: Principal
+    mandate: Mandate
+    tool: ToolSpec
+    args: dict[str, Any]
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.run_id}.{self.seq}"
+
+
+def as_text(result: Any) -> str:
+    text = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
+    return text if len(text) <= RESULT_CHARS else text[:RESULT_CHARS] + " …(truncated)"
+
+
+def _headers(parts: ToolParts, c: ToolCall) -> dict[str, str]:
+    """Secret headers, read from the vault now: only secrets the mandate's team may use as headers."""
+    return {h: parts.vault.resolve(secret, c.owner_team, "http_header") for h, secret in c.tool.headers.items()}
+
+
+async def run_retrieve(parts: ToolParts, c: ToolCall) -> Any:
+    from keel.knowledge.search import Query, search
+
+    q = Query(text=c.args["query"], collections=list(c.args.get("collections") or c.mandate.collections),
+              top_k=int(c.args.get("top_k") or 5))
+    hits, _ = await search(parts.knowledge, c.principal, q, f"{c.run_id}/{c.seq}")
+    return {"hits": [{"title": h.title, "section": h.section, "text": h.text[:1000]} for h in hits]}
+
+
+async def run_http(parts: ToolParts, c: ToolCall) -> Any:
+    headers = await asyncio.to_thread(_headers, parts, c)
+    out = await parts.egress.request(c.args.get("method", "GET"), c.args["url"], headers=headers,
+                                     body=c.args.get("body"), allow_hosts=c.tool.allow_hosts,
+                                     idempotency_key=c.idempotency_key)
+    return {"status": out["status"], "body": out["body"]}
+
+
+async def run_endpoint(parts: ToolParts, c: ToolCall) -> Any:
+    """POST the arguments as JSON to the tool's endpoint (its host:port is the only host allowed)."""
+    endpoint = str(c.tool.endpoint)
+    split = urlsplit(endpoint)
+    port = split.port or (443 if split.scheme == "https" else 80)
+    headers = await asyncio.to_thread(_headers, parts, c)
+    out = await parts.egress.request("POST", endpoint, headers=headers, body=c.args,
+                                     allow_hosts=[f"{split.hostname}:{port}"], idempotency_key=c.idempotency_key)
+    return {"status": out["status"], "body": out["body"]}
+
+
+async def run_record(parts: ToolParts, c: ToolCall) -> Any:
+    row = {"idempotency_key": c.idempotency_key, "run_id": c.run_id, "agent": c.agent, "team_id": c.team_id,
+           "kind": "record", "target": c.args["table"], "data": {"key": c.args.get("key"), "data": c.args["data"]}}
+    return {"id": await asyncio.to_thread(parts.store.effect, row), "table": c.args["table"]}
+
+
+async def run_notify(parts: ToolParts, c: ToolCall) -> Any:
+    row = {"idempotency_key": c.idempotency_key, "run_id": c.run_id, "agent": c.agent, "team_id": c.team_id,
+           "kind": "notify", "target": c.args["to"],
+           "data": {"subject": c.args["subject"], "body": c.args.get("body", "")}}
+    await asyncio.to_thread(parts.store.effect, row)
+    return {"to": c.args["to"], "status": "outbox"}
+
+
+EXECUTORS = {"retrieve": run_retrieve, "http": run_http, "endpoint": run_endpoint, "record": run_record,
+             "notify": run_notify}
