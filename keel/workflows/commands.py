@@ -1,10 +1,11 @@
-"""CLI: `keel workflows …` (define, list, run, show, cancel, retry) and `keel approvals …`
+"""CLI: `keel workflows …` (define, list, run, show, cancel, retry, waiting, resume) and `keel approvals …`
 (list, show, approve, reject). All talk to a running Keel."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import quote
 from typing import Optional
 
 import typer
@@ -88,6 +89,26 @@ def retry(name: str, run_id: str, from_step: Optional[str] = typer.Option(None, 
           url: Optional[str] = UrlOpt, key: Optional[str] = KeyOpt) -> None:
     """Start a new run that reuses the results before `--from` (default: the failed step); prints its id."""
     print(client(url, key).post(f"/v1/workflows/{name}/runs/{run_id}/retry", {"from_step": from_step})["id"])
+
+
+@workflows_app.command("waiting")
+@handle_errors
+def waiting(for_: Optional[str] = typer.Option(None, "--for", help="a model alias or host"),
+            url: Optional[str] = UrlOpt, key: Optional[str] = KeyOpt) -> None:
+    """Runs waiting for an unavailable provider: what each waits for, why, and when it tries next."""
+    q = "/v1/runs?status=waiting_provider&limit=1000" + (f"&waiting_for={quote(for_)}" if for_ else "")
+    print_rows(["id", "workflow", "step", "for", "reason", "next try", "since"],
+               [[r["id"], r["workflow"], r["current_step"], (r["waiting"] or {}).get("for"),
+                 (r["waiting"] or {}).get("reason"), (r["waiting"] or {}).get("next_try_at"),
+                 (r["waiting"] or {}).get("since")] for r in client(url, key).get(q)["data"]])
+
+
+@workflows_app.command("resume")
+@handle_errors
+def resume(name: str, run_id: str, url: Optional[str] = UrlOpt, key: Optional[str] = KeyOpt) -> None:
+    """End a run's wait for its provider now: the step tries again at once."""
+    r = client(url, key).post(f"/v1/workflows/{name}/runs/{run_id}/resume", {})
+    console.print(f"{r['id']} resumed (was waiting for {(r['waiting'] or {}).get('for')})", markup=False)
 
 
 @approvals_app.command("list")

@@ -25,6 +25,7 @@ from keel.workflows.durable import Durable
 from keel.workflows.spec import WorkflowSpec, parse_spec, secret_refs, validate_inputs
 from keel.workflows.store import FINAL, STATUSES, RunStore
 from keel.workflows.tables import workflow_outbox, workflow_records, workflow_runs, workflow_versions
+from keel.workflows.waits import WAITING, public as public_wait
 
 log = logging.getLogger("keel.workflows")
 
@@ -160,7 +161,8 @@ class Workflows:
                 "status": r.status, "current_step": r.current_step, "trigger": r.trigger, "inputs": r.inputs,
                 "outputs": r.outputs, "error": r.error, "parent_run": r.parent_run, "retry_of": r.retry_of,
                 "created_at": iso(r.created_at), "updated_at": iso(r.updated_at),
-                "finished_at": iso(r.finished_at)}
+                "finished_at": iso(r.finished_at),
+                "waiting": public_wait(r.wait) if r.status == WAITING else None}
 
     async def detail(self, name: str, run_id: str, p: Principal) -> dict[str, Any]:
         """Status, each step's state and output, and the run's tokens and cost from the ledger."""
@@ -186,13 +188,51 @@ class Workflows:
                 item.update(status="carried_over", output=seed[st.id].get("output"))
             elif st.id in done:
                 item.update(done[st.id])
+                if item["status"] == WAITING:  # the last try's wait is over: the next try is under way
+                    item["status"] = "running"
             elif r.current_step == st.id and r.status == "waiting_approval":
                 item["status"] = "waiting_approval"
+            if r.current_step == st.id and r.status == WAITING:
+                item.update(status=WAITING, waiting=public_wait(r.wait))
             else:
                 item["status"] = "pending"
             steps.append(item)
         out["steps"] = steps
         out["usage"] = await asyncio.to_thread(self._usage, run_id)
+        return out
+
+    def all_runs(self, p: Principal, status: str | None = None, waiting_for: str | None = None,
+                 workflow: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Runs of every workflow the caller may see, newest first; `waiting_for` (a model alias or host)
+        keeps the runs waiting for it: what an operator looks at during a provider outage."""
+        c = workflow_runs.c
+        q = sa.select(workflow_runs).where(runs_visible(p, c.team_id)).order_by(c.created_at.desc())
+        if status:
+            if status not in STATUSES:
+                raise BadRequest(f"unknown status {status[:40]!r}", fix=f"use one of {', '.join(STATUSES)}")
+            q = q.where(c.status == status)
+        if waiting_for:
+            q = q.where(c.waiting_for == waiting_for, c.status == WAITING)
+        if workflow:
+            q = q.where(c.workflow == workflow)
+        with self.store.read() as conn:
+            rows = conn.execute(q.limit(max(1, min(limit, 1000)))).all()
+        return [self._public_run(r) for r in rows]
+
+    async def resume(self, name: str, run_id: str, p: Principal) -> dict[str, Any]:
+        """End a provider wait now: the step tries again at once (and waits again if still refused)."""
+        p.require("workflows.run")
+        r = await asyncio.to_thread(self._run_row, name, run_id, p)
+        if r.status != WAITING or not r.wait:
+            raise Conflict(f"run {run_id} is {r.status}, not waiting for a provider",
+                           fix="resume only runs listed by GET /v1/runs?status=waiting_provider", run_id=run_id)
+        topic = r.wait["topic"]
+        await self.durable.send(run_id, {"by": p.user_id or p.key_id}, topic=topic,
+                                idempotency_key=f"{run_id}.{topic}")
+        await asyncio.to_thread(self._audit, "workflow.run.resumed", p, r.team_id, workflow=name, run_id=run_id,
+                                step=r.current_step, waiting_for=r.waiting_for)
+        out = self._public_run(r)
+        out["resumed"] = True
         return out
 
     def _usage(self, run_id: str) -> dict[str, Any]:

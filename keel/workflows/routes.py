@@ -114,6 +114,24 @@ async def retry_run(name: str, run_id: str, body: RetryIn, request: Request,
     return json_response(await _wf(request).retry(name, run_id, p, body.from_step), 201)
 
 
+@router.post("/v1/workflows/{name}/runs/{run_id}/resume")
+async def resume_run(name: str, run_id: str, request: Request, p: Principal = Depends(principal)) -> Response:
+    """End a run's wait for an unavailable provider now: its step tries again at once."""
+    return json_response(await _wf(request).resume(name, run_id, p))
+
+
+@router.get("/v1/runs")
+async def list_all_runs(request: Request, status: str | None = Query(None, max_length=40),
+                        waiting_for: str | None = Query(None, max_length=300,
+                                                        description="a model alias or host the runs wait for"),
+                        workflow: str | None = Query(None, max_length=64), limit: int = Query(100, ge=1, le=1000),
+                        p: Principal = Depends(principal)) -> Response:
+    """Runs of every workflow the caller may see, newest first. `?status=waiting_provider&waiting_for=ALIAS`
+    lists the runs an outage of that model alias (or host) holds; each says when it tries next."""
+    rows = await run_in_threadpool(_wf(request).all_runs, p, status, waiting_for, workflow, limit)
+    return json_response({"object": "list", "data": rows})
+
+
 @router.post("/v1/workflows/{name}/webhook", status_code=201, openapi_extra={"security": []})
 async def inbound_webhook(name: str, request: Request) -> Response:
     """Start a run from a signed webhook: the JSON body is the run's inputs. Authenticated by the

@@ -5,25 +5,32 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
+
+from yarl import URL
 
 from keel.core.clock import utcnow
 from keel.core.errors import KeelError
 from keel.core.outbound import Outbound
 from keel.core.settings import Settings
 from keel.identity.principal import Principal
-from keel.workflows import approvals, templates
+from keel.observe.tracing import span
+from keel.workflows import approvals, templates, waits
 from keel.workflows.durable import DBOS, Durable, retried_errors
 from keel.workflows.effects import Egress, Mailer
 from keel.workflows.spec import StepSpec, validate_inputs
-from keel.workflows.steps import EXECUTORS, StepEnv, StepParts
+from keel.workflows.steps import EXECUTORS, Executor, StepEnv, StepParts
 from keel.workflows.store import RunStore
 from keel.workflows.tables import workflow_runs
 
 log = logging.getLogger("keel.workflows")
 RECV_CHUNK_S = 300.0  # an approval wait re-checks its row this often (covers a decision whose message was lost)
+MODEL_STEPS = ("llm", "answer")  # their model alias's outages are waits, bounded by timeout_s or max_wait
+HOST_STEPS = ("http", "notify")  # their target's 429/503 with Retry-After are waits, bounded by max_wait
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -37,8 +44,9 @@ class Engine:
     """Runs' interpreter, built from its parts: the run rows, the services steps use, and DBOS."""
 
     def __init__(self, settings: Settings, runs: RunStore, gateway: Any, knowledge: Any, vault: Any,
-                 observe: Any) -> None:
+                 observe: Any, *, clock: Callable[[], float] = time.time) -> None:
         self.runs = runs
+        self.clock = clock  # wall clock: a wait's next try is shown, and survives restarts, as a time of day
         pw = settings.smtp_password.get_secret_value() if settings.smtp_password else None
         mailer = Mailer(settings.smtp_host, settings.smtp_port, username=settings.smtp_username, password=pw,
                         starttls=settings.smtp_starttls, sender=settings.smtp_sender)
@@ -46,13 +54,19 @@ class Engine:
         self.parts = StepParts(runs=runs, gateway=gateway, knowledge=knowledge, vault=vault, egress=egress,
                                mailer=mailer, model_slots=asyncio.Semaphore(settings.workflow_model_concurrency),
                                flush_ledger=observe.ledger.flush)
-        self.durable = Durable(runs.store.url, settings.workflow_executor_id, self.execute)
+        self.tracing = observe.tracing
+        self.durable = Durable(runs.store.url, settings.workflow_executor_id, self._traced)
 
     async def close(self) -> None:
         await self.durable.close()
         await self.parts.egress.close()
 
     # -- the interpreter ------------------------------------------------------------------
+    async def _traced(self, run_id: str) -> dict[str, Any]:
+        """`execute` as one trace: a span for the run (each resumption after a crash its own), one per step."""
+        with self.tracing.root("workflow run", **{"keel.run_id": run_id}):
+            return await self.execute(run_id)
+
     async def execute(self, run_id: str) -> dict[str, Any]:
         run = await asyncio.to_thread(self.runs.load_run, run_id)
         if run is None:
@@ -74,7 +88,9 @@ class Engine:
                     continue
                 env = StepEnv(parts=self.parts, run_id=run_id, workflow=spec.name, team_id=run["team_id"],
                               principal=principal, spec=spec, step=step, context=ctx, owner_team=owner_team)
-                res = await self.run_step(env)
+                with span(f"workflow step {step.id}", {"keel.workflow": spec.name, "keel.run_id": run_id,
+                                                       "keel.step": step.id, "keel.step_type": step.type}):
+                    res = await self.run_step(env)
                 ctx["steps"][step.id] = {"status": res["status"], "output": res.get("output")}
                 if res.get("stop"):
                     outcome = res["stop"]
@@ -85,13 +101,14 @@ class Engine:
             if not isinstance(exc, KeelError) and retried_errors(exc) is None:
                 log.exception("workflow step crashed", extra={"run_id": run_id, "step": step and step.id})
             await asyncio.to_thread(self.runs.set_status, run_id, "failed", error=error,
-                                    current_step=step and step.id)
+                                    current_step=step and step.id, waiting_for=None)
             await asyncio.to_thread(self.runs.audit_run, "workflow.run.failed", run, error=error)
             return {"status": "failed", "error": error}
         last = step.id if step else None
         outputs = {"outcome": outcome, "last_step": last,
                    "result": ctx["steps"].get(last, {}).get("output") if last else None}
-        await asyncio.to_thread(self.runs.set_status, run_id, "completed", outputs=outputs, current_step=None)
+        await asyncio.to_thread(self.runs.set_status, run_id, "completed", outputs=outputs, current_step=None,
+                                waiting_for=None, wait=None)
         await asyncio.to_thread(self.runs.audit_run, "workflow.run.completed", run, outcome=outcome)
         return {"status": "completed", "outputs": outputs}
 
@@ -101,17 +118,19 @@ class Engine:
             return await DBOS.run_step_async({"name": step.id}, _skipped)
         if step.type in EXECUTORS:
             execute = EXECUTORS[step.type]
+            opts: dict[str, Any] = {"name": step.id}
+            if step.retries > 1:
+                opts.update(retries_allowed=True, max_attempts=step.retries, interval_seconds=step.backoff_s,
+                            backoff_rate=2.0, should_retry=_retryable)
+            if step.timeout_s and step.type not in HOST_STEPS:  # egress applies its own timeout
+                opts["timeout_seconds"] = step.timeout_s
+            if step.type in MODEL_STEPS or step.type in HOST_STEPS:
+                return await waits.attempts(self._attempt(env, execute), opts)
 
             async def body() -> dict[str, Any]:
                 out = await execute(env)
                 return {"status": "completed", "output": out, "next": out.pop("next", None)}
 
-            opts: dict[str, Any] = {"name": step.id}
-            if step.retries > 1:
-                opts.update(retries_allowed=True, max_attempts=step.retries, interval_seconds=step.backoff_s,
-                            backoff_rate=2.0, should_retry=_retryable)
-            if step.timeout_s and step.type not in ("http", "notify"):  # egress applies its own timeout
-                opts["timeout_seconds"] = step.timeout_s
             return await DBOS.run_step_async(opts, body)
         if step.type == "approval":
             return await self._approval(env)
@@ -120,6 +139,33 @@ class Engine:
         if step.type == "workflow":
             return await self._subworkflow(env)
         raise KeelError(f"step type {step.type!r} has no executor")  # the spec parser refuses these first
+
+    def _attempt(self, env: StepEnv, execute: Executor) -> waits.Attempt:
+        """One try of a step whose model or target may say "not now": its result, or (the run marked
+        `waiting_provider`) the wait before try `n + 1`; errors no wait can fix are raised as they are."""
+        step = env.step
+        model = step.type in MODEL_STEPS
+        bound = (step.timeout_s or env.spec.max_wait_s) if model else env.spec.max_wait_s
+
+        async def attempt(n: int, since: float | None) -> dict[str, Any]:
+            if n:  # back from a wait
+                await asyncio.to_thread(self.runs.set_status, env.run_id, "running", current_step=step.id,
+                                        waiting_for=None, wait=None)
+            try:
+                out = await execute(dataclasses.replace(env, attempt=n))
+            except KeelError as exc:
+                target = step.config["model"] if model else _host(env)
+                wait = waits.hold(exc, target=target, kind="model" if model else "host", now=self.clock(),
+                                  since=since, bound_s=bound, waits=n, topic=f"resume.{step.id}.{n}")
+                log.info("workflow step waits for its provider", extra={
+                    "run_id": env.run_id, "step": step.id, "for": target, "reason": wait["reason"],
+                    "seconds": wait["seconds"]})
+                await asyncio.to_thread(self.runs.set_status, env.run_id, waits.WAITING, current_step=step.id,
+                                        waiting_for=target[:300], wait=wait)
+                return {"status": waits.WAITING, "output": None, "wait": wait}
+            return {"status": "completed", "output": out, "next": out.pop("next", None)}
+
+        return attempt
 
     async def _wait(self, env: StepEnv) -> dict[str, Any]:
         c = env.step.config
@@ -196,6 +242,17 @@ async def _skipped() -> dict[str, Any]:
 
 async def _done(output: dict[str, Any]) -> dict[str, Any]:
     return {"status": "completed", "output": output}
+
+
+def _host(env: StepEnv) -> str:
+    """The host an http or notify step calls (what its run waits for when the host says "not now")."""
+    c = env.step.config
+    raw = c.get("url") if env.step.type == "http" else c.get("webhook")
+    url = str(env.render(raw)).strip() if raw else ""
+    try:
+        return URL(url).host or url or env.step.id
+    except ValueError:
+        return url or env.step.id
 
 
 def _error_body(exc: BaseException, step: StepSpec | None) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from keel.workflows.spec_checks import (
     kind_of,
     parse_duration,
 )
-from keel.workflows.spec_types import StepSpec, TriggerSpec, WorkflowSpec
+from keel.workflows.spec_types import DEFAULT_MAX_WAIT_S, StepSpec, TriggerSpec, WorkflowSpec
 
 __all__ = [
     "STEP_TYPES",
@@ -178,6 +178,7 @@ def parse_spec(text: str, *, resolve_workflow: Resolver | None = None) -> Workfl
     vars_ = ck.mapping(data, (), "vars", default={}) or {}
     ck.var_names = set(vars_)
     ck.allow_hosts = _allow_hosts(ck, data)
+    max_wait_s = ck.duration(data, (), "max_wait", DEFAULT_MAX_WAIT_S)
 
     raw_steps = data.get("steps")
     if not isinstance(raw_steps, list) or not raw_steps:
@@ -210,4 +211,5 @@ def parse_spec(text: str, *, resolve_workflow: Resolver | None = None) -> Workfl
         raise SpecError(sorted(ck.errors, key=lambda e: (e["line"] or 0, e["column"] or 0)), workflow=ck.name)
     return WorkflowSpec(name=str(ck.name), description=description, inputs_schema=inputs_schema, vars=vars_,
                         allow_hosts=ck.allow_hosts, triggers=tuple(t for t in triggers if t is not None),
-                        steps=tuple(s for s in steps if s is not None), source=text)
+                        steps=tuple(s for s in steps if s is not None), source=text,
+                        max_wait_s=max_wait_s or DEFAULT_MAX_WAIT_S)

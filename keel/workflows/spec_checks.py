@@ -32,7 +32,7 @@ SECRET_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 HOST = re.compile(r"^(?:\[[0-9a-f:.]+\]|(?:\*\.)?[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?)(?::\d{1,5})?$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-TOP_KEYS = ("name", "description", "inputs", "vars", "allow_hosts", "triggers", "steps")
+TOP_KEYS = ("name", "description", "inputs", "vars", "allow_hosts", "max_wait", "triggers", "steps")
 COMMON_KEYS = ("id", "type", "when", "retries", "timeout_s", "description")
 TYPE_KEYS: dict[str, tuple[str, ...]] = {
     "llm": ("prompt", "system", "model", "max_tokens", "temperature", "output_schema"),

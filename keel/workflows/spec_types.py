@@ -6,6 +6,8 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+DEFAULT_MAX_WAIT_S = 3600.0  # a workflow's `max_wait` when it sets none: providers go down for minutes
+
 
 def _dropnone(d: dict[str, Any]) -> dict[str, Any]:
     return {k: copy.deepcopy(v) for k, v in d.items() if v is not None}
@@ -54,6 +56,7 @@ class WorkflowSpec:
     triggers: tuple[TriggerSpec, ...]
     steps: tuple[StepSpec, ...]
     source: str
+    max_wait_s: float = DEFAULT_MAX_WAIT_S  # longest a step waits for an unavailable provider (see waits.py)
 
     def step(self, step_id: str) -> StepSpec:
         """The step with this id; KeyError if there is none."""
@@ -70,5 +73,6 @@ class WorkflowSpec:
         """Normalised spec as plain data; `parse_spec(yaml.safe_dump(d))` gives the same spec back."""
         return {"name": self.name, "description": self.description,
                 "inputs": copy.deepcopy(self.inputs_schema), "vars": copy.deepcopy(self.vars),
-                "allow_hosts": list(self.allow_hosts), "triggers": [t.to_dict() for t in self.triggers],
+                "allow_hosts": list(self.allow_hosts), "max_wait": self.max_wait_s,
+                "triggers": [t.to_dict() for t in self.triggers],
                 "steps": [s.to_dict() for s in self.steps]}

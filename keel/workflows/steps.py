@@ -66,6 +66,14 @@ class StepEnv:
     step: StepSpec
     context: dict[str, Any]
     owner_team: str | None = None  # the workflow version's team (None: global): whose secrets it may use
+    attempt: int = 0  # tries after a provider wait (`waits.py`) before this one
+
+    @property
+    def request_id(self) -> str:
+        """The ledger's id for this try's model call: the same when a crash re-runs the try (so it is never
+        metered twice), another after a wait (the failed try's row holds the first)."""
+        base = f"{self.run_id}/{self.step.id}"
+        return f"{base}~{self.attempt}" if self.attempt else base
 
     def render(self, value: Any) -> Any:
         return templates.render(value, self.context)
@@ -93,7 +101,7 @@ async def run_llm(env: StepEnv) -> dict[str, Any]:
     messages.append({"role": "user", "content": _text(env.render(c["prompt"]))})
     schema = c.get("output_schema")
     fmt = {"type": "json_schema", "json_schema": {"name": env.step.id, "schema": schema}} if schema else None
-    call = Call(request_id=f"{env.run_id}/{env.step.id}", principal=env.principal, kind="chat", alias=c["model"],
+    call = Call(request_id=env.request_id, principal=env.principal, kind="chat", alias=c["model"],
                 chat=ChatRequest(model=c["model"], messages=messages, max_tokens=c["max_tokens"],
                                  temperature=c["temperature"], response_format=fmt),
                 metadata={"use_case": f"workflow:{env.workflow}", "task_id": env.run_id})
@@ -139,7 +147,7 @@ async def run_answer(env: StepEnv) -> dict[str, Any]:
     req = AnswerRequest(question=_text(env.render(c["question"])), collections=list(c["collections"]),
                         model=c["model"], max_tokens=c["max_tokens"])
     async with env.parts.model_slots:
-        out = await answer(env.parts.knowledge, env.principal, req, f"{env.run_id}/{env.step.id}")
+        out = await answer(env.parts.knowledge, env.principal, req, env.request_id)
     await env.parts.flush_ledger()
     return {"text": out["answer"], "found": out["found"], "citations": out["citations"], "usage": out["usage"]}
 

@@ -20,7 +20,7 @@ from keel.workflows.tables import workflow_runs, workflow_versions
 
 log = logging.getLogger("keel.workflows")
 FINAL = ("completed", "failed", "cancelled")
-STATUSES = ("running", "waiting_approval", "completed", "failed", "cancelled")
+STATUSES = ("running", "waiting_approval", "waiting_provider", "completed", "failed", "cancelled")
 
 
 class RunStore:

@@ -42,6 +42,9 @@ workflow_runs = sa.Table(
     sa.Column("parent_run", sa.String(120), nullable=True),
     sa.Column("retry_of", sa.String(120), nullable=True),
     sa.Column("seed", sa.JSON, nullable=True),  # step results carried over by retry-from-step
+    # while `waiting_provider`: the model alias or host waited for, and the wait (reason, next try, deadline)
+    sa.Column("waiting_for", sa.String(300), nullable=True, index=True),
+    sa.Column("wait", sa.JSON, nullable=True),
     sa.Column("created_at", TS, nullable=False, index=True),
     sa.Column("updated_at", TS, nullable=False),
     sa.Column("finished_at", TS, nullable=True),
