@@ -52,6 +52,7 @@ from keel.gateway.budget_admin import (
 from keel.gateway.deployments import Deployments
 from keel.gateway.pipeline import Call, Next
 from keel.gateway.protocol import Usage
+from keel.observe.prices import DEFAULT as DEFAULT_PRICES
 
 log = logging.getLogger("keel.gateway.budgets")
 
@@ -214,14 +215,17 @@ class Budgets(BudgetAdmin):
         kind = "embedding" if call.kind == "embedding" else "chat"
         for cfg in self.lookups.deployments(call.alias, kind, fallbacks=True):
             pin, pout = cfg.input_price_per_1m, cfg.output_price_per_1m
-            if not pin and not pout:
+            if not pin and not pout and not DEFAULT_PRICES.priced(cfg):  # no price set, none in the table
                 continue
             prompt = prompt_tokens(call, self.lookups.provider(cfg))
             out = 0
             if call.kind != "embedding":
                 max_tokens = call.chat.max_tokens if call.chat else None
                 out = max_tokens if max_tokens else max(cfg.context_window - prompt, 0)
-            worst = max(worst, math.ceil((prompt * pin + out * pout) * 1000))  # $/1M tokens → n$/token
+            if pin or pout:
+                worst = max(worst, math.ceil((prompt * pin + out * pout) * 1000))  # $/1M tokens → n$/token
+            else:
+                worst = max(worst, math.ceil(DEFAULT_PRICES.cost(cfg, prompt, out) * NANO))
         return worst
 
     def _pool(self, d: BudgetDef) -> Pool:

@@ -27,6 +27,7 @@ from keel.gateway.deployments import Deployments
 from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult, EmbedResult, Provider, Usage
 from keel.identity.principal import Principal
 from keel.observe.ledger import Ledger
+from keel.observe.prices import DEFAULT as DEFAULT_PRICES
 
 log = logging.getLogger("keel.gateway")
 
@@ -76,10 +77,13 @@ class Call:
         return bool(self.chat and self.chat.stream)
 
     def cost(self, usage: Usage | None = None) -> float:
+        """Dollars for the call's usage: the deployment's prices, or the default price table's."""
         d, u = self.deployment, usage or self.usage
         if d is None:
             return 0.0
-        return (u.prompt_tokens * d.input_price_per_1m + u.completion_tokens * d.output_price_per_1m) / 1e6
+        if d.input_price_per_1m or d.output_price_per_1m:
+            return (u.prompt_tokens * d.input_price_per_1m + u.completion_tokens * d.output_price_per_1m) / 1e6
+        return DEFAULT_PRICES.cost(d, u.prompt_tokens, u.completion_tokens)
 
 
 Next = Callable[["Call"], Awaitable[Any]]
