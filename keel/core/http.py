@@ -31,9 +31,15 @@ PROBLEM = "application/problem+json"
 Authenticate = Callable[[StarletteRequest], Awaitable[Any]]  # the caller of a request, or raises Unauthorized
 
 
+RETRY_AFTER_DEFAULT_S = "1"  # a 429 or 503 that does not know when to come back still says when to retry
+
+
 def problem_response(err: KeelError) -> Response:
     body = orjson.dumps(err.to_problem(request_id_var.get()))
-    return Response(body, status_code=err.status, media_type=PROBLEM, headers=err.headers)
+    headers = err.headers
+    if err.status in (429, 503) and "Retry-After" not in headers:
+        headers = {**headers, "Retry-After": RETRY_AFTER_DEFAULT_S}
+    return Response(body, status_code=err.status, media_type=PROBLEM, headers=headers)
 
 
 def _validation_error(exc: RequestValidationError | ValidationError) -> KeelError:

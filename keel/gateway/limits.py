@@ -161,7 +161,7 @@ class Limit:
 class Bucket:
     """One limit's allowance in one window, as this replica sees it."""
 
-    __slots__ = ("row", "scope", "scope_id", "metric", "limit", "window_end", "avail", "full", "lock")
+    __slots__ = ("row", "scope", "scope_id", "metric", "limit", "window_end", "avail", "full", "lock", "claimed")
 
     def __init__(self, row: str, lim: Limit, metric: str, limit: int, window_end: int) -> None:
         self.row = row
@@ -171,9 +171,32 @@ class Bucket:
         self.avail = 0  # claimed from the store and not yet used; below zero after a usage correction
         self.full = False  # the store has no more for this window
         self.lock: asyncio.Lock | None = None
+        self.claimed = 0  # granted to this replica by the store in this window
+
+    def remaining(self) -> int:
+        """What is left of the window's allowance as this replica knows it: exact with one replica; with
+        several, others' use shows once the store has no more (`full`)."""
+        return max(self.avail if self.full else self.limit - self.claimed + self.avail, 0)
 
 
 Taken = list[tuple[Bucket, int]]
+RATE_LIMITS = "keel.rate_limits"  # `Call.annotations` key: the key and team buckets the call was admitted on
+
+
+def rate_headers(taken: Taken, now: float) -> dict[str, str]:
+    """The `x-ratelimit-*` headers OpenAI's clients (and peers') read: per unit, the tightest limit."""
+    tightest: dict[str, Bucket] = {}
+    for b, _n in taken:
+        unit = "requests" if b.metric == "rpm" else "tokens"
+        cur = tightest.get(unit)
+        if cur is None or b.remaining() < cur.remaining():
+            tightest[unit] = b
+    h: dict[str, str] = {}
+    for unit, b in tightest.items():
+        h[f"x-ratelimit-limit-{unit}"] = str(b.limit)
+        h[f"x-ratelimit-remaining-{unit}"] = str(b.remaining())
+        h[f"x-ratelimit-reset-{unit}"] = f"{max(math.ceil(b.window_end - now), 0)}s"
+    return h
 
 
 class RateLimiter:
@@ -220,6 +243,7 @@ class RateLimiter:
         limits = [lim for lim in (key, team) if lim is not None]
         needs = self.needs(limits, lambda: prompt_tokens(call, self._alias_provider(call)))
         correct = await self.admit(call, needs)
+        call.annotations[RATE_LIMITS] = needs
         if correct is None:
             return await nxt(call)
         try:
@@ -300,6 +324,7 @@ class RateLimiter:
             got = await asyncio.get_running_loop().run_in_executor(
                 None, self.counters.claim, b.row, want, b.limit, b.window_end)
             b.avail += got
+            b.claimed += got
             if got < want:
                 b.full = True
             if b.avail >= need:
@@ -336,7 +361,8 @@ class RateLimiter:
         else:
             fix = (f"retry after {retry} s, or ask an admin to raise it: PUT /admin/limits/{b.scope}s/{b.scope_id}")
         resets = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.window_end))
-        err = RateLimited(detail, fix=fix, headers={"Retry-After": str(retry)},
+        unit_headers = rate_headers([(b, need)], now) if b.scope != "deployment" else {}
+        err = RateLimited(detail, fix=fix, headers={"Retry-After": str(retry), **unit_headers},
                           limit={"scope": b.scope, "id": b.scope_id, "metric": b.metric, "value": b.limit,
                                  "window_s": WINDOW_S, "resets_at": resets, "retry_after_s": retry})
         err.failover = b.scope == "deployment"  # the router tries the alias's other deployments first
@@ -376,6 +402,7 @@ class RateLimiter:
                 want = max(1, int(nb.limit * SLICE))
                 got = await loop.run_in_executor(None, self.counters.claim, nb.row, want, nb.limit, nb.window_end)
                 nb.avail += got
+                nb.claimed += got
                 if got < want:
                     nb.full = True
 

@@ -19,12 +19,15 @@ from keel.core.http import (
 )
 from keel.core.logs import request_id_var
 from keel.gateway import control_routes
+from keel.gateway.admission import prompt_tokens
 from keel.gateway.cache import router as cache_router
+from keel.gateway.limits import RATE_LIMITS, rate_headers
 from keel.gateway.pipeline import Call, Gateway
-from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult
+from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult, Usage
 from keel.gateway.schemas import ChatCompletionBody, EmbeddingsBody, fast_chat_body
 from keel.identity.auth import admin, principal
 from keel.identity.principal import Principal
+from keel.observe.prices import DEFAULT as DEFAULT_PRICES
 
 router = APIRouter()
 _NOT_FORWARDED = {"metadata", "keel", "stream_options"}
@@ -34,14 +37,39 @@ def _gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-def _headers(call: Call) -> dict[str, str]:
+def _headers(call: Call, usage: Usage | None = None) -> dict[str, str]:
+    """Keel's answer headers: overhead, deployment, cache, `x-keel-cost` (dollars for `usage`; a stream's,
+    sent before its usage is known, is its upper bound and says so) and the caller's `x-ratelimit-*`."""
     total = (time.perf_counter() - call.started) * 1000
     h = {"x-keel-overhead-ms": f"{max(total - call.upstream_ms, 0.0):.3f}"}
     if call.deployment is not None:
         h["x-keel-deployment"] = call.deployment.deployment_id()
     if call.cache_hit:
         h["x-keel-cache"] = "hit"
+        h["x-keel-cost"] = "0"
+    elif usage is not None:
+        h["x-keel-cost"] = usd(call.cost(usage))
+    elif call.stream:
+        h["x-keel-cost"] = usd(stream_cost_bound(call))
+        h["x-keel-cost-estimated"] = "upper-bound"
+    taken = call.annotations.get(RATE_LIMITS)
+    if taken:
+        h.update(rate_headers(taken, time.time()))
     return h
+
+
+def usd(dollars: float) -> str:
+    """Dollars in plain decimal notation, to the nano-dollar (no exponent for a header parser to meet)."""
+    return f"{dollars:.9f}".rstrip("0").rstrip(".") or "0"
+
+
+def stream_cost_bound(call: Call) -> float:
+    """A stream's most cost, known before its first byte: the prompt as the provider counts it plus
+    `max_tokens` (the prompt alone without one), at the deployment's prices."""
+    cfg, req = call.deployment, call.chat
+    if cfg is None or req is None or not DEFAULT_PRICES.priced(cfg):
+        return 0.0
+    return call.cost(Usage(prompt_tokens=prompt_tokens(call, call.provider), completion_tokens=req.max_tokens or 0))
 
 
 def chat_body(body: ChatCompletionBody | dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +107,7 @@ def completion_json(call: Call, result: ChatResult) -> dict[str, Any]:
 
 
 def _completion(call: Call, result: ChatResult) -> JSONAnswer:
-    return JSONAnswer(orjson.dumps(completion_json(call, result)), _headers(call))
+    return JSONAnswer(orjson.dumps(completion_json(call, result)), _headers(call, result.usage))
 
 
 def _chunk(call: Call, created: int, delta: ChatDelta) -> bytes:
@@ -200,7 +228,7 @@ async def embeddings(body: EmbeddingsBody, request: Request, p: Principal = Depe
         data.append({"object": "embedding", "index": i, "embedding": emb})
     out = {"object": "list", "data": data, "model": body.model,
            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}}
-    return JSONAnswer(orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY), _headers(call))
+    return JSONAnswer(orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY), _headers(call, call.usage))
 
 
 @router.get("/v1/models", tags=["gateway"])
