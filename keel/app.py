@@ -25,6 +25,7 @@ from keel.knowledge import routes as knowledge_routes
 from keel.knowledge import service as knowledge_service
 from keel.observe import service as observe_service
 from keel.workflows import service as workflows_service
+from keel.agents import service as agents_service
 from keel.identity import routes as identity_routes
 from keel.identity import service as identity
 from keel.identity.auth import Authenticator, principal
@@ -177,6 +178,7 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
     lifecycle.shutdown.append(gateway.stop)
     lifecycle.shutdown.append(kn.stop)
     workflows_service.attach(app, settings, store, gateway, kn)  # after knowledge: its runs use retrieval
+    agents_service.attach(app, settings, store, gateway, kn)  # after workflows: shares its DBOS and approvals
     if settings.preload_models:
         async def _preload() -> None:
             app.state.preload_task = asyncio.create_task(gateway_service.preload(gateway))

@@ -11,6 +11,7 @@ from keel.governance import commands as governance_commands
 from keel.identity import commands as identity_commands
 from keel.knowledge import commands as knowledge_commands
 from keel.workflows import commands as workflows_commands
+from keel.agents import commands as agents_commands
 
 app = typer.Typer(help="Keel — a self-hosted AI operating layer.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -20,6 +21,7 @@ identity_commands.mount(app)
 governance_commands.mount(app)
 knowledge_commands.mount(app)
 workflows_commands.mount(app)
+agents_commands.mount(app)
 
 
 def main() -> None:
