@@ -85,6 +85,22 @@ tools:
     rules: ["amount <= 500", "to_account matches 'ACME-[0-9]{{6}}'"]
     max_calls_per_run: 1
 """
+PAYOUTS = """\
+name: payouts
+model: agent-model
+goal: Pay out refunds.
+tools:
+  ask_human: {{}}
+  refund:
+    endpoint: {inside}/refund
+    parameters:
+      type: object
+      required: [order_id, amount, to_account]
+      properties: {{order_id: {{type: string}}, amount: {{type: number}}, to_account: {{type: string}}}}
+    rules: ["amount <= 2000"]
+approvals:
+  - {{tool: refund, when: amount > 500, approvers: [reviewer]}}
+"""
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +108,9 @@ def world(tmp_path_factory, module_server_factory):
     inside, outside = Receiver().start(), Receiver().start()
     scripts = {name: [dict(step, args=_fill(step.get("args"), inside.url, outside.url)) if "call" in step else step
                       for step in steps + [say("done")]] for name, (steps, _rule) in ATTACKS.items()}
-    scripts.update(loop=LOOP, benign=BENIGN)
+    scripts.update(loop=LOOP, benign=BENIGN, ask=[call("ask_human", {"question": "Which order?"}), say("ok")],
+                   **{f"big{i}": [call("refund", {"order_id": f"o-7{i}", "amount": 800, "to_account": "ACME-000007"}),
+                                  say("done")] for i in range(3)})
     model = ScriptedModel(scripts, loops={"loop"}).start()
     base = tmp_path_factory.mktemp("agents")
     (base / "keel.yaml").write_text(
@@ -113,6 +131,7 @@ def world(tmp_path_factory, module_server_factory):
         assert job.status_code in (200, 201, 202) and job.json()["status"] == "succeeded", job.text
     host = inside.url.split("://", 1)[1]
     define(srv, MANDATE.format(inside=inside.url, inside_host=host), key=keys["builder"])
+    define(srv, PAYOUTS.format(inside=inside.url), key=keys["builder"])
     try:
         yield {"srv": srv, "keys": keys, "inside": inside, "outside": outside, "model": model}
     finally:
@@ -203,3 +222,84 @@ def test_the_kill_switch_stops_new_runs_and_running_ones(world):
         assert c.post("/v1/agents/support/resume", json={}).status_code == 200
     out = run(srv, "support", "[script:benign] Please refund order o-42.", key=keys["member"])
     assert out["status"] == "completed"
+
+
+def pending(srv, key, run_id):
+    def found():
+        with srv.client(key) as c:
+            rows = c.get("/v1/approvals").json()["data"]
+        return next((a for a in rows if a["run_id"] == run_id), None)
+    return eventually(found, timeout=30)
+
+
+def wait_status(srv, agent, run_id, statuses, key=None):
+    return eventually(lambda: (d := detail(srv, agent, run_id, key))["status"] in statuses and d, timeout=60)
+
+
+def test_a_call_over_the_approval_threshold_waits_for_a_person_and_keeps_its_version(world):
+    """The refund waits; a reviewer of the run's team edits the amount and approves; the edited call runs,
+    under the mandate version the run started with even though a new version was defined meanwhile."""
+    srv, keys, inside = world["srv"], world["keys"], world["inside"]
+    out = run(srv, "payouts", "[script:big0] refund o-70", key=keys["member"], wait_s=1)
+    assert out["status"] == "waiting_approval", out
+    approval = pending(srv, keys["reviewer"], out["id"])
+    assert approval["show"]["tool"] == "refund" and approval["show"]["arguments"]["amount"] == 800
+    assert approval["workflow"] == "agent:payouts" and approval["editable"] == ["arguments"]
+    r = define(srv, PAYOUTS.format(inside=inside.url).replace("Pay out refunds.", "Pay out refunds, v2."),
+               key=keys["builder"])
+    assert r.json()["version"] == 2
+    edited = dict(approval["show"]["arguments"], amount=450)
+    with srv.client(keys["reviewer"]) as c:
+        r = c.post(f"/v1/approvals/{approval['id']}/approve", json={"edits": {"arguments": edited}})
+        assert r.status_code == 200, r.text
+    done = wait_status(srv, "payouts", out["id"], ("completed", "failed", "stopped"))
+    assert done["status"] == "completed", done
+    refund = next(a for a in done["actions"] if a["tool"] == "refund")
+    assert refund["decision"] == "allowed" and refund["rule"] == "approved" and refund["arguments"]["amount"] == 450
+    assert {a["version"] for a in done["actions"]} == {1}
+    assert [q["body"]["amount"] for q in inside.stats()["requests"] if q["body"] and
+            q["body"].get("order_id") == "o-70"] == [450]
+
+
+def test_an_approval_cannot_lift_the_rules(world):
+    """An approver's edit is checked against the mandate again: approval lifts the approval rule, nothing else."""
+    srv, keys, inside = world["srv"], world["keys"], world["inside"]
+    out = run(srv, "payouts", "[script:big1] refund o-71", key=keys["member"], wait_s=1)
+    approval = pending(srv, keys["reviewer"], out["id"])
+    with srv.client(keys["reviewer"]) as c:
+        edited = dict(approval["show"]["arguments"], amount=5000)
+        assert c.post(f"/v1/approvals/{approval['id']}/approve", json={"edits": {"arguments": edited}}).status_code == 200
+    done = wait_status(srv, "payouts", out["id"], ("completed", "failed", "stopped"))
+    refused = [a for a in done["actions"] if a["decision"] == "refused"]
+    assert [a["rule"] for a in refused] == ["rules[0]: amount <= 2000"]
+    assert not [q for q in inside.stats()["requests"] if q["body"] and q["body"].get("order_id") == "o-71"]
+
+
+def test_a_paused_agent_does_not_act_on_an_approval_that_arrives_later(world):
+    srv, keys, inside = world["srv"], world["keys"], world["inside"]
+    out = run(srv, "payouts", "[script:big2] refund o-72", key=keys["member"], wait_s=1)
+    approval = pending(srv, keys["reviewer"], out["id"])
+    with srv.client(keys["builder"]) as c:
+        assert c.post("/v1/agents/payouts/pause", json={}).status_code == 200
+    try:
+        with srv.client(keys["reviewer"]) as c:
+            assert c.post(f"/v1/approvals/{approval['id']}/approve", json={}).status_code == 200
+        done = wait_status(srv, "payouts", out["id"], ("completed", "failed", "stopped"))
+        assert done["status"] == "stopped" and done["error"]["rule"] == "kill_switch", done
+        assert done["actions"][-1]["decision"] == "refused" and done["actions"][-1]["rule"] == "kill_switch"
+        assert not [q for q in inside.stats()["requests"] if q["body"] and q["body"].get("order_id") == "o-72"]
+    finally:
+        with srv.client(keys["builder"]) as c:
+            assert c.post("/v1/agents/payouts/resume", json={}).status_code == 200
+
+
+def test_ask_human_returns_the_person_s_answer_to_the_model(world):
+    srv, keys = world["srv"], world["keys"]
+    out = run(srv, "payouts", "[script:ask] help", key=keys["member"], wait_s=1)
+    approval = pending(srv, keys["reviewer"], out["id"])
+    assert approval["show"]["question"] == "Which order?"
+    with srv.client(keys["reviewer"]) as c:
+        assert c.post(f"/v1/approvals/{approval['id']}/approve", json={"edits": {"answer": "o-5"}}).status_code == 200
+    done = wait_status(srv, "payouts", out["id"], ("completed", "failed", "stopped"))
+    asked = next(a for a in done["actions"] if a["tool"] == "ask_human")
+    assert done["status"] == "completed" and asked["result"] == "o-5"
