@@ -20,6 +20,7 @@ from keel.core.outbound import Outbound
 from keel.core.settings import Settings
 from keel.gateway import routes as gateway_routes
 from keel.gateway import service as gateway_service
+from keel.gateway.ingress import messages as messages_ingress
 from keel.governance import service as governance_service
 from keel.knowledge import routes as knowledge_routes
 from keel.knowledge import service as knowledge_service
@@ -166,6 +167,7 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
     app.state.gateway = gateway
     gov.attach(app)  # audit hook, governance routes, policy reload and retention tasks
     app.state.hot_routes.update(gateway_routes.hot_routes())
+    app.state.hot_routes.update(messages_ingress.hot_routes())  # /v1/messages: Anthropic-shaped errors
     lifecycle.startup.append(gateway.start)  # deployments' watcher, then the stages' background work
 
     kn = knowledge_service.build(settings, store, gateway)
@@ -184,3 +186,4 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
             app.state.preload_task = asyncio.create_task(gateway_service.preload(gateway))
         lifecycle.startup.append(_preload)
     app.include_router(gateway_routes.router)
+    app.include_router(messages_ingress.router)

@@ -1,4 +1,5 @@
-"""Provider for the Anthropic Messages API: translates OpenAI chat requests, results and stream events.
+"""Provider for the Anthropic Messages API: translates OpenAI chat requests, results and stream events
+(with `keel.gateway.anthropic_shapes`).
 
 JSON mode (`response_format` json_object / json_schema) raises `NotSupported`: the Messages API has
 no such switch, and a prompt-based emulation would sometimes return non-JSON without saying so.
@@ -13,184 +14,14 @@ import orjson
 
 from keel.core.errors import BadRequest, KeelError, NotSupported
 from keel.core.settings import DeploymentConfig
-from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult, EmbedResult, ProviderContext, Usage
+from keel.gateway.anthropic_shapes import (  # the shape mapping, shared with the /v1/messages ingress
+    ERROR_STATUS, StreamTranslator, to_result, translate_messages, translate_tool_choice, translate_tools,
+)
+from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult, EmbedResult, ProviderContext
 from keel.gateway.providers.openai_compatible import PARSE_ERRORS, HTTPProvider, message_of
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 1024
-STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
-                "tool_use": "tool_calls", "refusal": "content_filter"}
-ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "permission_error": 403,
-                "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
-                "overloaded_error": 529}
-
-
-def _text(content: Any) -> str:
-    """Plain text of an OpenAI message content (a string or a list of parts)."""
-    if isinstance(content, list):
-        return "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return content or ""
-
-
-def _image(url: str) -> dict[str, Any]:
-    if url.startswith("data:"):
-        header, _, data = url.partition(",")
-        return {"type": "image", "source": {"type": "base64", "media_type": header[5:].split(";")[0], "data": data}}
-    return {"type": "image", "source": {"type": "url", "url": url}}
-
-
-def _blocks(content: Any) -> list[dict[str, Any]]:
-    """OpenAI content (string or parts) → Anthropic content blocks; empty text is dropped (the API rejects it)."""
-    if not isinstance(content, list):
-        return [{"type": "text", "text": content}] if content else []
-    blocks = []
-    for part in content:
-        kind = part.get("type")
-        if kind == "text":
-            if part.get("text"):
-                blocks.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            blocks.append(_image(part["image_url"]["url"]))
-        else:
-            raise NotSupported(f"message part type {kind!r} is not supported by the anthropic provider",
-                               fix="send text or image_url parts")
-    return blocks
-
-
-def _arguments(raw: Any) -> Any:
-    if isinstance(raw, dict):
-        return raw
-    try:
-        return orjson.loads(raw or "{}")
-    except orjson.JSONDecodeError:
-        raise BadRequest("an assistant tool_call has arguments that are not valid JSON",
-                         fix="send the function arguments as a JSON object string") from None
-
-
-def translate_messages(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """OpenAI messages → (system, Anthropic messages); same-role neighbours merge, as the API requires."""
-    system: list[str] = []
-    out: list[dict[str, Any]] = []
-    for m in messages:
-        role = m.get("role")
-        if role in ("system", "developer"):
-            system.append(_text(m.get("content")))
-            continue
-        if role == "tool":
-            role = "user"
-            blocks = [{"type": "tool_result", "tool_use_id": m.get("tool_call_id") or "",
-                       "content": _text(m.get("content"))}]
-        elif role == "assistant":
-            blocks = _blocks(m.get("content"))
-            for call in m.get("tool_calls") or ():
-                fn = call.get("function") or {}
-                blocks.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"),
-                               "input": _arguments(fn.get("arguments"))})
-        elif role == "user":
-            blocks = _blocks(m.get("content"))
-        else:
-            raise BadRequest(f"message role {role!r} is not supported", fix="use system, user, assistant or tool")
-        if not blocks:
-            continue
-        if out and out[-1]["role"] == role:
-            out[-1]["content"].extend(blocks)
-        else:
-            out.append({"role": role, "content": blocks})
-    return "\n\n".join(s for s in system if s), out
-
-
-def translate_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for tool in tools:
-        fn = tool.get("function") or {}
-        if tool.get("type", "function") != "function" or not fn.get("name"):
-            raise BadRequest("each tool must be {type: function, function: {name, parameters}}",
-                             fix="send OpenAI function tools")
-        item = {"name": fn["name"], "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}
-        if fn.get("description"):
-            item["description"] = fn["description"]
-        out.append(item)
-    return out
-
-
-def translate_tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
-    """auto → auto, required → any, none → none, a named function → tool; `parallel_tool_calls: false` kept."""
-    if choice is None:
-        out = None
-    elif isinstance(choice, str) and choice in ("auto", "none"):
-        out = {"type": choice}
-    elif choice == "required":
-        out = {"type": "any"}
-    elif isinstance(choice, dict) and (choice.get("function") or {}).get("name"):
-        out = {"type": "tool", "name": choice["function"]["name"]}
-    else:
-        raise BadRequest(f"tool_choice {choice!r} is not understood",
-                         fix='use "auto", "none", "required" or {"type": "function", "function": {"name": …}}')
-    if parallel is False and (out is None or out["type"] != "none"):
-        out = {**(out or {"type": "auto"}), "disable_parallel_tool_use": True}
-    return out
-
-
-def _prompt_tokens(usage: dict[str, Any]) -> int:
-    """Input tokens including cache writes and reads, so the ledger counts everything that was sent."""
-    return sum(int(usage.get(k) or 0) for k in ("input_tokens", "cache_creation_input_tokens",
-                                                  "cache_read_input_tokens"))
-
-
-def to_result(data: dict[str, Any]) -> ChatResult:
-    """An Anthropic message → ChatResult: text blocks joined, tool_use blocks as OpenAI tool_calls."""
-    texts, calls = [], []
-    for block in data["content"]:
-        if block["type"] == "text":
-            texts.append(block["text"])
-        elif block["type"] == "tool_use":
-            calls.append({"id": block["id"], "type": "function", "function": {
-                "name": block["name"], "arguments": orjson.dumps(block.get("input") or {}).decode()}})
-    usage = data.get("usage") or {}
-    return ChatResult(content="".join(texts) if texts or not calls else None,
-                      finish_reason=STOP_REASONS.get(data.get("stop_reason"), "stop"),
-                      usage=Usage(_prompt_tokens(usage), int(usage.get("output_tokens") or 0)),
-                      tool_calls=calls or None, model=data.get("model") or "")
-
-
-class StreamTranslator:
-    """Anthropic stream events → OpenAI-style ChatDeltas; remembers which content block is which tool call."""
-
-    def __init__(self) -> None:
-        self.tool_index: dict[int, int] = {}
-        self.usage = Usage()
-        self.done = False
-
-    def event(self, ev: dict[str, Any]) -> ChatDelta | None:
-        kind = ev.get("type")
-        if kind == "message_start":
-            usage = ev["message"].get("usage") or {}
-            self.usage = Usage(_prompt_tokens(usage), int(usage.get("output_tokens") or 0))
-            return ChatDelta(role="assistant")
-        if kind == "content_block_start":
-            block = ev["content_block"]
-            if block["type"] == "tool_use":
-                index = self.tool_index[ev["index"]] = len(self.tool_index)
-                return ChatDelta(tool_calls=[{"index": index, "id": block["id"], "type": "function",
-                                              "function": {"name": block["name"], "arguments": ""}}])
-            return ChatDelta(content=block["text"]) if block["type"] == "text" and block.get("text") else None
-        if kind == "content_block_delta":
-            delta = ev["delta"]
-            if delta["type"] == "text_delta":
-                return ChatDelta(content=delta["text"])
-            if delta["type"] == "input_json_delta":
-                return ChatDelta(tool_calls=[{"index": self.tool_index[ev["index"]],
-                                              "function": {"arguments": delta["partial_json"]}}])
-            return None  # thinking, signatures, citations
-        if kind == "message_delta":
-            usage = ev.get("usage") or {}
-            prompt = _prompt_tokens(usage) or self.usage.prompt_tokens
-            self.usage = Usage(prompt, int(usage.get("output_tokens") or self.usage.completion_tokens))
-            return ChatDelta(finish_reason=STOP_REASONS.get(ev["delta"].get("stop_reason"), "stop"),
-                             usage=self.usage)
-        if kind == "message_stop":
-            self.done = True
-        return None  # ping, content_block_stop, message_stop, events added to the API later
 
 
 class AnthropicProvider(HTTPProvider):
@@ -241,6 +72,8 @@ class AnthropicProvider(HTTPProvider):
         for key in ("temperature", "top_p"):
             if getattr(req, key) is not None:
                 body[key] = getattr(req, key)
+        if isinstance(req.body.get("top_k"), int):  # sent by Messages API clients through Keel
+            body["top_k"] = req.body["top_k"]
         if req.stop:
             body["stop_sequences"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
         if req.tools:

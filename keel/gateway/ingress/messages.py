@@ -1,0 +1,280 @@
+"""The Anthropic Messages API on Keel: `POST /v1/messages` (JSON or SSE events) and
+`POST /v1/messages/count_tokens`, so the official `anthropic` SDK and tools built on it (Claude Code) can
+point at Keel.
+
+A Messages request is translated once into Keel's OpenAI-shaped call (`keel.gateway.anthropic_shapes`),
+checked like a `/v1/chat/completions` body, and sent down the same governed path (limits, policy, guards,
+budgets, cache, router, ledger); the answer is translated back. The key comes as `x-api-key` (what the SDK
+sends) or `Authorization: Bearer`; `anthropic-version` is accepted and not required. Every error on these
+routes is Anthropic-shaped — `{"type": "error", "error": {"type", "message"}}` — with Keel's `code`, `fix`
+and ids beside it; a body that is not valid is a 400 `invalid_request_error`, as the Messages API answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import orjson
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request as StarletteRequest
+from starlette.responses import Response
+
+from keel.core.errors import InternalError, KeelError, MalformedJSON, ValidationFailed
+from keel.core.http import SEND_NOW, HotEndpoint, JSONAnswer, StreamedResponse
+from keel.core.logs import request_id_var
+from keel.gateway.anthropic_shapes import EventWriter, error_type, openai_body, sse, to_message
+from keel.gateway.pipeline import Call, Gateway, Providers
+from keel.gateway.protocol import ChatDelta, ChatResult
+from keel.gateway.routes import chat_request
+from keel.gateway.schemas import (
+    MAX_TOKENS, ChatCompletionBody, check_keel, check_metadata, fast_chat_body,
+)
+from keel.identity.auth import principal
+from keel.identity.principal import Principal
+
+log = logging.getLogger("keel.gateway")
+router = APIRouter()
+
+
+# -- request bodies -----------------------------------------------------------------------------------------
+
+def _check_metadata(meta: Any) -> None:
+    """Anthropic's `{"user_id": …}`, plus Keel's own string keys (use_case, task_id, …) for the ledger."""
+    if type(meta) is dict and meta.get("user_id") is not None and type(meta["user_id"]) is not str:
+        raise ValueError("metadata.user_id must be a string")
+    check_metadata(meta)
+
+
+class MessageParam(BaseModel):
+    """One turn: `content` is a string or a list of content blocks (text, image, tool_use, tool_result…)."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class CountTokensBody(BaseModel):
+    """`POST /v1/messages/count_tokens`: the prompt part of a Messages request."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[MessageParam] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None  # accepted, not acted on: Keel's models do not think aloud
+
+
+class MessagesBody(CountTokensBody):
+    """`POST /v1/messages`. `metadata` takes Anthropic's `user_id` and Keel's ledger keys (use_case, task_id);
+    `keel` holds Keel-only options as on /v1/chat/completions. `top_k` reaches providers that take it."""
+
+    max_tokens: int = Field(ge=1, le=MAX_TOKENS)
+    stop_sequences: list[str] | None = None
+    stream: bool | None = None
+    temperature: float | None = Field(default=None, ge=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, le=MAX_TOKENS)
+    metadata: dict[str, Any] | None = None
+    keel: dict[str, Any] | None = None
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, v: Any) -> Any:
+        _check_metadata(v)
+        return v
+
+    @field_validator("keel", mode="before")
+    @classmethod
+    def _keel(cls, v: Any) -> Any:
+        check_keel(v)
+        return v
+
+
+def _invalid(exc: ValidationError, prefix: str = "") -> ValidationFailed:
+    fields = [{"field": prefix + ".".join(str(p) for p in e.get("loc", ())) or "(body)",
+               "message": e.get("msg", "invalid")} for e in exc.errors()]
+    summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
+    err = ValidationFailed(f"request is invalid: {summary}", fix="correct the named fields")
+    err.ids["errors"] = fields
+    return err
+
+
+def _parse(raw: bytes, model: type[BaseModel]) -> dict[str, Any]:
+    """The body as JSON with its top-level fields typed by `model` (unset and null fields left out)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJSON(f"request body is not valid JSON: {exc}",
+                            fix="send a JSON object with Content-Type: application/json") from None
+    try:
+        return model.model_validate(data).model_dump(exclude_unset=True, exclude_none=True)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _chat_body(data: dict[str, Any]) -> dict[str, Any]:
+    """The translated request, held to every check a /v1/chat/completions body passes (tool schemas…)."""
+    openai = openai_body(data)
+    checked = fast_chat_body(openai)
+    if checked is not None:
+        return checked
+    try:
+        return ChatCompletionBody.model_validate(openai).model_dump(exclude_unset=True, exclude_none=True)
+    except ValidationError as exc:
+        raise _invalid(exc, "(as a chat request) ") from None
+
+
+# -- answers ------------------------------------------------------------------------------------------------
+
+def error_body(err: KeelError) -> tuple[int, dict[str, Any]]:
+    """(status, body) of a Keel error on these routes: Anthropic's error shape, Keel's problem fields beside
+    it. A body that fails validation is a 400, as on the Messages API."""
+    status = 400 if err.status == 422 else err.status
+    message = f"{err.detail} — {err.fix}" if err.fix else err.detail
+    body: dict[str, Any] = {"type": "error", "error": {"type": error_type(status), "message": message}}
+    rid = request_id_var.get()
+    if rid:
+        body["request_id"] = rid
+    body.update({"code": err.code, "detail": err.detail, "status": status})
+    if err.fix:
+        body["fix"] = err.fix
+    body.update({k: v for k, v in err.ids.items() if k not in body})
+    return status, body
+
+
+def error_response(err: KeelError) -> Response:
+    status, body = error_body(err)
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=err.headers)
+
+
+def _headers(call: Call) -> dict[str, str]:
+    total = (time.perf_counter() - call.started) * 1000
+    h = {"x-keel-overhead-ms": f"{max(total - call.upstream_ms, 0.0):.3f}"}
+    if call.deployment is not None:
+        h["x-keel-deployment"] = call.deployment.deployment_id()
+    if call.cache_hit:
+        h["x-keel-cache"] = "hit"
+    return h
+
+
+def _message(call: Call, result: ChatResult) -> JSONAnswer:
+    return JSONAnswer(orjson.dumps(to_message(result, f"msg_{call.request_id}", call.alias)), _headers(call))
+
+
+async def _events(call: Call, writer: EventWriter, stream: AsyncIterator[ChatDelta],
+                  first: ChatDelta | None) -> AsyncIterator[bytes]:
+    """The Messages API's SSE events; an error after the first byte becomes an `error` event, then the end.
+    Deltas marked `more` go out in one write with the ones after them."""
+    out = [writer.start()]
+    try:
+        if first is not None:
+            out.append(writer.delta(first))
+            if not first.more:
+                yield b"".join(out)
+                out.clear()
+        async for delta in stream:
+            out.append(writer.delta(delta))
+            if not delta.more:
+                yield b"".join(out)
+                out.clear()
+        out.append(writer.end(call.usage))  # the stream is over: the usage is the call's final one
+    except KeelError as exc:
+        out.append(sse("error", error_body(exc)[1]))
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+    yield b"".join(out)
+
+
+async def _messages(data: dict[str, Any], request: StarletteRequest, p: Principal) -> Response:
+    gw: Gateway = request.app.state.gateway
+    openai = _chat_body(data)
+    call = Call(request_id=request_id_var.get() or "", principal=p, kind="chat", alias=data["model"],
+                chat=chat_request(openai), metadata=dict(openai.get("metadata") or {}))
+    if not call.stream:
+        send_now = request.scope.get(SEND_NOW)
+        sent: list[Response] = []
+        if send_now is not None:
+            def answer(result: ChatResult) -> None:
+                sent.append(_message(call, result))
+                send_now(sent[0])
+
+            call.answer = answer
+        try:
+            result = await gw.chat(call)
+        finally:
+            call.answer = None  # the closure refers to the call: no cycle left for the collector
+        return sent[0] if sent else _message(call, result)
+    stream = gw.chat_stream(call)
+    try:
+        first: ChatDelta | None = await stream.__anext__()  # errors before the first byte get a real status
+    except StopAsyncIteration:
+        first = None
+    writer = EventWriter(f"msg_{call.request_id}", call.alias)
+    return StreamedResponse(_events(call, writer, stream, first), media_type="text/event-stream",
+                            headers={**_headers(call), "cache-control": "no-cache"})
+
+
+async def _count_tokens(data: dict[str, Any], request: StarletteRequest, p: Principal) -> Response:
+    """Input tokens of the prompt as the alias's first deployment counts them (its tokenizer, or an
+    estimate); tool definitions count as text. Nothing is sent upstream and nothing is billed."""
+    gw: Gateway = request.app.state.gateway
+    openai = _chat_body({**data, "max_tokens": 1})
+    call = Call(request_id=request_id_var.get() or "", principal=p, kind="chat", alias=data["model"],
+                chat=chat_request(openai))
+    cfg = Providers(gw.deployments).resolve(call)[0]  # the key's scope is checked here
+    messages = list(openai["messages"])
+    if data.get("tools"):
+        messages.insert(0, {"role": "system", "content": orjson.dumps(data["tools"]).decode()})
+    n = await run_in_threadpool(gw.deployments.provider(cfg).count_tokens, messages)
+    return JSONAnswer(orjson.dumps({"input_tokens": n}), {})
+
+
+def _endpoint(model: type[BaseModel], handler: Any) -> HotEndpoint:
+    """A plain ASGI endpoint: the caller first (an anonymous body gets 401), then the body, and every error
+    in Anthropic's shape. A body over the size limit is answered by the request edge (413)."""
+
+    async def endpoint(request: StarletteRequest) -> Response:
+        try:
+            caller = await principal(request)
+        except KeelError as exc:
+            return error_response(exc)
+        raw = await request.body()  # past the body limit this raises, and the request edge answers 413
+        try:
+            return await handler(_parse(raw, model), request, caller)
+        except KeelError as exc:
+            return error_response(exc)
+        except Exception as exc:  # the last resort, as on every route: log it, never leak it
+            log.error("unhandled error", exc_info=exc)
+            return error_response(InternalError("Keel hit an internal error; the request id is in the log",
+                                                fix="retry; if it persists, report the request id"))
+
+    return endpoint
+
+
+def hot_routes() -> dict[tuple[str, str], HotEndpoint]:
+    """The routes, served ahead of the framework router (which keeps them for the OpenAPI document)."""
+    return {("POST", "/v1/messages"): _endpoint(MessagesBody, _messages),
+            ("POST", "/v1/messages/count_tokens"): _endpoint(CountTokensBody, _count_tokens)}
+
+
+_HOT = hot_routes()
+
+
+@router.post("/v1/messages", tags=["gateway"])
+async def messages(body: MessagesBody, request: Request) -> Response:
+    """Anthropic Messages API: a message, or its stream of events (`stream: true`), through the governed path.
+    Errors are Anthropic-shaped (`{"type": "error", "error": {"type", "message"}}`)."""
+    return await _HOT[("POST", "/v1/messages")](request)
+
+
+@router.post("/v1/messages/count_tokens", tags=["gateway"])
+async def count_tokens(body: CountTokensBody, request: Request) -> Response:
+    """Anthropic token counting: `{"input_tokens": n}` for a Messages request's prompt."""
+    return await _HOT[("POST", "/v1/messages/count_tokens")](request)
+
