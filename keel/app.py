@@ -20,6 +20,8 @@ from keel.core.outbound import Outbound
 from keel.core.settings import Settings
 from keel.gateway import routes as gateway_routes
 from keel.gateway import service as gateway_service
+from keel.gateway.ingress import completions as completions_ingress
+from keel.gateway.ingress import responses as responses_ingress
 from keel.gateway.ingress import messages as messages_ingress
 from keel.governance import service as governance_service
 from keel.knowledge import routes as knowledge_routes
@@ -186,4 +188,6 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
             app.state.preload_task = asyncio.create_task(gateway_service.preload(gateway))
         lifecycle.startup.append(_preload)
     app.include_router(gateway_routes.router)
+    responses_ingress.mount(app, store)  # /v1/responses and its stored responses
+    completions_ingress.mount(app)  # /v1/completions
     app.include_router(messages_ingress.router)

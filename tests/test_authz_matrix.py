@@ -191,6 +191,25 @@ TABLE = [
     Row("deployments list", "GET", "/admin/deployments", by_role({"admin"})),
     Row("deployment add", "POST", "/admin/deployments", by_role({"admin"}, yes="201"),
         body={"alias": "authz-{cell}", "provider": "openai_compatible", "model": "m", "base_url": "{cloud}"}),
+    # -- Responses API and legacy completions (stored responses: read by the team, deleted by the owner) ---
+    Row("responses create", "POST", "/v1/responses", by_role({"admin", "builder", "member", "reviewer"}, no="404"),
+        body={"model": "cloud", "input": "hi {cell}", "store": False}),
+    Row("completions create", "POST", "/v1/completions", by_role({"admin", "builder", "member", "reviewer"}, no="404"),
+        body={"model": "cloud", "prompt": "hi {cell}", "max_tokens": 4}),
+    Row("response read", "GET", "/v1/responses/{resp}", team_read("200", "404"), target="red_response"),
+    Row("response continue", "POST", "/v1/responses", grid("""
+        admin    200 200 200
+        builder  200 404 404
+        member   200 404 404
+        reviewer 200 404 404
+        auditor  404 404 404"""), body={"model": "cloud", "input": "more", "previous_response_id": "{resp}",
+                                         "store": False}, target="red_response"),
+    Row("response delete", "DELETE", "/v1/responses/{resp}", grid("""
+        admin    200 200 200
+        builder  403 404 404
+        member   200 404 404
+        reviewer 403 404 404
+        auditor  403 404 403"""), target="red_response", consumes=True),
 ]
 
 
@@ -285,6 +304,13 @@ class World:
             assert r.status_code == 200, r.text
         return {}
 
+    def red_response(self) -> dict[str, Any]:
+        """A response stored by red's member."""
+        with self.keys.client("member", "red") as c:
+            r = c.post("/v1/responses", json={"model": "cloud", "input": "red's question"})
+        assert r.status_code == 200, r.text
+        return {"resp": r.json()["id"], "seen": r.json()["id"]}
+
     def grant(self) -> dict[str, Any]:
         self.glob_secret()
         with self.srv.admin() as c:
@@ -339,7 +365,7 @@ def test_authorization_matrix(world, row):
             consumed = row.consumes and 200 <= r.status_code < 300
     if consumed:
         world.cache.pop(row.target, None)
-    fields = {"run": "run_x", "approval": "apr_x", "review": "rev_x", "name": "x", "cell": "anon",
+    fields = {"run": "run_x", "approval": "apr_x", "review": "rev_x", "name": "x", "cell": "anon", "resp": "resp_x",
               "cloud": world.cloud, **(world.cache.get(row.target) or {})}
     with world.srv.client() as anonymous:
         r = _send(anonymous, row, _fmt(row.path, fields), _fmt(row.body, fields))

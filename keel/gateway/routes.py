@@ -312,3 +312,8 @@ async def _json_object(request: Request) -> dict[str, Any]:
 
 router.include_router(cache_router)  # DELETE /admin/cache/{alias}
 router.include_router(control_routes.router)  # /admin/limits, /admin/budgets
+
+
+def answer_headers(call: Call, usage: Usage | None = None) -> dict[str, str]:
+    """The headers of an answer to `call` (see `_headers`), for the other API shapes that answer chat calls."""
+    return _headers(call, usage)

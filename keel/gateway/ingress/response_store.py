@@ -1,0 +1,167 @@
+"""Stored Responses API answers (`store: true`), read back by `GET /v1/responses/{id}` and continued by
+`previous_response_id`.
+
+Who sees a stored response follows the rule of workflow runs: its team (a team-less key's: that key, or
+another key of the same user), admins, and auditors without a team. Only its owner (the key, or the
+same user) or an admin deletes it. Anyone else is told it does not exist (404), never that it is hidden.
+
+Writes are batched off the request path like the usage ledger's; until its batch is in the store a
+response is served from memory by the replica that made it, so its own caller reads it at once. Another
+replica finds it after the next flush (`interval`, 50 ms by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+from keel.core.batches import WriteQueue
+from keel.core.db import Store
+from keel.core.errors import Forbidden, NotFound
+from keel.core.tasks import stop_task
+from keel.gateway.ingress.response_tables import responses
+from keel.identity.principal import Principal
+
+log = logging.getLogger("keel.gateway.responses")
+MAX_CHAIN = 256  # responses followed back through `previous_response_id`
+
+
+def _sees_all(p: Principal) -> bool:
+    return p.is_admin or (p.team_id is None and p.has("audit.read"))
+
+
+def visible(p: Principal, row: dict[str, Any]) -> bool:
+    """May `p` read stored response `row`? Its team, else its owner; admins and team-less auditors always."""
+    if _sees_all(p):
+        return True
+    if row["team_id"] is not None:
+        return row["team_id"] == p.team_id
+    return owns(p, row)
+
+
+def owns(p: Principal, row: dict[str, Any]) -> bool:
+    return row["key_id"] == p.key_id or (row["user_id"] is not None and row["user_id"] == p.user_id)
+
+
+def not_found(response_id: str) -> NotFound:
+    return NotFound(f"response {response_id!r} not found", response_id=response_id,
+                    fix="use the id of a response this key's team stored (`store` true, the default), "
+                        "not one that was deleted")
+
+
+class ResponseStore:
+    """Stored responses, written in batches; every method runs on the event loop.
+
+    >>> store.record(principal, response_obj, input_items)
+    >>> row = await store.get(principal, "resp_…")   # NotFound unless `principal` may read it
+    """
+
+    def __init__(self, store: Store, interval: float = 0.05) -> None:
+        self.store = store
+        self.interval = interval
+        self._queue = WriteQueue(self._write)
+        self._unwritten: dict[str, dict[str, Any]] = {}  # queued rows by id, until their batch is in
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def record(self, p: Principal, response: dict[str, Any], input_items: list[dict[str, Any]]) -> None:
+        """Keep `response` (the object returned) with this request's `input_items`, owned by `p`."""
+        row = {"id": response["id"], "key_id": p.key_id, "user_id": p.user_id, "team_id": p.team_id,
+               "model": response["model"], "previous_response_id": response.get("previous_response_id"),
+               "input": input_items, "response": response, "created_at": float(response["created_at"])}
+        self._unwritten[row["id"]] = row
+        self._queue.pending.append(row)
+        if len(self._queue.pending) >= 200:
+            self._wake.set()
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        with self.store.engine.begin() as conn:
+            conn.execute(responses.insert(), rows)
+
+    async def flush(self) -> None:
+        """Write every response recorded so far (a flush already writing is waited for)."""
+        rows = list(self._queue.pending)
+        await self._queue.flush()
+        for row in rows:
+            if self._unwritten.get(row["id"]) is row:
+                del self._unwritten[row["id"]]
+
+    async def _row(self, response_id: str) -> dict[str, Any] | None:
+        row = self._unwritten.get(response_id)
+        if row is not None:
+            return row
+
+        def read() -> dict[str, Any] | None:
+            with self.store.read() as conn:
+                found = conn.execute(sa.select(responses).where(responses.c.id == response_id)).first()
+            return dict(found._mapping) if found is not None else None
+
+        return await asyncio.to_thread(read)
+
+    async def get(self, p: Principal, response_id: str) -> dict[str, Any]:
+        """The stored row of `response_id` (`input`, `response`, owner columns); NotFound if `p` may not read it."""
+        row = await self._row(response_id)
+        if row is None or not visible(p, row):
+            raise not_found(response_id)
+        return row
+
+    async def conversation(self, p: Principal, response_id: str) -> list[dict[str, Any]]:
+        """The input and output items of `response_id` and of every response before it, oldest first: what a
+        response continuing it starts from. Each one on the way must be readable by `p`."""
+        chain: list[dict[str, Any]] = []
+        next_id: str | None = response_id
+        while next_id is not None:
+            if len(chain) >= MAX_CHAIN:
+                raise Forbidden(f"the conversation before response {response_id!r} is longer than {MAX_CHAIN} "
+                                "responses", fix="start a new conversation with the items it needs as `input`",
+                                response_id=response_id)
+            row = await self.get(p, next_id)
+            chain.append(row)
+            next_id = row["previous_response_id"]
+        items: list[dict[str, Any]] = []
+        for row in reversed(chain):
+            items.extend(row["input"])
+            items.extend(row["response"].get("output") or [])
+        return items
+
+    async def delete(self, p: Principal, response_id: str) -> None:
+        """Delete `response_id`: its owner or an admin may; others who may read it get 403, the rest 404."""
+        row = await self.get(p, response_id)
+        if not (p.is_admin or owns(p, row)):
+            raise Forbidden(f"response {response_id!r} belongs to another key", response_id=response_id,
+                            fix="delete it with the key that created it, or ask an admin")
+        await self.flush()
+
+        def delete() -> None:
+            with self.store.engine.begin() as conn:
+                conn.execute(responses.delete().where(responses.c.id == response_id))
+
+        await asyncio.to_thread(delete)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.flush()
+            except sa.exc.SQLAlchemyError:
+                log.exception("writing stored responses failed; kept for the next try")
+                await asyncio.sleep(self.interval)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="keel-responses")
+
+    async def stop(self) -> None:
+        await stop_task(self._task)
+        await self.flush()
+
+
+def now() -> int:
+    return int(time.time())
