@@ -26,8 +26,13 @@ from keel.gateway.ingress import messages as messages_ingress
 from keel.governance import service as governance_service
 from keel.knowledge import routes as knowledge_routes
 from keel.knowledge import service as knowledge_service
+from keel.governance import tables as governance_tables
+from keel.knowledge import tables as knowledge_tables
+from keel.observe import routes as observe_routes
 from keel.observe import service as observe_service
+from keel.observe.spans import TraceRequests, TracedAuthenticator
 from keel.workflows import service as workflows_service
+from keel.workflows import tables as workflow_tables
 from keel.agents import service as agents_service
 from keel.identity import routes as identity_routes
 from keel.identity import service as identity
@@ -102,7 +107,8 @@ async def docs_caller(request: Request, key: str | None) -> Any:
 @dataclass
 class Built:
     app: FastAPI  # the framework app (state, routes, OpenAPI)
-    asgi: RequestContext  # what the server runs: request ids, body limit, hot endpoints, then `app`
+    asgi: RequestContext | TraceRequests  # what the server runs: the server span if traced, request ids, body
+    # limit, hot endpoints, then `app`
     bootstrap_key: str | None
 
 
@@ -150,6 +156,8 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Built:
     _mount_capabilities(app, settings, store)
     asgi = RequestContext(app, max_body_bytes=settings.max_body_bytes, log_requests=settings.log_requests,
                           hot=app.state.hot_routes)
+    if app.state.observe.tracing.enabled:  # outermost: the server span covers everything, hot endpoints too
+        asgi = TraceRequests(asgi, app.state.observe.tracer)  # type: ignore[assignment]
     return Built(app=app, asgi=asgi, bootstrap_key=bootstrap_key)
 
 
@@ -160,6 +168,9 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
     app.state.observe = obs
     lifecycle.startup.append(obs.start)
     lifecycle.shutdown.append(obs.stop)  # runs last: after the gateway drained its streams
+    if obs.tracing.enabled:  # each key check an `auth` span
+        app.state.authenticator = TracedAuthenticator(app.state.authenticator)
+    app.include_router(observe_routes.router)
 
     outbound = Outbound.from_settings(settings)  # one outbound HTTP stack: providers, budget alerts, review webhooks
     deployments = gateway_service.deployments(settings, store, app.state.vault, outbound)
@@ -183,6 +194,13 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
     lifecycle.shutdown.append(kn.stop)
     workflows_service.attach(app, settings, store, gateway, kn)  # after knowledge: its runs use retrieval
     agents_service.attach(app, settings, store, gateway, kn)  # after workflows: shares its DBOS and approvals
+    observe_service.watch(obs, settings, store, getattr(gateway.router, "snapshot", None), queues={
+        # /metrics' queue depths: each queue's table and its unfinished statuses
+        "ingest_jobs": (knowledge_tables.jobs, ("queued", "running")),
+        "workflow_runs": (workflow_tables.workflow_runs, ("running", "waiting_approval", "waiting_provider")),
+        "approvals": (workflow_tables.workflow_approvals, ("pending",)),
+        "reviews": (governance_tables.reviews, ("pending",)),
+    })
     if settings.preload_models:
         async def _preload() -> None:
             app.state.preload_task = asyncio.create_task(gateway_service.preload(gateway))

@@ -106,7 +106,13 @@ class Settings(BaseModel):
     ledger_batch_size: int = Field(default=500, gt=0)
     local_threads: int = Field(default=0, ge=0, description="llama.cpp threads; 0 = half the cores")
     preload_models: bool = Field(default=False, description="load local models at start (`keel up` sets it)")
-    trace_exporter: Literal["none", "jsonl", "console"] = "none"
+    trace_exporter: Literal["none", "otlp", "jsonl", "console"] = Field(
+        default="none", description="where spans go: `otlp` (configured by the standard OTEL_EXPORTER_OTLP_* "
+                                    "variables), `jsonl` (traces.jsonl in data_dir), `console`; none makes no spans")
+    trace_queue_size: int = Field(default=2048, ge=1, le=1_000_000, description="finished spans that may wait for "
+                                  "export; more are dropped and counted, never waited for")
+    metrics_bind: str | None = Field(default=None, description="`host:port` serving GET /metrics without a key on a "
+                                     "listener of its own; the API's /metrics always needs an admin or auditor key")
     workflows_dir: Path | None = Field(default=Path("workflows"),
                                        description="workflow specs (*.yaml) defined at start, if the folder exists")
     smtp_host: str | None = Field(default=None, description="SMTP server for workflow email; unset = Keel's outbox")
@@ -132,6 +138,16 @@ class Settings(BaseModel):
     def _existing_file(cls, v: Path | None) -> Path | None:
         if v is not None and not v.is_file():
             raise ValueError(f"{v} is not a file")
+        return v
+
+    @field_validator("metrics_bind")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be `host:port`, e.g. `127.0.0.1:9464`")
         return v
 
     @field_validator("database_url")

@@ -27,6 +27,8 @@ from keel.gateway.deployments import Deployments
 from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult, EmbedResult, Provider, Usage
 from keel.identity.principal import Principal
 from keel.observe.ledger import Ledger
+from keel.observe.spans import stage_name, traced_step
+from keel.observe.tracing import activate, content
 from keel.observe.prices import DEFAULT as DEFAULT_PRICES
 
 log = logging.getLogger("keel.gateway")
@@ -290,10 +292,13 @@ class Gateway:
         stage list, never per request."""
         key = tuple(self.stages)
         if self._chain_key != key:
-            nxt: Next = self._terminal  # it reaches `invoke`, which sends an answer no stage holds
+            traced = type(self.tracer) is not trace.NoOpTracer  # each stage in a span of its own
+            nxt: Next = traced_step("router", self._terminal) if traced else self._terminal
             outermost = next((s for s in self.stages if holds_answer(s)), None)
             for stage in reversed(self.stages):
                 nxt = _step(stage, nxt, sends=stage is outermost)
+                if traced:
+                    nxt = traced_step(stage_name(stage), nxt)
             self._chain_key, self._chained = key, nxt
         return self._chained
 
@@ -301,19 +306,29 @@ class Gateway:
     async def chat(self, call: Call) -> ChatResult:
         span = self._span(call)
         try:
-            result: ChatResult = await self._chain()(call)
+            if span is None:
+                result: ChatResult = await self._chain()(call)
+            else:
+                with activate(span, self.tracer):
+                    result = await self._chain()(call)
         except BaseException as exc:
             self._finish(call, span, error=exc)
             raise
         call.send_answer(result)  # served without the provider (a cache hit): final now
         call.usage = result.usage
+        if span is not None and span.is_recording():
+            self._answer_attributes(call, span, result)
         self._finish(call, span)
         return result
 
     async def embed(self, call: Call) -> EmbedResult:
         span = self._span(call)
         try:
-            result: EmbedResult = await self._chain()(call)
+            if span is None:
+                result: EmbedResult = await self._chain()(call)
+            else:
+                with activate(span, self.tracer):
+                    result = await self._chain()(call)
         except BaseException as exc:
             self._finish(call, span, error=exc)
             raise
@@ -328,7 +343,11 @@ class Gateway:
         texts: list[str] = []
         error: BaseException | None = None
         try:
-            inner = await self._chain()(call)
+            if span is None:
+                inner = await self._chain()(call)
+            else:
+                with activate(span, self.tracer):
+                    inner = await self._chain()(call)
             async for delta in inner:
                 if call.ttft_ms is None and (delta.content or delta.tool_calls):
                     call.ttft_ms = (time.perf_counter() - call.started) * 1000
@@ -336,6 +355,8 @@ class Gateway:
                     texts.append(delta.content)
                 if delta.usage is not None:
                     call.usage = delta.usage
+                if delta.finish_reason is not None and span is not None:
+                    span.set_attribute("gen_ai.response.finish_reasons", [delta.finish_reason])
                 yield delta
         except BaseException as exc:  # GeneratorExit (client gone) and CancelledError included
             error = exc
@@ -373,6 +394,17 @@ class Gateway:
                     span.set_attribute(attr, value)
         return span
 
+    @staticmethod
+    def _answer_attributes(call: Call, span: trace.Span, result: ChatResult) -> None:
+        """The answer's finish reason and, where the policy allows it (`trace_content`, set by its stage),
+        the prompt and completion as the guards left them: redacted, never with the caller's values put back."""
+        span.set_attribute("gen_ai.response.finish_reasons", [result.finish_reason])
+        if call.annotations.get("trace_content") and call.chat is not None:
+            span.set_attribute("gen_ai.input.messages", content(call.chat.messages))
+            output = call.annotations.get("output_guarded", result.content)
+            span.set_attribute("gen_ai.output.messages", content(
+                [{"role": "assistant", "content": output, "finish_reason": result.finish_reason}]))
+
     def _finish(self, call: Call, span: trace.Span | None, error: BaseException | None = None) -> None:
         latency = (time.perf_counter() - call.started) * 1000
         if error is None:
@@ -407,6 +439,9 @@ class Gateway:
             span.set_attribute("gen_ai.system", cfg.provider)
             span.set_attribute("gen_ai.response.model", cfg.model or cfg.alias)
             span.set_attribute("keel.deployment", cfg.deployment_id())
+        if call.principal.team_id:
+            span.set_attribute("keel.team_id", call.principal.team_id)
+        span.set_attribute("keel.cache_hit", call.cache_hit)
         span.set_attribute("gen_ai.usage.input_tokens", call.usage.prompt_tokens)
         span.set_attribute("gen_ai.usage.output_tokens", call.usage.completion_tokens)
         span.set_attribute("keel.status", status)

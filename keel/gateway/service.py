@@ -19,6 +19,7 @@ from keel.gateway.protocol import EmbedResult, ProviderContext
 from keel.gateway.router import Router
 from keel.identity.vault import Vault
 from keel.observe.service import Observe
+from keel.observe.spans import TracedUpstream
 
 log = logging.getLogger("keel.gateway")
 
@@ -45,7 +46,10 @@ def build(settings: Settings, store: Store, deployments: Deployments, observe: O
     governance keep a call (fallbacks included) off forbidden deployments. Budget alerts go out through
     `outbound` (by default the deployments' providers' stack)."""
     limiter = RateLimiter(store, settings, deployments)
-    router = Router(DeploymentLimits(Providers(deployments), limiter), settings, allow=allow)
+    upstream = DeploymentLimits(Providers(deployments), limiter)
+    if observe.tracing.enabled:  # each attempt the router makes a client span with the GenAI attributes
+        upstream = TracedUpstream(upstream)  # type: ignore[assignment]
+    router = Router(upstream, settings, allow=allow)
 
     async def embed(call: Call) -> EmbedResult:
         return await gateway.embed(call)  # the cache embeds through the gateway it sits in

@@ -24,6 +24,8 @@ from keel.governance.policy.engine import Decision, PolicyEngine
 from keel.governance.policy.loader import PolicySource
 from keel.governance.reviews import ReviewPending, ReviewQueue
 from keel.governance.teams import TeamClassifications
+from keel.observe.spans import TracedGuard
+from keel.observe.tracing import annotate
 
 log = logging.getLogger("keel.governance")
 
@@ -43,10 +45,10 @@ class PolicyGuards:
     def for_engine(self, engine: PolicyEngine) -> dict[str, Guard]:
         if self._built is None or self._built[0] != engine.version:
             p = engine.policy
-            self._built = (engine.version, {
-                "pii": guard_registry.build("pii", entities=p.pii.entities),
-                "secrets": guard_registry.build("secrets"),
-                "injection": guard_registry.build("injection", threshold=p.injection.threshold),
+            self._built = (engine.version, {  # each scan a span when the call is traced
+                "pii": TracedGuard(guard_registry.build("pii", entities=p.pii.entities)),
+                "secrets": TracedGuard(guard_registry.build("secrets")),
+                "injection": TracedGuard(guard_registry.build("injection", threshold=p.injection.threshold)),
             })
         return self._built[1]
 
@@ -74,6 +76,12 @@ class PolicyStage:
         call.annotations["policy_decision"] = decision
         call.metadata["keel_policy"] = {"version": decision.policy_version, "classification": decision.classification,
                                         "risk": decision.risk}
+        traces = engine.policy.traces
+        call.annotations["trace_content"] = traces.content and (
+            traces.max_classification is None
+            or engine.rank(decision.classification) <= engine.rank(traces.max_classification))
+        annotate({"keel.policy.version": decision.policy_version, "keel.classification": decision.classification,
+                  "keel.risk": decision.risk, "keel.use_case": decision.use_case})
         candidates = self.candidates(call.alias)
         if candidates and decision.rules and not engine.allowed(decision, candidates):
             err = engine.deny(decision, call.alias, candidates)
@@ -166,6 +174,7 @@ class GuardStage:
             raise
         if held or cg.review_reasons:
             await self._hold(call, cg, decision, content, result.finish_reason, result.tool_calls)
+        call.annotations["output_guarded"] = content  # what traces may show: the caller's values not put back
         result.content = cg.restore(content)
         self._record(call, cg, decision)
         return result

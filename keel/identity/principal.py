@@ -19,7 +19,7 @@ ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
                          "reports.read.own"}),
     "reviewer": frozenset({"models.use", "collections.read", "reviews.decide", "approvals.decide",
                            "feedback.write", "reports.read.own"}),
-    "auditor": frozenset({"audit.read", "reports.read", "reports.read.own"}),
+    "auditor": frozenset({"audit.read", "reports.read", "reports.read.own", "metrics.read"}),
 }
 
 

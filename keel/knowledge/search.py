@@ -19,6 +19,7 @@ from keel.knowledge import catalog
 from keel.knowledge.acl import Collection, Scope, filter_conditions
 from keel.knowledge.hits import Hit
 from keel.knowledge.index import Scored, reading
+from keel.observe.tracing import span
 from keel.knowledge.parts import Library
 from keel.knowledge.rerank import ChatReranker
 from keel.knowledge.tables import chunks, documents
@@ -69,7 +70,16 @@ def _hydrate(kn: Library, scope: Scope, ids: list[int]) -> dict[int, tuple[Any, 
 
 
 async def search(kn: Library, p: Principal, q: Query, request_id: str) -> tuple[list[Hit], dict[str, Any]]:
-    """The hits for `q` the principal may read, best first, and timings in ms."""
+    """The hits for `q` the principal may read, best first, and timings in ms; a `retrieval` span when traced."""
+    with span("retrieval", {"keel.retrieval.mode": q.mode, "keel.retrieval.top_k": q.top_k}) as s:
+        hits, timings = await _search(kn, p, q, request_id)
+        if s is not None:
+            s.set_attribute("keel.retrieval.hits", len(hits))
+            s.set_attribute("keel.retrieval.documents", sorted({h.document_id for h in hits}))
+        return hits, timings
+
+
+async def _search(kn: Library, p: Principal, q: Query, request_id: str) -> tuple[list[Hit], dict[str, Any]]:
     if q.mode not in MODES:
         raise BadRequest(f"unknown mode {q.mode!r}", fix=f"use one of: {', '.join(MODES)}")
     if not 1 <= q.top_k <= 100:

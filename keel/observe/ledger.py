@@ -26,8 +26,10 @@ log = logging.getLogger("keel.ledger")
 class Ledger:
     """Batched, append-only writer of usage rows."""
 
-    def __init__(self, store: Store, interval: float = 0.2, batch_size: int = 500) -> None:
+    def __init__(self, store: Store, interval: float = 0.2, batch_size: int = 500,
+                 observer: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.store = store
+        self.observer = observer  # sees every row as it is recorded (the metrics); must not raise
         self.interval = interval
         self.batch_size = batch_size
         self._queue = WriteQueue(self._write_safely)
@@ -37,6 +39,8 @@ class Ledger:
         self.written = 0
 
     def record(self, row: dict[str, Any]) -> None:
+        if self.observer is not None:
+            self.observer(row)
         self._queue.pending.append(row)
         if len(self._queue.pending) >= self.batch_size:
             self._wake.set()

@@ -1,33 +1,68 @@
-"""Build the observability services the app factory wires in: the ledger writer and the tracer."""
+"""Build the observability services the app factory wires in: the ledger writer, tracing and metrics."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry import trace
+from prometheus_client import start_http_server
 from opentelemetry.sdk.trace import TracerProvider
 
 from keel.core.db import Store
 from keel.core.settings import Settings
 from keel.observe.ledger import Ledger
-from keel.observe.tracing import make_tracer
+from keel.observe.metrics import Metrics
+from keel.observe.tracing import Tracing, make_tracing
+
+log = logging.getLogger("keel.observe")
 
 
 @dataclass
 class Observe:
     ledger: Ledger
-    tracer: trace.Tracer
-    tracer_provider: TracerProvider
+    tracing: Tracing
+    metrics: Metrics
+    metrics_server: Any = None  # the unauthenticated listener of `metrics_bind`, when set
+
+    @property
+    def tracer(self) -> trace.Tracer:
+        return self.tracing.tracer
+
+    @property
+    def tracer_provider(self) -> TracerProvider:
+        return self.tracing.provider
 
     async def start(self) -> None:
         await self.ledger.start()
 
     async def stop(self) -> None:
         await self.ledger.stop()
-        self.tracer_provider.shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+        self.tracing.shutdown()  # the batch processor's last export; bounded by the exporter's timeout
 
 
 def build(settings: Settings, store: Store) -> Observe:
-    tracer, provider = make_tracer(settings.trace_exporter, settings.data_dir)
-    ledger = Ledger(store, settings.ledger_flush_interval_s, settings.ledger_batch_size)
-    return Observe(ledger=ledger, tracer=tracer, tracer_provider=provider)
+    tracing = make_tracing(settings.trace_exporter, settings.data_dir, settings.trace_queue_size)
+    metrics = Metrics()
+    metrics.watch_spans(tracing.stats)
+    ledger = Ledger(store, settings.ledger_flush_interval_s, settings.ledger_batch_size,
+                    observer=metrics.observe_row)
+    return Observe(ledger=ledger, tracing=tracing, metrics=metrics)
+
+
+def watch(obs: Observe, settings: Settings, store: Store, circuits: Any,
+          queues: dict[str, tuple[Any, tuple[str, ...]]]) -> None:
+    """What /metrics reads when scraped: `circuits()` (the router's breaker snapshot, if there is a router)
+    and the queue tables; then the unauthenticated listener of `metrics_bind`, if set."""
+    if circuits is not None:
+        obs.metrics.watch_circuits(circuits)
+    obs.metrics.watch_queues(store, queues)
+    if settings.metrics_bind:
+        host, _, port = settings.metrics_bind.rpartition(":")
+        server, _thread = start_http_server(int(port), host.strip("[]"), registry=obs.metrics.registry)
+        obs.metrics_server = server
+        log.info("metrics listener started", extra={"bind": settings.metrics_bind})

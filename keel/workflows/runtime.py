@@ -18,6 +18,7 @@ from keel.core.errors import KeelError
 from keel.core.outbound import Outbound
 from keel.core.settings import Settings
 from keel.identity.principal import Principal
+from keel.observe.tracing import span
 from keel.workflows import approvals, templates, waits
 from keel.workflows.durable import DBOS, Durable, retried_errors
 from keel.workflows.effects import Egress, Mailer
@@ -53,13 +54,19 @@ class Engine:
         self.parts = StepParts(runs=runs, gateway=gateway, knowledge=knowledge, vault=vault, egress=egress,
                                mailer=mailer, model_slots=asyncio.Semaphore(settings.workflow_model_concurrency),
                                flush_ledger=observe.ledger.flush)
-        self.durable = Durable(runs.store.url, settings.workflow_executor_id, self.execute)
+        self.tracing = observe.tracing
+        self.durable = Durable(runs.store.url, settings.workflow_executor_id, self._traced)
 
     async def close(self) -> None:
         await self.durable.close()
         await self.parts.egress.close()
 
     # -- the interpreter ------------------------------------------------------------------
+    async def _traced(self, run_id: str) -> dict[str, Any]:
+        """`execute` as one trace: a span for the run (each resumption after a crash its own), one per step."""
+        with self.tracing.root("workflow run", **{"keel.run_id": run_id}):
+            return await self.execute(run_id)
+
     async def execute(self, run_id: str) -> dict[str, Any]:
         run = await asyncio.to_thread(self.runs.load_run, run_id)
         if run is None:
@@ -81,7 +88,9 @@ class Engine:
                     continue
                 env = StepEnv(parts=self.parts, run_id=run_id, workflow=spec.name, team_id=run["team_id"],
                               principal=principal, spec=spec, step=step, context=ctx, owner_team=owner_team)
-                res = await self.run_step(env)
+                with span(f"workflow step {step.id}", {"keel.workflow": spec.name, "keel.run_id": run_id,
+                                                       "keel.step": step.id, "keel.step_type": step.type}):
+                    res = await self.run_step(env)
                 ctx["steps"][step.id] = {"status": res["status"], "output": res.get("output")}
                 if res.get("stop"):
                     outcome = res["stop"]

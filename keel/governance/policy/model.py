@@ -109,6 +109,15 @@ class ReviewSettings(_Strict):
     timeout_s: float = Field(default=5.0, gt=0, le=60)
 
 
+class TraceSettings(_Strict):
+    """What trace spans may carry beyond ids, models, counts and timings."""
+
+    content: bool = Field(default=False, description="record prompt and completion text in spans, as the "
+                                                      "guards left it (redacted, never restored)")
+    max_classification: str | None = Field(default=None, description="record content only for calls classified "
+                                                                      "at or below this level; default: any level")
+
+
 class Policy(_Strict):
     name: str = "default"
     classifications: list[str] = Field(default_factory=lambda: ["public", "internal", "confidential", "restricted"],
@@ -123,6 +132,7 @@ class Policy(_Strict):
     pii: PiiSettings = Field(default_factory=PiiSettings)
     injection: InjectionSettings = Field(default_factory=InjectionSettings)
     reviews: ReviewSettings = Field(default_factory=ReviewSettings)
+    traces: TraceSettings = Field(default_factory=TraceSettings)
 
     def semantic_errors(self) -> list[tuple[tuple[Any, ...], str]]:
         """Cross-field checks pydantic cannot express, as (path, message)."""
@@ -141,6 +151,9 @@ class Policy(_Strict):
             if rule.name in seen:
                 errs.append((("data_rules", i, "name"), f"rule name {rule.name!r} is used twice"))
             seen.add(rule.name)
+        mc = self.traces.max_classification
+        if mc is not None and mc not in known:
+            errs.append((("traces", "max_classification"), f"unknown classification; allowed: {allowed}"))
         for name in self.classification_guards:
             if name not in known:
                 errs.append((("classification_guards", name), f"unknown classification; allowed: {allowed}"))
