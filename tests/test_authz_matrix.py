@@ -187,6 +187,8 @@ TABLE = [
         target="glob_secret"),
     Row("secret revoke", "DELETE", "/admin/secrets/glob-sec/grants/red/http_header", by_role({"admin"}, yes="204"),
         target="grant", consumes=True),
+    # -- observe (metrics: admin and auditor keys, whatever their team) -------------------------------
+    Row("metrics", "GET", "/metrics", by_role({"admin", "auditor"})),
     # -- deployments (admin endpoints) --------------------------------------------------------------
     Row("deployments list", "GET", "/admin/deployments", by_role({"admin"})),
     Row("deployment add", "POST", "/admin/deployments", by_role({"admin"}, yes="201"),
