@@ -70,6 +70,8 @@ class Row:
 
 
 GOV_READERS = {"admin", "auditor"}
+MODEL_USERS = {"admin", "builder", "member", "reviewer"}
+MESSAGES = {"model": "cloud", "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]}
 TABLE = [
     # -- governance (audit, policy, reviews, guard events) ----------------------------------------
     Row("audit list", "GET", "/v1/audit", by_role(GOV_READERS)),
@@ -152,6 +154,34 @@ TABLE = [
         member   403 403 403
         reviewer 200 404 404
         auditor  403 403 403"""), body={}, target="approval", consumes=True) for verb in ("approve", "reject")),
+    # -- agents -------------------------------------------------------------------------------------
+    Row("agent define new", "POST", "/v1/agents", grid("""
+        admin    201 201 201
+        builder  201 201 403
+        member   403 403 403
+        reviewer 403 403 403
+        auditor  403 403 403"""), body="name: new_{cell}\nmodel: cloud\ngoal: g\ntools: {{}}\n"),
+    Row("agent redefine team's", "POST", "/v1/agents", grid("""
+        admin    201 201 201
+        builder  201 409 409
+        member   403 403 403
+        reviewer 403 403 403
+        auditor  403 403 403"""), body="name: red_agent\nmodel: cloud\ngoal: g {cell}\ntools: {{}}\n"),
+    Row("agent read", "GET", "/v1/agents/red_agent", team_read("200", "404")),
+    Row("agent run", "POST", "/v1/agents/red_agent/runs", grid("""
+        admin    2xx 2xx 2xx
+        builder  2xx 404 403
+        member   2xx 404 403
+        reviewer 403 403 403
+        auditor  403 403 403"""), body={"task": "hi", "wait_s": 0}),
+    Row("agent run read", "GET", "/v1/agents/red_agent/runs/{run}", team_read("200", "404"), target="agent_run"),
+    Row("agent run list", "GET", "/v1/agents/red_agent/runs", team_read("seen", "404"), target="agent_run"),
+    *(Row(f"agent {verb}", "POST", f"/v1/agents/red_agent/{verb}", grid("""
+        admin    200 200 200
+        builder  200 404 404
+        member   403 404 404
+        reviewer 403 404 404
+        auditor  403 404 403"""), body={}) for verb in ("pause", "resume")),
     # -- records and outbox -------------------------------------------------------------------------
     Row("records", "GET", "/v1/records/red_rec", team_read("seen", "hidden"), target="waiting_run"),
     Row("outbox", "GET", "/v1/outbox", team_read("seen", "hidden"), target="waiting_run"),
@@ -193,6 +223,13 @@ TABLE = [
     Row("deployments list", "GET", "/admin/deployments", by_role({"admin"})),
     Row("deployment add", "POST", "/admin/deployments", by_role({"admin"}, yes="201"),
         body={"alias": "authz-{cell}", "provider": "openai_compatible", "model": "m", "base_url": "{cloud}"}),
+    # -- Anthropic Messages ingress (a key without models.use gets the same 404 as an unknown model) -----
+    Row("messages", "POST", "/v1/messages", by_role(MODEL_USERS, no="404"), body=MESSAGES),
+    Row("messages count_tokens", "POST", "/v1/messages/count_tokens", by_role(MODEL_USERS, no="404"),
+        body=MESSAGES),
+    Row("messages unknown model", "POST", "/v1/messages", by_role(set(), no="404"), body={**MESSAGES, "model": "nope"}),
+    Row("messages malformed body", "POST", "/v1/messages", by_role(set(), no="400"),
+        body={"model": "cloud", "messages": "hello"}),
     # -- Responses API and legacy completions (stored responses: read by the team, deleted by the owner) ---
     Row("responses create", "POST", "/v1/responses", by_role({"admin", "builder", "member", "reviewer"}, no="404"),
         body={"model": "cloud", "input": "hi {cell}", "store": False}),
@@ -245,6 +282,10 @@ class World:
             with srv.client(key) as c:
                 r = c.post("/v1/workflows", content=spec, headers={"content-type": "application/yaml"})
             assert r.status_code == 201, r.text
+        with srv.client(red_builder) as c:
+            r = c.post("/v1/agents", content="name: red_agent\nmodel: cloud\ngoal: g\ntools: {}\n",
+                       headers={"content-type": "application/yaml"})
+            assert r.status_code == 201, r.text
 
     def fresh(self, name: str, consumed: bool) -> dict[str, Any]:
         if consumed or name not in self.cache:
@@ -284,6 +325,12 @@ class World:
         run_id = self._start(self.admin_red, "red_fail")
         self._status("red_fail", run_id, ("failed",))
         return {"run": run_id}
+
+    def agent_run(self) -> dict[str, Any]:
+        with self.srv.client(self.admin_red) as c:
+            r = c.post("/v1/agents/red_agent/runs", json={"task": "hi", "wait_s": 0})
+        assert r.status_code in (200, 202), r.text
+        return {"run": r.json()["id"], "seen": r.json()["id"]}
 
     def approval(self) -> dict[str, Any]:
         run_id = self._start(self.admin_red, "red_appr")
@@ -417,3 +464,19 @@ def test_reviews_cannot_be_decided_outside_their_team(world):
     for role, team in (("reviewer", "blue"), ("builder", "red"), ("auditor", None), ("member", "blue")):
         with world.keys.client(role, team) as c:
             assert c.post(f"/v1/reviews/{rid}/approve", json={}).status_code in (403, 404), (role, team)
+
+
+def test_messages_edge_cells(world):
+    """/v1/messages beyond the roles: a bad `x-api-key`, a body over the size limit, and a key scoped to other
+    models — each refused before any model runs."""
+    url = world.srv.url + "/v1/messages"
+    r = httpx.post(url, json=MESSAGES, headers={"x-api-key": "sk-keel-not-a-key"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
+    member = world.keys.keys[("member", "red")]
+    big = {**MESSAGES, "messages": [{"role": "user", "content": "x" * (11 * 1024 * 1024)}]}
+    assert httpx.post(url, json=big, headers={"x-api-key": member}, timeout=60).status_code == 413
+    with world.srv.admin() as admin:
+        scoped = admin.post("/admin/keys", json={"role": "member", "team": "red", "name": "onprem-only",
+                                                 "scopes": {"models": ["onprem"]}}).json()["key"]
+    r = httpx.post(url, json=MESSAGES, headers={"x-api-key": scoped})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", r.text
