@@ -70,6 +70,8 @@ class Row:
 
 
 GOV_READERS = {"admin", "auditor"}
+MODEL_USERS = {"admin", "builder", "member", "reviewer"}
+MESSAGES = {"model": "cloud", "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]}
 TABLE = [
     # -- governance (audit, policy, reviews, guard events) ----------------------------------------
     Row("audit list", "GET", "/v1/audit", by_role(GOV_READERS)),
@@ -221,6 +223,13 @@ TABLE = [
     Row("deployments list", "GET", "/admin/deployments", by_role({"admin"})),
     Row("deployment add", "POST", "/admin/deployments", by_role({"admin"}, yes="201"),
         body={"alias": "authz-{cell}", "provider": "openai_compatible", "model": "m", "base_url": "{cloud}"}),
+    # -- Anthropic Messages ingress (a key without models.use gets the same 404 as an unknown model) -----
+    Row("messages", "POST", "/v1/messages", by_role(MODEL_USERS, no="404"), body=MESSAGES),
+    Row("messages count_tokens", "POST", "/v1/messages/count_tokens", by_role(MODEL_USERS, no="404"),
+        body=MESSAGES),
+    Row("messages unknown model", "POST", "/v1/messages", by_role(set(), no="404"), body={**MESSAGES, "model": "nope"}),
+    Row("messages malformed body", "POST", "/v1/messages", by_role(set(), no="400"),
+        body={"model": "cloud", "messages": "hello"}),
     # -- Responses API and legacy completions (stored responses: read by the team, deleted by the owner) ---
     Row("responses create", "POST", "/v1/responses", by_role({"admin", "builder", "member", "reviewer"}, no="404"),
         body={"model": "cloud", "input": "hi {cell}", "store": False}),
@@ -455,3 +464,18 @@ def test_reviews_cannot_be_decided_outside_their_team(world):
     for role, team in (("reviewer", "blue"), ("builder", "red"), ("auditor", None), ("member", "blue")):
         with world.keys.client(role, team) as c:
             assert c.post(f"/v1/reviews/{rid}/approve", json={}).status_code in (403, 404), (role, team)
+
+def test_messages_edge_cells(world):
+    """/v1/messages beyond the roles: a bad `x-api-key`, a body over the size limit, and a key scoped to other
+    models — each refused before any model runs."""
+    url = world.srv.url + "/v1/messages"
+    r = httpx.post(url, json=MESSAGES, headers={"x-api-key": "sk-keel-not-a-key"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
+    member = world.keys.keys[("member", "red")]
+    big = {**MESSAGES, "messages": [{"role": "user", "content": "x" * (11 * 1024 * 1024)}]}
+    assert httpx.post(url, json=big, headers={"x-api-key": member}, timeout=60).status_code == 413
+    with world.srv.admin() as admin:
+        scoped = admin.post("/admin/keys", json={"role": "member", "team": "red", "name": "onprem-only",
+                                                 "scopes": {"models": ["onprem"]}}).json()["key"]
+    r = httpx.post(url, json=MESSAGES, headers={"x-api-key": scoped})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", r.text

@@ -266,14 +266,31 @@ def hot_routes() -> dict[tuple[str, str], HotEndpoint]:
 _HOT = hot_routes()
 
 
-@router.post("/v1/messages", tags=["gateway"])
+ERROR_SCHEMA = {
+    "type": "object", "title": "AnthropicError", "required": ["type", "error"],
+    "description": "Anthropic's error shape, with Keel's stable `code`, `detail`, `fix` and the ids involved",
+    "properties": {"type": {"const": "error"}, "request_id": {"type": "string"}, "code": {"type": "string"},
+                   "detail": {"type": "string"}, "fix": {"type": "string"}, "status": {"type": "integer"},
+                   "error": {"type": "object", "required": ["type", "message"],
+                             "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}},
+}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {}, "text/event-stream": {}}},
+    "default": {"description": "Error", "content": {"application/json": {"schema": ERROR_SCHEMA}}},
+}
+
+
+@router.post("/v1/messages", tags=["gateway"], responses=RESPONSES)
 async def messages(body: MessagesBody, request: Request) -> Response:
     """Anthropic Messages API: a message, or its stream of events (`stream: true`), through the governed path.
     Errors are Anthropic-shaped (`{"type": "error", "error": {"type", "message"}}`)."""
     return await _HOT[("POST", "/v1/messages")](request)
 
 
-@router.post("/v1/messages/count_tokens", tags=["gateway"])
+@router.post("/v1/messages/count_tokens", tags=["gateway"], responses={
+    200: {"content": {"application/json": {"schema": {"type": "object", "required": ["input_tokens"],
+                                                      "properties": {"input_tokens": {"type": "integer"}}}}}},
+    "default": RESPONSES["default"]})
 async def count_tokens(body: CountTokensBody, request: Request) -> Response:
     """Anthropic token counting: `{"input_tokens": n}` for a Messages request's prompt."""
     return await _HOT[("POST", "/v1/messages/count_tokens")](request)
