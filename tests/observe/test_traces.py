@@ -27,12 +27,13 @@ traces: {content: true, max_classification: internal}
 """
 
 
-def config(tmp_path, upstream: str) -> Any:
+def config(tmp_path, upstream: str, more_models: str = "") -> Any:
     path = tmp_path / "keel.yaml"
     path.write_text(f"""
 models:
   - {{alias: cloud, provider: openai_compatible, model: gpt-cloud, id: cloud/remote, base_url: {upstream},
       input_price_per_1m: 1.0, output_price_per_1m: 2.0}}
+{more_models}
 ledger_flush_interval_s: 0.05
 """)
     policy = tmp_path / "policy.yaml"
@@ -210,3 +211,61 @@ def test_a_dead_collector_neither_blocks_nor_fails_requests_and_drops_are_counte
         return values if values.get("keel_trace_spans_dropped_total", 0) > 0 else None
     values = counted() or eventually(counted, timeout=20)
     assert values["keel_trace_spans_exported_total"] == 0
+
+
+def test_a_workflow_run_is_one_trace_with_a_span_per_step(server_factory, tmp_path, upstream):
+    """A run (no HTTP request around it) starts its own trace; each step is a span, and the llm step's model
+    call hangs under its step with the gateway's spans."""
+    from tests.workflows.conftest import define, start, wait_run
+
+    receiver = HttpReceiver().start()
+    try:
+        srv = traced_server(server_factory, tmp_path, upstream, receiver)
+        define(srv, "name: traced_flow\nsteps:\n  - id: ask\n    type: llm\n    model: cloud\n    max_tokens: 8\n"
+                    "    prompt: \"Say hi\"\n  - id: shape\n    type: transform\n    output: done\n")
+        run_id = start(srv, "traced_flow")
+        assert wait_run(srv, "traced_flow", run_id)["status"] == "completed"
+
+        def run_trace() -> list[dict[str, Any]] | None:
+            with receiver.lock:
+                root = [s for s in receiver.spans if s["name"] == "workflow run"
+                        and s["attributes"].get("keel.run_id") == run_id]
+            return receiver.trace(root[0]["trace_id"]) if root else None
+        spans = eventually(run_trace, timeout=20)
+        t = tree(spans)
+        assert sorted(t["workflow run"]) == ["workflow step ask", "workflow step shape"]
+        assert "chat cloud" in t["workflow step ask"]
+        step = next(s for s in spans if s["name"] == "workflow step shape")["attributes"]
+        assert step["keel.workflow"] == "traced_flow" and step["keel.step_type"] == "transform"
+        assert any(s["name"] == "chat gpt-cloud" for s in spans)
+    finally:
+        receiver.stop()
+
+
+def test_retrieval_is_a_span_of_the_search_request(server_factory, tmp_path, upstream):
+    """/v1/search is traced too: a `retrieval` span with the mode and the number of hits, its query
+    embedding a model call under it."""
+    receiver = HttpReceiver().start()
+    try:
+        cfg, _ = config(tmp_path, upstream.url, "  - {alias: emb, provider: openai_compatible, model: emb-fake, "
+                                                f"kind: embedding, base_url: {upstream.url}}}")
+        srv = server_factory(config=cfg, KEEL_TRACE_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
+                             OTEL_BSP_SCHEDULE_DELAY="50")
+        with srv.admin() as a:
+            r = a.post("/v1/collections", json={"name": "docs", "classification": "internal",
+                                                "embedding_model": "emb"})
+            assert r.status_code == 201, r.text
+            parts = [("files", ("a.md", b"# On-call\n\nTeam 47 rotates on-call duty weekly.", "text/markdown"))]
+            r = a.post("/v1/collections/docs/documents", params={"wait": 60}, files=parts,
+                       data={"sources": '["a.md"]'}, timeout=90)
+            assert r.status_code in (200, 201, 202), r.text
+            trace_id = secrets.token_hex(16)
+            r = a.post("/v1/search", json={"query": "who rotates on-call?", "collections": ["docs"]},
+                       headers={"traceparent": f"00-{trace_id}-{CALLER_SPAN}-01"})
+            assert r.status_code == 200, r.text
+        spans = spans_of(receiver, trace_id, 3)
+        retrieval = next(s for s in spans if s["name"] == "retrieval")
+        assert retrieval["attributes"]["keel.retrieval.hits"] == len(r.json()["data"]) >= 1
+        assert "embeddings emb" in tree(spans)["retrieval"]
+    finally:
+        receiver.stop()
