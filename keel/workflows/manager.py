@@ -192,10 +192,10 @@ class Workflows:
                     item["status"] = "running"
             elif r.current_step == st.id and r.status == "waiting_approval":
                 item["status"] = "waiting_approval"
-            if r.current_step == st.id and r.status == WAITING:
-                item.update(status=WAITING, waiting=public_wait(r.wait))
             else:
                 item["status"] = "pending"
+            if r.current_step == st.id and r.status == WAITING:
+                item.update(status=WAITING, waiting=public_wait(r.wait))
             steps.append(item)
         out["steps"] = steps
         out["usage"] = await asyncio.to_thread(self._usage, run_id)

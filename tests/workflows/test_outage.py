@@ -115,7 +115,9 @@ def test_a_rate_limited_model_waits_visibly_and_an_operator_resumes_it(srv, fake
     assert r.status_code == 200, r.text
     d = wait_run(srv, "greet_slow", run_id, timeout=30)
     assert d["status"] == "completed" and d["waiting"] is None, d
-    assert steps_by_id(d)["ask"]["output"]["text"]
+    steps = steps_by_id(d)
+    assert steps["ask"]["status"] == "completed" and steps["ask"]["output"]["text"] and "waiting" not in steps["ask"]
+    assert steps["file"]["status"] == "completed"
     rows = ledger_rows(srv.extra["db_url"], f"task_id = '{run_id}'")
     ok = [r.request_id for r in rows if r.status == "ok"]
     assert ok == [f"{run_id}/ask~1"]  # metered once, by the try after the wait
@@ -175,7 +177,8 @@ steps:
         run_id = start(srv, "push_busy", key=red_builder)
         d = wait_run(srv, "push_busy", run_id, timeout=60)
         stats = httpx.get(f"{rcv}/_stats").json()
-    assert d["status"] == "completed", d
+    assert d["status"] == "completed" and steps_by_id(d)["push"]["status"] == "completed", d
+    assert steps_by_id(d)["push"]["output"]["status"] == 200
     assert stats["by_key"] == {f"{run_id}.push": 3} and stats["applied"] == 1 and stats["repeats"] == 0
 
 
