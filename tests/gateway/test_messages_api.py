@@ -48,6 +48,8 @@ models:
       input_price_per_1m: 1.0, output_price_per_1m: 2.0}}
   - {{alias: other, provider: openai_compatible, model: gpt-other, base_url: {openai_fake.url}}}
   - {{alias: claude, provider: anthropic, model: claude-fake, base_url: {anthropic_fake.url}}}
+  - {{alias: breaks, provider: openai_compatible, model: "fault:error-event", base_url: {openai_fake.url}}}
+  - {{alias: down, provider: openai_compatible, model: "fault:500", base_url: {openai_fake.url}}}
 ledger_flush_interval_s: 0.1
 """)
     return module_server_factory(config=base / "keel.yaml", KEEL_POLICY_FILE=str(base / "policy.yaml"))
@@ -259,6 +261,19 @@ def test_caller_errors_are_anthropic_shaped(srv):
     assert httpx.post(url, json=big, headers=admin, timeout=60).status_code == 413
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=srv.url, api_key="sk-keel-nope", max_retries=0).messages.create(**ok)
+
+
+def test_upstream_failures(srv):
+    """An upstream failure before the answer is a 5xx api_error; one mid-stream ends the stream with an
+    Anthropic `error` event after what was already sent, and no message_stop."""
+    body = {"max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(srv.url + "/v1/messages", json={**body, "model": "down"}, headers={"x-api-key": srv.admin_key})
+    anthropic_error(r, 502, "api_error", "upstream_error")
+    got = events(srv, {**body, "model": "breaks"}, srv.admin_key)
+    names = [n for n, _ in got]
+    assert names[:2] == ["message_start", "ping"] and names[-1] == "error" and "message_stop" not in names
+    err = got[-1][1]
+    assert err["type"] == "error" and err["error"]["type"] == "api_error" and err["code"] == "upstream_error"
 
 
 def test_guards_act_on_messages(client, srv, upstreams):
