@@ -135,6 +135,15 @@ TABLE = [
         member   201 404 404
         reviewer 403 403 403
         auditor  403 403 403"""), body={}, target="failed_run"),
+    # -- runs waiting for a provider (an alias whose upstream says "come back in ten minutes") --------
+    Row("runs waiting for a provider", "GET", "/v1/runs?status=waiting_provider&waiting_for=red-busy",
+        team_read("seen", "hidden"), target="provider_wait_run"),
+    Row("run resume", "POST", "/v1/workflows/red_busy/runs/{run}/resume", grid("""
+        admin    200 200 200
+        builder  200 404 404
+        member   200 404 404
+        reviewer 403 403 403
+        auditor  403 403 403"""), target="provider_wait_run", consumes=True),
     # -- approvals ----------------------------------------------------------------------------------
     Row("approvals list", "GET", "/v1/approvals", grid("""
         admin    seen seen   seen
@@ -331,6 +340,22 @@ class World:
             r = c.post("/v1/agents/red_agent/runs", json={"task": "hi", "wait_s": 0})
         assert r.status_code in (200, 202), r.text
         return {"run": r.json()["id"], "seen": r.json()["id"]}
+
+    def provider_wait_run(self) -> dict[str, Any]:
+        """A red run whose model step waits for `red-busy`: its upstream answers 429 with Retry-After 600."""
+        if not hasattr(self, "busy"):
+            self.busy = FakeOpenAI(retry_after="600").start()
+            with self.srv.admin() as c:
+                r = c.post("/admin/deployments", json={"alias": "red-busy", "provider": "openai_compatible",
+                                                       "model": "fault:429", "base_url": self.busy.url})
+                assert r.status_code == 201, r.text
+            with self.srv.client(self.red_builder) as c:
+                r = c.post("/v1/workflows", content="name: red_busy\nsteps:\n  - {id: ask, type: llm, "
+                           "model: red-busy, prompt: hi, max_tokens: 4}\n", headers={"content-type": "application/yaml"})
+                assert r.status_code == 201, r.text
+        run_id = self._start(self.admin_red, "red_busy")
+        self._status("red_busy", run_id, ("waiting_provider",))
+        return {"run": run_id, "seen": run_id}
 
     def approval(self) -> dict[str, Any]:
         run_id = self._start(self.admin_red, "red_appr")
