@@ -120,6 +120,8 @@ def test_message_answers_with_usage_and_ledger_row(client, srv, upstreams):
     assert (row.tokens_in, row.tokens_out, row.status, row.use_case) == (
         msg.usage.input_tokens, msg.usage.output_tokens, "ok", "geo")
     assert row.cost == pytest.approx((msg.usage.input_tokens * 1.0 + msg.usage.output_tokens * 2.0) / 1e6)
+    assert float(raw.headers["x-keel-cost"]) == pytest.approx(row.cost)
+    assert raw.headers["x-keel-deployment"] and float(raw.headers["x-keel-overhead-ms"]) >= 0
 
 
 def test_system_blocks_and_bearer_key(srv, upstreams):

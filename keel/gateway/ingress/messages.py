@@ -13,7 +13,6 @@ and ids beside it; a body that is not valid is a 400 `invalid_request_error`, as
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -30,7 +29,7 @@ from keel.core.logs import request_id_var
 from keel.gateway.anthropic_shapes import EventWriter, error_type, openai_body, sse, to_message
 from keel.gateway.pipeline import Call, Gateway, Providers
 from keel.gateway.protocol import ChatDelta, ChatResult
-from keel.gateway.routes import chat_request
+from keel.gateway.routes import answer_headers, chat_request
 from keel.gateway.schemas import (
     MAX_TOKENS, ChatCompletionBody, check_keel, check_metadata, fast_chat_body,
 )
@@ -153,18 +152,9 @@ def error_response(err: KeelError) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=err.headers)
 
 
-def _headers(call: Call) -> dict[str, str]:
-    total = (time.perf_counter() - call.started) * 1000
-    h = {"x-keel-overhead-ms": f"{max(total - call.upstream_ms, 0.0):.3f}"}
-    if call.deployment is not None:
-        h["x-keel-deployment"] = call.deployment.deployment_id()
-    if call.cache_hit:
-        h["x-keel-cache"] = "hit"
-    return h
-
-
 def _message(call: Call, result: ChatResult) -> JSONAnswer:
-    return JSONAnswer(orjson.dumps(to_message(result, f"msg_{call.request_id}", call.alias)), _headers(call))
+    return JSONAnswer(orjson.dumps(to_message(result, f"msg_{call.request_id}", call.alias)),
+                      answer_headers(call, result.usage))
 
 
 async def _events(call: Call, writer: EventWriter, stream: AsyncIterator[ChatDelta],
@@ -217,7 +207,7 @@ async def _messages(data: dict[str, Any], request: StarletteRequest, p: Principa
         first = None
     writer = EventWriter(f"msg_{call.request_id}", call.alias)
     return StreamedResponse(_events(call, writer, stream, first), media_type="text/event-stream",
-                            headers={**_headers(call), "cache-control": "no-cache"})
+                            headers={**answer_headers(call), "cache-control": "no-cache"})
 
 
 async def _count_tokens(data: dict[str, Any], request: StarletteRequest, p: Principal) -> Response:
