@@ -1,10 +1,13 @@
 """Provider outages on the real server: a model step whose upstream says "not now" waits visibly
 (`waiting_provider`, with what it waits for and when it tries next), operators list and resume such runs
-within their team, a run gives up at `max_wait`, an http step waits out a 429's Retry-After, and a policy
+within their team (API and `keel workflows waiting/resume`), a run gives up at `max_wait`, an http step waits out a 429's Retry-After, and a policy
 denial still fails the step at once."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from datetime import datetime
 
@@ -109,10 +112,12 @@ def test_a_rate_limited_model_waits_visibly_and_an_operator_resumes_it(srv, fake
     with srv.client(keys.keys[("builder", "blue")]) as c:
         problem(c.post(f"/v1/workflows/greet_slow/runs/{run_id}/resume"), 404, run_id)
 
+    env = {**os.environ, "KEEL_URL": srv.url, "KEEL_API_KEY": keys.keys[("member", "red")]}
+    out = keel_cli(env, "workflows", "waiting", "--for", "slow")
+    lines = [ln.split("\t") for ln in out.splitlines() if ln.strip()]
+    assert [ln[:5] for ln in lines] == [[run_id, "greet_slow", "ask", "slow", "upstream_rate_limited"]]
     slow.reset()  # the provider is back; without a resume the run would try again in ten minutes
-    with srv.client(keys.keys[("member", "red")]) as c:
-        r = c.post(f"/v1/workflows/greet_slow/runs/{run_id}/resume")
-    assert r.status_code == 200, r.text
+    assert keel_cli(env, "workflows", "resume", "greet_slow", run_id).startswith(f"{run_id} resumed")
     d = wait_run(srv, "greet_slow", run_id, timeout=30)
     assert d["status"] == "completed" and d["waiting"] is None, d
     steps = steps_by_id(d)
@@ -124,6 +129,12 @@ def test_a_rate_limited_model_waits_visibly_and_an_operator_resumes_it(srv, fake
     assert [r.request_id for r in rows if r.status != "ok"] == [f"{run_id}/ask"]
     with srv.client(red_builder) as c:
         problem(c.post(f"/v1/workflows/greet_slow/runs/{run_id}/resume"), 409, run_id)
+
+
+def keel_cli(env: dict[str, str], *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "keel", *args], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def _seconds_between(a: str, b: str) -> float:
