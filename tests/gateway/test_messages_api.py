@@ -308,6 +308,18 @@ def test_budget_refusal_is_anthropic_shaped(srv):
     assert row.status == "error" and row.error_code == "budget_exceeded" and row.http_status == 402
 
 
+def test_rate_limit_is_anthropic_shaped(srv):
+    """Past the key's requests per minute: 429 rate_limit_error with Retry-After, which the SDK reads."""
+    key = new_key(srv)
+    assert srv.admin().put(f"/admin/limits/keys/{key['id']}", json={"rpm": 1}).status_code == 200
+    body = {"model": "fake", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    first = httpx.post(srv.url + "/v1/messages", json=body, headers={"x-api-key": key["key"]})
+    assert first.status_code == 200 and first.headers["x-ratelimit-limit-requests"] == "1", first.headers
+    r = httpx.post(srv.url + "/v1/messages", json=body, headers={"x-api-key": key["key"]})
+    anthropic_error(r, 429, "rate_limit_error", "rate_limited")
+    assert int(r.headers["retry-after"]) >= 1
+
+
 # -- the bundled local model ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
