@@ -10,6 +10,7 @@ from keel.core import commands as core_commands
 from keel.governance import commands as governance_commands
 from keel.identity import commands as identity_commands
 from keel.knowledge import commands as knowledge_commands
+from keel.observe import commands as observe_commands
 from keel.workflows import commands as workflows_commands
 from keel.agents import commands as agents_commands
 
@@ -20,6 +21,7 @@ app.add_typer(core_commands.db_app, name="db")
 identity_commands.mount(app)
 governance_commands.mount(app)
 knowledge_commands.mount(app)
+observe_commands.mount(app)
 workflows_commands.mount(app)
 agents_commands.mount(app)
 

@@ -3,6 +3,7 @@ CSV) and `POST /v1/feedback`."""
 
 from __future__ import annotations
 
+import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -48,8 +49,6 @@ async def usage(request: Request, p: Principal = Depends(principal)) -> Response
 async def give_feedback(request: Request, p: Principal = Depends(principal)) -> Response:
     """Feedback on a call (`request_id`), a workflow or agent run (`run_id`) or an answer (`answer_id`):
     `score` (-100…100), `label`, `comment`, `correction`. Only on calls the key may see in `/v1/usage`."""
-    import orjson
-
     raw = await request.body()
     if len(raw) > MAX_FEEDBACK_BYTES:
         raise BadRequest(f"feedback body is over {MAX_FEEDBACK_BYTES // 1024} KiB", fix="shorten the correction")

@@ -35,3 +35,21 @@ usage_ledger = sa.Table(
     sa.Column("meta", sa.JSON, nullable=True),
     sa.Column("client_request_id", sa.String(128), nullable=True, index=True),
 )
+
+# Feedback on a metered call: each row is anchored to the ledger row it judges (`request_id`), whether it
+# was given by request id, workflow run id (the run's first metered call) or answer id; append-only.
+feedback = sa.Table(
+    "feedback", metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("ts", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("request_id", sa.String(100), nullable=False, index=True),
+    sa.Column("subject_kind", sa.String(20), nullable=False),
+    sa.Column("subject_id", sa.String(200), nullable=False),
+    sa.Column("score", sa.Float, nullable=True),
+    sa.Column("label", sa.String(100), nullable=True),
+    sa.Column("comment", sa.Text, nullable=True),
+    sa.Column("correction", sa.Text, nullable=True),
+    sa.Column("key_id", sa.String(40), nullable=False),
+    sa.Column("team_id", sa.String(40), nullable=True),
+    sa.Column("user_id", sa.String(40), nullable=True),
+)
