@@ -65,6 +65,7 @@ def test_completion_answers_text_with_usage_and_a_ledger_row(srv, client, fake):
     [row] = wait_ledger(srv.extra["db_url"], f"request_id = '{rid}'")
     assert row.status == "ok" and row.kind == "chat" and not row.stream
     assert (row.tokens_in, row.tokens_out) == (resp.usage.prompt_tokens, resp.usage.completion_tokens)
+    assert float(raw.headers["x-keel-cost"]) == pytest.approx(row.cost) and row.cost > 0
 
 
 def test_completion_streams_text_completion_chunks(srv, client):

@@ -89,6 +89,7 @@ def test_create_answers_with_output_text_usage_and_a_ledger_row(srv, red, fake):
     assert row.status == "ok" and row.kind == "chat" and row.alias == "fake" and row.use_case == "r"
     assert (row.tokens_in, row.tokens_out) == (resp.usage.input_tokens, resp.usage.output_tokens)
     assert row.cost == pytest.approx((row.tokens_in * 1.0 + row.tokens_out * 2.0) / 1e6)
+    assert float(raw.headers["x-keel-cost"]) == pytest.approx(row.cost)
 
 
 def test_stream_sends_the_responses_events_in_order(srv, red):
@@ -294,3 +295,19 @@ def test_bundled_local_model_serves_responses_and_completions(module_server_fact
     row = ledger_row(local, resp.id)
     assert row.provider == "local" and (row.tokens_in, row.tokens_out) == (resp.usage.input_tokens,
                                                                             resp.usage.output_tokens)
+
+
+def test_another_replica_continues_a_response_at_once(server_factory, tmp_path, fake):
+    """Two replicas on one store: a response made on one is found on the other straight away (a tool loop's
+    next turn may land anywhere), and one stopped gracefully has written all it held."""
+    (tmp_path / "keel.yaml").write_text(f"models:\n  - {{alias: fake, provider: openai_compatible, model: m, "
+                                        f"base_url: {fake.url}}}\n")
+    one = server_factory(config=tmp_path / "keel.yaml", data_dir=tmp_path / "one")
+    two = server_factory(config=tmp_path / "keel.yaml", data_dir=tmp_path / "two")
+    made = sdk(one).responses.create(model="fake", input="My name is Ada.")
+    assert sdk(two).responses.retrieve(made.id).output_text == DEFAULT_REPLY
+    sdk(two).responses.create(model="fake", input="Who am I?", previous_response_id=made.id)
+    assert upstream_body(fake)["messages"][0] == {"role": "user", "content": "My name is Ada."}
+    last = sdk(one).responses.create(model="fake", input="bye")
+    assert one.stop() == 0
+    assert sdk(two).responses.retrieve(last.id).id == last.id

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from keel.core.errors import BadRequest, KeelError, NotSupported
-from keel.core.http import HotEndpoint, JSONAnswer, StreamedResponse, hot_json_endpoint
+from keel.core.http import SEND_NOW, HotEndpoint, JSONAnswer, StreamedResponse, hot_json_endpoint
 from keel.core.logs import request_id_var
 from keel.gateway.ingress.responses_shape import as_chat_invalid
 from keel.gateway.pipeline import Call, Gateway
@@ -149,14 +149,35 @@ async def _complete(body: CompletionsBody, request: Request, p: Principal) -> Re
             first = None
         return StreamedResponse(_sse(call, created, stream, first), media_type="text/event-stream",
                                 headers={**answer_headers(call), "cache-control": "no-cache"})
+    if len(calls) == 1:  # the common case: the answer may leave before the path's bookkeeping, as for chat
+        return await _one(gw, calls[0], created, request.scope.get(SEND_NOW))
     results: list[ChatResult] = list(await asyncio.gather(*(gw.chat(c) for c in calls)))
     usage = Usage(sum(r.usage.prompt_tokens for r in results), sum(r.usage.completion_tokens for r in results))
-    out = {"id": _cmpl_id(rid), "object": "text_completion", "created": created, "model": body.model,
+    return _answer(calls[0], rid, created, results, usage)
+
+
+def _answer(call: Call, rid: str, created: int, results: list[ChatResult], usage: Usage) -> JSONAnswer:
+    out = {"id": _cmpl_id(rid), "object": "text_completion", "created": created, "model": call.alias,
            "system_fingerprint": None,
            "choices": [{"text": r.content or "", "index": i, "logprobs": None, "finish_reason": r.finish_reason}
                        for i, r in enumerate(results)],
            "usage": _usage(usage)}
-    return JSONAnswer(orjson.dumps(out), answer_headers(calls[0], usage))
+    return JSONAnswer(orjson.dumps(out), answer_headers(call, usage))
+
+
+async def _one(gw: Gateway, call: Call, created: int, send_now: Any) -> Response:
+    sent: list[Response] = []
+    if send_now is not None:
+        def answer(result: ChatResult) -> None:
+            sent.append(_answer(call, call.request_id, created, [result], result.usage))
+            send_now(sent[0])
+
+        call.answer = answer
+    try:
+        result = await gw.chat(call)
+    finally:
+        call.answer = None  # the closure refers to the call: no cycle left for the collector
+    return sent[0] if sent else _answer(call, call.request_id, created, [result], result.usage)
 
 
 def _chunk(call: Call, created: int, text: str, finish: str | None) -> bytes:

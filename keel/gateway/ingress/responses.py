@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 
 from keel.core.db import Store
 from keel.core.errors import KeelError
-from keel.core.http import HotEndpoint, JSONAnswer, StreamedResponse, hot_json_endpoint, json_response
+from keel.core.http import SEND_NOW, HotEndpoint, JSONAnswer, StreamedResponse, hot_json_endpoint, json_response
 from keel.core.ids import new_id
 from keel.core.logs import request_id_var
 from keel.gateway.ingress.response_store import ResponseStore
@@ -24,7 +24,7 @@ from keel.gateway.ingress.responses_shape import (
     response_json, to_messages,
 )
 from keel.gateway.pipeline import Call, Gateway
-from keel.gateway.protocol import ChatDelta, Usage
+from keel.gateway.protocol import ChatDelta, ChatResult, Usage
 from keel.gateway.routes import answer_headers, chat_request
 from keel.identity.auth import principal
 from keel.identity.principal import Principal
@@ -60,12 +60,27 @@ async def _create(body: ResponsesBody, request: Request, p: Principal) -> Respon
     gw: Gateway = request.app.state.gateway
     response_id, created = _response_id(rid), int(time.time())
     if not body.stream:
-        result = await gw.chat(call)
-        out = response_json(response_id, created, body, status="completed", output=output_items(response_id, result),
-                            usage=result.usage, finish_reason=result.finish_reason)
-        if out["store"]:
-            store.record(p, out, items)
-        return JSONAnswer(orjson.dumps(out), answer_headers(call))
+        def answered(result: ChatResult) -> Response:
+            out = response_json(response_id, created, body, status="completed",
+                                output=output_items(response_id, result), usage=result.usage,
+                                finish_reason=result.finish_reason)
+            if out["store"]:
+                store.record(p, out, items)
+            return JSONAnswer(orjson.dumps(out), answer_headers(call, result.usage))
+
+        send_now = request.scope.get(SEND_NOW)  # the answer may leave before the path's bookkeeping, as for chat
+        sent: list[Response] = []
+        if send_now is not None:
+            def answer(result: ChatResult) -> None:
+                sent.append(answered(result))
+                send_now(sent[0])
+
+            call.answer = answer
+        try:
+            result = await gw.chat(call)
+        finally:
+            call.answer = None  # the closure refers to the call: no cycle left for the collector
+        return sent[0] if sent else answered(result)
     stream = gw.chat_stream(call)
     try:
         first: ChatDelta | None = await stream.__anext__()  # errors before the first byte get a real status
