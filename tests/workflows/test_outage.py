@@ -1,7 +1,7 @@
 """Provider outages on the real server: a model step whose upstream says "not now" waits visibly
 (`waiting_provider`, with what it waits for and when it tries next), operators list and resume such runs
-within their team (API and `keel workflows waiting/resume`), a run gives up at `max_wait`, an http step waits out a 429's Retry-After, and a policy
-denial still fails the step at once."""
+within their team (API and `keel workflows waiting/resume`), a run gives up at `max_wait`, an http step
+waits out a 429's Retry-After, and a policy denial still fails the step at once."""
 
 from __future__ import annotations
 
