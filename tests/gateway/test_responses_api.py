@@ -111,6 +111,18 @@ def test_stream_sends_the_responses_events_in_order(srv, red):
     assert red.responses.retrieve(done.id).output_text == DEFAULT_REPLY, "a streamed response is stored too"
 
 
+def test_an_upstream_failure_mid_stream_ends_it_with_an_error_event(srv, red, fake):
+    fake.fail_next("error-event")
+    seen = []
+    with pytest.raises(openai.APIError) as failed:
+        for event in red.responses.create(model="fake", input="hello", stream=True):
+            seen.append(event.type)
+    assert seen[:2] == ["response.created", "response.in_progress"] and "response.completed" not in seen
+    assert "upstream" in str(failed.value.message) or "failed" in str(failed.value.message)
+    done = [e for e in (red.responses.create(model="fake", input="hello", stream=True)) if e.type == "response.completed"]
+    assert len(done) == 1, "the next stream is whole again"
+
+
 def test_stream_helper_accumulates_the_final_response(red):
     """The SDK's `responses.stream()` rebuilds the response from the events: they must fit together."""
     with red.responses.stream(model="fake", input="hello") as stream:
