@@ -228,6 +228,22 @@ TABLE = [
         target="grant", consumes=True),
     # -- observe (metrics: admin and auditor keys, whatever their team) -------------------------------
     Row("metrics", "GET", "/metrics", by_role({"admin", "auditor"})),
+    # usage reports: admins and auditors see every call, a builder its team's, a member or reviewer its own key's
+    Row("usage report", "GET", "/v1/usage?group_by=task&start=2000-01-01", grid("""
+        admin    seen seen   seen
+        builder  seen hidden hidden
+        member   seen hidden hidden
+        reviewer hidden hidden hidden
+        auditor  seen seen   seen"""), target="red_call"),
+    Row("usage bad group_by", "GET", "/v1/usage?group_by=colour", by_role(set(), no="400")),
+    # feedback: on a call the key may see in its usage report (else the 404 of an unknown id); auditors only read
+    Row("feedback", "POST", "/v1/feedback", grid("""
+        admin    201 201 201
+        builder  201 404 404
+        member   201 404 404
+        reviewer 404 404 404
+        auditor  403 403 403"""), body={"request_id": "{req}", "score": 1, "label": "{cell}"}, target="red_call"),
+    Row("feedback without a subject", "POST", "/v1/feedback", by_role(MODEL_USERS, yes="400"), body={"score": 1}),
     # -- deployments (admin endpoints) --------------------------------------------------------------
     Row("deployments list", "GET", "/admin/deployments", by_role({"admin"})),
     Row("deployment add", "POST", "/admin/deployments", by_role({"admin"}, yes="201"),
@@ -385,6 +401,18 @@ class World:
         assert r.status_code == 200, r.text
         return {"resp": r.json()["id"], "seen": r.json()["id"]}
 
+    def red_call(self) -> dict[str, Any]:
+        """A model call by red's member, in the ledger, with a task id of its own."""
+        task = f"authz-task-{time.monotonic_ns()}"
+        r = chat(self.srv, self.keys.keys[("member", "red")], "cloud", "hello", metadata={"task_id": task})
+        assert r.status_code == 200, r.text
+
+        def recorded() -> bool:
+            with self.srv.admin() as c:
+                return task in c.get("/v1/usage", params={"group_by": "task", "start": "2000-01-01"}).text
+        eventually(recorded, timeout=30)
+        return {"req": r.headers["x-request-id"], "seen": task}
+
     def grant(self) -> dict[str, Any]:
         self.glob_secret()
         with self.srv.admin() as c:
@@ -440,7 +468,7 @@ def test_authorization_matrix(world, row):
     if consumed:
         world.cache.pop(row.target, None)
     fields = {"run": "run_x", "approval": "apr_x", "review": "rev_x", "name": "x", "cell": "anon", "resp": "resp_x",
-              "cloud": world.cloud, **(world.cache.get(row.target) or {})}
+              "req": "req_x", "cloud": world.cloud, **(world.cache.get(row.target) or {})}
     with world.srv.client() as anonymous:
         r = _send(anonymous, row, _fmt(row.path, fields), _fmt(row.body, fields))
     if r.status_code != 401:

@@ -36,7 +36,7 @@ def parse(body: Any) -> tuple[str, str, dict[str, Any]]:
     """(subject kind, subject id, the judgement) from a request body, or a 400 naming the field."""
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object",
-                         fix='send {"request_id": "…", "score": 1, "label": "…", "comment": "…", "correction": "…"}')
+                         fix='send {"request_id": "…", "score": 1, "label": "…", "comment": "…"}')
     unknown = sorted(set(body) - _FIELDS)
     if unknown:
         raise BadRequest(f"unknown field {unknown[0][:60]!r}", fix=f"use only: {', '.join(sorted(_FIELDS))}")

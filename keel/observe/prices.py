@@ -15,7 +15,8 @@ Cached input tokens and batch requests are priced at the provider's own discount
 bills them. Rates are read once per model and kept as plain floats; a model whose price has tiers
 (e.g. a higher rate past 200k prompt tokens) is priced by the package for each call instead.
 
->>> round(PriceTable().cost(DeploymentConfig(alias="m", provider="openai_compatible", model="gpt-4o-mini"), 1000, 100), 6)
+>>> mini = DeploymentConfig(alias="m", provider="openai_compatible", model="gpt-4o-mini")
+>>> round(PriceTable().cost(mini, 1000, 100), 6)
 0.00021
 """
 

@@ -34,8 +34,8 @@ class Traffic:
         for team in ("red", "blue"):
             assert admin.post("/admin/teams", json={"name": team}).status_code in (201, 409)
         self.keys = {}
-        for name, role, team in (("red_a", "member", "red"), ("red_b", "member", "red"), ("red_builder", "builder", "red"),
-                                 ("blue", "member", "blue"), ("loner", "member", None), ("auditor", "auditor", None),
+        for name, role, team in (("red_a", "member", "red"), ("red_b", "member", "red"),
+                                 ("red_builder", "builder", "red"), ("blue", "member", "blue"), ("loner", "member", None), ("auditor", "auditor", None),
                                  ("red_auditor", "auditor", "red")):
             k = admin.post("/admin/keys", json={"role": role, "team": team, "name": name}).json()
             self.keys[name] = k
@@ -57,8 +57,8 @@ class Traffic:
                 self.request_ids[name].append(r.headers["x-request-id"])
                 n += 1
         httpx.post(upstream + "/_control", json={"fault": "500", "times": 1})
-        r = httpx.post(srv.url + "/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {self.keys['red_b']['key']}"},
-                       json={"model": "fake", "messages": [{"role": "user", "content": "boom"}]})
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=30,
+                       headers={"Authorization": f"Bearer {self.keys['red_b']['key']}"}, json={"model": "fake", "messages": [{"role": "user", "content": "boom"}]})
         assert r.status_code == 502, r.text
         self.rows = wait_ledger(srv.extra["db_url"], n=n + 1)
 
@@ -116,7 +116,8 @@ def test_report_equals_the_ledger_rows_grouped(traffic):
     assert rep["totals"]["cost"] == pytest.approx(sum(r.cost for r in rows))
 
     rep = traffic.srv.admin().get("/v1/usage", params={"group_by": "workflow,workflow_run,task_id"}).json()
-    wf = lambda r: ("lead_intake", "run_1", "run_1") if r.use_case == "workflow:lead_intake" else (None, None, r.task_id)  # noqa: E731
+    def wf(r):
+        return ("lead_intake", "run_1", "run_1") if r.use_case == "workflow:lead_intake" else (None, None, r.task_id)
     check(rep, ["workflow", "workflow_run", "task"], expected(rows, wf))
 
 
@@ -125,7 +126,8 @@ def test_filters_and_time_range(traffic):
     rows = ledger_rows(traffic.srv.extra["db_url"])
     red = next(r.team_id for r in rows if r.key_id == traffic.keys["red_a"]["id"])
     rep = admin.get("/v1/usage", params={"group_by": "key", "team": red, "use_case": "support"}).json()
-    check(rep, ["key"], expected([r for r in rows if r.team_id == red and r.use_case == "support"], lambda r: (r.key_id,)))
+    support = [r for r in rows if r.team_id == red and r.use_case == "support"]
+    check(rep, ["key"], expected(support, lambda r: (r.key_id,)))
     future = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
     rep = admin.get("/v1/usage", params={"start": future, "end": future + "T12:00:00Z"}).json()
     assert rep["data"] == [] and rep["totals"]["requests"] == 0
