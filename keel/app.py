@@ -157,7 +157,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Built:
     asgi = RequestContext(app, max_body_bytes=settings.max_body_bytes, log_requests=settings.log_requests,
                           hot=app.state.hot_routes)
     if app.state.observe.tracing.enabled:  # outermost: the server span covers everything, hot endpoints too
-        asgi = TraceRequests(asgi, app.state.observe.tracer)  # type: ignore[assignment]
+        asgi = TraceRequests(asgi, app.state.observe.tracer, app.state.observe.tracing.stages)  # type: ignore[assignment]
     return Built(app=app, asgi=asgi, bootstrap_key=bootstrap_key)
 
 

@@ -109,6 +109,9 @@ class Settings(BaseModel):
     trace_exporter: Literal["none", "otlp", "jsonl", "console"] = Field(
         default="none", description="where spans go: `otlp` (configured by the standard OTEL_EXPORTER_OTLP_* "
                                     "variables), `jsonl` (traces.jsonl in data_dir), `console`; none makes no spans")
+    trace_detail: Literal["stages", "calls"] = Field(
+        default="stages", description="`stages`: every stage, guard scan and key check is a span too; `calls`: "
+                                      "the request, the model call, each provider attempt, retrieval, workflow steps")
     trace_queue_size: int = Field(default=2048, ge=1, le=1_000_000, description="finished spans that may wait for "
                                   "export; more are dropped and counted, never waited for")
     metrics_bind: str | None = Field(default=None, description="`host:port` serving GET /metrics without a key on a "

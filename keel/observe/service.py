@@ -46,7 +46,8 @@ class Observe:
 
 
 def build(settings: Settings, store: Store) -> Observe:
-    tracing = make_tracing(settings.trace_exporter, settings.data_dir, settings.trace_queue_size)
+    tracing = make_tracing(settings.trace_exporter, settings.data_dir, settings.trace_queue_size,
+                           settings.trace_detail)
     metrics = Metrics()
     metrics.watch_spans(tracing.stats)
     ledger = Ledger(store, settings.ledger_flush_interval_s, settings.ledger_batch_size,

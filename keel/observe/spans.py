@@ -29,9 +29,10 @@ class TraceRequests:
     """Pure ASGI middleware, outermost: one server span per HTTP request, the child of the caller's
     W3C `traceparent` when it sent one (a malformed one is ignored, and a new trace starts)."""
 
-    def __init__(self, app: ASGIApp, tracer: trace.Tracer) -> None:
+    def __init__(self, app: ASGIApp, tracer: trace.Tracer, stages: bool = True) -> None:
         self.app = app
         self.tracer = tracer
+        self.stages = stages  # stage, guard and auth spans inside (`trace_detail: stages`)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,7 +59,7 @@ class TraceRequests:
             await send(message)
 
         try:
-            with activate(s, self.tracer):
+            with activate(s, self.tracer, self.stages):
                 await self.app(scope, receive, traced_send)
         except BaseException as exc:
             fail(s, exc)
@@ -83,7 +84,7 @@ class TracedAuthenticator:
         self.inner = inner
 
     async def authenticate(self, key: str) -> Any:
-        with span("auth") as s:
+        with span("auth", stage=True) as s:
             p = await self.inner.authenticate(key)
             if s is not None:
                 s.set_attribute("keel.key_id", p.key_id)
@@ -118,7 +119,7 @@ def traced_step(name: str, nxt: Callable[[Any], Awaitable[Any]]) -> Callable[[An
     """`nxt` (a stage with everything after it) inside a span `name`."""
 
     async def run(call: Any) -> Any:
-        with span(name):
+        with span(name, stage=True):
             return await nxt(call)
 
     return run
@@ -170,7 +171,7 @@ class TracedGuard:
         self.name = inner.name
 
     def scan(self, text: str) -> Any:
-        with span(f"guard {self.name}", {"keel.guard": self.name}) as s:
+        with span(f"guard {self.name}", {"keel.guard": self.name}, stage=True) as s:
             findings = self.inner.scan(text)
             if s is not None:
                 s.set_attribute("keel.guard.findings", len(findings))

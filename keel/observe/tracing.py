@@ -3,7 +3,10 @@
 Where spans go is the `trace_exporter` setting: `none` (default: no spans are made at all), `otlp` (the
 company's collector, configured by the standard `OTEL_EXPORTER_OTLP_*` variables, HTTP/protobuf or gRPC),
 `jsonl` (a file in the data dir, handy offline) or `console`. `OTEL_SERVICE_NAME` and
-`OTEL_RESOURCE_ATTRIBUTES` name the service (default `keel`).
+`OTEL_RESOURCE_ATTRIBUTES` name the service (default `keel`); `OTEL_TRACES_SAMPLER` (and `_ARG`) choose
+which traces are kept (default `parentbased_always_on`: every request, and a caller's sampling decision
+is followed). `trace_detail` is `stages` (every stage, guard scan and key check a span: about a dozen per
+chat call) or `calls` (the request, the gateway call, each provider attempt, retrieval, workflow steps).
 
 Spans leave through a `BatchSpanProcessor` behind a bounded gate (`Gate`): export runs on the processor's
 own thread, so a slow or dead collector never blocks or fails a request; spans over the bound are dropped
@@ -32,13 +35,14 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor, ConsoleSpanExporter, SpanExporter, SpanExportResult,
 )
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from keel import __version__
 from keel.core.errors import ConfigError
 
 _TRACER = otel_context.create_key("keel.tracer")  # the context value that says "this request is traced"
+_FINE = otel_context.create_key("keel.trace_stages")  # set: stage, guard and auth spans too (`trace_detail`)
 PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent / tracestate
 CONTENT_MAX = 16_384  # characters of prompt or completion text one span attribute may hold
 
@@ -177,6 +181,7 @@ class Tracing:
     tracer: trace.Tracer
     provider: TracerProvider
     stats: SpanStats
+    stages: bool = True  # `trace_detail: stages`
 
     @property
     def enabled(self) -> bool:
@@ -194,7 +199,8 @@ class Tracing:
             return
         with self.tracer.start_as_current_span(name, context=otel_context.Context(), attributes=attributes,
                                                record_exception=False, set_status_on_exception=False) as s:
-            token = otel_context.attach(otel_context.set_value(_TRACER, self.tracer))
+            token = otel_context.attach(otel_context.set_value(_FINE, self.stages or None,
+                                                               otel_context.set_value(_TRACER, self.tracer)))
             try:
                 yield s
             except BaseException as exc:
@@ -204,13 +210,13 @@ class Tracing:
                 otel_context.detach(token)
 
 
-def make_tracing(exporter: str, data_dir: Path, queue_size: int = 2048) -> Tracing:
+def make_tracing(exporter: str, data_dir: Path, queue_size: int = 2048, detail: str = "stages") -> Tracing:
     """Tracing for the `trace_exporter` setting; with nowhere to send spans, a NoOpTracer, which the
-    gateway takes as "make no spans"."""
+    gateway takes as "make no spans". The sampler is the SDK's, from `OTEL_TRACES_SAMPLER`."""
     stats = SpanStats()
-    provider = TracerProvider(resource=resource(), sampler=ALWAYS_OFF if exporter == "none" else ALWAYS_ON)
     if exporter == "none":
-        return Tracing(trace.NoOpTracer(), provider, stats)
+        return Tracing(trace.NoOpTracer(), TracerProvider(resource=resource(), sampler=ALWAYS_OFF), stats)
+    provider = TracerProvider(resource=resource())
     if exporter == "jsonl":
         provider.add_span_processor(Gate(JSONLSpanExporter(data_dir / "traces.jsonl"), queue_size, stats,
                                          schedule_delay_millis=200))
@@ -220,7 +226,7 @@ def make_tracing(exporter: str, data_dir: Path, queue_size: int = 2048) -> Traci
         provider.add_span_processor(Gate(otlp_exporter(), queue_size, stats))
     else:
         raise ConfigError(f"trace exporter {exporter!r} is unknown", fix="use none, otlp, jsonl or console")
-    return Tracing(provider.get_tracer("keel", __version__), provider, stats)
+    return Tracing(provider.get_tracer("keel", __version__), provider, stats, stages=detail == "stages")
 
 
 def make_tracer(exporter: str, data_dir: Path) -> tuple[trace.Tracer, TracerProvider]:
@@ -247,20 +253,29 @@ def _child(tracer: trace.Tracer, name: str, attributes: dict[str, Any] | None,
             raise
 
 
-def span(name: str, attributes: dict[str, Any] | None = None,
-         kind: trace.SpanKind = trace.SpanKind.INTERNAL) -> contextlib.AbstractContextManager[trace.Span | None]:
-    """A child span of the current one, current inside the block; outside a traced request, nothing
-    (`None`). An exception leaving the block marks the span as failed with the error's code."""
+_NOTHING: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
+def span(name: str, attributes: dict[str, Any] | None = None, kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+         stage: bool = False) -> contextlib.AbstractContextManager[trace.Span | None]:
+    """A child span of the current one, current inside the block; nothing (`None`) outside a traced request,
+    under a span that is not recorded (sampled out), or for a `stage` span when `trace_detail` is `calls`.
+    An exception leaving the block marks the span as failed with the error's code."""
     tracer = otel_context.get_value(_TRACER)
-    if tracer is None:
-        return contextlib.nullcontext()
+    if tracer is None or (stage and otel_context.get_value(_FINE) is None) \
+            or not trace.get_current_span().is_recording():
+        return _NOTHING
     return _child(tracer, name, attributes, kind)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
-def activate(s: trace.Span, tracer: trace.Tracer) -> Iterator[None]:
-    """Make `s` the current span (and the tracer reachable by `span()`) while the block runs."""
-    token = otel_context.attach(otel_context.set_value(_TRACER, tracer, trace.set_span_in_context(s)))
+def activate(s: trace.Span, tracer: trace.Tracer, stages: bool | None = None) -> Iterator[None]:
+    """Make `s` the current span (and the tracer reachable by `span()`) while the block runs; `stages` sets
+    whether stage spans are made inside (None: as the enclosing request or run says)."""
+    ctx = otel_context.set_value(_TRACER, tracer, trace.set_span_in_context(s))
+    if stages is not None:
+        ctx = otel_context.set_value(_FINE, stages or None, ctx)
+    token = otel_context.attach(ctx)
     try:
         yield
     finally:

@@ -155,19 +155,25 @@ def test_one_trace_per_request_with_the_span_tree_genai_attributes_and_redacted_
         receiver.stop()
 
 
-def test_content_is_never_recorded_under_the_default_policy(server_factory, tmp_path, upstream):
-    """The built-in policy records no prompt or completion text; ids, models and counts only."""
+def test_default_policy_records_no_content_and_detail_and_sampler_are_honoured(server_factory, tmp_path, upstream):
+    """The built-in policy records no prompt or completion text. `trace_detail: calls` keeps the request,
+    the call and the provider attempt; OTEL_TRACES_SAMPLER (ratio 0, parent-based) drops Keel's own traces
+    but follows a caller that sampled."""
     receiver = HttpReceiver().start()
     try:
         cfg, _ = config(tmp_path, upstream.url)
-        srv = server_factory(config=cfg, KEEL_TRACE_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
-                             OTEL_BSP_SCHEDULE_DELAY="50")
+        srv = server_factory(config=cfg, KEEL_TRACE_EXPORTER="otlp", KEEL_TRACE_DETAIL="calls",
+                             OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_BSP_SCHEDULE_DELAY="50",
+                             OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG="0")
+        assert chat(srv, "not sampled").status_code == 200
         trace_id = secrets.token_hex(16)
         r = chat(srv, "the launch code is tangerine", headers={"traceparent": f"00-{trace_id}-{CALLER_SPAN}-01"})
         assert r.status_code == 200, r.text
-        spans = spans_of(receiver, trace_id, 8)
+        spans = spans_of(receiver, trace_id, 3)
+        assert sorted(s["name"] for s in spans) == ["POST /v1/chat/completions", "chat cloud", "chat gpt-cloud"]
         assert "tangerine" not in str(spans) and "ops@example.com" not in str(spans)
-        assert any(s["name"] == "chat gpt-cloud" for s in spans)
+        with receiver.lock:
+            assert {s["trace_id"] for s in receiver.spans} == {trace_id}  # the unsampled request made none
     finally:
         receiver.stop()
 
