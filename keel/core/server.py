@@ -9,6 +9,7 @@ its public API: it parses requests, bounds their heads while they arrive (431) a
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -43,6 +44,12 @@ def log_sources(settings: Settings, sources: dict[str, str]) -> None:
 # SQLAlchemy) holds it: CPython's default is 5 ms; requests that met a flush set the added p99 (bench/gateway.py).
 GIL_SWITCH_INTERVAL_S = 0.0005
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# The garbage collector while serving: what startup built (modules, the app, its services, ~10^6 objects) is
+# frozen out of every later collection, and the young generation is collected after 7,000 net allocations
+# instead of 700, so the objects of requests still in flight are not promoted to be rescanned by full
+# collections. Requests make almost no cyclic garbage (0.04 objects each, measured with gc.DEBUG_SAVEALL);
+# full collections over the startup objects had cost ~1 ms per request (bench/README.md).
+GC_YOUNG_THRESHOLD = 7000
 # granian's own log lines go through Keel's handlers (configure_logging), its errors only.
 GRANIAN_LOGS = {"version": 1, "disable_existing_loggers": False,
                 "loggers": {"_granian": {"handlers": [], "propagate": True}}}
@@ -78,8 +85,10 @@ async def serve(app: Any, settings: Settings, on_ready: Callable[[str], None] | 
     if stop is not None:
         watchers.append(asyncio.ensure_future(stop.wait()))
     await asyncio.wait([task, watchers[0]], return_when=asyncio.FIRST_COMPLETED)
-    if started.is_set() and on_ready is not None:
-        on_ready(f"http://{settings.host}:{port}")
+    if started.is_set():
+        settle_heap()
+        if on_ready is not None:
+            on_ready(f"http://{settings.host}:{port}")
     if stop is not None:
         await asyncio.wait([task, watchers[1]], return_when=asyncio.FIRST_COMPLETED)
         server.stop()
@@ -92,6 +101,14 @@ async def serve(app: Any, settings: Settings, on_ready: Callable[[str], None] | 
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
     return started.is_set()
+
+
+def settle_heap() -> None:
+    """Once the app has started: collect what startup left, freeze the rest out of later collections."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def run(app: Any, settings: Settings, on_ready: Callable[[str], None] | None = None) -> None:
