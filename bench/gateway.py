@@ -4,7 +4,10 @@ One run, one machine, one upstream (a fast loopback OpenAI-compatible fake with 
 Load comes from `wrk` (C, so the load generator costs little CPU next to the servers). Added latency
 at concurrency 1 is measured in rounds, each server round right after a round straight to the upstream,
 and reported as the median over rounds of the difference (see `c1_rounds`).
-Prints ONE JSON line: {"direct": {...}, "minimal": {...}, "keel": {...}, "litellm": {...}, "ratios": {...}}.
+Keel's Responses (`/v1/responses`) and Messages (`/v1/messages`) shapes are measured on the same Keel server
+against its chat completions (`keel_shapes`, interleaved; `--no-shapes` skips them).
+Prints ONE JSON line: {"direct": {...}, "minimal": {...}, "keel": {...}, "keel_shapes": {...}, "litellm": {...},
+"ratios": {...}}.
 
     .venv/bin/python bench/gateway.py [--duration 10] [--no-litellm]
 
@@ -34,6 +37,13 @@ PY = sys.executable
 LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
 ADMIN = "sk-keel-benchbench000_" + "b" * 40
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "Say hello in five words."}], "max_tokens": 16}
+# Keel's other API shapes, the same question (measured on the Keel server against its chat completions)
+SHAPES = {
+    "chat": ("/v1/chat/completions", BODY),
+    "responses": ("/v1/responses", {"model": "bench", "input": "Say hello in five words.", "max_output_tokens": 16}),
+    "messages": ("/v1/messages", {"model": "bench", "max_tokens": 16,
+                                  "messages": [{"role": "user", "content": "Say hello in five words."}]}),
+}
 
 
 def free_port() -> int:
@@ -152,6 +162,36 @@ def measure(name: str, url: str, token: str, duration: float, tmp: Path, pid: in
     return out
 
 
+def shapes(url: str, token: str, duration: float, tmp: Path, pid: int) -> dict:
+    """Throughput at c=50 of each API shape on one Keel server, plain and streamed, in the order
+    chat, responses, messages, messages, responses, chat (each shape's two runs averaged, so a drift of the
+    machine over the run falls on every shape alike); ratios against chat completions."""
+    runs: dict[str, dict[str, list[float]]] = {}
+    order = [*SHAPES, *reversed(SHAPES)]
+    for stream in (False, True):
+        key = "stream" if stream else "plain"
+        for name in order:
+            path, body = SHAPES[name]
+            body = {**body, "stream": stream}
+            if name not in runs or key not in runs[name]:
+                wrk(url + path, token, body, 10, 1, tmp)  # warm-up
+            before = cpu_s(pid)
+            r = wrk(url + path, token, body, 50, duration, tmp)
+            if r["errors"]:
+                print(f"# keel {name} ({key}): {r['errors']} errors", file=sys.stderr)
+            cpu = (cpu_s(pid) - before) / max(r["rps"] * max(1, int(duration)), 1) * 1e6
+            runs.setdefault(name, {}).setdefault(key, []).append(r["rps"])
+            runs[name].setdefault(key + "_cpu", []).append(cpu)
+    out = {name: {"rps_c50": round(statistics.mean(r["plain"]), 1), "stream_rps_c50": round(statistics.mean(r["stream"]), 1),
+                  "cpu_us_per_req": round(statistics.mean(r["plain_cpu"]), 1)} for name, r in runs.items()}
+    for name in SHAPES:
+        if name != "chat":
+            out[name]["vs_chat_rps_c50"] = round(out[name]["rps_c50"] / out["chat"]["rps_c50"], 3)
+            out[name]["vs_chat_stream_rps_c50"] = round(out[name]["stream_rps_c50"] / out["chat"]["stream_rps_c50"], 3)
+    print(f"# keel shapes: {json.dumps(out)}", file=sys.stderr)
+    return out
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -212,6 +252,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--latency-ms", type=float, default=20)
     ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument("--no-shapes", action="store_true", help="skip the Responses and Messages columns")
     ap.add_argument("--only", default="", help="comma list of servers to measure (direct is always run)")
     ap.add_argument("--rounds", type=int, default=4, help="concurrency-1 rounds of 2 s per server and mode")
     ap.add_argument("--ab", default="", help="NAME=A,B: an A/B of Keel under two values of the environment variable "
@@ -251,6 +292,8 @@ def main() -> None:
         elif "keel" in wanted:
             proc, url, key = start_keel(tmp, up)
             results["keel"] = measure("keel", url + "/v1/chat/completions", key, args.duration, tmp, proc.pid, **run)
+            if not args.no_shapes:
+                results["keel_shapes"] = shapes(url, key, args.duration / 2, tmp, proc.pid)
             stop(proc)
         if "litellm" in wanted and not args.no_litellm and LITELLM.exists():
             proc, url = start_litellm(tmp, up)
@@ -276,6 +319,10 @@ def main() -> None:
     if "keel" in results and "litellm" in results:
         k = results["keel"]
         ratios["keel_vs_litellm_rps_c50"] = round(k["rps_c50"] / max(results["litellm"]["rps_c50"], 0.1), 2)
+    for name, shape in results.get("keel_shapes", {}).items():
+        if name != "chat":
+            ratios[f"keel_{name}_vs_chat_rps_c50"] = shape["vs_chat_rps_c50"]
+            ratios[f"keel_{name}_vs_chat_stream_rps_c50"] = shape["vs_chat_stream_rps_c50"]
     results["ratios"] = ratios
     print(json.dumps(results))
 
