@@ -107,6 +107,7 @@ class Events:
         self.text_index = 0
         self.calls: dict[int, dict[str, Any]] = {}  # open function_call items by the delta's tool call index
         self.finish: str | None = None
+        self._delta_head: bytes | None = None
 
     def emit(self, kind: str, **fields: Any) -> None:
         fields["type"], fields["sequence_number"] = kind, self.seq
@@ -129,6 +130,15 @@ class Events:
                   item=message_item(f"msg_{self.suffix}", "", status="in_progress"))
         self.emit("response.content_part.added", item_id=f"msg_{self.suffix}", output_index=self.text_index,
                   content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+
+    def _text_delta(self, text: str) -> None:
+        """`response.output_text.delta`, the one event per token: its fixed part is serialised once per stream."""
+        if self._delta_head is None:
+            fixed = orjson.dumps({"type": "response.output_text.delta", "item_id": f"msg_{self.suffix}",
+                                  "output_index": self.text_index, "content_index": 0, "logprobs": []})
+            self._delta_head = b"event: response.output_text.delta\ndata: " + fixed[:-1] + b',"sequence_number":'
+        self.out.append(b"%s%d,\"delta\":%s}\n\n" % (self._delta_head, self.seq, orjson.dumps(text)))
+        self.seq += 1
 
     def _close_text(self) -> None:
         if self.text is None:
@@ -179,8 +189,7 @@ class Events:
                 self._open_text()
             assert self.text is not None
             self.text.append(d.content)
-            self.emit("response.output_text.delta", item_id=f"msg_{self.suffix}", output_index=self.text_index,
-                      content_index=0, delta=d.content, logprobs=[])
+            self._text_delta(d.content)
         for tc in d.tool_calls or ():
             self._tool_delta(tc)
         if d.finish_reason:
