@@ -86,6 +86,7 @@ class ProviderContext:
     data_dir: str = ".keel"
     threads: int = 0
     outbound: Outbound = Outbound()  # CA bundle, client certificate and proxies for HTTP upstreams
+    get_header_secret: Callable[[str], str] | None = None  # a global secret that serves `http_header`
 
 
 @runtime_checkable

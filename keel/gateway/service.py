@@ -33,7 +33,8 @@ def deployments(settings: Settings, store: Store, vault: Vault, outbound: Outbou
     # Default to half the cores, leaving the rest to the event loop and embeddings.
     threads = settings.local_threads or max(1, (os.cpu_count() or 2) // 2)
     ctx = ProviderContext(get_secret=vault.get, data_dir=str(settings.data_dir), threads=threads,
-                          outbound=outbound or Outbound.from_settings(settings))
+                          outbound=outbound or Outbound.from_settings(settings),
+                          get_header_secret=lambda name: vault.resolve(name, None, "http_header"))
     return Deployments(store, settings, ctx)
 
 

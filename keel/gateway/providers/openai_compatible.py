@@ -131,6 +131,7 @@ class HTTPProvider:
         self._proxy: tuple[URL | None, aiohttp.BasicAuth | None] = (None, None)
         self._headers: dict[str, str] | None = None
         self._secret: str | None = None
+        self._hidden: tuple[str, ...] = ()  # header secrets' values, scrubbed from errors like the credential
         self._urls: dict[str, URL] = {}
 
     def auth_headers(self, secret: str | None) -> dict[str, str]:
@@ -155,7 +156,7 @@ class HTTPProvider:
     def _request_headers(self) -> dict[str, str]:
         if self._headers is None:
             self._secret = self._read_secret()
-            extra = self.config.options.get("headers") or {}
+            extra = {**(self.config.options.get("headers") or {}), **self._secret_headers()}
             headers = {"Content-Type": "application/json", "User-Agent": f"keel/{__version__}", **extra,
                        **self.auth_headers(self._secret)}
             try:
@@ -165,6 +166,30 @@ class HTTPProvider:
                                   "and credential", deployment=self.deployment) from None
             self._headers = headers
         return self._headers
+
+    def _secret_headers(self) -> dict[str, str]:
+        """`options.secret_headers` ({header: vault secret name}) with their values: global secrets that serve
+        `http_header`, read like the credential; their values are scrubbed from every error like it."""
+        named = self.config.options.get("secret_headers") or {}
+        if not isinstance(named, dict) or not all(isinstance(v, str) and v for v in named.values()):
+            raise ConfigError(f"deployment {self.deployment}: options.secret_headers must map header names to "
+                              "vault secret names", fix="write secret_headers: {X-Header: secret-name}",
+                              deployment=self.deployment)
+        if named and self.ctx.get_header_secret is None:
+            raise ConfigError(f"deployment {self.deployment}: this Keel has no vault for secret_headers",
+                              fix="remove options.secret_headers", deployment=self.deployment)
+        values = {}
+        for header, name in named.items():
+            try:
+                values[header] = self.ctx.get_header_secret(name)  # type: ignore[misc]
+            except KeelError:
+                raise
+            except Exception as exc:  # a foreign vault error becomes a config error, without its text
+                raise ConfigError(f"header secret {name!r} of deployment {self.deployment} could not be read "
+                                  f"({type(exc).__name__})", fix=f"store it: keel secrets set {name} --use "
+                                  "http_header", deployment=self.deployment) from None
+        self._hidden = tuple(v for v in values.values() if v)
+        return values
 
     def _read_secret(self) -> str | None:
         name = self.config.credential
@@ -181,8 +206,9 @@ class HTTPProvider:
 
     def _fail(self, status: int | None, message: str, *, timeout: bool = False,
               retry_after: float | None = None) -> KeelError:
-        if self._secret:
-            message = message.replace(self._secret, "***")
+        for hidden in (self._secret, *self._hidden):
+            if hidden:
+                message = message.replace(hidden, "***")
         return upstream_error(status, message, self.deployment, timeout=timeout, retry_after=retry_after)
 
     def _malformed(self, what: str) -> KeelError:
@@ -287,6 +313,11 @@ class OpenAICompatibleProvider(HTTPProvider):
     can_embed: ClassVar[bool] = True
     default_base_url: ClassVar[str] = "https://api.openai.com/v1"
 
+    def __init__(self, config: DeploymentConfig, ctx: ProviderContext) -> None:
+        super().__init__(config, ctx)
+        self.chat_url = f"{self.base_url}/chat/completions"  # a kind with other paths (Azure) sets its own
+        self.embed_url = f"{self.base_url}/embeddings"
+
     def auth_headers(self, secret: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {secret}"} if secret else {}
 
@@ -309,7 +340,7 @@ class OpenAICompatibleProvider(HTTPProvider):
         return body
 
     async def chat(self, req: ChatRequest) -> ChatResult:
-        data = await self._post_json(f"{self.base_url}/chat/completions", self._body(req, False))
+        data = await self._post_json(self.chat_url, self._body(req, False))
         try:
             if isinstance(data, dict) and data.get("error"):
                 raise self._fail(None, message_of(data))
@@ -331,7 +362,7 @@ class OpenAICompatibleProvider(HTTPProvider):
 
     async def _stream(self, body: dict[str, Any]) -> AsyncIterator[ChatDelta]:
         finished = done = False
-        async with self._open_stream(f"{self.base_url}/chat/completions", body) as batches:
+        async with self._open_stream(self.chat_url, body) as batches:
             async for batch in batches:
                 deltas, error = [], None
                 for data in batch:
@@ -374,7 +405,7 @@ class OpenAICompatibleProvider(HTTPProvider):
         return None
 
     async def embed(self, texts: list[str]) -> EmbedResult:
-        data = await self._post_json(f"{self.base_url}/embeddings", {"model": self.config.model, "input": texts})
+        data = await self._post_json(self.embed_url, {"model": self.config.model, "input": texts})
         try:
             items = sorted(data["data"], key=lambda item: item.get("index", 0))
             vectors = [item["embedding"] for item in items]

@@ -1,0 +1,67 @@
+"""Azure OpenAI: the OpenAI wire format at `{endpoint}/openai/deployments/{deployment}/chat/completions
+?api-version=…`, authenticated with an `api-key` header or a Microsoft Entra bearer token, both from the vault.
+
+Options: `azure_deployment` (default: the deployment's `model`), `api_version` (default `API_VERSION`),
+`auth` (`api_key`, the default, or `entra`), `token_refresh_s` (Entra tokens expire: the vault is read again
+this often, default 300 s, so whoever rotates the token there is picked up without a restart).
+
+>>> p = AzureOpenAIProvider(DeploymentConfig(alias="gpt", provider="azure_openai", model="gpt-4o-prod",
+...     base_url="https://corp.openai.azure.com", credential="azure-key"), ProviderContext(get_secret=vault.get))
+"""
+
+from __future__ import annotations
+
+import time
+from typing import ClassVar
+from urllib.parse import quote, urlencode
+
+from keel.core.errors import ConfigError
+from keel.core.settings import DeploymentConfig
+from keel.gateway.protocol import ProviderContext
+from keel.gateway.providers.openai_compatible import OpenAICompatibleProvider
+
+API_VERSION = "2024-10-21"  # the GA data-plane version with tools, JSON schema and stream usage
+AUTH_MODES = ("api_key", "entra")
+
+
+class AzureOpenAIProvider(OpenAICompatibleProvider):
+    """Azure OpenAI's deployment-scoped chat completions and embeddings; OpenAI shapes in and out."""
+
+    name: ClassVar[str] = "azure_openai"
+    default_base_url: ClassVar[str] = ""
+
+    def __init__(self, config: DeploymentConfig, ctx: ProviderContext) -> None:
+        super().__init__(config, ctx)
+        options = config.options
+        where = f"deployment {self.deployment}"
+        if not self.base_url:
+            raise ConfigError(f"{where}: azure_openai needs base_url, the resource's endpoint",
+                              fix="set base_url: https://<resource>.openai.azure.com", deployment=self.deployment)
+        self.auth = options.get("auth", "api_key")
+        if self.auth not in AUTH_MODES:
+            raise ConfigError(f"{where}: options.auth must be one of {', '.join(AUTH_MODES)}",
+                              fix="use auth: api_key (an api-key header) or auth: entra (a bearer token)",
+                              deployment=self.deployment)
+        azure_deployment = options.get("azure_deployment") or config.model
+        if not isinstance(azure_deployment, str) or not azure_deployment:
+            raise ConfigError(f"{where}: azure_openai needs the Azure deployment name",
+                              fix="set model (or options.azure_deployment) to the name of the Azure deployment",
+                              deployment=self.deployment)
+        query = urlencode({"api-version": str(options.get("api_version") or API_VERSION)})
+        root = f"{self.base_url.removesuffix('/openai')}/openai/deployments/{quote(azure_deployment, safe='')}"
+        self.chat_url = f"{root}/chat/completions?{query}"
+        self.embed_url = f"{root}/embeddings?{query}"
+        self.refresh_s = float(options.get("token_refresh_s", 300)) if self.auth == "entra" else 0.0
+        self._read_at = 0.0
+
+    def auth_headers(self, secret: str | None) -> dict[str, str]:
+        if not secret:
+            return {}
+        return {"Authorization": f"Bearer {secret}"} if self.auth == "entra" else {"api-key": secret}
+
+    def _request_headers(self) -> dict[str, str]:
+        if self.refresh_s:
+            now = time.monotonic()
+            if now - self._read_at >= self.refresh_s:
+                self._headers, self._read_at = None, now  # read the token from the vault again
+        return super()._request_headers()
