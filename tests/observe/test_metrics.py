@@ -4,6 +4,7 @@ served to admin and auditor keys, or without a key on the `metrics_bind` listene
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Any
 
@@ -31,8 +32,11 @@ models:
   - {{alias: cloud, provider: openai_compatible, model: gpt-cloud, id: cloud/remote, base_url: {upstream},
       input_price_per_1m: 3.0, output_price_per_1m: 7.0}}
   - {{alias: broken, provider: openai_compatible, model: "fault:500", id: broken/remote, base_url: {upstream}}}
+  - {{alias: cached, provider: openai_compatible, model: gpt-cloud, id: cached/remote, base_url: {upstream},
+      input_price_per_1m: 3.0, output_price_per_1m: 7.0}}
 aliases:
   broken: {{retries: 0, circuit_failures: 2}}
+  cached: {{cache: {{mode: exact}}}}
 ledger_flush_interval_s: 0.05
 """)
     return path
@@ -53,7 +57,9 @@ def chat(srv, key: str, model: str = "cloud", **body: Any) -> httpx.Response:
 
 def test_metrics_match_the_ledger(server_factory, tmp_path, upstream, db_url):
     """Guards /metrics against drifting from the ledger: every counter is a sum over the same rows."""
-    srv = server_factory(config=config(tmp_path, upstream.url))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("name: p\nguards:\n  input: {pii: redact}\n")
+    srv = server_factory(config=config(tmp_path, upstream.url), KEEL_POLICY_FILE=str(policy))
     admin = srv.admin()
     assert admin.post("/admin/teams", json={"name": "red"}).status_code == 201
     red = admin.post("/admin/keys", json={"role": "member", "team": "red", "name": "m"}).json()
@@ -67,8 +73,14 @@ def test_metrics_match_the_ledger(server_factory, tmp_path, upstream, db_url):
     assert chat(srv, red["key"], model="nope").status_code == 404
     codes = [chat(srv, solo["key"]).status_code for _ in range(3)]
     assert codes == [200, 200, 429]
-    rows = wait_ledger(db_url, n=9)
-    assert len(rows) == 9
+    for _ in range(3):
+        assert chat(srv, red["key"], model="cached", temperature=0).status_code == 200
+    pii = httpx.post(srv.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {red['key']}"},
+                     json={"model": "cloud", "messages": [{"role": "user", "content": "mail ann@example.com"}]})
+    assert pii.status_code == 200
+    rows = wait_ledger(db_url, n=13)
+    assert len(rows) == 13
+    assert total(samples(admin.get("/metrics").text), "keel_requests_total") == len(rows)
 
     ss = samples(admin.get("/metrics").text)
     assert total(ss, "keel_requests_total") == len(rows)
@@ -92,6 +104,12 @@ def test_metrics_match_the_ledger(server_factory, tmp_path, upstream, db_url):
     assert total(ss, "keel_request_duration_seconds_count") == len(rows)
     assert total(ss, "keel_request_duration_seconds_sum") == pytest.approx(sum(r.latency_ms for r in rows) / 1000)
     assert total(ss, "keel_time_to_first_token_seconds_count") == sum(r.ttft_ms is not None for r in rows) == 1
+    hits = [r for r in rows if r.cache_hit]
+    assert total(ss, "keel_cache_hits_total", alias="cached") == len(hits) == 2
+    assert total(ss, "keel_cache_saved_dollars_total") == pytest.approx(sum(r.saved_cost for r in hits))
+    metas = [json.loads(r.meta) if isinstance(r.meta, str) else (r.meta or {}) for r in rows]
+    findings = sum((m or {}).get("keel_guards", {}).get("pii.email", 0) for m in metas)
+    assert total(ss, "keel_guard_findings_total", guard="pii", type="email") == findings == 1
 
     # State read when scraped: the failing deployment's breaker, and every queue (empty here).
     assert total(ss, "keel_circuit_consecutive_failures", deployment="broken/remote") == 1
