@@ -18,6 +18,13 @@ _BUILTINS = {
     "local_embed": "keel.gateway.providers.local_embed:LocalEmbedProvider",
     "openai_compatible": "keel.gateway.providers.openai_compatible:OpenAICompatibleProvider",
     "anthropic": "keel.gateway.providers.anthropic:AnthropicProvider",
+    "local_rerank": "keel.gateway.providers.local_rerank:LocalRerankProvider",
+    "rerank_api": "keel.gateway.providers.rerank_api:RerankAPIProvider",
+    "azure_openai": "keel.gateway.providers.azure_openai:AzureOpenAIProvider",
+    "gemini": "keel.gateway.providers.gemini:GeminiProvider",
+    "bedrock": "keel.gateway.providers.bedrock:BedrockProvider",
+    **{name: f"keel.gateway.providers.presets:{name.upper()}" for name in (
+        "vllm", "ollama", "tgi", "mistral", "groq", "together", "fireworks", "deepseek", "openrouter")},
 }
 _loaded_entry_points = False
 
