@@ -198,7 +198,9 @@ def test_retrieve_and_delete(red):
     made = red.responses.create(model="fake", input="keep this")
     got = red.responses.retrieve(made.id)
     assert got.id == made.id and got.output_text == made.output_text and got.usage.output_tokens == made.usage.output_tokens
-    red.responses.delete(made.id)
+    deleted = red.responses.with_raw_response.delete(made.id)
+    assert deleted.status_code == 200 and deleted.http_response.json() == {"id": made.id, "object": "response",
+                                                                           "deleted": True}
     with pytest.raises(openai.NotFoundError):
         red.responses.retrieve(made.id)
     with pytest.raises(openai.NotFoundError):

@@ -237,7 +237,7 @@ async def get_response(response_id: str, request: Request, p: Principal = Depend
 async def delete_response(response_id: str, request: Request, p: Principal = Depends(principal)) -> Response:
     """Delete a stored response: its owner (the key or its user) or an admin."""
     await _store(request).delete(p, response_id)
-    return json_response({"id": response_id, "object": "response.deleted", "deleted": True})
+    return json_response({"id": response_id, "object": "response", "deleted": True})
 
 
 def hot_routes() -> dict[tuple[str, str], HotEndpoint]:
