@@ -28,13 +28,14 @@ class Fresh:
     """Definitions read through `load()`, re-read by a request that finds them older than STALE_S (an
     idle replica's); concurrent requests share one read."""
 
-    def __init__(self, load: Callable[[], None]) -> None:
+    def __init__(self, load: Callable[[], None], monotonic: Callable[[], float] = time.monotonic) -> None:
         self.load = load
+        self.monotonic = monotonic
         self.at = 0.0
         self._lock: asyncio.Lock | None = None
 
     def stale(self) -> bool:
-        return time.monotonic() - self.at > STALE_S
+        return self.monotonic() - self.at > STALE_S
 
     async def refresh(self) -> None:
         if self._lock is None:

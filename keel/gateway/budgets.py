@@ -33,7 +33,7 @@ import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 import orjson
@@ -126,8 +126,11 @@ class Budgets(BudgetAdmin):
 
     changes_answer = False  # it settles spend after `nxt`, and never touches the answer
 
-    def __init__(self, store: Store, settings: Settings, deployments: Deployments, outbound: Outbound) -> None:
+    def __init__(self, store: Store, settings: Settings, deployments: Deployments, outbound: Outbound, *,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self.clock = clock  # wall-clock seconds: budget periods and hold expiry (tests move it by hand)
+        self.monotonic = monotonic  # flush, heartbeat and reload intervals
         self.settings = settings
         # The alert URL is the admin's, like a provider's base_url: it goes out as providers do (CA bundle,
         # client certificate and the environment's proxy, with NO_PROXY for receivers inside the network).
@@ -137,10 +140,10 @@ class Budgets(BudgetAdmin):
         self.lookups = Lookups(deployments, settings)
         self._index: dict[tuple[str, str], tuple[BudgetDef, ...]] = {}
         self._defs: dict[str, BudgetDef] = {}
-        self._fresh = Fresh(self.reload)
+        self._fresh = Fresh(self.reload, monotonic)
         self._pools: dict[str, Pool] = {}
         self._periods: dict[str, tuple[float, str, datetime | None]] = {}
-        self._beat = self._swept = time.monotonic()
+        self._beat = self._swept = monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ticker = Ticker("keel-budgets", FLUSH_S, self._tick)
         self.reload()
@@ -229,10 +232,10 @@ class Budgets(BudgetAdmin):
         return worst
 
     def _pool(self, d: BudgetDef) -> Pool:
-        now = time.time()
+        now = self.clock()
         cached = self._periods.get(d.period)
         if cached is None or now >= cached[0]:
-            key, _start, end = period_bounds(d.period, datetime.now(UTC))
+            key, _start, end = period_bounds(d.period, datetime.fromtimestamp(now, UTC))
             cached = self._periods[d.period] = (end.timestamp() if end else math.inf, key, end)
         usage_id = f"{d.id}@{cached[1]}"
         pool = self._pools.get(usage_id)
@@ -282,7 +285,7 @@ class Budgets(BudgetAdmin):
                                    ).first()
                 return 0, (tuple(now) if now is not None else None)  # type: ignore[return-value]
             conn.execute(_HOLD, {"id": self._hold_id(pool), "replica": self.replica, "usage_id": pool.usage_id,
-                                 "amount": row.granted_nano, "expires_at": int(time.time()) + HOLD_TTL_S})
+                                 "amount": row.granted_nano, "expires_at": int(self.clock()) + HOLD_TTL_S})
             return int(row.granted_nano), (int(row.spent_nano), int(row.reserved_nano), int(row.limit_nano))
 
     def _hold_id(self, pool: Pool) -> str:
@@ -334,10 +337,10 @@ class Budgets(BudgetAdmin):
                 pool.dead = True
             for event in alerts:
                 self._notify(event)
-        mono = time.monotonic()
+        mono = self.monotonic()
         for key in [k for k, p in self._pools.items()
                     if p.dead or (p.inflight == 0 and p.avail == 0 and p.unflushed == 0 and p.budget.period != "total"
-                                  and p.resets_at is not None and p.resets_at.timestamp() < time.time())]:
+                                  and p.resets_at is not None and p.resets_at.timestamp() < self.clock())]:
             del self._pools[key]
         if mono - self._fresh.at >= RELOAD_S:
             await loop.run_in_executor(None, self.reload)
@@ -353,7 +356,7 @@ class Budgets(BudgetAdmin):
         """Write settled spend, hand back free capacity, renew holds; claim soft-limit alerts."""
         alerts: list[dict[str, Any]] = []
         dead: list[Pool] = []
-        expires = int(time.time()) + HOLD_TTL_S
+        expires = int(self.clock()) + HOLD_TTL_S
         u, h = budget_usage.c, budget_holds.c
         with self.store.engine.begin() as conn:
             for pool, spent, free in sorted(items, key=lambda i: i[0].usage_id):
@@ -396,11 +399,11 @@ class Budgets(BudgetAdmin):
     def _heartbeat(self) -> None:
         with self.store.engine.begin() as conn:
             conn.execute(budget_holds.update().where(budget_holds.c.replica == self.replica)
-                         .values(expires_at=int(time.time()) + HOLD_TTL_S))
+                         .values(expires_at=int(self.clock()) + HOLD_TTL_S))
 
     def sweep(self) -> int:
         """Count expired holds (replicas that died) as spent; returns how many were swept."""
-        now = int(time.time())
+        now = int(self.clock())
         u, h = budget_usage.c, budget_holds.c
         swept = 0
         with self.store.engine.begin() as conn:
@@ -469,4 +472,4 @@ class Budgets(BudgetAdmin):
         for d in defs.values():
             index[(d.scope, d.scope_id)] = index.get((d.scope, d.scope_id), ()) + (d,)
         self._defs, self._index = defs, index
-        self._fresh.at = time.monotonic()
+        self._fresh.at = self.monotonic()
