@@ -127,6 +127,15 @@ def test_caller_mistakes_are_4xx_problems(srv):
     assert problem(post({"model": "nope", "prompt": "x"}), 404)["code"] == "not_found"
 
 
+def test_one_refused_prompt_refuses_the_request_and_every_prompt_is_metered(srv, client, fake):
+    raw = client.completions.with_raw_response
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        raw.create(model="fake", prompt=["fine", "my key is AKIAIOSFODNN7EXAMPLE", "also fine"])
+    rid = refused.value.response.headers["x-request-id"]
+    rows = wait_ledger(srv.extra["db_url"], f"request_id LIKE '{rid}/%'", 3)
+    assert sorted(r.status for r in rows) == ["error", "ok", "ok"]
+
+
 def test_governance_applies(srv, client, fake):
     before = fake.stats()["requests"]
     with pytest.raises(openai.PermissionDeniedError):

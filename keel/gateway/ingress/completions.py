@@ -151,7 +151,11 @@ async def _complete(body: CompletionsBody, request: Request, p: Principal) -> Re
                                 headers={**answer_headers(call), "cache-control": "no-cache"})
     if len(calls) == 1:  # the common case: the answer may leave before the path's bookkeeping, as for chat
         return await _one(gw, calls[0], created, request.scope.get(SEND_NOW))
-    results: list[ChatResult] = list(await asyncio.gather(*(gw.chat(c) for c in calls)))
+    done = await asyncio.gather(*(gw.chat(c) for c in calls), return_exceptions=True)  # each call ends, metered
+    failed = next((r for r in done if isinstance(r, BaseException)), None)
+    if failed is not None:
+        raise failed
+    results: list[ChatResult] = list(done)  # type: ignore[arg-type]
     usage = Usage(sum(r.usage.prompt_tokens for r in results), sum(r.usage.completion_tokens for r in results))
     return _answer(calls[0], rid, created, results, usage)
 
