@@ -85,7 +85,7 @@ class Call:
             return 0.0
         if d.input_price_per_1m or d.output_price_per_1m:
             return (u.prompt_tokens * d.input_price_per_1m + u.completion_tokens * d.output_price_per_1m) / 1e6
-        return DEFAULT_PRICES.cost(d, u.prompt_tokens, u.completion_tokens)
+        return DEFAULT_PRICES.cost(d, u.prompt_tokens, u.completion_tokens, cached=u.cached_tokens)
 
 
 Next = Callable[["Call"], Awaitable[Any]]

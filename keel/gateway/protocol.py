@@ -40,6 +40,7 @@ class ChatRequest:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, read from the provider's prompt cache (billed at its cached rate)
 
     @property
     def total_tokens(self) -> int:

@@ -112,6 +112,15 @@ async def sse_batches(content: aiohttp.StreamReader, idle_s: float) -> AsyncIter
         yield [data]
 
 
+def usage_of(usage: dict[str, Any]) -> Usage:
+    """The usage an OpenAI-shaped answer reports; the prompt tokens served from the provider's cache are
+    OpenAI's `prompt_tokens_details.cached_tokens` or DeepSeek's `prompt_cache_hit_tokens`."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    cached = cached or usage.get("prompt_cache_hit_tokens")
+    return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), int(cached or 0))
+
+
 class HTTPProvider:
     """Shared upstream plumbing: one aiohttp session (keep-alive pool) per instance, made lazily in the running
     loop from Keel's outbound stack (`keel.core.outbound`: CA bundle, client certificate, proxy)."""
@@ -349,7 +358,7 @@ class OpenAICompatibleProvider(HTTPProvider):
             content = msg.get("content")
             usage = data.get("usage")
             if usage:
-                counted = Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+                counted = usage_of(usage)
             else:
                 counted = Usage(estimate_tokens(req.messages), math.ceil(len(content or "") / 4))
             return ChatResult(content=content, finish_reason=choice.get("finish_reason") or "stop", usage=counted,
@@ -392,8 +401,7 @@ class OpenAICompatibleProvider(HTTPProvider):
         if chunk.get("error"):
             raise self._fail(None, message_of(chunk) or "error event in the stream")
         usage = chunk.get("usage")
-        out = ChatDelta(usage=Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-                        if usage else None)
+        out = ChatDelta(usage=usage_of(usage) if usage else None)
         if choices := chunk.get("choices"):
             delta = choices[0].get("delta") or {}
             out.content = delta.get("content")
