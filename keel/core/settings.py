@@ -27,7 +27,7 @@ class DeploymentConfig(BaseModel):
     provider: str = Field(description="`local`, `local_embed`, `openai_compatible`, `anthropic`, or a plugin's name")
     model: str = Field(default="", description="the upstream model name")
     id: str | None = Field(default=None, description="deployment id; defaults to `alias/provider/model`")
-    kind: Literal["chat", "embedding"] = "chat"
+    kind: Literal["chat", "embedding", "rerank"] = "chat"
     base_url: str | None = None
     credential: str | None = Field(default=None, description="name of a vault secret holding the API key")
     path: str | None = Field(default=None, description="GGUF / model file path for local providers")

@@ -98,6 +98,9 @@ def prompt_tokens(call: Call, prov: Provider | None) -> int:
         return cache[key]
     if call.kind == "embedding":
         messages = [{"role": "user", "content": t} for t in call.texts or []]
+    elif call.kind == "rerank" and call.rerank is not None:  # each document is scored with the query
+        q = call.rerank.query
+        messages = [{"role": "user", "content": f"{q}\n{d}"} for d in call.rerank.documents]
     else:
         messages = call.chat.messages if call.chat else []
     n = prov.count_tokens(messages) if prov is not None else math.ceil(len(orjson.dumps(messages)) / 4)

@@ -35,7 +35,7 @@ from keel.core.errors import ConfigError, NotFound, RateLimited
 from keel.core.settings import DeploymentConfig, Settings
 from keel.gateway.admission import Done, Fresh, Lookups, Ticker, prompt_tokens, settled
 from keel.gateway.deployments import Deployments
-from keel.gateway.pipeline import Call, Next, Upstream
+from keel.gateway.pipeline import Call, Next, Upstream, deployment_kind
 from keel.gateway.protocol import Provider, Usage
 
 log = logging.getLogger("keel.gateway.limits")
@@ -254,7 +254,7 @@ class RateLimiter:
         return settled(call, out, correct)
 
     def _alias_provider(self, call: Call) -> Provider | None:
-        deps = self.lookups.deployments(call.alias, "embedding" if call.kind == "embedding" else "chat")
+        deps = self.lookups.deployments(call.alias, deployment_kind(call))
         return self.lookups.provider(deps[0]) if deps else None
 
     def needs(self, limits: list[Limit], estimate: Callable[[], int]) -> Taken:

@@ -25,6 +25,7 @@ from keel.core.logs import client_request_id_var
 from keel.core.settings import DeploymentConfig
 from keel.gateway.deployments import Deployments
 from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult, EmbedResult, Provider, Usage
+from keel.gateway.reranking import RerankRequest, RerankResult
 from keel.identity.principal import Principal
 from keel.observe.ledger import Ledger
 from keel.observe.spans import stage_name, traced_step
@@ -40,10 +41,11 @@ class Call:
 
     request_id: str
     principal: Principal
-    kind: str  # "chat" | "embedding"
+    kind: str  # "chat" | "embedding" | "rerank"
     alias: str
     chat: ChatRequest | None = None
     texts: list[str] | None = None
+    rerank: RerankRequest | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     deployment: DeploymentConfig | None = None
     provider: Provider | None = None
@@ -140,6 +142,14 @@ async def _send_after(call: Call, pending: Awaitable[Any]) -> Any:
     return result
 
 
+ENDPOINTS = {"chat": "/v1/chat/completions", "embedding": "/v1/embeddings", "rerank": "/v1/rerank"}
+
+
+def deployment_kind(call: Call) -> str:
+    """The deployment kind that can serve `call`: `embedding`, `rerank`, or `chat` for every chat shape."""
+    return call.kind if call.kind in ("embedding", "rerank") else "chat"
+
+
 def pick_weighted(candidates: list[DeploymentConfig]) -> DeploymentConfig:
     if len(candidates) == 1:
         return candidates[0]
@@ -187,11 +197,12 @@ class Providers:
             raise NotFound(f"model {call.alias!r} does not exist or this key may not use it",
                            fix=f"use one of: {visible}", model=call.alias)
         kinds = {c.kind for c in candidates}
-        wanted = "embedding" if call.kind == "embedding" else "chat"
+        wanted = deployment_kind(call)
         if wanted not in kinds:
-            raise NotSupported(f"model {call.alias!r} is a {kinds.pop()} model, not a {wanted} model",
-                               fix=f"send it to the {'/v1/embeddings' if wanted == 'chat' else '/v1/chat/completions'}"
-                                   " endpoint, or pick another model", model=call.alias)
+            have = kinds.pop()
+            raise NotSupported(f"model {call.alias!r} is a {have} model, not a {wanted} model",
+                               fix=f"send it to the {ENDPOINTS.get(have, '/v1/chat/completions')} endpoint, "
+                                   "or pick another model", model=call.alias)
         return candidates
 
     @staticmethod
@@ -217,6 +228,12 @@ class Providers:
         try:
             if call.kind == "embedding":
                 return await prov.embed(call.texts or [])
+            if call.kind == "rerank":
+                if not getattr(prov, "can_rerank", False):
+                    raise NotSupported(f"deployment {cfg.deployment_id()} ({cfg.provider}) cannot rerank",
+                                       fix="give the deployment a provider that reranks (local_rerank, rerank)",
+                                       deployment=cfg.deployment_id())
+                return await prov.rerank(call.rerank)  # type: ignore[attr-defined,arg-type]
             self.check_capabilities(call, cfg, prov)
             if call.stream:
                 return prov.stream(call.chat)  # type: ignore[arg-type]
@@ -336,6 +353,22 @@ class Gateway:
         self._finish(call, span)
         return result
 
+    async def rerank(self, call: Call) -> RerankResult:
+        """Score `call.rerank`'s documents on a reranker deployment; metered like an embedding (tokens in)."""
+        span = self._span(call)
+        try:
+            if span is None:
+                result: RerankResult = await self._chain()(call)
+            else:
+                with activate(span, self.tracer):
+                    result = await self._chain()(call)
+        except BaseException as exc:
+            self._finish(call, span, error=exc)
+            raise
+        call.usage = Usage(prompt_tokens=result.tokens)
+        self._finish(call, span)
+        return result
+
     async def chat_stream(self, call: Call) -> AsyncIterator[ChatDelta]:
         """Metered stream: a row is written when it ends, fails, or the client goes away."""
         span = self._span(call)
@@ -381,10 +414,11 @@ class Gateway:
         """The call's span; None when tracing is off (`make_tracer` gives a NoOpTracer), so no span is made."""
         if type(self.tracer) is trace.NoOpTracer:
             return None
-        span = self.tracer.start_span(f"{'chat' if call.kind == 'chat' else 'embeddings'} {call.alias}")
+        op = {"chat": "chat", "rerank": "rerank"}.get(call.kind, "embeddings")
+        span = self.tracer.start_span(f"{op} {call.alias}")
         if not span.is_recording():
             return span
-        span.set_attribute("gen_ai.operation.name", "chat" if call.kind == "chat" else "embeddings")
+        span.set_attribute("gen_ai.operation.name", op)
         span.set_attribute("gen_ai.request.model", call.alias)
         span.set_attribute("keel.request_id", call.request_id)
         if call.chat is not None:

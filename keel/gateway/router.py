@@ -36,7 +36,7 @@ from keel.core.errors import (
 from keel.core.settings import AliasConfig, DeploymentConfig, Settings
 from keel.gateway import registry
 from keel.gateway.circuit import HALF_OPEN, Circuit
-from keel.gateway.pipeline import Call, Upstream
+from keel.gateway.pipeline import Call, Upstream, deployment_kind
 from keel.gateway.protocol import ChatDelta, upstream_error
 from keel.gateway.providers.openai_compatible import HTTPProvider
 
@@ -260,7 +260,7 @@ class Router:
         raise self._exhausted(call, aliases, last, attempts, skipped)
 
     def _fallback_candidates(self, call: Call, alias: str, skipped: dict[str, str]) -> list[DeploymentConfig]:
-        wanted = "embedding" if call.kind == "embedding" else "chat"
+        wanted = deployment_kind(call)
         found = self.gateway.deployments.for_alias(alias)
         if not found:
             skipped[alias] = "unknown_alias"
