@@ -23,6 +23,9 @@ from keel.gateway import service as gateway_service
 from keel.gateway.ingress import completions as completions_ingress
 from keel.gateway.ingress import responses as responses_ingress
 from keel.gateway.ingress import messages as messages_ingress
+from keel.gateway.ingress import moderations as moderations_ingress
+from keel.gateway.ingress import rerank as rerank_ingress
+from keel.governance.stages import PolicyGuards
 from keel.governance import service as governance_service
 from keel.knowledge import routes as knowledge_routes
 from keel.knowledge import service as knowledge_service
@@ -209,3 +212,6 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
     responses_ingress.mount(app, store)  # /v1/responses and its stored responses
     completions_ingress.mount(app)  # /v1/completions
     app.include_router(messages_ingress.router)
+    rerank_ingress.mount(app)  # /v1/rerank on reranker deployments
+    moderation_guards = PolicyGuards()  # /v1/moderations: the current policy's guards, no model call
+    moderations_ingress.mount(app, lambda: moderation_guards.for_engine(gov.policy.engine))
