@@ -116,3 +116,20 @@ def test_not_json_and_oversized_bodies(world):
     big = {"request_id": world.calls["red_a"].headers["x-request-id"], "correction": "x" * 300_000}
     problem(c.post("/v1/feedback", json=big), 400, "KiB")
     assert httpx.post(world.srv.url + "/v1/feedback", json={"request_id": "x", "score": 1}).status_code == 401
+
+
+def test_feedback_on_an_answer_finds_its_model_call(world):
+    """`/v1/answer` meters its model call as `<answer id>/answer`: the answer id the caller holds finds it."""
+    engine = sa.create_engine(world.srv.extra["db_url"])
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO usage_ledger (request_id, ts, key_id, team_id, kind, alias, status, use_case, task_id) "
+                "VALUES ('req_ans1/answer', CURRENT_TIMESTAMP, :key, :team, 'chat', 'fake', 'ok', 'knowledge.answer', "
+                "'req_ans1')"), {"key": world.keys["red_a"]["id"], "team": world.keys["red_a"].get("team_id")})
+    finally:
+        engine.dispose()
+    r = world.client("red_a").post("/v1/feedback", json={"answer_id": "req_ans1", "score": 0.5, "label": "cited"})
+    assert r.status_code == 201, r.text
+    assert r.json()["request_id"] == "req_ans1/answer" and r.json()["subject"] == {"kind": "answer", "id": "req_ans1"}
+    problem(world.client("blue").post("/v1/feedback", json={"answer_id": "req_ans1", "score": 1}), 404)
