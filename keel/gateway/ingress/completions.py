@@ -157,10 +157,11 @@ async def _complete(body: CompletionsBody, request: Request, p: Principal) -> Re
         raise failed
     results: list[ChatResult] = list(done)  # type: ignore[arg-type]
     usage = Usage(sum(r.usage.prompt_tokens for r in results), sum(r.usage.completion_tokens for r in results))
-    return _answer(calls[0], rid, created, results, usage)
+    return text_completion(calls[0], rid, created, results, usage)
 
 
-def _answer(call: Call, rid: str, created: int, results: list[ChatResult], usage: Usage) -> JSONAnswer:
+def text_completion(call: Call, rid: str, created: int, results: list[ChatResult], usage: Usage) -> JSONAnswer:
+    """The `text_completion` answer: one choice per result, their usage summed."""
     out = {"id": _cmpl_id(rid), "object": "text_completion", "created": created, "model": call.alias,
            "system_fingerprint": None,
            "choices": [{"text": r.content or "", "index": i, "logprobs": None, "finish_reason": r.finish_reason}
@@ -173,7 +174,7 @@ async def _one(gw: Gateway, call: Call, created: int, send_now: Any) -> Response
     sent: list[Response] = []
     if send_now is not None:
         def answer(result: ChatResult) -> None:
-            sent.append(_answer(call, call.request_id, created, [result], result.usage))
+            sent.append(text_completion(call, call.request_id, created, [result], result.usage))
             send_now(sent[0])
 
         call.answer = answer
@@ -181,7 +182,7 @@ async def _one(gw: Gateway, call: Call, created: int, send_now: Any) -> Response
         result = await gw.chat(call)
     finally:
         call.answer = None  # the closure refers to the call: no cycle left for the collector
-    return sent[0] if sent else _answer(call, call.request_id, created, [result], result.usage)
+    return sent[0] if sent else text_completion(call, call.request_id, created, [result], result.usage)
 
 
 def _chunk(call: Call, created: int, text: str, finish: str | None) -> bytes:
