@@ -86,8 +86,8 @@ class Metrics:
         if children is None:
             children = self._per_key[key] = (
                 self.requests.labels(kind, alias, deployment, team, status), self.latency.labels(kind, alias),
-                self.tokens.labels(team, alias, deployment, "input"), self.tokens.labels(team, alias, deployment, "output"),
-                self.cost.labels(team, alias, deployment))
+                self.tokens.labels(team, alias, deployment, "input"),
+                self.tokens.labels(team, alias, deployment, "output"), self.cost.labels(team, alias, deployment))
         requests, latency, tokens_in, tokens_out, cost = children
         requests.inc()
         latency.observe(row.get("latency_ms", 0.0) / 1000)
