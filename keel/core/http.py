@@ -34,12 +34,16 @@ Authenticate = Callable[[StarletteRequest], Awaitable[Any]]  # the caller of a r
 RETRY_AFTER_DEFAULT_S = "1"  # a 429 or 503 that does not know when to come back still says when to retry
 
 
+def error_headers(err: KeelError) -> dict[str, str]:
+    """The error's own headers, and a Retry-After on every 429 and 503 (whatever shape its body takes)."""
+    if err.status in (429, 503) and "Retry-After" not in err.headers:
+        return {**err.headers, "Retry-After": RETRY_AFTER_DEFAULT_S}
+    return err.headers
+
+
 def problem_response(err: KeelError) -> Response:
     body = orjson.dumps(err.to_problem(request_id_var.get()))
-    headers = err.headers
-    if err.status in (429, 503) and "Retry-After" not in headers:
-        headers = {**headers, "Retry-After": RETRY_AFTER_DEFAULT_S}
-    return Response(body, status_code=err.status, media_type=PROBLEM, headers=headers)
+    return Response(body, status_code=err.status, media_type=PROBLEM, headers=error_headers(err))
 
 
 def _validation_error(exc: RequestValidationError | ValidationError) -> KeelError:

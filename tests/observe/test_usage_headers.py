@@ -107,6 +107,11 @@ def test_every_429_and_503_has_retry_after(server_factory, upstream, tmp_path):
     r = srv.admin().post("/v1/chat/completions", json=CHAT)
     assert r.status_code == 429, r.text
     assert int(r.headers["retry-after"]) >= 1
+    httpx.post(upstream + "/_control", json={"fault": "429", "times": 1, "retry_after": ""})
+    m = srv.admin().post("/v1/messages", headers={"anthropic-version": "2023-06-01"},
+                         json={"model": "fake", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
+    assert m.status_code == 429 and m.json()["type"] == "error", m.text  # Anthropic's error shape, same header
+    assert int(m.headers["retry-after"]) >= 1
     for err in (Unavailable("down"), RateLimited("slow down"), Unavailable("later", headers={"Retry-After": "7"})):
         resp = problem_response(err)
         assert int(resp.headers["retry-after"]) >= 1

@@ -24,7 +24,7 @@ from starlette.requests import Request as StarletteRequest
 from starlette.responses import Response
 
 from keel.core.errors import InternalError, KeelError, MalformedJSON, ValidationFailed
-from keel.core.http import SEND_NOW, HotEndpoint, JSONAnswer, StreamedResponse
+from keel.core.http import SEND_NOW, HotEndpoint, JSONAnswer, StreamedResponse, error_headers
 from keel.core.logs import request_id_var
 from keel.gateway.anthropic_shapes import EventWriter, error_type, openai_body, sse, to_message
 from keel.gateway.pipeline import Call, Gateway, Providers
@@ -149,7 +149,7 @@ def error_body(err: KeelError) -> tuple[int, dict[str, Any]]:
 
 def error_response(err: KeelError) -> Response:
     status, body = error_body(err)
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=err.headers)
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=error_headers(err))
 
 
 def _message(call: Call, result: ChatResult) -> JSONAnswer:
