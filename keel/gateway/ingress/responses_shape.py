@@ -283,7 +283,7 @@ def output_items(response_id: str, result: ChatResult) -> list[dict[str, Any]]:
 
 
 def usage_json(u: Usage) -> dict[str, Any]:
-    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens},
             "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": u.total_tokens}
 
