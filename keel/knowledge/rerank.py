@@ -1,7 +1,10 @@
 """The optional rerank stage: a `Reranker` reorders a short list of hits by relevance to the query.
 
-`ChatReranker` asks a chat model (through the governed gateway, so it is metered and policed)
-which numbered passages answer the query; a cross-encoder would implement the same protocol.
+`DeploymentReranker` scores the passages with a reranker deployment (`kind: rerank`: a `local_rerank`
+cross-encoder in process, or a `rerank_api` upstream such as Cohere, Jina or vLLM) through the governed
+gateway, so it is metered and policed like `/v1/rerank`. `ChatReranker` asks a chat model which numbered
+passages answer the query (kept for explicit requests; on the bundled 135M chat model it is noise).
+`for_alias` picks one by the alias's deployment kind; `collection_reranker` reads a collection's choice.
 """
 
 from __future__ import annotations
@@ -9,9 +12,13 @@ from __future__ import annotations
 import re
 from typing import Protocol
 
+from collections.abc import Sequence
+from typing import Any
+
 from keel.core.errors import Unavailable, UpstreamError
 from keel.gateway.pipeline import Call, Gateway
 from keel.gateway.protocol import ChatRequest
+from keel.gateway.reranking import RerankRequest
 from keel.identity.principal import Principal
 from keel.knowledge.hits import Hit
 
@@ -24,7 +31,59 @@ class Reranker(Protocol):
     failing the search; every model call goes through the gateway as `principal`.
     """
 
+    depth: int  # how many of the fused hits it is given, at least
+
     async def rerank(self, query: str, hits: list[Hit], principal: Principal, request_id: str) -> list[Hit]: ...
+
+
+OFF = "off"
+SETTING = "reranker"  # the collection metadata key that names its reranker
+
+
+def collection_reranker(collections: Sequence[Any]) -> str | None:
+    """The reranker the searched collections ask for in their metadata (`"reranker": "<alias>"` or `"off"`):
+    the first that names one, by collection name; None when none does."""
+    for c in sorted(collections, key=lambda c: c.name):
+        value = (c.meta or {}).get(SETTING)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def for_alias(gateway: Gateway, alias: str) -> Reranker:
+    """The reranker for a model alias: a reranker deployment's scores, or a chat model's ordering."""
+    if gateway.deployments.aliases().get(alias) == "rerank":
+        return DeploymentReranker(gateway, alias)
+    return ChatReranker(gateway, alias)
+
+
+class DeploymentReranker:
+    """Orders passages by a reranker deployment's relevance scores (a cross-encoder), best first.
+
+    Each passage is scored as `title — section` and its text; ties keep the fused order.
+
+    Example:
+        >>> # await DeploymentReranker(gateway, "rerank").rerank("what is x?", hits, principal, "req_1")
+    """
+
+    depth = 30
+
+    def __init__(self, gateway: Gateway, alias: str) -> None:
+        self.gateway = gateway
+        self.alias = alias
+
+    async def rerank(self, query: str, hits: list[Hit], principal: Principal, request_id: str) -> list[Hit]:
+        if not hits:
+            return hits
+        docs = [f"{h.title} — {h.section}\n{h.text}" if h.section else f"{h.title}\n{h.text}" for h in hits]
+        call = Call(request_id=f"{request_id}/rerank", principal=principal, kind="rerank", alias=self.alias,
+                    rerank=RerankRequest(model=self.alias, query=query, documents=docs),
+                    metadata={"use_case": "knowledge.rerank", "task_id": request_id})
+        try:
+            result = await self.gateway.rerank(call)
+        except (UpstreamError, Unavailable):  # the model failed, not the caller: keep the fused order
+            return hits
+        return [hits[i] for i, _score in result.ranked()]
 
 
 class ChatReranker:
@@ -33,6 +92,8 @@ class ChatReranker:
     Example:
         >>> # await ChatReranker(gateway, "local-chat").rerank("what is x?", hits, principal, "req_1")
     """
+
+    depth = 10
 
     def __init__(self, gateway: Gateway, alias: str) -> None:
         self.gateway = gateway

@@ -108,6 +108,8 @@ def _rid() -> str:
 def _rerank_alias(kn: Knowledge, value: bool | str | None) -> str | None:
     if value is True:
         return kn.config.answer_model
+    if value is False:
+        return "off"  # not even the collections' own reranker
     return value or None
 
 

@@ -21,7 +21,7 @@ from keel.knowledge.hits import Hit
 from keel.knowledge.index import Scored, reading
 from keel.observe.tracing import span
 from keel.knowledge.parts import Library
-from keel.knowledge.rerank import ChatReranker
+from keel.knowledge.rerank import OFF, collection_reranker, for_alias
 from keel.knowledge.tables import chunks, documents
 
 __all__ = ["DEFAULT_WEIGHTS", "Hit", "Query", "rrf", "search"]
@@ -43,7 +43,7 @@ class Query:
     mode: str = "hybrid"
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     candidates: int | None = None
-    rerank: str | None = None  # a chat model alias, or None
+    rerank: str | None = None  # a reranker or chat model alias, "off", or None: the collections' setting
 
 
 def rrf(lists: dict[str, list[Scored]], weights: dict[str, float], k: int = RRF_K) -> list[tuple[int, float]]:
@@ -128,7 +128,9 @@ async def _search(kn: Library, p: Principal, q: Query, request_id: str) -> tuple
     weights = q.weights if q.mode == "hybrid" else {q.mode: 1.0}
     fused = rrf(lists, weights)
     ranks = {m: {h.chunk_id: i for i, h in enumerate(hs, 1)} for m, hs in lists.items()}
-    want = fused[: max(q.top_k, n if q.rerank else q.top_k)]
+    alias = q.rerank if q.rerank is not None else collection_reranker(colls)
+    reranker = for_alias(kn.gateway, alias) if alias and alias != OFF else None
+    want = fused[: max(q.top_k, n if reranker else q.top_k)]
     rows = await asyncio.to_thread(_hydrate, kn, scope, [cid for cid, _ in want])
     by_id = {c.id: c for c in colls}
     hits: list[Hit] = []
@@ -145,10 +147,11 @@ async def _search(kn: Library, p: Principal, q: Query, request_id: str) -> tuple
         hits.append(Hit(cid, r.document_id, c, r.title, r.source, r.format, r.section, r.page, r.span_start,
                         r.span_end, r.text, score, ranks.get("bm25", {}).get(cid), ranks.get("vector", {}).get(cid),
                         sim))
-    if q.rerank and hits:
+    if reranker is not None and hits:
         t = time.perf_counter()
-        hits = await ChatReranker(kn.gateway, q.rerank).rerank(q.text, hits[:max(q.top_k * 2, 10)], p, request_id)
-
+        depth = max(q.top_k * 2, reranker.depth)
+        hits = await reranker.rerank(q.text, hits[:depth], p, request_id) + hits[depth:]
+        timings["reranker"] = alias
         timings["rerank_ms"] = round((time.perf_counter() - t) * 1000, 3)
     timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 3)
     return hits[:q.top_k], timings

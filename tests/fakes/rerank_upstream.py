@@ -23,7 +23,16 @@ def score(query: str, document: str) -> float:
 
 
 class FakeRerank(FakeUpstream):
+    """`boost`: a word that adds 1 to the score of every document holding it (to tell its order from another's)."""
+
     base_path = "/v1"
+
+    def __init__(self, *, boost: str | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.boost = boost
+
+    def score(self, query: str, document: str) -> float:
+        return score(query, document) + (1.0 if self.boost and self.boost in words(document) else 0.0)
 
     def routes(self, router: web.UrlDispatcher) -> None:
         router.add_post("/v1/rerank", self.rerank)
@@ -46,7 +55,7 @@ class FakeRerank(FakeUpstream):
         query, docs = body.get("query"), body.get("documents")
         if not isinstance(query, str) or not isinstance(docs, list) or not all(isinstance(d, str) for d in docs):
             return self.error_response(400, "query must be a string and documents a list of strings")
-        ranked = sorted(((i, score(query, d)) for i, d in enumerate(docs)), key=lambda t: (-t[1], t[0]))
+        ranked = sorted(((i, self.score(query, d)) for i, d in enumerate(docs)), key=lambda t: (-t[1], t[0]))
         top_n = body.get("top_n") or len(docs)
         tokens = sum(len(d) // 4 + len(query) // 4 for d in docs)
         return self.json({"id": "fake-rerank", "results": [{"index": i, "relevance_score": s}
