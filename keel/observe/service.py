@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
-from prometheus_client import start_http_server
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import start_http_server
 
 from keel.core.db import Store
 from keel.core.settings import Settings
@@ -40,9 +41,10 @@ class Observe:
     async def stop(self) -> None:
         await self.ledger.stop()
         if self.metrics_server is not None:
-            self.metrics_server.shutdown()
+            await asyncio.to_thread(self.metrics_server.shutdown)
             self.metrics_server.server_close()
-        self.tracing.shutdown()  # the batch processor's last export; bounded by the exporter's timeout
+        # The batch processor's last export, off the event loop: bounded by the exporter's timeout.
+        await asyncio.to_thread(self.tracing.shutdown)
 
 
 def build(settings: Settings, store: Store) -> Observe:
