@@ -260,6 +260,18 @@ TABLE = [
         body={"model": "cloud", "input": "hi {cell}", "store": False}),
     Row("completions create", "POST", "/v1/completions", by_role({"admin", "builder", "member", "reviewer"}, no="404"),
         body={"model": "cloud", "prompt": "hi {cell}", "max_tokens": 4}),
+    # -- moderations (Keel's guards, no model: any key) and rerank (reranker deployments only) -------------
+    Row("moderations", "POST", "/v1/moderations", by_role(set(ROLES)), body={"input": "hello {cell}"}),
+    Row("moderations malformed", "POST", "/v1/moderations", by_role(set(), no="422"), body={"input": 5}),
+    Row("moderations oversized", "POST", "/v1/moderations", by_role(set(), no="400"), body={"input": ["a"] * 257}),
+    Row("rerank a chat model", "POST", "/v1/rerank", by_role(MODEL_USERS, yes="400", no="404"),
+        body={"model": "cloud", "query": "q {cell}", "documents": ["a", "b"]}),
+    Row("rerank unknown model", "POST", "/v1/rerank", by_role(set(), no="404"),
+        body={"model": "nope", "query": "q", "documents": ["a"]}),
+    Row("rerank malformed", "POST", "/v1/rerank", by_role(set(), no="422"),
+        body={"model": "cloud", "query": "q", "documents": "a"}),
+    Row("rerank oversized", "POST", "/v1/rerank", by_role(set(), no="422"),
+        body={"model": "cloud", "query": "q", "documents": ["d"] * 1001}),
     Row("response read", "GET", "/v1/responses/{resp}", team_read("200", "404"), target="red_response"),
     Row("response continue", "POST", "/v1/responses", grid("""
         admin    200 200 200
