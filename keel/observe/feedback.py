@@ -46,7 +46,7 @@ def parse(body: Any) -> tuple[str, str, dict[str, Any]]:
                          fix="send the x-request-id of the call (request_id), a run id, or an answer's id")
     kind = named[0]
     sid = body[kind]
-    if not isinstance(sid, str) or not 0 < len(sid) <= 200:
+    if not isinstance(sid, str) or not 0 < len(sid) <= 200 or "\x00" in sid:
         raise BadRequest(f"{kind} must be a non-empty string of at most 200 characters", fix=f"send the {kind} itself")
     out: dict[str, Any] = {}
     score = body.get("score")
@@ -62,6 +62,8 @@ def parse(body: Any) -> tuple[str, str, dict[str, Any]]:
             continue
         if not isinstance(value, str) or len(value) > most:
             raise BadRequest(f"{name} must be a string of at most {most} characters", fix=f"shorten {name}")
+        if "\x00" in value:  # no store keeps it (PostgreSQL text refuses NUL)
+            raise BadRequest(f"{name} holds a NUL character", fix=f"remove NUL characters from {name}")
         out[name] = value
     if not out:
         raise BadRequest("feedback needs a score, label, comment or correction", fix="send at least one of them")

@@ -121,8 +121,9 @@ class ReportQuery:
             name = _dimension(k, "filter")
             if name == "day":
                 raise BadRequest("`day` is not a filter", fix="use start= and end= for a time range")
-            if len(v) > 300:
-                raise BadRequest(f"filter {k} is longer than 300 characters", fix="send the id or name itself")
+            if len(v) > 300 or "\x00" in v:
+                raise BadRequest(f"filter {k} is longer than 300 characters or holds a NUL character",
+                                 fix="send the id or name itself")
             filters.append((name, v))
         return cls(group_by=group_by, start=start, end=end, filters=tuple(sorted(filters)))
 

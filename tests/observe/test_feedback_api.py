@@ -104,6 +104,8 @@ def test_only_who_may_see_the_call_may_judge_it(world):
     ({"request_id": "", "score": 1}, ["request_id"]),
     ({"request_id": ["x"], "score": 1}, ["request_id"]),
     ({"request_id": "x", "score": 1, "rating": 5}, ["rating"]),
+    ({"request_id": "x\u0000y", "score": 1}, ["request_id"]),
+    ({"request_id": "x", "comment": "a\u0000b"}, ["NUL"]),
     (["request_id"], ["JSON object"]),
 ])
 def test_malformed_feedback_is_a_400_with_a_fix(world, body, names):

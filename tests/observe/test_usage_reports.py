@@ -191,6 +191,7 @@ def test_keel_usage_command_prints_the_same_report(traffic):
     ({"format": "xml"}, ["format"]),
     ({"day": "2026-12-01"}, ["day"]),
     ({"team": "x" * 400}, ["300"]),
+    ({"task": "a\x00b"}, ["NUL"]),
 ])
 def test_caller_mistakes_are_400s_with_a_fix(traffic, params, names):
     problem(traffic.srv.admin().get("/v1/usage", params=params), 400, *names)
