@@ -241,16 +241,26 @@ def current_tracer() -> trace.Tracer | None:
     return otel_context.get_value(_TRACER)  # type: ignore[return-value]
 
 
-@contextlib.contextmanager
-def _child(tracer: trace.Tracer, name: str, attributes: dict[str, Any] | None,
-           kind: trace.SpanKind) -> Iterator[trace.Span]:
-    with tracer.start_as_current_span(name, kind=kind, attributes=attributes, record_exception=False,
-                                      set_status_on_exception=False) as s:
-        try:
-            yield s
-        except BaseException as exc:
-            fail(s, exc)
-            raise
+class _Child:
+    """A child span of the current one, current until the block ends (a third of the SDK's
+    `start_as_current_span` cost, which stacks three generator context managers)."""
+
+    __slots__ = ("span", "token")
+
+    def __init__(self, tracer: trace.Tracer, name: str, attributes: dict[str, Any] | None,
+                 kind: trace.SpanKind) -> None:
+        self.span = tracer.start_span(name, kind=kind, attributes=attributes)
+        self.token: object = None
+
+    def __enter__(self) -> trace.Span:
+        self.token = otel_context.attach(trace.set_span_in_context(self.span))
+        return self.span
+
+    def __exit__(self, _type: Any, exc: BaseException | None, _tb: Any) -> None:
+        if exc is not None:
+            fail(self.span, exc)
+        otel_context.detach(self.token)  # type: ignore[arg-type]
+        self.span.end()
 
 
 _NOTHING: contextlib.nullcontext[None] = contextlib.nullcontext()
@@ -265,7 +275,7 @@ def span(name: str, attributes: dict[str, Any] | None = None, kind: trace.SpanKi
     if tracer is None or (stage and otel_context.get_value(_FINE) is None) \
             or not trace.get_current_span().is_recording():
         return _NOTHING
-    return _child(tracer, name, attributes, kind)  # type: ignore[arg-type]
+    return _Child(tracer, name, attributes, kind)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
