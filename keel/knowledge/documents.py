@@ -22,11 +22,11 @@ from keel.core.ids import new_id
 from keel.identity.principal import ROLES, Principal
 from keel.knowledge import catalog
 from keel.knowledge.acl import Collection, acl_names, can_read, document_readable
-from keel.knowledge.chunking import Chunk, chunk
+from keel.knowledge.chunking import Chunk, Measure, chunk
 from keel.knowledge.errors import FileRejected
 from keel.knowledge.index import ChunkIn, ChunkIndex, reading, transaction
 from keel.knowledge.parsers import Parsed, parse
-from keel.knowledge.tables import document_acl, documents, iso, job_items
+from keel.knowledge.tables import collections, document_acl, documents, iso, job_items
 
 log = logging.getLogger("keel.knowledge.documents")
 
@@ -50,23 +50,25 @@ class Prepared:
     error: KeelError | None = None
     unchanged: bool = False
     vectors: np.ndarray | None = None
+    measure: Measure = field(default_factory=Measure.words)
 
     def embed_inputs(self) -> list[str]:
         """What the embedding model sees per chunk: the title and section path give it context."""
         title = self.parsed.title if self.parsed else ""
-        return [f"{title}\n{c.section}\n{c.text}" if c.section else f"{title}\n{c.text}" for c in self.chunks]
+        return [self.measure.prefix(title, c.section) + c.text for c in self.chunks]
 
 
 def prepare(item_id: int, source: str, origin: str, data: bytes, options: dict[str, Any],
-            known_hash: str | None, max_unzipped: int) -> Prepared:
-    """Hash, and unless unchanged, parse and chunk. Never raises for a bad file: `error` says why."""
-    p = Prepared(item_id, source, origin, content_hash(data), len(data), options)
+            known_hash: str | None, max_unzipped: int, measure: Measure | None = None) -> Prepared:
+    """Hash, and unless unchanged, parse and chunk (sized by `measure`, default words). Never raises
+    for a bad file: `error` says why. `known_hash` is that of a document cut by the same measure."""
+    p = Prepared(item_id, source, origin, content_hash(data), len(data), options, measure=measure or Measure.words())
     if known_hash == p.data_hash:
         p.unchanged = True
         return p
     try:
         p.parsed = parse(source, data, max_unzipped_bytes=max_unzipped)
-        p.chunks = chunk(p.parsed)
+        p.chunks = chunk(p.parsed, p.measure)
     except FileRejected as exc:
         p.error = exc
     except RecursionError:
@@ -113,7 +115,8 @@ def commit(store: Store, index: ChunkIndex, c: Collection, job_id: str, batch: l
                 done.update(status="failed", error_code=p.error.code, error_detail=p.error.detail)
                 conn.execute(job_items.update().where(job_items.c.id == p.item_id).values(**done))
                 continue
-            q = sa.select(documents.c.id, documents.c.content_hash, documents.c.chunk_count).where(
+            q = sa.select(documents.c.id, documents.c.content_hash, documents.c.chunk_count,
+                          documents.c.chunker).where(
                 documents.c.collection_id == c.id, documents.c.source == p.source)
             if store.dialect == "postgresql":
                 q = q.with_for_update()
@@ -121,7 +124,9 @@ def commit(store: Store, index: ChunkIndex, c: Collection, job_id: str, batch: l
             acl_rows = p.options.get("acl_rows")
             meta = p.options.get("metadata") or {}
             keep = {} if acl_rows is None else {"restricted": bool(acl_rows)}
-            if existing is not None and (p.unchanged or existing.content_hash == p.data_hash):
+            same = existing is not None and existing.content_hash == p.data_hash and \
+                existing.chunker == p.measure.version
+            if existing is not None and (p.unchanged or same):
                 conn.execute(documents.update().where(documents.c.id == existing.id).values(
                     meta=meta, origin=p.origin, updated_at=now, **keep))
                 _set_acl(conn, existing.id, acl_rows)
@@ -135,7 +140,7 @@ def commit(store: Store, index: ChunkIndex, c: Collection, job_id: str, batch: l
                          for i, ch in enumerate(p.chunks)]
                 values = dict(title=p.parsed.title[:500], format=p.parsed.format, content_hash=p.data_hash,
                               size_bytes=p.size, chunk_count=len(items), pages=p.parsed.pages, meta=meta,
-                              origin=p.origin, job_id=job_id, updated_at=now, **keep)
+                              origin=p.origin, job_id=job_id, chunker=p.measure.version, updated_at=now, **keep)
                 if existing is None:
                     doc_id = new_id("doc")
                     conn.execute(documents.insert().values(id=doc_id, collection_id=c.id, source=p.source,
@@ -148,16 +153,23 @@ def commit(store: Store, index: ChunkIndex, c: Collection, job_id: str, batch: l
                 done.update(status="changed" if existing is not None else "new", document_id=doc_id,
                             chunks=len(items))
             conn.execute(job_items.update().where(job_items.c.id == p.item_id).values(**done))
+        cut = {p.measure.version for p in batch if p.parsed is not None and p.error is None}
+        if cut:
+            conn.execute(collections.update().where(collections.c.id == c.id).values(chunker=max(cut)))
 
 
-def known_hashes(store: Store, c: Collection, sources: list[str]) -> dict[str, str]:
-    """source → content hash of the documents that exist (for writers deciding what to upload)."""
+def known_hashes(store: Store, c: Collection, sources: list[str], chunker: str | None = None) -> dict[str, str]:
+    """source → content hash of the documents that exist (for writers deciding what to upload); with
+    `chunker`, only of those cut by that version (the others must be sent again, to be re-chunked)."""
     out: dict[str, str] = {}
     with reading(store) as conn:
         for i in range(0, len(sources), 500):
             part = sources[i:i + 500]
-            out.update(conn.execute(sa.select(documents.c.source, documents.c.content_hash).where(
-                documents.c.collection_id == c.id, documents.c.source.in_(part))).all())
+            q = sa.select(documents.c.source, documents.c.content_hash).where(
+                documents.c.collection_id == c.id, documents.c.source.in_(part))
+            if chunker is not None:
+                q = q.where(documents.c.chunker == chunker)
+            out.update(conn.execute(q).all())
     return out
 
 

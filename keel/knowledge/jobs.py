@@ -28,6 +28,7 @@ from keel.core.ids import new_id
 from keel.identity.principal import Principal
 from keel.knowledge import catalog, documents as docs
 from keel.knowledge.acl import Collection, can_write
+from keel.knowledge.chunking import measure_for
 from keel.knowledge.errors import EmptyFile, FileRejected, FileTooLarge
 from keel.knowledge.index import ChunkIndex, reading
 from keel.knowledge.parsers import format_of
@@ -273,12 +274,13 @@ class Worker:
         with reading(self.store) as conn:
             rows = conn.execute(sa.select(job_items).where(job_items.c.id.in_(item_ids)).order_by(
                 job_items.c.ordinal)).all()
-        hashes = docs.known_hashes(self.store, c, [r.source for r in rows])
+        measure = measure_for(self.embedder.gateway, c.embedding_model)
+        hashes = docs.known_hashes(self.store, c, [r.source for r in rows], chunker=measure.version)
         out = []
         for r in rows:
             try:
                 out.append(docs.prepare(r.id, r.source, r.origin, r.content or b"", r.options or {},
-                                        hashes.get(r.source), self.config.max_unzipped_bytes))
+                                        hashes.get(r.source), self.config.max_unzipped_bytes, measure))
             except Exception as exc:  # a parser bug on one file must not sink the batch; it is logged
                 log.exception("parser failed", extra={"source": r.source})
                 bad = docs.Prepared(r.id, r.source, r.origin, "", r.size_bytes, r.options or {})

@@ -23,6 +23,7 @@ from keel.identity.auth import principal
 from keel.identity.principal import Principal
 from keel.knowledge import answer as answers, catalog, documents as docs, jobs
 from keel.knowledge.acl import can_write
+from keel.knowledge.chunking import measure_for
 from keel.knowledge.search import Query, search
 from keel.knowledge.service import Knowledge
 
@@ -278,7 +279,8 @@ async def hashes(ref: str, body: SourcesIn, request: Request, p: Principal = Dep
 
     def go() -> dict[str, str]:
         c = catalog.get_writable(kn.store, p, ref)
-        return docs.known_hashes(kn.store, c, body.sources)
+        chunker = measure_for(kn.gateway, c.embedding_model).version
+        return docs.known_hashes(kn.store, c, body.sources, chunker=chunker)
 
     return json_response({"hashes": await run_in_threadpool(go)})
 

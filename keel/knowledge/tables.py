@@ -65,6 +65,7 @@ collections = sa.Table(
     sa.Column("embedding_model", sa.String(200), nullable=False),
     sa.Column("dims", sa.Integer, nullable=True),
     sa.Column("meta", sa.JSON, nullable=False),
+    sa.Column("chunker", sa.String(100), nullable=True),  # the version its latest ingest chunked with
     sa.Column("created_by", sa.String(40), nullable=True),
     sa.Column("created_at", TS, nullable=False),
     sa.Column("updated_at", TS, nullable=False),
@@ -96,6 +97,7 @@ documents = sa.Table(
     sa.Column("restricted", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("meta", sa.JSON, nullable=False),
     sa.Column("job_id", sa.String(40), nullable=True),
+    sa.Column("chunker", sa.String(100), nullable=True),  # `Measure.version` that cut its chunks; NULL: v1
     sa.Column("created_at", TS, nullable=False),
     sa.Column("updated_at", TS, nullable=False),
     sa.UniqueConstraint("collection_id", "source", name="uq_knowledge_documents_collection_source"),
