@@ -4,7 +4,7 @@ CSV) and `POST /v1/feedback`."""
 from __future__ import annotations
 
 import orjson
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from keel.core.errors import BadRequest, MalformedJSON
@@ -28,13 +28,16 @@ async def metrics(request: Request, p: Principal = Depends(principal)) -> Respon
 
 
 @router.get("/v1/usage", tags=["observe"])
-async def usage(request: Request, p: Principal = Depends(principal)) -> Response:
+async def usage(request: Request, p: Principal = Depends(principal),
+                group_by: str = Query("day", description="comma-separated dimensions"),
+                start: str | None = Query(None, description="ISO date or date-time (UTC); default 30 days before end"),
+                end: str | None = Query(None, description="ISO date or date-time (UTC), exclusive; default now"),
+                fmt: str = Query("json", alias="format", description="json or csv")) -> Response:
     """Tokens, cost, requests, errors, p50/p95 latency and feedback from the ledger, grouped by
     `group_by=day,team,key,user,use_case,task,model,deployment,provider,kind,status,workflow,workflow_run,agent,
     agent_run`, over `start`/`end` (default the last 30 days), filtered by `<dimension>=<value>`;
     `format=csv` for CSV. Admins and auditors see every call, builders their team's, others their own."""
-    params = dict(request.query_params)
-    fmt = params.get("format", "json")
+    params = dict(request.query_params)  # the parameters declared above (for the API reference) and filters
     if fmt not in ("json", "csv"):
         raise BadRequest(f"unknown format {fmt[:20]!r}", fix="use format=json or format=csv")
     q = ReportQuery.parse(params)
