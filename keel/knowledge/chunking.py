@@ -214,9 +214,11 @@ def _cut(text: str, spans: list[Unit], lo: int, hi: int) -> int:
     return hi
 
 
-def chunk(parsed: Parsed, measure: Measure | None = None, overlap: int = OVERLAP) -> list[Chunk]:
+def chunk(parsed: Parsed, measure: Measure | None = None, overlap: int = OVERLAP, *,
+          budget: int | None = None) -> list[Chunk]:
     """Chunks of `parsed`, in document order, each with its section path, page and span; with `measure`
-    (default: words) each fits its budget, so `measure.prefix(...) + text` fits the embedder's window."""
+    (default: words) each fits its budget, so `measure.prefix(...) + text` fits the embedder's window.
+    `budget` caps a chunk's tokens lower still."""
     measure = measure or Measure.words()
     text = parsed.text
     out: list[Chunk] = []
@@ -225,14 +227,15 @@ def chunk(parsed: Parsed, measure: Measure | None = None, overlap: int = OVERLAP
         if not units:
             continue
         section = " > ".join(s.path)
-        budget = measure.budget(measure.prefix(parsed.title, section))
+        room = measure.budget(measure.prefix(parsed.title, section))
+        room = min(room, budget) if budget else room
         cum = [0]
         for u in units:
             cum.append(cum[-1] + u[2])
         lo = 0
         while lo < len(units):
             # the most units from lo whose tokens fit the budget (at least one)
-            hi = max(bisect.bisect_right(cum, cum[lo] + budget) - 1, lo + 1)
+            hi = max(bisect.bisect_right(cum, cum[lo] + room) - 1, lo + 1)
             hi = _cut(text, units, lo, min(hi, len(units)))
             start, end = units[lo][0], units[hi - 1][1]
             out.append(Chunk(len(out), text[start:end], section, s.page, start, end, cum[hi] - cum[lo]))
