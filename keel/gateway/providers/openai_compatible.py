@@ -25,26 +25,12 @@ from keel.core.settings import DeploymentConfig
 from keel.gateway.protocol import (
     ChatDelta, ChatRequest, ChatResult, EmbedResult, ProviderContext, Usage, upstream_error,
 )
+from keel.gateway.providers.token_count import Encoder, estimate_tokens, load_tokenizer
 
 MAX_LINE = 2**21  # one SSE line, at most
 DRAIN_S = 1.0  # after the last event, how long to wait for the body's end so the connection can be reused
 PARSE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 _TYPED_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "seed", "tools", "tool_choice", "response_format")
-
-
-def estimate_tokens(messages: list[dict[str, Any]]) -> int:
-    """About four characters a token plus a small per-message overhead: no tokenizer exists for remote models."""
-    chars = 0
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
-        for call in m.get("tool_calls") or ():
-            fn = call.get("function") or {}
-            chars += len(fn.get("name") or "") + len(fn.get("arguments") or "")
-    return math.ceil(chars / 4) + 4 * len(messages) + 3
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
@@ -142,6 +128,7 @@ class HTTPProvider:
         self._secret: str | None = None
         self._hidden: tuple[str, ...] = ()  # header secrets' values, scrubbed from errors like the credential
         self._urls: dict[str, URL] = {}
+        self._encode: Encoder | bool | None = None  # options.tokenizer's counter once loaded; False: none
 
     def auth_headers(self, secret: str | None) -> dict[str, str]:
         """Headers that carry the credential (and API version) for this upstream."""
@@ -299,7 +286,12 @@ class HTTPProvider:
             return  # every event arrived; the caller's finally closes this connection instead of reusing it
 
     def count_tokens(self, messages: list[dict[str, Any]]) -> int:
-        return estimate_tokens(messages)
+        """The prompt's tokens (`keel.gateway.providers.token_count`): with `options.tokenizer`, the model's
+        own tokenizer for text; media never count as zero."""
+        if self._encode is None:
+            path = self.config.options.get("tokenizer")
+            self._encode = load_tokenizer(str(path), f"deployment {self.deployment}") if path else False
+        return estimate_tokens(messages, self._encode) if self._encode else estimate_tokens(messages)
 
     async def close(self) -> None:
         """Close the session; safe to call twice. That of a finished event loop can only be dropped."""
