@@ -16,7 +16,7 @@ from keel.agents.access import (definitions_visible, mandate_owner, may_change, 
 from keel.agents.errors import AgentPaused
 from keel.agents.loop import agent_workflow
 from keel.agents.mandate import Mandate, parse_mandate
-from keel.agents.store import STATUSES, AgentStore
+from keel.agents.store import FINAL, STATUSES, AgentStore
 from keel.agents.tables import agent_runs, agent_versions
 from keel.core.clock import iso, utcnow
 from keel.core.errors import BadRequest, Conflict, KeelError, NotFound
@@ -26,6 +26,7 @@ from keel.identity.principal import Principal
 from keel.workflows.durable import DBOS, Durable
 
 log = logging.getLogger("keel.agents")
+WAIT_POLL_S = 0.2  # how often a waiting caller reads the run's status (a run that waits for a person answers 202)
 
 
 class Agents:
@@ -120,11 +121,25 @@ class Agents:
         handle = await self._launch(row["id"])
         await asyncio.to_thread(self.agent_store.audit, "agent.run.started", p.user_id or p.key_id, row["team_id"],
                                 agent=name, run_id=row["id"], version=ver.version)
-        try:
-            await asyncio.wait_for(asyncio.shield(handle.get_result()), timeout=wait_s)
-        except TimeoutError:
-            pass  # still running or waiting for a person: the caller polls the run
+        await self._wait(handle, row["id"], wait_s)
         return await asyncio.to_thread(self.detail, name, row["id"], p)
+
+    async def _wait(self, handle: Any, run_id: str, wait_s: float) -> None:
+        """Until the run ends, waits for a person, or `wait_s` passes (the run itself goes on: the wait is
+        shielded, and the status is read from the store, so a run executing on another worker counts too)."""
+        loop = asyncio.get_running_loop()
+        result = asyncio.ensure_future(asyncio.shield(handle.get_result()))
+        deadline = loop.time() + wait_s
+        while (left := deadline - loop.time()) > 0:
+            done, _ = await asyncio.wait({result}, timeout=min(left, WAIT_POLL_S))
+            if done or await asyncio.to_thread(self._status, run_id) in ("waiting_approval", *FINAL):
+                break
+        if not result.done():
+            result.cancel()  # only the shield's outer future: the run is not touched
+
+    def _status(self, run_id: str) -> str | None:
+        with self.store.read() as conn:
+            return conn.execute(sa.select(agent_runs.c.status).where(agent_runs.c.id == run_id)).scalar()
 
     async def _launch(self, run_id: str) -> Any:
         from dbos import SetWorkflowID

@@ -2,7 +2,8 @@
 and the host and recipient allow-lists: parsed when a mandate is defined, checked before every tool call.
 
 A rule is `<argument path> <operator> <YAML value>`; no expression is ever evaluated. A rule on an argument
-the call does not give refuses the call (make the argument required, or drop the rule).
+the call does not give refuses the call, unless the path ends in `?` (`recipient? in [...]`: checked when
+given). `in`, `not in`, `matches` and `not matches` on a list argument check every element (`recipients in [a@x, b@x]`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-OPS = ("<=", ">=", "==", "!=", "<", ">", "not in", "in", "matches")
-_RULE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s+"
-                   r"(<=|>=|==|!=|<|>|not\s+in|in|matches)\s+(.+?)\s*$", re.DOTALL)
+OPS = ("<=", ">=", "==", "!=", "<", ">", "not in", "in", "not matches", "matches")
+_RULE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)(\??)\s+"
+                   r"(<=|>=|==|!=|<|>|not\s+in|in|not\s+matches|matches)\s+(.+?)\s*$", re.DOTALL)
 _MISSING = object()
 
 
@@ -29,19 +30,23 @@ class Rule:
     path: tuple[str, ...]
     op: str
     value: Any
+    optional: bool = False
 
     def holds(self, args: Any) -> bool:
         """Whether `args` satisfy the rule (an absent argument or a wrongly typed one does not)."""
         got: Any = args
         for part in self.path:
             got = got.get(part, _MISSING) if isinstance(got, dict) else _MISSING
-        if got is _MISSING:
-            return False
+        if got is _MISSING or (got is None and self.optional):
+            return self.optional
         if self.op in ("in", "not in"):
-            inside = any(_same(got, v) for v in self.value)
-            return inside if self.op == "in" else not inside
-        if self.op == "matches":
-            return isinstance(got, str) and re.fullmatch(self.value, got) is not None
+            items = got if isinstance(got, list) else [got]
+            inside = [any(_same(g, v) for v in self.value) for g in items]
+            return all(inside) if self.op == "in" else not any(inside)
+        if self.op in ("matches", "not matches"):
+            items = got if isinstance(got, list) else [got]
+            hits = [isinstance(g, str) and re.fullmatch(self.value, g) is not None for g in items]
+            return all(hits) if self.op == "matches" else not any(hits)
         if self.op in ("==", "!="):
             return _same(got, self.value) == (self.op == "==")
         if not _number(got) or not _number(self.value):
@@ -69,23 +74,23 @@ def parse_rule(text: str, tool: str | None = None, params: dict[str, Any] | None
     path = tuple(m.group(1).split("."))
     if tool and len(path) > 1 and path[0] == tool and tool not in ((params or {}).get("properties") or {}):
         path = path[1:]
-    op = " ".join(m.group(2).split())
+    op = " ".join(m.group(3).split())
     try:
-        value = yaml.safe_load(m.group(3))
+        value = yaml.safe_load(m.group(4))
     except yaml.YAMLError:
         raise ValueError(f"the value in rule {text!r} is not a YAML value") from None
     if op in ("in", "not in") and not isinstance(value, list):
         raise ValueError(f"rule {text!r}: '{op}' needs a list, e.g. [EUR, USD]")
-    if op == "matches":
+    if op in ("matches", "not matches"):
         if not isinstance(value, str):
-            raise ValueError(f"rule {text!r}: 'matches' needs a regular expression string")
+            raise ValueError(f"rule {text!r}: '{op}' needs a regular expression string")
         try:
             re.compile(value)
         except re.error as exc:
             raise ValueError(f"rule {text!r}: invalid regular expression ({exc})") from None
     if op in ("<", "<=", ">", ">=") and not _number(value):
         raise ValueError(f"rule {text!r}: '{op}' needs a number")
-    return Rule(text=text.strip(), path=path, op=op, value=value)
+    return Rule(text=text.strip(), path=path, op=op, value=value, optional=m.group(2) == "?")
 
 
 # -- allow-lists ------------------------------------------------------------------------------------

@@ -131,6 +131,14 @@ def test_rules_compare_without_evaluating_anything():
     assert parse_rule("kind not in [wire, crypto]").holds({"kind": "card"})
     with pytest.raises(ValueError):
         parse_rule("__import__('os').system('x') == 1")
+    assert not parse_rule("to in [a]").holds({}) and parse_rule("to? in [a]").holds({})
+    assert parse_rule("to? in [a]").holds({"to": None}) and not parse_rule("to? in [a]").holds({"to": "b"})
+    assert parse_rule("to in [a, b]").holds({"to": ["a", "b"]}) and not parse_rule("to in [a]").holds({"to": ["a", "x"]})
+    assert parse_rule("to not in [x]").holds({"to": ["a", "b"]}) and not parse_rule("to not in [x]").holds({"to": ["a", "x"]})
+    assert parse_rule("to in [a]").holds({"to": []})  # an empty list has no element outside
+    assert parse_rule("to matches 'a.*'").holds({"to": ["ab", "ac"]})
+    assert not parse_rule("to matches 'a.*'").holds({"to": ["ab", "x"]})
+    assert parse_rule("to not matches 'a.*'").holds({"to": "b"}) and not parse_rule("to not matches 'a.*'").holds({"to": "ab"})
 
 
 def test_host_and_recipient_allow_lists():
