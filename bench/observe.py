@@ -1,13 +1,14 @@
 """What tracing and metrics cost the gateway: server CPU per chat request with tracing off vs OTLP export
-to a loopback collector — every stage a span, only the calls, or 10% of traces sampled — in alternating
-rounds on one machine and one upstream; and the metrics' cost per ledger row.
+to a loopback collector — every stage a span, only the calls, or 10% of traces sampled — the four
+servers side by side, taking turns of `--batch` requests, on one machine and one upstream; and the
+metrics' cost per ledger row.
 
 CPU time of the Keel process per request, not wall-clock throughput: on a shared, busy machine it is
 the steadier measure of what each request costs. Metrics are always on (both columns carry them), so
 their share is measured on its own: `Metrics.observe_row` per row, against the traced-off CPU per request.
 Prints ONE JSON line.
 
-    .venv/bin/python bench/observe.py [--requests 800] [--rounds 2]
+    .venv/bin/python bench/observe.py [--requests 1200] [--batch 100] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -69,16 +70,23 @@ async def load(url: str, n: int, concurrency: int = 8) -> None:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-def measure(tmp: Path, upstream: str, env: dict[str, str], n: int) -> float:
-    """Server CPU milliseconds per request, after a warm-up."""
-    proc, url = start_keel(tmp, upstream, env)
+def measure(tmp: Path, upstream: str, modes: dict[str, dict[str, str]], n: int, batch: int) -> dict[str, float]:
+    """Server CPU milliseconds per request for each mode. The servers run side by side and take turns, `batch`
+    requests each, so a busy machine weighs on every mode alike."""
+    servers = {mode: start_keel(tmp / mode, upstream, env) for mode, env in modes.items()}
     try:
-        asyncio.run(load(url, 200))
-        before = cpu_s(proc.pid)
-        asyncio.run(load(url, n))
-        return (cpu_s(proc.pid) - before) * 1000 / n
+        for _, url in servers.values():
+            asyncio.run(load(url, 200))  # warm-up
+        cpu = dict.fromkeys(servers, 0.0)
+        for _ in range(max(1, n // batch)):
+            for mode, (proc, url) in servers.items():
+                before = cpu_s(proc.pid)
+                asyncio.run(load(url, batch))
+                cpu[mode] += cpu_s(proc.pid) - before
+        return {mode: c * 1000 / (max(1, n // batch) * batch) for mode, c in cpu.items()}
     finally:
-        stop(proc)
+        for proc, _ in servers.values():
+            stop(proc)
 
 
 def metrics_us_per_row(n: int = 200_000) -> float:
@@ -94,8 +102,9 @@ def metrics_us_per_row(n: int = 200_000) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=800)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=1200)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=100, help="requests per turn; the servers take turns")
     args = ap.parse_args()
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "tests.fakes.openai_upstream", "--port", str(up_port),
@@ -112,13 +121,13 @@ def main() -> None:
         wait_http(f"http://127.0.0.1:{up_port}/v1/models")
         with tempfile.TemporaryDirectory() as d:
             for r in range(args.rounds):
-                for mode, env in modes.items():
-                    results[mode].append(measure(Path(d) / f"{mode}{r}", f"http://127.0.0.1:{up_port}/v1", env,
-                                                 args.requests))
+                got = measure(Path(d) / f"r{r}", f"http://127.0.0.1:{up_port}/v1", modes, args.requests, args.batch)
+                for mode, v in got.items():
+                    results[mode].append(v)
     finally:
         stop(upstream)
         receiver.stop()
-    best = {k: min(vs) for k, vs in results.items()}
+    best = {k: sum(vs) / len(vs) for k, vs in results.items()}
     off = best["off"]
     metrics_us = metrics_us_per_row()
     print(json.dumps({
