@@ -65,7 +65,8 @@ class FakeGemini(FakeUpstream):
     def error_body(self, status: int, message: str) -> dict[str, Any]:
         err: dict[str, Any] = {"code": status, "message": message, "status": STATUS.get(status, "UNKNOWN")}
         if status == 429:
-            err["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{self.retry_after}s"}]
+            err["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                               "retryDelay": f"{self.retry_after}s"}]
         return {"error": err}
 
     def error_response(self, status: int, message: str) -> web.Response:

@@ -101,10 +101,9 @@ def test_request_is_signed_and_translates_to_converse(fake):
         {"toolResult": {"toolUseId": "call_1", "content": [{"text": "18C"}], "status": "success"}},
         {"toolResult": {"toolUseId": "call_2", "content": [{"json": {"celsius": 4}}], "status": "success"}},
         {"text": "Thanks!"}]
-    assert body["toolConfig"] == {"tools": [{"toolSpec": {"name": "get_weather",
-                                                          "description": "Current weather in a city",
-                                                          "inputSchema": {"json": WEATHER_TOOL["function"]["parameters"]}}}],
-                                  "toolChoice": {"auto": {}}}
+    spec = {"name": "get_weather", "description": "Current weather in a city",
+            "inputSchema": {"json": WEATHER_TOOL["function"]["parameters"]}}
+    assert body["toolConfig"] == {"tools": [{"toolSpec": spec}], "toolChoice": {"auto": {}}}
     assert body["inferenceConfig"] == {"maxTokens": 50, "temperature": 0.1, "stopSequences": ["END"]}
     assert result.content.startswith("The tool said:") and result.usage.prompt_tokens > 0
 

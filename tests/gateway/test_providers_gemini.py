@@ -73,8 +73,9 @@ def test_request_translates_to_generate_content(fake):
     assert body["contents"][2]["parts"] == [
         {"functionResponse": {"name": "get_weather", "response": {"celsius": 18}}},
         {"functionResponse": {"name": "get_weather", "response": {"result": "4C"}}}]
-    assert body["tools"] == [{"functionDeclarations": [{"name": "get_weather", "description": "Current weather in a city",
-                                                        "parametersJsonSchema": WEATHER_TOOL["function"]["parameters"]}]}]
+    declared = {"name": "get_weather", "description": "Current weather in a city",
+                "parametersJsonSchema": WEATHER_TOOL["function"]["parameters"]}
+    assert body["tools"] == [{"functionDeclarations": [declared]}]
     assert body["toolConfig"] == {"functionCallingConfig": {"mode": "AUTO"}}
     assert body["generationConfig"] == {"maxOutputTokens": 50, "temperature": 0.2, "stopSequences": ["END"]}
     assert result.content.startswith("The tool said:") and result.finish_reason == "stop"
