@@ -24,7 +24,8 @@ class DeploymentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     alias: str = Field(min_length=1, description="public model name clients send, e.g. `local-chat`")
-    provider: str = Field(description="`local`, `local_embed`, `openai_compatible`, `anthropic`, or a plugin's name")
+    provider: str = Field(description="`local`, `local_embed`, `openai_compatible`, `anthropic`, `azure_openai`, "
+                          "`gemini`, `bedrock`, a preset (`vllm`, `ollama`, `groq`, …), or a plugin's name")
     model: str = Field(default="", description="the upstream model name")
     id: str | None = Field(default=None, description="deployment id; defaults to `alias/provider/model`")
     kind: Literal["chat", "embedding", "rerank"] = "chat"
