@@ -399,6 +399,9 @@ class Gateway:
                 await inner.aclose()
             if call.usage.total_tokens == 0 and call.provider is not None and call.chat is not None:
                 call.usage = self._estimate(call, "".join(texts))
+            if span is not None and call.annotations.get("trace_content") and call.chat is not None \
+                    and span.is_recording():  # the prompt as the guards left it; a streamed answer is not kept
+                span.set_attribute("gen_ai.input.messages", content(call.chat.messages))
             self._finish(call, span, error=error)
 
     @staticmethod

@@ -151,6 +151,15 @@ def test_one_trace_per_request_with_the_span_tree_genai_attributes_and_redacted_
         assert not any(k.startswith("gen_ai.input") or k.startswith("gen_ai.output")
                        for s in other for k in s["attributes"])
         assert "secret plans" not in str(other)
+
+        # A stream: its prompt is recorded (redacted), its answer is not.
+        trace_id = secrets.token_hex(16)
+        r3 = chat(srv, "stream to carol@example.com", headers={"traceparent": f"00-{trace_id}-{CALLER_SPAN}-01"},
+                  stream=True)
+        assert r3.status_code == 200 and "data:" in r3.text
+        streamed = next(s for s in spans_of(receiver, trace_id, 10) if s["name"] == "chat cloud")["attributes"]
+        assert "stream to" in streamed["gen_ai.input.messages"] and "carol@" not in str(streamed)
+        assert "gen_ai.output.messages" not in streamed
     finally:
         receiver.stop()
 
