@@ -23,6 +23,7 @@ from keel.core.errors import KeelError
 from keel.gateway.pipeline import Call
 from keel.gateway.protocol import ChatRequest
 from keel.identity.principal import Principal
+from keel.observe.tracing import span
 from keel.workflows import approvals
 from keel.workflows.durable import DBOS
 from keel.workflows.spec_types import StepSpec
@@ -42,7 +43,7 @@ def agent_workflow() -> Any:
 
         @dbos_cls.workflow(name="keel.agent_run", max_recovery_attempts=50)
         async def run(run_id: str) -> dict[str, Any]:
-            return await AgentEngine.current().execute(run_id)
+            return await AgentEngine.current().traced(run_id)
 
         _registered.append(run)
     return _registered[0]
@@ -67,8 +68,9 @@ class AgentEngine:
 
     def __init__(self, store: AgentStore, gateway: Any, parts: ToolParts, approval_parts: StepParts,
                  flush_ledger: Callable[[], Any], *, model_slots: int = 2,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, tracing: Any = None) -> None:
         self.store, self.gateway, self.parts = store, gateway, parts
+        self.tracing = tracing  # keel.observe's: each run one trace, each model call and tool call a span
         self.approval_parts, self.flush_ledger, self.clock = approval_parts, flush_ledger, clock
         self.model_slots = asyncio.Semaphore(model_slots)
         agent_workflow()
@@ -81,6 +83,13 @@ class AgentEngine:
         return cls._current
 
     # -- the loop ---------------------------------------------------------------------------------
+    async def traced(self, run_id: str) -> dict[str, Any]:
+        """`execute` as one trace (each resumption after a crash its own) when tracing is on."""
+        if self.tracing is None:
+            return await self.execute(run_id)
+        with self.tracing.root("agent run", **{"keel.agent_run_id": run_id}):
+            return await self.execute(run_id)
+
     async def execute(self, run_id: str) -> dict[str, Any]:
         row = await asyncio.to_thread(self.store.load_run, run_id)
         if row is None:
@@ -97,7 +106,9 @@ class AgentEngine:
             seq = 0
             while True:
                 seq += 1
-                out = await DBOS.run_step_async({"name": f"model.{seq}"}, self.model_step, run, messages, state, seq)
+                with span("agent model", {"keel.agent": run.agent, "keel.agent.seq": seq}):
+                    out = await DBOS.run_step_async({"name": f"model.{seq}"}, self.model_step, run, messages, state,
+                                                    seq)
                 if "stop" in out:
                     return await self._finish(run, "stopped", error=out["stop"])
                 state["steps"] += 1
@@ -109,7 +120,9 @@ class AgentEngine:
                     return await self._finish(run, "completed", answer=msg.get("content") or "")
                 for call in msg["tool_calls"]:
                     seq += 1
-                    res = await self.tool_call(run, call, state, seq)
+                    tool = str((call.get("function") or {}).get("name") or "")
+                    with span(f"agent tool {tool}", {"keel.agent": run.agent, "keel.agent.seq": seq}):
+                        res = await self.tool_call(run, call, state, seq)
                     messages.append({"role": "tool", "tool_call_id": call.get("id") or f"call_{seq}",
                                      "content": res["content"]})
                     if "stop" in res:

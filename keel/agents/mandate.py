@@ -15,9 +15,12 @@ from typing import Any
 
 import yaml
 from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
 
+from keel.agents import plugins
 from keel.agents.errors import MandateError
 from keel.agents.rules import Rule, parse_rule, valid_host_entry, valid_recipient_entry
+from keel.core.errors import KeelError
 from keel.identity.principal import ROLES
 from keel.workflows.spec_checks import NAME, SECRET_NAME, Checker, Path, kind_of
 
@@ -25,8 +28,6 @@ AGENT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,47}$")  # an approval's `workflow` 
 TOOL_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]{0,63}$")
 TABLE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 TOP_KEYS = ("name", "description", "goal", "instructions", "model", "collections", "tools", "budgets", "approvals")
-TOOL_KEYS = ("description", "parameters", "rules", "allow_hosts", "methods", "allow_recipients", "tables",
-             "max_calls_per_run", "max_calls_per_day", "endpoint", "headers")
 BUDGET_KEYS = ("steps", "tokens", "cost", "wall_time", "max_tokens_per_call")
 APPROVAL_KEYS = ("tool", "when", "approvers", "timeout")
 HTTP_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
@@ -56,13 +57,15 @@ BUILTIN_DESCRIPTIONS = {
 }
 # the keys each kind of tool takes besides description, rules and call counts
 KIND_KEYS = {"retrieve": (), "http": ("allow_hosts", "methods", "headers"), "record": ("tables",),
-             "notify": ("allow_recipients",), "ask_human": (), "endpoint": ("endpoint", "parameters", "headers")}
+             "notify": ("allow_recipients",), "ask_human": (), "endpoint": ("endpoint", "parameters", "headers"),
+             "python": ("entry_point",)}
 COMMON_TOOL_KEYS = ("description", "rules", "max_calls_per_run", "max_calls_per_day")
 
 
 @dataclass(frozen=True)
 class ToolSpec:
-    """One tool the mandate allows: a built-in (`kind` = its name) or an HTTP `endpoint` that takes the arguments."""
+    """One tool the mandate allows: a built-in (`kind` = its name), an HTTP `endpoint` that takes the arguments, or
+    a Python tool (`python`) from a `keel.tools` entry point."""
 
     name: str
     kind: str
@@ -77,6 +80,7 @@ class ToolSpec:
     max_calls_per_day: int | None = None
     endpoint: str | None = None
     headers: dict[str, str] = field(default_factory=dict)  # header → vault secret name
+    entry_point: str | None = None
 
     def openai(self) -> dict[str, Any]:
         """The tool as OpenAI's `tools` entry."""
@@ -154,10 +158,24 @@ def _tool(ck: Checker, name: Any, raw: Any) -> ToolSpec | None:
     if not isinstance(raw, dict):
         ck.error(path, f"a tool must be a mapping (got {kind_of(raw)})")
         return None
-    kind = name if name in BUILTIN_SCHEMAS else "endpoint"
+    kind = name if name in BUILTIN_SCHEMAS else "python" if "entry_point" in raw else "endpoint"
     ck.unknown_keys(raw, path, COMMON_TOOL_KEYS + KIND_KEYS[kind],
-                    f"the built-in tool {name}" if kind != "endpoint" else "an endpoint tool")
-    if kind == "endpoint":
+                    f"the built-in tool {name}" if kind in BUILTIN_SCHEMAS else f"a{'n' if kind == 'endpoint' else ''} "
+                                                                                  f"{kind} tool")
+    entry_point, plugin = None, None
+    if kind == "python":
+        endpoint, params = None, {"type": "object"}
+        entry_point = ck.text(raw, path, "entry_point", required=True, template=False, pattern=TOOL_NAME)
+        if entry_point is not None:
+            try:
+                plugin = plugins.get(entry_point)
+                params = {"additionalProperties": False, **plugin.parameters}
+                Draft202012Validator.check_schema(params)
+                if params.get("type") != "object":
+                    raise ValueError("its parameters are not a JSON Schema with type: object")
+            except (KeelError, SchemaError, ValueError) as exc:
+                ck.error(path + ("entry_point",), getattr(exc, "detail", None) or getattr(exc, "message", str(exc)))
+    elif kind == "endpoint":
         endpoint = ck.text(raw, path, "endpoint", required=True, template=False)
         if endpoint is not None and not re.match(r"^https?://[^/\s]+", endpoint):
             ck.error(path + ("endpoint",), f"{endpoint!r} is not an http(s) URL (a tool that is not built in "
@@ -170,6 +188,8 @@ def _tool(ck: Checker, name: Any, raw: Any) -> ToolSpec | None:
         params = {"additionalProperties": False, **(params or {"type": "object"})}
     else:
         endpoint, params = None, BUILTIN_SCHEMAS[kind]
+    description = ck.text(raw, path, "description", template=False) or BUILTIN_DESCRIPTIONS.get(kind) or (
+        str(plugin.description) if plugin is not None else name)
     rules = []
     for j, text in enumerate(ck.str_list(raw, path, "rules", default=[], allow_empty=True) or []):
         try:
@@ -200,12 +220,12 @@ def _tool(ck: Checker, name: Any, raw: Any) -> ToolSpec | None:
                 or not SECRET_NAME.match(ref["secret"]):
             ck.error(path + ("headers", h), "a header's value is {secret: NAME}, a vault secret of the agent's team")
     methods = tuple(ck.str_list(raw, path, "methods", default=["GET"], choices=HTTP_METHODS) or ["GET"])
-    description = ck.text(raw, path, "description", template=False) or BUILTIN_DESCRIPTIONS.get(kind, name)
     return ToolSpec(name=name, kind=kind, description=description, parameters=params, rules=tuple(rules),
                     allow_hosts=hosts, methods=methods, allow_recipients=recipients, tables=tables,
                     max_calls_per_run=_int(ck, raw, path, "max_calls_per_run", 10_000),
                     max_calls_per_day=_int(ck, raw, path, "max_calls_per_day", 10_000_000), endpoint=endpoint,
-                    headers={h: r["secret"] for h, r in headers.items() if isinstance(r, dict) and "secret" in r})
+                    headers={h: r["secret"] for h, r in headers.items() if isinstance(r, dict) and "secret" in r},
+                    entry_point=entry_point)
 
 
 def _budgets(ck: Checker, data: dict[str, Any]) -> Budgets:

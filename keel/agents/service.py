@@ -33,7 +33,7 @@ def attach(app: Any, settings: Any, store: Any, gateway: Any, knowledge: Any) ->
                                flush_ledger=flush)
     AgentEngine(agent_store, gateway, ToolParts(store=agent_store, knowledge=knowledge, vault=app.state.vault,
                                                 egress=egress), approval_parts, flush,
-                model_slots=settings.workflow_model_concurrency)
+                model_slots=settings.workflow_model_concurrency, tracing=app.state.observe.tracing)
     svc = Agents(agent_store, workflows.durable, app.state.vault)
     system = Principal(key_id="system", role="admin")
     folder = getattr(settings, "agents_dir", Path("agents"))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from keel.agents import plugins
 from keel.agents.mandate import Mandate, ToolSpec
 from keel.agents.store import AgentStore
 from keel.identity.principal import Principal
@@ -102,5 +103,12 @@ async def run_notify(parts: ToolParts, c: ToolCall) -> Any:
     return {"to": c.args["to"], "status": "outbox"}
 
 
+async def run_python(parts: ToolParts, c: ToolCall) -> Any:
+    """A `keel.tools` entry point's tool, with the checked arguments and what it may know of the run."""
+    tool = plugins.get(str(c.tool.entry_point))
+    return await tool.call(dict(c.args), {"run_id": c.run_id, "agent": c.agent, "team_id": c.team_id,
+                                          "idempotency_key": c.idempotency_key})
+
+
 EXECUTORS = {"retrieve": run_retrieve, "http": run_http, "endpoint": run_endpoint, "record": run_record,
-             "notify": run_notify}
+             "notify": run_notify, "python": run_python}

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import problem
-from tests.agents.conftest import ScriptedModel, define, run, say
+from tests.agents.conftest import ScriptedModel, call, define, run, say
 from tests.knowledge.conftest import make_key, make_team
 
 pytestmark = pytest.mark.store
+PLUGINS = Path(__file__).parent / "plugin_pkg"
 
 SIMPLE = """\
 name: {name}
@@ -25,11 +27,13 @@ tools:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, module_server_factory):
-    model = ScriptedModel({"hello": [say("hello back")]}).start()
+    model = ScriptedModel({"hello": [say("hello back")],
+                           "lookup": [call("lookup", {"customer_id": "c-7"}), call("lookup", {"customer_id": "7"}),
+                                      call("lookup", {"customer_id": "c-1"}), say("Ann is on gold.")]}).start()
     base = tmp_path_factory.mktemp("agents-api")
     (base / "keel.yaml").write_text(f"models:\n  - {{alias: agent-model, provider: openai_compatible, model: m, "
                                     f"base_url: {model.url}}}\n")
-    srv = module_server_factory(config=base / "keel.yaml")
+    srv = module_server_factory(config=base / "keel.yaml", PYTHONPATH=str(PLUGINS))  # a package with a keel.tools tool
     for team in ("red", "blue"):
         make_team(srv, team)
     keys = {(role, team): make_key(srv, role, team) for role in ("builder", "member") for team in ("red", "blue")}
@@ -160,3 +164,17 @@ def test_the_cli_defines_runs_and_pauses(world, tmp_path):
     bad.write_text("name: Bad\n")
     r = keel("define", str(bad))
     assert r.returncode != 0 and "line 1" in (r.stdout + r.stderr)
+
+
+def test_entry_point_tools_are_found_and_checked_like_any_tool(world):
+    """A `keel.tools` entry point of an installed package is a tool: its schema and the mandate's rules apply."""
+    srv, builder = world["srv"], world["keys"][("builder", "red")]
+    r = define(srv, "name: lookup_agent\nmodel: agent-model\ngoal: g\ntools:\n  lookup: {entry_point: nope}\n",
+               key=builder, status=(422,))
+    assert r.json()["errors"][0]["field"] == "tools.lookup.entry_point" and "customer_lookup" in r.text
+    define(srv, "name: lookup_agent\nmodel: agent-model\ngoal: g\ntools:\n"
+                "  lookup: {entry_point: customer_lookup, rules: [customer_id != c-1]}\n", key=builder)
+    out = run(srv, "lookup_agent", "[script:lookup] who is c-7?", key=world["keys"][("member", "red")])
+    tools = [(a["decision"], a["rule"]) for a in out["actions"] if a["kind"] == "tool"]
+    assert tools == [("allowed", None), ("refused", "parameters"), ("refused", "rules[0]: customer_id != c-1")]
+    assert '"name": "Ann Example"' in out["actions"][1]["result"] and out["status"] == "completed"
