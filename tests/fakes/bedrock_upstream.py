@@ -119,8 +119,9 @@ class FakeBedrock(FakeUpstream):
         self.access_key, self.secret_key, self.region = access_key, secret_key, region
 
     def routes(self, router: web.UrlDispatcher) -> None:
-        router.add_post("/model/{model}/converse", self.converse)
-        router.add_post("/model/{model}/converse-stream", self.converse)
+        # A model id may be an ARN with "/" in it, sent percent-encoded: matched on the decoded path.
+        router.add_post("/model/{model:.+}/converse", self.converse)
+        router.add_post("/model/{model:.+}/converse-stream", self.converse)
 
     def error_body(self, status: int, message: str) -> dict[str, Any]:
         return {"message": message}

@@ -141,6 +141,12 @@ def test_a_wrong_secret_key_is_refused_by_the_signature_check_and_never_shown(fa
         assert SECRET not in json.dumps(e.to_problem()) + repr(e.__dict__)
 
 
+def test_an_inference_profile_arn_is_sent_percent_encoded_and_signed_as_such(fake):
+    arn = "arn:aws:bedrock:eu-west-1:123456789012:inference-profile/eu.anthropic.claude-3-5-haiku-v1:0"
+    result = run_with(make(fake.url, model=arn), lambda p: p.chat(chat_request()))
+    assert result.content and fake.received[-1]["path"] == f"/model/{arn}/converse"  # the signature held
+
+
 def test_a_bedrock_api_key_is_sent_as_a_bearer_token(fake):
     run_with(make(fake.url, secret=API_KEY), lambda p: p.chat(chat_request()))
     assert fake.received[-1]["headers"]["Authorization"] == f"Bearer {API_KEY}"

@@ -227,3 +227,57 @@ def test_preset_errors_keep_retry_after_and_hide_the_key(preset_fake):
     assert isinstance(err, UpstreamRefused) and "gsk_wrong_" not in json.dumps(err.to_problem())
 
 
+
+
+# -- extra headers from the vault ----------------------------------------------------------------------------
+
+HEADER_SECRET = "corp-" + "h3ad3r" * 6
+
+
+def with_headers(url: str, secrets: dict[str, str], **options: Any) -> Any:
+    def header_secret(name: str) -> str:
+        if name not in secrets:
+            from keel.identity.vault import denied
+            raise denied(name, None, "http_header")
+        return secrets[name]
+    cfg = DeploymentConfig(alias="g", provider="groq", model="m", base_url=url, credential="key", options=options)
+    return registry.get("groq")(cfg, ProviderContext(get_secret={"key": KEY}.__getitem__,
+                                                     get_header_secret=header_secret))
+
+
+def test_secret_headers_are_sent_and_scrubbed_from_errors(preset_fake):
+    p = with_headers(preset_fake.url, {"corp": HEADER_SECRET}, secret_headers={"X-Corp-Token": "corp"},
+                     headers={"X-Team": "platform"})
+    run_with(p, lambda p: p.chat(chat_request()))
+    seen = preset_fake.received[-1]["headers"]
+    assert seen["X-Corp-Token"] == HEADER_SECRET and seen["X-Team"] == "platform"
+
+    class Echo(FakeAlwaysUsage):
+        def check_auth(self, request):
+            return self.error_response(400, f"bad header {request.headers.get('X-Corp-Token')}")
+
+    with Echo() as echo:
+        for call in (lambda p: expect_error(p.chat(chat_request())),
+                     lambda p: expect_error(p.stream(chat_request(stream=True)))):
+            err = with_headers(echo.url, {"corp": HEADER_SECRET}, secret_headers={"X-Corp-Token": "corp"})
+            err = run_with(err, call)
+            assert "bad header ***" in err.detail and HEADER_SECRET not in json.dumps(err.to_problem())
+
+
+@pytest.mark.parametrize("options,text", [
+    ({"secret_headers": {"X-Corp-Token": "nowhere"}}, "header secret 'nowhere'"),
+    ({"secret_headers": ["X-Corp-Token"]}, "options.secret_headers must map"),
+    ({"secret_headers": {"X-Corp-Token": ""}}, "options.secret_headers must map"),
+])
+def test_unusable_secret_headers_are_config_errors_before_any_request(preset_fake, options, text):
+    with pytest.raises(ConfigError, match=text) as exc:
+        run_with(with_headers(preset_fake.url, {}, **options), lambda p: p.chat(chat_request()))
+    assert exc.value.fix
+    assert preset_fake.stats()["requests"] == 0
+
+
+def test_a_header_secret_with_a_line_break_is_refused():
+    p = with_headers("http://127.0.0.1:9/v1", {"corp": "a\r\nX-Evil: 1"}, secret_headers={"X-Corp-Token": "corp"})
+    with pytest.raises(ConfigError, match="X-Corp-Token' has a character HTTP does not allow") as exc:
+        run_with(p, lambda p: p.chat(chat_request()))
+    assert "X-Evil" not in exc.value.detail and "line breaks" in exc.value.fix

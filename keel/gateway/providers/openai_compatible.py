@@ -178,8 +178,10 @@ class HTTPProvider:
         for header, name in named.items():
             try:
                 values[header] = self.ctx.get_header_secret(name)  # type: ignore[misc]
-            except KeelError:
-                raise
+            except KeelError as exc:  # missing, or not a global http_header secret: the deployment's mistake
+                raise ConfigError(f"deployment {self.deployment}: header secret {name!r}: {exc.detail}",
+                                  fix=exc.fix or f"keel secrets set {name} --use http_header",
+                                  deployment=self.deployment) from None
             except Exception as exc:  # a foreign vault error becomes a config error, without its text
                 raise ConfigError(f"header secret {name!r} of deployment {self.deployment} could not be read "
                                   f"({type(exc).__name__})", fix=f"store it: keel secrets set {name} --use "
