@@ -284,3 +284,38 @@ def test_retrieval_is_a_span_of_the_search_request(server_factory, tmp_path, ups
         assert "embeddings emb" in tree(spans)["retrieval"]
     finally:
         receiver.stop()
+
+
+def test_an_agent_run_is_one_trace_with_a_span_per_action(server_factory, tmp_path):
+    """An agent run starts its own trace: a span per model call (the gateway's spans under it) and per tool call."""
+    from tests.agents.conftest import ScriptedModel, call, define, run, say
+
+    model = ScriptedModel({"note": [call("notify", {"to": "ops@acme.example", "subject": "s", "body": "b"}),
+                                    say("Sent.")]}).start()
+    receiver = HttpReceiver().start()
+    try:
+        cfg = tmp_path / "keel.yaml"
+        cfg.write_text(f"models:\n  - {{alias: agent-model, provider: openai_compatible, model: m, "
+                       f"base_url: {model.url}}}\n")
+        srv = server_factory(config=cfg, KEEL_TRACE_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
+                             OTEL_BSP_SCHEDULE_DELAY="50")
+        define(srv, "name: notifier\nmodel: agent-model\ngoal: g\ntools:\n"
+                    "  notify: {allow_recipients: [\"*@acme.example\"]}\n")
+        out = run(srv, "notifier", "[script:note] tell ops")
+        assert out["status"] == "completed", out
+
+        def run_trace() -> list[dict[str, Any]] | None:
+            with receiver.lock:
+                root = [s for s in receiver.spans if s["name"] == "agent run"
+                        and s["attributes"].get("keel.agent_run_id") == out["id"]]
+            spans = receiver.trace(root[0]["trace_id"]) if root else []
+            return spans if sum(s["name"] == "agent model" for s in spans) == 2 else None
+        spans = eventually(run_trace, timeout=20)
+        t = tree(spans)
+        assert sorted(t["agent run"]) == ["agent model", "agent model", "agent tool notify"]
+        assert all(s["attributes"]["keel.agent"] == "notifier" for s in spans
+                   if s["name"] in ("agent model", "agent tool notify"))
+        assert any(s["name"] == "chat m" for s in spans)
+    finally:
+        receiver.stop()
+        model.stop()
