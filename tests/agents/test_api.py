@@ -15,6 +15,7 @@ from tests.knowledge.conftest import make_key, make_team
 
 pytestmark = pytest.mark.store
 PLUGINS = Path(__file__).parent / "plugin_pkg"
+POLICY = "name: agents-test\nguards:\n  context: {injection: quote, secrets: redact}\n"
 
 SIMPLE = """\
 name: {name}
@@ -29,11 +30,14 @@ tools:
 def world(tmp_path_factory, module_server_factory):
     model = ScriptedModel({"hello": [say("hello back")],
                            "lookup": [call("lookup", {"customer_id": "c-7"}), call("lookup", {"customer_id": "7"}),
-                                      call("lookup", {"customer_id": "c-1"}), say("Ann is on gold.")]}).start()
+                                      call("lookup", {"customer_id": "c-1"}), say("Ann is on gold.")],
+                           "note": [call("note", {}), say("noted")]}).start()
     base = tmp_path_factory.mktemp("agents-api")
     (base / "keel.yaml").write_text(f"models:\n  - {{alias: agent-model, provider: openai_compatible, model: m, "
                                     f"base_url: {model.url}}}\n")
-    srv = module_server_factory(config=base / "keel.yaml", PYTHONPATH=str(PLUGINS))  # a package with a keel.tools tool
+    (base / "policy.yaml").write_text(POLICY)
+    srv = module_server_factory(config=base / "keel.yaml", PYTHONPATH=str(PLUGINS),  # a package with keel.tools
+                                KEEL_POLICY_FILE=str(base / "policy.yaml"))
     for team in ("red", "blue"):
         make_team(srv, team)
     keys = {(role, team): make_key(srv, role, team) for role in ("builder", "member") for team in ("red", "blue")}
@@ -41,7 +45,7 @@ def world(tmp_path_factory, module_server_factory):
     keys["scoped"] = make_key(srv, "member", "red", agents=["other"])
     define(srv, SIMPLE.format(name="red_helper", goal="help"), key=keys[("builder", "red")])
     try:
-        yield {"srv": srv, "keys": keys}
+        yield {"srv": srv, "keys": keys, "model": model}
     finally:
         srv.stop()
         model.stop()
@@ -178,3 +182,15 @@ def test_entry_point_tools_are_found_and_checked_like_any_tool(world):
     tools = [(a["decision"], a["rule"]) for a in out["actions"] if a["kind"] == "tool"]
     assert tools == [("allowed", None), ("refused", "parameters"), ("refused", "rules[0]: customer_id != c-1")]
     assert '"name": "Ann Example"' in out["actions"][1]["result"] and out["status"] == "completed"
+
+
+def test_tool_output_passes_the_context_guards_before_the_model_sees_it(world):
+    """An injection in a tool's result reaches the model quoted as inert data, and a secret in it redacted."""
+    srv, model = world["srv"], world["model"]
+    define(srv, "name: note_agent\nmodel: agent-model\ngoal: g\ntools:\n  note: {entry_point: read_note}\n",
+           key=world["keys"][("builder", "red")])
+    out = run(srv, "note_agent", "[script:note] read the note", key=world["keys"][("member", "red")])
+    assert out["status"] == "completed", out
+    seen = [m for r in model.received if r["path"].endswith("/chat/completions")
+            for m in r["body"]["messages"] if m["role"] == "tool" and "customer list" in (m.get("content") or "")]
+    assert seen and all("<untrusted-data" in m["content"] and "AKIAIOSFODNN7EXAMPLE" not in m["content"] for m in seen)
