@@ -20,6 +20,7 @@ from keel.agents.policy import Decision, check_call
 from keel.agents.store import AgentStore
 from keel.agents.tools import EXECUTORS, ToolCall, ToolParts, as_text
 from keel.core.errors import KeelError
+from keel.core.logs import redactor
 from keel.gateway.pipeline import Call
 from keel.gateway.protocol import ChatRequest
 from keel.identity.principal import Principal
@@ -151,7 +152,8 @@ class AgentEngine:
         written = self.store.log_action({
             "run_id": run.id, "seq": seq, "agent": run.agent, "version": run.version, "principal": run.actor,
             "team_id": run.team_id, "kind": kind, "tool": tool, "arguments": args, "decision": decision,
-            "rule": rule, "detail": detail[:2000], "result": None if result is None else result[:1000],
+            "rule": rule, "detail": redactor.scrub(detail[:2000]),
+            "result": None if result is None else redactor.scrub(result[:1000]),  # vault values and keys: ***
             "tokens": tokens, "cost": cost})
         if written:
             self.store.audit_quietly(f"agent.action.{decision}", run.actor, run.team_id, run_id=run.id,
