@@ -62,7 +62,7 @@ def test_provider_reranker_orders_cuts_echoes_and_meters(srv, upstreams):
     assert r.status_code == 200, r.text
     out = r.json()
     assert [x["index"] for x in out["results"]] == [3, 1]
-    assert out["results"][0]["document"] == {"text": DOCS[3]["text"], "id": "doc-4"}
+    assert out["results"][0]["document"] == {"text": DOCS[3]["text"]}  # Cohere v2's echo: the text
     assert out["results"][1]["document"] == {"text": DOCS[1]}
     assert out["results"][0]["relevance_score"] >= out["results"][1]["relevance_score"]
     sent = [x["body"] for x in rr.received if x["path"] == "/v1/rerank"][-1]
@@ -125,6 +125,7 @@ def test_a_chat_model_is_not_a_reranker(srv):
     ({"model": "rerank", "query": "q", "documents": ["a"], "top_n": 0}, 422),
     ({"model": "rerank", "query": "q", "documents": ["a"], "rank_fields": ["title"]}, 400),
     ({"model": "rerank", "query": "q", "documents": ["doc"] * 10_000}, 422),
+    ({"model": "rerank", "query": "q", "documents": ["a"], "metadata": {"n": 10**30}}, 422),
 ])
 def test_malformed_and_oversized_requests_are_4xx(srv, body, status):
     assert problem(post(srv, body), status)["code"]

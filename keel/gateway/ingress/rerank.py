@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from keel.core.errors import BadRequest
 from keel.core.http import JSONAnswer
@@ -22,6 +22,7 @@ from keel.core.logs import request_id_var
 from keel.gateway.pipeline import Call, Gateway
 from keel.gateway.reranking import MAX_DOCUMENT_CHARS, MAX_DOCUMENTS, MAX_QUERY_CHARS, RerankRequest
 from keel.gateway.routes import answer_headers
+from keel.gateway.schemas import check_metadata
 from keel.identity.auth import principal
 from keel.identity.principal import Principal
 
@@ -29,13 +30,13 @@ router = APIRouter()
 
 
 class TextDocument(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore")
     text: str = Field(max_length=MAX_DOCUMENT_CHARS)
 
 
 class RerankBody(BaseModel):
-    """Cohere/Jina rerank request. Documents are strings or `{"text": …}` objects (other fields kept
-    only in the echoed document)."""
+    """Cohere/Jina rerank request. Documents are strings or `{"text": …}` objects (other fields are
+    ignored; the echoed document is `{"text": …}`, as Cohere's v2 answers)."""
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=256)
@@ -46,6 +47,12 @@ class RerankBody(BaseModel):
     max_chunks_per_doc: int | None = None  # Cohere v1; accepted, not used: each document is one passage
     rank_fields: list[str] | None = None  # Cohere v1; only `text` is ranked
     metadata: dict[str, Any] | None = None
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, v: Any) -> Any:
+        check_metadata(v)  # strings only, bounded: it goes into the ledger like a chat call's
+        return v
 
 
 def _texts(body: RerankBody) -> list[str]:
@@ -75,7 +82,7 @@ async def rerank(body: RerankBody, request: Request, p: Principal = Depends(prin
         item: dict[str, Any] = {"index": i, "relevance_score": score}
         if body.return_documents:
             doc = body.documents[i]
-            item["document"] = {"text": doc} if isinstance(doc, str) else doc.model_dump()
+            item["document"] = {"text": doc if isinstance(doc, str) else doc.text}
         results.append(item)
     out = {"id": f"rerank-{call.request_id}", "object": "rerank", "model": body.model, "results": results,
            "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
