@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from keel.core.errors import BadRequest, UpstreamError, UpstreamRateLimited, UpstreamRejected, UpstreamTimeout
+from keel.core.errors import BadRequest, NotSupported, UpstreamError, UpstreamRateLimited, UpstreamRejected, UpstreamTimeout
 from keel.core.settings import DeploymentConfig
 from keel.gateway import registry
 from keel.gateway.protocol import ProviderContext
@@ -119,6 +119,14 @@ def test_a_tool_result_without_its_call_is_the_callers_mistake_before_any_reques
     req = chat_request(messages=[{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "x",
                                                                      "content": "1"}])
     with pytest.raises(BadRequest, match="tool_call_id"):
+        run_with(make(fake.url), lambda p: p.chat(req))
+    assert fake.stats()["requests"] == 0
+
+
+def test_more_than_one_choice_is_refused_before_any_request(fake):
+    req = chat_request()
+    req.body["n"] = 2
+    with pytest.raises(NotSupported):
         run_with(make(fake.url), lambda p: p.chat(req))
     assert fake.stats()["requests"] == 0
 

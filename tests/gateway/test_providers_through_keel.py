@@ -51,6 +51,10 @@ models:
   - {{alias: bedrock, provider: bedrock, model: "anthropic.claude-fake-v1:0", base_url: "{fakes['bedrock'].url}",
       credential: aws, options: {{region: eu-central-1}}}}
   - {{alias: groq, provider: groq, model: llama-fake, base_url: "{fakes['groq'].url}", credential: groq-key}}
+  - {{alias: azure-embed, provider: azure_openai, model: embed-prod, kind: embedding,
+      base_url: "{fakes['azure'].url}", credential: azure-key}}
+  - {{alias: gemini-embed, provider: gemini, model: text-embedding-fake, kind: embedding,
+      base_url: "{fakes['gemini'].url}", credential: google-key}}
 aliases:
   azure: {{retries: 0}}
 """)
@@ -107,3 +111,10 @@ def test_an_upstream_429_is_a_429_with_retry_after(srv, oai, fakes, alias):
         oai.chat.completions.create(model=alias, messages=[{"role": "user", "content": "hi"}])
     assert exc.value.response.headers["retry-after"] == "2"
     fakes[alias].reset()
+
+
+@pytest.mark.parametrize("alias", ["azure-embed", "gemini-embed"])
+def test_embeddings_through_the_new_kinds(oai, alias):
+    out = oai.embeddings.create(model=alias, input=["hello", "world", "hello"])
+    vectors = [d.embedding for d in out.data]
+    assert len(vectors) == 3 and vectors[0] == vectors[2] != vectors[1] and out.usage.prompt_tokens > 0

@@ -179,6 +179,9 @@ class GeminiProvider(HTTPProvider):
                              deployment=self.deployment) from None
 
     def _translate(self, req: ChatRequest) -> dict[str, Any]:
+        if (req.body.get("n") or 1) > 1:
+            raise NotSupported(f"deployment {self.deployment} (gemini) returns one choice only",
+                               fix="send n=1 and repeat the request", deployment=self.deployment)
         system, contents = translate_messages(req.messages)
         body: dict[str, Any] = {"contents": contents}
         if system:
@@ -186,7 +189,7 @@ class GeminiProvider(HTTPProvider):
         config: dict[str, Any] = {}
         limit = req.max_tokens or req.body.get("max_completion_tokens")
         for key, value in (("maxOutputTokens", limit), ("temperature", req.temperature), ("topP", req.top_p),
-                           ("seed", req.seed), ("candidateCount", req.body.get("n"))):
+                           ("seed", req.seed)):
             if value is not None:
                 config[key] = value
         if req.stop:
