@@ -108,7 +108,11 @@ TEXT = "Tokenization of antidisestablishmentarianism, naïvely: 12345 tokens?"
 
 @pytest.mark.parametrize("name", ["openai_compatible", "vllm", "azure_openai", "gemini", "bedrock", "anthropic"])
 def test_a_deployments_own_tokenizer_counts_its_text_exactly(name):
-    exact = len(Tokenizer.from_file(str(TOKENIZER)).encode(TEXT, add_special_tokens=False).ids)
+    reference = Tokenizer.from_file(str(TOKENIZER))
+    reference.no_truncation()  # the shipped file pads and cuts at 128 for the embedder
+    reference.no_padding()
+    exact = len(reference.encode(TEXT, add_special_tokens=False).ids)
+    assert 0 < exact < 128
     counted = provider(name, tokenizer=str(TOKENIZER)).count_tokens([{"role": "user", "content": TEXT}])
     assert counted == exact + BASE
     assert provider(name).count_tokens([{"role": "user", "content": TEXT}]) != counted  # chars/4 differs here
@@ -116,6 +120,15 @@ def test_a_deployments_own_tokenizer_counts_its_text_exactly(name):
         [{"role": "user", "content": [{"type": "text", "text": TEXT},
                                       {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}])
     assert with_image == exact + IMAGE_MAX + BASE
+
+
+def test_a_tokenizer_files_truncation_and_padding_do_not_cap_or_pad_the_count():
+    """Regression guard: the shipped tokenizer.json truncates and pads to 128 pieces for the embedder; a
+    count read through it came out 128 for any text."""
+    p = provider("vllm", tokenizer=str(TOKENIZER))
+    short = p.count_tokens([{"role": "user", "content": "hi"}]) - BASE
+    long = p.count_tokens([{"role": "user", "content": "word " * 1000}]) - BASE
+    assert short == 1 and long == 1000
 
 
 def test_a_tokenizer_that_cannot_be_loaded_is_a_config_error_naming_it(tmp_path):

@@ -160,6 +160,8 @@ def load_tokenizer(path: str, where: str) -> Encoder:
     except Exception as exc:  # tokenizers raises a plain Exception for a missing or malformed file
         raise ConfigError(f"{where}: options.tokenizer {path} cannot be loaded ({exc})",
                           fix="point options.tokenizer at the model's tokenizer.json, or remove it") from None
+    tokenizer.no_truncation()  # a file made for a model's input may cut or pad: a count must do neither
+    tokenizer.no_padding()
 
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False).ids) if text else 0
