@@ -18,6 +18,7 @@ from keel.core.settings import DeploymentConfig, Settings
 from keel.gateway.deployments import Deployments
 from keel.gateway.pipeline import Call
 from keel.gateway.protocol import ChatDelta, ChatResult, EmbedResult, Provider, Usage
+from keel.gateway.reranking import RerankResult
 
 log = logging.getLogger("keel.gateway.admission")
 
@@ -232,6 +233,8 @@ def settled(call: Call, out: Any, done: Done) -> Any:
         done(out.usage)
     elif isinstance(out, EmbedResult):
         done(Usage(prompt_tokens=out.prompt_tokens))
+    elif isinstance(out, RerankResult):
+        done(Usage(prompt_tokens=out.tokens))
     elif type(out) is Observed and out._call is call:
         out.watch(done)
     elif hasattr(out, "__anext__"):

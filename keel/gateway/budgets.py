@@ -50,7 +50,7 @@ from keel.gateway.budget_admin import (
     NANO, BudgetAdmin, budget_events, budget_holds, budget_usage, budgets, period_bounds, usd,
 )
 from keel.gateway.deployments import Deployments
-from keel.gateway.pipeline import Call, Next
+from keel.gateway.pipeline import Call, Next, deployment_kind
 from keel.gateway.protocol import Usage
 from keel.observe.prices import DEFAULT as DEFAULT_PRICES
 
@@ -215,14 +215,14 @@ class Budgets(BudgetAdmin):
     def worst_case(self, call: Call) -> int:
         """The most the call can cost, in nano-dollars, over every deployment that may serve it."""
         worst = 0
-        kind = "embedding" if call.kind == "embedding" else "chat"
+        kind = deployment_kind(call)
         for cfg in self.lookups.deployments(call.alias, kind, fallbacks=True):
             pin, pout = cfg.input_price_per_1m, cfg.output_price_per_1m
             if not pin and not pout and not DEFAULT_PRICES.priced(cfg):  # no price set, none in the table
                 continue
             prompt = prompt_tokens(call, self.lookups.provider(cfg))
             out = 0
-            if call.kind != "embedding":
+            if kind == "chat":  # embeddings and reranks produce no tokens
                 max_tokens = call.chat.max_tokens if call.chat else None
                 out = max_tokens if max_tokens else max(cfg.context_window - prompt, 0)
             if pin or pout:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from conftest import ADMIN_KEY, problem, wait_ledger
+from conftest import ADMIN_KEY, eventually, problem, wait_ledger
 from tests.fakes.cross_encoder import build
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.rerank_upstream import FakeRerank
@@ -129,3 +129,22 @@ def test_a_chat_model_is_not_a_reranker(srv):
 ])
 def test_malformed_and_oversized_requests_are_4xx(srv, body, status):
     assert problem(post(srv, body), status)["code"]
+
+
+def test_rerank_spend_counts_against_a_budget(srv):
+    """Regression: a rerank call reserved nothing and settled nothing, so reranks never spent a budget."""
+    with srv.admin() as admin:
+        k = admin.post("/admin/keys", json={"role": "member", "name": "budgeted-rerank"}).json()
+        budget = admin.post("/admin/budgets", json={"scope": "key", "scope_id": k["id"], "amount": 1.0,
+                                                    "period": "day"}).json()
+    r = post(srv, {"model": "rerank", "query": QUERY, "documents": DOCS}, key=k["key"])
+    assert r.status_code == 200, r.text
+    cost = float(r.headers["x-keel-cost"])
+    assert cost > 0
+
+    def spent() -> dict | None:
+        with srv.admin() as admin:
+            got = admin.get(f"/admin/budgets/{budget['id']}").json()
+        return got if got["reserved"] == 0 and got["spent"] > 0 else None
+
+    assert eventually(spent, timeout=15, interval=0.1)["spent"] == pytest.approx(cost, rel=1e-3)
