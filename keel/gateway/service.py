@@ -64,7 +64,7 @@ def build(settings: Settings, store: Store, deployments: Deployments, observe: O
 async def preload(gateway: Gateway) -> None:
     """Load local models in the background so the first request does not wait for them."""
     for cfg in gateway.deployments.all().values():
-        if cfg.provider in ("local", "local_embed"):
+        if cfg.provider in ("local", "local_embed", "local_rerank"):
             prov = gateway.deployments.provider(cfg)
             load = getattr(prov, "load", None)
             if load is not None:
