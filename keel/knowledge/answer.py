@@ -38,6 +38,7 @@ class AnswerRequest:
     min_similarity: float = MIN_SIMILARITY
     weights: dict[str, float] | None = None
     rerank: str | None = None
+    long_query: str = "auto"
 
 
 def citation(n: int, h: Hit, cited: bool) -> dict[str, Any]:
@@ -60,7 +61,7 @@ def _context(hits: list[Hit]) -> str:
 
 async def retrieve(kn: Library, p: Principal, req: AnswerRequest, request_id: str) -> list[Hit]:
     q = Query(text=req.question, collections=req.collections, top_k=req.top_k, filters=req.filters,
-              rerank=req.rerank, **({"weights": req.weights} if req.weights else {}))
+              rerank=req.rerank, long_query=req.long_query, **({"weights": req.weights} if req.weights else {}))
     hits, _ = await search(kn, p, q, request_id)
     return [h for h in hits if h.similarity is None or h.similarity >= req.min_similarity]
 

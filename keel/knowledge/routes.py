@@ -81,6 +81,9 @@ class SearchIn(BaseModel):
     mode: Literal["hybrid", "bm25", "vector"] = "hybrid"
     weights: dict[str, float] | None = None
     rerank: bool | str | None = None
+    long_query: Literal["auto", "on", "off"] = Field(
+        default="auto", description="long questions: sentence sub-queries fused (RRF) and key terms for BM25; "
+        "auto: for questions of several sentences and at least 25 words")
 
 
 class AnswerIn(BaseModel):
@@ -95,6 +98,9 @@ class AnswerIn(BaseModel):
     min_similarity: float = Field(default=answers.MIN_SIMILARITY, ge=-1, le=1)
     weights: dict[str, float] | None = None
     rerank: bool | str | None = None
+    long_query: Literal["auto", "on", "off"] = Field(
+        default="auto", description="long questions: sentence sub-queries fused (RRF) and key terms for BM25; "
+        "auto: for questions of several sentences and at least 25 words")
     stream: bool = False
 
 
@@ -308,7 +314,8 @@ async def get_job(job_id: str, request: Request, p: Principal = Depends(principa
 async def search_route(body: SearchIn, request: Request, p: Principal = Depends(principal)) -> Response:
     kn = _kn(request)
     q = Query(text=body.query, collections=body.collections, top_k=body.top_k, filters=body.filters, mode=body.mode,
-              rerank=_rerank_alias(kn, body.rerank), **({"weights": body.weights} if body.weights else {}))
+              rerank=_rerank_alias(kn, body.rerank), long_query=body.long_query,
+              **({"weights": body.weights} if body.weights else {}))
     hits, timings = await search(kn, p, q, _rid())
     return json_response({"object": "list", "data": [h.public() for h in hits], "timings": timings})
 
@@ -320,7 +327,7 @@ async def answer_route(body: AnswerIn, request: Request, p: Principal = Depends(
                                 filters=body.filters, model=body.model or kn.config.answer_model,
                                 max_tokens=body.max_tokens, temperature=body.temperature,
                                 min_similarity=body.min_similarity, weights=body.weights,
-                                rerank=_rerank_alias(kn, body.rerank))
+                                rerank=_rerank_alias(kn, body.rerank), long_query=body.long_query)
     if not body.stream:
         return json_response(await answers.answer(kn, p, req, _rid()))
     _hits, events = await answers.answer_stream(kn, p, req, _rid())

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from keel.core.errors import BadRequest
 from keel.identity.principal import Principal
-from keel.knowledge import catalog
+from keel.knowledge import catalog, long_query
 from keel.knowledge.acl import Collection, Scope, filter_conditions
 from keel.knowledge.hits import Hit
 from keel.knowledge.index import Scored, reading
@@ -44,6 +44,7 @@ class Query:
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     candidates: int | None = None
     rerank: str | None = None  # a reranker or chat model alias, "off", or None: the collections' setting
+    long_query: str = "auto"  # long questions: sub-queries and key terms (keel.knowledge.long_query)
 
 
 def rrf(lists: dict[str, list[Scored]], weights: dict[str, float], k: int = RRF_K) -> list[tuple[int, float]]:
@@ -69,6 +70,10 @@ def _hydrate(kn: Library, scope: Scope, ids: list[int]) -> dict[int, tuple[Any, 
         return {r.id: (r, r.embedding) for r in conn.execute(q)}
 
 
+def _each_vector(kn: Library, vectors: np.ndarray, scope: Scope, n: int) -> list[list[Scored]]:
+    return [kn.index.vector(v, scope, n) for v in vectors]
+
+
 async def search(kn: Library, p: Principal, q: Query, request_id: str) -> tuple[list[Hit], dict[str, Any]]:
     """The hits for `q` the principal may read, best first, and timings in ms; a `retrieval` span when traced."""
     with span("retrieval", {"keel.retrieval.mode": q.mode, "keel.retrieval.top_k": q.top_k}) as s:
@@ -88,6 +93,7 @@ async def _search(kn: Library, p: Principal, q: Query, request_id: str) -> tuple
         raise BadRequest("weights must map `bm25` and/or `vector` to non-negative numbers",
                          fix='e.g. "weights": {"bm25": 1.0, "vector": 1.2}')
     filter_conditions(q.filters)  # reject malformed filters before any work
+    lq = long_query.plan(q.text, q.long_query)
     t0 = time.perf_counter()
     colls = await asyncio.to_thread(catalog.readable, kn.store, p, q.collections)
     scope = Scope(p, tuple(colls), q.filters, bounded_keyword=q.mode == "hybrid")
@@ -97,10 +103,13 @@ async def _search(kn: Library, p: Principal, q: Query, request_id: str) -> tuple
     n = q.candidates or max(50, 4 * q.top_k)
     lists: dict[str, list[Scored]] = {}
     qvecs: dict[str, np.ndarray] = {}
+    subvecs: dict[str, np.ndarray] = {}  # long questions: every sub-query's vector
+    if lq:
+        timings["sub_queries"] = len(lq.dense)
 
     async def keyword() -> None:
         t = time.perf_counter()
-        lists["bm25"] = await asyncio.to_thread(kn.index.keyword, q.text, scope, n)
+        lists["bm25"] = await asyncio.to_thread(kn.index.keyword, lq.keyword if lq else q.text, scope, n)
         timings["bm25_ms"] = round((time.perf_counter() - t) * 1000, 3)
 
     async def vector() -> None:
@@ -111,9 +120,15 @@ async def _search(kn: Library, p: Principal, q: Query, request_id: str) -> tuple
             if c.dims:
                 by_model.setdefault(c.embedding_model, []).append(c)
         for model, group in by_model.items():
-            qvecs[model] = (await kn.embed(p, model, [q.text], task_id=request_id, use_case="knowledge.search",
-                                           request_id=f"{request_id}/embed/{len(qvecs)}"))[0]
+            vecs = await kn.embed(p, model, lq.dense if lq else [q.text], task_id=request_id,
+                                  use_case="knowledge.search", request_id=f"{request_id}/embed/{len(qvecs)}")
+            qvecs[model] = vecs[0]
             sub = Scope(p, tuple(group), q.filters)
+            if lq:  # one list per sub-query, fused; a hit's similarity is its best over them
+                subvecs[model] = vecs
+                per = await asyncio.to_thread(_each_vector, kn, vecs, sub, n)
+                hits += long_query.fuse(per, n, [long_query.WHOLE_WEIGHT] + [1.0] * (len(per) - 1))
+                continue
             hits += await asyncio.to_thread(kn.index.vector, qvecs[model], sub, n)
         hits.sort(key=lambda h: -h.score)
         lists["vector"] = hits[:n]
@@ -144,6 +159,9 @@ async def _search(kn: Library, p: Principal, q: Query, request_id: str) -> tuple
         qv = qvecs.get(c.embedding_model)
         if qv is not None and emb is not None and len(emb) == len(qv):
             sim = float(np.dot(emb, qv) / max(float(np.linalg.norm(emb) * np.linalg.norm(qv)), 1e-12))
+            if c.embedding_model in subvecs:
+                best = float(np.max(subvecs[c.embedding_model] @ emb))  # sub-query vectors are unit length
+                sim = max(sim, best / max(float(np.linalg.norm(emb)), 1e-12))
         hits.append(Hit(cid, r.document_id, c, r.title, r.source, r.format, r.section, r.page, r.span_start,
                         r.span_end, r.text, score, ranks.get("bm25", {}).get(cid), ranks.get("vector", {}).get(cid),
                         sim))
