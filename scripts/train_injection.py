@@ -56,7 +56,7 @@ def main() -> None:
                 "prior_logit": fit.PRIOR_LOGIT, "max_validation_fpr": fit.MAX_VAL_FPR, "seed": corpora.SEED}
     payload = {
         "format": "keel-injection-lr/2", "bits": features.BITS, "bias": best["model"]["bias"], "scale": best["scale"],
-        "threshold": best["threshold"], **settings,
+        "threshold": best["threshold"], **settings, "signal_weights": best["signal_weights"],
         "trained_on": f"train splits of {', '.join(corpora.NAMES)} ({best['n_train']} texts); see injection_model.card.json",
         "weights": base64.b64encode(zlib.compress(best["q"].tobytes(), 9)).decode(),
     }
@@ -64,7 +64,7 @@ def main() -> None:
     card = {
         "model": MODEL_PATH.name, "trainer": "scripts/train_injection.py",
         "classifier": "sklearn.linear_model.SGDClassifier(loss='log_loss', class_weight='balanced', random_state=0)",
-        "settings": settings, "threshold": best["threshold"],
+        "settings": settings, "threshold": best["threshold"], "signal_weights": best["signal_weights"],
         "data": {n: {s: {"texts": len(c.splits[s][0]), "attacks": int(sum(c.splits[s][1]))} for s in corpora.SPLITS}
                  for n, c in loaded.items()},
         "packages": {p: version(p) for p in PACKAGES},

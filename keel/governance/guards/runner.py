@@ -29,10 +29,15 @@ class GuardEvent:
     end: int
     action: str
     score: float | None = None
+    signals: tuple[str, ...] = ()  # the structural signals that fired (injection); not stored in guard_events yet
 
     def to_dict(self) -> dict[str, Any]:
         return {"guard": self.guard, "side": self.side, "type": self.type, "location": self.location,
                 "start": self.start, "end": self.end, "action": self.action, "score": self.score}
+
+    def explain(self) -> dict[str, Any]:
+        """`to_dict` plus the signals that fired, for the caller's problem+json."""
+        return {**self.to_dict(), **({"signals": list(self.signals)} if self.signals else {})}
 
 
 def _parts(content: Any) -> list[tuple[str, str]]:
@@ -85,7 +90,8 @@ class CallGuards:
             findings = guard.scan(scanned)  # every guard sees the original text, not another's placeholders
             if not findings:
                 continue
-            evs = [GuardEvent(f.guard, side, f.type, location, f.start, f.end, action, f.score) for f in findings]
+            evs = [GuardEvent(f.guard, side, f.type, location, f.start, f.end, action, f.score, f.signals)
+                   for f in findings]
             self.events += evs
             if action == "block":
                 blocked += evs
@@ -105,7 +111,7 @@ class CallGuards:
         return GuardBlocked(f"the policy blocks this {events[0].side}: {what}",
                             fix="remove the flagged content, or ask an admin about the policy",
                             guard=events[0].guard, side=events[0].side,
-                            findings=[{k: v for k, v in e.to_dict().items() if k != "score"} for e in events[:20]])
+                            findings=[{k: v for k, v in e.explain().items() if k != "score"} for e in events[:20]])
 
     # -- the request ------------------------------------------------------------------------
     def _context_item(self, location: str, text: str) -> str:
@@ -115,8 +121,8 @@ class CallGuards:
         if action and guard is not None:
             findings = guard.scan(text)
             if findings:
-                self.events += [GuardEvent(f.guard, "context", f.type, location, f.start, f.end, action, f.score)
-                                for f in findings]
+                self.events += [GuardEvent(f.guard, "context", f.type, location, f.start, f.end, action, f.score,
+                                           f.signals) for f in findings]
                 if action == "block":
                     raise self.blocked(self.events[-len(findings):])
                 if action == "drop":
