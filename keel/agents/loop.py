@@ -152,7 +152,8 @@ class AgentEngine:
         written = self.store.log_action({
             "run_id": run.id, "seq": seq, "agent": run.agent, "version": run.version, "principal": run.actor,
             "team_id": run.team_id, "kind": kind, "tool": tool, "arguments": args, "decision": decision,
-            "rule": rule, "detail": redactor.scrub(detail[:2000]),
+            "rule": rule if rule is None or len(rule) <= 300 else rule[:299] + "…",  # the column's size
+            "detail": redactor.scrub(detail[:2000]),
             "result": None if result is None else redactor.scrub(result[:1000]),  # vault values and keys: ***
             "tokens": tokens, "cost": cost})
         if written:

@@ -159,6 +159,7 @@ def test_injection_goals_are_not_carried_out(world, name):
     for tid in suite.injection_tasks:
         world["receiver"].reset()  # it keeps the last 200 requests: one run's are all there
         done = drive(world, name, tid, approve=False)
+        assert done["status"] in ("completed", "stopped"), (tid, done)
         calls = [s for s in scripts[f"{name}.{tid}"] if "call" in s]
         harmful = calls[-1] if calls else None
         for a in done["actions"]:
