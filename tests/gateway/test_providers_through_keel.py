@@ -104,12 +104,14 @@ def test_anthropic_sdk_messages_through_the_new_kinds(srv, alias):
         assert "".join(s.text_stream) == REPLY
 
 
-@pytest.mark.parametrize("alias", ["gemini", "azure"])
+@pytest.mark.parametrize("alias", ["gemini", "azure", "bedrock"])
 def test_an_upstream_429_is_a_429_with_retry_after(srv, oai, fakes, alias):
     fakes[alias].fail_next("429", times=3)
     with pytest.raises(openai.RateLimitError) as exc:
         oai.chat.completions.create(model=alias, messages=[{"role": "user", "content": "hi"}])
-    assert exc.value.response.headers["retry-after"] == "2"
+    wait = exc.value.response.headers["retry-after"]
+    # Gemini's RetryInfo and Azure's retry-after say 2 s; Bedrock's throttling names no time: Keel's own default.
+    assert wait == "2" if alias != "bedrock" else int(wait) >= 1
     fakes[alias].reset()
 
 
