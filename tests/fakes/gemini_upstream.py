@@ -101,17 +101,31 @@ class FakeGemini(FakeUpstream):
             return self.json({"embeddings": [{"values": vector(t, 8)} for t in texts]})
         if problem := validate(body):
             return self.error_response(400, problem)
+        prompt = estimate(body["contents"])
+        if model == "blocked":  # a prompt the safety filters refuse: no candidates at all
+            doc = {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": prompt,
+                                                                                  "totalTokenCount": prompt}}
+            if action == "generateContent":
+                return self.json(doc)
+            return await self.send_events(request, [self.sse(doc)], fault)
         parts, finish = self.answer(body)
-        usage = {"promptTokenCount": estimate(body["contents"]),
+        usage = {"promptTokenCount": prompt,
                  "candidatesTokenCount": sum(len(words_of(p["text"])) if "text" in p else 3 for p in parts)}
-        usage["totalTokenCount"] = usage["promptTokenCount"] + usage["candidatesTokenCount"]
+        if model.endswith("-thinking"):  # thinking models: a thought summary part and thoughtsTokenCount
+            parts = [{"text": "Let me think about this.", "thought": True}, *parts]
+            usage["thoughtsTokenCount"] = 7
+        usage["totalTokenCount"] = usage["promptTokenCount"] + usage["candidatesTokenCount"] + usage.get(
+            "thoughtsTokenCount", 0)
         if action == "generateContent":
             return self.json({"candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": finish,
                                               "index": 0}], "usageMetadata": usage, "modelVersion": model})
         if request.query.get("alt") != "sse":
             return self.error_response(400, "this fake streams only with alt=sse")
         events = []
-        pieces = [[p] for p in parts if "functionCall" in p] or [[{"text": w}] for w in words_of(parts[0]["text"])]
+        thoughts = [[p] for p in parts if p.get("thought")]
+        parts = [p for p in parts if not p.get("thought")]
+        pieces = thoughts + ([[p] for p in parts if "functionCall" in p]
+                             or [[{"text": w}] for w in words_of(parts[0]["text"])])
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
             cand: dict[str, Any] = {"content": {"role": "model", "parts": piece}, "index": 0}

@@ -123,6 +123,25 @@ def test_a_tool_result_without_its_call_is_the_callers_mistake_before_any_reques
     assert fake.stats()["requests"] == 0
 
 
+def test_a_blocked_prompt_is_a_content_filter_finish_with_its_usage(fake):
+    result = run_with(make(fake.url, model="blocked"), lambda p: p.chat(chat_request()))
+    assert (result.content, result.finish_reason, result.tool_calls) == ("", "content_filter", None)
+    assert result.usage.prompt_tokens > 0
+    deltas = run_with(make(fake.url, model="blocked"), lambda p: collect(p.stream(chat_request(stream=True))))
+    assert [d.finish_reason for d in deltas if d.finish_reason] == ["content_filter"] and deltas[-1].usage
+
+
+def test_thought_parts_are_not_content_and_thinking_tokens_count_as_output(fake):
+    result = run_with(make(fake.url, model="gemini-fake-thinking"), lambda p: p.chat(chat_request(max_tokens=100)))
+    plain = run_with(make(fake.url), lambda p: p.chat(chat_request(max_tokens=100)))
+    assert result.content == plain.content and "think" not in result.content
+    assert result.usage.completion_tokens == plain.usage.completion_tokens + 7
+    deltas = run_with(make(fake.url, model="gemini-fake-thinking"),
+                      lambda p: collect(p.stream(chat_request(stream=True, max_tokens=100))))
+    assert "".join(d.content or "" for d in deltas) == plain.content
+    assert deltas[-1].usage.completion_tokens == plain.usage.completion_tokens + 7
+
+
 def test_more_than_one_choice_is_refused_before_any_request(fake):
     req = chat_request()
     req.body["n"] = 2
