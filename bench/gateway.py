@@ -5,7 +5,8 @@ Load comes from `wrk` (C, so the load generator costs little CPU next to the ser
 at concurrency 1 is measured in rounds, each server round right after a round straight to the upstream,
 and reported as the median over rounds of the difference (see `c1_rounds`).
 Keel's Responses (`/v1/responses`) and Messages (`/v1/messages`) shapes are measured on the same Keel server
-against its chat completions (`keel_shapes`, interleaved; `--no-shapes` skips them).
+against its chat completions (`keel_shapes`, interleaved; `--no-shapes` skips them). `--otlp stages|calls`
+adds Keel tracing every request at that detail and exporting it over OTLP to a loopback collector.
 Prints ONE JSON line: {"direct": {...}, "minimal": {...}, "keel": {...}, "keel_shapes": {...}, "litellm": {...},
 "ratios": {...}}.
 
@@ -252,6 +253,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--latency-ms", type=float, default=20)
     ap.add_argument("--no-litellm", action="store_true")
+    ap.add_argument("--otlp", choices=("stages", "calls"), default=None,
+                    help="also Keel tracing every request at this detail, exported over OTLP to a loopback collector")
     ap.add_argument("--no-shapes", action="store_true", help="skip the Responses and Messages columns")
     ap.add_argument("--only", default="", help="comma list of servers to measure (direct is always run)")
     ap.add_argument("--rounds", type=int, default=4, help="concurrency-1 rounds of 2 s per server and mode")
@@ -295,6 +298,21 @@ def main() -> None:
             if not args.no_shapes:
                 results["keel_shapes"] = shapes(url, key, args.duration / 2, tmp, proc.pid)
             stop(proc)
+        if "keel" in wanted and args.otlp:
+            # Every request traced and exported over OTLP/HTTP to a loopback collector (bench/otlp_sink.py).
+            sink_port = free_port()
+            sink = subprocess.Popen([PY, str(ROOT / "bench" / "otlp_sink.py"), "--port", str(sink_port)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_http(f"http://127.0.0.1:{sink_port}/stats")
+            env = {"KEEL_TRACE_EXPORTER": "otlp", "KEEL_TRACE_DETAIL": args.otlp,
+                   "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+                   "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+            proc, url, key = start_keel(tmp, up, env)
+            label = f"keel_otlp[{args.otlp}]"
+            results[label] = measure(label, url + "/v1/chat/completions", key, args.duration, tmp, proc.pid, **run)
+            stop(proc)
+            results[label]["collector"] = httpx.get(f"http://127.0.0.1:{sink_port}/stats").json()
+            stop(sink)
         if "litellm" in wanted and not args.no_litellm and LITELLM.exists():
             proc, url = start_litellm(tmp, up)
             results["litellm"] = measure("litellm", url + "/v1/chat/completions", "sk-bench", args.duration, tmp,
@@ -319,6 +337,8 @@ def main() -> None:
     if "keel" in results and "litellm" in results:
         k = results["keel"]
         ratios["keel_vs_litellm_rps_c50"] = round(k["rps_c50"] / max(results["litellm"]["rps_c50"], 0.1), 2)
+    for label in (k for k in results if k.startswith("keel_otlp[") and "keel" in results):
+        ratios[f"{label}_vs_keel_rps_c50"] = round(results[label]["rps_c50"] / results["keel"]["rps_c50"], 3)
     for name, shape in results.get("keel_shapes", {}).items():
         if name != "chat":
             ratios[f"keel_{name}_vs_chat_rps_c50"] = shape["vs_chat_rps_c50"]
