@@ -61,3 +61,32 @@ def test_mandates_in_the_agents_folder_load_at_start(tmp_path, server_factory):
     with srv.admin() as c:
         assert [a["name"] for a in c.get("/v1/agents").json()["data"]] == ["payer"]
     assert "agent mandate not loaded" in srv.logs()
+
+
+def test_a_pause_on_one_server_stops_a_run_on_another(tmp_path, server_factory):
+    """Two servers on one store: the kill switch flipped on A stops B's waiting run at its next action, and B
+    refuses new runs, with no restart and no message between them."""
+    model = ScriptedModel({"pay": [call("pay", {"amount": 50}), say("paid")]}).start()
+    receiver = Receiver().start()
+    try:
+        cfg = tmp_path / "keel.yaml"
+        cfg.write_text(f"models:\n  - {{alias: agent-model, provider: openai_compatible, model: m, "
+                       f"base_url: {model.url}}}\n")
+        a = server_factory(config=cfg, data_dir=tmp_path / "a", KEEL_WORKFLOW_EXECUTOR_ID="a")
+        b = server_factory(config=cfg, data_dir=tmp_path / "b", KEEL_WORKFLOW_EXECUTOR_ID="b")
+        define(a, MANDATE.format(url=receiver.url))
+        out = run(b, "payer", "[script:pay] pay 50", wait_s=1)
+        assert out["status"] == "waiting_approval", out
+        with a.admin() as c:
+            assert c.post("/v1/agents/payer/pause", json={}).status_code == 200
+            approval = next(x for x in c.get("/v1/approvals").json()["data"] if x["run_id"] == out["id"])
+            assert c.post(f"/v1/approvals/{approval['id']}/approve", json={}).status_code == 200
+        with b.admin() as c:
+            assert c.post("/v1/agents/payer/runs", json={"task": "[script:pay] again"}).status_code == 409
+        done = eventually(lambda: (d := detail(b, "payer", out["id"]))["status"] != "waiting_approval" and d,
+                          timeout=60)
+        assert done["status"] == "stopped" and done["error"]["rule"] == "kill_switch", done
+        assert receiver.stats()["raw"] == 0
+    finally:
+        model.stop()
+        receiver.stop()
