@@ -176,6 +176,8 @@ class AgentEngine:
                 return "budget.tokens", f"the run used {state['tokens']} tokens (budget {b.tokens})"
             if b.cost is not None and state["cost"] >= b.cost:
                 return "budget.cost", f"the run cost {state['cost']:.6f} (budget {b.cost:g})"
+            if b.cost_per_day is not None and (spent := self.store.cost_today(run.agent)) >= b.cost_per_day:
+                return "budget.cost_per_day", f"the agent's runs cost {spent:.6f} in 24 hours (budget {b.cost_per_day:g})"
         return None
 
     async def model_step(self, run: Run, messages: list[dict[str, Any]], state: dict[str, Any],

@@ -125,6 +125,13 @@ class AgentStore:
                 agent_actions.c.agent == agent, agent_actions.c.tool == tool, agent_actions.c.kind == "tool",
                 agent_actions.c.decision == "allowed", agent_actions.c.created_at >= since)).scalar() or 0)
 
+    def cost_today(self, agent: str) -> float:
+        """What all runs of `agent` spent on model calls in the last 24 hours."""
+        since = utcnow() - timedelta(days=1)
+        with self.store.read() as conn:
+            return float(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(agent_actions.c.cost), 0.0)).where(
+                agent_actions.c.agent == agent, agent_actions.c.created_at >= since)).scalar() or 0.0)
+
     def effect(self, row: dict[str, Any]) -> str:
         """Insert a tool effect once per idempotency key; returns the id that is there."""
         row = {"id": new_id("eff"), "created_at": utcnow(), **row}

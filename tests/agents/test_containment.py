@@ -132,6 +132,8 @@ def world(tmp_path_factory, module_server_factory):
     host = inside.url.split("://", 1)[1]
     define(srv, MANDATE.format(inside=inside.url, inside_host=host), key=keys["builder"])
     define(srv, PAYOUTS.format(inside=inside.url), key=keys["builder"])
+    define(srv, "name: thrifty\nmodel: agent-model\ngoal: g\nbudgets: {cost_per_day: 0.000001}\ntools: {}\n",
+           key=keys["builder"])
     try:
         yield {"srv": srv, "keys": keys, "inside": inside, "outside": outside, "model": model}
     finally:
@@ -303,3 +305,13 @@ def test_ask_human_returns_the_person_s_answer_to_the_model(world):
     done = wait_status(srv, "payouts", out["id"], ("completed", "failed", "stopped"))
     asked = next(a for a in done["actions"] if a["tool"] == "ask_human")
     assert done["status"] == "completed" and asked["result"] == "o-5"
+
+
+def test_the_daily_cost_budget_spans_runs(world):
+    """The first run spends past the agent's budget for the day; the next one is stopped before its model call."""
+    srv, member = world["srv"], world["keys"]["member"]
+    first = run(srv, "thrifty", "[script:benign_unknown] hi", key=member)
+    assert first["status"] == "completed" and first["usage"]["cost"] > 0.000001, first
+    second = run(srv, "thrifty", "[script:benign_unknown] hi", key=member)
+    assert second["status"] == "stopped" and second["error"]["rule"] == "budget.cost_per_day", second
+    assert [a["decision"] for a in second["actions"]] == ["refused"]
