@@ -238,7 +238,8 @@ class AgentEngine:
                                                                  "detail": stop[1]}}
         decision, args = await asyncio.to_thread(
             check_call, run.mandate, name, raw, calls_in_run=state["calls"].get(name, 0),
-            calls_today=lambda: self.store.calls_today(run.agent, name), approved=approved)
+            calls_today=lambda: self.store.calls_today(run.agent, name), approved=approved,
+            run={"cost": state["cost"], "tokens": state["tokens"], "steps": state["steps"]})
         if not decision.allowed:
             await asyncio.to_thread(self._log, run, seq, "tool", "refused", tool=name[:64], args=_loggable(args),
                                     rule=decision.rule, detail=decision.detail)

@@ -130,9 +130,12 @@ class Mandate:
         return [(secret, f"tools.{t.name}.headers.{h}", "http_header") for t in self.tools.values()
                 for h, secret in t.headers.items()]
 
-    def approval_for(self, tool: str, args: Any) -> tuple[int, ApprovalRule] | None:
+    def approval_for(self, tool: str, args: Any, run: dict[str, Any] | None = None) -> tuple[int, ApprovalRule] | None:
+        """The first approval rule that sends this call to a person; `when` sees the arguments and, as `run.cost`,
+        `run.tokens` and `run.steps`, what the run spent so far."""
+        seen = {**args, "run": run or {}} if isinstance(args, dict) else args
         for i, a in enumerate(self.approvals):
-            if a.tool == tool and (a.when is None or a.when.holds(args)):
+            if a.tool == tool and (a.when is None or a.when.holds(seen)):
                 return i, a
         return None
 
@@ -256,6 +259,8 @@ def _approval(ck: Checker, raw: Any, j: int, tools: dict[str, ToolSpec]) -> Appr
     if raw.get("when") is not None:
         try:
             when = parse_rule(str(raw["when"]), tool, tools[tool].parameters if tool in tools else None)
+            if when.path[0] == "run" and (len(when.path) != 2 or when.path[1] not in ("cost", "tokens", "steps")):
+                raise ValueError(f"{raw['when']!r}: the run's spend is run.cost, run.tokens or run.steps")
         except ValueError as exc:
             ck.error(path + ("when",), str(exc))
     approvers = ck.str_list(raw, path, "approvers", default=["reviewer", "admin"], choices=ROLES)

@@ -69,9 +69,10 @@ def _builtin(m: Mandate, t: ToolSpec, args: dict[str, Any]) -> Decision | None:
     return None
 
 
-def check_call(m: Mandate, name: str, raw_args: Any, *, calls_in_run: int,
-               calls_today: Callable[[], int], approved: bool = False) -> tuple[Decision, Any]:
-    """(the decision, the parsed arguments) for one call of tool `name`; `approved`: a person already did."""
+def check_call(m: Mandate, name: str, raw_args: Any, *, calls_in_run: int, calls_today: Callable[[], int],
+               approved: bool = False, run: dict[str, Any] | None = None) -> tuple[Decision, Any]:
+    """(the decision, the parsed arguments) for one call of tool `name`; `approved`: a person already did;
+    `run`: the run's spend so far (`cost`, `tokens`, `steps`) for approval rules."""
     tool = m.tools.get(name)
     if tool is None:
         return refuse("tools", f"tool {str(name)[:100]!r} is not in the mandate ({', '.join(m.tools)})"), raw_args
@@ -91,7 +92,7 @@ def check_call(m: Mandate, name: str, raw_args: Any, *, calls_in_run: int,
                                            f"(at most {tool.max_calls_per_run})"), args
     if tool.max_calls_per_day is not None and calls_today() >= tool.max_calls_per_day:
         return refuse("max_calls_per_day", f"{name} reached its {tool.max_calls_per_day} calls a day"), args
-    if not approved and (found := m.approval_for(name, args)) is not None:
+    if not approved and (found := m.approval_for(name, args, run)) is not None:
         i, rule = found
         why = f"approvals[{i}]: {rule.tool}" + (f" when {rule.when.text}" if rule.when else "")
         return Decision(True, None, "needs approval", approval=rule, approval_rule=why), args

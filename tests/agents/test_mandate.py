@@ -153,3 +153,15 @@ def test_host_and_recipient_allow_lists():
     assert recipient_allowed("x@acme.example", ("*@acme.example",))
     assert not recipient_allowed("x@sub.acme.example", ("*@acme.example",))
     assert not recipient_allowed("x@acme.example, y@evil.example", ("*@acme.example",))
+
+
+def test_an_approval_rule_may_look_at_the_run_s_spend():
+    m = parse_mandate(SUPPORT.replace("  - {tool: refund, when: amount > 500, approvers: [reviewer]}",
+                                      "  - {tool: refund, when: run.cost > 0.5}"))
+    ok = {"order_id": "o-1", "amount": 20, "currency": "EUR"}
+    cheap = check_call(m, "refund", ok, calls_in_run=0, calls_today=lambda: 0, run={"cost": 0.1})[0]
+    dear = check_call(m, "refund", ok, calls_in_run=0, calls_today=lambda: 0, run={"cost": 0.6})[0]
+    assert cheap.approval is None and dear.approval is not None and dear.approval_rule == "approvals[0]: refund when run.cost > 0.5"
+    with pytest.raises(MandateError) as exc:
+        parse_mandate(SUPPORT.replace("when: amount > 500", "when: run.wallet > 1"))
+    assert exc.value.errors[0]["field"] == "approvals[0].when"
