@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 
 from keel.agents.access import (definitions_visible, mandate_owner, may_change, require_agent_scope,
@@ -186,6 +188,22 @@ class Agents:
         out["usage"] = {"steps": sum(1 for a in actions if a["kind"] == "model" and a["decision"] == "allowed"),
                         "tokens": sum(a["tokens"] for a in actions), "cost": sum(a["cost"] for a in actions)}
         return out
+
+    async def events(self, name: str, run_id: str, p: Principal, *, wait_s: float) -> AsyncIterator[bytes]:
+        """Server-sent events: `action` for each action as it is logged, then `run` (the run without its actions)
+        once it ends, waits for a person, or `wait_s` passes."""
+        loop = asyncio.get_running_loop()
+        deadline, sent = loop.time() + wait_s, 0
+        while True:
+            d = await asyncio.to_thread(self.detail, name, run_id, p)
+            for a in d["actions"][sent:]:
+                yield b"event: action\ndata: " + orjson.dumps(a) + b"\n\n"
+            sent = len(d["actions"])
+            if d["status"] != "running" or loop.time() >= deadline:
+                d.pop("actions")
+                yield b"event: run\ndata: " + orjson.dumps(d) + b"\n\n"
+                return
+            await asyncio.sleep(WAIT_POLL_S)
 
     # -- start-up -------------------------------------------------------------------------------
     def load_dir(self, path: Path, owner: Principal) -> list[str]:

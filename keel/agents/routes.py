@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -24,6 +25,8 @@ class RunIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     task: str = Field(min_length=1, max_length=20000, description="what the agent is asked to do")
     wait_s: float = Field(default=60.0, ge=0, le=600, description="how long to wait for the run to end")
+    stream: bool = Field(default=False, description="answer with server-sent events: each action as it is logged, "
+                                                    "then the run (when it ends or waits for a person, or at wait_s)")
 
 
 class SwitchIn(BaseModel):
@@ -85,7 +88,12 @@ async def resume(name: str, request: Request, body: SwitchIn | None = None,
 async def start_run(name: str, body: RunIn, request: Request, p: Principal = Depends(principal)) -> Response:
     """Run the agent on a task and wait (up to `wait_s`) for its answer: 200 when it ended, 202 while it still
     runs or waits for a person. The body has the run's action log."""
-    out = await _agents(request).start(name, body.task, p, wait_s=body.wait_s)
+    agents = _agents(request)
+    if body.stream:
+        out = await agents.start(name, body.task, p, wait_s=0)
+        return StreamingResponse(agents.events(name, out["id"], p, wait_s=body.wait_s), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    out = await agents.start(name, body.task, p, wait_s=body.wait_s)
     return json_response(out, 200 if out["status"] in ("completed", "failed", "stopped") else 202)
 
 

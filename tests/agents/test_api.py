@@ -3,6 +3,7 @@ as granted, team-scoped runs, keys scoped to agents, caller mistakes as 4xx prob
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,23 @@ def test_tool_output_passes_the_context_guards_before_the_model_sees_it(world):
     seen = [m for r in model.received if r["path"].endswith("/chat/completions")
             for m in r["body"]["messages"] if m["role"] == "tool" and "customer list" in (m.get("content") or "")]
     assert seen and all("<untrusted-data" in m["content"] and "AKIAIOSFODNN7EXAMPLE" not in m["content"] for m in seen)
+
+
+def test_a_run_streams_its_actions_as_server_sent_events(world):
+    srv = world["srv"]
+    define(srv, "name: lookup_agent\nmodel: agent-model\ngoal: g\ntools:\n"
+                "  lookup: {entry_point: customer_lookup, rules: [customer_id != c-1]}\n",
+           key=world["keys"][("builder", "red")])
+    events = []
+    with srv.client(world["keys"][("member", "red")]) as c:
+        with c.stream("POST", "/v1/agents/lookup_agent/runs", json={"task": "[script:lookup] c-7?", "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            kind = None
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    events.append((kind, json.loads(line[6:])))
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "run" and events[-1][1]["status"] == "completed" and events[-1][1]["answer"] == "Ann is on gold."
+    assert kinds.count("action") == 7 and [e["seq"] for k, e in events if k == "action"] == list(range(1, 8))
