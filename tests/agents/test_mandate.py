@@ -165,3 +165,13 @@ def test_an_approval_rule_may_look_at_the_run_s_spend():
     with pytest.raises(MandateError) as exc:
         parse_mandate(SUPPORT.replace("when: amount > 500", "when: run.wallet > 1"))
     assert exc.value.errors[0]["field"] == "approvals[0].when"
+
+
+def test_the_example_support_agent_is_a_valid_mandate():
+    from conftest import ROOT
+
+    m = parse_mandate((ROOT / "examples" / "support_agent" / "support.yaml").read_text())
+    big = {"order_id": "o-1", "amount": 800, "currency": "EUR", "to_account": "ACME-000001"}
+    assert decide(m, "refund", dict(big, amount=400)).approval is None
+    assert decide(m, "refund", big).approval is not None
+    assert decide(m, "refund", dict(big, amount=2500)).rule == "rules[0]: refund.amount <= 2000"
