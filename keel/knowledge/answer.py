@@ -38,7 +38,7 @@ class AnswerRequest:
     min_similarity: float = MIN_SIMILARITY
     weights: dict[str, float] | None = None
     rerank: str | None = None
-    long_query: str = "auto"
+    long_query: str = "off"
 
 
 def citation(n: int, h: Hit, cited: bool) -> dict[str, Any]:

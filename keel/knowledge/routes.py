@@ -82,8 +82,8 @@ class SearchIn(BaseModel):
     weights: dict[str, float] | None = None
     rerank: bool | str | None = None
     long_query: Literal["auto", "on", "off"] = Field(
-        default="auto", description="long questions: sentence sub-queries fused (RRF) and key terms for BM25; "
-        "auto: for questions of several sentences and at least 25 words")
+        default="off", description="long questions: sentence sub-queries fused (RRF) and key terms for BM25; "
+        "auto: for questions of several sentences and at least 25 words; off by default (docs/knowledge.md)")
 
 
 class AnswerIn(BaseModel):
@@ -99,8 +99,8 @@ class AnswerIn(BaseModel):
     weights: dict[str, float] | None = None
     rerank: bool | str | None = None
     long_query: Literal["auto", "on", "off"] = Field(
-        default="auto", description="long questions: sentence sub-queries fused (RRF) and key terms for BM25; "
-        "auto: for questions of several sentences and at least 25 words")
+        default="off", description="long questions: sentence sub-queries fused (RRF) and key terms for BM25; "
+        "auto: for questions of several sentences and at least 25 words; off by default (docs/knowledge.md)")
     stream: bool = False
 
 

@@ -44,7 +44,7 @@ class Query:
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     candidates: int | None = None
     rerank: str | None = None  # a reranker or chat model alias, "off", or None: the collections' setting
-    long_query: str = "auto"  # long questions: sub-queries and key terms (keel.knowledge.long_query)
+    long_query: str = "off"  # long questions: sub-queries and key terms (keel.knowledge.long_query)
 
 
 def rrf(lists: dict[str, list[Scored]], weights: dict[str, float], k: int = RRF_K) -> list[tuple[int, float]]:

@@ -90,7 +90,8 @@ def _search(a, **body):
 
 
 def test_long_query_is_switchable_per_request(admin):
-    auto, on, off = _search(admin), _search(admin, long_query="on"), _search(admin, long_query="off")
+    auto, on, off = _search(admin, long_query="auto"), _search(admin, long_query="on"), _search(admin, long_query="off")
+    assert "sub_queries" not in _search(admin)["timings"]  # off unless asked for
     assert auto["timings"]["sub_queries"] == on["timings"]["sub_queries"] == 5
     assert "sub_queries" not in off["timings"]
     short = _search(admin, query="reading a child's output through pipes")
