@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -171,29 +171,41 @@ async def chat_completions(body: ChatCompletionBody, request: Request,
     return await _chat(chat_body(body), request, p)
 
 
+async def answer_chat(gw: Gateway, call: Call, request: Request, render: Callable[[ChatResult], Response]
+                      ) -> Response:
+    """A non-streamed chat call's answer in the caller's shape (`render`): sent as soon as no stage may still
+    change it, before the path's bookkeeping, when the server offers that (SEND_NOW); else when the call ends."""
+    send_now = request.scope.get(SEND_NOW)
+    sent: list[Response] = []
+    if send_now is not None:
+        def answer(result: ChatResult) -> None:
+            sent.append(render(result))
+            send_now(sent[0])
+
+        call.answer = answer
+    try:
+        result = await gw.chat(call)
+    finally:
+        call.answer = None  # the closure refers to the call: no cycle left for the collector
+    return sent[0] if sent else render(result)
+
+
+async def first_delta(stream: AsyncIterator[ChatDelta]) -> ChatDelta | None:
+    """A stream's first delta, awaited before the answer starts: errors before the first byte get a real status."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
 async def _chat(data: dict[str, Any], request: Request, p: Principal) -> Response:
     gw = _gateway(request)
     call = Call(request_id=request_id_var.get() or "", principal=p, kind="chat", alias=data["model"],
                 chat=chat_request(data), metadata=dict(data.get("metadata") or {}))
     if not call.stream:
-        send_now = request.scope.get(SEND_NOW)
-        sent: list[Response] = []
-        if send_now is not None:
-            def answer(result: ChatResult) -> None:
-                sent.append(_completion(call, result))
-                send_now(sent[0])
-
-            call.answer = answer
-        try:
-            result = await gw.chat(call)
-        finally:
-            call.answer = None  # the closure refers to the call: no cycle left for the collector
-        return sent[0] if sent else _completion(call, result)
+        return await answer_chat(gw, call, request, lambda result: _completion(call, result))
     stream = gw.chat_stream(call)
-    try:
-        first: ChatDelta | None = await stream.__anext__()  # errors before the first byte get a real status
-    except StopAsyncIteration:
-        first = None
+    first = await first_delta(stream)
     return StreamedResponse(_sse(call, stream, first), media_type="text/event-stream",
                             headers={**_headers(call), "cache-control": "no-cache"})
 

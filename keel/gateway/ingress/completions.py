@@ -18,12 +18,12 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from keel.core.errors import BadRequest, KeelError, NotSupported
-from keel.core.http import SEND_NOW, HotEndpoint, JSONAnswer, StreamedResponse, hot_json_endpoint
+from keel.core.http import HotEndpoint, JSONAnswer, StreamedResponse, hot_json_endpoint
 from keel.core.logs import request_id_var
 from keel.gateway.ingress.responses_shape import as_chat_invalid
 from keel.gateway.pipeline import Call, Gateway
 from keel.gateway.protocol import ChatDelta, ChatResult, Usage
-from keel.gateway.routes import answer_headers, chat_request
+from keel.gateway.routes import answer_chat, answer_headers, chat_request, first_delta
 from keel.gateway.schemas import (
     INT64, MAX_TOKENS, ChatCompletionBody, check_keel, check_logit_bias, check_metadata, check_stream_options,
     fast_chat_body,
@@ -143,14 +143,13 @@ async def _complete(body: CompletionsBody, request: Request, p: Principal) -> Re
     if body.stream:
         call = calls[0]
         stream = gw.chat_stream(call)
-        try:
-            first: ChatDelta | None = await stream.__anext__()  # errors before the first byte get a real status
-        except StopAsyncIteration:
-            first = None
+        first = await first_delta(stream)
         return StreamedResponse(_sse(call, created, stream, first), media_type="text/event-stream",
                                 headers={**answer_headers(call), "cache-control": "no-cache"})
     if len(calls) == 1:  # the common case: the answer may leave before the path's bookkeeping, as for chat
-        return await _one(gw, calls[0], created, request.scope.get(SEND_NOW))
+        call = calls[0]
+        return await answer_chat(gw, call, request,
+                                 lambda result: text_completion(call, call.request_id, created, [result], result.usage))
     done = await asyncio.gather(*(gw.chat(c) for c in calls), return_exceptions=True)  # each call ends, metered
     failed = next((r for r in done if isinstance(r, BaseException)), None)
     if failed is not None:
@@ -168,21 +167,6 @@ def text_completion(call: Call, rid: str, created: int, results: list[ChatResult
                        for i, r in enumerate(results)],
            "usage": _usage(usage)}
     return JSONAnswer(orjson.dumps(out), answer_headers(call, usage))
-
-
-async def _one(gw: Gateway, call: Call, created: int, send_now: Any) -> Response:
-    sent: list[Response] = []
-    if send_now is not None:
-        def answer(result: ChatResult) -> None:
-            sent.append(text_completion(call, call.request_id, created, [result], result.usage))
-            send_now(sent[0])
-
-        call.answer = answer
-    try:
-        result = await gw.chat(call)
-    finally:
-        call.answer = None  # the closure refers to the call: no cycle left for the collector
-    return sent[0] if sent else text_completion(call, call.request_id, created, [result], result.usage)
 
 
 def _chunk(call: Call, created: int, text: str, finish: str | None) -> bytes:

@@ -24,12 +24,12 @@ from starlette.requests import Request as StarletteRequest
 from starlette.responses import Response
 
 from keel.core.errors import InternalError, KeelError, MalformedJSON, ValidationFailed
-from keel.core.http import SEND_NOW, HotEndpoint, JSONAnswer, StreamedResponse, error_headers
+from keel.core.http import HotEndpoint, JSONAnswer, StreamedResponse, error_headers
 from keel.core.logs import request_id_var
 from keel.gateway.anthropic_shapes import EventWriter, error_type, openai_body, sse, to_message
 from keel.gateway.pipeline import Call, Gateway, Providers
 from keel.gateway.protocol import ChatDelta, ChatResult
-from keel.gateway.routes import answer_headers, chat_request
+from keel.gateway.routes import answer_chat, answer_headers, chat_request, first_delta
 from keel.gateway.schemas import (
     MAX_TOKENS, ChatCompletionBody, check_keel, check_metadata, fast_chat_body,
 )
@@ -187,24 +187,9 @@ async def _messages(data: dict[str, Any], request: StarletteRequest, p: Principa
     call = Call(request_id=request_id_var.get() or "", principal=p, kind="chat", alias=data["model"],
                 chat=chat_request(openai), metadata=dict(openai.get("metadata") or {}))
     if not call.stream:
-        send_now = request.scope.get(SEND_NOW)
-        sent: list[Response] = []
-        if send_now is not None:
-            def answer(result: ChatResult) -> None:
-                sent.append(_message(call, result))
-                send_now(sent[0])
-
-            call.answer = answer
-        try:
-            result = await gw.chat(call)
-        finally:
-            call.answer = None  # the closure refers to the call: no cycle left for the collector
-        return sent[0] if sent else _message(call, result)
+        return await answer_chat(gw, call, request, lambda result: _message(call, result))
     stream = gw.chat_stream(call)
-    try:
-        first: ChatDelta | None = await stream.__anext__()  # errors before the first byte get a real status
-    except StopAsyncIteration:
-        first = None
+    first = await first_delta(stream)
     writer = EventWriter(f"msg_{call.request_id}", call.alias)
     return StreamedResponse(_events(call, writer, stream, first), media_type="text/event-stream",
                             headers={**answer_headers(call), "cache-control": "no-cache"})

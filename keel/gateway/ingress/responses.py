@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 
 from keel.core.db import Store
 from keel.core.errors import KeelError
-from keel.core.http import SEND_NOW, HotEndpoint, JSONAnswer, StreamedResponse, hot_json_endpoint, json_response
+from keel.core.http import HotEndpoint, JSONAnswer, StreamedResponse, hot_json_endpoint, json_response
 from keel.core.ids import new_id
 from keel.core.logs import request_id_var
 from keel.gateway.ingress.response_store import ResponseStore
@@ -25,7 +25,7 @@ from keel.gateway.ingress.responses_shape import (
 )
 from keel.gateway.pipeline import Call, Gateway
 from keel.gateway.protocol import ChatDelta, ChatResult, Usage
-from keel.gateway.routes import answer_headers, chat_request
+from keel.gateway.routes import answer_chat, answer_headers, chat_request, first_delta
 from keel.identity.auth import principal
 from keel.identity.principal import Principal
 
@@ -68,24 +68,9 @@ async def _create(body: ResponsesBody, request: Request, p: Principal) -> Respon
                 store.record(p, out, items)
             return JSONAnswer(orjson.dumps(out), answer_headers(call, result.usage))
 
-        send_now = request.scope.get(SEND_NOW)  # the answer may leave before the path's bookkeeping, as for chat
-        sent: list[Response] = []
-        if send_now is not None:
-            def answer(result: ChatResult) -> None:
-                sent.append(answered(result))
-                send_now(sent[0])
-
-            call.answer = answer
-        try:
-            result = await gw.chat(call)
-        finally:
-            call.answer = None  # the closure refers to the call: no cycle left for the collector
-        return sent[0] if sent else answered(result)
+        return await answer_chat(gw, call, request, answered)
     stream = gw.chat_stream(call)
-    try:
-        first: ChatDelta | None = await stream.__anext__()  # errors before the first byte get a real status
-    except StopAsyncIteration:
-        first = None
+    first = await first_delta(stream)
     events = Events(response_id, created, body, call)
     return StreamedResponse(events.run(stream, first, store, items), media_type="text/event-stream",
                             headers={**answer_headers(call), "cache-control": "no-cache"})
