@@ -84,6 +84,20 @@ def tls_problem(options: dict[str, Any], outbound: Outbound, where: str) -> tupl
     return None
 
 
+def options_problem(cfg: DeploymentConfig) -> ConfigError | None:
+    """What its provider's own `check_options(config)` classmethod finds wrong with `cfg` (a bad `auth`, a missing
+    tokenizer or model file, …) as a ConfigError whose `field` names it; None when it passes or the provider
+    (a plugin) declares no check. Like `tls_problem`, run when the deployment is defined."""
+    check = getattr(registry.get(cfg.provider), "check_options", None)
+    if check is None:
+        return None
+    try:
+        check(cfg)
+    except ConfigError as exc:
+        return exc
+    return None
+
+
 def public(cfg: DeploymentConfig, source: str) -> dict[str, Any]:
     """A deployment as the admin API shows it (credential by name only, never a value)."""
     data = cfg.model_dump(exclude={"options"})
@@ -119,6 +133,9 @@ class Deployments:
                 option, detail, fix = problem
                 raise ConfigError(f"{where} in keel.yaml: {detail}", fix=fix, deployment=cfg.deployment_id(),
                                   option=option)
+            if exc := options_problem(cfg):
+                raise ConfigError(f"{where} in keel.yaml: {exc.detail}", fix=exc.fix, deployment=cfg.deployment_id(),
+                                  option=exc.ids.get("field"))
         self.reload()
 
     # -- reading ------------------------------------------------------------------------
@@ -235,6 +252,9 @@ class Deployments:
         if problem := tls_problem(cfg.options, self.ctx.outbound, f"deployment {did}"):
             option, detail, fix = problem
             raise ValidationFailed(f"invalid deployment {did}: {detail}", fix=fix, deployment=did, option=option)
+        if exc := options_problem(cfg):
+            raise ValidationFailed(f"invalid deployment {did}: {exc.detail}", fix=exc.fix, deployment=did,
+                                   option=exc.ids.get("field"))
         return cfg
 
     def add(self, cfg: DeploymentConfig) -> dict[str, Any]:

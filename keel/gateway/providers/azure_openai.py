@@ -31,28 +31,44 @@ class AzureOpenAIProvider(OpenAICompatibleProvider):
     default_base_url: ClassVar[str] = ""
 
     def __init__(self, config: DeploymentConfig, ctx: ProviderContext) -> None:
-        super().__init__(config, ctx)
+        super().__init__(config, ctx)  # runs check_options: what follows may trust the options
         options = config.options
-        where = f"deployment {self.deployment}"
-        if not self.base_url:
-            raise ConfigError(f"{where}: azure_openai needs base_url, the resource's endpoint",
-                              fix="set base_url: https://<resource>.openai.azure.com", deployment=self.deployment)
         self.auth = options.get("auth", "api_key")
-        if self.auth not in AUTH_MODES:
-            raise ConfigError(f"{where}: options.auth must be one of {', '.join(AUTH_MODES)}",
-                              fix="use auth: api_key (an api-key header) or auth: entra (a bearer token)",
-                              deployment=self.deployment)
         azure_deployment = options.get("azure_deployment") or config.model
-        if not isinstance(azure_deployment, str) or not azure_deployment:
-            raise ConfigError(f"{where}: azure_openai needs the Azure deployment name",
-                              fix="set model (or options.azure_deployment) to the name of the Azure deployment",
-                              deployment=self.deployment)
         query = urlencode({"api-version": str(options.get("api_version") or API_VERSION)})
         root = f"{self.base_url.removesuffix('/openai')}/openai/deployments/{quote(azure_deployment, safe='')}"
         self.chat_url = f"{root}/chat/completions?{query}"
         self.embed_url = f"{root}/embeddings?{query}"
         self.refresh_s = float(options.get("token_refresh_s", 300)) if self.auth == "entra" else 0.0
         self._read_at = 0.0
+
+    @classmethod
+    def check_options(cls, config: DeploymentConfig) -> None:
+        """The endpoint, `options.auth`, the Azure deployment name, `options.api_version` and `token_refresh_s`."""
+        options = config.options
+        if not (config.base_url or cls.default_base_url):
+            raise ConfigError("base_url: azure_openai needs base_url, the resource's endpoint",
+                              fix="set base_url: https://<resource>.openai.azure.com", field="base_url")
+        auth = options.get("auth", "api_key")
+        if auth not in AUTH_MODES:
+            raise ConfigError(f"options.auth: {str(auth)[:100]!r} is not one of {', '.join(AUTH_MODES)}",
+                              fix="use auth: api_key (an api-key header) or auth: entra (a bearer token)",
+                              field="options.auth")
+        azure_deployment = options.get("azure_deployment") or config.model
+        if not isinstance(azure_deployment, str) or not azure_deployment:
+            raise ConfigError("model: azure_openai needs the Azure deployment name",
+                              fix="set model (or options.azure_deployment) to the name of the Azure deployment",
+                              field="options.azure_deployment" if "azure_deployment" in options else "model")
+        version = options.get("api_version")
+        if version is not None and (not isinstance(version, str) or not version.strip()):
+            raise ConfigError("options.api_version: must be an API version such as " + API_VERSION,
+                              fix=f"set options.api_version: {API_VERSION}, or leave it out", field="options.api_version")
+        refresh = options.get("token_refresh_s", 300)
+        if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or not 0 < refresh <= 86400:
+            raise ConfigError(f"options.token_refresh_s: {str(refresh)[:100]!r} is not a number of seconds in "
+                              "(0, 86400]", fix="set options.token_refresh_s to seconds between token reads, "
+                              "or leave it out for 300", field="options.token_refresh_s")
+        super().check_options(config)
 
     def auth_headers(self, secret: str | None) -> dict[str, str]:
         if not secret:

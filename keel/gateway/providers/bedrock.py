@@ -41,6 +41,7 @@ EXCEPTION_STATUS = {"throttlingException": 429, "validationException": 400, "acc
                     "internalServerException": 500, "modelStreamErrorException": 502, "modelTimeoutException": 504,
                     "modelNotReadyException": 503}
 REGION = re.compile(r"bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com")
+REGION_NAME = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}")  # us-east-1, eu-central-2, us-gov-west-1
 
 
 def _text(content: Any) -> str:
@@ -145,13 +146,22 @@ class BedrockProvider(HTTPProvider):
         self.region = str(config.options.get("region") or (found.group(1) if found else "us-east-1"))
         if not self.base_url:
             self.base_url = f"https://bedrock-runtime.{self.region}.amazonaws.com"
-        if not config.model:
-            raise ConfigError(f"deployment {self.deployment}: bedrock needs model, a model or inference profile id",
-                              fix="set model, e.g. anthropic.claude-3-5-haiku-20241022-v1:0",
-                              deployment=self.deployment)
         root = f"{self.base_url}/model/{quote(config.model, safe='')}"
         self.chat_url, self.stream_url = f"{root}/converse", f"{root}/converse-stream"
         self._creds: Credentials | None = None
+
+    @classmethod
+    def check_options(cls, config: DeploymentConfig) -> None:
+        """A model id, and `options.region` (when given) spelled as an AWS region."""
+        if not config.model:
+            raise ConfigError("model: bedrock needs model, a model or inference profile id",
+                              fix="set model, e.g. anthropic.claude-3-5-haiku-20241022-v1:0", field="model")
+        region = config.options.get("region")
+        if region is not None and not (isinstance(region, str) and REGION_NAME.fullmatch(region)):
+            raise ConfigError(f"options.region: {str(region)[:100]!r} is not an AWS region",
+                              fix="set options.region to the region's code, e.g. us-east-1 or eu-west-1, or leave it "
+                                  "out to take it from base_url (else us-east-1)", field="options.region")
+        super().check_options(config)
 
     def auth_headers(self, secret: str | None) -> dict[str, str]:
         """SigV4 headers are made per request (`_send`); only a Bedrock API key is a fixed header."""

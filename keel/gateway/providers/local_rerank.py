@@ -37,12 +37,13 @@ from keel.gateway.reranking import RerankRequest, RerankResult
 ACTIVATIONS = ("none", "sigmoid")
 
 
-def locate(path: str | None, deployment: str) -> tuple[Path, Path]:
-    """(model.onnx, tokenizer.json) from `path`: a directory holding both, or the .onnx file."""
+def locate(path: str | None) -> tuple[Path, Path]:
+    """(model.onnx, tokenizer.json) from `path`: a directory holding both, or the .onnx file. A mistake is a
+    ConfigError naming the field `path`."""
     if not path:
-        raise ConfigError(f"deployment {deployment}: local_rerank needs `path` (no reranker model is bundled)",
+        raise ConfigError("path: local_rerank needs `path` (no reranker model is bundled)",
                           fix="set path to a directory with model.onnx and tokenizer.json of an ONNX cross-encoder "
-                              "export, or use provider rerank_api for a remote reranker", deployment=deployment)
+                              "export, or use provider rerank_api for a remote reranker", field="path")
     p = Path(path).expanduser()
     if p.is_dir():
         onnx_files = sorted(p.glob("*.onnx")) + sorted(p.glob("onnx/*.onnx"))
@@ -52,11 +53,11 @@ def locate(path: str | None, deployment: str) -> tuple[Path, Path]:
         model = p if p.is_file() and p.suffix == ".onnx" else None
         tokenizer = p.with_name("tokenizer.json")
     if model is None:
-        raise ConfigError(f"deployment {deployment}: no ONNX model at {p}",
-                          fix="set `path` to an .onnx file or a directory holding model.onnx", deployment=deployment)
+        raise ConfigError(f"path: no ONNX model at {p}",
+                          fix="set `path` to an .onnx file or a directory holding model.onnx", field="path")
     if not tokenizer.is_file():
-        raise ConfigError(f"deployment {deployment}: no tokenizer.json beside {model}",
-                          fix="put the model's tokenizer.json next to it", deployment=deployment)
+        raise ConfigError(f"path: no tokenizer.json beside {model}",
+                          fix="put the model's tokenizer.json next to it", field="path")
     return model, tokenizer
 
 
@@ -78,15 +79,16 @@ class LocalRerankProvider:
         self.config = config
         self.deployment = config.deployment_id()
         self.model = config.model or "local-cross-encoder"
-        self.batch_size = self._int_option("batch_size", 16, 1, 1024)
-        self.max_length = self._int_option("max_length", 512, 16, 4096)
-        activation = config.options.get("activation", "none")
-        if activation not in ACTIVATIONS:
-            raise ConfigError(f"deployment {self.deployment}: options.activation must be one of {ACTIVATIONS}",
-                              fix="use none (raw logits) or sigmoid", deployment=self.deployment)
-        self.sigmoid = activation == "sigmoid"
+        try:
+            self.check_options(config)
+        except ConfigError as exc:
+            raise ConfigError(f"deployment {self.deployment}: {exc.detail}", fix=exc.fix,
+                              **{**exc.ids, "deployment": self.deployment}) from None
+        self.batch_size = int(config.options.get("batch_size", 16))
+        self.max_length = int(config.options.get("max_length", 512))
+        self.sigmoid = config.options.get("activation", "none") == "sigmoid"
         self.threads = ctx.threads or os.cpu_count() or 1
-        self.model_file, self.tokenizer_file = locate(config.path, self.deployment)
+        self.model_file, self.tokenizer_file = locate(config.path)
         self._tokenizer = Tokenizer.from_file(str(self.tokenizer_file))
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(self.max_length, strategy="only_second")
@@ -95,12 +97,20 @@ class LocalRerankProvider:
         self._load_lock = threading.Lock()
         self._run_lock = threading.Lock()
 
-    def _int_option(self, key: str, default: int, low: int, high: int) -> int:
-        value = self.config.options.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ConfigError(f"deployment {self.deployment}: options.{key} must be an integer in {low}..{high}",
-                              fix=f"set options.{key}, or leave it out for {default}", deployment=self.deployment)
-        return value
+    @classmethod
+    def check_options(cls, config: DeploymentConfig) -> None:
+        """`path` holds an ONNX model and its tokenizer.json; `batch_size`, `max_length`, `activation` in range.
+        (Whether the model loads is known at its first call, or at start with preload.)"""
+        for key, default, low, high in (("batch_size", 16, 1, 1024), ("max_length", 512, 16, 4096)):
+            value = config.options.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"options.{key}: {str(value)[:100]!r} is not an integer in {low}..{high}",
+                                  fix=f"set options.{key}, or leave it out for {default}", field=f"options.{key}")
+        activation = config.options.get("activation", "none")
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"options.activation: {str(activation)[:100]!r} is not one of {', '.join(ACTIVATIONS)}",
+                              fix="use none (raw logits) or sigmoid", field="options.activation")
+        locate(config.path)
 
     def load(self) -> ort.InferenceSession:
         """The ONNX Runtime session, created once on first use (or by the server's preload)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -129,6 +130,34 @@ class HTTPProvider:
         self._hidden: tuple[str, ...] = ()  # header secrets' values, scrubbed from errors like the credential
         self._urls: dict[str, URL] = {}
         self._encode: Encoder | bool | None = None  # options.tokenizer's counter once loaded; False: none
+        try:
+            type(self).check_options(config)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc.detail}", fix=exc.fix, **{**exc.ids, "deployment": self.deployment}) \
+                from None
+
+    @classmethod
+    def check_options(cls, config: DeploymentConfig) -> None:
+        """Refuse a mistake in `config`'s provider fields when the deployment is defined (admin API: 422; keel.yaml:
+        the start stops), not at its first call: a ConfigError whose `field` names it (`options.tokenizer`).
+        Subclasses add their own checks and call this one."""
+        path = config.options.get("tokenizer")
+        if path is None:
+            return
+        if not isinstance(path, str) or not path.strip():
+            raise ConfigError("options.tokenizer: must be the path of a tokenizer.json",
+                              fix="set options.tokenizer to the model's tokenizer.json, or remove it",
+                              field="options.tokenizer")
+        if not os.path.isfile(path):
+            raise ConfigError(f"options.tokenizer: {path} does not exist or is not a file",
+                              fix=f"put the model's tokenizer.json at {path} on every Keel server, or correct "
+                                  "options.tokenizer", field="options.tokenizer")
+        try:
+            load_tokenizer(path, "options.tokenizer")
+        except ConfigError as exc:  # its detail ends with the tokenizers library's reason, in parentheses
+            reason = exc.detail.rpartition(" cannot be loaded ")[2]
+            raise ConfigError(f"options.tokenizer: {path} is not a tokenizer.json that loads {reason}", fix=exc.fix,
+                              field="options.tokenizer") from None
 
     def auth_headers(self, secret: str | None) -> dict[str, str]:
         """Headers that carry the credential (and API version) for this upstream."""

@@ -18,7 +18,7 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
-from keel.core.errors import NotSupported
+from keel.core.errors import ConfigError, NotSupported
 from keel.core.settings import DeploymentConfig
 from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult, EmbedResult, ProviderContext
 from keel.gateway.providers.openai_compatible import PARSE_ERRORS, HTTPProvider
@@ -40,6 +40,16 @@ class RerankAPIProvider(HTTPProvider):
         super().__init__(config, ctx)
         path = config.options.get("path") or "/rerank"
         self.rerank_url = f"{self.base_url}/{str(path).lstrip('/')}"
+
+    @classmethod
+    def check_options(cls, config: DeploymentConfig) -> None:
+        """`options.path`, when given, is a URL path."""
+        path = config.options.get("path")
+        if path is not None and (not isinstance(path, str) or not path.strip() or "?" in path or " " in path):
+            raise ConfigError(f"options.path: {str(path)[:100]!r} is not a URL path such as /rerank",
+                              fix="set options.path to the rerank endpoint's path (e.g. /v1/rerank), or leave it out",
+                              field="options.path")
+        super().check_options(config)
 
     def auth_headers(self, secret: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {secret}"} if secret else {}
