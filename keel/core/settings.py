@@ -130,6 +130,8 @@ class Settings(BaseModel):
                                                   "replica on one PostgreSQL needs its own, kept across restarts")
     workflow_model_concurrency: int = Field(default=2, ge=1, description="model calls workflow runs make at once")
     workflow_schedule_interval_s: float = Field(default=15.0, gt=0, description="how often cron triggers are checked")
+    responses_retention_days: float = Field(default=30, ge=0, description="days a stored Responses API answer is "
+                                            "kept (`GET /v1/responses/{id}`, `previous_response_id`); 0 = forever")
     workflow_webhook_tolerance_s: float = Field(default=300.0, gt=0, description="max age of a signed webhook")
     outbound_ca_bundle: Path | None = Field(default=None, description="PEM CA bundle trusted for outbound HTTPS "
                                             "(providers, webhooks, workflow steps) instead of the system's store")

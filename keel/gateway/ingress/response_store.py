@@ -9,12 +9,17 @@ Writes are batched off the request path like the usage ledger's; until its batch
 response is served from memory by the replica that made it, so its own caller reads it at once. Another
 replica finds it after the next flush (`interval`, 50 ms by default); one that finds nothing waits two
 flush intervals and looks again before it answers 404.
+
+Responses older than `retention_days` (the `responses_retention_days` setting; 0 keeps them forever) read as
+404, like an unknown id, and the same background writer deletes them every `purge_every_s` on its clock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -28,6 +33,7 @@ from keel.identity.principal import Principal
 
 log = logging.getLogger("keel.gateway.responses")
 MAX_CHAIN = 256  # responses followed back through `previous_response_id`
+DAY_S = 86_400.0
 
 
 def _sees_all(p: Principal) -> bool:
@@ -60,9 +66,14 @@ class ResponseStore:
     >>> row = await store.get(principal, "resp_…")   # NotFound unless `principal` may read it
     """
 
-    def __init__(self, store: Store, interval: float = 0.05) -> None:
+    def __init__(self, store: Store, interval: float = 0.05, *, retention_days: float = 30,
+                 clock: Callable[[], float] = time.time, purge_every_s: float = 3600.0) -> None:
         self.store = store
         self.interval = interval
+        self.retention_s = retention_days * DAY_S  # 0: kept forever
+        self.clock = clock  # wall-clock seconds: what is expired, and when the next purge is due (tests move it)
+        self.purge_every_s = purge_every_s
+        self._next_purge = 0.0  # the first pass of the writer purges
         self._queue = WriteQueue(self._write)
         self._unwritten: dict[str, dict[str, Any]] = {}  # queued rows by id, until their batch is in
         self._task: asyncio.Task[None] | None = None
@@ -119,10 +130,31 @@ class ResponseStore:
             found = self._unwritten.get(response_id) or await asyncio.to_thread(read)
         return found
 
+    def _expired(self, row: dict[str, Any]) -> bool:
+        return bool(self.retention_s) and row["created_at"] < self.clock() - self.retention_s
+
+    async def purge(self) -> int:
+        """Delete the stored responses older than the retention (none when it is 0); how many went."""
+        if not self.retention_s:
+            return 0
+        cutoff = self.clock() - self.retention_s
+        for rid in [rid for rid, row in self._unwritten.items() if row["created_at"] < cutoff]:
+            del self._unwritten[rid]  # its queued INSERT still lands: the next purge takes it
+
+        def delete() -> int:
+            with self.store.engine.begin() as conn:
+                return conn.execute(responses.delete().where(responses.c.created_at < cutoff)).rowcount or 0
+
+        gone = await asyncio.to_thread(delete)
+        if gone:
+            log.info("deleted %d stored responses older than %g days", gone, self.retention_s / DAY_S)
+        return gone
+
     async def get(self, p: Principal, response_id: str) -> dict[str, Any]:
-        """The stored row of `response_id` (`input`, `response`, owner columns); NotFound if `p` may not read it."""
+        """The stored row of `response_id` (`input`, `response`, owner columns); NotFound if `p` may not read it
+        or it is past the retention (purged or about to be)."""
         row = await self._row(response_id)
-        if row is None or not visible(p, row):
+        if row is None or self._expired(row) or not visible(p, row):
             raise not_found(response_id)
         return row
 
@@ -171,6 +203,12 @@ class ResponseStore:
             except sa.exc.SQLAlchemyError:
                 log.exception("writing stored responses failed; kept for the next try")
                 await asyncio.sleep(self.interval)
+            if self.retention_s and self.clock() >= self._next_purge:
+                self._next_purge = self.clock() + self.purge_every_s
+                try:
+                    await self.purge()
+                except sa.exc.SQLAlchemyError:
+                    log.exception("deleting expired stored responses failed; tried again at the next purge")
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="keel-responses")

@@ -236,7 +236,7 @@ def hot_routes() -> dict[tuple[str, str], HotEndpoint]:
 
 def mount(app: FastAPI, store: Store) -> None:
     """Serve the Responses API on `app`: its stored responses in `store`, written in the background."""
-    responses = ResponseStore(store)
+    responses = ResponseStore(store, retention_days=app.state.settings.responses_retention_days)
     app.state.responses = responses
     app.state.lifecycle.startup.append(responses.start)
     app.state.lifecycle.shutdown.append(responses.stop)
