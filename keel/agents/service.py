@@ -11,15 +11,18 @@ from typing import Any
 from keel.agents import routes
 from keel.agents.loop import AgentEngine
 from keel.agents.manager import Agents
+from keel.agents.mandate import parse_mandate
 from keel.agents.store import AgentStore
 from keel.agents.tools import ToolParts
+from keel.core.errors import ConfigError, KeelError
 from keel.core.outbound import Outbound
 from keel.identity.principal import Principal
 from keel.workflows.effects import Egress, Mailer
 from keel.workflows.steps import StepParts
 
 log = logging.getLogger("keel.agents")
-__all__ = ["Agents", "attach"]
+__all__ = ["Agents", "attach", "check_dir"]
+DEFAULT_DIR = Path("agents")
 
 
 def attach(app: Any, settings: Any, store: Any, gateway: Any, knowledge: Any) -> Agents:
@@ -36,11 +39,15 @@ def attach(app: Any, settings: Any, store: Any, gateway: Any, knowledge: Any) ->
                 model_slots=settings.workflow_model_concurrency, tracing=app.state.observe.tracing)
     svc = Agents(agent_store, workflows.durable, app.state.vault)
     system = Principal(key_id="system", role="admin")
-    folder = getattr(settings, "agents_dir", Path("agents"))
+    folder: Path | None = settings.agents_dir
+    files = check_dir(folder) if folder is not None else []  # a broken mandate stops the start before the port binds
 
     async def start() -> None:
-        if folder and Path(folder).is_dir():
-            await asyncio.to_thread(svc.load_dir, Path(folder), system)
+        if folder is None:
+            if DEFAULT_DIR.is_dir():  # unset: ./agents of the working directory, a broken file logged and skipped
+                await asyncio.to_thread(svc.load_dir, DEFAULT_DIR, system)
+        else:
+            await asyncio.to_thread(define_all, svc, files, system)
         if await asyncio.to_thread(agent_store.unfinished):
             await workflows.durable.ensure_launched()  # recovers unfinished runs
             n = await svc.relaunch_orphans()
@@ -55,3 +62,31 @@ def attach(app: Any, settings: Any, store: Any, gateway: Any, knowledge: Any) ->
     app.state.lifecycle.shutdown.append(stop)
     app.include_router(routes.router)
     return svc
+
+
+def check_dir(folder: Path) -> list[tuple[Path, str]]:
+    """Each `*.yaml` in the `agents_dir` folder with its text, every one a valid mandate; the first that is not
+    raises ConfigError naming the file, and the line, column and field of its first problem."""
+    files = []
+    for f in sorted(folder.glob("*.yaml")):
+        try:
+            text = f.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"agent mandate {f} cannot be read: {exc}", fix="make it a readable UTF-8 file",
+                              file=str(f)) from None
+        try:
+            parse_mandate(text)
+        except KeelError as exc:
+            raise ConfigError(f"agent mandate {f}: {exc.detail}", fix=f"correct the file ({exc.fix}) or move it out "
+                              f"of agents_dir {folder}", file=str(f), errors=exc.ids.get("errors")) from None
+        files.append((f, text))
+    return files
+
+
+def define_all(svc: Agents, files: list[tuple[Path, str]], owner: Principal) -> None:
+    """Define the checked mandates of `agents_dir`; one refused now (e.g. a secret not granted) stops the start."""
+    for f, text in files:
+        try:
+            svc.define(text, owner)
+        except KeelError as exc:
+            raise ConfigError(f"agent mandate {f}: {exc.detail}", fix=exc.fix, file=str(f)) from None

@@ -119,6 +119,8 @@ class Settings(BaseModel):
                                      "listener of its own; the API's /metrics always needs an admin or auditor key")
     workflows_dir: Path | None = Field(default=Path("workflows"),
                                        description="workflow specs (*.yaml) defined at start, if the folder exists")
+    agents_dir: Path | None = Field(default=None, description="agent mandates (*.yaml) defined at start; a broken "
+                                    "file stops the start. Unset: ./agents if it exists (a broken file is skipped)")
     smtp_host: str | None = Field(default=None, description="SMTP server for workflow email; unset = Keel's outbox")
     smtp_port: int = Field(default=25, ge=1, le=65535)
     smtp_username: str | None = None
@@ -144,6 +146,13 @@ class Settings(BaseModel):
     def _existing_file(cls, v: Path | None) -> Path | None:
         if v is not None and not v.is_file():
             raise ValueError(f"{v} is not a file")
+        return v
+
+    @field_validator("agents_dir")
+    @classmethod
+    def _existing_dir(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError(f"{v} is not a folder")
         return v
 
     @field_validator("metrics_bind")
