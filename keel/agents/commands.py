@@ -59,6 +59,14 @@ def show(name: str, run_id: str, url: Optional[str] = UrlOpt, key: Optional[str]
     print(json.dumps(client(url, key).get(f"/v1/agents/{name}/runs/{run_id}"), indent=2, ensure_ascii=False))
 
 
+@agents_app.command("resume-run")
+@handle_errors
+def resume_run(name: str, run_id: str, url: Optional[str] = UrlOpt, key: Optional[str] = KeyOpt) -> None:
+    """End a run's provider wait now (a run whose status is waiting_provider): its model call is tried again."""
+    r = client(url, key).post(f"/v1/agents/{name}/runs/{run_id}/resume", {})
+    print(f"{r['id']} resumed (was waiting for {(r['waiting'] or {}).get('for')})")
+
+
 @agents_app.command("pause")
 @handle_errors
 def pause(name: str, reason: Optional[str] = typer.Option(None), url: Optional[str] = UrlOpt,

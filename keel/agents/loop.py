@@ -4,6 +4,12 @@ and each tool call is one checkpointed step, so a restart resumes at the first a
 Before every action the step reads the kill switch and the run's budgets from the store; before every tool
 call the mandate decides (`policy.py`). A refused call is logged with its rule and told to the model, which
 may try something else; a spent budget or the kill switch stops the run.
+
+A model call told "not now" (an open circuit, a rate limit, a budget period that resets, an upstream 429,
+503 or timeout) does not fail the run: as in workflows (`keel.workflows.waits`), the run waits durably
+(status `waiting_provider`, the wait in the run row), bounded by what is left of the mandate's wall time
+(at most `DEFAULT_MAX_WAIT_S`), then tries again under a new ledger request id; an operator's resume ends the
+wait early. Errors no wait can fix (policy denial, guard block, bad request) fail the run at once.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from keel.gateway.pipeline import Call
 from keel.gateway.protocol import ChatRequest
 from keel.identity.principal import Principal
 from keel.observe.tracing import span
-from keel.workflows import approvals
+from keel.workflows import approvals, waits
 from keel.workflows.durable import DBOS
 from keel.workflows.spec_types import StepSpec
 from keel.workflows.steps import StepEnv, StepParts
@@ -108,8 +114,8 @@ class AgentEngine:
             while True:
                 seq += 1
                 with span("agent model", {"keel.agent": run.agent, "keel.agent.seq": seq}):
-                    out = await DBOS.run_step_async({"name": f"model.{seq}"}, self.model_step, run, messages, state,
-                                                    seq)
+                    out = await waits.attempts(self._model_attempt(run, messages, state, seq),
+                                               {"name": f"model.{seq}"})
                 if "stop" in out:
                     return await self._finish(run, "stopped", error=out["stop"])
                 state["steps"] += 1
@@ -131,6 +137,8 @@ class AgentEngine:
         except Exception as exc:  # an error ends the run visibly as `failed`; cancellation is a BaseException
             error = ({"code": exc.code, "detail": exc.detail, "fix": exc.fix} if isinstance(exc, KeelError)
                      else {"code": "internal_error", "detail": f"{type(exc).__name__}: {exc}"[:500]})
+            if history := await asyncio.to_thread(self._waits, run_id):
+                error["waits"] = history
             if not isinstance(exc, KeelError):
                 log.exception("agent run crashed", extra={"run_id": run_id})
             await asyncio.to_thread(self.store.set_status, run_id, "failed", error=error)
@@ -140,7 +148,9 @@ class AgentEngine:
 
     async def _finish(self, run: Run, status: str, *, answer: str | None = None,
                       error: dict[str, Any] | None = None) -> dict[str, Any]:
-        await asyncio.to_thread(self.store.set_status, run.id, status, answer=answer, error=error)
+        history = await asyncio.to_thread(self._waits, run.id)
+        kept = dict(error or {}, waits=history) if history else error  # the provider waits stay in the run's record
+        await asyncio.to_thread(self.store.set_status, run.id, status, answer=answer, error=kept)
         await asyncio.to_thread(self.store.audit_quietly, f"agent.run.{status}", run.actor, run.team_id,
                                 run_id=run.id, agent=run.agent, version=run.version, **({"error": error} if error else {}))
         return {"status": status, "answer": answer, "error": error}
@@ -180,15 +190,57 @@ class AgentEngine:
                 return "budget.cost_per_day", f"the agent's runs cost {spent:.6f} in 24 hours (budget {b.cost_per_day:g})"
         return None
 
+    # -- provider waits: the run row's `error` holds them while the run is not failed ---------------
+    def _waits(self, run_id: str) -> list[dict[str, Any]]:
+        row = self.store.load_run(run_id) or {}
+        held = row.get("error")
+        return list(held.get("waits") or []) if isinstance(held, dict) else []
+
+    def _model_attempt(self, run: Run, messages: list[dict[str, Any]], state: dict[str, Any],
+                       seq: int) -> waits.Attempt:
+        """Try `n` of model call `seq` (one DBOS step): its result, or (the run marked `waiting_provider`) the wait
+        before try `n + 1`; past the bound, or on an error no wait can fix, the error ends the run."""
+        m = run.mandate
+
+        async def attempt(n: int, since: float | None) -> dict[str, Any]:
+            if n:  # back from a wait
+                await asyncio.to_thread(self.store.set_status, run.id, "running",
+                                        error={"waits": await asyncio.to_thread(self._waits, run.id)})
+            try:
+                return await self.model_step(run, messages, state, seq, n)
+            except KeelError as exc:
+                now = self.clock()
+                first = now if since is None else since
+                bound = max(0.0, min(waits.DEFAULT_MAX_WAIT_S, run.started_at + m.budgets.wall_time_s - first))
+                try:
+                    wait = waits.hold(exc, target=m.model, kind="model", now=now, since=since, bound_s=bound,
+                                      waits=n, topic=f"resume.model.{seq}.{n}")
+                except waits.ProviderUnavailable as gave_up:
+                    raise AgentProviderUnavailable(gave_up.detail, fix=(
+                        "raise the mandate's wall_time budget, add a fallback to the model's alias, or run the task "
+                        "again when the provider is back"), **gave_up.ids) from None
+            log.info("agent model call waits for its provider", extra={
+                "run_id": run.id, "seq": seq, "for": m.model, "reason": wait["reason"], "seconds": wait["seconds"]})
+            history = [*await asyncio.to_thread(self._waits, run.id), dict(waits.public(wait) or {}, seq=seq)]
+            await asyncio.to_thread(self.store.set_status, run.id, waits.WAITING,
+                                    error={"waiting": wait, "waits": history})
+            await asyncio.to_thread(self.store.audit_quietly, "agent.run.waiting", run.actor, run.team_id,
+                                    run_id=run.id, agent=run.agent, seq=seq, waiting=waits.public(wait))
+            return {"status": waits.WAITING, "wait": wait}
+
+        return attempt
+
     async def model_step(self, run: Run, messages: list[dict[str, Any]], state: dict[str, Any],
-                         seq: int) -> dict[str, Any]:
+                         seq: int, attempt: int = 0) -> dict[str, Any]:
         m = run.mandate
         stop = await asyncio.to_thread(self._gate, run, state, model=True)
         if stop is not None:
             await asyncio.to_thread(self._log, run, seq, "model", "refused", rule=stop[0], detail=stop[1])
             return {"stop": {"code": "agent_stopped", "rule": stop[0], "detail": stop[1]}}
         max_tokens = max(1, min(m.budgets.max_tokens_per_call, m.budgets.tokens - state["tokens"]))
-        call = Call(request_id=f"{run.id}/{seq}", principal=run.principal, kind="chat", alias=m.model,
+        # the ledger's id: the same when a crash re-runs this try (never metered twice), another after a wait
+        call = Call(request_id=f"{run.id}/{seq}" + (f"~{attempt}" if attempt else ""), principal=run.principal,
+                    kind="chat", alias=m.model,
                     chat=ChatRequest(model=m.model, messages=messages, max_tokens=max_tokens,
                                      tools=[t.openai() for t in m.tools.values()] or None),
                     metadata={"use_case": f"agent:{run.agent}", "task_id": run.id})
@@ -312,6 +364,13 @@ class AgentEngine:
         out = await approvals.close_approval(env, approval_id, decision)
         await asyncio.to_thread(self.store.set_status, run.id, "running")
         return out
+
+
+class AgentProviderUnavailable(waits.ProviderUnavailable):
+    """A model call's provider stayed unavailable past what the run may wait (its wall time, or
+    `DEFAULT_MAX_WAIT_S`)."""
+
+    code = "agent_provider_unavailable"
 
 
 def _approval_config(d: Decision) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from keel.core.ids import new_id
 from keel.identity import service as identity
 from keel.identity.principal import Principal
 from keel.workflows.durable import DBOS, Durable
+from keel.workflows.waits import WAITING, public as public_wait
 
 log = logging.getLogger("keel.agents")
 WAIT_POLL_S = 0.2  # how often a waiting caller reads the run's status (a run that waits for a person answers 202)
@@ -134,7 +135,7 @@ class Agents:
         deadline = loop.time() + wait_s
         while (left := deadline - loop.time()) > 0:
             done, _ = await asyncio.wait({result}, timeout=min(left, WAIT_POLL_S))
-            if done or await asyncio.to_thread(self._status, run_id) in ("waiting_approval", *FINAL):
+            if done or await asyncio.to_thread(self._status, run_id) in ("waiting_approval", WAITING, *FINAL):
                 break
         if not result.done():
             result.cancel()  # only the shield's outer future: the run is not touched
@@ -162,9 +163,31 @@ class Agents:
 
     @staticmethod
     def _public_run(r: Any) -> dict[str, Any]:
+        """The run; `waiting` is its provider wait now (status `waiting_provider`: the alias, why, the next try),
+        `waits` every provider wait it made (the loop keeps both in the row's `error`, with no `code` unless failed)."""
+        held = r.error if isinstance(r.error, dict) else {}
+        error = {k: v for k, v in held.items() if k != "waits"} if "code" in held else None
         return {"id": r.id, "object": "agent_run", "agent": r.agent, "version": r.version, "status": r.status,
-                "task": r.task, "answer": r.answer, "error": r.error, "team_id": r.team_id,
+                "task": r.task, "answer": r.answer, "error": error, "team_id": r.team_id,
+                "waiting": public_wait(held.get("waiting")) if r.status == WAITING else None,
+                "waits": list(held.get("waits") or []),
                 "created_at": iso(r.created_at), "updated_at": iso(r.updated_at), "finished_at": iso(r.finished_at)}
+
+    async def resume_run(self, name: str, run_id: str, p: Principal) -> dict[str, Any]:
+        """End a run's provider wait now: the model call is tried again at once (and waits again if refused)."""
+        p.require("agents.run")
+        r = await asyncio.to_thread(self._run_row, name, run_id, p)
+        wait = r.error.get("waiting") if isinstance(r.error, dict) else None
+        if r.status != WAITING or not wait:
+            raise Conflict(f"run {run_id} is {r.status}, not waiting for a provider",
+                           fix=f"resume only runs listed by GET /v1/agents/{name}/runs?status=waiting_provider",
+                           run_id=run_id)
+        topic = wait["topic"]
+        await self.durable.send(run_id, {"by": p.user_id or p.key_id}, topic=topic,
+                                idempotency_key=f"{run_id}.{topic}")
+        await asyncio.to_thread(self.agent_store.audit, "agent.run.resumed", p.user_id or p.key_id, r.team_id,
+                                agent=name, run_id=run_id, waiting_for=wait.get("for"))
+        return dict(self._public_run(r), resumed=True)
 
     def runs(self, name: str, p: Principal, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         self.agent_store.latest(name, p)

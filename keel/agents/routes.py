@@ -104,6 +104,12 @@ async def list_runs(name: str, request: Request, status: str | None = None, limi
     return json_response({"object": "list", "data": rows})
 
 
+@router.post("/v1/agents/{name}/runs/{run_id}/resume")
+async def resume_run(name: str, run_id: str, request: Request, p: Principal = Depends(principal)) -> Response:
+    """End a run's provider wait now (409 unless it is `waiting_provider`): its model call is tried again."""
+    return json_response(await _agents(request).resume_run(name, run_id, p))
+
+
 @router.get("/v1/agents/{name}/runs/{run_id}")
 async def get_run(name: str, run_id: str, request: Request, p: Principal = Depends(principal)) -> Response:
     """The run, with every action (allowed or refused, with its rule), tokens and cost."""

@@ -21,7 +21,7 @@ from keel.identity.principal import Principal
 
 log = logging.getLogger("keel.agents")
 FINAL = ("completed", "failed", "stopped")
-STATUSES = ("running", "waiting_approval", *FINAL)
+STATUSES = ("running", "waiting_approval", "waiting_provider", *FINAL)
 
 
 class AgentStore:
