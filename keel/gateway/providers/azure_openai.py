@@ -62,7 +62,8 @@ class AzureOpenAIProvider(OpenAICompatibleProvider):
         version = options.get("api_version")
         if version is not None and (not isinstance(version, str) or not version.strip()):
             raise ConfigError("options.api_version: must be an API version such as " + API_VERSION,
-                              fix=f"set options.api_version: {API_VERSION}, or leave it out", field="options.api_version")
+                              fix=f"set options.api_version: {API_VERSION}, or leave it out",
+                              field="options.api_version")
         refresh = options.get("token_refresh_s", 300)
         if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or not 0 < refresh <= 86400:
             raise ConfigError(f"options.token_refresh_s: {str(refresh)[:100]!r} is not a number of seconds in "
