@@ -185,6 +185,12 @@ TABLE = [
         auditor  403 403 403"""), body={"task": "hi", "wait_s": 0}),
     Row("agent run read", "GET", "/v1/agents/red_agent/runs/{run}", team_read("200", "404"), target="agent_run"),
     Row("agent run list", "GET", "/v1/agents/red_agent/runs", team_read("seen", "404"), target="agent_run"),
+    Row("agent run resume", "POST", "/v1/agents/red_busy_agent/runs/{run}/resume", grid("""
+        admin    200 200 200
+        builder  200 404 404
+        member   200 404 404
+        reviewer 403 403 403
+        auditor  403 403 403"""), target="agent_provider_wait_run", consumes=True),
     *(Row(f"agent {verb}", "POST", f"/v1/agents/red_agent/{verb}", grid("""
         admin    200 200 200
         builder  200 404 404
@@ -383,6 +389,24 @@ class World:
                 assert r.status_code == 201, r.text
         run_id = self._start(self.admin_red, "red_busy")
         self._status("red_busy", run_id, ("waiting_provider",))
+        return {"run": run_id, "seen": run_id}
+
+    def agent_provider_wait_run(self) -> dict[str, Any]:
+        """A red agent run whose model call waits for `red-busy` (429, Retry-After 600)."""
+        if not hasattr(self, "busy_agent"):
+            self.provider_wait_run()  # the red-busy deployment
+            with self.srv.client(self.red_builder) as c:
+                r = c.post("/v1/agents", content="name: red_busy_agent\nmodel: red-busy\ngoal: g\ntools: {}\n"
+                           "budgets: {wall_time: 1h}\n", headers={"content-type": "application/yaml"})
+                assert r.status_code == 201, r.text
+            self.busy_agent = True
+        with self.srv.client(self.admin_red) as c:
+            run_id = c.post("/v1/agents/red_busy_agent/runs", json={"task": "hi", "wait_s": 0}).json()["id"]
+
+        def waiting() -> bool:
+            with self.srv.admin() as c:
+                return c.get(f"/v1/agents/red_busy_agent/runs/{run_id}").json().get("status") == "waiting_provider"
+        eventually(waiting, timeout=60)
         return {"run": run_id, "seen": run_id}
 
     def approval(self) -> dict[str, Any]:
