@@ -554,6 +554,7 @@ def test_reviews_cannot_be_decided_outside_their_team(world):
         with world.keys.client(role, team) as c:
             assert c.post(f"/v1/reviews/{rid}/approve", json={}).status_code in (403, 404), (role, team)
 
+
 def test_messages_edge_cells(world):
     """/v1/messages beyond the roles: a bad `x-api-key`, a body over the size limit, and a key scoped to other
     models — each refused before any model runs."""
