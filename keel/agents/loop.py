@@ -8,7 +8,7 @@ may try something else; a spent budget or the kill switch stops the run.
 A model call told "not now" (an open circuit, a rate limit, a budget period that resets, an upstream 429,
 503 or timeout) does not fail the run: as in workflows (`keel.workflows.waits`), the run waits durably
 (status `waiting_provider`, the wait in the run row), bounded by what is left of the mandate's wall time
-(at most `DEFAULT_MAX_WAIT_S`), then tries again under a new ledger request id; an operator's resume ends the
+and by its `max_wait` budget (default `DEFAULT_MAX_WAIT_S`, as workflows), then tries again under a new ledger request id; an operator's resume ends the
 wait early. Errors no wait can fix (policy denial, guard block, bad request) fail the run at once.
 """
 
@@ -211,13 +211,14 @@ class AgentEngine:
             except KeelError as exc:
                 now = self.clock()
                 first = now if since is None else since
-                bound = max(0.0, min(waits.DEFAULT_MAX_WAIT_S, run.started_at + m.budgets.wall_time_s - first))
+                most = m.budgets.max_wait_s or waits.DEFAULT_MAX_WAIT_S
+                bound = max(0.0, min(most, run.started_at + m.budgets.wall_time_s - first))
                 try:
                     wait = waits.hold(exc, target=m.model, kind="model", now=now, since=since, bound_s=bound,
                                       waits=n, topic=f"resume.model.{seq}.{n}")
                 except waits.ProviderUnavailable as gave_up:
                     raise AgentProviderUnavailable(gave_up.detail, fix=(
-                        "raise the mandate's wall_time budget, add a fallback to the model's alias, or run the task "
+                        "raise the mandate's wall_time or max_wait budget, add a fallback to the model's alias, or run the task "
                         "again when the provider is back"), **gave_up.ids) from None
             log.info("agent model call waits for its provider", extra={
                 "run_id": run.id, "seq": seq, "for": m.model, "reason": wait["reason"], "seconds": wait["seconds"]})

@@ -28,7 +28,7 @@ AGENT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,47}$")  # an approval's `workflow` 
 TOOL_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]{0,63}$")
 TABLE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 TOP_KEYS = ("name", "description", "goal", "instructions", "model", "collections", "tools", "budgets", "approvals")
-BUDGET_KEYS = ("steps", "tokens", "cost", "wall_time", "max_tokens_per_call", "cost_per_day")
+BUDGET_KEYS = ("steps", "tokens", "cost", "wall_time", "max_tokens_per_call", "cost_per_day", "max_wait")
 APPROVAL_KEYS = ("tool", "when", "approvers", "timeout")
 HTTP_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 BUILTIN_SCHEMAS: dict[str, dict[str, Any]] = {
@@ -108,6 +108,7 @@ class Budgets:
     wall_time_s: float = 300.0
     max_tokens_per_call: int = 1024
     cost_per_day: float | None = None  # all runs of the agent, the last 24 hours
+    max_wait_s: float | None = None  # longest a model call waits for an unavailable provider (None: as workflows)
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,8 @@ def _budgets(ck: Checker, data: dict[str, Any]) -> Budgets:
                    wall_time_s=ck.duration(raw, path, "wall_time", d.wall_time_s) or d.wall_time_s,
                    max_tokens_per_call=ck.number(raw, path, "max_tokens_per_call", d.max_tokens_per_call, 1,
                                                  1_000_000, integer=True),
-                   cost_per_day=ck.number(raw, path, "cost_per_day", None, 0.0, 1e9))
+                   cost_per_day=ck.number(raw, path, "cost_per_day", None, 0.0, 1e9),
+                   max_wait_s=ck.duration(raw, path, "max_wait", None))
 
 
 def _approval(ck: Checker, raw: Any, j: int, tools: dict[str, ToolSpec]) -> ApprovalRule | None:

@@ -47,7 +47,7 @@ class OutageModel(ScriptedModel):
     `outage[script]` is on; `retry_after[script]` (when set) goes with each 503 as `Retry-After`."""
 
     def __init__(self, **kw: Any) -> None:
-        super().__init__({n: SCRIPT for n in ("ra", "plain", "resume", "bounded", "denied")}, **kw)
+        super().__init__({n: SCRIPT for n in ("ra", "plain", "resume", "bounded", "maxwait", "denied")}, **kw)
         self.outage: dict[str, bool] = {}
         self.retry_after_for: dict[str, str] = {}
         self.pending: str | None = None
@@ -181,16 +181,33 @@ def test_an_operator_resumes_a_wait_early_within_the_runs_team(world):
         problem(c.post(f"/v1/agents/outage_resume/runs/{out['id']}/resume"), 409, out["id"])
 
 
-def test_a_wait_past_the_runs_wall_time_ends_it(world):
+@pytest.mark.parametrize("script,budgets,codes", [
+    ("bounded", "3s", ("agent_provider_unavailable", "agent_stopped")),  # the wall time, whichever notices first
+    ("maxwait", "1h, max_wait: 3s", ("agent_provider_unavailable",))])
+def test_a_wait_past_the_runs_bound_ends_it(world, script, budgets, codes):
     srv, model, builder = world["srv"], world["model"], world["keys"].keys[("builder", "red")]
-    define(srv, MANDATE.format(name="outage_bounded", wall="3s"), key=builder)
-    model.outage["bounded"] = True
-    out = run(srv, "outage_bounded", "File ann [script:bounded]", key=builder, wait_s=0)
-    d = eventually(lambda: (x := detail(srv, "outage_bounded", out["id"], builder))["status"] in ("failed", "stopped")
-                   and x, timeout=60)
-    assert d["error"]["code"] in ("agent_provider_unavailable", "agent_stopped"), d
+    name = f"outage_{script}"
+    define(srv, MANDATE.format(name=name, wall=budgets), key=builder)
+    model.outage[script] = True
+    out = run(srv, name, f"File ann [script:{script}]", key=builder, wait_s=0)
+    d = eventually(lambda: (x := detail(srv, name, out["id"], builder))["status"] in ("failed", "stopped") and x,
+                   timeout=60)
+    assert d["error"]["code"] in codes and "waits" not in d["error"], d
     assert d["waits"] and d["waiting"] is None
     assert effects(srv, out["id"]) == 1
+
+
+def test_resume_refuses_strangers_and_unknown_runs_with_a_fix(world):
+    srv, keys = world["srv"], world["keys"].keys
+    define(srv, MANDATE.format(name="outage_edge", wall="1h"), key=keys[("builder", "red")])
+    for key in (keys[("member", None)], keys[("builder", "red")]):
+        with srv.client(key) as c:
+            problem(c.post("/v1/agents/outage_edge/runs/arun_nope/resume"), 404, "arun_nope")
+            assert c.post("/v1/agents/outage_edge/runs/" + "x" * 5000 + "/resume").status_code in (404, 414)
+    with srv.client(keys[("reviewer", "red")]) as c:
+        assert c.post("/v1/agents/outage_edge/runs/arun_nope/resume").status_code == 403
+    with srv.client(keys[("builder", "red")]) as c:
+        problem(c.get("/v1/agents/outage_edge/runs?status=sleeping"), 400, "sleeping")
 
 
 def test_a_policy_denial_fails_the_run_at_once_with_no_upstream_call(world):
