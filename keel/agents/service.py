@@ -40,14 +40,12 @@ def attach(app: Any, settings: Any, store: Any, gateway: Any, knowledge: Any) ->
     svc = Agents(agent_store, workflows.durable, app.state.vault)
     system = Principal(key_id="system", role="admin")
     folder: Path | None = settings.agents_dir
-    files = check_dir(folder) if folder is not None else []  # a broken mandate stops the start before the port binds
+    if folder is not None:  # defined now: a broken or refused mandate stops the start before the port binds
+        define_all(svc, check_dir(folder), system)
 
     async def start() -> None:
-        if folder is None:
-            if DEFAULT_DIR.is_dir():  # unset: ./agents of the working directory, a broken file logged and skipped
-                await asyncio.to_thread(svc.load_dir, DEFAULT_DIR, system)
-        else:
-            await asyncio.to_thread(define_all, svc, files, system)
+        if folder is None and DEFAULT_DIR.is_dir():  # unset: ./agents of the start directory, a broken file skipped
+            await asyncio.to_thread(svc.load_dir, DEFAULT_DIR, system)
         if await asyncio.to_thread(agent_store.unfinished):
             await workflows.durable.ensure_launched()  # recovers unfinished runs
             n = await svc.relaunch_orphans()

@@ -72,3 +72,19 @@ def test_agents_dir_is_unset_by_default_and_must_name_a_folder_when_set(tmp_path
     with pytest.raises(ConfigError, match="agents_dir"):
         load_settings(environ={"KEEL_AGENTS_DIR": str(tmp_path / "absent")})
     assert load_settings(environ={"KEEL_AGENTS_DIR": str(tmp_path)})[0].agents_dir == Path(tmp_path)
+
+
+def test_a_mandate_refused_when_defined_stops_the_start_naming_the_file(tmp_path, db_url):
+    folder = tmp_path / "mandates"
+    folder.mkdir()
+    (folder / "crm.yaml").write_text("name: crm_agent\nmodel: agent-model\ngoal: g\ntools:\n  crm:\n"
+                                     "    endpoint: https://crm.example/x\n    parameters: {type: object}\n"
+                                     "    headers: {Authorization: {secret: no-such-secret}}\n")
+    srv = start_server(tmp_path / "data", db_url, wait=False, KEEL_AGENTS_DIR=str(folder))
+    try:
+        rc = srv.proc.wait(timeout=120)
+    finally:
+        srv.stop()
+    logs = srv.logs().replace("\n", "")
+    assert rc == 1 and str(folder / "crm.yaml") in logs and "no-such-secret" in logs, logs
+    assert '"msg":"starting"' not in logs and "Traceback" not in logs, logs  # one error line, before serving
