@@ -8,8 +8,9 @@ may try something else; a spent budget or the kill switch stops the run.
 A model call told "not now" (an open circuit, a rate limit, a budget period that resets, an upstream 429,
 503 or timeout) does not fail the run: as in workflows (`keel.workflows.waits`), the run waits durably
 (status `waiting_provider`, the wait in the run row), bounded by what is left of the mandate's wall time
-and by its `max_wait` budget (default `DEFAULT_MAX_WAIT_S`, as workflows), then tries again under a new ledger request id; an operator's resume ends the
-wait early. Errors no wait can fix (policy denial, guard block, bad request) fail the run at once.
+and by its `max_wait` budget (default `DEFAULT_MAX_WAIT_S`, as workflows), then tries again under a new
+ledger request id; an operator's resume ends the wait early. Errors no wait can fix (policy denial, guard
+block, bad request) fail the run at once.
 """
 
 from __future__ import annotations
@@ -218,8 +219,8 @@ class AgentEngine:
                                       waits=n, topic=f"resume.model.{seq}.{n}")
                 except waits.ProviderUnavailable as gave_up:
                     raise AgentProviderUnavailable(gave_up.detail, fix=(
-                        "raise the mandate's wall_time or max_wait budget, add a fallback to the model's alias, or run the task "
-                        "again when the provider is back"), **gave_up.ids) from None
+                        "raise the mandate's wall_time or max_wait budget, add a fallback to the model's alias, "
+                        "or run the task again when the provider is back"), **gave_up.ids) from None
             log.info("agent model call waits for its provider", extra={
                 "run_id": run.id, "seq": seq, "for": m.model, "reason": wait["reason"], "seconds": wait["seconds"]})
             history = [*await asyncio.to_thread(self._waits, run.id), dict(waits.public(wait) or {}, seq=seq)]

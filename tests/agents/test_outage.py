@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -47,7 +48,8 @@ class OutageModel(ScriptedModel):
     `outage[script]` is on; `retry_after[script]` (when set) goes with each 503 as `Retry-After`."""
 
     def __init__(self, **kw: Any) -> None:
-        super().__init__({n: SCRIPT for n in ("ra", "plain", "resume", "bounded", "maxwait", "denied")}, **kw)
+        names = ("ra", "plain", "resume", "bounded", "maxwait", "denied", "restart")
+        super().__init__({n: SCRIPT for n in names}, **kw)
         self.outage: dict[str, bool] = {}
         self.retry_after_for: dict[str, str] = {}
         self.pending: str | None = None
@@ -153,6 +155,40 @@ def test_a_503_window_is_waited_out_and_the_run_completes(world, script, retry_a
     ok = metered_once(srv, out["id"])
     assert ok[0] == f"{out['id']}/1" and ok[1].startswith(f"{out['id']}/3~"), ok
     assert effects(srv, out["id"]) == 1
+
+
+@pytest.mark.timeout(300)
+def test_a_wait_survives_a_sigkill_of_keel(tmp_path, server_factory):
+    """The wait is durable: Keel is SIGKILLed while a run waits, restarted on the same store, and the run goes on
+    waiting (trying again), then completes once the provider is back; nothing is metered or applied twice."""
+    model = OutageModel().start()
+    try:
+        cfg = tmp_path / "keel.yaml"
+        cfg.write_text(f"models:\n  - {{alias: agent-model, provider: openai_compatible, model: m, "
+                       f"base_url: {model.url}}}\n"
+                       "aliases:\n  agent-model: {retries: 0, circuit_failures: 1000}\nledger_flush_interval_s: 0.1\n")
+        srv = server_factory(config=cfg)
+        db_url, data_dir = srv.extra["db_url"], srv.data_dir
+        define(srv, MANDATE.format(name="outage_restart", wall="1h"))
+        model.retry_after_for["restart"] = "1"
+        model.outage["restart"] = True
+        out = run(srv, "outage_restart", "File ann [script:restart]", wait_s=0)
+        status_of(srv, "outage_restart", out["id"], srv.admin_key, "waiting_provider")
+        srv.stop(signal.SIGKILL)
+        refused = model.faults["503"]
+        srv = server_factory(config=cfg, db_url=db_url, data_dir=data_dir)
+        d = detail(srv, "outage_restart", out["id"])
+        assert d["status"] in ("waiting_provider", "running") and d["waits"], d
+        eventually(lambda: model.faults["503"] >= refused + 2, timeout=60)  # the restarted server goes on trying
+        model.outage["restart"] = False
+        d = status_of(srv, "outage_restart", out["id"], srv.admin_key, "completed")
+        assert d["answer"] == "filed" and d["waiting"] is None
+        assert [(a["seq"], a["decision"]) for a in d["actions"]] == [(1, "allowed"), (2, "allowed"), (3, "allowed")]
+        ok = metered_once(srv, out["id"])
+        assert ok[0] == f"{out['id']}/1" and ok[1].startswith(f"{out['id']}/3~"), ok
+        assert effects(srv, out["id"]) == 1
+    finally:
+        model.stop()
 
 
 def test_an_operator_resumes_a_wait_early_within_the_runs_team(world):
