@@ -29,7 +29,9 @@ class Ledger:
     def __init__(self, store: Store, interval: float = 0.2, batch_size: int = 500,
                  observer: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.store = store
-        self.observer = observer  # sees every row as it is recorded (the metrics); must not raise
+        # sees every row once it is written (the metrics), in the flushing thread, so what it counts is what the
+        # store holds, and the request path pays nothing for it; must not raise
+        self.observer = observer
         self.interval = interval
         self.batch_size = batch_size
         self._queue = WriteQueue(self._write_safely)
@@ -39,8 +41,6 @@ class Ledger:
         self.written = 0
 
     def record(self, row: dict[str, Any]) -> None:
-        if self.observer is not None:
-            self.observer(row)
         self._queue.pending.append(row)
         if len(self._queue.pending) >= self.batch_size:
             self._wake.set()
@@ -78,15 +78,21 @@ class Ledger:
             self._write_safely(rows)
 
     def _write_safely(self, rows: list[dict[str, Any]]) -> None:
+        written = rows
         try:
             self._write(rows)
         except sa.exc.IntegrityError:
             # A repeated request id (a workflow step re-run after a crash): write row by row, skip repeats.
+            written = []
             for row in rows:
                 try:
                     self._write([row])
+                    written.append(row)
                 except sa.exc.IntegrityError:
                     log.warning("duplicate ledger row skipped", extra={"ledger_request_id": row["request_id"]})
+        if self.observer is not None:
+            for row in written:
+                self.observer(row)
 
     async def flush(self) -> None:
         """Write every row recorded so far; when it returns they are in the store (a flush already

@@ -1,6 +1,6 @@
 """Prometheus metrics, served at `GET /metrics` in the text format (prometheus-client).
 
-Request metrics come from the usage ledger's rows as they are recorded (`Metrics.observe_row`, the
+Request metrics come from the usage ledger's rows as they are written (`Metrics.observe_row`, the
 ledger's observer), so /metrics and the ledger can never disagree on what a request used. Gauges that
 describe state (circuit breakers, queue depths, span export) are read when scraped.
 
@@ -68,7 +68,7 @@ class Metrics:
         self._per_key: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self._failed_once = False
 
-    # -- the ledger's observer (the hot path: a dict lookup and a few increments) ---------------------
+    # -- the ledger's observer (in its flushing thread: a dict lookup and a few increments per row) -----
     def observe_row(self, row: dict[str, Any]) -> None:
         """Count one ledger row. Never raises into the request: a failure is logged once."""
         try:
