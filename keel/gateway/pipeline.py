@@ -339,33 +339,27 @@ class Gateway:
         return result
 
     async def embed(self, call: Call) -> EmbedResult:
-        span = self._span(call)
-        try:
-            if span is None:
-                result: EmbedResult = await self._chain()(call)
-            else:
-                with activate(span, self.tracer):
-                    result = await self._chain()(call)
-        except BaseException as exc:
-            self._finish(call, span, error=exc)
-            raise
-        call.usage = Usage(prompt_tokens=result.prompt_tokens)
-        self._finish(call, span)
+        result: EmbedResult = await self._tokens_in(call, lambda r: r.prompt_tokens)
         return result
 
     async def rerank(self, call: Call) -> RerankResult:
         """Score `call.rerank`'s documents on a reranker deployment; metered like an embedding (tokens in)."""
+        result: RerankResult = await self._tokens_in(call, lambda r: r.tokens)
+        return result
+
+    async def _tokens_in(self, call: Call, tokens: Callable[[Any], int]) -> Any:
+        """Run a call whose usage is its input tokens only (`tokens(result)`), under its span, and meter it."""
         span = self._span(call)
         try:
             if span is None:
-                result: RerankResult = await self._chain()(call)
+                result = await self._chain()(call)
             else:
                 with activate(span, self.tracer):
                     result = await self._chain()(call)
         except BaseException as exc:
             self._finish(call, span, error=exc)
             raise
-        call.usage = Usage(prompt_tokens=result.tokens)
+        call.usage = Usage(prompt_tokens=tokens(result))
         self._finish(call, span)
         return result
 
