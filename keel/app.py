@@ -33,6 +33,8 @@ from keel.governance import tables as governance_tables
 from keel.knowledge import tables as knowledge_tables
 from keel.observe import routes as observe_routes
 from keel.observe import service as observe_service
+from keel.observe import prompts_routes
+from keel.observe.prompts import Prompts
 from keel.observe.spans import TraceRequests, TracedAuthenticator
 from keel.workflows import service as workflows_service
 from keel.workflows import tables as workflow_tables
@@ -174,6 +176,8 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
     if obs.tracing.enabled:  # each key check an `auth` span
         app.state.authenticator = TracedAuthenticator(app.state.authenticator)
     app.include_router(observe_routes.router)
+    app.state.prompts = Prompts(store)  # the prompt registry: callers, workflows and agents resolve through it
+    app.include_router(prompts_routes.router)
 
     outbound = Outbound.from_settings(settings)  # one outbound HTTP stack: providers, budget alerts, review webhooks
     deployments = gateway_service.deployments(settings, store, app.state.vault, outbound)

@@ -35,6 +35,9 @@ from keel.observe.prices import DEFAULT as DEFAULT_PRICES
 log = logging.getLogger("keel.gateway")
 
 
+PROMPT_VERSION = "prompt_version"  # annotation: the registry prompt (`name@version`) the call's messages came from
+
+
 @dataclass
 class Call:
     """One model call on its way through the path; stages read and annotate it."""
@@ -418,6 +421,8 @@ class Gateway:
         span.set_attribute("gen_ai.operation.name", op)
         span.set_attribute("gen_ai.request.model", call.alias)
         span.set_attribute("keel.request_id", call.request_id)
+        if PROMPT_VERSION in call.annotations:
+            span.set_attribute("keel.prompt.version", call.annotations[PROMPT_VERSION])
         if call.chat is not None:
             for attr, value in (("gen_ai.request.max_tokens", call.chat.max_tokens),
                                 ("gen_ai.request.temperature", call.chat.temperature)):
@@ -460,6 +465,7 @@ class Gateway:
             "use_case": str(meta.get("use_case"))[:200] if meta and meta.get("use_case") else None,
             "task_id": str(meta.get("task_id"))[:200] if meta and meta.get("task_id") else None, "meta": meta,
             "client_request_id": client_request_id_var.get(),  # the HTTP client's own id, for correlation
+            "prompt_version": call.annotations.get(PROMPT_VERSION),
         })
         if span is None:
             return

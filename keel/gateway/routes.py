@@ -22,7 +22,7 @@ from keel.gateway import control_routes
 from keel.gateway.admission import prompt_tokens
 from keel.gateway.cache import router as cache_router
 from keel.gateway.limits import RATE_LIMITS, rate_headers
-from keel.gateway.pipeline import Call, Gateway
+from keel.gateway.pipeline import PROMPT_VERSION, Call, Gateway
 from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult, Usage
 from keel.gateway.schemas import ChatCompletionBody, EmbeddingsBody, fast_chat_body
 from keel.identity.auth import admin, principal
@@ -198,10 +198,23 @@ async def first_delta(stream: AsyncIterator[ChatDelta]) -> ChatDelta | None:
         return None
 
 
+async def with_prompt(request: Request, p: Principal, data: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """A `keel.prompt` reference (`name@label`, `name@3`): the registry's messages, `keel.variables` filled in,
+    before the caller's own; and the version used (`name@version`), for the ledger row and the span."""
+    ref = (data.get("keel") or {}).get("prompt")
+    if ref is None:
+        return data, None
+    rendered = await run_in_threadpool(request.app.state.prompts.resolve, p, ref, data["keel"].get("variables"))
+    return {**data, "messages": [*rendered.messages, *data["messages"]]}, rendered.ref
+
+
 async def _chat(data: dict[str, Any], request: Request, p: Principal) -> Response:
     gw = _gateway(request)
+    data, prompt = await with_prompt(request, p, data) if "keel" in data else (data, None)
     call = Call(request_id=request_id_var.get() or "", principal=p, kind="chat", alias=data["model"],
                 chat=chat_request(data), metadata=dict(data.get("metadata") or {}))
+    if prompt is not None:
+        call.annotations[PROMPT_VERSION] = prompt
     if not call.stream:
         return await answer_chat(gw, call, request, lambda result: _completion(call, result))
     stream = gw.chat_stream(call)

@@ -34,6 +34,7 @@ usage_ledger = sa.Table(
     sa.Column("task_id", sa.String(200), nullable=True, index=True),
     sa.Column("meta", sa.JSON, nullable=True),
     sa.Column("client_request_id", sa.String(128), nullable=True, index=True),
+    sa.Column("prompt_version", sa.String(100), nullable=True, index=True),  # `name@version` of a registry prompt
 )
 
 # Feedback on a metered call: each row is anchored to the ledger row it judges (`request_id`), whether it
