@@ -25,7 +25,7 @@ from typing import Any
 from keel.agents.mandate import Mandate
 from keel.agents.policy import Decision, check_call
 from keel.agents.store import AgentStore
-from keel.agents.tools import EXECUTORS, ToolCall, ToolParts, as_text
+from keel.agents.tools import EXECUTORS, ToolCall, ToolParts, as_text, mcp_headers
 from keel.core.errors import KeelError
 from keel.core.logs import redactor
 from keel.gateway.pipeline import Call
@@ -104,8 +104,11 @@ class AgentEngine:
             log.error("agent run row missing", extra={"run_id": run_id})
             return {"status": "failed"}
         try:
-            run = Run(row, await asyncio.to_thread(self.store.mandate, row["version_id"]),
-                      await asyncio.to_thread(self.store.owner_team, row["version_id"]))
+            owner = await asyncio.to_thread(self.store.owner_team, row["version_id"])
+            mandate = await asyncio.to_thread(self.store.mandate, row["version_id"])
+            if self.parts.mcp is not None:  # MCP tools' schemas from their servers' listings (mcp_client.py)
+                mandate = await self.parts.mcp.resolve(mandate, mcp_headers(self.parts, owner))
+            run = Run(row, mandate, owner)
             m = run.mandate
             system = m.goal + ("\n\n" + m.instructions if m.instructions else "")
             messages: list[dict[str, Any]] = [{"role": "system", "content": system},

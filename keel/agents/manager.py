@@ -35,8 +35,9 @@ WAIT_POLL_S = 0.2  # how often a waiting caller reads the run's status (a run th
 class Agents:
     """The API behind `/v1/agents…` and `keel agents …`."""
 
-    def __init__(self, store: AgentStore, durable: Durable, vault: Any) -> None:
+    def __init__(self, store: AgentStore, durable: Durable, vault: Any, mcp: Any = None) -> None:
         self.agent_store, self.durable, self.vault = store, durable, vault
+        self.mcp = mcp  # keel.agents.mcp_client.McpClients: checks a mandate's MCP servers when it is defined
         self.store = store.store
 
     # -- mandates -------------------------------------------------------------------------------
@@ -56,6 +57,8 @@ class Agents:
         team = mandate_owner(p, m.name, prev.team_id if prev else None, prev is not None, requested)
         for secret, field, use in m.secret_refs():
             self.vault.check(secret, team, use, field=field, agent=m.name)
+        if self.mcp is not None:
+            self.mcp.check(m)
         with self.store.engine.begin() as conn:
             prev = self._prev(conn, m.name)
             if team != mandate_owner(p, m.name, prev.team_id if prev else None, prev is not None, requested):

@@ -27,7 +27,8 @@ from keel.workflows.spec_checks import NAME, SECRET_NAME, Checker, Path, kind_of
 AGENT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,47}$")  # an approval's `workflow` column holds `agent:<name>`
 TOOL_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]{0,63}$")
 TABLE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-TOP_KEYS = ("name", "description", "goal", "instructions", "model", "collections", "tools", "budgets", "approvals")
+TOP_KEYS = ("name", "description", "goal", "instructions", "model", "collections", "tools", "budgets", "approvals",
+            "mcp_servers")
 BUDGET_KEYS = ("steps", "tokens", "cost", "wall_time", "max_tokens_per_call", "cost_per_day", "max_wait")
 APPROVAL_KEYS = ("tool", "when", "approvers", "timeout")
 HTTP_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
@@ -58,7 +59,7 @@ BUILTIN_DESCRIPTIONS = {
 # the keys each kind of tool takes besides description, rules and call counts
 KIND_KEYS = {"retrieve": (), "http": ("allow_hosts", "methods", "headers"), "record": ("tables",),
              "notify": ("allow_recipients",), "ask_human": (), "endpoint": ("endpoint", "parameters", "headers"),
-             "python": ("entry_point",)}
+             "python": ("entry_point",), "mcp": ("mcp", "tool")}
 COMMON_TOOL_KEYS = ("description", "rules", "max_calls_per_run", "max_calls_per_day")
 
 
@@ -81,11 +82,24 @@ class ToolSpec:
     endpoint: str | None = None
     headers: dict[str, str] = field(default_factory=dict)  # header → vault secret name
     entry_point: str | None = None
+    mcp_server: str | None = None  # kind `mcp`: the mandate's `mcp_servers` entry, and the tool's name there
+    remote: str | None = None
 
     def openai(self) -> dict[str, Any]:
         """The tool as OpenAI's `tools` entry."""
         return {"type": "function", "function": {"name": self.name, "description": self.description,
                                                  "parameters": self.parameters}}
+
+
+@dataclass(frozen=True)
+class McpServerSpec:
+    """An MCP server the mandate's `mcp` tools use: `command`, the name of a command an admin allowed
+    (setting `mcp_commands`), run over stdio; or `url`, streamable HTTP, with `headers` from the team's vault."""
+
+    name: str
+    command: str | None = None
+    url: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # header → vault secret name
 
 
 @dataclass(frozen=True)
@@ -125,11 +139,14 @@ class Mandate:
     budgets: Budgets
     approvals: tuple[ApprovalRule, ...]
     source: str
+    mcp_servers: dict[str, McpServerSpec] = field(default_factory=dict)
 
     def secret_refs(self) -> list[tuple[str, str, str]]:
-        """(secret, field, use) for every vault secret the tools send as a header."""
+        """(secret, field, use) for every vault secret the tools (and MCP servers) send as a header."""
         return [(secret, f"tools.{t.name}.headers.{h}", "http_header") for t in self.tools.values()
-                for h, secret in t.headers.items()]
+                for h, secret in t.headers.items()] + [
+            (secret, f"mcp_servers.{s.name}.headers.{h}", "http_header") for s in self.mcp_servers.values()
+            for h, secret in s.headers.items()]
 
     def approval_for(self, tool: str, args: Any, run: dict[str, Any] | None = None) -> tuple[int, ApprovalRule] | None:
         """The first approval rule that sends this call to a person; `when` sees the arguments and, as `run.cost`,
@@ -163,7 +180,8 @@ def _tool(ck: Checker, name: Any, raw: Any) -> ToolSpec | None:
     if not isinstance(raw, dict):
         ck.error(path, f"a tool must be a mapping (got {kind_of(raw)})")
         return None
-    kind = name if name in BUILTIN_SCHEMAS else "python" if "entry_point" in raw else "endpoint"
+    kind = name if name in BUILTIN_SCHEMAS else "python" if "entry_point" in raw else "mcp" if "mcp" in raw \
+        else "endpoint"
     ck.unknown_keys(raw, path, COMMON_TOOL_KEYS + KIND_KEYS[kind],
                     f"the built-in tool {name}" if kind in BUILTIN_SCHEMAS else f"a{'n' if kind == 'endpoint' else ''} "
                                                                                   f"{kind} tool")
@@ -180,6 +198,10 @@ def _tool(ck: Checker, name: Any, raw: Any) -> ToolSpec | None:
                     raise ValueError("its parameters are not a JSON Schema with type: object")
             except (KeelError, SchemaError, ValueError) as exc:
                 ck.error(path + ("entry_point",), getattr(exc, "detail", None) or getattr(exc, "message", str(exc)))
+    elif kind == "mcp":  # the schema and description come from the server's listing when a run starts
+        endpoint, params = None, {"type": "object"}
+        ck.text(raw, path, "mcp", required=True, template=False, pattern=TOOL_NAME)
+        ck.text(raw, path, "tool", template=False, pattern=TOOL_NAME)
     elif kind == "endpoint":
         endpoint = ck.text(raw, path, "endpoint", required=True, template=False)
         if endpoint is not None and not re.match(r"^https?://[^/\s]+", endpoint):
@@ -230,7 +252,43 @@ def _tool(ck: Checker, name: Any, raw: Any) -> ToolSpec | None:
                     max_calls_per_run=_int(ck, raw, path, "max_calls_per_run", 10_000),
                     max_calls_per_day=_int(ck, raw, path, "max_calls_per_day", 10_000_000), endpoint=endpoint,
                     headers={h: r["secret"] for h, r in headers.items() if isinstance(r, dict) and "secret" in r},
-                    entry_point=entry_point)
+                    entry_point=entry_point, mcp_server=raw.get("mcp") if kind == "mcp" else None,
+                    remote=(raw.get("tool") or name) if kind == "mcp" else None)
+
+
+def _mcp_servers(ck: Checker, data: dict[str, Any], tools: dict[str, ToolSpec]) -> dict[str, McpServerSpec]:
+    raw_servers = ck.mapping(data, (), "mcp_servers", default={}) or {}
+    servers = {}
+    for name, raw in raw_servers.items():
+        path: Path = ("mcp_servers", str(name))
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            ck.error(path, f"server name {name!r} must match {TOOL_NAME.pattern}", at_key=True)
+            continue
+        if not isinstance(raw, dict):
+            ck.error(path, f"an MCP server is a mapping with command (or url and headers); got {kind_of(raw)}")
+            continue
+        ck.unknown_keys(raw, path, ("command", "url", "headers"), "an MCP server")
+        command = ck.text(raw, path, "command", template=False, pattern=TOOL_NAME)
+        url = ck.text(raw, path, "url", template=False)
+        if (command is None) == (url is None):
+            ck.error(path, "an MCP server has either `command` (a name from the admin setting mcp_commands) or "
+                           "`url` (streamable HTTP)")
+        if url is not None and not re.match(r"^https?://[^/\s]+", url):
+            ck.error(path + ("url",), f"{url!r} is not an http(s) URL")
+        headers = ck.mapping(raw, path, "headers", default={}) or {}
+        for h, ref in headers.items():
+            if not isinstance(ref, dict) or set(ref) != {"secret"} or not isinstance(ref["secret"], str) \
+                    or not SECRET_NAME.match(ref["secret"]):
+                ck.error(path + ("headers", h), "a header's value is {secret: NAME}, a vault secret of the agent's team")
+        if headers and command is not None:
+            ck.error(path + ("headers",), "headers go to an HTTP server (url); a command server takes none")
+        servers[name] = McpServerSpec(name=name, command=command, url=url, headers={
+            h: r["secret"] for h, r in headers.items() if isinstance(r, dict) and isinstance(r.get("secret"), str)})
+    for t in tools.values():
+        if t.kind == "mcp" and t.mcp_server not in servers and isinstance(t.mcp_server, str):
+            ck.error(("tools", t.name, "mcp"), f"MCP server {t.mcp_server!r} is not in this mandate's mcp_servers "
+                                              f"({', '.join(servers) or 'none'})")
+    return servers
 
 
 def _budgets(ck: Checker, data: dict[str, Any]) -> Budgets:
@@ -298,6 +356,7 @@ def parse_mandate(text: str) -> Mandate:
     tools = {t.name: t for t in (_tool(ck, n, raw) for n, raw in raw_tools.items()) if t is not None}
     if "retrieve" in tools and not collections:
         ck.error(("tools", "retrieve"), "the retrieve tool needs the mandate's `collections` (none listed)")
+    mcp_servers = _mcp_servers(ck, data, tools)
     budgets = _budgets(ck, data)
     raw_approvals = data.get("approvals") or []
     if not isinstance(raw_approvals, list):
@@ -311,4 +370,4 @@ def parse_mandate(text: str) -> Mandate:
                            agent=name if isinstance(name, str) else None)
     return Mandate(name=str(name), description=description, goal=str(goal), instructions=instructions,
                    model=str(model), collections=tuple(collections), tools=tools, budgets=budgets,
-                   approvals=tuple(a for a in approvals if a is not None), source=text)
+                   approvals=tuple(a for a in approvals if a is not None), source=text, mcp_servers=mcp_servers)

@@ -12,6 +12,7 @@ from keel.agents import routes
 from keel.agents.loop import AgentEngine
 from keel.agents.manager import Agents
 from keel.agents.mandate import parse_mandate
+from keel.agents.mcp_client import McpClients
 from keel.agents.store import AgentStore
 from keel.agents.tools import ToolParts
 from keel.core.errors import ConfigError, KeelError
@@ -30,14 +31,15 @@ def attach(app: Any, settings: Any, store: Any, gateway: Any, knowledge: Any) ->
     workflows = app.state.workflows
     agent_store = AgentStore(store, audit=app.state.audit)
     egress = Egress(outbound=Outbound.from_settings(settings))
+    mcp = McpClients(settings.mcp_commands, tls=egress.outbound.ssl_context("MCP servers"))
     flush = app.state.observe.ledger.flush
     approval_parts = StepParts(runs=workflows.run_store, gateway=gateway, knowledge=knowledge, vault=app.state.vault,
                                egress=egress, mailer=Mailer(None), model_slots=asyncio.Semaphore(1),
                                flush_ledger=flush)
     AgentEngine(agent_store, gateway, ToolParts(store=agent_store, knowledge=knowledge, vault=app.state.vault,
-                                                egress=egress), approval_parts, flush,
+                                                egress=egress, mcp=mcp), approval_parts, flush,
                 model_slots=settings.workflow_model_concurrency, tracing=app.state.observe.tracing)
-    svc = Agents(agent_store, workflows.durable, app.state.vault)
+    svc = Agents(agent_store, workflows.durable, app.state.vault, mcp=mcp)
     system = Principal(key_id="system", role="admin")
     folder: Path | None = settings.agents_dir
     if folder is not None:  # defined now: a broken or refused mandate stops the start before the port binds

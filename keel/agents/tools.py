@@ -30,6 +30,7 @@ class ToolParts:
     knowledge: Any  # keel.knowledge's service
     vault: Any  # keel.identity.vault.Vault
     egress: Egress
+    mcp: Any = None  # keel.agents.mcp_client.McpClients
 
 
 @dataclass(frozen=True)
@@ -110,5 +111,18 @@ async def run_python(parts: ToolParts, c: ToolCall) -> Any:
                                           "idempotency_key": c.idempotency_key})
 
 
+def mcp_headers(parts: ToolParts, owner_team: str | None) -> Any:
+    """An MCP server's secret headers, read from the vault now (only secrets the team may send as headers)."""
+    return lambda server: {h: parts.vault.resolve(secret, owner_team, "http_header")
+                           for h, secret in server.headers.items()}
+
+
+async def run_mcp(parts: ToolParts, c: ToolCall) -> Any:
+    """A tool of an MCP server (`mcp_client.py`), called with the checked arguments."""
+    server = c.mandate.mcp_servers[str(c.tool.mcp_server)]
+    headers = await asyncio.to_thread(mcp_headers(parts, c.owner_team), server)
+    return await parts.mcp.call(server, str(c.tool.remote), dict(c.args), headers)
+
+
 EXECUTORS = {"retrieve": run_retrieve, "http": run_http, "endpoint": run_endpoint, "record": run_record,
-             "notify": run_notify, "python": run_python}
+             "notify": run_notify, "python": run_python, "mcp": run_mcp}

@@ -7,6 +7,7 @@ Every non-default value remembers where it came from, so the server can log its 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,6 +122,9 @@ class Settings(BaseModel):
                                        description="workflow specs (*.yaml) defined at start, if the folder exists")
     agents_dir: Path | None = Field(default=None, description="agent mandates (*.yaml) defined at start; a broken "
                                     "file stops the start. Unset: ./agents if it exists (a broken file is skipped)")
+    mcp_commands: dict[str, list[str]] = Field(default_factory=dict, description="stdio MCP servers agent mandates "
+                                               "may start, by name: `{billing: [python, -m, billing_mcp]}`; a mandate "
+                                               "names one (`command: billing`), never a command line of its own")
     smtp_host: str | None = Field(default=None, description="SMTP server for workflow email; unset = Keel's outbox")
     smtp_port: int = Field(default=25, ge=1, le=65535)
     smtp_username: str | None = None
@@ -153,6 +157,16 @@ class Settings(BaseModel):
     def _existing_dir(cls, v: Path | None) -> Path | None:
         if v is not None and not v.is_dir():
             raise ValueError(f"{v} is not a folder")
+        return v
+
+    @field_validator("mcp_commands")
+    @classmethod
+    def _commands(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, argv in v.items():
+            if not re.match(r"^[a-zA-Z][a-zA-Z0-9_-]{0,63}$", name):
+                raise ValueError(f"command name {name!r} must be letters, digits, '_' or '-'")
+            if not argv or not all(a for a in argv):
+                raise ValueError(f"command {name!r} must be a non-empty list of arguments, the program first")
         return v
 
     @field_validator("metrics_bind")
