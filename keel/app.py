@@ -39,6 +39,7 @@ from keel.observe.spans import TraceRequests, TracedAuthenticator
 from keel.workflows import service as workflows_service
 from keel.workflows import tables as workflow_tables
 from keel.agents import service as agents_service
+from keel.console import routes as console_routes
 from keel.identity import routes as identity_routes
 from keel.identity import service as identity
 from keel.identity.auth import Authenticator, principal
@@ -159,6 +160,7 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Built:
     app.include_router(apidocs.router(docs_caller))
     app.include_router(identity_routes.router)
     _mount_capabilities(app, settings, store)
+    app.include_router(console_routes.router())  # the web console at /console, over the capabilities' services
     asgi = RequestContext(app, max_body_bytes=settings.max_body_bytes, log_requests=settings.log_requests,
                           hot=app.state.hot_routes)
     if app.state.observe.tracing.enabled:  # outermost: the server span covers everything, hot endpoints too

@@ -92,6 +92,9 @@ class Settings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_requests: bool = True
     auth_cache_ttl_s: float = Field(default=1.0, ge=0, description="seconds a verified key is trusted in memory")
+    console_session_idle_s: float = Field(default=1800, gt=0, description="a console session unused this long ends")
+    console_session_max_s: float = Field(default=43200, gt=0, description="a console session ends this long after "
+                                         "sign-in, however active")
     demo: bool = Field(default=False, description="load demo data on start (`keel up` sets it)")
     embedded_models: bool = Field(default=True, description="register the bundled local-chat/local-embed models")
     models: list[DeploymentConfig] = Field(default_factory=list)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any, Optional
+from urllib.parse import quote
 
 import typer
 
@@ -60,6 +61,17 @@ def users_create(email: str, role: str = typer.Option("member"), team: Optional[
     """Create a user."""
     u = client(url, key).post("/admin/users", {"email": email, "role": role, "team": team})
     console.print(f"{u['id']}\t{u['email']}")
+
+
+@users_app.command("set-password")
+@handle_errors
+def users_set_password(user: str = typer.Argument(..., help="the user's id or email"),
+                       password: str = typer.Option(..., prompt=True, hide_input=True, confirmation_prompt=True,
+                                                    help="12+ characters; prompted when not given"),
+                       url: Optional[str] = UrlOpt, key: Optional[str] = KeyOpt) -> None:
+    """Set a user's console password (admins); the user's open console sessions end."""
+    out = client(url, key).request("PUT", f"/admin/users/{quote(user, safe='@')}/password", {"password": password})
+    console.print(f"password set for {out['email']}")
 
 
 @keys_app.command("create")

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from keel.core.errors import Forbidden
 from keel.core.http import json_response
-from keel.identity import service
+from keel.identity import service, sessions
 from keel.identity.auth import admin, principal
 from keel.identity.principal import Principal
 from keel.identity.vault import USES
@@ -119,6 +119,19 @@ async def create_user(body: UserIn, request: Request, p: Principal = Depends(adm
     user = await run_in_threadpool(service.create_user, _store(request), body.email, body.role, body.team, body.name)
     _audit(request, "user.create", p, user_id=user["id"])
     return json_response(user, 201)
+
+
+class PasswordIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    password: str = Field(min_length=12, max_length=1024, description="the user's console password")
+
+
+@router.put("/admin/users/{ref}/password", tags=["admin"])
+async def set_password(ref: str, body: PasswordIn, request: Request, p: Principal = Depends(admin)) -> Response:
+    """Set a user's console password (by id or email; stored as a scrypt hash); ends the user's sessions."""
+    out = await run_in_threadpool(sessions.set_password, _store(request), ref, body.password)
+    _audit(request, "user.password.set", p, user_id=out["user_id"])
+    return json_response(out)
 
 
 @router.get("/admin/keys", tags=["admin"])

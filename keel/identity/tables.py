@@ -71,3 +71,23 @@ vault_kdf = sa.Table(
     sa.Column("p", sa.Integer, nullable=False),
     sa.Column("created_at", TS, nullable=False),
 )
+
+# A user's console password (an admin sets it): scrypt, memory-hard, its parameters inside the hash string.
+user_passwords = sa.Table(
+    "user_passwords", metadata,
+    sa.Column("user_id", sa.String(40), sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("hash", sa.String(300), nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+)
+
+# Console sessions: the SHA-256 of the cookie's token (never the token), who signed in (a key or a user),
+# the session-bound CSRF token, and the times idle and absolute expiry are measured from.
+console_sessions = sa.Table(
+    "console_sessions", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("key_id", sa.String(40), nullable=True),
+    sa.Column("user_id", sa.String(40), nullable=True),
+    sa.Column("csrf", sa.String(64), nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("last_seen_at", TS, nullable=False),
+)

@@ -1,0 +1,118 @@
+"""The console at `/console`: its assets, sign-in and sign-out, and every page's route (none in the API spec).
+
+Sign-in takes an API key or a user's email and password (set by an admin) and opens a session: an HttpOnly,
+SameSite=Strict cookie scoped to `/console` (Secure over TLS) holding a random token. Only console routes read
+it, so no API route ever accepts a cookie. Each sign-in, failed sign-in and sign-out is an audit event.
+"""
+
+from __future__ import annotations
+
+import hmac
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import FileResponse, RedirectResponse, Response
+
+from keel.console import pages_admin, pages_inbox, pages_reports, pages_workflows, web
+from keel.core.errors import KeelError, NotFound, Unauthorized
+from keel.identity import sessions
+
+MAX_SECRET = 1024
+STATIC = {  # name → media type: nothing else is served under /console/static
+    "htmx.min.js": "text/javascript", "console.css": "text/css",
+    "favicon.svg": "image/svg+xml",
+}
+
+
+def _next(value: str, request: Request) -> str:
+    """Where to go after sign-in: a console path only (never another site)."""
+    base = web.root(request)
+    parts = urlsplit(value or "")
+    if parts.scheme or parts.netloc or not parts.path.startswith(base + "/") or "\\" in value:
+        return base + "/"
+    return value
+
+
+def router() -> APIRouter:
+    r = APIRouter(prefix="/console", include_in_schema=False)
+
+    @r.get("/static/{name}")
+    async def static(name: str) -> Response:
+        media = STATIC.get(name)
+        if media is None:
+            raise NotFound(f"no console asset {name!r}", fix="open /console")
+        return FileResponse(web.HERE / "static" / name, media_type=media,
+                            headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"})
+
+    @r.get("/sign-in")
+    async def sign_in_form(request: Request, next: str = "") -> Response:
+        return _sign_in_page(request, next, "", 200)
+
+    @r.post("/sign-in")
+    async def sign_in(request: Request) -> Response:
+        form = await request.form()
+        field = {k: str(v)[:MAX_SECRET] for k, v in form.items() if isinstance(v, str)}
+        target = _next(field.get("next", ""), request)
+        pre = request.cookies.get(web.PRE_CSRF_COOKIE, "")
+        if not pre or not hmac.compare_digest(pre.encode(), field.get("csrf", "").encode()):
+            return _sign_in_page(request, target, "The form expired: sign in again.", 403)
+        store = request.app.state.store
+        key, email = field.get("key", "").strip(), field.get("email", "").strip()
+        how = "key" if key else "password"
+        try:
+            if key:
+                p = await run_in_threadpool(sessions.check_key, store, key)
+            elif email and field.get("password"):
+                p = await run_in_threadpool(sessions.check_user, store, email, field["password"])
+            else:
+                raise Unauthorized("give an API key, or an email and a password", fix="fill in one of the forms")
+        except Unauthorized as err:
+            who = email[:100] if email else (key[:16] + "…" if key else "")
+            await web.audit(request, "console.sign_in.failed", who or "anonymous", method=how, reason=err.detail)
+            return _sign_in_page(request, target, f"Not signed in: {err.detail}.", 401)
+        token, _session = await run_in_threadpool(sessions.open_session, store, p)
+        await web.audit(request, "console.sign_in", p.key_id, team_id=p.team_id, method=how, role=p.role)
+        response = RedirectResponse(target, status_code=303)
+        response.set_cookie(web.COOKIE, token, path=web.root(request), httponly=True, samesite="strict",
+                            secure=web.secure(request))
+        response.delete_cookie(web.PRE_CSRF_COOKIE, path=web.root(request))
+        return response
+
+    @r.post("/sign-out")
+    async def sign_out(request: Request) -> Response:
+        session = await web.current_session(request)
+        response = RedirectResponse(web.root(request) + "/sign-in", status_code=303)
+        response.delete_cookie(web.COOKIE, path=web.root(request), httponly=True, samesite="strict",
+                               secure=web.secure(request))
+        if session is None:
+            return response
+        page = web.Page(request, session)
+        try:
+            await page.form()  # CSRF: a cross-site form cannot sign anyone out
+        except KeelError as err:
+            return web.error_page(request, err, session)
+        await run_in_threadpool(sessions.close_session, request.app.state.store, request.cookies[web.COOKIE])
+        await page.audit("console.sign_out")
+        return response
+
+    @r.get("")
+    @r.get("/")
+    async def home(request: Request) -> Response:
+        return RedirectResponse(web.root(request) + "/overview", status_code=303)
+
+    for module in (pages_reports, pages_inbox, pages_admin, pages_workflows):
+        for method, path, handler in module.ROUTES:
+            r.add_api_route(path, web.page(handler), methods=[method])
+    return r
+
+
+def _sign_in_page(request: Request, target: str, message: str, status: int) -> Response:
+    pre = request.cookies.get(web.PRE_CSRF_COOKIE) or web.new_csrf()
+    settings = request.app.state.settings
+    response = web.render(request, "sign_in.html", status, title="Sign in", message=message, next=target,
+                          pre_csrf=pre, idle_min=round(settings.console_session_idle_s / 60),
+                          max_h=round(settings.console_session_max_s / 3600, 1))
+    response.set_cookie(web.PRE_CSRF_COOKIE, pre, path=web.root(request), httponly=True, samesite="strict",
+                        secure=web.secure(request))
+    return response
