@@ -28,6 +28,8 @@ from keel.observe.spans import TracedGuard
 from keel.observe.tracing import annotate
 
 log = logging.getLogger("keel.governance")
+_TYPED = ("tools", "tool_choice", "response_format", "stop")  # ChatRequest's own fields, sent on top of the body
+_NOT_DATA = frozenset({"messages", "model", "keel", *_TYPED})  # guarded apart, routing, or never sent
 
 
 async def audit_call(audit: AuditLog, action: str, call: Call, **details: Any) -> None:
@@ -150,6 +152,7 @@ class GuardStage:
                         Placeholders(self.secret, call.principal.key_id), engine.policy.pii.restore)
         try:
             messages = cg.guard_messages(call.chat.messages, call.annotations.get("passages") or [])
+            self._guard_request_fields(call, cg)
         except GuardBlocked as exc:
             await self._blocked(call, cg, decision, exc)
             raise
@@ -169,29 +172,54 @@ class GuardStage:
         call.usage = result.usage
         try:
             content = cg.guard_output(result.content)
+            tool_calls = cg.guard_tool_calls(result.tool_calls)
         except GuardBlocked as exc:
             await self._blocked(call, cg, decision, exc)
             raise
         if held or cg.review_reasons:
-            await self._hold(call, cg, decision, content, result.finish_reason, result.tool_calls)
+            await self._hold(call, cg, decision, content, result.finish_reason, tool_calls)
         call.annotations["output_guarded"] = content  # what traces may show: the caller's values not put back
         result.content = cg.restore(content)
+        result.tool_calls = cg.restore_tool_calls(tool_calls)
         self._record(call, cg, decision)
         return result
+
+    @staticmethod
+    def _guard_request_fields(call: Call, cg: CallGuards) -> None:
+        """Every other string that leaves for the upstream — tools (names, descriptions, parameter schemas),
+        tool_choice, response_format, stop, keys Keel does not know — guarded as the caller's input."""
+        chat = call.chat
+        assert chat is not None
+        for key in _TYPED:
+            value = getattr(chat, key)
+            if value is not None:
+                guarded = cg.guard_value(value, key)
+                if guarded is not value:
+                    setattr(chat, key, guarded)
+                    if key in chat.body:
+                        chat.body[key] = guarded
+        rest = cg.guard_value(chat.body, "", skip=_NOT_DATA)
+        if rest is not chat.body:
+            chat.body = rest
 
     # -- streams ----------------------------------------------------------------------------
     async def _guarded_stream(self, call: Call, cg: CallGuards, decision: Decision,
                               inner: AsyncIterator[Any]) -> AsyncIterator[Any]:
         sf = cg.stream_filter()
+        tf = cg.tool_call_filter()
         try:
             async for delta in inner:
                 text = sf.feed(delta.content) if delta.content else delta.content
+                calls = tf.feed(delta.tool_calls) if delta.tool_calls else delta.tool_calls
                 if delta.finish_reason is not None:
                     text = (text or "") + sf.finish()
-                yield replace(delta, content=text) if text != delta.content else delta
-            tail = sf.finish()
-            if tail:
-                yield ChatDelta(content=tail)
+                    calls = (calls or []) + tf.finish() or None
+                if text != delta.content or calls is not delta.tool_calls:
+                    delta = replace(delta, content=text, tool_calls=calls)
+                yield delta
+            tail, calls = sf.finish(), tf.finish()
+            if tail or calls:
+                yield ChatDelta(content=tail or None, tool_calls=calls or None)
         except GuardBlocked as exc:
             await self._blocked(call, cg, decision, exc)
             raise

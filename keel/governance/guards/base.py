@@ -87,12 +87,13 @@ class Placeholders:
             self.values[token] = value
         return token
 
-    def restore(self, text: str) -> str:
+    def restore(self, text: str, escape: Callable[[str], str] | None = None) -> str:
+        """`text` with each remembered placeholder replaced by its value (`escape`d, e.g. for JSON text)."""
         if not self.values or "<" not in text:
             return text
         for token, value in self.values.items():
             if token in text:
-                text = text.replace(token, value)
+                text = text.replace(token, escape(value) if escape else value)
         return text
 
 

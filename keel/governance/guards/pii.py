@@ -8,6 +8,7 @@ import re
 from typing import ClassVar
 
 from keel.governance.guards.base import Finding, resolve_overlaps
+from keel.governance.guards.decode import decoded_findings
 
 ENTITIES = ("email", "credit_card", "iban", "ssn", "ip_address", "phone")
 
@@ -125,11 +126,15 @@ class PiiGuard:
         return out
 
     def scan(self, text: str) -> list[Finding]:
+        """Findings in the text as written and inside its percent/base64/hex-encoded runs."""
         if not text:
             return []
-        found = [(_PRIORITY[t], a - b, a, Finding(self.name, t, a, b))
-                 for t, a, b in self._candidates(text) if t in self.entities]
+        found = [(_PRIORITY[t], a - b, a, f) for f in self._plain(text) + decoded_findings(text, self._plain)
+                 for t, a, b in ((f.type, f.start, f.end),)]
         return resolve_overlaps(found)
+
+    def _plain(self, text: str) -> list[Finding]:
+        return [Finding(self.name, t, a, b) for t, a, b in self._candidates(text) if t in self.entities]
 
 
 def _ipv6_ok(s: str) -> bool:

@@ -6,11 +6,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from keel.core.errors import Forbidden
 from keel.governance.guards.base import Finding, Guard, Placeholders, redact, resolve_overlaps
 
 PLACEHOLDER_MAX = 40
 STREAM_HOLD = 300
+# Keys whose string values are enum tags or routing, not content: a value there is never data to guard.
+STRUCTURAL = frozenset({"model", "role", "type", "tool_call_id", "id", "stream"})
+
+
+def json_escape(value: str) -> str:
+    """`value` as it must appear inside a JSON string (restoring into tool-call arguments keeps them JSON)."""
+    return orjson.dumps(value).decode()[1:-1]
 
 
 class GuardBlocked(Forbidden):
@@ -76,14 +85,14 @@ class CallGuards:
 
     # -- one text ---------------------------------------------------------------------------
     def _apply(self, side: str, location: str, text: str, skip: str | None = None,
-               blank: list[str] | None = None) -> str:
-        """Run every guard the policy names for `side` on `text`; returns the (maybe redacted) text."""
+               blank: list[str] | None = None, actions: dict[str, str] | None = None) -> str:
+        """Run every guard the policy names for `side` (or `actions`) on `text`; returns the (maybe redacted) text."""
         blocked: list[GuardEvent] = []
         to_redact: list[tuple[int, int, int, Finding]] = []
         scanned = text
         for b in blank or []:  # passages are judged on their own, not as the user's words
             scanned = scanned.replace(b, " " * len(b))
-        for prio, (name, action) in enumerate(self.actions.get(side, {}).items()):
+        for prio, (name, action) in enumerate((self.actions.get(side, {}) if actions is None else actions).items()):
             guard = self.guards.get(name)
             if guard is None or name == skip or (name == "injection" and side == "output"):
                 continue
@@ -129,7 +138,47 @@ class CallGuards:
                     text = f"[content of {location} withheld: it contained instructions aimed at the assistant]"
                 elif action == "quote":
                     text = quote_inert(text, location)
-        return self._apply("context", location, text, skip="injection")
+        return self._apply("context", location, text, skip="injection", actions=self._data_actions("context"))
+
+    def _data_actions(self, side: str) -> dict[str, str]:
+        """PII/secrets actions for text of `side` that goes to the upstream: the side's own, else the input
+        side's (a tool output or a field of the request is the caller's data leaving as much as its message)."""
+        own = self.actions.get(side, {})
+        if side == "input":
+            return {k: v for k, v in own.items() if k != "injection"}
+        return {**{k: v for k, v in self.actions.get("input", {}).items() if k != "injection"},
+                **{k: v for k, v in own.items() if k != "injection"}}
+
+    def guard_value(self, node: Any, location: str, skip: frozenset[str] = frozenset()) -> Any:
+        """Every string in a JSON value (object keys aside), guarded as input data; the same object back when
+        nothing changed. Keys in `skip` and STRUCTURAL tags are left out."""
+        actions = self._data_actions("input")
+        if not actions:
+            return node
+        return self._walk(node, location, skip, actions)
+
+    def _walk(self, node: Any, location: str, skip: frozenset[str], actions: dict[str, str]) -> Any:
+        if isinstance(node, str):
+            return self._apply("input", location, node, actions=actions) if node else node
+        if isinstance(node, dict):
+            out: dict[str, Any] | None = None
+            for k, v in node.items():
+                if k in skip or (k in STRUCTURAL and not isinstance(v, (dict, list))):
+                    continue
+                new = self._walk(v, f"{location}.{k}" if location else k, frozenset(), actions)
+                if new is not v:
+                    out = dict(node) if out is None else out
+                    out[k] = new
+            return node if out is None else out
+        if isinstance(node, list):
+            items: list[Any] | None = None
+            for i, v in enumerate(node):
+                new = self._walk(v, f"{location}[{i}]", frozenset(), actions)
+                if new is not v:
+                    items = list(node) if items is None else items
+                    items[i] = new
+            return node if items is None else items
+        return node
 
     def guard_messages(self, messages: list[dict[str, Any]], passages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Guarded copies of the messages; passage texts found verbatim are replaced by their guarded form."""
@@ -154,8 +203,21 @@ class CallGuards:
                             new = new.replace(original, replaced[original])
                 if new != text:
                     _set_part(msg, suffix, new)
-            out.append(msg)
+            out.append(self._message_rest(msg, f"messages[{i}]"))
         return out
+
+    def _message_rest(self, msg: dict[str, Any], location: str) -> dict[str, Any]:
+        """A message's other strings (tool calls and their arguments, names, non-text parts), guarded as data."""
+        new = self.guard_value(msg, location, skip=frozenset({"content"}))
+        content = msg.get("content")
+        if isinstance(content, list):
+            parts = [self.guard_value(p, f"{location}.content[{j}]",
+                                      skip=frozenset({"text"}) if isinstance(p, dict) and p.get("type") == "text"
+                                      else frozenset()) for j, p in enumerate(content)]
+            if any(a is not b for a, b in zip(parts, content)):
+                new = dict(new)
+                new["content"] = parts
+        return new
 
     # -- the answer -------------------------------------------------------------------------
     def guard_output(self, text: str | None) -> str | None:
@@ -163,10 +225,46 @@ class CallGuards:
             return text
         return self._apply("output", "output", text)
 
-    def restore(self, text: str | None) -> str | None:
+    def restore(self, text: str | None, escape: Any = None) -> str | None:
         if text and self.restore_enabled:
-            return self.placeholders.restore(text)
+            return self.placeholders.restore(text, escape)
         return text
+
+    def guard_tool_calls(self, tool_calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        """The answer's tool calls with the output guards applied to their arguments (what the model made up
+        is redacted, never restored)."""
+        if not tool_calls:
+            return tool_calls
+        out = []
+        for i, tc in enumerate(tool_calls):
+            fn = tc.get("function") if isinstance(tc, dict) else None
+            args = fn.get("arguments") if isinstance(fn, dict) else None
+            if isinstance(args, str) and args:
+                guarded = self._apply("output", f"tool_calls[{i}].arguments", args)
+                if guarded != args:
+                    tc = {**tc, "function": {**fn, "arguments": guarded}}
+            out.append(tc)
+        return out
+
+    def restore_tool_calls(self, tool_calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        """The caller's values put back into tool-call names and (JSON-escaped) arguments."""
+        if not tool_calls or not self.restore_enabled or not self.placeholders.values:
+            return tool_calls
+        out = []
+        for tc in tool_calls:
+            fn = tc.get("function") if isinstance(tc, dict) else None
+            if isinstance(fn, dict):
+                fn = dict(fn)
+                if isinstance(fn.get("arguments"), str):
+                    fn["arguments"] = self.placeholders.restore(fn["arguments"], json_escape)
+                if isinstance(fn.get("name"), str):
+                    fn["name"] = self.placeholders.restore(fn["name"])
+                tc = {**tc, "function": fn}
+            out.append(tc)
+        return out
+
+    def tool_call_filter(self) -> "ToolCallFilter":
+        return ToolCallFilter(self)
 
     def stream_filter(self) -> "StreamFilter":
         return StreamFilter(self)
@@ -203,10 +301,12 @@ def hold_from(buf: str) -> int:
 class StreamFilter:
     """Guards a streamed answer: holds back a short tail so an entity split across chunks is still caught."""
 
-    def __init__(self, call_guards: CallGuards) -> None:
+    def __init__(self, call_guards: CallGuards, location: str = "output", escape: Any = None) -> None:
         self.g = call_guards
         self.buf = ""
         self.offset = 0
+        self.location = location
+        self.escape = escape
 
     def feed(self, piece: str) -> str:
         self.buf += piece
@@ -231,6 +331,38 @@ class StreamFilter:
         if lt != -1 and ">" not in self.buf[lt:cut] and cut < len(self.buf):
             cut = lt
         head, self.buf = self.buf[:cut], self.buf[cut:]
-        guarded = self.g._apply("output", f"output@{self.offset}", head)
+        guarded = self.g._apply("output", f"{self.location}@{self.offset}", head)
         self.offset += cut
-        return self.g.restore(guarded) or ""
+        return self.g.restore(guarded, self.escape) or ""
+
+
+class ToolCallFilter:
+    """Guards streamed tool calls: one `StreamFilter` per call index over its argument pieces (restoring
+    JSON-escaped), names restored whole."""
+
+    def __init__(self, call_guards: CallGuards) -> None:
+        self.g = call_guards
+        self.filters: dict[int, StreamFilter] = {}
+
+    def feed(self, tool_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for tc in tool_calls:
+            fn = tc.get("function") if isinstance(tc, dict) else None
+            if isinstance(fn, dict):
+                fn = dict(fn)
+                index = tc.get("index", 0) if isinstance(tc.get("index", 0), int) else 0
+                if isinstance(fn.get("arguments"), str) and fn["arguments"]:
+                    sf = self.filters.get(index)
+                    if sf is None:
+                        sf = self.filters[index] = StreamFilter(self.g, f"tool_calls[{index}].arguments", json_escape)
+                    fn["arguments"] = sf.feed(fn["arguments"])
+                if isinstance(fn.get("name"), str):
+                    fn["name"] = self.g.restore(fn["name"]) or fn["name"]
+                tc = {**tc, "function": fn}
+            out.append(tc)
+        return out
+
+    def finish(self) -> list[dict[str, Any]]:
+        """The held-back tails, one delta entry per call that has one."""
+        tails = [(i, sf.finish()) for i, sf in sorted(self.filters.items())]
+        return [{"index": i, "function": {"arguments": t}} for i, t in tails if t]

@@ -7,6 +7,7 @@ import re
 from typing import ClassVar
 
 from keel.governance.guards.base import Finding, resolve_overlaps
+from keel.governance.guards.decode import decoded_findings
 
 # (type, literal hints of which one must be in the text, pattern, group holding the secret).
 # Order is priority when two overlap. Hints keep the scan cheap: most patterns never run on most text;
@@ -55,8 +56,13 @@ class SecretsGuard:
     sides: ClassVar[frozenset[str]] = frozenset({"input", "output", "context"})
 
     def scan(self, text: str) -> list[Finding]:
+        """Findings in the text as written and inside its percent/base64/hex-encoded runs."""
         if not text:
             return []
+        found = [(0, f.start - f.end, f.start, f) for f in self._plain(text) + decoded_findings(text, self._plain)]
+        return resolve_overlaps(found)
+
+    def _plain(self, text: str) -> list[Finding]:
         lowered: str | None = None
         found = []
         for prio, (kind, hints, rx, group) in enumerate(PATTERNS):
