@@ -91,8 +91,9 @@ def test_clear_errors(client):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     assert "local-chat" in str(exc.value)
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model="local-chat", messages=[{"role": "user", "content": "x"}], tools=tools)
+    with pytest.raises(openai.BadRequestError) as exc:  # tools are served (test_local_tools.py), not with a format
+        client.chat.completions.create(model="local-chat", messages=[{"role": "user", "content": "x"}], tools=tools,
+                                       response_format={"type": "json_object"})
     assert "tools" in str(exc.value)
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model="local-chat", input="x")

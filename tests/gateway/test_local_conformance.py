@@ -26,7 +26,7 @@ def llama_decodes() -> None:
 
 
 class TestLocalLlamaConformance(ProviderConformance):
-    supports_tools = False
+    supports_tools = True
     supports_json_mode = True
     can_stream = True
     can_embed = False

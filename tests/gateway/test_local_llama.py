@@ -77,7 +77,7 @@ def test_llama_cpp_build_decodes(decode_probe):
 
 def test_is_a_provider(provider):
     assert isinstance(provider, Provider)
-    assert (provider.name, provider.can_stream, provider.supports_tools, provider.can_embed) == ("local", True, False,
+    assert (provider.name, provider.can_stream, provider.supports_tools, provider.can_embed) == ("local", True, True,
                                                                                                False)
 
 
@@ -185,12 +185,11 @@ def test_trim_drops_oldest_messages_until_it_fits(provider):
                                       body={"keel": {"context_overflow": "trim"}})))
 
 
-def test_tools_and_embeddings_are_not_supported(provider):
+def test_tools_give_a_call_and_embeddings_are_not_supported(provider):
+    """Tools are served through constrained output (tests/gateway/test_local_tools.py has the HTTP path)."""
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
-    with pytest.raises(NotSupported):
-        asyncio.run(provider.chat(req(HELLO, tools=tools)))
-    with pytest.raises(NotSupported):
-        asyncio.run(collect(provider.stream(req(HELLO, tools=tools))))
+    result = asyncio.run(provider.chat(req(HELLO, tools=tools, tool_choice="required", max_tokens=24)))
+    assert result.tool_calls[0]["function"] == {"name": "f", "arguments": "{}"}
     with pytest.raises(NotSupported):
         asyncio.run(provider.embed(["hello"]))
 

@@ -44,6 +44,7 @@ from keel.core.errors import (
     BadRequest, ConfigError, ContextOverflow, InputRejected, KeelError, NotSupported, Unavailable,
 )
 from keel.core.settings import DeploymentConfig
+from keel.gateway.providers import local_tools
 from keel.gateway.protocol import (ChatDelta, ChatRequest, ChatResult, EmbedResult, ProviderContext, Usage,
                                    upstream_error)
 
@@ -77,6 +78,7 @@ class _Job:
     grammar: LlamaGrammar | None
     seed: int | None
     cancel: threading.Event
+    tool_calling: bool = False  # the output is a constrained tool call or answer (`local_tools`)
 
 
 @llama_cpp.llama_log_callback
@@ -92,7 +94,7 @@ class LocalLlamaProvider:
     """Chat with a local GGUF model through llama.cpp; one model load and one worker thread per instance."""
 
     name: ClassVar[str] = "local"
-    supports_tools: ClassVar[bool] = False
+    supports_tools: ClassVar[bool] = True  # through JSON-schema-constrained output (`local_tools`)
     supports_json_mode: ClassVar[bool] = True
     can_stream: ClassVar[bool] = True
     can_embed: ClassVar[bool] = False
@@ -178,6 +180,15 @@ class LocalLlamaProvider:
 
     async def stream(self, req: ChatRequest) -> AsyncIterator[ChatDelta]:
         self._check(req)
+        if local_tools.active(req.tools, req.tool_choice):  # a call is known only once whole: one piece
+            result = await self.chat(req)
+            yield ChatDelta(role="assistant")
+            if result.tool_calls:
+                yield ChatDelta(tool_calls=[dict(c, index=i) for i, c in enumerate(result.tool_calls)])
+            else:
+                yield ChatDelta(content=result.content)
+            yield ChatDelta(finish_reason=result.finish_reason, usage=result.usage)
+            return
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
@@ -232,11 +243,13 @@ class LocalLlamaProvider:
 
     def _check(self, req: ChatRequest) -> None:
         """Refuse what this provider cannot do, before any work."""
-        if req.tools:
-            raise NotSupported(f"deployment {self.deployment} ({self.model_name}) does not support tools",
-                               fix="remove `tools`, or route to a model that supports tool calling",
-                               deployment=self.deployment)
         kind = (req.response_format or {}).get("type", "text")
+        if local_tools.active(req.tools, req.tool_choice):
+            local_tools.chosen(local_tools.normalise_tools(req.tools or []), req.tool_choice)
+            if kind != "text":
+                raise NotSupported(f"deployment {self.deployment} constrains its output to tool calls, so it cannot "
+                                   f"also follow response_format {kind!r}", deployment=self.deployment,
+                                   fix="send either tools or response_format, not both")
         if kind not in ("text", "json_object", "json_schema"):
             raise NotSupported(f"response_format type {kind!r} is not supported by deployment {self.deployment}",
                                fix="use `text`, `json_object` or `json_schema`", deployment=self.deployment)
@@ -250,8 +263,11 @@ class LocalLlamaProvider:
         job = self._prepare(req, cancel)
         pieces: list[str] = []
         finish, n = self._generate(job, pieces.append)
-        return ChatResult(content="".join(pieces), finish_reason=finish, model=self.model_name,
-                          usage=Usage(prompt_tokens=len(job.tokens), completion_tokens=n))
+        content, calls = "".join(pieces), None
+        if job.tool_calling:
+            content, calls = local_tools.parse_output(content)
+        return ChatResult(content=content, finish_reason="tool_calls" if calls else finish, model=self.model_name,
+                          tool_calls=calls, usage=Usage(prompt_tokens=len(job.tokens), completion_tokens=n))
 
     def _stream_job(self, job: _Job, emit: Callable[[Any], None]) -> ChatDelta:
         try:
@@ -265,7 +281,14 @@ class LocalLlamaProvider:
         with self._llama_errors():
             n_ctx = self.load().n_ctx()
         with self._input_errors():
-            messages = _plain(req.messages)
+            tool_calling, grammar_format = local_tools.active(req.tools, req.tool_choice), req.response_format
+            messages = req.messages
+            if tool_calling:
+                tools = local_tools.normalise_tools(req.tools or [])
+                messages = local_tools.prompt_messages(messages, tools, req.tool_choice)
+                grammar_format = {"type": "json_schema",
+                                  "json_schema": {"schema": local_tools.output_schema(tools, req.tool_choice)}}
+            messages = _plain(messages)
             tokens = self._tokenize(messages)
             wanted = req.max_tokens or 1
             if len(tokens) + wanted > n_ctx:
@@ -278,8 +301,9 @@ class LocalLlamaProvider:
                     sampling[key] = value
             stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
             return _Job(tokens=tokens, max_tokens=req.max_tokens or min(DEFAULT_MAX_TOKENS, n_ctx - len(tokens)),
-                        stop=[s for s in stop if s], sampling=sampling, grammar=self._grammar(req.response_format),
-                        seed=None if req.seed is None else req.seed & 0xFFFFFFFF, cancel=cancel)  # llama.cpp: uint32
+                        stop=[s for s in stop if s], sampling=sampling, grammar=self._grammar(grammar_format),
+                        seed=None if req.seed is None else req.seed & 0xFFFFFFFF, cancel=cancel,  # llama.cpp: uint32
+                        tool_calling=tool_calling)
 
     def _tokenize(self, messages: list[dict[str, Any]]) -> list[int]:
         assert self._llm is not None and self._formatter is not None
