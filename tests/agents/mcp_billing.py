@@ -2,8 +2,8 @@
 system with a refund, a customer lookup and a tool no mandate should reach. Every call it receives is appended
 as one JSON line (tool, arguments, the Authorization header it saw) to COUNT_FILE, so a test counts what reached it.
 
-`python mcp_billing.py stdio COUNT_FILE` or `python mcp_billing.py http PORT COUNT_FILE` (streamable HTTP on
-127.0.0.1:PORT/mcp). Standalone on purpose: a stdio server starts with the SDK's minimal environment.
+`python mcp_billing.py stdio COUNT_FILE`, or `python -m tests.agents.mcp_billing --port PORT COUNT_FILE`
+(streamable HTTP on 127.0.0.1:PORT/mcp, as `loopback_process` starts it). Standalone on purpose: a stdio server starts with the SDK's minimal environment.
 """
 
 from __future__ import annotations
@@ -50,5 +50,5 @@ if __name__ == "__main__":
         COUNT_FILE = sys.argv[2]
         server.run("stdio")
     else:
-        COUNT_FILE = sys.argv[3]
+        COUNT_FILE = sys.argv[3]  # --port PORT COUNT_FILE
         server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))

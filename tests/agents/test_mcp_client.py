@@ -1,0 +1,155 @@
+"""Agents using tools of real MCP servers (the SDK's MCPServer, over stdio and streamable HTTP on loopback): the
+listed schemas reach the model, an allowed call works, a call that breaks a rule or names a tool outside the
+mandate is refused with its rule and never reaches the server (the server counts calls), stdio commands are
+only those an admin allowed, HTTP servers obey the egress rules, and a header secret appears in no response,
+action log, audit event or log line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from conftest import loopback_process
+from tests.agents.conftest import ScriptedModel, call, define, detail, run, say
+from tests.knowledge.conftest import make_key, make_team
+
+pytestmark = pytest.mark.store
+SERVER = Path(__file__).parent / "mcp_billing.py"
+SECRET = "Bearer sk-mcp-7f3a9c1e5d2b8a4f"
+
+MANDATE = """\
+name: {name}
+model: agent-model
+goal: handle refunds
+mcp_servers:
+  billing: {{command: billing}}
+  crm: {{url: "{crm}/mcp", headers: {{Authorization: {{secret: crm-token}}}}}}
+tools:
+  refund:
+    mcp: billing
+    tool: issue_refund
+    rules: ["amount <= 500", "account matches 'ACME-.*'"]
+  customer: {{mcp: crm, tool: lookup_customer}}
+"""
+
+
+def calls(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, module_server_factory):
+    model = ScriptedModel({
+        "ok": [call("refund", {"amount": 120, "account": "ACME-1"}), call("customer", {"customer_id": "c-1"}),
+               say("refunded")],
+        "over": [call("refund", {"amount": 900, "account": "ACME-1"}),
+                 call("refund", {"amount": 10, "account": "EVIL-9"}), say("could not")],
+        "outside": [call("delete_everything", {}), call("issue_refund", {"amount": 5, "account": "ACME-1"}),
+                    call("refund", {"amount": 5, "account": "ACME-1", "to": "attacker"}), say("no")],
+        "ssrf": [say("never asked")]}).start()
+    base = tmp_path_factory.mktemp("agents-mcp")
+    stdio_count, http_count = base / "stdio-calls.jsonl", base / "http-calls.jsonl"
+    (base / "keel.yaml").write_text(
+        f"models:\n  - {{alias: agent-model, provider: openai_compatible, model: m, base_url: {model.url}}}\n"
+        f"mcp_commands:\n  billing: {orjson.dumps([sys.executable, str(SERVER), 'stdio', str(stdio_count)]).decode()}\n")
+    with loopback_process("tests.agents.mcp_billing", str(http_count)) as crm:
+        srv = module_server_factory(config=base / "keel.yaml")
+        for team in ("red", "blue"):
+            make_team(srv, team)
+        keys = {(role, team): make_key(srv, role, team) for role in ("builder", "member") for team in ("red", "blue")}
+        with srv.client(keys[("builder", "red")]) as c:
+            assert c.put("/v1/secrets/crm-token", json={"value": SECRET}).status_code == 200
+        define(srv, MANDATE.format(name="refunds", crm=crm), key=keys[("builder", "red")])
+        try:
+            yield {"srv": srv, "keys": keys, "model": model, "crm": crm, "stdio": stdio_count, "http": http_count}
+        finally:
+            srv.stop()
+            model.stop()
+
+
+def _decisions(out: dict[str, Any]) -> list[tuple[str | None, str, str | None]]:
+    return [(a["tool"], a["decision"], a["rule"]) for a in out["actions"] if a["kind"] == "tool"]
+
+
+def test_allowed_calls_reach_the_stdio_and_the_http_server_with_the_listed_schemas(world):
+    srv, keys = world["srv"], world["keys"]
+    out = run(srv, "refunds", "[script:ok] refund ACME-1", key=keys[("member", "red")])
+    assert out["status"] == "completed", out
+    assert _decisions(out) == [("refund", "allowed", None), ("customer", "allowed", None)]
+    assert '"refunded": 120' in out["actions"][1]["result"] and "gold tier" in out["actions"][3]["result"]
+    assert [c["tool"] for c in calls(world["stdio"])] == ["issue_refund"]
+    assert [(c["tool"], c["authorization"]) for c in calls(world["http"])] == [("lookup_customer", SECRET)]
+    sent = [r["body"] for r in world["model"].received if r["path"].endswith("/chat/completions")][-1]
+    tools = {t["function"]["name"]: t["function"] for t in sent["tools"]}
+    assert set(tools) == {"refund", "customer"}  # the mandate's names, not the server's other tools
+    assert set(tools["refund"]["parameters"]["properties"]) == {"amount", "account"}
+    assert tools["customer"]["description"] == "The customer's name and tier."
+
+
+def test_a_call_breaking_a_rule_is_refused_with_its_rule_and_never_reaches_the_server(world):
+    srv, keys = world["srv"], world["keys"]
+    before = len(calls(world["stdio"]))
+    out = run(srv, "refunds", "[script:over] refund a lot", key=keys[("member", "red")])
+    assert out["status"] == "completed"
+    assert _decisions(out) == [("refund", "refused", "rules[0]: amount <= 500"),
+                               ("refund", "refused", "rules[1]: account matches 'ACME-.*'")]
+    assert len(calls(world["stdio"])) == before
+
+
+def test_tools_outside_the_mandate_and_unlisted_arguments_are_refused(world):
+    srv, keys = world["srv"], world["keys"]
+    before = len(calls(world["stdio"])) + len(calls(world["http"]))
+    out = run(srv, "refunds", "[script:outside] wipe it", key=keys[("member", "red")])
+    assert _decisions(out) == [("delete_everything", "refused", "tools"), ("issue_refund", "refused", "tools"),
+                               ("refund", "refused", "parameters")]
+    assert len(calls(world["stdio"])) + len(calls(world["http"])) == before
+    with srv.admin() as a:
+        audited = a.get("/v1/audit", params={"action": "agent.action.refused", "limit": 1000}).json()["data"]
+    assert {e["details"]["rule"] for e in audited if e["details"]["run_id"] == out["id"]} == {"tools", "parameters"}
+
+
+def test_the_header_secret_appears_in_no_response_log_or_audit_event(world):
+    srv, keys = world["srv"], world["keys"]
+    out = run(srv, "refunds", "[script:ok] again", key=keys[("builder", "red")])
+    assert calls(world["http"])[-1]["authorization"] == SECRET  # it was sent, to the server only
+    with srv.admin() as a:
+        seen = [a.get(f"/v1/agents/refunds/runs/{out['id']}").text, a.get("/v1/agents/refunds").text,
+                a.get("/v1/audit", params={"limit": 1000}).text, a.get("/admin/secrets").text]
+    seen += [json.dumps(out), json.dumps(detail(srv, "refunds", out["id"])), srv.logs()]
+    token = SECRET.split()[1]
+    assert not [s for s in seen if token in s]
+
+
+def test_a_stdio_server_is_only_a_command_an_admin_allowed(world):
+    srv, keys = world["srv"], world["keys"]
+    spec = MANDATE.format(name="rogue", crm=world["crm"])
+    r = define(srv, spec.replace("{command: billing}", "{command: sh}"), key=keys[("builder", "red")], status=(422,))
+    assert r.json()["code"] == "agent_mcp_command_not_allowed" and "mcp_commands" in r.json()["detail"]
+    r = define(srv, spec.replace("{command: billing}", "{command: /bin/sh}"), key=keys[("builder", "red")],
+               status=(422,))
+    assert r.json()["code"] == "agent_mandate_invalid" and r.json()["errors"][0]["field"] == "mcp_servers.billing.command"
+    r = define(srv, spec.replace("{command: billing}", "{command: billing, args: [-c, id]}"),
+               key=keys[("builder", "red")], status=(422,))
+    assert r.json()["errors"][0]["field"] == "mcp_servers.billing.args"
+
+
+def test_an_http_server_obeys_the_egress_rules_and_the_teams_secrets(world):
+    srv, keys = world["srv"], world["keys"]
+    port = world["crm"].rsplit(":", 1)[1]
+    spec = MANDATE.format(name="ssrf", crm="http://169.254.169.254")
+    r = define(srv, spec, key=keys[("builder", "red")], status=(403,))
+    assert r.json()["code"] == "agent_mcp_egress_denied"
+    r = define(srv, MANDATE.format(name="blue_refunds", crm=world["crm"]), key=keys[("builder", "blue")],
+               status=(403,))
+    assert r.json()["code"] == "secret_not_allowed"  # red's secret is not blue's
+    before = len(calls(world["http"]))
+    define(srv, MANDATE.format(name="ssrf", crm=f"http://127.1:{port}"), key=keys[("builder", "red")])
+    out = run(srv, "ssrf", "[script:ssrf] hi", key=keys[("member", "red")])  # 127.1 is 127.0.0.1 by another name
+    assert out["status"] == "failed" and out["error"]["code"] == "agent_mcp_egress_denied", out
+    assert "loopback" in out["error"]["detail"]
+    assert len(calls(world["http"])) == before
