@@ -4,6 +4,8 @@ naming the version used — before and after a label is moved back (the roll bac
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
@@ -139,3 +141,29 @@ def test_a_bad_reference_is_a_4xx_before_any_model_call(world, fake):
         problem(other.post("/v1/chat/completions", json={**body, "keel": {"prompt": "support-reply",
                                                                            "variables": {"product": "x"}}}), 404)
     assert len(fake.received) == before
+
+
+def test_the_cli_pushes_labels_and_diffs(world, tmp_path):
+    from typer.testing import CliRunner
+
+    from keel.cli import app
+
+    srv, keys = world
+    env = {"KEEL_URL": srv.url, "KEEL_API_KEY": keys["builder"]}
+
+    def keel(*args: str) -> str:
+        r = CliRunner().invoke(app, ["prompts", *args], env=env)
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    (tmp_path / "greet.txt").write_text("Greet {{ who }}.")
+    assert "greet@1" in keel("push", "greet", str(tmp_path / "greet.txt"), "--label", "staging")
+    (tmp_path / "greet.json").write_text(json.dumps([{"role": "user", "content": "Greet {{ who }} warmly."}]))
+    assert "greet@2" in keel("push", "greet", str(tmp_path / "greet.json"))
+    assert "-user: Greet {{ who }}." in keel("diff", "greet", "1", "2")
+    assert "version 2" in keel("label", "greet", "production", "2")
+    listed = keel("list")
+    assert "production@2" in listed and "staging@1" in listed
+    assert "warmly" in keel("show", "greet@production")
+    r = CliRunner().invoke(app, ["prompts", "show", "greet@canary"], env=env)
+    assert r.exit_code == 1 and "no label 'canary'" in r.output
