@@ -26,8 +26,9 @@ def db_upgrade(config: Optional[Path] = ConfigOpt) -> None:
     settings, _ = load_settings(config)
     configure_logging("warning")
     store = Store.open(settings.resolved_database_url())
-    heads = store.upgrade()
-    console.print(f"database at {store.dialect} is current: {', '.join(heads)}")
+    heads = store.upgrade()  # under the store's migration lock: replicas starting meanwhile wait for it
+    done = f"applied migrations up to {', '.join(store.applied)}" if store.applied else "nothing to apply"
+    console.print(f"database at {store.dialect} is current ({done}): {', '.join(heads)}", highlight=False)
 
 
 def make_server_commands(app: typer.Typer, factory: Callable[[Settings], Any],

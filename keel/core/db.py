@@ -28,6 +28,7 @@ metadata = sa.MetaData(naming_convention={
 })
 
 KEEL_ROOT = Path(__file__).resolve().parent.parent
+MIGRATION_LOCK_KEY = 0x6B65656C_6D696772  # PostgreSQL advisory lock id: "keelmigr"
 
 
 def migration_dirs() -> list[str]:
@@ -44,6 +45,7 @@ class Store:
     def __init__(self, url: str, engine: Engine) -> None:
         self.url = url
         self.engine = engine
+        self.applied: list[str] = []  # the heads the last `upgrade()` moved to, none when it was current
 
     @staticmethod
     def open(url: str, **kw: Any) -> "Store":
@@ -65,14 +67,26 @@ class Store:
         return cfg
 
     def upgrade(self) -> list[str]:
-        """Apply every pending migration of every capability; returns the heads now applied."""
+        """Apply every pending migration of every capability under the database's migration lock, so replicas
+        starting together wait while one migrates; returns the heads now applied."""
         from alembic import command
+        from alembic.runtime.migration import MigrationContext
 
         cfg = self._alembic_config()
         with self.engine.begin() as conn:
+            self.lock_migrations(conn)
+            before = set(MigrationContext.configure(conn).get_current_heads())
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "heads")
-        return self.current_heads()
+            after = set(MigrationContext.configure(conn).get_current_heads())
+        self.applied = sorted(after - before)
+        if self.applied:
+            log.info("database migrated", extra={"dialect": self.dialect, "heads": sorted(after)})
+        return sorted(after)
+
+    def lock_migrations(self, conn: sa.Connection) -> None:
+        """Hold the store's migration lock until `conn`'s transaction ends (a dialect hook)."""
+        raise NotImplementedError
 
     def expected_heads(self) -> set[str]:
         from alembic.script import ScriptDirectory
@@ -141,6 +155,10 @@ class SQLiteStore(Store):
 
         return cls(url, engine)
 
+    def lock_migrations(self, conn: sa.Connection) -> None:
+        """Nothing more to take: the upgrade's transaction began with BEGIN IMMEDIATE, SQLite's one write lock,
+        so another process's upgrade waits for it (busy_timeout) and then finds the store current."""
+
 
 class PostgresStore(Store):
     """Scale-out: PostgreSQL via psycopg 3; pgvector is enabled by the knowledge migrations."""
@@ -151,3 +169,8 @@ class PostgresStore(Store):
     def create(cls, url: str, **kw: Any) -> "PostgresStore":
         engine = sa.create_engine(url, pool_size=kw.get("pool_size", 10), max_overflow=20, pool_pre_ping=True)
         return cls(url, engine)
+
+    def lock_migrations(self, conn: sa.Connection) -> None:
+        """A transaction-scoped advisory lock: replicas (and `keel db upgrade` jobs) queue on it, one migrates,
+        the rest read the version table it committed and have nothing left to do."""
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
