@@ -19,7 +19,9 @@ import yaml
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
+from keel.core.errors import KeelError
 from keel.identity.principal import ROLES
+from keel.observe.prompts import split_ref
 from keel.workflows.spec_types import WorkflowSpec
 from keel.workflows.templates import is_template, referenced_attrs, static_names, template_refs
 
@@ -345,8 +347,31 @@ class Checker:
 Builder = Callable[[Checker, dict[str, Any], Path, int], dict[str, Any]]
 
 
+def _prompt_ref(ck: Checker, raw: dict[str, Any], p: Path, i: int) -> dict[str, Any]:
+    """`prompt: {ref: support-reply@production, variables: {product: "{{ inputs.product }}"}}`: the registry's
+    prompt (resolved when the step runs, with the run's principal), its variables templates of the run."""
+    fp = p + ("prompt",)
+    ck.unknown_keys(raw["prompt"], fp, ("ref", "variables"), "a prompt reference")
+    ref = ck.text(raw["prompt"], fp, "ref", required=True, template=False)
+    if ref is not None:
+        try:
+            split_ref(ref)
+        except KeelError as exc:
+            ck.error(fp + ("ref",), exc.detail)
+    variables = raw["prompt"].get("variables") or {}
+    if not isinstance(variables, dict):
+        ck.error(fp + ("variables",), "must be a mapping of variable names to texts")
+        variables = {}
+    if raw.get("system") is not None:
+        ck.error(p + ("system",), "a registry prompt brings its own messages: drop `system`")
+    return {"prompt": None, "prompt_ref": ref, "system": None,
+            "prompt_variables": {str(k): ck.text(variables, fp + ("variables",), k, i) for k in variables}}
+
+
 def _llm(ck: Checker, raw: dict[str, Any], p: Path, i: int) -> dict[str, Any]:
-    return {"prompt": ck.text(raw, p, "prompt", i, required=True), "system": ck.text(raw, p, "system", i),
+    prompt = _prompt_ref(ck, raw, p, i) if isinstance(raw.get("prompt"), dict) else {
+        "prompt": ck.text(raw, p, "prompt", i, required=True), "system": ck.text(raw, p, "system", i)}
+    return {**prompt,
             "model": ck.text(raw, p, "model", default="local-chat", template=False),
             "max_tokens": ck.number(raw, p, "max_tokens", 256, 1, 1_000_000, integer=True),
             "temperature": ck.number(raw, p, "temperature", 0.0, 0.0, 2.0),

@@ -21,9 +21,10 @@ import sqlalchemy as sa
 from keel.core.clock import utcnow
 from keel.core.errors import BadRequest, KeelError
 from keel.core.ids import new_id
-from keel.gateway.pipeline import Call
+from keel.gateway.pipeline import PROMPT_VERSION, Call
 from keel.gateway.protocol import ChatRequest
 from keel.identity.principal import Principal
+from keel.observe.prompts import Prompts, Rendered
 from keel.workflows import templates
 from keel.workflows.effects import Egress, Mailer
 from keel.workflows.spec import StepSpec, WorkflowSpec
@@ -92,19 +93,32 @@ def _text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
+async def _registry_prompt(env: StepEnv) -> Rendered:
+    """The step's registry prompt (`prompt: {ref, variables}`), as the run's principal may read it."""
+    c = env.step.config
+    variables = {k: _text(env.render(v)) for k, v in (c.get("prompt_variables") or {}).items()}
+    return await asyncio.to_thread(Prompts(env.parts.runs.store).resolve, env.principal, c["prompt_ref"], variables)
+
+
 async def run_llm(env: StepEnv) -> dict[str, Any]:
     """A chat call through the governed gateway path, metered against the run (task id = run id)."""
     c = env.step.config
     messages = []
     if c.get("system"):
         messages.append({"role": "system", "content": _text(env.render(c["system"]))})
-    messages.append({"role": "user", "content": _text(env.render(c["prompt"]))})
+    prompt = await _registry_prompt(env) if c.get("prompt_ref") else None
+    if prompt is not None:
+        messages = prompt.messages
+    else:
+        messages.append({"role": "user", "content": _text(env.render(c["prompt"]))})
     schema = c.get("output_schema")
     fmt = {"type": "json_schema", "json_schema": {"name": env.step.id, "schema": schema}} if schema else None
     call = Call(request_id=env.request_id, principal=env.principal, kind="chat", alias=c["model"],
                 chat=ChatRequest(model=c["model"], messages=messages, max_tokens=c["max_tokens"],
                                  temperature=c["temperature"], response_format=fmt),
                 metadata={"use_case": f"workflow:{env.workflow}", "task_id": env.run_id})
+    if prompt is not None:
+        call.annotations[PROMPT_VERSION] = prompt.ref
     async with env.parts.model_slots:
         call.started = time.perf_counter()
         result = await env.parts.gateway.chat(call)

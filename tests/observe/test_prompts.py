@@ -9,7 +9,7 @@ import json
 import openai
 import pytest
 
-from conftest import problem, wait_ledger
+from conftest import eventually, problem, wait_ledger
 from tests.fakes.openai_upstream import FakeOpenAI
 
 pytestmark = pytest.mark.store
@@ -167,3 +167,24 @@ def test_the_cli_pushes_labels_and_diffs(world, tmp_path):
     assert "warmly" in keel("show", "greet@production")
     r = CliRunner().invoke(app, ["prompts", "show", "greet@canary"], env=env)
     assert r.exit_code == 1 and "no label 'canary'" in r.output
+
+
+def test_a_workflow_llm_step_uses_a_registry_prompt(world, fake):
+    """An llm step's `prompt: {ref, variables}` is resolved when the step runs, as the run's principal, with the
+    run's templates filled into the variables; its ledger row names the version. A malformed ref is a spec error."""
+    srv, keys = world
+    spec = ("name: reply\ninputs: {type: object, properties: {product: {type: string}}}\nsteps:\n"
+            "  - id: ask\n    type: llm\n    model: fake\n"
+            "    prompt: {ref: support-reply@production, variables: {product: '{{ inputs.product }}'}}\n")
+    with srv.client(keys["builder"]) as b:
+        bad = b.post("/v1/workflows", content=spec.replace("support-reply@production", "bad ref!"),
+                     headers={"content-type": "application/yaml"})
+        assert bad.status_code in (400, 422) and "prompt.ref" in bad.text, bad.text
+        assert b.post("/v1/workflows", content=spec, headers={"content-type": "application/yaml"}).status_code == 201
+    with srv.client(keys["member"]) as m:
+        run = m.post("/v1/workflows/reply/runs", json={"inputs": {"product": "Widgets"}}).json()["id"]
+        eventually(lambda: m.get(f"/v1/workflows/reply/runs/{run}").json()["status"] in ("completed", "failed"))
+        assert m.get(f"/v1/workflows/reply/runs/{run}").json()["status"] == "completed"
+    version = wait_ledger(srv.extra["db_url"], f"task_id = '{run}'")[0].prompt_version
+    assert version.startswith("support-reply@")
+    assert upstream_messages(fake)[0]["content"].startswith("You answer for Widgets.")
