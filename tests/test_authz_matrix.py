@@ -250,6 +250,38 @@ TABLE = [
         reviewer 404 404 404
         auditor  403 403 403"""), body={"request_id": "{req}", "score": 1, "label": "{cell}"}, target="red_call"),
     Row("feedback without a subject", "POST", "/v1/feedback", by_role(MODEL_USERS, yes="400"), body={"score": 1}),
+    # prompt registry: team-owned like workflows (builders of the team change, everyone of the team reads and uses)
+    Row("prompt define new", "POST", "/v1/prompts", grid("""
+        admin    201 201 201
+        builder  201 201 403
+        member   403 403 403
+        reviewer 403 403 403
+        auditor  403 403 403"""), body={"name": "new-{cell}", "messages": [{"role": "system", "content": "hi"}]}),
+    Row("prompt redefine team's", "POST", "/v1/prompts", grid("""
+        admin    201 201 201
+        builder  201 409 409
+        member   403 403 403
+        reviewer 403 403 403
+        auditor  403 403 403"""), body={"name": "red-prompt", "description": "{cell}",
+                                         "messages": [{"role": "system", "content": "Be brief."}]},
+        target="red_prompt"),
+    Row("prompt read", "GET", "/v1/prompts/red-prompt", team_read("200", "404"), target="red_prompt"),
+    Row("prompt versions", "GET", "/v1/prompts/red-prompt/versions", team_read("200", "404"), target="red_prompt"),
+    Row("prompt list", "GET", "/v1/prompts", team_read("seen", "hidden"), target="red_prompt"),
+    Row("prompt label move", "PUT", "/v1/prompts/red-prompt/labels/staging", grid("""
+        admin    200 200 200
+        builder  200 404 404
+        member   403 404 404
+        reviewer 403 404 404
+        auditor  403 404 403"""), body={"version": 1}, target="red_prompt"),
+    Row("prompt malformed", "POST", "/v1/prompts", by_role({"admin", "builder"}, yes="400"), body={"name": "x"}),
+    Row("chat with a team's prompt", "POST", "/v1/chat/completions", grid("""
+        admin    200 200 200
+        builder  200 404 404
+        member   200 404 404
+        reviewer 200 404 404
+        auditor  404 404 404"""), body={"model": "cloud", "messages": [{"role": "user", "content": "hello {cell}"}],
+                                         "keel": {"prompt": "red-prompt@1"}}, target="red_prompt"),
     # -- deployments (admin endpoints) --------------------------------------------------------------
     Row("deployments list", "GET", "/admin/deployments", by_role({"admin"})),
     Row("deployment add", "POST", "/admin/deployments", by_role({"admin"}, yes="201"),
@@ -448,6 +480,13 @@ class World:
                 return task in c.get("/v1/usage", params={"group_by": "task", "start": "2000-01-01"}).text
         eventually(recorded, timeout=30)
         return {"req": r.headers["x-request-id"], "seen": task}
+
+    def red_prompt(self) -> dict[str, Any]:
+        """A prompt of team red (version 1 at least), defined by red's builder."""
+        with self.srv.client(self.red_builder) as c:
+            r = c.post("/v1/prompts", json={"name": "red-prompt", "messages": [{"role": "system", "content": "Be brief."}]})
+        assert r.status_code in (200, 201), r.text
+        return {"seen": "red-prompt"}
 
     def grant(self) -> dict[str, Any]:
         self.glob_secret()
