@@ -48,6 +48,9 @@ test: install-test test-deps test-sqlite test-postgres
 test-deps:
 	test -f /usr/share/doc/python3.11/html/_sources/faq/general.rst.txt || (apt-get update && apt-get install -y python3.11-doc) \
 	  || echo "python3.11-doc not installed: tests/knowledge/test_chunking_window.py's whole-tree test will skip"
+# Debian's chromium: the browser tests/console drives through Playwright (they skip, saying so, without it).
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium) \
+	  || echo "chromium not installed: tests/console's browser tests will skip"
 
 test-sqlite:
 	$(BIN)/python -m pytest -q -p no:cacheprovider

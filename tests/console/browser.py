@@ -1,0 +1,107 @@
+"""Driving the console in a real browser: Debian's chromium through Playwright, one browser per module.
+
+`Visit` is one signed-in tab at a given width that records every console error, uncaught page error and
+failed request (a response of 400 or more counts unless the test said it expects it), and checks each page
+with axe-core (vendored from npm: `axe.min.js`, MPL-2.0, version in axe.VERSION) for serious or critical
+violations.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+AXE = (Path(__file__).parent / "axe.min.js").read_text()
+WIDTHS = {"desktop": 1280, "phone": 390}
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is not installed (`make test-deps` installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+class Visit:
+    """One browser context (its own cookies) at `width` px, signed in to the console at `base`."""
+
+    def __init__(self, browser: Any, base: str, width: int) -> None:
+        self.base = base
+        self.context = browser.new_context(viewport={"width": width, "height": 900})
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(15_000)
+        self.problems: list[str] = []
+        self.expected_status: set[tuple[str, int]] = set()
+        self.page.on("console", self._console)
+        self.page.on("pageerror", lambda exc: self.problems.append(f"page error: {exc}"))
+        self.page.on("requestfailed", lambda req: self.problems.append(f"request failed: {req.url} {req.failure}"))
+        self.page.on("response", self._response)
+
+    def _console(self, msg: Any) -> None:
+        if msg.type == "error":
+            if any(msg.text.endswith(f"status of {s} ()") or f"status of {s}" in msg.text
+                   for _, s in self.expected_status):
+                return  # chromium's own line for a response the test expects (e.g. the not-found page)
+            self.problems.append(f"console error: {msg.text}")
+
+    def _response(self, response: Any) -> None:
+        path = response.url.removeprefix(self.base)
+        if response.status >= 400 and (path.split("?")[0], response.status) not in self.expected_status:
+            self.problems.append(f"{response.status} for {response.url}")
+
+    def expect(self, path: str, status: int) -> None:
+        self.expected_status.add((path, status))
+
+    def sign_in_with_key(self, key: str) -> None:
+        self.page.goto(self.base + "/console/")
+        self.page.get_by_role("textbox", name="API key").fill(key)
+        self.page.get_by_role("button", name="Sign in with key").click()
+        self.page.wait_for_url("**/console/overview")
+
+    def sign_in_with_password(self, email: str, password: str) -> None:
+        self.page.goto(self.base + "/console/sign-in")
+        self.page.get_by_role("textbox", name="Email").fill(email)
+        self.page.get_by_label("Password", exact=True).fill(password)
+        self.page.get_by_role("button", name="Sign in", exact=True).click()
+        self.page.wait_for_url("**/console/overview")
+
+    def open(self, path: str) -> Any:
+        response = self.page.goto(self.base + path)
+        self.page.wait_for_load_state("load")
+        return response
+
+    def nav(self) -> list[str]:
+        return self.page.get_by_role("navigation", name="Console").get_by_role("link").all_inner_texts()
+
+    def check_accessibility(self) -> None:
+        """axe-core on the page as it is now: no serious or critical violation."""
+        self.page.evaluate(AXE)  # through the DevTools protocol: the page's CSP still forbids any other script
+        result = self.page.evaluate("async () => JSON.stringify(await axe.run(document, "
+                                    "{resultTypes: ['violations']}))")
+        bad = [v for v in json.loads(result)["violations"] if v["impact"] in ("serious", "critical")]
+        assert not bad, f"{self.page.url}: " + "; ".join(
+            f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes'][:3]]}" for v in bad)
+
+    def visit_all(self) -> list[str]:
+        """Every page the navigation offers, each loaded, on screen with its heading, and accessible."""
+        labels = self.nav()
+        for label in labels:
+            self.page.get_by_role("navigation", name="Console").get_by_role("link", name=label).click()
+            self.page.wait_for_load_state("load")
+            assert self.page.get_by_role("heading", level=1).count() == 1, self.page.url
+            self.check_accessibility()
+        return labels
+
+    def close(self) -> None:
+        self.context.close()
+        assert not self.problems, "\n".join(self.problems)
