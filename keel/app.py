@@ -39,11 +39,13 @@ from keel.observe.spans import TraceRequests, TracedAuthenticator
 from keel.workflows import service as workflows_service
 from keel.workflows import tables as workflow_tables
 from keel.agents import service as agents_service
+from keel.agents import mcp_server as agents_mcp_server
 from keel.console import routes as console_routes
 from keel.identity import routes as identity_routes
 from keel.identity import service as identity
 from keel.identity.auth import Authenticator, principal
 from keel.identity.vault import Vault, load_master_key
+from keel.identity import keycheck
 
 log = logging.getLogger("keel.app")
 
@@ -203,6 +205,7 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
     lifecycle.shutdown.append(kn.stop)
     workflows_service.attach(app, settings, store, gateway, kn)  # after knowledge: its runs use retrieval
     agents_service.attach(app, settings, store, gateway, kn)  # after workflows: shares its DBOS and approvals
+    agents_mcp_server.mount(app)  # /mcp: search, answer, workflows and agents for MCP clients, as the caller
     observe_service.watch(obs, settings, store, getattr(gateway.router, "snapshot", None), queues={
         # /metrics' queue depths: each queue's table and its unfinished statuses
         "ingest_jobs": (knowledge_tables.jobs, ("queued", "running")),
