@@ -6,8 +6,10 @@ import typer
 
 from keel import demo
 from keel.app import create_app
+from keel.core import backup_commands
 from keel.core import commands as core_commands
 from keel.governance import commands as governance_commands
+from keel.governance.audit import AuditLog
 from keel.identity import commands as identity_commands
 from keel.knowledge import commands as knowledge_commands
 from keel.observe import commands as observe_commands
@@ -24,6 +26,7 @@ knowledge_commands.mount(app)
 observe_commands.mount(app)
 workflows_commands.mount(app)
 agents_commands.mount(app)
+backup_commands.mount(app, verify=lambda store: AuditLog(store).verify())
 
 
 def main() -> None:
