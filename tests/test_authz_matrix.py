@@ -197,6 +197,25 @@ TABLE = [
         member   403 404 404
         reviewer 403 404 404
         auditor  403 404 403"""), body={}) for verb in ("pause", "resume")),
+    # -- /mcp: Keel's tools for MCP clients (JSON-RPC; a refused tool is a 200 with isError, so `hidden`) ------
+    Row("mcp tools/list", "POST", "/mcp", by_role(set(ROLES), yes="seen"), target="mcp_ok",
+        body={"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}),
+    Row("mcp run_agent", "POST", "/mcp", grid("""
+        admin    seen seen   seen
+        builder  seen hidden hidden
+        member   seen hidden hidden
+        reviewer hidden hidden hidden
+        auditor  hidden hidden hidden"""), target="mcp_ok", body={"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "run_agent", "arguments": {"name": "red_agent", "task": "hi", "wait_s": 0}}}),
+    Row("mcp start_workflow", "POST", "/mcp", grid("""
+        admin    seen seen   seen
+        builder  seen hidden hidden
+        member   seen hidden hidden
+        reviewer hidden hidden hidden
+        auditor  hidden hidden hidden"""), target="mcp_ok", body={"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "start_workflow", "arguments": {"name": "red_def"}}}),
+    Row("mcp malformed arguments", "POST", "/mcp", by_role(set(), no="hidden"), target="mcp_ok",
+        body={"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search", "arguments": {"query": ""}}}),
     # -- records and outbox -------------------------------------------------------------------------
     Row("records", "GET", "/v1/records/red_rec", team_read("seen", "hidden"), target="waiting_run"),
     Row("outbox", "GET", "/v1/outbox", team_read("seen", "hidden"), target="waiting_run"),
@@ -324,6 +343,11 @@ TABLE = [
         member   200 404 404
         reviewer 403 404 404
         auditor  403 404 403"""), target="red_response", consumes=True),
+    # -- console passwords (admins set them; a short one is refused before it is hashed) -----------------
+    Row("user set password", "PUT", "/admin/users/nobody-{cell}@example.com/password", by_role({"admin"}, yes="404"),
+        body={"password": "a long enough passphrase"}),
+    Row("user set password too short", "PUT", "/admin/users/nobody@example.com/password",
+        by_role({"admin"}, yes="422"), body={"password": "short"}),
 ]
 
 
@@ -406,6 +430,10 @@ class World:
             r = c.post("/v1/agents/red_agent/runs", json={"task": "hi", "wait_s": 0})
         assert r.status_code in (200, 202), r.text
         return {"run": r.json()["id"], "seen": r.json()["id"]}
+
+    def mcp_ok(self) -> dict[str, Any]:
+        """For /mcp rows: a tool that ran answers `"isError":false` (seen); a refused one has it true (hidden)."""
+        return {"seen": '"isError":false'}
 
     def provider_wait_run(self) -> dict[str, Any]:
         """A red run whose model step waits for `red-busy`: its upstream answers 429 with Retry-After 600."""
@@ -608,3 +636,52 @@ def test_messages_edge_cells(world):
                                                  "scopes": {"models": ["onprem"]}}).json()["key"]
     r = httpx.post(url, json=MESSAGES, headers={"x-api-key": scoped})
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", r.text
+
+
+CONSOLE_PAGES = {  # console page → the roles that may open it (the rest: 403), as the API's rules say
+    "/console/overview": set(ROLES), "/console/usage": set(ROLES), "/console/workflows": set(ROLES),
+    "/console/audit": GOV_READERS, "/console/keys": {"admin"}, "/console/inbox": {"admin", "reviewer", "auditor"},
+}
+
+
+def _console(world: World, key: str) -> httpx.Client:
+    """A console session opened with `key` (the sign-in form's double-submit token included)."""
+    c = httpx.Client(base_url=world.srv.url, timeout=30)
+    page = c.get("/console/sign-in")
+    csrf = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    assert c.post("/console/sign-in", data={"csrf": csrf, "key": key}).status_code == 303
+    return c
+
+
+def test_console_pages_follow_the_api_rules(world):
+    """Each role × team opens the console's pages as the API would answer it: a red run by URL is seen by its
+    team (and admins, team-less auditors) and is the not-found page for everyone else; a form without the
+    session's CSRF token is refused; an anonymous browser is sent to the sign-in form; a forged cookie or an
+    oversized one opens nothing."""
+    run = world.fresh("waiting_run", False)["run"]
+    runs = team_read("200", "404")
+    wrong = []
+    for role in ROLES:
+        for rel, team in RELATIONS.items():
+            c = _console(world, world.keys.keys[(role, team)])
+            for path, allowed in CONSOLE_PAGES.items():
+                got = c.get(path).status_code
+                if got != (200 if role in allowed else 403):
+                    wrong.append(f"{role}/{rel} {path}: got {got}")
+            got = c.get(f"/console/workflows/red_wait/runs/{run}").status_code
+            if str(got) != runs[(role, rel)]:
+                wrong.append(f"{role}/{rel} run page: want {runs[(role, rel)]}, got {got}")
+            r = c.post("/console/keys", data={"name": f"csrf-{role}-{rel}", "role": "admin"})
+            if r.status_code != 403:
+                wrong.append(f"{role}/{rel} key form without CSRF: got {r.status_code}")
+            c.close()
+    for cookie in ("forged", "x" * 5000):
+        with httpx.Client(base_url=world.srv.url, cookies={"keel_console": cookie}) as anonymous:
+            for path in (*CONSOLE_PAGES, f"/console/workflows/red_wait/runs/{run}"):
+                r = anonymous.get(path)
+                if r.status_code != 303 or not r.headers["location"].startswith("/console/sign-in"):
+                    wrong.append(f"anonymous {path}: got {r.status_code}")
+            r = anonymous.post("/console/keys", data={"name": "anon", "role": "admin"})
+            if r.status_code != 401:
+                wrong.append(f"anonymous POST /console/keys: got {r.status_code}")
+    assert not wrong, "\n".join(wrong)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.console.browser import WIDTHS, Visit, browser  # noqa: F401  (the module's browser fixture)
+from tests.console.browser import WIDTHS, Visit
 from tests.fakes.openai_upstream import FakeOpenAI
 from conftest import eventually, wait_ledger
 
@@ -104,7 +104,7 @@ def width(request) -> int:
     return WIDTHS[request.param]
 
 
-def test_admin_creates_and_revokes_a_key(world, browser, width):  # noqa: F811
+def test_admin_creates_and_revokes_a_key(world, browser, width):
     v = Visit(browser, world.srv.url, width)
     v.sign_in_with_key(world.srv.admin_key)
     assert v.visit_all() == ["Overview", "Usage & cost", "Inbox", "Workflows", "Audit", "Admin: keys"]
@@ -129,7 +129,7 @@ def test_admin_creates_and_revokes_a_key(world, browser, width):  # noqa: F811
     v.close()
 
 
-def test_auditor_verifies_the_chain(world, browser, width):  # noqa: F811
+def test_auditor_verifies_the_chain(world, browser, width):
     v = Visit(browser, world.srv.url, width)
     v.sign_in_with_key(world.keys["auditor-None"])
     assert v.visit_all() == ["Overview", "Usage & cost", "Inbox", "Workflows", "Audit"]
@@ -148,7 +148,7 @@ def test_auditor_verifies_the_chain(world, browser, width):  # noqa: F811
     v.close()
 
 
-def test_reviewer_edits_and_approves_the_lead_intake_draft(world, browser):  # noqa: F811
+def test_reviewer_edits_and_approves_the_lead_intake_draft(world, browser):
     """Signed in with email and password; the inbox is keyboard-operable: the edit and the approval are
     made with the keyboard alone."""
     v = Visit(browser, world.srv.url, WIDTHS["desktop"])
@@ -175,7 +175,7 @@ def test_reviewer_edits_and_approves_the_lead_intake_draft(world, browser):  # n
     v.close()
 
 
-def test_member_sees_its_team_only_and_gets_not_found_for_another_teams_run(world, browser, width):  # noqa: F811
+def test_member_sees_its_team_only_and_gets_not_found_for_another_teams_run(world, browser, width):
     v = Visit(browser, world.srv.url, width)
     v.sign_in_with_key(world.keys["member-sales"])
     assert v.visit_all() == ["Overview", "Usage & cost", "Workflows"]
@@ -197,7 +197,7 @@ def test_member_sees_its_team_only_and_gets_not_found_for_another_teams_run(worl
     v.close()
 
 
-def test_builder_starts_a_run_from_the_generated_form(world, browser):  # noqa: F811
+def test_builder_starts_a_run_from_the_generated_form(world, browser):
     v = Visit(browser, world.srv.url, WIDTHS["phone"])
     v.sign_in_with_key(world.keys["builder-sales"])
     assert v.visit_all() == ["Overview", "Usage & cost", "Workflows"]
