@@ -65,6 +65,7 @@ class Run:
         self.team_id, self.owner_team, self.mandate = row["team_id"], owner_team, mandate
         self.principal = Principal.from_dict(row["principal"])
         self.actor = self.principal.user_id or self.principal.key_id
+        self.user_id: str | None = row.get("user_id")  # the end user the run is for (memory.thread: user)
         created = row["created_at"]
         self.started_at = (created if created.tzinfo else created.replace(tzinfo=UTC)).timestamp()
 
@@ -111,7 +112,10 @@ class AgentEngine:
             run = Run(row, mandate, owner)
             m = run.mandate
             system = m.goal + ("\n\n" + m.instructions if m.instructions else "")
-            messages: list[dict[str, Any]] = [{"role": "system", "content": system},
+            thread: list[dict[str, Any]] = []
+            if m.thread == "user" and run.user_id:  # read once, checkpointed: a replay sees the same thread
+                thread = await DBOS.run_step_async({"name": "thread"}, self.store.thread, row)
+            messages: list[dict[str, Any]] = [{"role": "system", "content": system}, *thread,
                                               {"role": "user", "content": row["task"]}]
             state: dict[str, Any] = {"steps": 0, "tokens": 0, "cost": 0.0, "calls": {}}
             seq = 0
@@ -305,7 +309,7 @@ class AgentEngine:
             return {"approval": _approval_config(decision), "args": args}
         tool = run.mandate.tools[name]
         c = ToolCall(run_id=run.id, seq=seq, agent=run.agent, team_id=run.team_id, owner_team=run.owner_team,
-                     principal=run.principal, mandate=run.mandate, tool=tool, args=args)
+                     principal=run.principal, mandate=run.mandate, tool=tool, args=args, user_id=run.user_id)
         try:
             result = as_text(await EXECUTORS[tool.kind](self.parts, c))
         except KeelError as exc:  # the tool failed (after being allowed): the model hears why

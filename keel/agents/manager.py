@@ -21,7 +21,7 @@ from keel.agents.mandate import Mandate, parse_mandate
 from keel.agents.store import FINAL, STATUSES, AgentStore
 from keel.agents.tables import agent_runs, agent_versions
 from keel.core.clock import iso, utcnow
-from keel.core.errors import BadRequest, Conflict, KeelError, NotFound
+from keel.core.errors import BadRequest, Conflict, Forbidden, KeelError, NotFound
 from keel.core.ids import new_id
 from keel.identity import service as identity
 from keel.identity.principal import Principal
@@ -111,10 +111,17 @@ class Agents:
         return {"object": "agent", "name": name, "paused": paused}
 
     # -- runs -----------------------------------------------------------------------------------
-    async def start(self, name: str, task: str, p: Principal, *, wait_s: float = 60.0) -> dict[str, Any]:
-        """Record the run, start its durable loop, and wait up to `wait_s` for it to end (or wait for a person)."""
+    async def start(self, name: str, task: str, p: Principal, *, wait_s: float = 60.0,
+                    user: str | None = None) -> dict[str, Any]:
+        """Record the run, start its durable loop, and wait up to `wait_s` for it to end (or wait for a person).
+        `user`: the end user the run is for (their thread, under `memory: {thread: user}`); a person's own key
+        or session is always that person."""
         p.require("agents.run")
         require_team_for_runs(p)
+        if p.user_id is not None and user not in (None, p.user_id):
+            raise Forbidden(f"a run for user {user!r} cannot be started with {p.user_id}'s own credentials",
+                            fix="omit `user` (the run is yours), or start it with the application's key")
+        user = user or p.user_id
         ver = await asyncio.to_thread(self.agent_store.latest, name, p)
         if await asyncio.to_thread(self.agent_store.paused, name):
             raise AgentPaused(f"agent {name!r} is paused", fix=f"resume it: keel agents resume {name}", agent=name)
@@ -122,7 +129,7 @@ class Agents:
         row = {"id": new_id("arun"), "agent": name, "version": ver.version, "version_id": ver.id, "status": "running",
                "task": task, "answer": None, "error": None, "principal": p.to_dict(),
                "team_id": ver.team_id if ver.team_id is not None else p.team_id, "created_at": now,
-               "updated_at": now, "finished_at": None}
+               "updated_at": now, "finished_at": None, "user_id": user}
         await asyncio.to_thread(self.agent_store.insert_run, row)
         handle = await self._launch(row["id"])
         await asyncio.to_thread(self.agent_store.audit, "agent.run.started", p.user_id or p.key_id, row["team_id"],
@@ -171,7 +178,7 @@ class Agents:
         held = r.error if isinstance(r.error, dict) else {}
         error = {k: v for k, v in held.items() if k != "waits"} if "code" in held else None
         return {"id": r.id, "object": "agent_run", "agent": r.agent, "version": r.version, "status": r.status,
-                "task": r.task, "answer": r.answer, "error": error, "team_id": r.team_id,
+                "task": r.task, "answer": r.answer, "error": error, "team_id": r.team_id, "user": r.user_id,
                 "waiting": public_wait(held.get("waiting")) if r.status == WAITING else None,
                 "waits": list(held.get("waits") or []),
                 "created_at": iso(r.created_at), "updated_at": iso(r.updated_at), "finished_at": iso(r.finished_at)}

@@ -28,7 +28,8 @@ AGENT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,47}$")  # an approval's `workflow` 
 TOOL_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]{0,63}$")
 TABLE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 TOP_KEYS = ("name", "description", "goal", "instructions", "model", "collections", "tools", "budgets", "approvals",
-            "mcp_servers")
+            "mcp_servers", "memory")
+THREADS = ("run", "user")  # memory.thread: the conversation is the run's own, or continues the end user's
 BUDGET_KEYS = ("steps", "tokens", "cost", "wall_time", "max_tokens_per_call", "cost_per_day", "max_wait")
 APPROVAL_KEYS = ("tool", "when", "approvers", "timeout")
 HTTP_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
@@ -48,6 +49,15 @@ BUILTIN_SCHEMAS: dict[str, dict[str, Any]] = {
         "body": {"type": "string", "maxLength": 20000}}},
     "ask_human": {"type": "object", "additionalProperties": False, "required": ["question"], "properties": {
         "question": {"type": "string", "minLength": 1, "maxLength": 4000}}},
+    "answer": {"type": "object", "additionalProperties": False, "required": ["question"], "properties": {
+        "question": {"type": "string", "minLength": 1, "maxLength": 2000},
+        "collections": {"type": "array", "items": {"type": "string"}, "maxItems": 20}}},
+    "start_workflow": {"type": "object", "additionalProperties": False, "required": ["workflow"], "properties": {
+        "workflow": {"type": "string", "maxLength": 64}, "inputs": {"type": "object"}}},
+    "remember": {"type": "object", "additionalProperties": False, "required": ["note"], "properties": {
+        "note": {"type": "string", "minLength": 1, "maxLength": 2000}}},
+    "recall": {"type": "object", "additionalProperties": False, "required": ["query"], "properties": {
+        "query": {"type": "string", "minLength": 1, "maxLength": 500}}},
 }
 BUILTIN_DESCRIPTIONS = {
     "retrieve": "Search the knowledge collections this agent may read; returns the best passages.",
@@ -55,11 +65,16 @@ BUILTIN_DESCRIPTIONS = {
     "record": "Write a row into one of Keel's record tables.",
     "notify": "Send an email to an allowed recipient.",
     "ask_human": "Ask a person a question and wait for the answer.",
+    "answer": "Answer a question from the knowledge collections this agent may read, with citations.",
+    "start_workflow": "Start one of the workflows this agent may start, with its inputs.",
+    "remember": "Keep a note for later runs of this agent (long-term memory).",
+    "recall": "Find notes earlier runs of this agent kept.",
 }
 # the keys each kind of tool takes besides description, rules and call counts
 KIND_KEYS = {"retrieve": (), "http": ("allow_hosts", "methods", "headers"), "record": ("tables",),
              "notify": ("allow_recipients",), "ask_human": (), "endpoint": ("endpoint", "parameters", "headers"),
-             "python": ("entry_point",), "mcp": ("mcp", "tool")}
+             "python": ("entry_point",), "mcp": ("mcp", "tool"), "answer": (), "start_workflow": ("workflows",),
+             "remember": (), "recall": ()}
 COMMON_TOOL_KEYS = ("description", "rules", "max_calls_per_run", "max_calls_per_day")
 
 
@@ -84,6 +99,7 @@ class ToolSpec:
     entry_point: str | None = None
     mcp_server: str | None = None  # kind `mcp`: the mandate's `mcp_servers` entry, and the tool's name there
     remote: str | None = None
+    workflows: tuple[str, ...] = ()  # start_workflow: the workflows it may start
 
     def openai(self) -> dict[str, Any]:
         """The tool as OpenAI's `tools` entry."""
@@ -140,6 +156,7 @@ class Mandate:
     approvals: tuple[ApprovalRule, ...]
     source: str
     mcp_servers: dict[str, McpServerSpec] = field(default_factory=dict)
+    thread: str = "run"  # memory.thread: `user` continues the end user's conversation across runs
 
     def secret_refs(self) -> list[tuple[str, str, str]]:
         """(secret, field, use) for every vault secret the tools (and MCP servers) send as a header."""
@@ -247,13 +264,22 @@ def _tool(ck: Checker, name: Any, raw: Any) -> ToolSpec | None:
                 or not SECRET_NAME.match(ref["secret"]):
             ck.error(path + ("headers", h), "a header's value is {secret: NAME}, a vault secret of the agent's team")
     methods = tuple(ck.str_list(raw, path, "methods", default=["GET"], choices=HTTP_METHODS) or ["GET"])
+    workflows = tuple(ck.str_list(raw, path, "workflows", default=[]) or [])
+    for j, w in enumerate(workflows):
+        if not NAME.match(w):
+            ck.error(path + ("workflows", j), f"workflow {w!r} must match {NAME.pattern}")
+    if kind == "start_workflow":
+        if not workflows:
+            ck.missing(path, "workflows")
+        params = {**params, "properties": {**params["properties"], "workflow": {"type": "string",
+                                                                                "enum": list(workflows)}}}
     return ToolSpec(name=name, kind=kind, description=description, parameters=params, rules=tuple(rules),
                     allow_hosts=hosts, methods=methods, allow_recipients=recipients, tables=tables,
                     max_calls_per_run=_int(ck, raw, path, "max_calls_per_run", 10_000),
                     max_calls_per_day=_int(ck, raw, path, "max_calls_per_day", 10_000_000), endpoint=endpoint,
                     headers={h: r["secret"] for h, r in headers.items() if isinstance(r, dict) and "secret" in r},
                     entry_point=entry_point, mcp_server=raw.get("mcp") if kind == "mcp" else None,
-                    remote=(raw.get("tool") or name) if kind == "mcp" else None)
+                    remote=(raw.get("tool") or name) if kind == "mcp" else None, workflows=workflows)
 
 
 def _mcp_servers(ck: Checker, data: dict[str, Any], tools: dict[str, ToolSpec]) -> dict[str, McpServerSpec]:
@@ -354,8 +380,14 @@ def parse_mandate(text: str) -> Mandate:
             ck.error(("collections", j), f"collection {c!r} must match {NAME.pattern}")
     raw_tools = ck.mapping(data, (), "tools", required=True, default={}) or {}
     tools = {t.name: t for t in (_tool(ck, n, raw) for n, raw in raw_tools.items()) if t is not None}
-    if "retrieve" in tools and not collections:
-        ck.error(("tools", "retrieve"), "the retrieve tool needs the mandate's `collections` (none listed)")
+    for reader in ("retrieve", "answer"):
+        if reader in tools and not collections:
+            ck.error(("tools", reader), f"the {reader} tool needs the mandate's `collections` (none listed)")
+    memory = ck.mapping(data, (), "memory", default={}) or {}
+    ck.unknown_keys(memory, ("memory",), ("thread",), "memory")
+    thread = ck.text(memory, ("memory",), "thread", default="run", template=False) or "run"
+    if thread not in THREADS:
+        ck.error(("memory", "thread"), f"thread {thread!r} is not one of {', '.join(THREADS)}")
     mcp_servers = _mcp_servers(ck, data, tools)
     budgets = _budgets(ck, data)
     raw_approvals = data.get("approvals") or []
@@ -370,4 +402,5 @@ def parse_mandate(text: str) -> Mandate:
                            agent=name if isinstance(name, str) else None)
     return Mandate(name=str(name), description=description, goal=str(goal), instructions=instructions,
                    model=str(model), collections=tuple(collections), tools=tools, budgets=budgets,
-                   approvals=tuple(a for a in approvals if a is not None), source=text, mcp_servers=mcp_servers)
+                   approvals=tuple(a for a in approvals if a is not None), source=text, mcp_servers=mcp_servers,
+                   thread=thread)

@@ -48,7 +48,7 @@ def parse_arguments(raw: Any) -> tuple[Any, Decision | None]:
 
 
 def _builtin(m: Mandate, t: ToolSpec, args: dict[str, Any]) -> Decision | None:
-    if t.kind == "retrieve":
+    if t.kind in ("retrieve", "answer"):
         asked = args.get("collections") or list(m.collections)
         outside = [c for c in asked if c not in m.collections]
         if outside:
@@ -64,6 +64,9 @@ def _builtin(m: Mandate, t: ToolSpec, args: dict[str, Any]) -> Decision | None:
         if not recipient_allowed(args.get("to"), t.allow_recipients):
             return refuse("allow_recipients", f"{str(args.get('to'))[:200]!r} is not an allowed recipient "
                                               f"({', '.join(t.allow_recipients)})")
+    elif t.kind == "start_workflow" and args.get("workflow") not in t.workflows:
+        return refuse("workflows", f"workflow {str(args.get('workflow'))[:100]!r} is not one the mandate names "
+                                   f"({', '.join(t.workflows)})")
     elif t.kind == "record" and args.get("table") not in t.tables:
         return refuse("tables", f"table {args.get('table')!r} is not allowed ({', '.join(t.tables)})")
     return None

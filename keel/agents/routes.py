@@ -25,6 +25,9 @@ class RunIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     task: str = Field(min_length=1, max_length=20000, description="what the agent is asked to do")
     wait_s: float = Field(default=60.0, ge=0, le=600, description="how long to wait for the run to end")
+    user: str | None = Field(default=None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.@:+-]+$",
+                             description="the end user the run is for: under memory thread `user`, the run "
+                                         "continues that user's conversation with this agent (in this team)")
     stream: bool = Field(default=False, description="answer with server-sent events: each action as it is logged, "
                                                     "then the run (when it ends or waits for a person, or at wait_s)")
 
@@ -90,10 +93,10 @@ async def start_run(name: str, body: RunIn, request: Request, p: Principal = Dep
     runs or waits for a person. The body has the run's action log."""
     agents = _agents(request)
     if body.stream:
-        out = await agents.start(name, body.task, p, wait_s=0)
+        out = await agents.start(name, body.task, p, wait_s=0, user=body.user)
         return StreamingResponse(agents.events(name, out["id"], p, wait_s=body.wait_s), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    out = await agents.start(name, body.task, p, wait_s=body.wait_s)
+    out = await agents.start(name, body.task, p, wait_s=body.wait_s, user=body.user)
     return json_response(out, 200 if out["status"] in ("completed", "failed", "stopped") else 202)
 
 

@@ -37,7 +37,7 @@ def attach(app: Any, settings: Any, store: Any, gateway: Any, knowledge: Any) ->
                                egress=egress, mailer=Mailer(None), model_slots=asyncio.Semaphore(1),
                                flush_ledger=flush)
     AgentEngine(agent_store, gateway, ToolParts(store=agent_store, knowledge=knowledge, vault=app.state.vault,
-                                                egress=egress, mcp=mcp), approval_parts, flush,
+                                                egress=egress, mcp=mcp, workflows=workflows), approval_parts, flush,
                 model_slots=settings.workflow_model_concurrency, tracing=app.state.observe.tracing)
     svc = Agents(agent_store, workflows.durable, app.state.vault, mcp=mcp)
     system = Principal(key_id="system", role="admin")

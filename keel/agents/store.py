@@ -4,6 +4,7 @@ action log (one row per run and position, so a replayed step never logs twice) a
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -12,8 +13,8 @@ import sqlalchemy as sa
 
 from keel.agents.access import definitions_visible
 from keel.agents.mandate import Mandate, parse_mandate
-from keel.agents.tables import agent_actions, agent_effects, agent_runs, agent_switches, agent_versions
-from keel.core.clock import utcnow
+from keel.agents.tables import agent_actions, agent_effects, agent_notes, agent_runs, agent_switches, agent_versions
+from keel.core.clock import iso, utcnow
 from keel.core.db import Store
 from keel.core.errors import NotFound
 from keel.core.ids import new_id
@@ -21,6 +22,8 @@ from keel.identity.principal import Principal
 
 log = logging.getLogger("keel.agents")
 FINAL = ("completed", "failed", "stopped")
+THREAD_TURNS = 10  # earlier runs of the end user's thread the model sees
+RECALL_SCAN = 500  # newest notes `recall` ranks
 STATUSES = ("running", "waiting_approval", "waiting_provider", *FINAL)
 
 
@@ -142,6 +145,49 @@ class AgentStore:
                 return str(found)
             conn.execute(agent_effects.insert().values(**row))
         return row["id"]
+
+    # -- memory -------------------------------------------------------------------------------
+    def thread(self, run: dict[str, Any], turns: int = THREAD_TURNS) -> list[dict[str, Any]]:
+        """The end user's conversation before this run: the tasks and answers of their earlier completed runs of
+        the same agent in the same team (never another user's or team's), oldest first."""
+        if not run.get("user_id"):
+            return []
+        c = agent_runs.c
+        q = (sa.select(c.task, c.answer).where(c.agent == run["agent"], c.user_id == run["user_id"],
+                                                c.status == "completed", c.created_at < run["created_at"],
+                                                c.id != run["id"],
+                                                c.team_id.is_(None) if run["team_id"] is None
+                                                else c.team_id == run["team_id"])
+             .order_by(c.created_at.desc()).limit(turns))
+        with self.store.read() as conn:
+            rows = conn.execute(q).all()
+        return [m for r in reversed(rows) for m in ({"role": "user", "content": r.task},
+                                                     {"role": "assistant", "content": r.answer or ""})]
+
+    def add_note(self, row: dict[str, Any]) -> str:
+        """Keep a `remember` note once per idempotency key; returns the note's id."""
+        row = {"id": new_id("note"), "created_at": utcnow(), **row}
+        with self.store.engine.begin() as conn:
+            found = conn.execute(sa.select(agent_notes.c.id)
+                                 .where(agent_notes.c.idempotency_key == row["idempotency_key"])).scalar()
+            if found is not None:
+                return str(found)
+            conn.execute(agent_notes.insert().values(**row))
+        return row["id"]
+
+    def recall(self, agent: str, team_id: str | None, query: str, limit: int = 5) -> list[dict[str, Any]]:
+        """Up to `limit` notes of `agent` in `team_id` (only), ranked by how many of the query's words they hold,
+        newer first among equals; notes sharing no word are left out."""
+        c = agent_notes.c
+        q = (sa.select(c.id, c.text, c.created_at).where(c.agent == agent, c.team_id.is_(None) if team_id is None
+                                                          else c.team_id == team_id)
+             .order_by(c.created_at.desc()).limit(RECALL_SCAN))
+        with self.store.read() as conn:
+            rows = conn.execute(q).all()
+        words = {w for w in re.findall(r"\w+", query.lower()) if len(w) > 2}
+        scored = [(len(words & set(re.findall(r"\w+", r.text.lower()))), i, r) for i, r in enumerate(rows)]
+        best = sorted((s for s in scored if s[0] > 0), key=lambda s: (-s[0], s[1]))[:limit]
+        return [{"id": r.id, "note": r.text, "at": iso(r.created_at)} for _, _, r in best]
 
     # -- audit --------------------------------------------------------------------------------
     def audit(self, action: str, actor: str, team_id: str | None, **details: Any) -> None:

@@ -46,6 +46,8 @@ agent_runs = sa.Table(
     sa.Column("created_at", TS, nullable=False, index=True),
     sa.Column("updated_at", TS, nullable=False),
     sa.Column("finished_at", TS, nullable=True),
+    sa.Column("user_id", sa.String(200), nullable=True),  # the end user the run is for: their thread (memory)
+    sa.Index("ix_agent_runs_thread", "agent", "team_id", "user_id", "created_at"),
 )
 
 agent_actions = sa.Table(
@@ -82,4 +84,17 @@ agent_effects = sa.Table(  # rows `record` wrote and mail `notify` queued (no SM
     sa.Column("target", sa.String(320), nullable=False),  # the table, or the recipient
     sa.Column("data", sa.JSON, nullable=False),
     sa.Column("created_at", TS, nullable=False),
+)
+
+agent_notes = sa.Table(  # long-term notes the `remember` tool keeps: one agent's, one team's
+    "agent_notes", metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("idempotency_key", sa.String(200), nullable=False, unique=True),
+    sa.Column("agent", sa.String(64), nullable=False),
+    sa.Column("team_id", sa.String(40), nullable=True),
+    sa.Column("run_id", sa.String(120), nullable=False),
+    sa.Column("user_id", sa.String(200), nullable=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Index("ix_agent_notes_scope", "agent", "team_id", "created_at"),
 )

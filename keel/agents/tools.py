@@ -8,6 +8,7 @@ the receiving service for `http` and endpoint tools).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ class ToolParts:
     vault: Any  # keel.identity.vault.Vault
     egress: Egress
     mcp: Any = None  # keel.agents.mcp_client.McpClients
+    workflows: Any = None  # keel.workflows' service, for start_workflow
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class ToolCall:
     mandate: Mandate
     tool: ToolSpec
     args: dict[str, Any]
+    user_id: str | None = None  # the end user the run is for
 
     @property
     def idempotency_key(self) -> str:
@@ -124,5 +127,41 @@ async def run_mcp(parts: ToolParts, c: ToolCall) -> Any:
     return await parts.mcp.call(server, str(c.tool.remote), dict(c.args), headers)
 
 
+async def run_answer(parts: ToolParts, c: ToolCall) -> Any:
+    """An answer with citations through the governed path of `/v1/answer`, as the run's principal, over the
+    mandate's collections (the policy check refused any other)."""
+    from keel.knowledge.answer import AnswerRequest, answer
+
+    req = AnswerRequest(question=c.args["question"], collections=list(c.args.get("collections") or c.mandate.collections),
+                        model=c.mandate.model, max_tokens=min(256, c.mandate.budgets.max_tokens_per_call))
+    out = await answer(parts.knowledge, c.principal, req, f"{c.run_id}/{c.seq}")
+    return {"answer": out["answer"], "found": out["found"],
+            "citations": [{"n": x["n"], "title": x["title"], "section": x["section"], "collection": x["collection"],
+                           "cited": x["cited"]} for x in out["citations"]]}
+
+
+async def run_start_workflow(parts: ToolParts, c: ToolCall) -> Any:
+    """Start a workflow the mandate names, as the run's principal (its permissions and team); the workflow run's
+    id is derived from the agent run and position, so a replayed step starts it once. It starts as a run of its
+    own (in a fresh context: DBOS starts no workflow from inside a step), not as a child of the agent's loop."""
+    start = parts.workflows.start(c.args["workflow"], c.args.get("inputs") or {}, c.principal, trigger="agent",
+                                  run_id=f"{c.run_id}.wf{c.seq}")
+    out = await asyncio.get_running_loop().create_task(start, context=contextvars.Context())
+    return {"workflow": out["workflow"], "run_id": out["id"], "status": out["status"]}
+
+
+async def run_remember(parts: ToolParts, c: ToolCall) -> Any:
+    row = {"idempotency_key": c.idempotency_key, "agent": c.agent, "team_id": c.team_id, "run_id": c.run_id,
+           "user_id": c.user_id, "text": c.args["note"]}
+    return {"remembered": await asyncio.to_thread(parts.store.add_note, row)}
+
+
+async def run_recall(parts: ToolParts, c: ToolCall) -> Any:
+    """Notes of this agent AND this team only, best matches of the query's words first."""
+    return {"notes": await asyncio.to_thread(parts.store.recall, c.agent, c.team_id, c.args["query"])}
+
+
 EXECUTORS = {"retrieve": run_retrieve, "http": run_http, "endpoint": run_endpoint, "record": run_record,
-             "notify": run_notify, "python": run_python, "mcp": run_mcp}
+             "notify": run_notify, "python": run_python, "mcp": run_mcp,
+             "answer": run_answer, "start_workflow": run_start_workflow, "remember": run_remember,
+             "recall": run_recall}

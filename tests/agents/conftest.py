@@ -23,9 +23,10 @@ def say(text: str) -> dict[str, Any]:
 
 
 class ScriptedModel(FakeOpenAI):
-    """Plays `scripts[name]` for a conversation whose task contains `[script:name]`: turn i (the number of
-    assistant messages so far) is the script's i-th entry; a script with `loop=True` repeats its last turn
-    forever (a model stuck in a loop). Stateless per request, so a replayed or resumed run gets the same turns."""
+    """Plays `scripts[name]` for a conversation whose task (its last user message: an end user's thread puts
+    earlier runs' turns before it) contains `[script:name]`: turn i (the number of assistant messages after the
+    task) is the script's i-th entry; a script with `loop=True` repeats its last turn forever (a model stuck in a
+    loop). Stateless per request, so a replayed or resumed run gets the same turns."""
 
     def __init__(self, scripts: dict[str, list[dict[str, Any]]], loops: set[str] = frozenset(), **kw: Any) -> None:
         super().__init__(**kw)
@@ -33,10 +34,11 @@ class ScriptedModel(FakeOpenAI):
 
     def answer(self, body: dict[str, Any]) -> tuple[list[str], dict[str, Any] | None, str]:
         messages = body["messages"]
-        task = next((m.get("content") or "" for m in messages if m.get("role") == "user"), "")
+        at = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=0)
+        task = messages[at].get("content") or "" if messages else ""
         name = task.split("[script:", 1)[1].split("]", 1)[0] if "[script:" in task else ""
         script = self.scripts.get(name) or [say("no script")]
-        turn = sum(1 for m in messages if m.get("role") == "assistant")
+        turn = sum(1 for m in messages[at:] if m.get("role") == "assistant")
         if turn >= len(script):
             turn = len(script) - 1 if name in self.loops else -1
         step = script[turn] if turn >= 0 else say("done")
