@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import math
 import re
 import sys
 import tempfile
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ingest import boot, corpus, ingest, shutdown  # noqa: E402
+from keel.observe.evals_metrics import ndcg_at_k, recall_at_k  # noqa: E402
 
 DISTRACTORS = ["faq", "tutorial", "howto", "reference", "using", "extending", "installing", "distributing",
                "distutils", "install"]
@@ -69,12 +69,10 @@ def mask_faq(files: list[tuple[str, bytes]]) -> tuple[list[tuple[str, bytes]], l
 
 
 def score(keys: list[Key], relevant: set[Key], n_chunks: dict[Key, int]) -> tuple[float, float]:
-    """(nDCG@10, recall@10) of a ranked list of chunk keys."""
-    rel = [k in relevant for k in keys[:K]]
-    dcg = sum(1 / math.log2(i + 2) for i, r in enumerate(rel) if r)
-    ideal = sum(1 / math.log2(i + 2) for i in range(min(sum(n_chunks.get(k, 0) for k in relevant), K)))
-    found = {k for k in keys[:K] if k in relevant}
-    return (dcg / ideal if ideal else 0.0), len(found) / max(len(relevant), 1)
+    """(nDCG@10, recall@10) of a ranked list of chunk keys: Keel's eval metrics (`keel eval run` computes the
+    same), every chunk of a relevant section relevant."""
+    flags = [k in relevant for k in keys]
+    return ndcg_at_k(flags, sum(n_chunks.get(k, 0) for k in relevant), K), recall_at_k(keys, relevant, K)
 
 
 def mean2(rows: list[tuple[float, float]]) -> dict[str, float]:

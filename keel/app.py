@@ -33,7 +33,8 @@ from keel.governance import tables as governance_tables
 from keel.knowledge import tables as knowledge_tables
 from keel.observe import routes as observe_routes
 from keel.observe import service as observe_service
-from keel.observe import prompts_routes
+from keel.observe import evals_routes, prompts_routes
+from keel.observe.evals import EvalParts, Evals
 from keel.observe.prompts import Prompts
 from keel.observe.spans import TraceRequests, TracedAuthenticator
 from keel.workflows import service as workflows_service
@@ -170,6 +171,32 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Built:
     return Built(app=app, asgi=asgi, bootstrap_key=bootstrap_key)
 
 
+def _eval_parts(gateway: Any, kn: Any) -> EvalParts:
+    """What an eval run calls, as the principal who started it: knowledge search, a gateway chat, embeddings."""
+    from keel.core.ids import new_id
+    from keel.gateway.pipeline import PROMPT_VERSION, Call
+    from keel.gateway.protocol import ChatRequest
+    from keel.knowledge.search import Query, search
+
+    async def find(p: Any, text: str, collections: list[str], top_k: int, mode: str, rerank: str | None) -> list:
+        hits, _ = await search(kn, p, Query(text=text, collections=collections, top_k=top_k, mode=mode,
+                                            rerank=rerank), new_id("req"))
+        return [h.public() for h in hits]
+
+    async def chat(p: Any, model: str, messages: list, prompt: str | None, task_id: str) -> str:
+        call = Call(request_id=new_id("req"), principal=p, kind="chat", alias=model,
+                    chat=ChatRequest(model=model, messages=messages, max_tokens=512, temperature=0.0),
+                    metadata={"use_case": "eval", "task_id": task_id})
+        if prompt is not None:
+            call.annotations[PROMPT_VERSION] = prompt
+        return (await gateway.chat(call)).content or ""
+
+    async def embed(p: Any, model: str, texts: list[str]) -> list:
+        return (await kn.embed(p, model, texts, task_id="eval", use_case="eval")).tolist()
+
+    return EvalParts(search=find, chat=chat, embed=embed)
+
+
 def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
     """Capabilities above identity: observe, then governance's stages wrapped into the gateway."""
     lifecycle: Lifecycle = app.state.lifecycle
@@ -205,6 +232,8 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
     lifecycle.shutdown.append(kn.stop)
     workflows_service.attach(app, settings, store, gateway, kn)  # after knowledge: its runs use retrieval
     agents_service.attach(app, settings, store, gateway, kn)  # after workflows: shares its DBOS and approvals
+    app.state.evals = Evals(store, _eval_parts(gateway, kn))  # eval runs search and answer on the governed paths
+    app.include_router(evals_routes.router)
     agents_mcp_server.mount(app)  # /mcp: search, answer, workflows and agents for MCP clients, as the caller
     observe_service.watch(obs, settings, store, getattr(gateway.router, "snapshot", None), queues={
         # /metrics' queue depths: each queue's table and its unfinished statuses

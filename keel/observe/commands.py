@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from keel.core.cliutil import KeyOpt, UrlOpt, client, handle_errors, print_rows
-from keel.observe import prompts_commands
+from keel.observe import evals_commands, prompts_commands
 from keel.observe.usage import to_csv
 
 SHOWN = ("requests", "errors", "tokens_in", "tokens_out", "cost", "latency_p50_ms", "latency_p95_ms",
@@ -49,3 +49,4 @@ def usage(group_by: str = typer.Option("day", "--group-by", "-g",
 def mount(app: typer.Typer) -> None:
     app.command("usage")(usage)
     prompts_commands.mount(app)
+    evals_commands.mount(app)
