@@ -20,10 +20,12 @@ BM25 indexes the same chunk texts (section path + text) Keel's keyword index hol
 on the real code paths (ingest job, gateway, search), on the embedded index.
 
 Prints one JSON line.
-    .venv/bin/python bench/retrieval.py [--full] [--data DIR] [--limit N] [--tune]
+    .venv/bin/python bench/retrieval.py [--full] [--data DIR] [--limit N] [--tune] [--export-faq-dev FILE]
 `--data DIR` keeps the store in DIR and reuses it on the next run (no re-ingest); `--limit N` runs
 the first N queries of each set (for development); `--tune` also reports the dev halves over a
-grid of long-question settings.
+grid of long-question settings. `--export-faq-dev FILE` writes the FAQ dev half as an eval dataset and reports
+its hybrid scores (`faq_dev_hybrid`): `keel eval run FILE --collection pydocs --rerank off` on the same store
+(`--data DIR`) reproduces them.
 """
 
 from __future__ import annotations
@@ -78,6 +80,15 @@ def score(keys: list[Key], relevant: set[Key], n_chunks: dict[Key, int]) -> tupl
 def mean2(rows: list[tuple[float, float]]) -> dict[str, float]:
     n = max(len(rows), 1)
     return {"ndcg@10": round(sum(r[0] for r in rows) / n, 4), "recall@10": round(sum(r[1] for r in rows) / n, 4)}
+
+
+def export_dataset(path: Path, queries: list[tuple[str, set[Key]]], n_chunks: dict[Key, int]) -> None:
+    """JSONL for `keel eval run`: each question with its relevant sections and their chunk counts, so the eval's
+    nDCG@10 has the same ideal ranking as `score` (every chunk of a relevant section relevant)."""
+    with path.open("w") as f:
+        for text, rel in queries:
+            f.write(json.dumps({"question": text, "relevant": [
+                {"source": s, "section": label, "chunks": n_chunks[(s, label)]} for s, label in sorted(rel)]}) + "\n")
 
 
 def load_long(faq_labels: dict[Key, str]) -> list[tuple[str, str, set[Key]]]:
@@ -190,6 +201,9 @@ async def main() -> None:
                    long_test["hybrid"]["ndcg@10"] / max(long_test["bm25s_strong"]["ndcg@10"], 1e-9), 3)}
         if "--tune" in sys.argv:
             out["dev"] = await tune(kn, keel, bm25s_run, faq_sets["val"], long_sets["dev"])
+        if "--export-faq-dev" in sys.argv:  # the FAQ dev half as a `keel eval run` dataset, and its hybrid score
+            export_dataset(Path(sys.argv[sys.argv.index("--export-faq-dev") + 1]), faq_sets["val"], n_chunks)
+            out["faq_dev_hybrid"] = await keel(faq_sets["val"], "hybrid")
     finally:
         await shutdown(app)
     print(json.dumps(out))
