@@ -198,7 +198,7 @@ TABLE = [
         reviewer 403 404 404
         auditor  403 404 403"""), body={}) for verb in ("pause", "resume")),
     # -- /mcp: Keel's tools for MCP clients (JSON-RPC; a refused tool is a 200 with isError, so `hidden`) ------
-    Row("mcp tools/list", "POST", "/mcp", by_role(set(ROLES), yes="seen"), target="mcp_ok",
+    Row("mcp tools/list", "POST", "/mcp", by_role(set(ROLES), yes="seen"), target="mcp_listed",
         body={"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}),
     Row("mcp run_agent", "POST", "/mcp", grid("""
         admin    seen seen   seen
@@ -434,6 +434,9 @@ class World:
     def mcp_ok(self) -> dict[str, Any]:
         """For /mcp rows: a tool that ran answers `"isError":false` (seen); a refused one has it true (hidden)."""
         return {"seen": '"isError":false'}
+
+    def mcp_listed(self) -> dict[str, Any]:
+        return {"seen": '"name":"run_agent"'}
 
     def provider_wait_run(self) -> dict[str, Any]:
         """A red run whose model step waits for `red-busy`: its upstream answers 429 with Retry-After 600."""
