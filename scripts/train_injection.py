@@ -10,7 +10,11 @@ yanismiraoui, agentdojo, benign-docs; seeded splits where a corpus has none). Mo
 keel/governance/guards/injection_fit.py — scikit-learn's SGDClassifier with log loss over the hashed
 char 3–5-gram + word 1–2-gram features the guard computes, alpha and threshold chosen on the
 validation splits only (mean F1 over corpora with attacks, every corpus's FPR ≤ 4%); test splits are
-only reported. Weights are stored as int8 (zlib + base64 in JSON) to keep the file small; the card
+only reported. `--semantic` (the default) adds the bundled MiniLM sentence vector's 384 dimensions to the
+features and chooses one threshold per channel (direct, indirect); vectors are cached under /tmp
+(KEEL_INJECTION_EMB_CACHE), which is most of a first run's time on a small machine. `--cap N` (default
+CAP) uses a seeded sample of at most N texts of each corpus's train split (validation N/4, test N/2) to
+keep runs short; `--cap 0` uses everything. Weights are stored as int8 (zlib + base64 in JSON) to keep the file small; the card
 records the data (corpus, split sizes, package versions), the settings and the metrics. Seeded and
 deterministic: the same packages give the same file. About a minute on one core.
 """
@@ -31,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from keel.governance.guards import features  # noqa: E402
 from keel.governance.guards import injection_corpora as corpora  # noqa: E402
 from keel.governance.guards import injection_fit as fit  # noqa: E402
+from keel.governance.guards import semantic  # noqa: E402
 from keel.governance.guards.injection import MODEL_PATH  # noqa: E402
 
 CARD_PATH = MODEL_PATH.with_name("injection_model.card.json")
@@ -44,27 +49,63 @@ def version(name: str) -> str | None:
         return None
 
 
+CAP = 1000  # per corpus: the sentence vectors of ~6,000 texts take ~20 minutes on two busy cores
+
+
+def cap_of(split: str, cap: int) -> int:
+    return {"train": cap, "validation": cap // 4, "test": cap // 2}[split]
+
+
+def capped(split: tuple[list[str], list[int]], cap: int) -> tuple[list[str], list[int]]:
+    """A seeded sample of at most `cap` rows of a split (all of it when `cap` is 0 or the split is smaller)."""
+    texts, labels = split
+    if not cap or len(texts) <= cap:
+        return texts, labels
+    import random
+    idx = sorted(random.Random(corpora.SEED).sample(range(len(texts)), cap))
+    return [texts[i] for i in idx], [labels[i] for i in idx]
+
+
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--semantic", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--cap", type=int, default=CAP,
+                    help="at most N train texts per corpus, N/4 validation, N/2 test (0: all)")
+    args = ap.parse_args()
     t0 = time.time()
     loaded = corpora.load_all()
-    data = {n: {s: fit.Featured(*c.splits[s]) for s in corpora.SPLITS} for n, c in loaded.items()}
+    data = {n: {s: fit.Featured(*capped(c.splits[s], cap_of(s, args.cap)), semantic=args.semantic)
+                for s in corpora.SPLITS} for n, c in loaded.items()}
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     best = fit.train([d["train"] for d in data.values()], {n: d["validation"] for n, d in data.items()}, log)
-    test = {n: fit.metrics(fit.probabilities(best["model"], d["test"]), d["test"].y, best["threshold"])
-            for n, d in data.items()}
+    test = {n: fit.metrics(fit.probabilities(best["model"], d["test"], best["thresholds"][ch]), d["test"].y,
+                           best["thresholds"][ch])
+            for n, d in data.items() for ch in [fit.CHANNEL_OF.get(n) or "direct"]}
     settings = {"alpha": best["alpha"], "min_evidence": fit.MIN_EVIDENCE, "min_words": fit.MIN_WORDS,
-                "prior_logit": fit.PRIOR_LOGIT, "max_validation_fpr": fit.MAX_VAL_FPR, "seed": corpora.SEED}
+                "prior_logit": fit.PRIOR_LOGIT, "max_validation_fpr": fit.MAX_VAL_FPR, "seed": corpora.SEED,
+                "cap": args.cap, "semantic": args.semantic}
     payload = {
-        "format": "keel-injection-lr/2", "bits": features.BITS, "bias": best["model"]["bias"], "scale": best["scale"],
-        "threshold": best["threshold"], **settings, "signal_weights": best["signal_weights"],
+        "format": "keel-injection-lr/3" if args.semantic else "keel-injection-lr/2", "bits": features.BITS,
+        "bias": best["model"]["bias"], "scale": best["scale"],
+        "threshold": best["threshold"], "thresholds": best["thresholds"], **settings,
+        "signal_weights": best["signal_weights"],
         "trained_on": f"train splits of {', '.join(corpora.NAMES)} ({best['n_train']} texts); see injection_model.card.json",
         "weights": base64.b64encode(zlib.compress(best["q"].tobytes(), 9)).decode(),
     }
+    if best["semantic_q"] is not None:
+        sq, sscale = best["semantic_q"]
+        payload["semantic"] = {"embedder": "local_embed all-MiniLM-L6-v2 int8 (keel.governance.guards.semantic)",
+                               "max_tokens": semantic.MAX_TOKENS, "scale": sscale, "band": list(best["band"]),
+                               "weights": base64.b64encode(zlib.compress(sq.tobytes(), 9)).decode()}
     MODEL_PATH.write_text(json.dumps(payload))
     card = {
         "model": MODEL_PATH.name, "trainer": "scripts/train_injection.py",
         "classifier": "sklearn.linear_model.SGDClassifier(loss='log_loss', class_weight='balanced', random_state=0)",
-        "settings": settings, "threshold": best["threshold"], "signal_weights": best["signal_weights"],
+        "settings": settings, "threshold": best["threshold"], "thresholds": best["thresholds"],
+        "channels": {n: fit.CHANNEL_OF.get(n) or "both" for n in corpora.NAMES},
+        "signal_weights": best["signal_weights"], "semantic_band": best["band"],
         "data": {n: {s: {"texts": len(c.splits[s][0]), "attacks": int(sum(c.splits[s][1]))} for s in corpora.SPLITS}
                  for n, c in loaded.items()},
         "packages": {p: version(p) for p in PACKAGES},
@@ -72,7 +113,7 @@ def main() -> None:
         "model_bytes": MODEL_PATH.stat().st_size, "seconds": round(time.time() - t0, 1),
     }
     CARD_PATH.write_text(json.dumps(card, indent=1) + "\n")
-    print(json.dumps({"threshold": best["threshold"], "alpha": best["alpha"], "validation": best["validation"],
+    print(json.dumps({"thresholds": best["thresholds"], "alpha": best["alpha"], "validation": best["validation"],
                       "test": test, "seconds": card["seconds"]}))
 
 

@@ -1,6 +1,6 @@
-"""CLI: `keel policy …`, `keel reviews …`, `keel audit …`.
+"""CLI: `keel policy …`, `keel reviews …`, `keel audit …`, `keel guards test`.
 
-`keel policy check` and `keel audit verify` work offline (a file; the store or a backup read directly);
+`keel policy check`, `keel guards test` and `keel audit verify` work offline (a file; the store or a backup read directly);
 the others talk to a running Keel.
 """
 
@@ -20,6 +20,7 @@ from keel.governance.policy.model import PolicyInvalid, parse_policy
 policy_app = typer.Typer(help="Check and test governance policies.", no_args_is_help=True)
 reviews_app = typer.Typer(help="The human review queue.", no_args_is_help=True)
 audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
+guards_app = typer.Typer(help="Try the guards on a text, offline.", no_args_is_help=True)
 ConfigOpt = typer.Option(None, "--config", "-c", envvar="KEEL_CONFIG", help="path to keel.yaml")
 
 
@@ -240,7 +241,60 @@ def audit_verify(database_url: Optional[str] = typer.Option(None, help="store to
     sys.exit(1)
 
 
+# -- guards ----------------------------------------------------------------------------------------
+
+@guards_app.command("test")
+@handle_errors
+def guards_test(text: str = typer.Argument(..., help="the text to judge; - reads it from stdin"),
+                channel: str = typer.Option("direct", help="direct (a user message) or indirect (a retrieved "
+                                                           "passage, tool output or document)"),
+                policy: Optional[Path] = typer.Option(None, "--policy", help="take thresholds from this policy file"),
+                use_case: Optional[str] = typer.Option(None, help="with --policy: that use case's thresholds"),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """What the guards make of a text and why: the verdict, the injection score and signals, PII and secrets.
+    Exits 2 when the text would be flagged as an injection on the channel."""
+    from keel.governance.guards.explain import explain
+
+    if text == "-":
+        text = sys.stdin.read()
+    thresholds: dict[str, float] = {}
+    if policy is not None:
+        if not policy.is_file():
+            raise BadRequest(f"policy file {policy} does not exist", fix="pass the path of a policy.yaml")
+        parsed = parse_policy(policy.read_text(encoding="utf-8"), policy.name)
+        thresholds = parsed.injection.thresholds()
+        if use_case:
+            uc = parsed.use_cases.get(use_case)
+            if uc is None:
+                raise BadRequest(f"use case {use_case!r} is not in {policy}",
+                                 fix=f"use one of: {', '.join(parsed.use_cases) or '(none defined)'}")
+            thresholds.update(uc.injection.thresholds() if uc.injection else {})
+    result = explain(text, channel, thresholds)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        inj = result["injection"]
+        flagged = result["verdict"] == "injection"
+        console.print(f"{'INJECTION' if flagged else 'CLEAN'} on the {channel} channel: score {inj['score']} "
+                      f"(threshold {result['thresholds'][channel]}); signals: {', '.join(inj['signals']) or 'none'}",
+                      style="bold red" if flagged else "bold green", markup=False, highlight=False)
+        other = "indirect" if channel == "direct" else "direct"
+        console.print(f"  on the {other} channel: {result['verdicts'][other]} "
+                      f"(threshold {result['thresholds'][other]})", markup=False, highlight=False)
+        for seg in inj["segments"]:
+            if seg["score"] >= 0.05 or seg["signals"]:
+                why = ", ".join(seg["signals"] + ([f"rule {seg['rule']}"] if seg.get("rule") else [])) or "n-grams"
+                console.print(f"  [{seg['start']}:{seg['end']}] score {seg['score']}: {why}", markup=False,
+                              highlight=False)
+        for name in ("pii", "secrets"):
+            found = ", ".join(f"{f['type']} [{f['start']}:{f['end']}]" for f in result[name]) or "none"
+            console.print(f"  {name}: {found}", markup=False, highlight=False)
+    if result["verdict"] == "injection":
+        sys.exit(2)
+
+
 def mount(app: typer.Typer) -> None:
+    app.add_typer(guards_app, name="guards")
     app.add_typer(policy_app, name="policy")
     app.add_typer(reviews_app, name="reviews")
     app.add_typer(audit_app, name="audit")

@@ -43,16 +43,27 @@ class PolicyGuards:
 
     def __init__(self) -> None:
         self._built: tuple[int, dict[str, Guard]] | None = None
+        self._by_use_case: dict[str, dict[str, Guard]] = {}
 
-    def for_engine(self, engine: PolicyEngine) -> dict[str, Guard]:
+    def for_engine(self, engine: PolicyEngine, use_case: str | None = None) -> dict[str, Guard]:
+        """The guards for calls under `engine`'s policy; a use case that sets its own injection thresholds
+        gets an injection guard with them (over the policy's, channel by channel)."""
+        p = engine.policy
         if self._built is None or self._built[0] != engine.version:
-            p = engine.policy
+            self._by_use_case = {}
             self._built = (engine.version, {  # each scan a span when the call is traced
                 "pii": TracedGuard(guard_registry.build("pii", entities=p.pii.entities)),
                 "secrets": TracedGuard(guard_registry.build("secrets")),
-                "injection": TracedGuard(guard_registry.build("injection", threshold=p.injection.threshold)),
+                "injection": TracedGuard(guard_registry.build("injection", thresholds=p.injection.thresholds())),
             })
-        return self._built[1]
+        uc = p.use_cases.get(use_case) if use_case else None
+        if uc is None or uc.injection is None:
+            return self._built[1]
+        if use_case not in self._by_use_case:
+            thresholds = {**p.injection.thresholds(), **uc.injection.thresholds()}
+            self._by_use_case[use_case] = {**self._built[1], "injection": TracedGuard(
+                guard_registry.build("injection", thresholds=thresholds))}
+        return self._by_use_case[use_case]
 
 
 class PolicyStage:
@@ -148,7 +159,7 @@ class GuardStage:
             call.release_answer(self)  # no guard on any side and no review: nothing to scan, hold or record
             return await nxt(call)
         engine = self.policy.engine
-        cg = CallGuards(self.guards.for_engine(engine), decision.guards,
+        cg = CallGuards(self.guards.for_engine(engine, decision.use_case), decision.guards,
                         Placeholders(self.secret, call.principal.key_id), engine.policy.pii.restore)
         try:
             messages = cg.guard_messages(call.chat.messages, call.annotations.get("passages") or [])

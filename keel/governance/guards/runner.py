@@ -128,7 +128,8 @@ class CallGuards:
         action = self.actions.get("context", {}).get("injection")
         guard = self.guards.get("injection")
         if action and guard is not None:
-            findings = guard.scan(text)
+            scan = getattr(guard, "scan_indirect", guard.scan)  # passages and tool outputs: the indirect channel
+            findings = scan(text)
             if findings:
                 self.events += [GuardEvent(f.guard, "context", f.type, location, f.start, f.end, action, f.score,
                                            f.signals) for f in findings]

@@ -90,6 +90,8 @@ class UseCase(_Strict):
     guards: GuardSet = Field(default_factory=GuardSet)
     review: bool = False
     description: str = ""
+    injection: "InjectionSettings | None" = Field(default=None, description="injection thresholds for this use case, "
+                                                                           "over the policy's")
 
 
 class PiiSettings(_Strict):
@@ -100,6 +102,16 @@ class PiiSettings(_Strict):
 
 class InjectionSettings(_Strict):
     threshold: float | None = Field(default=None, gt=0, lt=1, description="default: the model's validated threshold")
+    direct: float | None = Field(default=None, gt=0, lt=1, description="threshold for user messages (the direct "
+                                                                      "channel); default: `threshold`, else the model's")
+    indirect: float | None = Field(default=None, gt=0, lt=1, description="threshold for retrieved passages and tool "
+                                                                          "outputs; default: `threshold`, else the model's")
+
+    def thresholds(self) -> dict[str, float]:
+        """The per-channel thresholds this sets (a channel it leaves alone is absent)."""
+        out = {c: self.threshold for c in ("direct", "indirect")} if self.threshold is not None else {}
+        out.update({c: v for c, v in (("direct", self.direct), ("indirect", self.indirect)) if v is not None})
+        return out
 
 
 class ReviewSettings(_Strict):
