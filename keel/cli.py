@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import typer
 
+from keel import config_checks
 from keel import demo
 from keel.app import create_app
 from keel.core import backup_commands
 from keel.core import commands as core_commands
+from keel.core import config_io_commands
 from keel.governance import commands as governance_commands
 from keel.governance.audit import AuditLog
 from keel.identity import commands as identity_commands
@@ -27,6 +29,7 @@ observe_commands.mount(app)
 workflows_commands.mount(app)
 agents_commands.mount(app)
 backup_commands.mount(app, verify=lambda store: AuditLog(store).verify())
+config_io_commands.mount(app, validators=config_checks.validators)
 
 
 def main() -> None:
