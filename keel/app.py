@@ -33,7 +33,8 @@ from keel.governance import tables as governance_tables
 from keel.knowledge import tables as knowledge_tables
 from keel.observe import routes as observe_routes
 from keel.observe import service as observe_service
-from keel.observe import evals_routes, prompts_routes
+from keel.observe import drift_routes, evals_routes, prompts_routes
+from keel.observe.drift_watch import DriftWatch
 from keel.observe.evals import EvalParts, Evals
 from keel.observe.prompts import Prompts
 from keel.observe.spans import TraceRequests, TracedAuthenticator
@@ -217,11 +218,17 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
                                     outbound=outbound)
     app.state.gateway = gateway
     gov.attach(app)  # audit hook, governance routes, policy reload and retention tasks
+    drift = DriftWatch(obs.drift, settings.drift_interval_s, webhook_url=settings.drift_webhook_url,
+                       outbound=outbound, audit=app.state.audit)  # alerts: the audit log and the webhook
+    app.state.drift = drift
+    lifecycle.startup.append(drift.start)
+    lifecycle.shutdown.append(drift.stop)
+    app.include_router(drift_routes.router)
     app.state.hot_routes.update(gateway_routes.hot_routes())
     app.state.hot_routes.update(messages_ingress.hot_routes())  # /v1/messages: Anthropic-shaped errors
     lifecycle.startup.append(gateway.start)  # deployments' watcher, then the stages' background work
 
-    kn = knowledge_service.build(settings, store, gateway)
+    kn = knowledge_service.build(settings, store, gateway, on_retrieval=obs.drift.observe_retrieval)
     app.state.knowledge = kn
     lifecycle.startup.append(kn.start)
     app.include_router(knowledge_routes.router)

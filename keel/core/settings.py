@@ -109,6 +109,10 @@ class Settings(BaseModel):
     policy_reload_interval_s: float = Field(default=2.0, gt=0)
     ledger_flush_interval_s: float = Field(default=0.2, gt=0)
     ledger_batch_size: int = Field(default=500, gt=0)
+    drift_interval_s: float = Field(default=60, gt=0, description="how often the drift detectors run")
+    drift_window: int = Field(default=200, ge=30, le=5000, description="recent observations per drift signal")
+    drift_reference: int = Field(default=500, ge=30, le=5000, description="reference observations per drift signal")
+    drift_webhook_url: str | None = Field(default=None, description="POSTed drift alerts (they are audited too)")
     local_threads: int = Field(default=0, ge=0, description="llama.cpp threads; 0 = half the cores")
     preload_models: bool = Field(default=False, description="load local models at start (`keel up` sets it)")
     trace_exporter: Literal["none", "otlp", "jsonl", "console"] = Field(

@@ -4,6 +4,7 @@ its settings (`KnowledgeConfig`), the one embedding path (`Embedder`), and what 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -70,6 +71,8 @@ class Library(Protocol):
     store: Store
     index: ChunkIndex
     gateway: Gateway
+    # told of each search: its query vector and best similarity (None without), its hit count (drift signals)
+    on_retrieval: Callable[[np.ndarray | None, float | None, int], None] | None
 
     async def embed(self, p: Principal, alias: str, texts: list[str], *, task_id: str, use_case: str,
                     request_id: str | None = None) -> np.ndarray: ...

@@ -172,4 +172,7 @@ async def _search(kn: Library, p: Principal, q: Query, request_id: str) -> tuple
         timings["reranker"] = alias
         timings["rerank_ms"] = round((time.perf_counter() - t) * 1000, 3)
     timings["total_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+    if kn.on_retrieval is not None:  # the drift signals: query vector, best similarity, whether anything was found
+        kn.on_retrieval(next(iter(qvecs.values()), None),
+                        max((h.similarity for h in hits if h.similarity is not None), default=None), len(hits))
     return hits[:q.top_k], timings

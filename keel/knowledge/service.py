@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
@@ -30,8 +31,10 @@ log = logging.getLogger("keel.knowledge")
 class Knowledge:
     """The knowledge capability's services, shared by routes and the worker (a `parts.Library`)."""
 
-    def __init__(self, config: KnowledgeConfig, store: Store, gateway: Gateway, index: ChunkIndex) -> None:
+    def __init__(self, config: KnowledgeConfig, store: Store, gateway: Gateway, index: ChunkIndex,
+                 on_retrieval: Callable[[np.ndarray | None, float | None, int], None] | None = None) -> None:
         self.config = config
+        self.on_retrieval = on_retrieval
         self.store = store
         self.gateway = gateway
         self.index = index
@@ -79,6 +82,7 @@ class Knowledge:
         return {"max_file_bytes": self.config.max_file_bytes, "formats": sorted(set(FORMATS))}
 
 
-def build(settings: Settings, store: Store, gateway: Gateway) -> Knowledge:
+def build(settings: Settings, store: Store, gateway: Gateway,
+          on_retrieval: Callable[[np.ndarray | None, float | None, int], None] | None = None) -> Knowledge:
     config = KnowledgeConfig.from_settings(settings)
-    return Knowledge(config, store, gateway, open_index(store, config.data_dir))
+    return Knowledge(config, store, gateway, open_index(store, config.data_dir), on_retrieval)

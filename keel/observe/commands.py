@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from keel.core.cliutil import KeyOpt, UrlOpt, client, handle_errors, print_rows
-from keel.observe import evals_commands, prompts_commands
+from keel.observe import drift_commands, evals_commands, prompts_commands
 from keel.observe.usage import to_csv
 
 SHOWN = ("requests", "errors", "tokens_in", "tokens_out", "cost", "latency_p50_ms", "latency_p95_ms",
@@ -50,3 +50,4 @@ def mount(app: typer.Typer) -> None:
     app.command("usage")(usage)
     prompts_commands.mount(app)
     evals_commands.mount(app)
+    drift_commands.mount(app)

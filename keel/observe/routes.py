@@ -60,4 +60,6 @@ async def give_feedback(request: Request, p: Principal = Depends(principal)) -> 
     except orjson.JSONDecodeError as exc:
         raise MalformedJSON(f"request body is not valid JSON: {exc}", fix="send a JSON object") from None
     fb = Feedback(request.app.state.store, request.app.state.observe.ledger)
-    return json_response(await fb.give(p, body), 201)
+    given = await fb.give(p, body)
+    request.app.state.observe.drift.observe_feedback(given["score"])  # the feedback_rate drift signal
+    return json_response(given, 201)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
@@ -13,6 +13,7 @@ from prometheus_client import start_http_server
 
 from keel.core.db import Store
 from keel.core.settings import Settings
+from keel.observe.drift import DriftMonitor
 from keel.observe.ledger import Ledger
 from keel.observe.metrics import Metrics
 from keel.observe.tracing import Tracing, make_tracing
@@ -26,6 +27,7 @@ class Observe:
     tracing: Tracing
     metrics: Metrics
     metrics_server: Any = None  # the unauthenticated listener of `metrics_bind`, when set
+    drift: DriftMonitor = field(default_factory=DriftMonitor)  # live traffic's drift signals (keel.observe.drift)
 
     @property
     def tracer(self) -> trace.Tracer:
@@ -52,9 +54,14 @@ def build(settings: Settings, store: Store) -> Observe:
                            settings.trace_detail)
     metrics = Metrics()
     metrics.watch_spans(tracing.stats)
-    ledger = Ledger(store, settings.ledger_flush_interval_s, settings.ledger_batch_size,
-                    observer=metrics.observe_row)
-    return Observe(ledger=ledger, tracing=tracing, metrics=metrics)
+    drift = DriftMonitor(settings.drift_window, settings.drift_reference)
+
+    def observe_row(row: dict[str, Any]) -> None:  # each written ledger row: metrics, then drift's signals
+        metrics.observe_row(row)
+        drift.observe_row(row)
+
+    ledger = Ledger(store, settings.ledger_flush_interval_s, settings.ledger_batch_size, observer=observe_row)
+    return Observe(ledger=ledger, tracing=tracing, metrics=metrics, drift=drift)
 
 
 def watch(obs: Observe, settings: Settings, store: Store, circuits: Any,

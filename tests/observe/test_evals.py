@@ -98,6 +98,9 @@ def test_the_cli_runs_compares_and_gates(world, tmp_path):
     assert shown.exit_code == 0 and "ndcg@10" in shown.output and "items changed" in shown.output
     bad = CliRunner().invoke(app, ["eval", "run", "geo-cli", "--fail-under", "speed=3"], env=env)
     assert bad.exit_code == 1 and "METRIC=VALUE" in bad.output
+    with srv.admin() as admin:  # every search fed the drift signals: its query vector and whether it found anything
+        drift = {s["signal"]: s for s in admin.get("/v1/drift").json()["signals"]}
+    assert drift["no_answer_rate"]["observations"] >= 6 and drift["query_embedding"]["observations"] >= 3
 
 
 def test_other_teams_and_members_are_refused(world):
