@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 
 import httpcore2
 import httpx2
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
@@ -265,6 +267,12 @@ class McpClients:
                                      fix="correct the tool's `tool:` in the mandate", server=t.mcp_server)
             listed_params = found["parameters"] if isinstance(found["parameters"], dict) else {"type": "object"}
             params = {"additionalProperties": False, **listed_params}  # as endpoint tools: no unlisted argument
+            try:
+                Draft202012Validator.check_schema(params)
+            except SchemaError as exc:
+                raise McpUnavailable(f"MCP server {t.mcp_server!r} lists tool {t.remote!r} with an invalid JSON "
+                                     f"Schema ({exc.message[:200]})", fix="fix the server's tool definition",
+                                     server=t.mcp_server) from None
             tools[t.name] = replace(t, parameters=params, description=t.description if t.description != t.name
                                     else str(found["description"])[:1000])
         return replace(m, tools=tools)

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from keel import __version__
-from keel.core.errors import KeelError
+from keel.core.errors import KeelError, MethodNotAllowed
 from keel.core.http import problem_response
 from keel.core.ids import new_id
 from keel.core.logs import request_id_var
@@ -75,6 +75,9 @@ class KeelMcp:
         request = Request(scope, receive)
         try:
             await principal(request)  # 401 without a valid key; the principal waits in the request's state
+            if scope["method"] != "POST":  # stateless: no stream to open (GET) and no session to end (DELETE)
+                raise MethodNotAllowed(f"{scope['method']} {PATH}: Keel's MCP endpoint is stateless and answers "
+                                       "POSTed JSON-RPC only", fix=f"POST MCP requests to {PATH}")
         except KeelError as exc:
             await problem_response(exc)(scope, receive, send)
             return

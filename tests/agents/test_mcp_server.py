@@ -125,4 +125,8 @@ def test_malformed_mcp_input_is_a_client_error_not_a_crash(world):
                             "Content-Type": "application/json", "Accept": "application/json, text/event-stream"})
     assert 400 <= r.status_code < 500, r.text
     with world["srv"].client(world["keys"][("member", "red")]) as c:
+        for method in ("GET", "DELETE", "PUT"):  # no stream or session to open or end: stateless
+            r = c.request(method, "/mcp", headers={"Accept": "application/json, text/event-stream"})
+            assert 400 <= r.status_code < 500, (method, r.status_code, r.text)
+    with world["srv"].client(world["keys"][("member", "red")]) as c:
         problem(c.post("/mcp", content=b"x" * (11 * 1024 * 1024)), 413)
