@@ -294,6 +294,25 @@ TABLE = [
         reviewer 403 404 404
         auditor  403 404 403"""), body={"version": 1}, target="red_prompt"),
     Row("prompt malformed", "POST", "/v1/prompts", by_role({"admin", "builder"}, yes="400"), body={"name": "x"}),
+    # evaluations: datasets and runs belong to the builder's team (evals.run: builders and admins); drift is global
+    Row("eval dataset define", "POST", "/v1/evals/datasets", grid("""
+        admin    201 201 201
+        builder  201 201 403
+        member   403 403 403
+        reviewer 403 403 403
+        auditor  403 403 403"""), body={"name": "ds-{cell}", "items": [{"question": "q", "expected_answer": "a"}]}),
+    Row("eval dataset list", "GET", "/v1/evals/datasets", team_read("seen", "hidden"), target="red_dataset"),
+    Row("eval run", "POST", "/v1/evals/runs", grid("""
+        admin    201 201 201
+        builder  201 404 404
+        member   403 403 403
+        reviewer 403 403 403
+        auditor  403 403 403"""), body={"dataset": "red-ds"}, target="red_dataset"),
+    Row("eval run read", "GET", "/v1/evals/runs/{evrun}", team_read("200", "404"), target="red_eval_run"),
+    Row("eval runs list", "GET", "/v1/evals/runs", team_read("seen", "hidden"), target="red_eval_run"),
+    Row("eval run malformed", "POST", "/v1/evals/runs", by_role({"admin", "builder"}, yes="400"),
+        body={"dataset": "red-ds", "top_k": 0}),
+    Row("drift", "GET", "/v1/drift", by_role({"admin", "auditor"})),
     Row("chat with a team's prompt", "POST", "/v1/chat/completions", grid("""
         admin    200 200 200
         builder  200 404 404
@@ -518,6 +537,19 @@ class World:
             r = c.post("/v1/prompts", json={"name": "red-prompt", "messages": [{"role": "system", "content": "Be brief."}]})
         assert r.status_code in (200, 201), r.text
         return {"seen": "red-prompt"}
+
+    def red_dataset(self) -> dict[str, Any]:
+        with self.srv.client(self.red_builder) as c:
+            r = c.post("/v1/evals/datasets", json={"name": "red-ds", "items": [{"question": "q", "expected_answer": "a"}]})
+        assert r.status_code in (200, 201), r.text
+        return {"seen": "red-ds"}
+
+    def red_eval_run(self) -> dict[str, Any]:
+        self.red_dataset()
+        with self.srv.client(self.red_builder) as c:
+            r = c.post("/v1/evals/runs", json={"dataset": "red-ds"})
+        assert r.status_code == 201, r.text
+        return {"evrun": r.json()["id"], "seen": r.json()["id"]}
 
     def grant(self) -> dict[str, Any]:
         self.glob_secret()
