@@ -40,6 +40,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from keel import __version__
 from keel.core.errors import ConfigError
+from keel.observe.export_process import ProcessExporter
 
 _TRACER = otel_context.create_key("keel.tracer")  # the context value that says "this request is traced"
 _FINE = otel_context.create_key("keel.trace_stages")  # set: stage, guard and auth spans too (`trace_detail`)
@@ -100,6 +101,8 @@ class _CountingExporter(SpanExporter):
             result = self.inner.export(spans)
         except Exception:  # an exporter that raises is a failed export, never a crashed export thread
             result = SpanExportResult.FAILURE
+        if getattr(self.inner, "counts_itself", False):  # it reports delivery later (the export process)
+            return result
         with self.stats.lock:
             if result == SpanExportResult.SUCCESS:
                 self.stats.exported += n
@@ -122,8 +125,9 @@ class Gate(SpanProcessor):
                  schedule_delay_millis: float = 500) -> None:
         self.stats = stats
         self.max_queue = max_queue
+        self.exporter = _CountingExporter(exporter, stats)
         # The processor's own queue is larger than the gate's, so it never drops a span the gate let by.
-        self.batch = BatchSpanProcessor(_CountingExporter(exporter, stats), max_queue_size=max_queue + 1,
+        self.batch = BatchSpanProcessor(self.exporter, max_queue_size=max_queue + 1,
                                         max_export_batch_size=min(512, max_queue),
                                         schedule_delay_millis=schedule_delay_millis)
 
@@ -142,7 +146,8 @@ class Gate(SpanProcessor):
         self.batch.shutdown()
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return self.batch.force_flush(timeout_millis)
+        # The batch processor never flushes its exporter, and an exporter may deliver after export() returns.
+        return self.batch.force_flush(timeout_millis) and self.exporter.force_flush(timeout_millis)
 
 
 def otlp_exporter(environ: dict[str, str] | None = None) -> SpanExporter:
@@ -223,7 +228,8 @@ def make_tracing(exporter: str, data_dir: Path, queue_size: int = 2048, detail: 
     elif exporter == "console":
         provider.add_span_processor(Gate(ConsoleSpanExporter(), queue_size, stats))
     elif exporter == "otlp":
-        provider.add_span_processor(Gate(otlp_exporter(), queue_size, stats))
+        otlp_exporter().shutdown()  # a bad protocol or a missing exporter package fails here, at start
+        provider.add_span_processor(Gate(ProcessExporter(stats), queue_size, stats))
     else:
         raise ConfigError(f"trace exporter {exporter!r} is unknown", fix="use none, otlp, jsonl or console")
     return Tracing(provider.get_tracer("keel", __version__), provider, stats, stages=detail == "stages")
