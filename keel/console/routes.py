@@ -14,13 +14,14 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, RedirectResponse, Response
 
-from keel.console import pages_admin, pages_inbox, pages_reports, pages_workflows, web
+from keel.console import (pages_admin, pages_inbox, pages_knowledge, pages_playground, pages_reports,
+                          pages_workflows, web)
 from keel.core.errors import KeelError, NotFound, Unauthorized
 from keel.identity import sessions
 
 MAX_SECRET = 1024
 STATIC = {  # name → media type: nothing else is served under /console/static
-    "htmx.min.js": "text/javascript", "console.css": "text/css",
+    "htmx.min.js": "text/javascript", "console.css": "text/css", "console.js": "text/javascript",
     "favicon.svg": "image/svg+xml",
 }
 
@@ -101,7 +102,7 @@ def router() -> APIRouter:
     async def home(request: Request) -> Response:
         return RedirectResponse(web.root(request) + "/overview", status_code=303)
 
-    for module in (pages_reports, pages_inbox, pages_admin, pages_workflows):
+    for module in (pages_reports, pages_playground, pages_knowledge, pages_inbox, pages_admin, pages_workflows):
         for method, path, handler in module.ROUTES:
             r.add_api_route(path, web.page(handler), methods=[method])
     return r

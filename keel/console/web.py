@@ -41,6 +41,8 @@ templates = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templa
 NAV: list[tuple[str, str, Callable[[Principal], bool]]] = [
     ("overview", "Overview", lambda p: p.has("reports.read.own")),
     ("usage", "Usage & cost", lambda p: p.has("reports.read.own")),
+    ("playground", "Playground", lambda p: p.has("models.use")),
+    ("knowledge", "Knowledge", lambda p: p.has("collections.read")),
     ("inbox", "Inbox", lambda p: p.has("approvals.decide") or p.has("reviews.decide") or p.has("audit.read")),
     ("workflows", "Workflows", lambda p: p.role != "auditor" or p.has("audit.read")),
     ("audit", "Audit", lambda p: p.has("audit.read")),

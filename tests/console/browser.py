@@ -81,9 +81,12 @@ class Visit:
         """Every page the navigation offers, each loaded, on screen with its heading, and accessible."""
         labels = self.nav()
         for label in labels:
-            self.page.get_by_role("navigation", name="Console").get_by_role("link", name=label).click()
+            link = self.page.get_by_role("navigation", name="Console").get_by_role("link", name=label, exact=True)
+            href = link.get_attribute("href")
+            link.click()
+            self.page.wait_for_url(self.base + href)
             self.page.wait_for_load_state("load")
-            assert self.page.get_by_role("heading", level=1).count() == 1, self.page.url
+            assert self.page.get_by_role("heading", level=1).count() == 1, (self.page.url, self.page.content()[:3000])
             self.check_accessibility()
         return labels
 

@@ -37,6 +37,14 @@ steps:
     body: "{{ steps.review.output.fields.draft }}"
 """
 PASSWORD = "reviewer's long passphrase"
+HANDBOOK = """# Refunds
+
+Customers may ask for a refund within 30 days of purchase. Refunds go back to the original card.
+
+# Shipping
+
+Orders ship within two working days from the Rotterdam warehouse.
+"""
 
 
 class World:
@@ -63,6 +71,13 @@ class World:
             with srv.client(key) as c:
                 r = c.post("/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "hi"}]})
                 assert r.status_code == 200, r.text
+        with srv.client(self.keys["builder-sales"]) as c:
+            r = c.post("/v1/collections", json={"name": "handbook", "classification": "internal",
+                                                "embedding_model": "fake-embed"})
+            assert r.status_code == 201, r.text
+            r = c.post("/v1/collections/handbook/documents?wait=60",
+                       files={"files": ("refunds.md", HANDBOOK.encode(), "text/markdown")})
+            assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
         wait_ledger(srv.extra["db_url"], n=3)
         for run in (self.sales_run, self.ops_run):
             self.wait_status(run, "waiting_approval")
@@ -89,6 +104,7 @@ def world(module_server_factory, tmp_path_factory):
 models:
   - {{alias: fake, provider: openai_compatible, model: gpt-fake, base_url: {upstream.url},
       input_price_per_1m: 1.0, output_price_per_1m: 2.0}}
+  - {{alias: fake-embed, provider: openai_compatible, model: embed-fake, kind: embedding, base_url: {upstream.url}}}
 ledger_flush_interval_s: 0.1
 """)
     srv = module_server_factory(config=base / "keel.yaml")
@@ -107,7 +123,8 @@ def width(request) -> int:
 def test_admin_creates_and_revokes_a_key(world, browser, width):
     v = Visit(browser, world.srv.url, width)
     v.sign_in_with_key(world.srv.admin_key)
-    assert v.visit_all() == ["Overview", "Usage & cost", "Inbox", "Workflows", "Audit", "Admin: keys"]
+    assert v.visit_all() == ["Overview", "Usage & cost", "Playground", "Knowledge", "Inbox", "Workflows", "Audit",
+                            "Admin: keys"]
     v.open("/console/keys")
     name = f"ci-bot-{width}"
     v.page.get_by_label("Name").fill(name)
@@ -153,7 +170,7 @@ def test_reviewer_edits_and_approves_the_lead_intake_draft(world, browser):
     made with the keyboard alone."""
     v = Visit(browser, world.srv.url, WIDTHS["desktop"])
     v.sign_in_with_password("rev@example.com", PASSWORD)
-    assert v.visit_all() == ["Overview", "Usage & cost", "Inbox", "Workflows"]
+    assert v.visit_all() == ["Overview", "Usage & cost", "Playground", "Knowledge", "Inbox", "Workflows"]
     v.open("/console/inbox")
     item = v.page.get_by_role("article").filter(has_text=world.sales_run)
     assert item.count() == 1 and v.page.get_by_role("article").filter(has_text=world.ops_run).count() == 0
@@ -178,10 +195,12 @@ def test_reviewer_edits_and_approves_the_lead_intake_draft(world, browser):
 def test_member_sees_its_team_only_and_gets_not_found_for_another_teams_run(world, browser, width):
     v = Visit(browser, world.srv.url, width)
     v.sign_in_with_key(world.keys["member-sales"])
-    assert v.visit_all() == ["Overview", "Usage & cost", "Workflows"]
+    assert v.visit_all() == ["Overview", "Usage & cost", "Playground", "Knowledge", "Workflows"]
     v.open("/console/overview")
     assert v.page.get_by_role("img", name="requests per day").count() == 1
-    assert v.page.locator(".figures dd").first.inner_text() == "1"  # its own call only
+    with world.srv.client(world.keys["member-sales"]) as c:  # its own calls only, as the API reports them
+        mine = c.get("/v1/usage").json()["totals"]["requests"]
+    assert mine >= 1 and v.page.locator(".figures dd").first.inner_text() == str(mine)
     v.open("/console/workflows")
     assert v.page.get_by_role("link", name=world.sales_run).count() == 1
     assert v.page.get_by_role("link", name=world.ops_run).count() == 0
@@ -189,6 +208,21 @@ def test_member_sees_its_team_only_and_gets_not_found_for_another_teams_run(worl
     v.expect(path, 404)
     assert v.open(path).status == 404
     assert v.page.get_by_role("heading", level=1).inner_text() == "Not found"
+    v.check_accessibility()
+    v.open("/console/playground")
+    v.page.get_by_label("Model").select_option("fake")
+    v.page.get_by_label("handbook").check()
+    v.page.get_by_label("Message").fill("How long do customers have to ask for a refund?")
+    v.page.get_by_role("button", name="Send").click()
+    v.page.locator("#transcript[data-state=idle]").wait_for()  # the streamed turn is over
+    cites = v.page.get_by_role("list", name="Citations")
+    cites.get_by_text("[1] ").first.click()  # opens the cited passage
+    assert cites.locator("blockquote").first.is_visible()
+    # the fake embedder's vectors are arbitrary, so which passage ranks is too: each shown is the handbook's own
+    assert all(t.strip() in HANDBOOK for t in cites.locator("blockquote").all_text_contents())
+    assert "(handbook)" in cites.locator("summary").first.inner_text()
+    assert "request req_" in v.page.locator(".turn-meta").last.inner_text()
+    assert v.page.locator(".reply").last.inner_text().strip()
     v.check_accessibility()
     for forbidden in ("/console/keys", "/console/audit"):
         v.expect(forbidden, 403)
@@ -200,7 +234,21 @@ def test_member_sees_its_team_only_and_gets_not_found_for_another_teams_run(worl
 def test_builder_starts_a_run_from_the_generated_form(world, browser):
     v = Visit(browser, world.srv.url, WIDTHS["phone"])
     v.sign_in_with_key(world.keys["builder-sales"])
-    assert v.visit_all() == ["Overview", "Usage & cost", "Workflows"]
+    assert v.visit_all() == ["Overview", "Usage & cost", "Playground", "Knowledge", "Workflows"]
+    v.open("/console/knowledge/handbook")
+    v.page.get_by_label("Files").set_input_files(files=[
+        {"name": "returns.md", "mimeType": "text/markdown", "buffer": b"# Returns\n\nReturned goods are checked in 5 days."},
+        {"name": "holidays.txt", "mimeType": "text/plain", "buffer": b"The office closes on 24 December."}])
+    v.page.get_by_role("button", name="Upload").click()
+    uploads = v.page.locator("#uploads li")
+    for i in range(2):
+        assert "indexed:" in uploads.nth(i).locator(".ok").inner_text(timeout=30_000)
+    v.page.reload()
+    assert v.page.get_by_role("cell", name="returns.md").count() == 1
+    v.page.get_by_label("Query").fill("when does the office close")
+    v.page.get_by_role("button", name="Search").click()
+    assert "24 December" in v.page.locator(".hits").inner_text()
+    v.check_accessibility()
     v.open("/console/workflows/lead_intake")
     v.page.get_by_label("company (required)").fill("Initech")
     v.page.get_by_label("seats").fill("12")
