@@ -28,9 +28,10 @@ from keel.agents.store import AgentStore
 from keel.agents.tools import EXECUTORS, ToolCall, ToolParts, as_text, mcp_headers
 from keel.core.errors import KeelError
 from keel.core.logs import redactor
-from keel.gateway.pipeline import Call
+from keel.gateway.pipeline import PROMPT_VERSION, Call
 from keel.gateway.protocol import ChatRequest
 from keel.identity.principal import Principal
+from keel.observe.prompts import Prompts
 from keel.observe.tracing import span
 from keel.workflows import approvals, waits
 from keel.workflows.durable import DBOS
@@ -115,9 +116,12 @@ class AgentEngine:
             thread: list[dict[str, Any]] = []
             if m.thread == "user" and run.user_id:  # read once, checkpointed: a replay sees the same thread
                 thread = await DBOS.run_step_async({"name": "thread"}, self.store.thread, row)
-            messages: list[dict[str, Any]] = [{"role": "system", "content": system}, *thread,
-                                              {"role": "user", "content": row["task"]}]
+            head: list[dict[str, Any]] = [{"role": "system", "content": system}]
             state: dict[str, Any] = {"steps": 0, "tokens": 0, "cost": 0.0, "calls": {}}
+            if m.prompt:  # the registry prompt, resolved once as the run's principal and checkpointed
+                rendered = await DBOS.run_step_async({"name": "prompt"}, self._prompt, run, row["task"])
+                head, state["prompt_version"] = rendered["messages"], rendered["ref"]
+            messages: list[dict[str, Any]] = [*head, *thread, {"role": "user", "content": row["task"]}]
             seq = 0
             while True:
                 seq += 1
@@ -239,6 +243,13 @@ class AgentEngine:
 
         return attempt
 
+    async def _prompt(self, run: Run, task: str) -> dict[str, Any]:
+        """The mandate's `prompt` with variables goal, instructions and task: its messages and `name@version`."""
+        m = run.mandate
+        r = await asyncio.to_thread(Prompts(self.store.store).resolve, run.principal, m.prompt,
+                                    {"goal": m.goal, "instructions": m.instructions, "task": task})
+        return {"messages": r.messages, "ref": r.ref}
+
     async def model_step(self, run: Run, messages: list[dict[str, Any]], state: dict[str, Any],
                          seq: int, attempt: int = 0) -> dict[str, Any]:
         m = run.mandate
@@ -253,6 +264,8 @@ class AgentEngine:
                     chat=ChatRequest(model=m.model, messages=messages, max_tokens=max_tokens,
                                      tools=[t.openai() for t in m.tools.values()] or None),
                     metadata={"use_case": f"agent:{run.agent}", "task_id": run.id})
+        if state.get("prompt_version"):
+            call.annotations[PROMPT_VERSION] = state["prompt_version"]
         async with self.model_slots:
             call.started = time.perf_counter()
             result = await self.gateway.chat(call)

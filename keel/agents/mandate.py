@@ -22,12 +22,13 @@ from keel.agents.errors import MandateError
 from keel.agents.rules import Rule, parse_rule, valid_host_entry, valid_recipient_entry
 from keel.core.errors import KeelError
 from keel.identity.principal import ROLES
+from keel.observe.prompts import split_ref
 from keel.workflows.spec_checks import NAME, SECRET_NAME, Checker, Path, kind_of
 
 AGENT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,47}$")  # an approval's `workflow` column holds `agent:<name>`
 TOOL_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]{0,63}$")
 TABLE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-TOP_KEYS = ("name", "description", "goal", "instructions", "model", "collections", "tools", "budgets", "approvals",
+TOP_KEYS = ("name", "description", "goal", "instructions", "prompt", "model", "collections", "tools", "budgets", "approvals",
             "mcp_servers", "memory")
 THREADS = ("run", "user")  # memory.thread: the conversation is the run's own, or continues the end user's
 BUDGET_KEYS = ("steps", "tokens", "cost", "wall_time", "max_tokens_per_call", "cost_per_day", "max_wait")
@@ -157,6 +158,7 @@ class Mandate:
     source: str
     mcp_servers: dict[str, McpServerSpec] = field(default_factory=dict)
     thread: str = "run"  # memory.thread: `user` continues the end user's conversation across runs
+    prompt: str | None = None  # a registry prompt (name@label): its messages replace goal + instructions as system
 
     def secret_refs(self) -> list[tuple[str, str, str]]:
         """(secret, field, use) for every vault secret the tools (and MCP servers) send as a header."""
@@ -373,6 +375,12 @@ def parse_mandate(text: str) -> Mandate:
     model = ck.text(data, (), "model", required=True, template=False)
     goal = ck.text(data, (), "goal", required=True, template=False)
     instructions = ck.text(data, (), "instructions", default="", template=False) or ""
+    prompt = ck.text(data, (), "prompt", template=False)
+    if prompt is not None:
+        try:
+            split_ref(prompt)
+        except KeelError as exc:
+            ck.error(("prompt",), exc.detail)
     description = ck.text(data, (), "description", default="", template=False) or ""
     collections = ck.str_list(data, (), "collections", default=[], allow_empty=True) or []
     for j, c in enumerate(collections):
@@ -403,4 +411,4 @@ def parse_mandate(text: str) -> Mandate:
     return Mandate(name=str(name), description=description, goal=str(goal), instructions=instructions,
                    model=str(model), collections=tuple(collections), tools=tools, budgets=budgets,
                    approvals=tuple(a for a in approvals if a is not None), source=text, mcp_servers=mcp_servers,
-                   thread=thread)
+                   thread=thread, prompt=prompt)

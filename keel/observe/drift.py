@@ -81,11 +81,8 @@ def mmd_permutation(x: np.ndarray, y: np.ndarray, permutations: int = PERMUTATIO
     off = d2[~np.eye(total, dtype=bool)]
     bandwidth = float(np.median(off[off > 0])) if np.any(off > 0) else 1.0
     k = np.exp(-d2 / bandwidth)
-    signs = np.empty((total, permutations + 1))
     base = np.concatenate([np.full(n, 1 / n), np.full(total - n, -1 / (total - n))])
-    signs[:, 0] = base
-    for j in range(1, permutations + 1):
-        signs[:, j] = rng.permutation(base)
+    signs = np.column_stack([base, rng.permuted(np.tile(base, (permutations, 1)), axis=1).T])
     stats = np.einsum("ij,ij->j", signs, k @ signs)  # sᵀ K s for every labelling at once
     observed = float(stats[0])
     return observed, float((1 + np.sum(stats[1:] >= observed - 1e-12)) / (1 + permutations))
@@ -142,7 +139,7 @@ def windows(values: list[Any], window: int, reference: int) -> tuple[list[Any], 
 class DriftMonitor:
     """Holds each signal's recent observations (any thread may add) and runs the tests when asked."""
 
-    def __init__(self, window: int = 200, reference: int = 500, permutations: int = PERMUTATIONS,
+    def __init__(self, window: int = 50, reference: int = 200, permutations: int = PERMUTATIONS,
                  seed: int = 0) -> None:
         self.window, self.reference, self.permutations = window, reference, permutations
         self._rng = np.random.default_rng(seed)

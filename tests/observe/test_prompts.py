@@ -188,3 +188,27 @@ def test_a_workflow_llm_step_uses_a_registry_prompt(world, fake):
     version = wait_ledger(srv.extra["db_url"], f"task_id = '{run}'")[0].prompt_version
     assert version.startswith("support-reply@")
     assert upstream_messages(fake)[0]["content"].startswith("You answer for Widgets.")
+
+
+def test_an_agent_mandate_uses_a_registry_prompt(world, fake):
+    """A mandate's `prompt: name@label` replaces goal + instructions as the system messages (variables goal,
+    instructions and task), resolved once per run as its principal; each model call's ledger row names the version.
+    A malformed reference is a mandate error with its line."""
+    srv, keys = world
+    mandate = "name: helper\nmodel: fake\ngoal: help with orders\nprompt: agent-sys@production\ntools: {}\n"
+    with srv.client(keys["builder"]) as b:
+        assert b.post("/v1/prompts", json={"name": "agent-sys", "labels": ["production"], "messages": [
+            {"role": "system", "content": "You are Acme's agent. Your goal: {{ goal }}."}]}).status_code == 201
+        bad = b.post("/v1/agents", content=mandate.replace("agent-sys@production", "x y"),
+                     headers={"content-type": "application/yaml"})
+        assert bad.status_code in (400, 422) and "prompt" in bad.text, bad.text
+        r = b.post("/v1/agents", content=mandate, headers={"content-type": "application/yaml"})
+        assert r.status_code == 201, r.text
+    with srv.client(keys["member"]) as m:
+        run = m.post("/v1/agents/helper/runs", json={"task": "Where is order 42?", "wait_s": 30}).json()
+        eventually(lambda: m.get(f"/v1/agents/helper/runs/{run['id']}").json()["status"] in ("completed", "failed"))
+        assert m.get(f"/v1/agents/helper/runs/{run['id']}").json()["status"] == "completed"
+    assert wait_ledger(srv.extra["db_url"], f"task_id = '{run['id']}'")[0].prompt_version == "agent-sys@1"
+    sent = upstream_messages(fake)
+    assert sent[0] == {"role": "system", "content": "You are Acme's agent. Your goal: help with orders."}
+    assert sent[-1] == {"role": "user", "content": "Where is order 42?"}
