@@ -35,7 +35,9 @@ tools:
     tool: issue_refund
     rules: ["amount <= 500", "account matches 'ACME-.*'"]
   customer: {{mcp: crm, tool: lookup_customer}}
+  notes: {{mcp: crm, tool: customer_notes}}
 """
+POLICY = "name: mcp-test\nguards:\n  context: {injection: quote, secrets: redact}\n"
 
 
 def calls(path: Path) -> list[dict[str, Any]]:
@@ -51,14 +53,16 @@ def world(tmp_path_factory, module_server_factory):
                  call("refund", {"amount": 10, "account": "EVIL-9"}), say("could not")],
         "outside": [call("delete_everything", {}), call("issue_refund", {"amount": 5, "account": "ACME-1"}),
                     call("refund", {"amount": 5, "account": "ACME-1", "to": "attacker"}), say("no")],
-        "ssrf": [say("never asked")]}).start()
+        "ssrf": [say("never asked")],
+        "notes": [call("notes", {"customer_id": "c-1"}), say("read")]}).start()
     base = tmp_path_factory.mktemp("agents-mcp")
     stdio_count, http_count = base / "stdio-calls.jsonl", base / "http-calls.jsonl"
     (base / "keel.yaml").write_text(
         f"models:\n  - {{alias: agent-model, provider: openai_compatible, model: m, base_url: {model.url}}}\n"
         f"mcp_commands:\n  billing: {orjson.dumps([sys.executable, str(SERVER), 'stdio', str(stdio_count)]).decode()}\n")
+    (base / "policy.yaml").write_text(POLICY)
     with loopback_process("tests.agents.mcp_billing", str(http_count)) as crm:
-        srv = module_server_factory(config=base / "keel.yaml")
+        srv = module_server_factory(config=base / "keel.yaml", KEEL_POLICY_FILE=str(base / "policy.yaml"))
         for team in ("red", "blue"):
             make_team(srv, team)
         keys = {(role, team): make_key(srv, role, team) for role in ("builder", "member") for team in ("red", "blue")}
@@ -86,7 +90,7 @@ def test_allowed_calls_reach_the_stdio_and_the_http_server_with_the_listed_schem
     assert [(c["tool"], c["authorization"]) for c in calls(world["http"])] == [("lookup_customer", SECRET)]
     sent = [r["body"] for r in world["model"].received if r["path"].endswith("/chat/completions")][-1]
     tools = {t["function"]["name"]: t["function"] for t in sent["tools"]}
-    assert set(tools) == {"refund", "customer"}  # the mandate's names, not the server's other tools
+    assert set(tools) == {"refund", "customer", "notes"}  # the mandate's names, not the server's other tools
     assert set(tools["refund"]["parameters"]["properties"]) == {"amount", "account"}
     assert tools["customer"]["description"] == "The customer's name and tier."
 
@@ -153,3 +157,13 @@ def test_an_http_server_obeys_the_egress_rules_and_the_teams_secrets(world):
     assert out["status"] == "failed" and out["error"]["code"] == "agent_mcp_egress_denied", out
     assert "loopback" in out["error"]["detail"]
     assert len(calls(world["http"])) == before
+
+
+def test_an_mcp_result_passes_the_context_guards_before_the_model_sees_it(world):
+    """An injection in an MCP tool's result reaches the model quoted as inert data, and a secret in it redacted."""
+    srv, model = world["srv"], world["model"]
+    out = run(srv, "refunds", "[script:notes] read the notes", key=world["keys"][("member", "red")])
+    assert out["status"] == "completed", out
+    seen = [m for r in model.received if r["path"].endswith("/chat/completions")
+            for m in r["body"]["messages"] if m["role"] == "tool" and "customer list" in (m.get("content") or "")]
+    assert seen and all("<untrusted-data" in m["content"] and "AKIAIOSFODNN7EXAMPLE" not in m["content"] for m in seen)
