@@ -40,7 +40,7 @@ INSTRUCTIONS = ("Keel: search and ask your company's knowledge (with citations),
 
 def _caller(ctx: Context) -> Principal:
     """The principal the `/mcp` endpoint authenticated for this request."""
-    p = getattr(ctx.request_context.request.state, "principal", None)  # type: ignore[union-attr]
+    p = getattr(getattr(ctx.request_context.request, "state", None), "principal", None)
     if not isinstance(p, Principal):
         raise ToolError("no authenticated caller")
     return p
