@@ -15,6 +15,8 @@ import orjson
 import pytest
 
 from conftest import loopback_process
+from keel.core.errors import ConfigError
+from keel.core.settings import load_settings
 from tests.agents.conftest import ScriptedModel, call, define, detail, run, say
 from tests.knowledge.conftest import make_key, make_team
 
@@ -167,3 +169,12 @@ def test_an_mcp_result_passes_the_context_guards_before_the_model_sees_it(world)
     seen = [m for r in model.received if r["path"].endswith("/chat/completions")
             for m in r["body"]["messages"] if m["role"] == "tool" and "customer list" in (m.get("content") or "")]
     assert seen and all("<untrusted-data" in m["content"] and "AKIAIOSFODNN7EXAMPLE" not in m["content"] for m in seen)
+
+
+@pytest.mark.parametrize("value", ['{"bad name": [python]}', '{"billing": []}', '{"billing": [""]}', '[python]'])
+def test_mcp_commands_are_checked_when_settings_load(value):
+    with pytest.raises(ConfigError) as exc:
+        load_settings(None, environ={"KEEL_MCP_COMMANDS": value})
+    assert "mcp_commands" in exc.value.detail
+    settings, sources = load_settings(None, environ={"KEEL_MCP_COMMANDS": '{"billing": [python, -m, billing_mcp]}'})
+    assert settings.mcp_commands == {"billing": ["python", "-m", "billing_mcp"]} and sources["mcp_commands"] == "env"
