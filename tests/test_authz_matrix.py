@@ -676,7 +676,7 @@ def test_messages_edge_cells(world):
 CONSOLE_PAGES = {  # console page → the roles that may open it (the rest: 403), as the API's rules say
     "/console/overview": set(ROLES), "/console/usage": set(ROLES), "/console/workflows": set(ROLES),
     "/console/audit": GOV_READERS, "/console/keys": {"admin"}, "/console/inbox": {"admin", "reviewer", "auditor"},
-    "/console/playground": MODEL_USERS, "/console/knowledge": MODEL_USERS,
+    "/console/playground": MODEL_USERS, "/console/knowledge": MODEL_USERS, "/console/agents": set(ROLES),
 }
 
 

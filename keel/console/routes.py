@@ -14,8 +14,8 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, RedirectResponse, Response
 
-from keel.console import (pages_admin, pages_inbox, pages_knowledge, pages_playground, pages_reports,
-                          pages_workflows, web)
+from keel.console import (pages_admin, pages_agents, pages_inbox, pages_knowledge, pages_playground,
+                          pages_reports, pages_workflows, web)
 from keel.core.errors import KeelError, NotFound, Unauthorized
 from keel.identity import sessions
 
@@ -102,7 +102,8 @@ def router() -> APIRouter:
     async def home(request: Request) -> Response:
         return RedirectResponse(web.root(request) + "/overview", status_code=303)
 
-    for module in (pages_reports, pages_playground, pages_knowledge, pages_inbox, pages_admin, pages_workflows):
+    for module in (pages_reports, pages_playground, pages_knowledge, pages_inbox, pages_admin, pages_workflows,
+                   pages_agents):
         for method, path, handler in module.ROUTES:
             r.add_api_route(path, web.page(handler), methods=[method])
     return r

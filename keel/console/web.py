@@ -45,6 +45,7 @@ NAV: list[tuple[str, str, Callable[[Principal], bool]]] = [
     ("knowledge", "Knowledge", lambda p: p.has("collections.read")),
     ("inbox", "Inbox", lambda p: p.has("approvals.decide") or p.has("reviews.decide") or p.has("audit.read")),
     ("workflows", "Workflows", lambda p: p.role != "auditor" or p.has("audit.read")),
+    ("agents", "Agents", lambda p: p.role != "auditor" or p.has("audit.read")),
     ("audit", "Audit", lambda p: p.has("audit.read")),
     ("keys", "Admin: keys", lambda p: p.is_admin),
 ]

@@ -78,6 +78,13 @@ class World:
             r = c.post("/v1/collections/handbook/documents?wait=60",
                        files={"files": ("refunds.md", HANDBOOK.encode(), "text/markdown")})
             assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+            r = c.post("/v1/agents", content="name: helper\nmodel: fake\ngoal: Answer questions about orders.\n"
+                                              "tools: {}\n", headers={"content-type": "application/yaml"})
+            assert r.status_code == 201, r.text
+        with srv.client(self.keys["member-sales"]) as c:
+            r = c.post("/v1/agents/helper/runs", json={"task": "Where is order 42?", "wait_s": 30})
+            assert r.status_code == 200 and r.json()["status"] == "completed", r.text
+            self.agent_run = r.json()["id"]
         wait_ledger(srv.extra["db_url"], n=3)
         for run in (self.sales_run, self.ops_run):
             self.wait_status(run, "waiting_approval")
@@ -123,8 +130,8 @@ def width(request) -> int:
 def test_admin_creates_and_revokes_a_key(world, browser, width):
     v = Visit(browser, world.srv.url, width)
     v.sign_in_with_key(world.srv.admin_key)
-    assert v.visit_all() == ["Overview", "Usage & cost", "Playground", "Knowledge", "Inbox", "Workflows", "Audit",
-                            "Admin: keys"]
+    assert v.visit_all() == ["Overview", "Usage & cost", "Playground", "Knowledge", "Inbox", "Workflows", "Agents",
+                            "Audit", "Admin: keys"]
     v.open("/console/keys")
     name = f"ci-bot-{width}"
     v.page.get_by_label("Name").fill(name)
@@ -149,7 +156,7 @@ def test_admin_creates_and_revokes_a_key(world, browser, width):
 def test_auditor_verifies_the_chain(world, browser, width):
     v = Visit(browser, world.srv.url, width)
     v.sign_in_with_key(world.keys["auditor-None"])
-    assert v.visit_all() == ["Overview", "Usage & cost", "Inbox", "Workflows", "Audit"]
+    assert v.visit_all() == ["Overview", "Usage & cost", "Inbox", "Workflows", "Agents", "Audit"]
     v.open("/console/audit")
     assert v.page.get_by_role("cell", name="console.sign_in").count() >= 1
     v.page.get_by_role("button", name="Verify the chain").click()
@@ -170,7 +177,7 @@ def test_reviewer_edits_and_approves_the_lead_intake_draft(world, browser):
     made with the keyboard alone."""
     v = Visit(browser, world.srv.url, WIDTHS["desktop"])
     v.sign_in_with_password("rev@example.com", PASSWORD)
-    assert v.visit_all() == ["Overview", "Usage & cost", "Playground", "Knowledge", "Inbox", "Workflows"]
+    assert v.visit_all() == ["Overview", "Usage & cost", "Playground", "Knowledge", "Inbox", "Workflows", "Agents"]
     v.open("/console/inbox")
     item = v.page.get_by_role("article").filter(has_text=world.sales_run)
     assert item.count() == 1 and v.page.get_by_role("article").filter(has_text=world.ops_run).count() == 0
@@ -195,7 +202,7 @@ def test_reviewer_edits_and_approves_the_lead_intake_draft(world, browser):
 def test_member_sees_its_team_only_and_gets_not_found_for_another_teams_run(world, browser, width):
     v = Visit(browser, world.srv.url, width)
     v.sign_in_with_key(world.keys["member-sales"])
-    assert v.visit_all() == ["Overview", "Usage & cost", "Playground", "Knowledge", "Workflows"]
+    assert v.visit_all() == ["Overview", "Usage & cost", "Playground", "Knowledge", "Workflows", "Agents"]
     v.open("/console/overview")
     assert v.page.get_by_role("img", name="requests per day").count() == 1
     with world.srv.client(world.keys["member-sales"]) as c:  # its own calls only, as the API reports them
@@ -234,7 +241,7 @@ def test_member_sees_its_team_only_and_gets_not_found_for_another_teams_run(worl
 def test_builder_starts_a_run_from_the_generated_form(world, browser):
     v = Visit(browser, world.srv.url, WIDTHS["phone"])
     v.sign_in_with_key(world.keys["builder-sales"])
-    assert v.visit_all() == ["Overview", "Usage & cost", "Playground", "Knowledge", "Workflows"]
+    assert v.visit_all() == ["Overview", "Usage & cost", "Playground", "Knowledge", "Workflows", "Agents"]
     v.open("/console/knowledge/handbook")
     v.page.get_by_label("Files").set_input_files(files=[
         {"name": "returns.md", "mimeType": "text/markdown", "buffer": b"# Returns\n\nReturned goods are checked in 5 days."},
@@ -249,6 +256,21 @@ def test_builder_starts_a_run_from_the_generated_form(world, browser):
     v.page.get_by_role("button", name="Search").click()
     assert "24 December" in v.page.locator(".hits").inner_text()
     v.check_accessibility()
+    v.open("/console/agents/helper")
+    assert "Answer questions about orders." in v.page.get_by_role("region", name="Mandate").inner_text()
+    v.page.get_by_role("link", name=world.agent_run).click()
+    log = v.page.get_by_role("table").filter(has_text="Every action")
+    assert log.get_by_role("cell", name="model", exact=True).count() >= 1
+    assert log.get_by_role("cell", name="allowed", exact=True).count() >= 1
+    v.check_accessibility()
+    v.open("/console/agents/helper")
+    v.page.get_by_label("Reason").fill("checking a complaint")
+    v.page.get_by_role("button", name="Pause agent").click()
+    v.page.get_by_role("button", name="Resume agent").wait_for()
+    with world.srv.client(world.keys["member-sales"]) as c:
+        assert c.get("/v1/agents/helper").json()["paused"] is True
+    v.page.get_by_role("button", name="Resume agent").click()
+    v.page.get_by_role("button", name="Pause agent").wait_for()
     v.open("/console/workflows/lead_intake")
     v.page.get_by_label("company (required)").fill("Initech")
     v.page.get_by_label("seats").fill("12")
