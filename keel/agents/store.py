@@ -175,12 +175,15 @@ class AgentStore:
             conn.execute(agent_notes.insert().values(**row))
         return row["id"]
 
-    def recall(self, agent: str, team_id: str | None, query: str, limit: int = 5) -> list[dict[str, Any]]:
+    def recall(self, agent: str, team_id: str | None, query: str, limit: int = 5,
+               user_id: str | None = None) -> list[dict[str, Any]]:
         """Up to `limit` notes of `agent` in `team_id` (only), ranked by how many of the query's words they hold,
-        newer first among equals; notes sharing no word are left out."""
+        newer first among equals; notes sharing no word are left out. A note kept in a run for an end user is
+        that user's: recalled only in runs for the same `user_id` (notes kept for no user are the team's)."""
         c = agent_notes.c
+        mine = c.user_id.is_(None) if user_id is None else sa.or_(c.user_id.is_(None), c.user_id == user_id)
         q = (sa.select(c.id, c.text, c.created_at).where(c.agent == agent, c.team_id.is_(None) if team_id is None
-                                                          else c.team_id == team_id)
+                                                          else c.team_id == team_id, mine)
              .order_by(c.created_at.desc()).limit(RECALL_SCAN))
         with self.store.read() as conn:
             rows = conn.execute(q).all()

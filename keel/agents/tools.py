@@ -157,8 +157,9 @@ async def run_remember(parts: ToolParts, c: ToolCall) -> Any:
 
 
 async def run_recall(parts: ToolParts, c: ToolCall) -> Any:
-    """Notes of this agent AND this team only, best matches of the query's words first."""
-    return {"notes": await asyncio.to_thread(parts.store.recall, c.agent, c.team_id, c.args["query"])}
+    """Notes of this agent AND this team only (and of this run's end user, never another's), best matches first."""
+    return {"notes": await asyncio.to_thread(parts.store.recall, c.agent, c.team_id, c.args["query"],
+                                             user_id=c.user_id)}
 
 
 EXECUTORS = {"retrieve": run_retrieve, "http": run_http, "endpoint": run_endpoint, "record": run_record,
