@@ -52,6 +52,10 @@ test-deps:
 	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium) \
 	  || echo "chromium not installed: tests/console's browser tests will skip"
 
+# docs/console/*.png: the console's browser tests, taking each page's screenshot as they go.
+console-screenshots: install-test test-deps
+	KEEL_CONSOLE_SCREENSHOTS=docs/console $(BIN)/python -m pytest -q -p no:cacheprovider tests/console/test_console_browser.py
+
 test-sqlite:
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 

@@ -16,6 +16,7 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 
 from keel.console import (pages_admin, pages_agents, pages_inbox, pages_knowledge, pages_playground,
                           pages_reports, pages_workflows, web)
+from keel.console.throttle import SignInThrottle
 from keel.core.errors import KeelError, NotFound, Unauthorized
 from keel.identity import sessions
 
@@ -61,6 +62,14 @@ def router() -> APIRouter:
         store = request.app.state.store
         key, email = field.get("key", "").strip(), field.get("email", "").strip()
         how = "key" if key else "password"
+        guard = _throttle(request)
+        wait = 0.0 if key or not email else guard.retry_after(email)
+        if wait:
+            await web.audit(request, "console.sign_in.throttled", email[:100], method=how)
+            response = _sign_in_page(request, target, "Too many failed sign-ins for this email: try again in "
+                                     f"{max(1, round(wait / 60))} minutes, or ask an admin to reset the password.", 429)
+            response.headers["Retry-After"] = str(max(1, round(wait)))
+            return response
         try:
             if key:
                 p = await run_in_threadpool(sessions.check_key, store, key)
@@ -69,9 +78,13 @@ def router() -> APIRouter:
             else:
                 raise Unauthorized("give an API key, or an email and a password", fix="fill in one of the forms")
         except Unauthorized as err:
+            if email and not key and field.get("password"):
+                guard.failed(email)
             who = email[:100] if email else (key[:16] + "…" if key else "")
             await web.audit(request, "console.sign_in.failed", who or "anonymous", method=how, reason=err.detail)
             return _sign_in_page(request, target, f"Not signed in: {err.detail}.", 401)
+        if email and not key:
+            guard.succeeded(email)
         token, _session = await run_in_threadpool(sessions.open_session, store, p)
         await web.audit(request, "console.sign_in", p.key_id, team_id=p.team_id, method=how, role=p.role)
         response = RedirectResponse(target, status_code=303)
@@ -107,6 +120,14 @@ def router() -> APIRouter:
         for method, path, handler in module.ROUTES:
             r.add_api_route(path, web.page(handler), methods=[method])
     return r
+
+
+def _throttle(request: Request) -> SignInThrottle:
+    """This process's failed-sign-in counts (one per app)."""
+    state = request.app.state
+    if getattr(state, "console_throttle", None) is None:
+        state.console_throttle = SignInThrottle()
+    return state.console_throttle
 
 
 def _sign_in_page(request: Request, target: str, message: str, status: int) -> Response:

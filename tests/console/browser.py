@@ -9,12 +9,14 @@ violations.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 CHROMIUM = "/usr/bin/chromium"
 AXE = (Path(__file__).parent / "axe.min.js").read_text()
 WIDTHS = {"desktop": 1280, "phone": 390}
+SHOTS = os.environ.get("KEEL_CONSOLE_SCREENSHOTS")  # a folder: `make console-screenshots` writes docs/console
 
 
 class Visit:
@@ -77,8 +79,15 @@ class Visit:
         assert not bad, f"{self.page.url}: " + "; ".join(
             f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes'][:3]]}" for v in bad)
 
-    def visit_all(self) -> list[str]:
-        """Every page the navigation offers, each loaded, on screen with its heading, and accessible."""
+    def shot(self, name: str) -> None:
+        """A full-page screenshot `name`.png into $KEEL_CONSOLE_SCREENSHOTS, when it is set."""
+        if SHOTS:
+            Path(SHOTS).mkdir(parents=True, exist_ok=True)
+            self.page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)
+
+    def visit_all(self, shots: bool = False) -> list[str]:
+        """Every page the navigation offers, each loaded, on screen with its heading, and accessible (and with
+        `shots`, each page's screenshot under its path's name)."""
         labels = self.nav()
         for label in labels:
             link = self.page.get_by_role("navigation", name="Console").get_by_role("link", name=label, exact=True)
@@ -88,6 +97,8 @@ class Visit:
             self.page.wait_for_load_state("load")
             assert self.page.get_by_role("heading", level=1).count() == 1, (self.page.url, self.page.content()[:3000])
             self.check_accessibility()
+            if shots:
+                self.shot(href.rsplit("/", 1)[1])
         return labels
 
     def close(self) -> None:

@@ -130,7 +130,7 @@ def width(request) -> int:
 def test_admin_creates_and_revokes_a_key(world, browser, width):
     v = Visit(browser, world.srv.url, width)
     v.sign_in_with_key(world.srv.admin_key)
-    assert v.visit_all() == ["Overview", "Usage & cost", "Playground", "Knowledge", "Inbox", "Workflows", "Agents",
+    assert v.visit_all(shots=width == WIDTHS["desktop"]) == ["Overview", "Usage & cost", "Playground", "Knowledge", "Inbox", "Workflows", "Agents",
                             "Audit", "Admin: keys"]
     v.open("/console/keys")
     name = f"ci-bot-{width}"
@@ -162,6 +162,8 @@ def test_auditor_verifies_the_chain(world, browser, width):
     v.page.get_by_role("button", name="Verify the chain").click()
     verdict = v.page.get_by_role("status")
     assert "Chain intact" in verdict.inner_text()
+    if width == WIDTHS["desktop"]:
+        v.shot("audit-verified")
     assert v.page.url.endswith("/console/audit")  # htmx swapped the verdict in place
     v.check_accessibility()
     v.open("/console/usage?group_by=model")
@@ -181,6 +183,7 @@ def test_reviewer_edits_and_approves_the_lead_intake_draft(world, browser):
     v.open("/console/inbox")
     item = v.page.get_by_role("article").filter(has_text=world.sales_run)
     assert item.count() == 1 and v.page.get_by_role("article").filter(has_text=world.ops_run).count() == 0
+    v.shot("inbox")
     draft = item.get_by_label("draft (editable)")
     assert draft.input_value() == "Hello Acme, thanks for your interest."
     draft.focus()
@@ -230,6 +233,8 @@ def test_member_sees_its_team_only_and_gets_not_found_for_another_teams_run(worl
     assert "(handbook)" in cites.locator("summary").first.inner_text()
     assert "request req_" in v.page.locator(".turn-meta").last.inner_text()
     assert v.page.locator(".reply").last.inner_text().strip()
+    if width == WIDTHS["desktop"]:
+        v.shot("playground")
     v.check_accessibility()
     for forbidden in ("/console/keys", "/console/audit"):
         v.expect(forbidden, 403)
@@ -255,9 +260,11 @@ def test_builder_starts_a_run_from_the_generated_form(world, browser):
     v.page.get_by_label("Query").fill("when does the office close")
     v.page.get_by_role("button", name="Search").click()
     assert "24 December" in v.page.locator(".hits").inner_text()
+    v.shot("collection")
     v.check_accessibility()
     v.open("/console/agents/helper")
     assert "Answer questions about orders." in v.page.get_by_role("region", name="Mandate").inner_text()
+    v.shot("agent")
     v.page.get_by_role("link", name=world.agent_run).click()
     log = v.page.get_by_role("table").filter(has_text="Every action")
     assert log.get_by_role("cell", name="model", exact=True).count() >= 1
@@ -279,6 +286,7 @@ def test_builder_starts_a_run_from_the_generated_form(world, browser):
     run_id = v.page.url.rsplit("/", 1)[1]
     assert world.wait_status(run_id, "waiting_approval")["inputs"] == {"company": "Initech", "seats": 12}
     v.page.reload()
+    v.shot("run")
     timeline = v.page.get_by_role("region", name="Steps")
     assert "waiting approval" in timeline.inner_text() and "completed" in timeline.inner_text()
     v.check_accessibility()

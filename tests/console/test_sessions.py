@@ -113,6 +113,13 @@ def test_sign_in_cookie_csrf_sign_out_and_audit(server):
         assert "Secure" not in cookie  # plain HTTP on loopback; over TLS it is set
         keys = c.get("/console/keys")
         assert keys.status_code == 200 and "API keys" in keys.text
+        for path in ("/console/overview", "/console/playground", "/console/knowledge"):  # no CDN, no inline code
+            html = c.get(path).text
+            urls = re.findall(r'(?:src|href|action)="([^"]*)"', html)
+            assert urls and all(u.startswith(("/console/", "#", "?")) for u in urls), (path, urls)
+            assert "<script>" not in html and " style=" not in html and " on" + "click=" not in html
+            for asset in re.findall(r'src="(/console/static/[^"]+)"', html):
+                assert c.get(asset).status_code == 200
         r = c.post("/console/keys", data={"name": "no-csrf", "role": "member"})
         assert r.status_code == 403 and "CSRF" in r.text
         with server.admin() as admin:
