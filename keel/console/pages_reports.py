@@ -20,7 +20,8 @@ GROUPS = ("day", "team", "model", "use_case", "key", "user", "deployment", "prov
 
 
 def _query(params: dict[str, str], group_by: str) -> ReportQuery:
-    """A report query from the page's own parameters (its filters, start, end), grouped by `group_by`."""
+    """A report query from the page's own parameters (its filters, start, end), grouped by `group_by` (a
+    comma-separated list of dimensions)."""
     wanted = {k: v for k, v in params.items() if k in ("start", "end") + FILTERS and v}
     return ReportQuery.parse({**wanted, "group_by": group_by})
 
@@ -29,9 +30,14 @@ async def overview(page: Page) -> Response:
     params = dict(page.request.query_params)
     store = page.store
     days = await run_in_threadpool(report, store, page.p, _query(params, "day"))
-    by: dict[str, Any] = {}
-    for dim in ("team", "model", "use_case"):
-        by[dim] = await run_in_threadpool(report, store, page.p, _query(params, dim))
+    # one more scan for the three breakdowns: grouped by all three, then summed per dimension here
+    combos = (await run_in_threadpool(report, store, page.p, _query(params, "team,model,use_case")))["data"]
+    by: dict[str, dict[str, dict[str, float]]] = {"team": {}, "model": {}, "use_case": {}}
+    for r in combos:
+        for dim, sums in by.items():
+            s = sums.setdefault(str(r[dim] or "none"), {"cost": 0.0, "requests": 0})
+            s["cost"] += r["cost"]
+            s["requests"] += r["requests"]
     rows = days["data"]
     charts_ = {
         "requests": charts.series([(r["day"], r["requests"]) for r in rows], "requests"),
@@ -42,10 +48,10 @@ async def overview(page: Page) -> Response:
         "cache": charts.series([(r["day"], r["cache_hits"]) for r in rows], "cache hits"),
     }
     guard = await _guard_actions(page)
-    bars = {dim: charts.bars([(str(r[dim] or "none"), r["cost"]) for r in rep["data"]], f"cost by {dim}", " USD")
-            for dim, rep in by.items()}
-    req_bars = {dim: charts.bars([(str(r[dim] or "none"), r["requests"]) for r in rep["data"]],
-                                 f"requests by {dim}") for dim, rep in by.items()}
+    bars = {dim: charts.bars([(k, v["cost"]) for k, v in sums.items()], f"cost by {dim}", " USD")
+            for dim, sums in by.items()}
+    req_bars = {dim: charts.bars([(k, v["requests"]) for k, v in sums.items()], f"requests by {dim}")
+                for dim, sums in by.items()}
     return page.render("overview.html", title="Overview", totals=days["totals"], charts=charts_, bars=bars,
                        req_bars=req_bars, guard=guard, start=days["start"][:10], end=days["end"][:10])
 
