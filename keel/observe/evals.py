@@ -319,7 +319,9 @@ class Evals:
         if row is None:
             raise NotFound(f"no eval run {run_id!r} that this key may read", run_id=run_id,
                            fix="list runs with GET /v1/evals/runs (keel eval runs)")
-        return self._public_run(row, with_items)
+        # the items hold what the starter's search found (sources, answers from its passages): only the starter,
+        # admins and auditors see them, never a teammate who may not read those collections
+        return self._public_run(row, with_items and (sees_all(p) or row.created_by == p.key_id))
 
     def runs(self, p: Principal, dataset: str | None, limit: int) -> list[dict[str, Any]]:
         r = eval_runs.c
@@ -336,9 +338,9 @@ class Evals:
                        "delta": round(rb["metrics"][k] - ra["metrics"][k], 4)
                        if k in ra["metrics"] and k in rb["metrics"] else None}
                    for k in METRICS if k in ra["metrics"] or k in rb["metrics"]}
-        before = {i["id"]: i for i in ra["items"]}
+        before = {i["id"]: i for i in ra.get("items", [])}
         changed = []
-        for item in rb["items"]:
+        for item in rb.get("items", []):
             old = before.get(item["id"])
             moved = {k: [old[k], item[k]] for k in METRICS if old and k in old and k in item and old[k] != item[k]}
             if moved:
