@@ -185,7 +185,10 @@ class Evals:
                 return {**self._public_dataset(prev), "created": False}
             row = {"id": new_id("evd"), "name": name, "version": prev.version + 1 if prev else 1, "items": items,
                    "n_items": len(items), "team_id": owner, "created_by": p.key_id, "created_at": utcnow()}
-            conn.execute(eval_datasets.insert().values(**row))
+            try:
+                conn.execute(eval_datasets.insert().values(**row))
+            except sa.exc.IntegrityError:
+                raise Conflict(f"dataset {name!r} changed meanwhile", fix="send it again", dataset=name) from None
         return {**self._public_dataset(_Row(row)), "created": True}
 
     @staticmethod
@@ -312,10 +315,16 @@ class Evals:
         with self.store.engine.begin() as conn:
             conn.execute(eval_runs.insert().values(**row))
 
+    @staticmethod
+    def _runs_visible(p: Principal) -> Any:
+        """A run shows what its starter's search found: its team's only (a team-less admin's, admins and auditors)."""
+        t = eval_runs.c.team_id
+        return sa.true() if sees_all(p) else (t == p.team_id) if p.team_id is not None else sa.false()
+
     def get_run(self, p: Principal, run_id: str, with_items: bool = True) -> dict[str, Any]:
         r = eval_runs.c
         with self.store.engine.connect() as conn:
-            row = conn.execute(sa.select(eval_runs).where(r.id == run_id, self._visible(p, r.team_id))).first()
+            row = conn.execute(sa.select(eval_runs).where(r.id == run_id, self._runs_visible(p))).first()
         if row is None:
             raise NotFound(f"no eval run {run_id!r} that this key may read", run_id=run_id,
                            fix="list runs with GET /v1/evals/runs (keel eval runs)")
@@ -325,7 +334,7 @@ class Evals:
 
     def runs(self, p: Principal, dataset: str | None, limit: int) -> list[dict[str, Any]]:
         r = eval_runs.c
-        q = sa.select(eval_runs).where(self._visible(p, r.team_id)).order_by(r.created_at.desc(), r.id).limit(limit)
+        q = sa.select(eval_runs).where(self._runs_visible(p)).order_by(r.created_at.desc(), r.id).limit(limit)
         if dataset:
             q = q.where(r.dataset == dataset)
         with self.store.engine.connect() as conn:

@@ -265,6 +265,12 @@ class Prompts:
     # -- writing -------------------------------------------------------------------------------------
     def define(self, p: Principal, body: Any) -> dict[str, Any]:
         """A new version of a prompt (an unchanged one keeps its version), then the `labels` asked for."""
+        try:
+            return self._define(p, body)
+        except sa.exc.IntegrityError:  # another writer took the same version number or label first
+            raise Conflict("the prompt changed meanwhile", fix="send it again") from None
+
+    def _define(self, p: Principal, body: Any) -> dict[str, Any]:
         if not may_author(p):
             raise Forbidden(f"key {p.key_id} ({p.role}) may not write prompts", key_id=p.key_id,
                             fix="use a builder key of the prompt's team, or an admin key")
@@ -306,6 +312,13 @@ class Prompts:
 
     def label(self, p: Principal, name: str, label: str, body: Any) -> dict[str, Any]:
         """Point `label` at a version (moving it back is the roll back); only whoever may change the prompt."""
+        try:
+            return self._label(p, name, label, body)
+        except sa.exc.IntegrityError:
+            raise Conflict(f"label {label!r} of prompt {name!r} was set meanwhile", fix="send it again",
+                           prompt=name) from None
+
+    def _label(self, p: Principal, name: str, label: str, body: Any) -> dict[str, Any]:
         check_label(label)
         if not isinstance(body, dict) or type(body.get("version")) is not int or set(body) - {"version"}:
             raise BadRequest('send {"version": N}', fix="name the version the label should point at")

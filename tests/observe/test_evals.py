@@ -112,8 +112,11 @@ def test_other_teams_and_members_are_refused(world):
         assert problem(other.post("/v1/evals/runs", json={"dataset": "geo-qa", "collections": ["geo"]}), 404)
         assert other.get("/v1/evals/runs").json()["data"] == []
         assert problem(other.post("/v1/evals/datasets", json={"name": "geo-qa", "items": ITEMS}), 409)
+    with srv.admin() as a:  # a team-less admin's run shows what an admin's search found: not for a team
+        hidden = a.post("/v1/evals/runs", json={"dataset": "geo-qa", "collections": ["geo"], "mode": "bm25"}).json()
     with srv.client(keys["member"]) as m:  # members read their team's runs, never start one
         assert m.get(f"/v1/evals/runs/{run['id']}").status_code == 200
+        assert problem(m.get(f"/v1/evals/runs/{hidden['id']}"), 404)
         assert problem(m.post("/v1/evals/runs", json={"dataset": "geo-qa", "collections": ["geo"]}), 403)
 
 
