@@ -48,6 +48,7 @@ from keel.identity import service as identity
 from keel.identity.auth import Authenticator, principal
 from keel.identity.vault import Vault, load_master_key
 from keel.identity import keycheck
+from keel.identity import keycheck
 
 log = logging.getLogger("keel.app")
 
@@ -129,9 +130,11 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Built:
     master = load_master_key(settings.master_key.get_secret_value() if settings.master_key else None,
                              settings.data_dir)
     vault = Vault(store, master)
+    keycheck.verify(store, vault.fingerprint)  # every replica holds one master key, or this one stops here
     vault.prime_redactor()
-    bootstrap_key = identity.bootstrap(
-        store, settings.bootstrap_admin_key.get_secret_value() if settings.bootstrap_admin_key else None)
+    with store.first_start_lock():  # replicas starting together on a fresh store make one admin key
+        bootstrap_key = identity.bootstrap(
+            store, settings.bootstrap_admin_key.get_secret_value() if settings.bootstrap_admin_key else None)
     lifecycle = Lifecycle()
 
     @contextlib.asynccontextmanager

@@ -29,6 +29,9 @@ metadata = sa.MetaData(naming_convention={
 
 KEEL_ROOT = Path(__file__).resolve().parent.parent
 MIGRATION_LOCK_KEY = 0x6B65656C_6D696772  # PostgreSQL advisory lock id: "keelmigr"
+FIRST_START_LOCK_KEY = 0x6B65656C_66697273  # "keelfirs"
+MIGRATION_WAIT_S = 600  # how long a process waits for another's migrations on SQLite
+BUSY_TIMEOUT_MS = 30000  # how long a SQLite writer waits for the write lock otherwise
 
 
 def migration_dirs() -> list[str]:
@@ -73,8 +76,7 @@ class Store:
         from alembic.runtime.migration import MigrationContext
 
         cfg = self._alembic_config()
-        with self.engine.begin() as conn:
-            self.lock_migrations(conn)
+        with self.engine.connect() as conn, self.migration_lock(conn), conn.begin():
             before = set(MigrationContext.configure(conn).get_current_heads())
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "heads")
@@ -84,9 +86,16 @@ class Store:
             log.info("database migrated", extra={"dialect": self.dialect, "heads": sorted(after)})
         return sorted(after)
 
-    def lock_migrations(self, conn: sa.Connection) -> None:
-        """Hold the store's migration lock until `conn`'s transaction ends (a dialect hook)."""
+    def migration_lock(self, conn: sa.Connection) -> contextlib.AbstractContextManager[None]:
+        """Held around the upgrade's transaction on `conn`: one process migrates, the others wait (a dialect hook)."""
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def first_start_lock(self) -> Iterator[None]:
+        """Held while a starting process makes what only the first start makes (the bootstrap admin key), so
+        replicas starting together on a fresh store make it once. Nothing is held on SQLite: one process
+        serves a SQLite store (the index's lock file sees to it)."""
+        yield
 
     def expected_heads(self) -> set[str]:
         from alembic.script import ScriptDirectory
@@ -146,7 +155,7 @@ class SQLiteStore(Store):
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             cur.close()
 
         @sa.event.listens_for(engine, "begin")
@@ -155,9 +164,16 @@ class SQLiteStore(Store):
 
         return cls(url, engine)
 
-    def lock_migrations(self, conn: sa.Connection) -> None:
-        """Nothing more to take: the upgrade's transaction began with BEGIN IMMEDIATE, SQLite's one write lock,
-        so another process's upgrade waits for it (busy_timeout) and then finds the store current."""
+    @contextlib.contextmanager
+    def migration_lock(self, conn: sa.Connection) -> Iterator[None]:
+        """SQLite's one write lock: the upgrade's transaction begins with BEGIN IMMEDIATE, so another process's
+        upgrade waits at its BEGIN, then finds the store current; it waits as long as a migration may take."""
+        raw = conn.connection.dbapi_connection
+        raw.execute(f"PRAGMA busy_timeout={MIGRATION_WAIT_S * 1000}")
+        try:
+            yield
+        finally:
+            raw.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
 
 class PostgresStore(Store):
@@ -170,7 +186,19 @@ class PostgresStore(Store):
         engine = sa.create_engine(url, pool_size=kw.get("pool_size", 10), max_overflow=20, pool_pre_ping=True)
         return cls(url, engine)
 
-    def lock_migrations(self, conn: sa.Connection) -> None:
-        """A transaction-scoped advisory lock: replicas (and `keel db upgrade` jobs) queue on it, one migrates,
-        the rest read the version table it committed and have nothing left to do."""
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+    @contextlib.contextmanager
+    def migration_lock(self, conn: sa.Connection, key: int = MIGRATION_LOCK_KEY) -> Iterator[None]:
+        """A session advisory lock: replicas (and `keel db upgrade` jobs) queue on it, one migrates, the rest
+        then read the version table it committed and have nothing left to do."""
+        conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            conn.commit()
+
+    @contextlib.contextmanager
+    def first_start_lock(self) -> Iterator[None]:
+        with self.engine.connect() as conn, self.migration_lock(conn, key=FIRST_START_LOCK_KEY):
+            yield

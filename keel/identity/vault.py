@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ def check_uses(uses: list[str] | tuple[str, ...], team_id: str | None) -> tuple[
 # scrypt at OWASP's first recommended cost (128 MiB, a fraction of a second, once per process start).
 # Stored with the salt, so a later version may raise it for new installations without locking out old ones.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
+FINGERPRINT_CONTEXT = b"keel master key fingerprint v1"
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ class Vault:
         keys = master_key.fernet_keys(store) if isinstance(master_key, MasterKey) else [master_key]
         self._fernet = MultiFernet([Fernet(k) for k in keys])  # seals with the first, opens with any
         self._current = Fernet(keys[0])
+        # A keyed hash of the sealing key, never the key: replicas compare it to refuse a different master key.
+        self.fingerprint = hmac.new(keys[0], FINGERPRINT_CONTEXT, hashlib.sha256).hexdigest()
 
     @staticmethod
     def _check_name(name: str) -> None:
