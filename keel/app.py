@@ -48,7 +48,6 @@ from keel.identity import service as identity
 from keel.identity.auth import Authenticator, principal
 from keel.identity.vault import Vault, load_master_key
 from keel.identity import keycheck
-from keel.identity import keycheck
 
 log = logging.getLogger("keel.app")
 
