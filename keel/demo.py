@@ -1,6 +1,7 @@
 """Demo data for `keel up`, loaded on first start through the HTTP API like any client: a `demo`
 team, a small `handbook` collection (examples/handbook) to search and ask questions over, and the
-`lead_intake` workflow (examples/lead_intake) with the `companies` collection it enriches leads from."""
+`lead_intake` workflow (examples/lead_intake) with the `companies` collection it enriches leads from, and the
+`support` agent (examples/support_agent) of the demo team over its `support-handbook` collection."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ log = logging.getLogger("keel.demo")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 HANDBOOK = EXAMPLES / "handbook"
 LEAD_INTAKE = EXAMPLES / "lead_intake"
+SUPPORT = EXAMPLES / "support_agent"
 
 
 def _ignore_conflict(fn, *args):  # noqa: ANN001, ANN202
@@ -27,16 +29,31 @@ def _ignore_conflict(fn, *args):  # noqa: ANN001, ANN202
         return None
 
 
-def _collection(client: Client, name: str, description: str, folder: Path) -> None:
-    """Create a collection and ingest `folder/*.md` into it (once: an existing collection is left alone)."""
+def _collection(client: Client, name: str, description: str, folder: Path) -> str | None:
+    """Create a collection and ingest `folder/*.md` into it (once: an existing collection is left alone); returns
+    the ingest job's id."""
     coll = _ignore_conflict(client.post, "/v1/collections",
                             {"name": name, "classification": "internal", "description": description})
     if coll is None or not folder.is_dir():
-        return
+        return None
     files = [(p.name, p.read_bytes()) for p in sorted(folder.glob("*.md"))]
     body, ctype = multipart(files, {})
     job = client.request("POST", f"/v1/collections/{coll['id']}/documents", raw=body, content_type=ctype)
     log.info("demo data loading", extra={"collection": coll["id"], "job": (job or {}).get("id")})
+    return (job or {}).get("id")
+
+
+def support_agent(client: Client, source: str | None = None) -> str | None:
+    """The support agent example: its handbook as the `support-handbook` collection, its mandate (`source`, or
+    examples/support_agent/support.yaml) defined for the demo team. Returns the handbook's ingest job id."""
+    job = _collection(client, "support-handbook", "What the support agent answers from (demo data)",
+                      SUPPORT / "handbook")
+    spec = SUPPORT / "support.yaml"
+    if source is None and not spec.is_file():
+        return job
+    agent = client.post("/v1/agents", {"spec": source or spec.read_text(encoding="utf-8"), "team": "demo"})
+    log.info("demo agent loaded", extra={"agent": agent["name"], "version": agent["version"]})
+    return job
 
 
 def load(url: str, admin_key: str) -> None:
@@ -54,5 +71,6 @@ def load(url: str, admin_key: str) -> None:
                                {"value": secrets.token_urlsafe(32), "uses": ["webhook"]})
             wf = client.post("/v1/workflows", {"spec": spec.read_text(encoding="utf-8")})
             log.info("demo workflow loaded", extra={"workflow": wf["name"], "version": wf["version"]})
+        support_agent(client)
     except KeelError as exc:  # demo data is a convenience: report it, never stop the server for it
         log.warning("demo data not loaded", extra={"error": exc.detail})

@@ -21,7 +21,11 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                            "parameters": WEATHER}},
          {"type": "function", "function": {"name": "refund", "description": "Refund an order",
                                            "parameters": REFUND}}]
-SCHEMAS = {"get_weather": WEATHER, "refund": REFUND}
+NOTIFY = {"type": "object", "additionalProperties": False, "required": ["to", "body"],  # bounds too big to spell out
+          "properties": {"to": {"type": "string", "maxLength": 320}, "body": {"type": "string", "maxLength": 20000}}}
+TOOLS.append({"type": "function", "function": {"name": "notify", "description": "Email someone",
+                                               "parameters": NOTIFY}})
+SCHEMAS = {"get_weather": WEATHER, "refund": REFUND, "notify": NOTIFY}
 ASK = [{"role": "user", "content": "Please refund order o-12 for 40 dollars."}]
 
 

@@ -23,6 +23,7 @@ from keel.core.errors import BadRequest
 
 ANSWER = {"type": "object", "additionalProperties": False, "required": ["answer"],
           "properties": {"answer": {"type": "string"}}}
+LOOSE_BOUNDS = {"maxLength": 64, "maxItems": 8, "minLength": 8, "minItems": 4}  # larger ones left to validation
 FIX = 'send tools as [{"type": "function", "function": {"name": …, "description": …, "parameters": {…}}}]'
 
 
@@ -66,10 +67,22 @@ def output_schema(tools: dict[str, dict[str, Any]], tool_choice: Any) -> dict[st
     """The JSON Schema every output of this request matches: a call of an allowed tool, or an answer."""
     names, may_answer = chosen(tools, tool_choice)
     alternatives = [{"type": "object", "additionalProperties": False, "required": ["tool", "arguments"],
-                     "properties": {"tool": {"const": n}, "arguments": tools[n]["parameters"]}} for n in names]
+                     "properties": {"tool": {"const": n}, "arguments": loosened(tools[n]["parameters"])}}
+                    for n in names]
     if may_answer:
         alternatives.append(ANSWER)
     return alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
+
+
+def loosened(schema: Any) -> Any:
+    """`schema` without the large length bounds (`maxLength: 2000`) that llama.cpp's grammar spells out one
+    optional character at a time, past what it will parse; the caller still validates the full schema."""
+    if isinstance(schema, dict):
+        return {k: loosened(v) for k, v in schema.items()
+                if not (k in LOOSE_BOUNDS and isinstance(v, int) and v > LOOSE_BOUNDS[k])}
+    if isinstance(schema, list):
+        return [loosened(v) for v in schema]
+    return schema
 
 
 def prompt_messages(messages: list[dict[str, Any]], tools: dict[str, dict[str, Any]],
