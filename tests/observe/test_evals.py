@@ -143,3 +143,29 @@ def test_malformed_runs_are_400s(world, body, words):
     srv, keys, _ = world
     with srv.client(keys["builder"]) as b:
         problem(b.post("/v1/evals/runs", json=body), 400, words)
+
+
+def test_the_eval_scores_a_ranking_as_bench_retrieval_does():
+    """The dataset `bench/retrieval.py --export-faq-dev` writes (sections with their chunk counts) makes the eval's
+    nDCG@10 and recall the bench's own `score` for the same ranked hits, so `keel eval run` reproduces the bench."""
+    import random
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from retrieval import score  # noqa: E402
+
+    from keel.observe.evals import parse_items, score_retrieval
+
+    rng = random.Random(7)
+    sections = [(f"faq/{f}.rst.txt", f"Question {i}") for f in ("general", "library") for i in range(1, 8)]
+    n_chunks = {k: rng.randint(1, 4) for k in sections}
+    for _ in range(200):
+        relevant = set(rng.sample(sections, rng.randint(1, 2)))
+        ranked = [rng.choice(sections) for _ in range(10)]
+        item = parse_items([{"question": "q", "relevant": [
+            {"source": s, "section": label, "chunks": n_chunks[(s, label)]} for s, label in sorted(relevant)]}])[0]
+        hits = [{"source": s, "document_id": "doc_" + s, "section": f"FAQ > Part > {label}"} for s, label in ranked]
+        ours = score_retrieval(hits, item["relevant"], 10)
+        ndcg, recall = score(ranked, relevant, n_chunks)
+        assert abs(ours["ndcg@10"] - ndcg) < 1e-12 and abs(ours["recall@k"] - recall) < 1e-12
