@@ -12,7 +12,9 @@ from tests.console.browser import WIDTHS, Visit
 from tests.fakes.openai_upstream import FakeOpenAI
 from conftest import eventually, wait_ledger
 
-pytestmark = [pytest.mark.store, pytest.mark.timeout(240)]
+# Not marked `store`: the pages' store-side rules run on PostgreSQL too in tests/test_authz_matrix.py and
+# tests/console/test_sessions.py; a second browser pass would only add minutes to CI.
+pytestmark = pytest.mark.timeout(240)
 
 LEAD_INTAKE = """
 name: lead_intake
