@@ -25,7 +25,7 @@ from keel.core.errors import BadRequest, Conflict, Forbidden, KeelError, NotFoun
 from keel.core.ids import new_id
 from keel.identity import service as identity
 from keel.identity.principal import Principal
-from keel.workflows.durable import DBOS, Durable
+from keel.workflows.durable import Durable
 from keel.workflows.waits import WAITING, public as public_wait
 
 log = logging.getLogger("keel.agents")
@@ -155,11 +155,7 @@ class Agents:
             return conn.execute(sa.select(agent_runs.c.status).where(agent_runs.c.id == run_id)).scalar()
 
     async def _launch(self, run_id: str) -> Any:
-        from dbos import SetWorkflowID
-
-        await self.durable.ensure_launched()
-        with SetWorkflowID(run_id):
-            return await DBOS.start_workflow_async(agent_workflow(), run_id)
+        return await self.durable.begin(agent_workflow(), run_id)  # here, or queued for a worker (role api)
 
     def _run_row(self, name: str, run_id: str, p: Principal) -> Any:
         require_agent_scope(p, name)

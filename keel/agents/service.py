@@ -48,7 +48,7 @@ def attach(app: Any, settings: Any, store: Any, gateway: Any, knowledge: Any) ->
     async def start() -> None:
         if folder is None and DEFAULT_DIR.is_dir():  # unset: ./agents of the start directory, a broken file skipped
             await asyncio.to_thread(svc.load_dir, DEFAULT_DIR, system)
-        if await asyncio.to_thread(agent_store.unfinished):
+        if settings.role != "api" and await asyncio.to_thread(agent_store.unfinished):  # api: workers run them
             await workflows.durable.ensure_launched()  # recovers unfinished runs
             n = await svc.relaunch_orphans()
             if n:

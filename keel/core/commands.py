@@ -12,6 +12,7 @@ import typer
 from keel.core import server
 from keel.core.cliutil import console, handle_errors
 from keel.core.db import Store
+from keel.core.roles import check_role, executor_id
 from keel.core.logs import configure_logging
 from keel.core.settings import Settings, load_settings
 
@@ -36,11 +37,13 @@ def make_server_commands(app: typer.Typer, factory: Callable[[Settings], Any],
     """Register `up` and `serve`; `factory(settings)` returns an object with `.asgi` and `.bootstrap_key`;
     `demo(url, admin_key)` loads demo data on the first start of `keel up`."""
 
-    def _start(config: Optional[Path], host: Optional[str], port: Optional[int], dev: bool) -> None:
-        overrides: dict[str, Any] = {"host": host, "port": port}
+    def _start(config: Optional[Path], host: Optional[str], port: Optional[int], dev: bool,
+               role: Optional[str] = None) -> None:
+        overrides: dict[str, Any] = {"host": host, "port": port, "role": role}
         if dev:
             overrides.update(demo=True, preload_models=True)
         settings, sources = load_settings(config, **overrides)
+        settings = with_role(settings, sources)
         configure_logging(settings.log_level)
         server.log_sources(settings, sources)
         built = factory(settings)
@@ -67,7 +70,24 @@ def make_server_commands(app: typer.Typer, factory: Callable[[Settings], Any],
     @app.command("serve")
     @handle_errors
     def serve(config: Optional[Path] = ConfigOpt, host: Optional[str] = typer.Option(None),
-              port: Optional[int] = typer.Option(None)) -> None:
+              port: Optional[int] = typer.Option(None),
+              role: Optional[str] = typer.Option(None, help="all (default), api or worker; KEEL_ROLE")) -> None:
         """Start Keel for production: configuration only, no demo data."""
-        _start(config, host, port, dev=False)
+        _start(config, host, port, dev=False, role=role)
+
+    @app.command("worker")
+    @handle_errors
+    def worker(config: Optional[Path] = ConfigOpt, host: Optional[str] = typer.Option(None),
+               port: Optional[int] = typer.Option(None)) -> None:
+        """Start a worker on a shared PostgreSQL store: it executes the workflow and agent runs and ingest jobs
+        that `keel serve --role api` replicas queue, runs the schedules, and takes over dead workers' runs. It
+        serves the API too (health probes, metrics) on its own port."""
+        _start(config, host, port, dev=False, role="worker")
+
+
+def with_role(settings: Settings, sources: dict[str, str]) -> Settings:
+    """Check the role fits the store, and give a split-role process its own executor id unless one was set."""
+    check_role(settings.role, "postgresql" if settings.resolved_database_url().startswith("postgresql") else "sqlite")
+    executor = executor_id(settings.role, settings.workflow_executor_id, "workflow_executor_id" in sources)
+    return settings.model_copy(update={"workflow_executor_id": executor})
 

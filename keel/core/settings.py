@@ -142,6 +142,13 @@ class Settings(BaseModel):
                                       description="this process's stable identity for durable runs: each "
                                                   "replica on one PostgreSQL needs its own, kept across restarts")
     workflow_model_concurrency: int = Field(default=2, ge=1, description="model calls workflow runs make at once")
+    role: Literal["all", "api", "worker"] = Field(
+        default="all", description="what this process runs: `all` (API and background work, one process), `api` "
+        "(requests only: runs and ingest jobs are queued for `keel worker`s) or `worker`; api/worker need PostgreSQL")
+    worker_concurrency: int = Field(default=16, ge=1, description="workflow and agent runs one worker executes at once")
+    worker_heartbeat_s: float = Field(default=2.0, gt=0, description="how often a worker records that it is alive")
+    worker_takeover_s: float = Field(default=10.0, gt=0, description="a worker silent this long is dead: a live one "
+                                     "takes over its unfinished runs (ingest jobs: their 15 s lease)")
     workflow_schedule_interval_s: float = Field(default=15.0, gt=0, description="how often cron triggers are checked")
     responses_retention_days: float = Field(default=30, ge=0, description="days a stored Responses API answer is "
                                             "kept (`GET /v1/responses/{id}`, `previous_response_id`); 0 = forever")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 
 from keel.core.db import Store
+from keel.core.roles import executes_runs
 from keel.core.settings import Settings
 from keel.gateway.pipeline import Gateway
 from keel.identity.principal import Principal
@@ -32,8 +33,10 @@ class Knowledge:
     """The knowledge capability's services, shared by routes and the worker (a `parts.Library`)."""
 
     def __init__(self, config: KnowledgeConfig, store: Store, gateway: Gateway, index: ChunkIndex,
-                 on_retrieval: Callable[[np.ndarray | None, float | None, int], None] | None = None) -> None:
+                 on_retrieval: Callable[[np.ndarray | None, float | None, int], None] | None = None, *,
+                 ingests: bool = True) -> None:
         self.config = config
+        self.ingests = ingests  # whether this process runs the ingest worker
         self.on_retrieval = on_retrieval
         self.store = store
         self.gateway = gateway
@@ -48,8 +51,9 @@ class Knowledge:
         await asyncio.to_thread(self.index.open)
         if self.store.dialect == "sqlite":
             await asyncio.to_thread(self.worker.reclaim_all)
-        self._tasks = [asyncio.create_task(self.worker.run(), name="knowledge-worker"),
-                       asyncio.create_task(self._checkpoints(), name="knowledge-checkpoints")]
+        self._tasks = [asyncio.create_task(self._checkpoints(), name="knowledge-checkpoints")]
+        if self.ingests:  # role api: `keel worker`s take the jobs (a dead one's after its lease runs out)
+            self._tasks.append(asyncio.create_task(self.worker.run(), name="knowledge-worker"))
 
     async def stop(self) -> None:
         self.worker.stop()
@@ -85,4 +89,5 @@ class Knowledge:
 def build(settings: Settings, store: Store, gateway: Gateway,
           on_retrieval: Callable[[np.ndarray | None, float | None, int], None] | None = None) -> Knowledge:
     config = KnowledgeConfig.from_settings(settings)
-    return Knowledge(config, store, gateway, open_index(store, config.data_dir), on_retrieval)
+    return Knowledge(config, store, gateway, open_index(store, config.data_dir), on_retrieval,
+                     ingests=executes_runs(settings.role))

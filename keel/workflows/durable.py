@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+RUNS_QUEUE = "keel_runs"  # runs queued by API replicas (role `api`) and handed over from dead workers
 APP_VERSION = "keel-workflows-1"  # pinned: runs recover across Keel upgrades; bump only if replay would diverge
 Interpret = Callable[[str], Awaitable[dict[str, Any]]]
 
@@ -91,8 +92,12 @@ class Durable:
 
     _current: Durable | None = None
 
-    def __init__(self, store_url: str, executor_id: str, interpret: Interpret) -> None:
+    def __init__(self, store_url: str, executor_id: str, interpret: Interpret, *, role: str = "all",
+                 concurrency: int = 16) -> None:
+        """`role` `api`: runs are queued for workers, never executed here; `worker`/`all`: executed here, and on
+        PostgreSQL also taken from the shared queue (`concurrency` at once)."""
         self.store_url, self.executor_id, self.interpret = store_url, executor_id, interpret
+        self.role, self.concurrency = role, concurrency
         self.launched = False
         self._launching = asyncio.Lock()
 
@@ -109,6 +114,8 @@ class Durable:
             async with self._launching:
                 if not self.launched:
                     self._launch()
+                    if self.role != "api" and not self.store_url.startswith("sqlite"):
+                        await DBOS.register_queue_async(RUNS_QUEUE, worker_concurrency=self.concurrency)
 
     def _launch(self) -> None:
         from dbos import DBOS as dbos_cls
@@ -121,6 +128,8 @@ class Durable:
                          "executor_id": self.executor_id,  # a restart recovers its own runs
                          "notification_listener_polling_interval_sec": 0.2,
                          "scheduler_polling_interval_sec": 3600.0})
+        if self.role == "api":
+            DBOS.listen_queues([])  # takes nothing from the runs queue: workers do
         DBOS.launch()
         self.launched = True
 
@@ -135,11 +144,28 @@ class Durable:
 
     async def start(self, run_id: str) -> Any:
         """Start run `run_id`'s workflow (idempotent: the id is the workflow's); returns its handle."""
+        return await self.begin(_workflow(), run_id)
+
+    async def begin(self, workflow: Any, run_id: str) -> Any:
+        """Start DBOS workflow function `workflow` for `run_id` under that id: here, or (role `api`) queued for
+        a worker; returns its handle."""
         from dbos import SetWorkflowID
 
         await self.ensure_launched()
         with SetWorkflowID(run_id):
-            return await DBOS.start_workflow_async(_workflow(), run_id)
+            if self.role == "api":
+                return await DBOS.enqueue_workflow_async(RUNS_QUEUE, workflow, run_id)
+            return await DBOS.start_workflow_async(workflow, run_id)
+
+    async def take_over(self, executor_id: str) -> int:
+        """Hand the unfinished runs of dead process `executor_id` to the runs queue, where a live worker takes
+        each exactly once (DBOS dequeues atomically); returns how many."""
+        await self.ensure_launched()
+        pending = await DBOS.list_workflows_async(status="PENDING", executor_id=executor_id, load_input=False,
+                                                  load_output=False)
+        for wf in pending:
+            await DBOS.resume_workflow_async(wf.workflow_id, queue_name=RUNS_QUEUE)
+        return len(pending)
 
     async def exists(self, run_id: str) -> bool:
         await self.ensure_launched()

@@ -55,7 +55,8 @@ class Engine:
                                mailer=mailer, model_slots=asyncio.Semaphore(settings.workflow_model_concurrency),
                                flush_ledger=observe.ledger.flush)
         self.tracing = observe.tracing
-        self.durable = Durable(runs.store.url, settings.workflow_executor_id, self._traced)
+        self.durable = Durable(runs.store.url, settings.workflow_executor_id, self._traced, role=settings.role,
+                               concurrency=settings.worker_concurrency)
 
     async def close(self) -> None:
         await self.durable.close()

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from keel.core.roles import Heartbeats, executes_runs
 from keel.identity.principal import Principal
 from keel.workflows import routes
 from keel.workflows.manager import Workflows
@@ -28,12 +29,21 @@ def attach(app: Any, settings: Any, store: Any, gateway: Any, knowledge: Any) ->
     scheduler = Scheduler(svc, settings.workflow_schedule_interval_s)
     system = Principal(key_id="system", role="admin")
 
+    # Processes that execute runs on a shared PostgreSQL record heartbeats and take over dead ones' runs.
+    beats = Heartbeats(store, settings.workflow_executor_id, settings.role, interval_s=settings.worker_heartbeat_s,
+                       takeover_s=settings.worker_takeover_s, on_dead=engine.durable.take_over) \
+        if executes_runs(settings.role) and store.dialect == "postgresql" else None
+
     async def start() -> None:
         if settings.workflows_dir and Path(settings.workflows_dir).is_dir():
             await asyncio.to_thread(svc.load_dir, Path(settings.workflows_dir), system)
+        if not executes_runs(settings.role):
+            return  # role api: runs are queued for workers, which also run the schedules
         await scheduler.start()
-        if not await asyncio.to_thread(svc.any_defined):
-            return  # DBOS starts with the first definition
+        if beats is not None:
+            await beats.start()
+        if settings.role != "worker" and not await asyncio.to_thread(svc.any_defined):
+            return  # DBOS starts with the first definition (a worker's at once: it takes runs from the queue)
         await engine.durable.ensure_launched()  # recovers unfinished runs
         n = await svc.relaunch_orphans()
         if n:
@@ -41,6 +51,8 @@ def attach(app: Any, settings: Any, store: Any, gateway: Any, knowledge: Any) ->
 
     async def stop() -> None:
         await scheduler.stop()
+        if beats is not None:
+            await beats.stop()
         await engine.close()
 
     app.state.workflows = svc
