@@ -29,7 +29,7 @@ def world(module_server_factory, tmp_path_factory, fake):
     base = tmp_path_factory.mktemp("prompts")
     (base / "keel.yaml").write_text(f"models:\n  - {{alias: fake, provider: openai_compatible, model: m, "
                                     f"base_url: {fake.url}}}\nledger_flush_interval_s: 0.05\n")
-    srv = module_server_factory(config=base / "keel.yaml")
+    srv = module_server_factory(config=base / "keel.yaml", KEEL_TRACE_EXPORTER="jsonl", KEEL_TRACE_DETAIL="calls")
     with srv.admin() as admin:
         for team in ("red", "blue"):
             assert admin.post("/admin/teams", json={"name": team}).status_code in (201, 409)
@@ -124,6 +124,10 @@ def test_callers_use_a_label_and_the_ledger_names_the_version_through_a_roll_bac
     assert wait_ledger(srv.extra["db_url"], f"request_id = '{rid}'")[0].prompt_version == "support-reply@1"
     rid = ask("support-reply@2", product="Acme")
     assert wait_ledger(srv.extra["db_url"], f"request_id = '{rid}'")[0].prompt_version == "support-reply@2"
+    traces = srv.data_dir / "traces.jsonl"  # the gateway call's span names the version too
+    eventually(lambda: traces.exists() and rid in traces.read_text())
+    spans = [json.loads(line) for line in traces.read_text().splitlines() if rid in line]
+    assert any(sp["attributes"].get("keel.prompt.version") == "support-reply@2" for sp in spans), spans
 
 
 def test_a_bad_reference_is_a_4xx_before_any_model_call(world, fake):
