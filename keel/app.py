@@ -16,6 +16,7 @@ from keel.core import apidocs
 from keel.core import routes as core_routes
 from keel.core.db import Store
 from keel.core.http import RequestContext, install_error_handlers
+from keel.core.notify import ChangeFeed
 from keel.core.outbound import Outbound
 from keel.core.settings import Settings
 from keel.gateway import routes as gateway_routes
@@ -158,6 +159,8 @@ def create_app(settings: Settings, *, store: Store | None = None) -> Built:
     app.state.lifecycle = lifecycle
     app.state.authenticator = Authenticator(store, settings.auth_cache_ttl_s)
     lifecycle.shutdown.append(app.state.authenticator.close)
+    changes = app.state.changes = ChangeFeed(store)  # what other replicas publish: caches refreshed at once
+    changes.subscribe("keys", app.state.authenticator.invalidate)
     app.state.audit = None
     app.state.hot_routes = {}  # (method, path) → endpoint served ahead of the framework router
 
@@ -215,6 +218,9 @@ def _mount_capabilities(app: FastAPI, settings: Settings, store: Store) -> None:
 
     outbound = Outbound.from_settings(settings)  # one outbound HTTP stack: providers, budget alerts, review webhooks
     deployments = gateway_service.deployments(settings, store, app.state.vault, outbound)
+    app.state.changes.subscribe("deployments", deployments.reload)
+    lifecycle.startup.append(app.state.changes.start)
+    lifecycle.shutdown.append(app.state.changes.stop)
     gov = governance_service.build(settings, store, deployments, outbound=outbound)  # a bad policy file fails here
     gateway = gateway_service.build(settings, store, deployments, obs, stages=gov.stages, allow=gov.allow,
                                     outbound=outbound)

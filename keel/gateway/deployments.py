@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from keel.core.clock import utcnow
 from keel.core.db import Store
 from keel.core.errors import BadRequest, ConfigError, Conflict, NotFound, ValidationFailed
+from keel.core.notify import publish
 from keel.core.outbound import TLS_OPTIONS, Outbound
 from keel.core.settings import DeploymentConfig, Settings
 from keel.core.tasks import stop_task
@@ -267,6 +268,7 @@ class Deployments:
             conn.execute(deployments_table.insert().values(
                 id=did, alias=cfg.alias, config=cfg.model_dump(mode="json"), created_at=now, updated_at=now))
         self.reload()
+        publish(self.store, "deployments")  # every other replica re-reads them now
         return public(cfg, "api")
 
     def update(self, did: str, patch: dict[str, Any]) -> dict[str, Any]:
@@ -286,6 +288,7 @@ class Deployments:
             conn.execute(deployments_table.update().where(deployments_table.c.id == did).values(
                 alias=cfg.alias, config=cfg.model_dump(mode="json"), updated_at=utcnow()))
         self.reload()
+        publish(self.store, "deployments")
         return public(cfg, "api")
 
     def delete(self, did: str) -> None:
@@ -296,3 +299,4 @@ class Deployments:
             if not conn.execute(deployments_table.delete().where(deployments_table.c.id == did)).rowcount:
                 raise NotFound(f"deployment {did!r} does not exist", deployment=did)
         self.reload()
+        publish(self.store, "deployments")

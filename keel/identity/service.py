@@ -19,6 +19,7 @@ from keel.core.clock import utcnow
 from keel.core.db import Store
 from keel.core.errors import BadRequest, Conflict, NotFound, Unauthorized
 from keel.core.ids import new_id
+from keel.core.notify import publish
 from keel.identity.principal import ROLES, Principal, Scopes
 from keel.identity.tables import api_keys, secret_grants, secrets, teams, users
 
@@ -179,6 +180,7 @@ def revoke_key(store: Store, key_id: str) -> dict[str, Any]:
         if r.revoked_at is None:
             conn.execute(api_keys.update().where(api_keys.c.id == r.id).values(revoked_at=utcnow()))
         r = conn.execute(sa.select(api_keys).where(api_keys.c.id == r.id)).first()
+    publish(store, "keys")  # every replica drops the keys it trusted, this one refused from now on
     return key_row(r)
 
 
