@@ -51,6 +51,9 @@ test-deps:
 # Debian's chromium: the browser tests/console drives through Playwright (they skip, saying so, without it).
 	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium) \
 	  || echo "chromium not installed: tests/console's browser tests will skip"
+# Debian's redis-server: the real Redis tests/scale counts rate limits in across replicas (skipped without it).
+	command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server) \
+	  || echo "redis-server not installed: tests/scale/test_redis_limits.py will skip"
 
 # docs/console/*.png: the console's browser tests, taking each page's screenshot as they go.
 console-screenshots: install-test test-deps

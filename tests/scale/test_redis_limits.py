@@ -1,0 +1,57 @@
+"""Rate limits counted in a real Redis (Debian's `redis-server`, started here) hold across two replicas: together
+they admit the limit within 5%, not twice it. The store-counted variant is tests/gateway/test_rate_limits.py."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import eventually, fake_upstream, free_port, listening
+from tests.gateway.test_rate_limits import burst, new_key, wait_for_fresh_window, write_config
+
+pytestmark = pytest.mark.store
+REDIS = shutil.which("redis-server") or shutil.which("valkey-server")
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    if REDIS is None:
+        pytest.skip("redis-server (or valkey-server) not installed: `make test-deps` installs it")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="keel-redis-") as work:
+        proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                 "no", "--dir", work], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            eventually(lambda: listening(port), timeout=20)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_one_limit_across_two_replicas_counted_in_redis(server_factory, tmp_path, redis_url) -> None:  # noqa: ANN001
+    """Guards the Redis path of KEEL_REDIS_URL across replicas: 300 requests split over two processes against an
+    rpm limit of 200 admit 190-200, every other one a 429."""
+    limit, sent = 200, 300
+    with fake_upstream("--latency-ms", "20") as root:
+        wait_for_fresh_window(20)
+        cfg = write_config(tmp_path, root + "/v1")
+        one = server_factory(config=cfg, data_dir=tmp_path / "one", KEEL_REDIS_URL=redis_url)
+        key = new_key(one)
+        assert one.admin().put(f"/admin/limits/keys/{key['id']}", json={"rpm": limit}).status_code == 200
+        two = server_factory(config=cfg, data_dir=tmp_path / "two", KEEL_REDIS_URL=redis_url)
+
+        async def both() -> list[int]:
+            a, b = await asyncio.gather(burst(one.url, key["key"], sent // 2, 16),
+                                        burst(two.url, key["key"], sent // 2, 16))
+            return a + b
+
+        codes = asyncio.run(both())
+    admitted = codes.count(200)
+    assert set(codes) <= {200, 429}, codes
+    assert limit * 0.95 <= admitted <= limit, admitted
