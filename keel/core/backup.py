@@ -80,8 +80,16 @@ def _sqlite_path(url: str) -> Path:
 
 
 def _libpq_url(url: str) -> str:
-    """SQLAlchemy's `postgresql+psycopg://…` as libpq (pg_dump, pg_restore) reads it."""
-    return "postgresql://" + url.split("://", 1)[1]
+    """SQLAlchemy's `postgresql+psycopg://…` as libpq (pg_dump, pg_restore) reads it, without its password: a
+    command line is readable by every local user (ps), so the password travels in PGPASSWORD (`_pg_env`)."""
+    u = sa.engine.make_url(url)
+    return sa.engine.URL.create("postgresql", username=u.username, host=u.host, port=u.port, database=u.database,
+                                query=u.query).render_as_string(hide_password=False)
+
+
+def _pg_env(url: str) -> dict[str, str]:
+    password = sa.engine.make_url(url).password
+    return {**os.environ, **({"PGPASSWORD": str(password)} if password else {})}
 
 
 def pg_tool(name: str) -> str:
@@ -101,8 +109,8 @@ def pg_tool(name: str) -> str:
                                                "server or newer) or set KEEL_PG_BIN to their folder")
 
 
-def _run(args: list[str]) -> None:
-    done = subprocess.run(args, capture_output=True, text=True)
+def _run(args: list[str], url: str) -> None:
+    done = subprocess.run(args, capture_output=True, text=True, env=_pg_env(url))
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise BackupError(f"{Path(args[0]).name} failed: {' / '.join(tail)}",
@@ -159,7 +167,7 @@ def backup(settings: Settings, dest: Path) -> Manifest:
         else:
             manifest = Manifest("postgresql", time.time(), heads)
             _run([pg_tool("pg_dump"), "--format=custom", "--no-owner", "--file", str(work / PG_FILE),
-                  _libpq_url(url)])
+                  _libpq_url(url)], url)
             manifest.files.append(PG_FILE)
         (work / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
         work.rename(dest)
@@ -216,7 +224,7 @@ def restore(settings: Settings, src: Path, verify: Callable[[Store], Any]) -> An
             raise Conflict(f"the database at {url.split('@')[-1]} already holds a Keel store",
                            fix="restore into a new, empty database")
         _run([pg_tool("pg_restore"), "--no-owner", "--exit-on-error", "--dbname", _libpq_url(url),
-              str(src / PG_FILE)])
+              str(src / PG_FILE)], url)
     store = Store.open(url)
     try:
         return verify(store)
