@@ -84,8 +84,9 @@ def main() -> None:
                            best["thresholds"][ch])
             for n, d in data.items() for ch in [fit.CHANNEL_OF.get(n) or "direct"]}
     settings = {"alpha": best["alpha"], "min_evidence": fit.MIN_EVIDENCE, "min_words": fit.MIN_WORDS,
-                "prior_logit": fit.PRIOR_LOGIT, "max_validation_fpr": fit.MAX_VAL_FPR, "seed": corpora.SEED,
-                "cap": args.cap, "semantic": args.semantic}
+                "prior_logit": fit.PRIOR_LOGIT, "max_validation_fpr": fit.MAX_VAL_FPR_BY_CHANNEL, "f1_slack": fit.F1_SLACK,
+                "seed": corpora.SEED,
+                "cap": args.cap, "semantic_features": args.semantic}
     payload = {
         "format": "keel-injection-lr/3" if args.semantic else "keel-injection-lr/2", "bits": features.BITS,
         "bias": best["model"]["bias"], "scale": best["scale"],

@@ -65,7 +65,7 @@ def load_model(path: str = str(MODEL_PATH)) -> dict[str, Any]:
         raise ConfigError(f"injection model {p} does not match the feature size", fix="retrain it")
     meta.setdefault("min_evidence", 1.0)  # a keel-injection-lr/1 model scores without the evidence rules
     meta.setdefault("min_words", 0)
-    if "semantic" in meta:  # keel-injection-lr/3: weights of the sentence vector's dimensions
+    if isinstance(meta.get("semantic"), dict):  # keel-injection-lr/3: weights of the sentence vector's dimensions
         sem = meta["semantic"]
         raw = zlib.decompress(base64.b64decode(sem["weights"]))
         meta["semantic_w"] = np.frombuffer(raw, dtype=np.int8).astype(np.float32) * np.float32(sem["scale"])

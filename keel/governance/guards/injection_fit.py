@@ -35,6 +35,11 @@ MIN_EVIDENCE = 64.0  # features (char 3–5-grams + words): about a five-word se
 MIN_WORDS = 4  # segments of fewer words are shrunk towards PRIOR_LOGIT (one word: to a quarter)
 PRIOR_LOGIT = -3.0  # about 5%: the share of attacks a busy gateway might see, not a tuned figure
 MAX_VAL_FPR = 0.04
+# Per channel: a document is judged segment by segment, so its false-positive chance grows with its length
+# (an 11-sentence runbook at a 4% per-segment rate is flagged a third of the time): stricter for the
+# indirect channel, whose texts are the long ones.
+MAX_VAL_FPR_BY_CHANNEL = {"direct": 0.04, "indirect": 0.01}
+F1_SLACK = 0.002  # of the thresholds within this of the best mean F1, the highest (fewest false positives)
 ALPHA_GRID = (3e-6, 1e-5, 3e-5)
 
 
@@ -181,23 +186,29 @@ def metrics(p: np.ndarray, y: np.ndarray, threshold: float) -> dict[str, Any]:
             "fpr": r(fp / (fp + tn)) if fp + tn else None, "n_attack": tp + fn, "n_benign": fp + tn}
 
 
-def choose_threshold(val: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
-    """(threshold, its mean validation F1) over per-corpus (probabilities, labels)."""
-    best = (0.5, -1.0)
+def choose_threshold(val: dict[str, tuple[np.ndarray, np.ndarray]],
+                     scored: set[str] | None = None, max_fpr: float = MAX_VAL_FPR) -> tuple[float, float]:
+    """(threshold, its mean validation F1) over per-corpus (probabilities, labels): the mean F1 of the corpora
+    in `scored` (default: all), with the FPR of each of them that holds benign texts at or under `max_fpr` —
+    or, where none of them does, of every corpus that does (benign text must never be left unconstrained)."""
+    names = set(val) if scored is None else scored
+    limited = {n for n in names if (val[n][1] == 0).any()} or {n for n in val if (val[n][1] == 0).any()}
+    feasible: list[tuple[float, float]] = []
     for th in np.arange(0.05, 0.99, 0.01):
-        ms = [metrics(p, y, float(th)) for p, y in val.values()]
-        if any(m["fpr"] is not None and m["fpr"] > MAX_VAL_FPR for m in ms):
+        ms = {n: metrics(p, y, float(th)) for n, (p, y) in val.items()}
+        if any(ms[n]["fpr"] > max_fpr for n in limited):
             continue
-        f1s = [m["f1"] for m in ms if m["f1"] is not None]
-        score = float(np.mean(f1s)) if f1s else 0.0
-        if score > best[1]:
-            best = (round(float(th), 2), score)
-    return best
+        f1s = [m["f1"] for n, m in ms.items() if m["f1"] is not None and (scored is None or n in scored)]
+        feasible.append((round(float(th), 2), float(np.mean(f1s)) if f1s else 0.0))
+    if not feasible:  # no threshold keeps benign text under the limit: the strictest one, scored as nothing
+        return (0.98, 0.0)
+    top = max(f1 for _, f1 in feasible)
+    return max((th, f1) for th, f1 in feasible if f1 >= top - F1_SLACK)
 
 
-def channel_sets(val: dict[str, Any], channel: str) -> dict[str, Any]:
-    """The validation corpora that choose `channel`'s threshold: its own, and the ones both channels see."""
-    return {n: v for n, v in val.items() if CHANNEL_OF.get(n, "direct") in (channel, None)}
+def channel_corpora(names: Any, channel: str) -> set[str]:
+    """The corpora whose attacks choose `channel`'s threshold: its own, and the ones both channels see."""
+    return {n for n in names if CHANNEL_OF.get(n, "direct") in (channel, None)}
 
 
 def train(train_sets: Sequence[Featured], val_sets: dict[str, Featured],
@@ -219,7 +230,7 @@ def train(train_sets: Sequence[Featured], val_sets: dict[str, Featured],
             band = tuple(round(float(v), 4) for v in np.percentile(term, BAND_PERCENTILES))
         model = model_dict(q.astype(np.float32) * np.float32(scale), b, signal_weights, sem, band)
         val = {n: (probabilities(model, d), d.y) for n, d in val_sets.items()}
-        chosen = {c: choose_threshold(channel_sets(val, c)) for c in ("direct", "indirect")
+        chosen = {c: choose_threshold(val, channel_corpora(val, c), MAX_VAL_FPR_BY_CHANNEL[c]) for c in ("direct", "indirect")
                   if any(CHANNEL_OF.get(n, "direct") == c for n in val)}
         score = float(np.mean([f1 for _, f1 in chosen.values()]))
         thresholds = {c: th for c, (th, _) in chosen.items()}
