@@ -24,7 +24,7 @@ from keel.identity.principal import Principal
 from keel.knowledge import answer as answers, catalog, documents as docs, jobs
 from keel.knowledge.acl import can_write
 from keel.knowledge.chunking import measure_for
-from keel.knowledge.search import Query, search
+from keel.knowledge.search import RRF_K, RRF_K_MAX, Query, search
 from keel.knowledge.service import Knowledge
 
 router = APIRouter(tags=["knowledge"])
@@ -84,6 +84,8 @@ class SearchIn(BaseModel):
     long_query: Literal["auto", "on", "off"] = Field(
         default="off", description="long questions: sentence sub-queries fused (RRF) and key terms for BM25; "
         "auto: for questions of several sentences and at least 25 words; off by default (docs/knowledge.md)")
+    rrf_k: int = Field(default=RRF_K, ge=1, le=RRF_K_MAX, description="reciprocal rank fusion constant: "
+                       "score = sum of weight / (rrf_k + rank); smaller favours each leg's top hits")
 
 
 class AnswerIn(BaseModel):
@@ -314,7 +316,7 @@ async def get_job(job_id: str, request: Request, p: Principal = Depends(principa
 async def search_route(body: SearchIn, request: Request, p: Principal = Depends(principal)) -> Response:
     kn = _kn(request)
     q = Query(text=body.query, collections=body.collections, top_k=body.top_k, filters=body.filters, mode=body.mode,
-              rerank=_rerank_alias(kn, body.rerank), long_query=body.long_query,
+              rerank=_rerank_alias(kn, body.rerank), long_query=body.long_query, rrf_k=body.rrf_k,
               **({"weights": body.weights} if body.weights else {}))
     hits, timings = await search(kn, p, q, _rid())
     return json_response({"object": "list", "data": [h.public() for h in hits], "timings": timings})

@@ -1,5 +1,6 @@
 """Long questions (issue 24): sentence sub-queries fused with RRF for the dense leg, key terms instead of
-an OR of every word for the keyword leg, switchable per request with `long_query` (auto|on|off)."""
+an OR of every word for the keyword leg, switchable per request with `long_query` (auto|on|off); and hybrid search's fusion constant,
+`rrf_k`."""
 
 from __future__ import annotations
 
@@ -122,3 +123,24 @@ def test_answer_takes_long_query(admin):
         r = admin.post("/v1/answer", json={"question": STORY, "collections": ["mixed"], "model": "fake-chat",
                                            "long_query": value})
         assert r.status_code == 200, r.text
+
+
+def test_rrf_k_sets_the_fusion_constant_and_defaults_to_the_tuned_one(admin):
+    """Regression for the hybrid fusion constant (10, chosen on bench/retrieval.py's dev halves): a hit's fused
+    score is weight / (rrf_k + rank), so a vector-only search's best hit scores 1 / (rrf_k + 1)."""
+    from keel.knowledge.search import RRF_K
+
+    def top(**extra) -> float:
+        got = _search(admin, query="reading a child's output through pipes", mode="vector", **extra)["data"][0]
+        assert got["source"] == "dev/processes.md"
+        return got["score"]
+
+    assert RRF_K == 10
+    assert top() == pytest.approx(1 / 11, abs=1e-6)
+    assert top(rrf_k=60) == pytest.approx(1 / 61, abs=1e-6)
+    assert _search(admin, query="reading a child's output through pipes", rrf_k=1)["data"]  # hybrid takes it too
+
+
+@pytest.mark.parametrize("value", [0, -3, 1001, 2.5, "ten", None])
+def test_an_rrf_k_out_of_range_or_not_a_whole_number_is_a_422(admin, value):
+    problem(admin.post("/v1/search", json={"query": "pipes", "collections": ["mixed"], "rrf_k": value}), 422, "rrf_k")
