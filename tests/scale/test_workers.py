@@ -65,8 +65,10 @@ def test_a_killed_workers_runs_are_taken_over_and_each_effect_applied_once(tmp_p
     worker is SIGKILLed while it holds runs; within worker_takeover_s the other takes them over from their last
     checkpoint; all complete, each push applied once."""
     api = start_server(tmp_path / "api", db_url, KEEL_ROLE="api")
-    workers = [start_server(tmp_path / f"w{i}", db_url, command="worker", **FAST) for i in range(2)]
+    workers = [start_server(tmp_path / f"w{i}", db_url, command="worker", wait=False, **FAST) for i in range(2)]
     try:
+        for w in workers:  # started together: each launches DBOS on the shared store at once
+            eventually(w.healthy, timeout=120, interval=0.1)
         with receiver() as rcv:
             define(api, spec(rcv))
             run_ids = [start(api, "slow_push") for _ in range(RUNS)]
