@@ -36,9 +36,11 @@ def list_(url: Optional[str] = UrlOpt, key: Optional[str] = KeyOpt) -> None:
 @agents_app.command("run")
 @handle_errors
 def run(name: str, task: str = typer.Option(..., "--task", "-t"), wait: float = typer.Option(60.0, help="seconds"),
+        user: Optional[str] = typer.Option(None, help="the end user the run is for (their thread, memory: user)"),
         url: Optional[str] = UrlOpt, key: Optional[str] = KeyOpt) -> None:
     """Run the agent on a task; prints the run with its action log."""
-    r = client(url, key).post(f"/v1/agents/{name}/runs", {"task": task, "wait_s": wait})
+    body = {"task": task, "wait_s": wait, **({"user": user} if user else {})}
+    r = client(url, key).post(f"/v1/agents/{name}/runs", body)
     print(json.dumps(r, indent=2, ensure_ascii=False))
 
 

@@ -304,16 +304,20 @@ class AgentEngine:
     async def tool_step(self, run: Run, name: str, raw: Any, state: dict[str, Any], seq: int,
                         approved: bool) -> dict[str, Any]:
         """Check, then (allowed) run one tool call; logged either way."""
-        stop = await asyncio.to_thread(self._gate, run, state, model=False)
+        def checked() -> tuple[tuple[str, str] | None, Decision, Any]:  # the gate, then the mandate: one hop
+            stop = self._gate(run, state, model=False)
+            if stop is not None:
+                return stop, Decision(False), raw
+            return (None, *check_call(run.mandate, name, raw, calls_in_run=state["calls"].get(name, 0),
+                                      calls_today=lambda: self.store.calls_today(run.agent, name), approved=approved,
+                                      run={"cost": state["cost"], "tokens": state["tokens"], "steps": state["steps"]}))
+
+        stop, decision, args = await asyncio.to_thread(checked)
         if stop is not None:
             await asyncio.to_thread(self._log, run, seq, "tool", "refused", tool=name[:64], args=_loggable(raw),
                                     rule=stop[0], detail=stop[1])
             return {"content": f"Refused: {stop[1]}.", "stop": {"code": "agent_stopped", "rule": stop[0],
                                                                  "detail": stop[1]}}
-        decision, args = await asyncio.to_thread(
-            check_call, run.mandate, name, raw, calls_in_run=state["calls"].get(name, 0),
-            calls_today=lambda: self.store.calls_today(run.agent, name), approved=approved,
-            run={"cost": state["cost"], "tokens": state["tokens"], "steps": state["steps"]})
         if not decision.allowed:
             await asyncio.to_thread(self._log, run, seq, "tool", "refused", tool=name[:64], args=_loggable(args),
                                     rule=decision.rule, detail=decision.detail)

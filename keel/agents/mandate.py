@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import yaml
@@ -101,6 +102,11 @@ class ToolSpec:
     mcp_server: str | None = None  # kind `mcp`: the mandate's `mcp_servers` entry, and the tool's name there
     remote: str | None = None
     workflows: tuple[str, ...] = ()  # start_workflow: the workflows it may start
+
+    @cached_property
+    def validator(self) -> Draft202012Validator:
+        """The checker of its arguments, built once (every call of the tool is checked with it)."""
+        return Draft202012Validator(self.parameters)
 
     def openai(self) -> dict[str, Any]:
         """The tool as OpenAI's `tools` entry."""

@@ -11,8 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from jsonschema import Draft202012Validator
-
 from keel.agents.mandate import ApprovalRule, Mandate, ToolSpec
 from keel.agents.rules import host_allowed, recipient_allowed
 
@@ -82,7 +80,7 @@ def check_call(m: Mandate, name: str, raw_args: Any, *, calls_in_run: int, calls
     args, bad = parse_arguments(raw_args)
     if bad is not None:
         return bad, args
-    errors = sorted(Draft202012Validator(tool.parameters).iter_errors(args), key=lambda e: e.json_path)
+    errors = sorted(tool.validator.iter_errors(args), key=lambda e: e.json_path)
     if errors:
         return refuse("parameters", f"{errors[0].json_path}: {errors[0].message}"[:500]), args
     if (d := _builtin(m, tool, args)) is not None:

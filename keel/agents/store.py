@@ -102,16 +102,11 @@ class AgentStore:
     def log_action(self, row: dict[str, Any]) -> bool:
         """Write one action unless the run already has one at this position; True when written now."""
         row = {"id": new_id("act"), "created_at": utcnow(), **row}
-        with self.store.engine.begin() as conn:
-            found = conn.execute(sa.select(agent_actions.c.id).where(agent_actions.c.run_id == row["run_id"],
-                                                                     agent_actions.c.seq == row["seq"])).first()
-            if found is not None:
-                return False
-            try:
-                with conn.begin_nested():
-                    conn.execute(agent_actions.insert().values(**row))
-            except sa.exc.IntegrityError:  # a concurrent twin (a recovered run on another worker) won
-                return False
+        try:  # the (run, position) key refuses a replay's twin: no read first, one statement per action
+            with self.store.engine.begin() as conn:
+                conn.execute(agent_actions.insert().values(**row))
+        except sa.exc.IntegrityError:  # a replayed step, or a concurrent twin (a recovered run on another worker)
+            return False
         return True
 
     def actions(self, run_id: str) -> list[dict[str, Any]]:
@@ -138,12 +133,13 @@ class AgentStore:
     def effect(self, row: dict[str, Any]) -> str:
         """Insert a tool effect once per idempotency key; returns the id that is there."""
         row = {"id": new_id("eff"), "created_at": utcnow(), **row}
-        with self.store.engine.begin() as conn:
-            found = conn.execute(sa.select(agent_effects.c.id)
-                                 .where(agent_effects.c.idempotency_key == row["idempotency_key"])).scalar()
-            if found is not None:
-                return str(found)
-            conn.execute(agent_effects.insert().values(**row))
+        try:  # the key's unique index refuses a repeat: read only then
+            with self.store.engine.begin() as conn:
+                conn.execute(agent_effects.insert().values(**row))
+        except sa.exc.IntegrityError:
+            with self.store.read() as conn:
+                return str(conn.execute(sa.select(agent_effects.c.id)
+                                        .where(agent_effects.c.idempotency_key == row["idempotency_key"])).scalar())
         return row["id"]
 
     # -- memory -------------------------------------------------------------------------------
