@@ -15,10 +15,14 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import TEST_DB, eventually, keel_env, start_server
+from tests.agents.conftest import ScriptedModel, say
+from tests.agents.conftest import define as define_agent, run as run_agent
+from tests.knowledge.conftest import make_key, make_team
 from tests.workflows.conftest import define, receiver, start, wait_run
 
 pytestmark = pytest.mark.store
 RUNS = 10
+AGENT = "name: helper\nmodel: agent-model\ngoal: help\ntools:\n  notify: {allow_recipients: ['*@acme.example']}\n"
 FAST = {"KEEL_WORKER_HEARTBEAT_S": "0.5", "KEEL_WORKER_TAKEOVER_S": "3", "KEEL_WORKER_CONCURRENCY": "3"}
 
 
@@ -63,7 +67,7 @@ def pending_on(db_url: str, executor: str) -> int:
 def test_a_killed_workers_runs_are_taken_over_and_each_effect_applied_once(tmp_path: Path, db_url: str) -> None:
     """Guards roles and takeover: runs started on an API replica (role api executes nothing) run on workers; one
     worker is SIGKILLed while it holds runs; within worker_takeover_s the other takes them over from their last
-    checkpoint; all complete, each push applied once."""
+    checkpoint; all complete, each push applied once. An agent run started on the API replica completes too."""
     api = start_server(tmp_path / "api", db_url, KEEL_ROLE="api")
     workers = [start_server(tmp_path / f"w{i}", db_url, command="worker", wait=False, **FAST) for i in range(2)]
     try:
@@ -86,6 +90,17 @@ def test_a_killed_workers_runs_are_taken_over_and_each_effect_applied_once(tmp_p
         assert "took over a dead worker's runs" in survivor.logs()
         assert "took over" not in api.logs() and '"msg":"request"' in api.logs()
         print(f"all {RUNS} runs completed {took:.1f}s after the kill")
+
+        # An agent run started on the API replica is executed by the live worker, the caller waiting for it.
+        model = ScriptedModel({"hello": [say("hello back")]}).start()
+        with api.admin() as c:
+            assert c.post("/admin/deployments", json={"alias": "agent-model", "provider": "openai_compatible",
+                                                      "model": "m", "base_url": model.url}).status_code == 201
+        make_team(api, "ops")
+        builder = make_key(api, "builder", "ops")
+        define_agent(api, AGENT, key=builder)
+        out = run_agent(api, "helper", "[script:hello] hi", key=builder, wait_s=60)
+        assert out["status"] == "completed" and out["answer"] == "hello back", out
     finally:
         for srv in (api, *workers):
             srv.stop()
