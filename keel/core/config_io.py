@@ -32,6 +32,7 @@ SECTIONS = ("deployments", "workflows", "agents")
 POLICY_FILE = "policy.yaml"
 SECRET_FIELDS = ("api_key",)  # never written, whatever a future listing returns
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_SECRET_PARAM = re.compile(r"key|token|secret|passw|sig|auth|credential", re.IGNORECASE)
 
 Validator = Callable[[str, str], None]  # (text, file name) → None, or raises a KeelError naming the field
 
@@ -66,6 +67,7 @@ def read_server(client: Client) -> Bundle:
     b = Bundle()
     for d in client.get("/admin/deployments")["data"]:
         if d.get("source") == "api":
+            _refuse_secret_url(d)
             b.deployments[d["id"]] = {k: v for k, v in d.items() if k not in ("source", *SECRET_FIELDS)}
     for section in ("workflows", "agents"):
         for item in client.get(f"/v1/{section}")["data"]:
@@ -78,6 +80,18 @@ def read_server(client: Client) -> Bundle:
         if exc.status != 404:
             raise
     return b
+
+
+def _refuse_secret_url(d: dict[str, Any]) -> None:
+    """A base_url carrying a secret (a password in it, or a key/token/signature in its query) is not exported:
+    the files are meant for git. The message names the deployment, never the value."""
+    parts = urllib.parse.urlsplit(str(d.get("base_url") or ""))
+    named = [k for k, _ in urllib.parse.parse_qsl(parts.query) if _SECRET_PARAM.search(k)]
+    if parts.password or named:
+        where = "a password" if parts.password else f"the query parameter {named[0]!r}"
+        raise BadRequest(f"deployment {d.get('id')!r}: its base_url carries {where}; nothing exported",
+                         fix="keep the secret in the vault (the deployment's `api_key`/`credential`) and give a "
+                             "base_url without it, then export again")
 
 
 def write_files(b: Bundle, dest: Path) -> list[Path]:
