@@ -309,6 +309,12 @@ TABLE = [
         reviewer 403 403 403
         auditor  403 403 403"""), body={"dataset": "red-ds"}, target="red_dataset"),
     Row("eval run read", "GET", "/v1/evals/runs/{evrun}", team_read("200", "404"), target="red_eval_run"),
+    Row("eval run items (what its starter's search found)", "GET", "/v1/evals/runs/{evrun}", grid("""
+        admin    seen   seen seen
+        builder  seen   404  404
+        member   hidden 404  404
+        reviewer hidden 404  404
+        auditor  hidden 404  seen"""), target="red_eval_run_items"),
     Row("eval runs list", "GET", "/v1/evals/runs", team_read("seen", "hidden"), target="red_eval_run"),
     Row("eval run malformed", "POST", "/v1/evals/runs", by_role({"admin", "builder"}, yes="400"),
         body={"dataset": "red-ds", "top_k": 0}),
@@ -550,6 +556,10 @@ class World:
             r = c.post("/v1/evals/runs", json={"dataset": "red-ds"})
         assert r.status_code == 201, r.text
         return {"evrun": r.json()["id"], "seen": r.json()["id"]}
+
+    def red_eval_run_items(self) -> dict[str, Any]:
+        """Red's builder's eval run: its items are shown to the starter, admins and team-less auditors only."""
+        return {**self.red_eval_run(), "seen": '"items":['}
 
     def grant(self) -> dict[str, Any]:
         self.glob_secret()
