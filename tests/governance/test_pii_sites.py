@@ -16,7 +16,6 @@ from urllib.parse import quote
 import httpx
 import orjson
 import pytest
-from aiohttp import web
 
 from tests.fakes.openai_upstream import FakeOpenAI
 
