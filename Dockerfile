@@ -36,7 +36,7 @@ ENV PATH="/opt/keel/venv/bin:$PATH" \
     KEEL_HOST=0.0.0.0 \
     KEEL_PORT=8080 \
     KEEL_DATA_DIR=/var/lib/keel \
-    MALLOC_ARENA_MAX=2
+    MALLOC_MMAP_THRESHOLD_=131072
 WORKDIR /var/lib/keel
 USER 10001:10001
 EXPOSE 8080

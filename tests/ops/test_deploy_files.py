@@ -47,6 +47,7 @@ def test_dockerfile_is_multi_stage_non_root_portable_and_checked() -> None:
         assert not line.startswith("ADD "), line
         assert "sudo " not in line and "apt-get upgrade" not in line, line
     assert "PIP_NO_CACHE_DIR=1" in text
+    assert "MALLOC_MMAP_THRESHOLD_=131072" in text, "the allocator setting that bounds memory (docs/scaling.md)"
     for line in lines:
         if line.startswith(("CMD ", "ENTRYPOINT ")):
             assert line.split(None, 1)[1].startswith("["), line
@@ -81,6 +82,7 @@ def test_compose_runs_two_replicas_a_worker_and_the_shared_parts() -> None:
         assert "/healthz" in " ".join(svc["healthcheck"]["test"])
         assert svc["environment"]["KEEL_REDIS_URL"].startswith("redis://valkey")
         assert "otel-collector" in svc["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        assert svc["environment"]["MALLOC_MMAP_THRESHOLD_"] == "131072"
     collector = DEPLOY / services["otel-collector"]["volumes"][0].split(":")[0]
     assert "otlp" in yaml.safe_load(collector.read_text())["receivers"]
 
@@ -105,6 +107,8 @@ def test_kubernetes_manifests_hold_probes_one_secret_a_migration_job_and_budgets
         assert kind in kinds, kind
     secret = next(d for d in docs if d["kind"] == "Secret")
     assert "KEEL_MASTER_KEY" in secret["stringData"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert config["data"]["MALLOC_MMAP_THRESHOLD_"] == "131072"
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     job = next(d for d in docs if d["kind"] == "Job")
     assert pod_spec(job)["containers"][0]["args"] == ["db", "upgrade"]

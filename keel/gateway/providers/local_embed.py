@@ -101,6 +101,12 @@ class LocalEmbedProvider:
         self.model = config.model or DEFAULT_MODEL
         self.batch_size = self._int_option("batch_size", 32, 1, 4096)
         self.max_length = self._int_option("max_length", 256, 8, 512)
+        # ONNX Runtime's CPU arena keeps the largest batch's activations for the life of the process (~1 GB
+        # at 32 x 256 word pieces); off, memory goes back after each batch. `options.cpu_mem_arena: true` restores it.
+        self.cpu_mem_arena = self.config.options.get("cpu_mem_arena", False)
+        if not isinstance(self.cpu_mem_arena, bool):
+            raise ConfigError(f"deployment {self.deployment}: options.cpu_mem_arena must be true or false",
+                              fix="set options.cpu_mem_arena: true, or leave it out (off)", deployment=self.deployment)
         self.threads = ctx.threads or os.cpu_count() or 1
         self.model_file, self.tokenizer_file = locate_model_files(config.path)
         self.dim = 384
@@ -128,6 +134,7 @@ class LocalEmbedProvider:
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = self.threads
                 opts.inter_op_num_threads = 1
+                opts.enable_cpu_mem_arena = self.cpu_mem_arena
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no idle CPU burn
                 try:
                     session = ort.InferenceSession(str(self.model_file), opts, providers=["CPUExecutionProvider"])
