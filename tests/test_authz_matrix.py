@@ -687,6 +687,7 @@ CONSOLE_PAGES = {  # console page → the roles that may open it (the rest: 403)
     "/console/overview": set(ROLES), "/console/usage": set(ROLES), "/console/workflows": set(ROLES),
     "/console/audit": GOV_READERS, "/console/keys": {"admin"}, "/console/inbox": {"admin", "reviewer", "auditor"},
     "/console/playground": MODEL_USERS, "/console/knowledge": MODEL_USERS, "/console/agents": set(ROLES),
+    "/console/people": {"admin"},
 }
 
 

@@ -106,10 +106,20 @@ async def cancel(page: Page) -> Response:
     return RedirectResponse(f"{root(page.request)}/workflows/{name}/runs/{run_id}", 303)
 
 
+async def retry(page: Page) -> Response:
+    """A new run that reuses the results of the steps before the chosen one (as `POST …/retry`)."""
+    wf = _wf(page)
+    name, run_id = page.request.path_params["name"], page.request.path_params["run_id"]
+    form = await page.form()
+    out = await wf.retry(name, run_id, page.p, form.get("from_step") or None)
+    return RedirectResponse(f"{root(page.request)}/workflows/{name}/runs/{out['id']}", 303)
+
+
 ROUTES = [
     ("GET", "/workflows", workflows),
     ("GET", "/workflows/{name}", workflow),
     ("POST", "/workflows/{name}/runs", start),
     ("GET", "/workflows/{name}/runs/{run_id}", run),
     ("POST", "/workflows/{name}/runs/{run_id}/cancel", cancel),
+    ("POST", "/workflows/{name}/runs/{run_id}/retry", retry),
 ]

@@ -48,6 +48,7 @@ NAV: list[tuple[str, str, Callable[[Principal], bool]]] = [
     ("agents", "Agents", lambda p: p.role != "auditor" or p.has("audit.read")),
     ("audit", "Audit", lambda p: p.has("audit.read")),
     ("keys", "Admin: keys", lambda p: p.is_admin),
+    ("people", "Admin: people", lambda p: p.is_admin),
 ]
 
 

@@ -132,8 +132,9 @@ def width(request) -> int:
 def test_admin_creates_and_revokes_a_key(world, browser, width):
     v = Visit(browser, world.srv.url, width)
     v.sign_in_with_key(world.srv.admin_key)
-    assert v.visit_all(shots=width == WIDTHS["desktop"]) == ["Overview", "Usage & cost", "Playground", "Knowledge", "Inbox", "Workflows", "Agents",
-                            "Audit", "Admin: keys"]
+    assert v.visit_all(shots=width == WIDTHS["desktop"]) == [
+        "Overview", "Usage & cost", "Playground", "Knowledge", "Inbox", "Workflows", "Agents", "Audit", "Admin: keys",
+        "Admin: people"]
     v.open("/console/keys")
     name = f"ci-bot-{width}"
     v.page.get_by_label("Name").fill(name)
@@ -152,7 +153,22 @@ def test_admin_creates_and_revokes_a_key(world, browser, width):
     assert v.page.get_by_role("row").filter(has_text=name).get_by_text("revoked").count() == 1
     with world.srv.client(shown) as c:
         assert eventually(lambda: c.get("/v1/me").status_code == 401, timeout=10)
+    v.open("/console/people")  # a new user, then its password; the user signs in with it
+    email = f"newbie{width}@example.com"
+    v.page.get_by_label("Email").fill(email)
+    v.page.get_by_label("Role").select_option("member")
+    v.page.get_by_label("Team", exact=True).select_option(label="sales")
+    v.page.get_by_role("button", name="Create user").click()
+    assert f"User {email} created." in v.page.get_by_role("status").inner_text()
+    v.page.get_by_label(f"New password for {email}").fill("newbie's long passphrase")
+    v.page.get_by_role("button", name=f"Set password for {email}").click()
+    assert "their open sessions ended" in v.page.get_by_role("status").inner_text()
+    v.check_accessibility()
     v.close()
+    newbie = Visit(browser, world.srv.url, width)
+    newbie.sign_in_with_password(email, "newbie's long passphrase")
+    assert email in newbie.page.get_by_role("banner").inner_text()
+    newbie.close()
 
 
 def test_auditor_verifies_the_chain(world, browser, width):
@@ -202,6 +218,18 @@ def test_reviewer_edits_and_approves_the_lead_intake_draft(world, browser):
     assert review["output"]["fields"]["draft"] == "Hello Acme, a colleague will call you today."
     v.check_accessibility()
     v.close()
+    run = world.start(world.keys["member-sales"], "Hooli")  # the requester cancels a run, then retries it
+    world.wait_status(run, "waiting_approval")
+    member = Visit(browser, world.srv.url, WIDTHS["desktop"])
+    member.sign_in_with_key(world.keys["member-sales"])
+    member.open(f"/console/workflows/lead_intake/runs/{run}")
+    member.page.get_by_role("button", name="Cancel run").click()
+    member.page.get_by_label("Retry from step").select_option("review")
+    member.page.get_by_role("button", name="Retry").click()
+    member.page.wait_for_url(lambda url: "/runs/run_" in url and run not in url)
+    again = world.wait_status(member.page.url.rsplit("/", 1)[1], "waiting_approval")
+    assert [s["status"] for s in again["steps"]] == ["carried_over", "waiting_approval", "pending"]
+    member.close()
 
 
 def test_member_sees_its_team_only_and_gets_not_found_for_another_teams_run(world, browser, width):
@@ -225,6 +253,7 @@ def test_member_sees_its_team_only_and_gets_not_found_for_another_teams_run(worl
     v.page.get_by_label("Model").select_option("fake")
     v.page.get_by_label("handbook").check()
     v.page.get_by_label("Message").fill("How long do customers have to ask for a refund?")
+    v.streams("/console/playground/chat")
     v.page.get_by_role("button", name="Send").click()
     v.page.locator("#transcript[data-state=idle]").wait_for()  # the streamed turn is over
     cites = v.page.get_by_role("list", name="Citations")
@@ -233,7 +262,8 @@ def test_member_sees_its_team_only_and_gets_not_found_for_another_teams_run(worl
     # the fake embedder's vectors are arbitrary, so which passage ranks is too: each shown is the handbook's own
     assert all(t.strip() in HANDBOOK for t in cites.locator("blockquote").all_text_contents())
     assert "(handbook)" in cites.locator("summary").first.inner_text()
-    assert "request req_" in v.page.locator(".turn-meta").last.inner_text()
+    assert "request req_" in v.page.locator(".turn-meta").last.inner_text()  # the stream's last line arrived
+    assert not v.page.locator(".turn .error").count()
     assert v.page.locator(".reply").last.inner_text().strip()
     if width == WIDTHS["desktop"]:
         v.shot("playground")

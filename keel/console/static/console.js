@@ -102,6 +102,11 @@
       }
       history.push({role: "user", content: message}, {role: "assistant", content: answer});
       form.querySelector("#message").value = "";
+    } catch (err) {
+      const p = el("p", "error", "The reply was cut short: " + err);
+      p.setAttribute("role", "alert");
+      reply.appendChild(p);
+      console.error(err);
     } finally {
       form.querySelector("button[type=submit]").disabled = false;
       transcript.dataset.state = "idle";
