@@ -24,7 +24,7 @@ from keel.identity.principal import Principal
 from keel.knowledge import answer as answers, catalog, documents as docs, jobs
 from keel.knowledge.acl import can_write
 from keel.knowledge.chunking import measure_for
-from keel.knowledge.search import RRF_K, RRF_K_MAX, Query, search
+from keel.knowledge.search import RRF_K, RRF_K_MAX, VECTOR_FEEDBACK, Query, search
 from keel.knowledge.service import Knowledge
 
 router = APIRouter(tags=["knowledge"])
@@ -86,6 +86,8 @@ class SearchIn(BaseModel):
         "auto: for questions of several sentences and at least 25 words; off by default (docs/knowledge.md)")
     rrf_k: int = Field(default=RRF_K, ge=1, le=RRF_K_MAX, description="reciprocal rank fusion constant: "
                        "score = sum of weight / (rrf_k + rank); smaller favours each leg's top hits")
+    vector_feedback: float = Field(default=VECTOR_FEEDBACK, ge=0, le=1, description="> 0: the vector leg searches "
+                                   "again from the query moved toward its best hit by this weight; 0 (default): off")
 
 
 class AnswerIn(BaseModel):
@@ -317,6 +319,7 @@ async def search_route(body: SearchIn, request: Request, p: Principal = Depends(
     kn = _kn(request)
     q = Query(text=body.query, collections=body.collections, top_k=body.top_k, filters=body.filters, mode=body.mode,
               rerank=_rerank_alias(kn, body.rerank), long_query=body.long_query, rrf_k=body.rrf_k,
+              vector_feedback=body.vector_feedback,
               **({"weights": body.weights} if body.weights else {}))
     hits, timings = await search(kn, p, q, _rid())
     return json_response({"object": "list", "data": [h.public() for h in hits], "timings": timings})

@@ -1,9 +1,10 @@
 """Long questions (issue 24): sentence sub-queries fused with RRF for the dense leg, key terms instead of
-an OR of every word for the keyword leg, switchable per request with `long_query` (auto|on|off); and hybrid search's fusion constant,
-`rrf_k`."""
+an OR of every word for the keyword leg, switchable per request with `long_query` (auto|on|off); and hybrid
+search's fusion constant (`rrf_k`) and the vector leg's pseudo-relevance feedback (`vector_feedback`)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from conftest import problem
@@ -144,3 +145,33 @@ def test_rrf_k_sets_the_fusion_constant_and_defaults_to_the_tuned_one(admin):
 @pytest.mark.parametrize("value", [0, -3, 1001, 2.5, "ten", None])
 def test_an_rrf_k_out_of_range_or_not_a_whole_number_is_a_422(admin, value):
     problem(admin.post("/v1/search", json={"query": "pipes", "collections": ["mixed"], "rrf_k": value}), 422, "rrf_k")
+
+
+def test_vector_feedback_is_off_by_default_and_a_weight_turns_it_on(admin):
+    """Regression for the vector leg's opt-in pseudo-relevance feedback (off by default: on the FAQ test half
+    it did not pay): it searches again from the query moved toward its best hit, so hit similarities (always
+    to the query itself) stay the same whether it runs or not, and the best hit still leads."""
+    from keel.knowledge.search import VECTOR_FEEDBACK
+
+    assert VECTOR_FEEDBACK == 0.0
+    text = "reading a child's output through pipes"
+    on, off = (_search(admin, query=text, mode="vector", **kw)["data"] for kw in ({"vector_feedback": 0.2}, {}))
+    assert on[0]["source"] == off[0]["source"] == "dev/processes.md"
+    assert on[0]["similarity"] == pytest.approx(off[0]["similarity"], abs=1e-6)
+    assert {h["source"] for h in on} == {h["source"] for h in off}
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, "more", None, [0.2]])
+def test_a_vector_feedback_outside_0_to_1_is_a_422(admin, value):
+    problem(admin.post("/v1/search", json={"query": "pipes", "collections": ["mixed"], "vector_feedback": value}),
+            422, "vector_feedback")
+
+
+def test_feedback_vector_moves_the_query_toward_its_best_hit_by_the_weight():
+    from keel.knowledge.search import feedback_vector
+
+    q, best = np.array([2.0, 0.0, 0.0], np.float32), np.array([0.0, 0.0, 5.0], np.float32)
+    moved = feedback_vector(q, best, 0.2)
+    assert np.linalg.norm(moved) == pytest.approx(1.0)
+    assert moved == pytest.approx(np.array([1.0, 0.0, 0.2]) / np.hypot(1.0, 0.2))
+    assert feedback_vector(q, best, 0.0) == pytest.approx(np.array([1.0, 0.0, 0.0]))
