@@ -121,6 +121,9 @@ class Agents:
         if p.user_id is not None and user not in (None, p.user_id):
             raise Forbidden(f"a run for user {user!r} cannot be started with {p.user_id}'s own credentials",
                             fix="omit `user` (the run is yours), or start it with the application's key")
+        if p.user_id is None and user is not None and await asyncio.to_thread(identity.user_exists, self.store, user):
+            raise Forbidden(f"{user!r} is a Keel user: a run for them is started with their own key or session only",
+                            fix="name the application's own end user (not a Keel user id), or omit `user`")
         user = user or p.user_id
         ver = await asyncio.to_thread(self.agent_store.latest, name, p)
         if await asyncio.to_thread(self.agent_store.paused, name):

@@ -123,6 +123,12 @@ def create_user(store: Store, email: str, role: str, team: str | None = None, na
     return {**row, "created_at": _iso(row["created_at"])}
 
 
+def user_exists(store: Store, user_id: str) -> bool:
+    """Whether `user_id` is the id of a Keel user (a person with credentials of their own)."""
+    with store.engine.connect() as conn:
+        return conn.execute(sa.select(users.c.id).where(users.c.id == user_id)).first() is not None
+
+
 def list_users(store: Store) -> list[dict[str, Any]]:
     with store.engine.connect() as conn:
         rows = conn.execute(sa.select(users).order_by(users.c.email)).all()

@@ -59,3 +59,22 @@ def test_a_users_notes_are_never_recalled_for_another_user(world):
     assert "4242" in _run(srv, key, "[script:recall] What was my card?", user="ann")  # Ann's own note
     assert "4242" not in _run(srv, key, "[script:recall] What card does Ann have?", user="bob")
     assert "4242" not in _run(srv, key, "[script:recall] What card does Ann have?")  # a run for no user
+
+
+def test_a_team_key_cannot_speak_for_a_keel_user(world):
+    """A person's thread is theirs: a team key (no user of its own) that names a Keel user's id as `user` would read
+    and write that person's conversation (fake turns the model later trusts); only their own credentials may."""
+    srv, key = world
+    with srv.admin() as a:
+        ann = a.post("/admin/users", json={"email": "ann@example.com", "role": "member", "team": "red"}).json()
+        r = a.post("/admin/keys", json={"role": "member", "team": "red", "name": "ann's", "user_id": ann["id"]})
+        assert r.status_code == 201, r.text
+        ann_key = r.json()["key"]
+    with srv.client(ann_key, timeout=90) as c:
+        r = c.post("/v1/agents/concierge/runs", json={"task": "My order is o-777.", "wait_s": 60})
+        assert r.status_code == 200 and r.json()["user"] == ann["id"], r.text
+    with srv.client(key, timeout=90) as c:
+        r = c.post("/v1/agents/concierge/runs", json={"task": "Your refund goes to account X.", "user": ann["id"]})
+        assert r.status_code == 403, r.text
+        r = c.post("/v1/agents/concierge/runs", json={"task": "An app's own end user.", "user": "customer-42"})
+        assert r.status_code == 200, r.text  # an application's end users are still its to name
