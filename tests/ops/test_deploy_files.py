@@ -59,22 +59,21 @@ def keel_services(compose: dict) -> dict[str, dict]:
 
 
 def test_compose_runs_two_replicas_a_worker_and_the_shared_parts() -> None:
-    """Guards: replicas with different master keys, a missing worker or migration step, a root container."""
+    """Guards: replicas with different master keys, API replicas that also run background work, a missing
+    worker or migration step, a root container."""
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
     assert "pgvector" in services["postgres"]["image"]
     assert "valkey" in services["valkey"]["image"]
     assert "opentelemetry-collector" in services["otel-collector"]["image"]
     keel = keel_services(compose)
-    api = [n for n, s in keel.items() if s["command"] == ["serve"]]
+    api = [n for n, s in keel.items() if s["command"] == ["serve", "--role", "api"]]
     workers = [n for n, s in keel.items() if s["command"] == ["worker"]]
     assert len(api) == 2 and len(workers) == 1, keel.keys()
     migrate = [n for n, s in keel.items() if s["command"] == ["db", "upgrade"]]
     assert len(migrate) == 1
     master = {s["environment"]["KEEL_MASTER_KEY"] for s in keel.values()}
     assert len(master) == 1 and "KEEL_MASTER_KEY" in master.pop()
-    executors = [keel[n]["environment"].get("KEEL_WORKFLOW_EXECUTOR_ID") for n in api + workers]
-    assert len(set(executors)) == len(executors) and all(executors)
     for name in api + workers:
         svc = keel[name]
         assert svc["user"].split(":")[0] not in ("0", "root")
@@ -114,6 +113,7 @@ def test_kubernetes_manifests_hold_probes_one_secret_a_migration_job_and_budgets
     assert pod_spec(job)["containers"][0]["args"] == ["db", "upgrade"]
     api = deployments["keel-api"]
     assert api["spec"]["replicas"] >= 2
+    assert pod_spec(api)["containers"][0]["args"] == ["serve", "--role", "api"]
     assert pod_spec(deployments["keel-worker"])["containers"][0]["args"] == ["worker"]
     for doc in [*deployments.values(), job]:
         spec = pod_spec(doc)
