@@ -23,7 +23,7 @@ Prints one JSON line.
     .venv/bin/python bench/retrieval.py [--full] [--data DIR] [--limit N] [--tune] [--export-faq-dev FILE]
 `--data DIR` keeps the store in DIR and reuses it on the next run (no re-ingest); `--limit N` runs
 the first N queries of each set (for development); `--tune` also reports the dev halves over a
-grid of long-question settings. `--export-faq-dev FILE` writes the FAQ dev half as an eval dataset and reports
+grid of long-question settings, BM25 weights, the RRF constant and the vector leg's feedback. `--export-faq-dev FILE` writes the FAQ dev half as an eval dataset and reports
 its hybrid scores (`faq_dev_hybrid`): `keel eval run FILE --collection pydocs --rerank off` on the same store
 (`--data DIR`) reproduces them.
 """
@@ -238,6 +238,12 @@ async def tune(kn, keel, bm25s_run, faq_val, long_dev) -> dict:  # noqa: ANN001
             res[f"long_hybrid_long_query_bm25_weight_{w}"] = await keel(
                 long_dev, "hybrid", "on", weights={"bm25": w, "vector": 1.0})
             res[f"faq_hybrid_bm25_weight_{w}"] = await keel(faq_val, "hybrid", "off", weights={"bm25": w, "vector": 1.0})
+        for k in (10, 30, 60):  # the fusion constant (keel.knowledge.search.RRF_K)
+            res[f"faq_hybrid_rrf_k_{k}"] = await keel(faq_val, "hybrid", rrf_k=k)
+            res[f"long_hybrid_rrf_k_{k}"] = await keel(long_dev, "hybrid", rrf_k=k)
+        for w in (0.2, 0.5):  # the vector leg's pseudo-relevance feedback (opt-in)
+            res[f"faq_hybrid_vector_feedback_{w}"] = await keel(faq_val, "hybrid", vector_feedback=w)
+            res[f"long_hybrid_vector_feedback_{w}"] = await keel(long_dev, "hybrid", vector_feedback=w)
     finally:
         long_query.KEY_TERMS, long_query.WHOLE_WEIGHT = saved
     return res
