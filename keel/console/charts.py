@@ -1,6 +1,6 @@
 """Charts drawn on the server as inline SVG: no chart library, no script, nothing the CSP has to allow.
 
-Each function returns SVG markup (safe to embed: every label is escaped) with a `role="img"` and an
+Each function returns SVG markup as text, safe to embed as it is (`|safe` in the templates: every label is escaped here) with a `role="img"` and an
 `aria-label` that says what the chart shows, so a screen reader gets the figures too.
 """
 
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-
-from markupsafe import Markup
 
 W, H, PAD_L, PAD_B, PAD_T = 600, 180, 48, 22, 10
 
@@ -24,11 +22,11 @@ def _fmt(v: float) -> str:
     return f"{v:.0f}" if float(v).is_integer() else f"{v:.2f}"
 
 
-def series(points: Sequence[tuple[str, float]], label: str) -> Markup:
+def series(points: Sequence[tuple[str, float]], label: str) -> str:
     """A time series (x: day labels, y: values) as a line over a filled area, with the axis' maximum."""
     e = html.escape
     if not points:
-        return Markup(f'<p class="empty">No {e(label)} in this period.</p>')
+        return (f'<p class="empty">No {e(label)} in this period.</p>')
     top = max(v for _, v in points) or 1.0
     n = len(points)
     plot_w, plot_h = W - PAD_L - 8, H - PAD_B - PAD_T
@@ -44,7 +42,7 @@ def series(points: Sequence[tuple[str, float]], label: str) -> Markup:
     summary = ", ".join(f"{d}: {_fmt(v)}" for d, v in points[-7:])
     dots = "".join(f'<circle cx="{x}" cy="{y}" r="2.5" class="dot"><title>{e(d)}: {_fmt(v)}</title></circle>'
                    for (x, y), (d, v) in zip(pts, points))
-    return Markup(
+    return (
         f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" aria-label="{e(label)} per day; latest: {e(summary)}">'
         f'<line x1="{PAD_L}" y1="{base}" x2="{W - 8}" y2="{base}" class="axis"/>'
         f'<line x1="{PAD_L}" y1="{PAD_T}" x2="{PAD_L}" y2="{base}" class="axis"/>'
@@ -55,14 +53,14 @@ def series(points: Sequence[tuple[str, float]], label: str) -> Markup:
         f'<polygon points="{area}" class="area"/><polyline points="{line}" class="line"/>{dots}</svg>')
 
 
-def bars(items: Sequence[tuple[str, float]], label: str, unit: str = "") -> Markup:
+def bars(items: Sequence[tuple[str, float]], label: str, unit: str = "") -> str:
     """Horizontal bars, largest first (at most 8, the rest summed as “other”)."""
     e = html.escape
     items = sorted(items, key=lambda kv: kv[1], reverse=True)
     if len(items) > 8:
         items = [*items[:7], ("other", sum(v for _, v in items[7:]))]
     if not items:
-        return Markup(f'<p class="empty">No {e(label)} in this period.</p>')
+        return (f'<p class="empty">No {e(label)} in this period.</p>')
     top = max(v for _, v in items) or 1.0
     row, label_w, bar_w = 24, 150, W - 150 - 90
     h = row * len(items) + 4
@@ -75,5 +73,5 @@ def bars(items: Sequence[tuple[str, float]], label: str, unit: str = "") -> Mark
                      f'<title>{e(str(name))}: {_fmt(v)}{e(unit)}</title></rect>'
                      f'<text x="{label_w + w + 6:.1f}" y="{y + 15}" class="tick">{_fmt(v)}{e(unit)}</text>')
     summary = ", ".join(f"{n}: {_fmt(v)}{unit}" for n, v in items)
-    return Markup(f'<svg class="chart" viewBox="0 0 {W} {h}" role="img" aria-label="{e(label)}: {e(summary)}">'
+    return (f'<svg class="chart" viewBox="0 0 {W} {h}" role="img" aria-label="{e(label)}: {e(summary)}">'
                   + "".join(parts) + "</svg>")
