@@ -19,6 +19,7 @@ from keel.console import (pages_admin, pages_agents, pages_inbox, pages_knowledg
 from keel.console.throttle import SignInThrottle
 from keel.core.errors import KeelError, NotFound, Unauthorized
 from keel.identity import sessions
+from keel.identity.service import KEY_PREFIX, split_key
 
 MAX_SECRET = 1024
 STATIC = {  # name → media type: nothing else is served under /console/static
@@ -80,11 +81,17 @@ def router() -> APIRouter:
         except Unauthorized as err:
             if email and not key and field.get("password"):
                 guard.failed(email)
-            who = email[:100] if email else (key[:16] + "…" if key else "")
+            # A key is named by its public prefix only: text not shaped like a key may be a password typed
+            # into the wrong field, and is never written down.
+            prefix = split_key(key) if key else None
+            who = email[:100] if email else (KEY_PREFIX + prefix if prefix else ("not a Keel key" if key else ""))
             await web.audit(request, "console.sign_in.failed", who or "anonymous", method=how, reason=err.detail)
             return _sign_in_page(request, target, f"Not signed in: {err.detail}.", 401)
         if email and not key:
             guard.succeeded(email)
+        settings = request.app.state.settings
+        await run_in_threadpool(lambda: sessions.purge_sessions(store, idle_s=settings.console_session_idle_s,
+                                                                max_s=settings.console_session_max_s))
         token, _session = await run_in_threadpool(sessions.open_session, store, p)
         await web.audit(request, "console.sign_in", p.key_id, team_id=p.team_id, method=how, role=p.role)
         response = RedirectResponse(target, status_code=303)

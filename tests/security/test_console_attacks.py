@@ -121,3 +121,17 @@ def test_charts_escape_names_users_chose():
     svg = str(charts.bars([(evil, 3.0), ("ok", 1.0)], label=evil, unit='"<u>')) + \
         str(charts.series([(evil, 1.0), ("d2", 2.0)], label=evil))
     assert "<script>" not in svg and '"<u>' not in svg and "&lt;script&gt;" in svg
+
+
+def test_a_password_typed_into_the_key_field_never_reaches_the_audit_log(srv):
+    """A failed key sign-in is audited by the key's public prefix only; text not shaped like a Keel key
+    (someone's password in the wrong field) is not written anywhere."""
+    typed = "Correct-Horse-Battery-Staple-42"
+    with httpx.Client(base_url=srv.url) as c:
+        assert sign_in(c, key=typed).status_code == 401
+        assert sign_in(c, key="sk-keel-abcdefgh12_" + "s3cret" * 5).status_code == 401
+    with httpx.Client(base_url=srv.url) as admin:
+        assert sign_in(admin, key=ADMIN_KEY).status_code == 303
+        page = admin.get("/console/audit").text
+    assert typed[:8] not in page and "s3cret" not in page
+    assert "sk-keel-abcdefgh12" in page  # a key's public prefix still names who tried
