@@ -162,6 +162,16 @@ def _session_principal(store: Store, s: Any) -> Principal:
                      scopes=Scopes.from_dict(k.scopes))
 
 
+def purge_sessions(store: Store, *, idle_s: float, max_s: float, now: datetime | None = None) -> int:
+    """Delete every session past its idle or absolute expiry (each sign-in does, so abandoned sessions do not
+    pile up); returns how many."""
+    now = now or utcnow()
+    c = console_sessions.c
+    with store.engine.begin() as conn:
+        return conn.execute(console_sessions.delete().where(sa.or_(
+            c.last_seen_at < now - timedelta(seconds=idle_s), c.created_at < now - timedelta(seconds=max_s)))).rowcount
+
+
 def close_session(store: Store, token: str) -> None:
     """Sign out: the session's row is deleted (idempotent)."""
     with store.engine.begin() as conn:

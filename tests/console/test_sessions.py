@@ -67,6 +67,13 @@ def test_user_sign_in_and_session_expiry_on_an_injected_clock(store):
     with pytest.raises(Unauthorized, match="expired"):
         sessions.resume_session(store, idle, now=T0 + timedelta(minutes=11), **limits)
 
+    abandoned, _ = sessions.open_session(store, p, now=T0)  # never used again: purged, not kept forever
+    recent, _ = sessions.open_session(store, p, now=T0 + timedelta(minutes=55))
+    assert sessions.purge_sessions(store, now=T0 + timedelta(minutes=59), **limits) >= 1
+    sessions.resume_session(store, recent, now=T0 + timedelta(minutes=59), **limits)
+    with pytest.raises(Unauthorized, match="not valid"):
+        sessions.resume_session(store, abandoned, now=T0 + timedelta(minutes=59), **limits)
+
     kept, _ = sessions.open_session(store, p)
     sessions.set_password(store, p.user_id, "another long passphrase")
     with pytest.raises(Unauthorized):
@@ -118,7 +125,15 @@ def test_sign_in_cookie_csrf_sign_out_and_audit(server):
         assert r.status_code == 303 and r.headers["location"] == "/console/"  # never off-site
         cookie = next(v for v in r.headers.get_list("set-cookie") if v.startswith("keel_console="))
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/console" in cookie
-        assert "Secure" not in cookie  # plain HTTP on loopback; over TLS it is set
+        assert "Secure" not in cookie  # plain HTTP on loopback; over TLS (or behind a proxy that says so) it is set
+        with httpx.Client(base_url=server.url, headers={"X-Forwarded-Proto": "https"}) as tls:
+            form = tls.get("/console/sign-in")
+            assert "Secure" in form.headers["set-cookie"]  # the form's own token too; plain HTTP won't send it back
+            pre = _form_csrf(form.text)
+            r = tls.post("/console/sign-in", data={"csrf": pre, "key": ADMIN_KEY},
+                         headers={"Cookie": f"keel_console_csrf={pre}"})
+            assert r.status_code == 303
+            assert "Secure" in next(v for v in r.headers.get_list("set-cookie") if v.startswith("keel_console="))
         keys = c.get("/console/keys")
         assert keys.status_code == 200 and "API keys" in keys.text
         for path in ("/console/overview", "/console/playground", "/console/knowledge"):  # no CDN, no inline code
@@ -140,6 +155,6 @@ def test_sign_in_cookie_csrf_sign_out_and_audit(server):
     with server.admin() as admin:
         events = admin.get("/v1/audit?action=console.*&limit=50").json()["data"]
     actions = [e["action"] for e in events]
-    assert actions.count("console.sign_in") == 1 and actions.count("console.sign_out") == 1
+    assert actions.count("console.sign_in") == 2 and actions.count("console.sign_out") == 1
     assert actions.count("console.sign_in.failed") == 2
     assert all("passphrase" not in str(e["details"]) for e in events)
