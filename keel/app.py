@@ -18,6 +18,7 @@ from keel.core.db import Store
 from keel.core.http import RequestContext, install_error_handlers
 from keel.core.notify import ChangeFeed
 from keel.core.outbound import Outbound
+from keel.core.datadir import prepare_data_dir
 from keel.core.settings import Settings
 from keel.gateway import routes as gateway_routes
 from keel.gateway import service as gateway_service
@@ -125,6 +126,7 @@ class Built:
 
 def create_app(settings: Settings, *, store: Store | None = None) -> Built:
     """Build the app. Migrations run here, before any port is bound."""
+    prepare_data_dir(settings.data_dir)
     store = store or Store.open(settings.resolved_database_url())
     store.upgrade()
     master = load_master_key(settings.master_key.get_secret_value() if settings.master_key else None,
