@@ -281,7 +281,8 @@ class Gateway:
         self.router: Terminal = router if router is not None else Direct(Providers(deployments))
         self._terminal: Next = self.router.call
         self._chain_key: tuple[Stage, ...] | None = None
-        self._chained: Next = self._terminal
+        self._plain: Next = self._terminal
+        self._traced: Next = self._terminal
 
     def visible_aliases(self, principal: Principal) -> dict[str, str]:
         return visible_aliases(self.deployments, principal)
@@ -307,30 +308,35 @@ class Gateway:
                     log.exception("stopping a stage failed", extra={"stage": type(stage).__name__})
         await self.deployments.close()
 
-    def _chain(self) -> Next:
-        """The stages wrapped around the terminal step; built once, and again only if a test changed the
-        stage list, never per request."""
+    def _chain(self, span: trace.Span | None) -> Next:
+        """The stages wrapped around the terminal step, each in a span of its own when the call's `span`
+        records (a sampled-out call takes the plain chain: no stage span would be kept). Built once, and again
+        only if a test changed the stage list, never per request."""
         key = tuple(self.stages)
         if self._chain_key != key:
-            traced = type(self.tracer) is not trace.NoOpTracer  # each stage in a span of its own
-            nxt: Next = traced_step("router", self._terminal) if traced else self._terminal
-            outermost = next((s for s in self.stages if holds_answer(s)), None)
-            for stage in reversed(self.stages):
-                nxt = _step(stage, nxt, sends=stage is outermost)
-                if traced:
-                    nxt = traced_step(stage_name(stage), nxt)
-            self._chain_key, self._chained = key, nxt
-        return self._chained
+            self._chain_key = key
+            self._plain = self._build(traced=False)
+            self._traced = self._build(traced=type(self.tracer) is not trace.NoOpTracer)
+        return self._traced if span is not None and span.is_recording() else self._plain
+
+    def _build(self, traced: bool) -> Next:
+        nxt: Next = traced_step("router", self._terminal) if traced else self._terminal
+        outermost = next((s for s in self.stages if holds_answer(s)), None)
+        for stage in reversed(self.stages):
+            nxt = _step(stage, nxt, sends=stage is outermost)
+            if traced:
+                nxt = traced_step(stage_name(stage), nxt)
+        return nxt
 
     # -- entry points ---------------------------------------------------------------------
     async def chat(self, call: Call) -> ChatResult:
         span = self._span(call)
         try:
             if span is None:
-                result: ChatResult = await self._chain()(call)
+                result: ChatResult = await self._chain(span)(call)
             else:
                 with activate(span, self.tracer):
-                    result = await self._chain()(call)
+                    result = await self._chain(span)(call)
         except BaseException as exc:
             self._finish(call, span, error=exc)
             raise
@@ -355,10 +361,10 @@ class Gateway:
         span = self._span(call)
         try:
             if span is None:
-                result = await self._chain()(call)
+                result = await self._chain(span)(call)
             else:
                 with activate(span, self.tracer):
-                    result = await self._chain()(call)
+                    result = await self._chain(span)(call)
         except BaseException as exc:
             self._finish(call, span, error=exc)
             raise
@@ -374,10 +380,10 @@ class Gateway:
         error: BaseException | None = None
         try:
             if span is None:
-                inner = await self._chain()(call)
+                inner = await self._chain(span)(call)
             else:
                 with activate(span, self.tracer):
-                    inner = await self._chain()(call)
+                    inner = await self._chain(span)(call)
             async for delta in inner:
                 if call.ttft_ms is None and (delta.content or delta.tool_calls):
                     call.ttft_ms = (time.perf_counter() - call.started) * 1000
@@ -413,6 +419,11 @@ class Gateway:
     def _span(self, call: Call) -> trace.Span | None:
         """The call's span; None when tracing is off (`make_tracer` gives a NoOpTracer), so no span is made."""
         if type(self.tracer) is trace.NoOpTracer:
+            return None
+        parent = trace.get_current_span()
+        if not parent.is_recording() and parent.get_span_context().is_valid:
+            # Inside a sampled-out trace, nothing more is made: the SDK's samplers (parent-based, or by trace
+            # id) would drop every span under it anyway.
             return None
         op = {"chat": "chat", "rerank": "rerank"}.get(call.kind, "embeddings")
         span = self.tracer.start_span(f"{op} {call.alias}")

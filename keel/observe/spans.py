@@ -47,6 +47,10 @@ class TraceRequests:
         method = scope["method"]
         s = self.tracer.start_span(f"{method} {scope['path']}", context=parent, kind=trace.SpanKind.SERVER,
                                    attributes={"http.request.method": method, "url.path": scope["path"]})
+        if not s.is_recording():  # sampled out: current, so what runs inside makes no span either
+            with activate(s, self.tracer, self.stages):
+                await self.app(scope, receive, send)
+            return
         status = 0
 
         async def traced_send(message: Message) -> None:
@@ -140,6 +144,8 @@ class TracedUpstream:
         self.inner.check_capabilities(call, cfg, prov)
 
     async def invoke(self, call: Any, cfg: Any) -> Any:
+        if not trace.get_current_span().is_recording():  # an untraced or sampled-out call
+            return await self.inner.invoke(call, cfg)
         op = "chat" if call.kind == "chat" else "embeddings"
         model = cfg.model or cfg.alias
         attrs: dict[str, Any] = {"gen_ai.operation.name": op, "gen_ai.system": cfg.provider,

@@ -187,6 +187,29 @@ def test_default_policy_records_no_content_and_detail_and_sampler_are_honoured(s
         receiver.stop()
 
 
+def test_a_sampled_out_request_makes_no_span_and_a_sampled_caller_gets_every_stage(server_factory, tmp_path,
+                                                                                   upstream):
+    """With every stage traced and Keel's own traces sampled out (ratio 0), a request makes no span at all —
+    nor does one whose caller said "not sampled" — while a caller that sampled gets the whole tree: the
+    stage spans, the guard scans and the provider attempt under the call span."""
+    receiver = HttpReceiver().start()
+    try:
+        srv = traced_server(server_factory, tmp_path, upstream, receiver,
+                            OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG="0")
+        assert chat(srv, "not sampled").status_code == 200
+        unsampled = secrets.token_hex(16)
+        assert chat(srv, "caller says no", headers={"traceparent": f"00-{unsampled}-{CALLER_SPAN}-00"}).status_code == 200
+        trace_id = secrets.token_hex(16)
+        assert chat(srv, "caller says yes", headers={"traceparent": f"00-{trace_id}-{CALLER_SPAN}-01"}).status_code == 200
+        names = {s["name"] for s in spans_of(receiver, trace_id, 8)}
+        assert {"POST /v1/chat/completions", "auth", "chat cloud", "policy", "router", "chat gpt-cloud"} <= names
+        assert any(n.startswith("guard ") for n in names)
+        with receiver.lock:
+            assert {s["trace_id"] for s in receiver.spans} == {trace_id}
+    finally:
+        receiver.stop()
+
+
 def test_otlp_over_grpc(server_factory, tmp_path, upstream):
     """OTEL_EXPORTER_OTLP_PROTOCOL=grpc sends the same trace to a gRPC collector."""
     receiver = GrpcReceiver().start()
