@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import sqlalchemy as sa
 
+from keel.core.datadir import prepare_data_dir
 from keel.core.db import Store
 from keel.core.errors import BadRequest, Conflict, KeelError
 from keel.core.settings import Settings
@@ -148,7 +149,7 @@ def backup(settings: Settings, dest: Path) -> Manifest:
     work = dest.with_name(dest.name + ".partial")
     if work.exists():
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    prepare_data_dir(work)  # owner only: it holds the whole store
     try:
         if url.startswith("sqlite"):
             manifest = Manifest("sqlite", time.time(), heads)
@@ -210,6 +211,7 @@ def restore(settings: Settings, src: Path, verify: Callable[[Store], Any]) -> An
             if path.exists():
                 raise Conflict(f"{path} already exists; restore only fills an empty data dir",
                                fix="stop Keel and move the current data dir away, or set KEEL_DATA_DIR to a new one")
+        prepare_data_dir(Path(settings.data_dir))
         db.parent.mkdir(parents=True, exist_ok=True)
         _sqlite_copy(src / SQLITE_FILE, db)
         if DBOS_FILE in manifest.files:

@@ -50,6 +50,7 @@ def test_backup_while_writing_then_restore_elsewhere(tmp_path: Path, db_url: str
             stop.set()
             writer.join()
         assert out.returncode == 0, out.stderr
+        assert (tmp_path / "bk").stat().st_mode & 0o777 == 0o700, "a backup holds the whole store: owner only"
         manifest = json.loads((tmp_path / "bk" / "keel-backup.json").read_text())
         assert manifest["format"] == "keel-backup" and manifest["heads"]
         if pg_server is None:
@@ -68,6 +69,7 @@ def test_backup_while_writing_then_restore_elsewhere(tmp_path: Path, db_url: str
     out = keel(env, "restore", str(tmp_path / "bk"))
     assert out.returncode == 0, out.stderr
     assert "audit chain OK" in out.stdout
+    assert (tmp_path / "restored").stat().st_mode & 0o777 == 0o700
     if pg_server is None:
         assert (tmp_path / "restored" / "knowledge" / "vectors" / "kc_planted.hnsw").read_bytes() == b"index bytes"
     back = start_server(tmp_path / "restored", target_db)
