@@ -6,7 +6,8 @@ at concurrency 1 is measured in rounds, each server round right after a round st
 and reported as the median over rounds of the difference (see `c1_rounds`).
 Keel's Responses (`/v1/responses`) and Messages (`/v1/messages`) shapes are measured on the same Keel server
 against its chat completions (`keel_shapes`, interleaved; `--no-shapes` skips them). `--otlp stages|calls`
-adds Keel tracing every request at that detail and exporting it over OTLP to a loopback collector.
+adds Keel tracing every request at that detail and exporting it over OTLP to a loopback collector
+(`--sample 0.1`: keeping that share of traces with the parent-based ratio sampler).
 Prints ONE JSON line: {"direct": {...}, "minimal": {...}, "keel": {...}, "keel_shapes": {...}, "litellm": {...},
 "ratios": {...}}.
 
@@ -255,6 +256,9 @@ def main() -> None:
     ap.add_argument("--no-litellm", action="store_true")
     ap.add_argument("--otlp", choices=("stages", "calls"), default=None,
                     help="also Keel tracing every request at this detail, exported over OTLP to a loopback collector")
+    ap.add_argument("--sample", type=float, default=None,
+                    help="with --otlp: the share of traces kept (OTEL_TRACES_SAMPLER=parentbased_traceidratio), "
+                         "every request when not given")
     ap.add_argument("--no-shapes", action="store_true", help="skip the Responses and Messages columns")
     ap.add_argument("--only", default="", help="comma list of servers to measure (direct is always run)")
     ap.add_argument("--rounds", type=int, default=4, help="concurrency-1 rounds of 2 s per server and mode")
@@ -307,8 +311,11 @@ def main() -> None:
             env = {"KEEL_TRACE_EXPORTER": "otlp", "KEEL_TRACE_DETAIL": args.otlp,
                    "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
                    "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
-            proc, url, key = start_keel(tmp, up, env)
             label = f"keel_otlp[{args.otlp}]"
+            if args.sample is not None:
+                env.update(OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG=str(args.sample))
+                label = f"keel_otlp[{args.otlp},{args.sample:g}]"
+            proc, url, key = start_keel(tmp, up, env)
             results[label] = measure(label, url + "/v1/chat/completions", key, args.duration, tmp, proc.pid, **run)
             stop(proc)
             results[label]["collector"] = httpx.get(f"http://127.0.0.1:{sink_port}/stats").json()
