@@ -27,8 +27,9 @@ import sqlalchemy as sa
 
 from keel.core.clock import utcnow
 from keel.core.db import Store, metadata
-from keel.core.errors import BadRequest, Conflict, Forbidden, NotFound
+from keel.core.errors import BadRequest, Conflict, NotFound
 from keel.core.ids import new_id
+from keel.identity import ownership
 from keel.identity import service as identity
 from keel.identity.principal import Principal
 from keel.observe import evals_metrics as m
@@ -193,19 +194,9 @@ class Evals:
 
     @staticmethod
     def _owner(p: Principal, name: str, prev: Any, requested: str | None) -> str | None:
-        if prev is not None:
-            if not p.is_admin and prev.team_id != p.team_id:
-                if prev.team_id is None:
-                    raise Forbidden(f"dataset {name!r} is global: only admins may change it", dataset=name,
-                                    fix="define your team's own dataset under another name")
-                raise Conflict(f"dataset {name!r} belongs to another team", fix="choose another name", dataset=name)
-            return prev.team_id
-        if p.is_admin:
-            return requested if requested is not None else p.team_id
-        if p.team_id is None:
-            raise Forbidden(f"key {p.key_id} has no team, so it cannot own a dataset", key_id=p.key_id,
-                            fix="use a builder key that belongs to a team")
-        return p.team_id
+        """The team a dataset version belongs to, or the refusal (as for workflows and prompts)."""
+        return ownership.owner(p, "dataset", name, exists=prev is not None,
+                               prev_team=prev.team_id if prev is not None else None, requested=requested)
 
     def _visible(self, p: Principal, col: sa.Column) -> Any:
         return sa.true() if sees_all(p) else sa.or_(col.is_(None), col == p.team_id)

@@ -29,6 +29,7 @@ from keel.core.clock import utcnow
 from keel.core.db import Store, metadata
 from keel.core.errors import BadRequest, Conflict, Forbidden, NotFound
 from keel.core.ids import new_id
+from keel.identity import ownership
 from keel.identity import service as identity
 from keel.identity.principal import Principal
 
@@ -343,22 +344,5 @@ class Prompts:
     @staticmethod
     def _owner(p: Principal, name: str, rows: list[Any], requested: str | None) -> str | None:
         """The team a change to prompt `name` keeps it in, or the refusal (as for workflows)."""
-        if rows:
-            prev = rows[0].team_id
-            if prev is None and not p.is_admin:
-                raise Forbidden(f"prompt {name!r} is global: only admins may change it", prompt=name,
-                                fix="ask an admin, or define your team's own prompt under another name")
-            if prev is not None and not p.is_admin and p.team_id != prev:
-                raise Conflict(f"prompt {name!r} belongs to another team", prompt=name, fix="choose another name")
-            if requested is not None and requested != prev:
-                raise Conflict(f"prompt {name!r} belongs to {'team ' + prev if prev else 'no team (global)'}; a new "
-                               "version does not move it", fix="omit `team`", prompt=name)
-            return prev
-        if p.is_admin:
-            return requested if requested is not None else p.team_id
-        if p.team_id is None:
-            raise Forbidden(f"key {p.key_id} has no team, so it cannot own a prompt", prompt=name, key_id=p.key_id,
-                            fix="use a builder key that belongs to a team (global prompts are defined by admins)")
-        if requested is not None and requested != p.team_id:
-            raise Forbidden("a builder defines prompts for its own team only", fix="omit `team`", prompt=name)
-        return p.team_id
+        return ownership.owner(p, "prompt", name, exists=bool(rows), prev_team=rows[0].team_id if rows else None,
+                               requested=requested)

@@ -11,7 +11,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from keel.core.errors import Conflict, Forbidden
+from keel.core.errors import Forbidden
+from keel.identity import ownership
 from keel.identity.principal import Principal
 
 
@@ -41,29 +42,9 @@ def require_team_for_runs(p: Principal) -> None:
 
 
 def definition_owner(p: Principal, name: str, prev_team: str | None, exists: bool, requested: str | None) -> str | None:
-    """The team a new version of workflow `name` belongs to, or Forbidden/Conflict when `p` may not define it.
-
-    A global workflow changes only by admins; a team's only by its builders (and admins); a new one belongs to
-    the builder's team (an admin's: the requested team, else the admin's own, global for a team-less admin);
-    ownership never moves by redefining."""
-    if exists:
-        if prev_team is None and not p.is_admin:
-            raise Forbidden(f"workflow {name!r} is global: only admins may change it", workflow=name,
-                            fix="ask an admin to change it, or define your team's own workflow under another name")
-        if prev_team is not None and not p.is_admin and p.team_id != prev_team:
-            raise Conflict(f"workflow {name!r} belongs to another team", fix="choose another name", workflow=name)
-        if requested is not None and requested != prev_team:
-            raise Conflict(f"workflow {name!r} belongs to {'team ' + prev_team if prev_team else 'no team (global)'}; "
-                           "a new version does not move it", fix="omit `team` when redefining it", workflow=name)
-        return prev_team
-    if p.is_admin:
-        return requested if requested is not None else p.team_id
-    if p.team_id is None:
-        raise Forbidden(f"key {p.key_id} has no team, so it cannot own a workflow", workflow=name, key_id=p.key_id,
-                        fix="use a builder key that belongs to a team (global workflows are defined by admins)")
-    if requested is not None and requested != p.team_id:
-        raise Forbidden("a builder defines workflows for its own team only", fix="omit `team`", workflow=name)
-    return p.team_id
+    """The team a new version of workflow `name` belongs to, or Forbidden/Conflict when `p` may not define it
+    (the rule every team-owned definition follows: `keel.identity.ownership`)."""
+    return ownership.owner(p, "workflow", name, exists=exists, prev_team=prev_team, requested=requested)
 
 
 def trigger_principal(ver: Any) -> Principal:
