@@ -75,13 +75,13 @@ def test_up_prints_url_and_key_once_then_serves_models_and_demo_data(tmp_path):
     assert any(url in line for line in lines)
     headers = {"Authorization": f"Bearer {key}"}
 
-    def demo_data():  # two collections, ingested in the background
+    def demo_data():  # three collections (the support agent's handbook too), ingested in the background
         colls = httpx.get(url + "/v1/collections", headers=headers).json()["data"]
         docs = [d for c in colls
                 for d in httpx.get(url + f"/v1/collections/{c['id']}/documents", headers=headers).json()["data"]]
-        return (colls, docs) if len(docs) >= 6 else None
+        return (colls, docs) if len(docs) >= 8 else None
     colls, docs = eventually(demo_data, timeout=90, interval=0.5)
-    assert sorted(c["name"] for c in colls) == ["companies", "handbook"] and len(docs) == 6
+    assert sorted(c["name"] for c in colls) == ["companies", "handbook", "support-handbook"] and len(docs) == 8
     _lead_intake_end_to_end(url, headers)
     rc, _ = _stop(proc)
     assert rc == 0
