@@ -361,6 +361,17 @@ class JSONAnswer(Response):
                             *((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]
 
 
+async def bounded_json(request: StarletteRequest, max_bytes: int, too_large: str, fix: str) -> Any:
+    """The request's body as strict JSON; over `max_bytes` it is a 400 saying `too_large` and `fix`."""
+    raw = await request.body()
+    if len(raw) > max_bytes:
+        raise BadRequest(too_large, fix=fix)
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJSON(f"request body is not valid JSON: {exc}", fix="send a JSON object") from None
+
+
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     if status == 204:
         return Response(status_code=204, headers=headers)

@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from keel.core.errors import BadRequest, MalformedJSON
-from keel.core.http import json_response
+from keel.core.http import bounded_json, json_response
 from keel.identity.auth import principal
 from keel.identity.principal import Principal
 from keel.observe.evals import Evals
@@ -22,13 +20,7 @@ def _evals(request: Request) -> Evals:
 
 
 async def _json(request: Request) -> object:
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise BadRequest(f"body is over {MAX_BODY // 1024 // 1024} MiB", fix="split the dataset")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedJSON(f"request body is not valid JSON: {exc}", fix="send a JSON object") from None
+    return await bounded_json(request, MAX_BODY, f"body is over {MAX_BODY // 1024 // 1024} MiB", "split the dataset")
 
 
 @router.post("/v1/evals/datasets")

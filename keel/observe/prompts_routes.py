@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from keel.core.errors import BadRequest, MalformedJSON
-from keel.core.http import json_response
+from keel.core.http import bounded_json, json_response
 from keel.identity.auth import principal
 from keel.identity.principal import Principal
 from keel.observe.prompts import Prompts
@@ -24,13 +22,7 @@ def _prompts(request: Request) -> Prompts:
 
 
 async def _body(request: Request) -> Any:
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise BadRequest(f"body is over {MAX_BODY // 1024} KiB", fix="shorten the prompt")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedJSON(f"request body is not valid JSON: {exc}", fix="send a JSON object") from None
+    return await bounded_json(request, MAX_BODY, f"body is over {MAX_BODY // 1024} KiB", "shorten the prompt")
 
 
 @router.post("/v1/prompts")

@@ -3,12 +3,11 @@ CSV) and `POST /v1/feedback`."""
 
 from __future__ import annotations
 
-import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from keel.core.errors import BadRequest, MalformedJSON
-from keel.core.http import json_response
+from keel.core.errors import BadRequest
+from keel.core.http import bounded_json, json_response
 from keel.identity.auth import principal
 from keel.identity.principal import Principal
 from keel.observe.feedback import Feedback
@@ -52,13 +51,8 @@ async def usage(request: Request, p: Principal = Depends(principal),
 async def give_feedback(request: Request, p: Principal = Depends(principal)) -> Response:
     """Feedback on a call (`request_id`), a workflow or agent run (`run_id`) or an answer (`answer_id`):
     `score` (-100…100), `label`, `comment`, `correction`. Only on calls the key may see in `/v1/usage`."""
-    raw = await request.body()
-    if len(raw) > MAX_FEEDBACK_BYTES:
-        raise BadRequest(f"feedback body is over {MAX_FEEDBACK_BYTES // 1024} KiB", fix="shorten the correction")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedJSON(f"request body is not valid JSON: {exc}", fix="send a JSON object") from None
+    body = await bounded_json(request, MAX_FEEDBACK_BYTES, f"feedback body is over {MAX_FEEDBACK_BYTES // 1024} KiB",
+                              "shorten the correction")
     fb = Feedback(request.app.state.store, request.app.state.observe.ledger)
     given = await fb.give(p, body)
     request.app.state.observe.drift.observe_feedback(given["score"])  # the feedback_rate drift signal
