@@ -125,7 +125,11 @@ def export_config(client: Client, dest: Path) -> list[Path]:
 
 
 def read_files(src: Path, validators: dict[str, Validator]) -> Bundle:
-    """Read and validate every file under `src`; raises one ValidationFailed listing every problem found."""
+    """Read and validate every file under `src`; raises one ValidationFailed listing every problem found.
+    A symlink inside `src` is refused, never followed: the folder may come from an untrusted branch."""
+    if _symlinked(src, INDEX):
+        raise BadRequest(f"{src}/{INDEX} is a symlink; nothing imported",
+                         fix="import a folder whose files and folders are real ones (copy, don't link)")
     try:
         index = json.loads((src / INDEX).read_text(encoding="utf-8"))
         if index.get("format") != FORMAT or not isinstance(index.get("files"), dict):
@@ -137,8 +141,11 @@ def read_files(src: Path, validators: dict[str, Validator]) -> Bundle:
     problems: list[str] = []
     for rel, meta in sorted(index["files"].items()):
         path = src / rel
-        if ".." in Path(rel).parts or not isinstance(meta, dict):
+        if ".." in Path(rel).parts or Path(rel).is_absolute() or not isinstance(meta, dict):
             problems.append(f"{rel}: not a file of this export")
+            continue
+        if _symlinked(src, rel):
+            problems.append(f"{rel}: a symlink (or under one); Keel does not follow links out of the folder")
             continue
         try:
             text = path.read_text(encoding="utf-8")
@@ -168,6 +175,16 @@ def read_files(src: Path, validators: dict[str, Validator]) -> Bundle:
         raise ValidationFailed(f"{len(problems)} file(s) invalid, nothing imported: " + "; ".join(problems),
                                fix="correct the named files and import again")
     return b
+
+
+def _symlinked(src: Path, rel: str) -> bool:
+    """Whether `src/rel` or any folder between `src` and it is a symbolic link."""
+    path = src
+    for part in Path(rel).parts:
+        path = path / part
+        if path.is_symlink():
+            return True
+    return False
 
 
 def _define(client: Client, section: str, name: str, source: str, team: str | None) -> None:
