@@ -3,6 +3,8 @@ functions (and so the same visibility rules) as `GET /v1/usage` and `GET /v1/aud
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -12,7 +14,8 @@ from keel.console import charts
 from keel.console.web import Page
 from keel.core.errors import BadRequest
 from keel.governance.audit import public_event
-from keel.observe.usage import DIMENSIONS, ReportQuery, report, to_csv
+from keel.observe.rollup_report import rollup_report
+from keel.observe.usage import DEFAULT_DAYS, DIMENSIONS, ReportQuery, report, to_csv
 
 PAGE_SIZE = 50
 FILTERS = ("team", "model", "use_case", "key", "status")
@@ -21,17 +24,22 @@ GROUPS = ("day", "team", "model", "use_case", "key", "user", "deployment", "prov
 
 def _query(params: dict[str, str], group_by: str) -> ReportQuery:
     """A report query from the page's own parameters (its filters, start, end), grouped by `group_by` (a
-    comma-separated list of dimensions)."""
+    comma-separated list of dimensions). With no start, the range begins at midnight UTC 29 days before the end's
+    day (30 days on the charts), so only the end's own day is read from the ledger rather than the rollups."""
     wanted = {k: v for k, v in params.items() if k in ("start", "end") + FILTERS and v}
-    return ReportQuery.parse({**wanted, "group_by": group_by})
+    q = ReportQuery.parse({**wanted, "group_by": group_by})
+    if not wanted.get("start"):
+        start = datetime(q.end.year, q.end.month, q.end.day, tzinfo=UTC) - timedelta(days=DEFAULT_DAYS - 1)
+        q = replace(q, start=min(start, q.end - timedelta(microseconds=1)))
+    return q
 
 
 async def overview(page: Page) -> Response:
     params = dict(page.request.query_params)
     store = page.store
-    days = await run_in_threadpool(report, store, page.p, _query(params, "day"))
+    days = await run_in_threadpool(rollup_report, store, page.p, _query(params, "day"))
     # one more scan for the three breakdowns: grouped by all three, then summed per dimension here
-    combos = (await run_in_threadpool(report, store, page.p, _query(params, "team,model,use_case")))["data"]
+    combos = (await run_in_threadpool(rollup_report, store, page.p, _query(params, "team,model,use_case")))["data"]
     by: dict[str, dict[str, dict[str, float]]] = {"team": {}, "model": {}, "use_case": {}}
     for r in combos:
         for dim, sums in by.items():
@@ -80,7 +88,7 @@ async def usage(page: Page) -> Response:
     group = params.get("group_by") or "day"
     if group not in DIMENSIONS:
         raise BadRequest(f"unknown grouping {group[:40]!r}", fix=f"use one of: {', '.join(GROUPS)}")
-    rep = await run_in_threadpool(report, page.store, page.p, _query(params, group))
+    rep = await run_in_threadpool(rollup_report, page.store, page.p, _query(params, group))
     try:
         number = max(1, int(params.get("page") or 1))
     except ValueError:

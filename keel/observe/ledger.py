@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from keel.core.batches import WriteQueue
 from keel.core.db import Store
 from keel.core.tasks import stop_task
+from keel.observe import rollup
 from keel.observe.tables import usage_ledger
 
 log = logging.getLogger("keel.ledger")
@@ -49,6 +50,7 @@ class Ledger:
         with self.store.engine.begin() as conn:
             sql, params = self._insert(conn.dialect)
             conn.exec_driver_sql(sql, [params(row) for row in rows])
+            rollup.add(conn, rows)  # the daily rollups, in the same transaction: counted exactly when written
         self.written += len(rows)
 
     def _insert(self, dialect: sa.Dialect) -> tuple[str, Callable[[dict[str, Any]], Any]]:

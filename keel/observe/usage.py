@@ -79,18 +79,19 @@ METRICS = ("requests", "errors", "cancelled", "cache_hits", "tokens_in", "tokens
            "saved_cost", "latency_p50_ms", "latency_p95_ms", "feedback_count", "feedback_avg_score")
 
 
-def visible(p: Principal) -> sa.ColumnElement[bool] | None:
-    """The ledger rows `p` may see, as a filter (None: all of them); 403 for a role with no report right."""
+def visible(p: Principal, c: Any = u) -> sa.ColumnElement[bool] | None:
+    """The ledger rows `p` may see, as a filter (None: all of them); 403 for a role with no report right. `c`: the
+    columns to filter (`team_id`, `user_id`, `key_id`): the ledger's, or its rollups' (keel/observe/rollup.py)."""
     if p.has("reports.read"):
         return None
     if not p.has("reports.read.own"):
         raise Forbidden(f"role {p.role!r} of key {p.key_id} may not read usage reports",
                         fix="use a key whose role grants reports.read.own", key_id=p.key_id)
     if p.role == "builder" and p.team_id:
-        return u.team_id == p.team_id
+        return c.team_id == p.team_id
     if p.user_id:
-        return (u.user_id == p.user_id) | (u.key_id == p.key_id)
-    return u.key_id == p.key_id
+        return (c.user_id == p.user_id) | (c.key_id == p.key_id)
+    return c.key_id == p.key_id
 
 
 @dataclass(frozen=True)
