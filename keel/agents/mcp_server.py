@@ -20,6 +20,8 @@ from typing import Annotated, Any
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPError
+from mcp.types import INVALID_PARAMS
 from pydantic import Field
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
@@ -58,6 +60,7 @@ class KeelMcp:
         self.app = app
         self.server: MCPServer = MCPServer("keel", instructions=INSTRUCTIONS, version=__version__)
         self._tools()
+        self.server.middleware.append(_no_prompts)
         # the bearer key, not the Host header, is what protects /mcp: no ambient credential for a rebinding to use
         self.server.streamable_http_app(stateless_http=True, json_response=True, host="0.0.0.0",
                                         transport_security=TransportSecuritySettings(
@@ -137,6 +140,16 @@ class KeelMcp:
             except KeelError as exc:
                 raise _refused(exc) from None
             return {k: out.get(k) for k in ("id", "agent", "version", "status", "answer", "error")}
+
+
+async def _no_prompts(ctx: Any, call_next: Any) -> Any:
+    """Keel serves no MCP prompts: `prompts/get` names an unknown prompt, answered as INVALID_PARAMS with one log
+    line (the SDK would log a traceback at error level for it, which any key holder could repeat at will)."""
+    if ctx.method == "prompts/get":
+        name = str((ctx.params or {}).get("name"))[:100]
+        log.info("mcp prompts/get: unknown prompt %r", name)
+        raise MCPError(code=INVALID_PARAMS, message=f"Unknown prompt: {name}")
+    return await call_next(ctx)
 
 
 def _rid() -> str:

@@ -9,6 +9,8 @@ import json
 import httpx
 import pytest
 
+from conftest import eventually
+
 pytestmark = pytest.mark.store
 H = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 LIST = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).encode()
@@ -79,3 +81,24 @@ def test_methods_and_content_types(world):
     r = _post(srv, key, LIST, **{"Content-Type": "text/plain"})
     assert 400 <= r.status_code < 500
     _clean(r)
+
+
+@pytest.mark.parametrize("method, params", [
+    ("prompts/get", {"name": "nope"}), ("resources/read", {"uri": "file:///etc/passwd"}),
+    ("prompts/list", {}), ("no/such/method", {}),
+])
+def test_an_unknown_name_or_method_is_a_json_rpc_error_and_one_log_line(world, method, params):
+    """Guards: `prompts/get` (Keel serves no prompts) and other unknown requests logging a traceback at error
+    level — log noise an anonymous-looking client can cause at will."""
+    srv, key, _ = world
+    before = len(srv.logs())
+    r = _post(srv, key, json.dumps({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}).encode())
+    assert r.status_code in (200, 400), (r.status_code, r.text[:300])
+    _clean(r)
+    out = r.json()
+    assert "error" in out or out.get("result") is not None, out
+    if method != "prompts/list":
+        assert out["error"]["code"] < 0 and out["id"] == 7, out
+    eventually(lambda: srv.answered(r.headers["x-request-id"]) if "x-request-id" in r.headers else True)
+    logged = srv.logs()[before:]
+    assert "Traceback" not in logged and '"level":"error"' not in logged.lower() and "ERROR" not in logged, logged
