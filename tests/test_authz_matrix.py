@@ -688,6 +688,8 @@ CONSOLE_PAGES = {  # console page → the roles that may open it (the rest: 403)
     "/console/audit": GOV_READERS, "/console/keys": {"admin"}, "/console/inbox": {"admin", "reviewer", "auditor"},
     "/console/playground": MODEL_USERS, "/console/knowledge": MODEL_USERS, "/console/agents": set(ROLES),
     "/console/people": {"admin"},
+    "/console/budgets": {"admin"}, "/console/limits": {"admin"}, "/console/deployments": {"admin"},
+    "/console/policy": GOV_READERS, "/console/guard-events": set(ROLES),
 }
 
 
@@ -731,4 +733,70 @@ def test_console_pages_follow_the_api_rules(world):
             r = anonymous.post("/console/keys", data={"name": "anon", "role": "admin"})
             if r.status_code != 401:
                 wrong.append(f"anonymous POST /console/keys: got {r.status_code}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_console_admin_forms_follow_the_api_rules(world):
+    """The console's budget, limit, deployment and policy-check forms, posted with a valid CSRF token by every
+    role × team: only admins change anything (policy drafts: admins and auditors, as the API); malformed and
+    oversized input is a 4xx page naming the problem, never a 5xx."""
+    forms = {  # path → (form, roles that may post it)
+        "/console/budgets": ({"scope": "team", "scope_id": "red", "amount": "1000000"}, {"admin"}),
+        "/console/limits": ({"scope": "team", "ref": "red", "rpm": "1000000"}, {"admin"}),
+        "/console/deployments": ({"alias": "console-{cell}", "provider": "openai_compatible", "model": "m",
+                                  "base_url": world.cloud}, {"admin"}),
+        "/console/policy/check": ({"draft": POLICY}, GOV_READERS),
+    }
+    periods = dict(zip(RELATIONS, ("month", "day", "total")))
+    wrong = []
+    for role in ROLES:
+        for rel, team in RELATIONS.items():
+            c = _console(world, world.keys.keys[(role, team)])
+            csrf = c.get("/console/overview").text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+            for path, (form, allowed) in forms.items():
+                data = {k: v.replace("{cell}", f"{role}-{rel}") for k, v in form.items()}
+                if path == "/console/budgets":
+                    data["period"] = periods[rel]
+                got = c.post(path, data={**data, "csrf": csrf}).status_code
+                if (got < 300) != (role in allowed) or (role not in allowed and got != 403):
+                    wrong.append(f"{role}/{rel} POST {path}: got {got}")
+            c.close()
+    with world.srv.admin() as admin:  # undo what the admins' cells made
+        for b in admin.get("/admin/budgets").json()["data"]:
+            assert admin.delete(f"/admin/budgets/{b['id']}").status_code == 204
+        assert admin.delete("/admin/limits/teams/red").status_code == 204
+        for d in admin.get("/admin/deployments").json()["data"]:
+            if d["alias"].startswith("console-"):
+                assert admin.delete(f"/admin/deployments/{d['id']}").status_code == 204
+    c = _console(world, world.srv.admin_key)
+    csrf = c.get("/console/overview").text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    bad = [  # (path, form, status)
+        ("/console/budgets", {"scope": "team", "scope_id": "red", "amount": "lots"}, 422),
+        ("/console/budgets", {"scope": "team", "scope_id": "red", "amount": "1e999"}, 422),
+        ("/console/budgets", {"scope": "planet", "scope_id": "red", "amount": "5"}, 422),
+        ("/console/budgets", {"scope": "team", "scope_id": "x" * 100_000, "amount": "5"}, 422),
+        ("/console/budgets", {"scope": "team", "scope_id": "no-such-team", "amount": "5"}, 404),
+        ("/console/budgets/budget_nope", {"amount": "5"}, 404),
+        ("/console/budgets/budget_nope", {}, 422),
+        ("/console/budgets/budget_nope/delete", {}, 404),
+        ("/console/limits", {"scope": "team", "ref": "red", "rpm": "-1"}, 422),
+        ("/console/limits", {"scope": "team", "ref": "red"}, 422),
+        ("/console/limits", {"scope": "deployment", "ref": "red", "rpm": "5"}, 422),
+        ("/console/limits/delete", {"scope": "team", "ref": "red"}, 404),
+        ("/console/deployments", {"alias": "x", "provider": "openai_compatible", "timeout_s": "0",
+                                  "input_price_per_1m": "-3"}, 422),
+        ("/console/deployments", {"alias": "y" * 100_000, "provider": "openai_compatible"}, 422),
+        ("/console/deployments/delete", {"id": "fake/none/none"}, 404),
+        ("/console/policy/check", {"draft": "classifications: 5\n"}, 400),
+        ("/console/policy/check", {"draft": "x" * 300_000}, 400),
+    ]
+    for path, form, status in bad:
+        got = c.post(path, data={**form, "csrf": csrf}).status_code
+        if got != status:
+            wrong.append(f"admin POST {path} {str(form)[:80]}: want {status}, got {got}")
+    for query in ("version=abc", "version=0", "diff=99999", f"version={2**40}"):
+        got = c.get(f"/console/policy?{query}").status_code
+        if got not in (400, 404):
+            wrong.append(f"admin GET /console/policy?{query}: got {got}")
+    c.close()
     assert not wrong, "\n".join(wrong)

@@ -14,8 +14,8 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, RedirectResponse, Response
 
-from keel.console import (pages_admin, pages_agents, pages_inbox, pages_knowledge, pages_playground,
-                          pages_reports, pages_workflows, web)
+from keel.console import (pages_admin, pages_agents, pages_inbox, pages_knowledge, pages_ops, pages_playground,
+                          pages_policy, pages_reports, pages_workflows, web)
 from keel.console.throttle import SignInThrottle
 from keel.core.errors import KeelError, NotFound, Unauthorized
 from keel.identity import sessions
@@ -123,7 +123,7 @@ def router() -> APIRouter:
         return RedirectResponse(web.root(request) + "/overview", status_code=303)
 
     for module in (pages_reports, pages_playground, pages_knowledge, pages_inbox, pages_admin, pages_workflows,
-                   pages_agents):
+                   pages_agents, pages_ops, pages_policy):
         for method, path, handler in module.ROUTES:
             r.add_api_route(path, web.page(handler), methods=[method])
     return r

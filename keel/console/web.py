@@ -49,6 +49,11 @@ NAV: list[tuple[str, str, Callable[[Principal], bool]]] = [
     ("audit", "Audit", lambda p: p.has("audit.read")),
     ("keys", "Admin: keys", lambda p: p.is_admin),
     ("people", "Admin: people", lambda p: p.is_admin),
+    ("budgets", "Admin: budgets", lambda p: p.is_admin),
+    ("limits", "Admin: limits", lambda p: p.is_admin),
+    ("deployments", "Admin: deployments", lambda p: p.is_admin),
+    ("policy", "Policy", lambda p: p.has("audit.read")),
+    ("guard-events", "Guard events", lambda p: p.has("audit.read")),
 ]
 
 

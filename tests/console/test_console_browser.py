@@ -134,7 +134,7 @@ def test_admin_creates_and_revokes_a_key(world, browser, width):
     v.sign_in_with_key(world.srv.admin_key)
     assert v.visit_all(shots=width == WIDTHS["desktop"]) == [
         "Overview", "Usage & cost", "Playground", "Knowledge", "Inbox", "Workflows", "Agents", "Audit", "Admin: keys",
-        "Admin: people"]
+        "Admin: people", "Admin: budgets", "Admin: limits", "Admin: deployments", "Policy", "Guard events"]
     v.open("/console/keys")
     name = f"ci-bot-{width}"
     v.page.get_by_label("Name").fill(name)
@@ -174,7 +174,8 @@ def test_admin_creates_and_revokes_a_key(world, browser, width):
 def test_auditor_verifies_the_chain(world, browser, width):
     v = Visit(browser, world.srv.url, width)
     v.sign_in_with_key(world.keys["auditor-None"])
-    assert v.visit_all() == ["Overview", "Usage & cost", "Inbox", "Workflows", "Agents", "Audit"]
+    assert v.visit_all() == ["Overview", "Usage & cost", "Inbox", "Workflows", "Agents", "Audit", "Policy",
+                             "Guard events"]
     v.open("/console/audit")
     assert v.page.get_by_role("cell", name="console.sign_in").count() >= 1
     v.page.get_by_role("button", name="Verify the chain").click()

@@ -1,0 +1,164 @@
+"""The console's admin pages for the gateway and governance — budgets, rate limits, deployments (with their
+circuit state), the policy (versions, diff, draft check) and guard events — in a real browser against the real
+server on loopback: the admin does one task on each page and the API sees its effect; a builder and a member get
+the not-allowed page; every page passes axe at 1280 and 390 px with no console error or failed request."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from keel.console.pages_policy import diff
+from keel.governance.policy.model import DEFAULT_POLICY
+from tests.console.browser import WIDTHS, Visit
+from tests.fakes.openai_upstream import FakeOpenAI
+from conftest import eventually
+
+pytestmark = pytest.mark.timeout(240)
+
+UPSTREAM_KEY = "sk-upstream-only-in-the-vault-42"
+ADMIN_PAGES = ("/console/budgets", "/console/limits", "/console/deployments")
+GOV_PAGES = ("/console/policy", "/console/guard-events")
+
+
+@pytest.fixture(scope="module")
+def world(module_server_factory, tmp_path_factory):
+    upstream, keyed = FakeOpenAI().start(), FakeOpenAI(api_key=UPSTREAM_KEY).start()
+    base = tmp_path_factory.mktemp("console-admin")
+    (base / "policy.yaml").write_text(DEFAULT_POLICY)
+    (base / "keel.yaml").write_text(f"""
+models:
+  - {{alias: fake, provider: openai_compatible, model: gpt-fake, base_url: {upstream.url},
+      input_price_per_1m: 1.0, output_price_per_1m: 2.0}}
+""")
+    srv = module_server_factory(config=base / "keel.yaml", KEEL_POLICY_FILE=str(base / "policy.yaml"),
+                                KEEL_POLICY_RELOAD_INTERVAL_S="0.3")
+    srv.extra.update(keyed=keyed, policy=base / "policy.yaml", keys={})
+    try:
+        with srv.admin() as admin:
+            assert admin.post("/admin/teams", json={"name": "sales"}).status_code == 201
+            for role in ("builder", "member"):
+                r = admin.post("/admin/keys", json={"role": role, "team": "sales", "name": f"{role}-sales"})
+                srv.extra["keys"][role] = r.json()["key"]
+        yield srv
+    finally:
+        srv.stop()
+        upstream.stop()
+        keyed.stop()
+
+
+def test_diff_marks_added_and_removed_lines():
+    old = {"version": 1, "content": "a: 1\nb: 2\n"}
+    new = {"version": 2, "content": "a: 1\nb: 3\n"}
+    kinds = dict((line, kind) for kind, line in diff(old, new))
+    assert kinds["-b: 2"] == "del" and kinds["+b: 3"] == "add" and kinds["--- version 1"] == "hunk"
+    assert diff(old, old) == []
+
+
+def test_admin_does_one_task_on_each_page(world, browser):
+    v = Visit(browser, world.url, WIDTHS["desktop"])
+    v.sign_in_with_key(world.admin_key)
+    assert v.nav()[-5:] == ["Admin: budgets", "Admin: limits", "Admin: deployments", "Policy", "Guard events"]
+    admin = world.admin()
+
+    v.open("/console/budgets")  # create, change, delete a team's budget
+    v.page.get_by_label("Applies to").select_option("team")
+    v.page.get_by_label("Team, key or user").fill("sales")
+    v.page.get_by_label("Limit (USD)").fill("50")
+    v.page.get_by_role("button", name="Create budget").click()
+    assert "created: team sales, $50 per month" in v.page.get_by_role("status").inner_text()
+    v.page.get_by_label("New limit for team sales month").fill("75")
+    v.page.get_by_role("button", name="Save budget team sales month").click()
+    assert [b["amount"] for b in admin.get("/admin/budgets").json()["data"]] == [75.0]
+    v.check_accessibility()
+    v.shot("budgets")
+    v.page.get_by_role("button", name="Delete budget team sales month").click()
+    v.page.wait_for_url("**/console/budgets")
+    assert admin.get("/admin/budgets").json()["data"] == []
+
+    v.open("/console/limits")  # a team's requests per minute
+    v.page.get_by_label("Team or key").fill("sales")
+    v.page.get_by_label("Requests per minute").fill("600")
+    v.page.get_by_role("button", name="Set limit").click()
+    assert "Limit set for team sales." in v.page.get_by_role("status").inner_text()
+    assert [(x["scope"], x["rpm"]) for x in admin.get("/admin/limits").json()["data"]] == [("team", 600)]
+    v.check_accessibility()
+    v.shot("limits")
+    v.page.get_by_role("button", name="Remove limit of team sales").click()
+    v.page.wait_for_url("**/console/limits")
+    assert admin.get("/admin/limits").json()["data"] == []
+
+    v.open("/console/deployments")  # a provider with its secret: stored in the vault, shown by name only
+    v.page.get_by_label("Alias").fill("keyed")
+    v.page.get_by_label("Upstream model").fill("gpt-keyed")
+    v.page.get_by_label("Base URL").fill(world.extra["keyed"].url)
+    v.page.get_by_label("API key").fill(UPSTREAM_KEY)
+    v.page.get_by_role("button", name="Add deployment").click()
+    assert "Deployment keyed/openai_compatible/gpt-keyed added." in v.page.get_by_role("status").inner_text()
+    assert UPSTREAM_KEY not in v.page.content()
+    dep = next(d for d in admin.get("/admin/deployments").json()["data"] if d["alias"] == "keyed")
+    assert dep["credential"] == "deployment-keyed-openai_compatible-gpt-keyed" and UPSTREAM_KEY not in str(dep)
+    r = admin.post("/v1/chat/completions", json={"model": "keyed", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text  # the upstream accepted the key from the vault
+    v.open("/console/deployments")
+    row = v.page.get_by_role("row").filter(has_text="keyed/openai_compatible")
+    assert "closed" in row.inner_text() and "vault: deployment-keyed" in row.inner_text()
+    v.check_accessibility()
+    v.shot("deployments")
+    v.page.get_by_role("button", name="Remove deployment keyed/openai_compatible/gpt-keyed").click()
+    v.page.wait_for_url("**/console/deployments")
+    assert all(d["alias"] != "keyed" for d in admin.get("/admin/deployments").json()["data"])
+
+    world.extra["policy"].write_text(DEFAULT_POLICY + "\n# reviewed by security\n")  # a second version
+    eventually(lambda: len(admin.get("/admin/policy/versions").json()["data"]) == 2, timeout=30)
+    v.open("/console/policy")
+    v.page.get_by_role("link", name="changes from version 1").click()
+    assert "+# reviewed by security" in v.page.locator(".diff").inner_text()
+    v.page.get_by_role("button", name="Check draft").click()
+    assert v.page.get_by_role("status").inner_text().startswith("Valid:")
+    v.check_accessibility()
+    v.shot("policy")
+    v.expect("/console/policy/check", 400)
+    v.page.get_by_label("Draft policy (YAML)").fill("classifications: 5\n")
+    v.page.get_by_role("button", name="Check draft").click()
+    assert v.page.get_by_role("status").inner_text().startswith("Not valid:")
+    assert len(admin.get("/admin/policy/versions").json()["data"]) == 2  # checked, never stored
+
+    r = admin.post("/v1/chat/completions", json={"model": "fake", "messages": [
+        {"role": "user", "content": "deploy with sk_live_" + "Z9" * 12}]})
+    assert r.status_code == 200, r.text  # the default policy redacts secrets in input
+    v.open("/console/guard-events")
+    v.page.get_by_label("Request id").fill(r.headers["x-request-id"])
+    v.page.get_by_role("button", name="Filter").click()
+    row = v.page.get_by_role("row").filter(has_text="stripe_key")
+    assert row.count() == 1 and "redact" in row.inner_text() and "Z9Z9" not in v.page.content()
+    v.check_accessibility()
+    v.shot("guard-events")
+    admin.close()
+    v.close()
+
+    phone = Visit(browser, world.url, WIDTHS["phone"])
+    phone.sign_in_with_key(world.admin_key)
+    for path in ADMIN_PAGES + GOV_PAGES:
+        phone.open(path)
+        assert phone.page.get_by_role("heading", level=1).count() == 1
+        phone.check_accessibility()
+    phone.close()
+
+
+def test_builder_and_member_cannot_reach_the_admin_pages(world, browser):
+    for role in ("builder", "member"):
+        v = Visit(browser, world.url, WIDTHS["phone"])
+        v.sign_in_with_key(world.extra["keys"][role])
+        assert not {"Admin: budgets", "Admin: limits", "Admin: deployments", "Policy"} & set(v.nav())
+        for path in ADMIN_PAGES + ("/console/policy",):
+            v.expect(path, 403)
+            assert v.open(path).status == 403
+            assert v.page.get_by_role("heading", level=1).inner_text() == "Not allowed"
+        v.check_accessibility()
+        v.open("/console/guard-events")  # as the API: the caller's own key's events only
+        assert "your key's requests" in v.page.get_by_role("main").inner_text()
+        v.close()
+    with httpx.Client(base_url=world.url) as c:  # no session: to the sign-in form, nothing changed
+        r = c.post("/console/budgets", data={"scope": "team", "scope_id": "sales", "amount": "1"})
+        assert r.status_code == 401
