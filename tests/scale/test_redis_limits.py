@@ -4,34 +4,13 @@ they admit the limit within 5%, not twice it. The store-counted variant is tests
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
 
 import pytest
 
-from conftest import eventually, fake_upstream, free_port, listening
+from conftest import fake_upstream
 from tests.gateway.test_rate_limits import burst, new_key, wait_for_fresh_window, write_config
 
 pytestmark = pytest.mark.store
-REDIS = shutil.which("redis-server") or shutil.which("valkey-server")
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    if REDIS is None:
-        pytest.skip("redis-server (or valkey-server) not installed: `make test-deps` installs it")
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="keel-redis-") as work:
-        proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                                 "no", "--dir", work], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            eventually(lambda: listening(port), timeout=20)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 def test_one_limit_across_two_replicas_counted_in_redis(server_factory, tmp_path, redis_url) -> None:  # noqa: ANN001
