@@ -13,6 +13,7 @@ from typing import Any
 
 from keel.core.errors import KeelError
 from keel.core.settings import DeploymentConfig
+from keel.gateway.cache.stage import merge_tool_calls
 from keel.gateway.pipeline import Call, Next
 from keel.gateway.protocol import ChatDelta
 from keel.governance import guards as guard_registry
@@ -248,11 +249,14 @@ class GuardStage:
         """Reads the whole answer first; if it must be reviewed, answers 202 before the first byte (the
         route turns the error into a status), else releases it as one delta."""
         parts: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}
         finish = "stop"
         try:
             async for delta in inner:
                 if delta.content:
                     parts.append(delta.content)
+                if delta.tool_calls:
+                    merge_tool_calls(calls, delta.tool_calls)
                 if delta.usage is not None:
                     call.usage = delta.usage
                 if delta.finish_reason:
@@ -261,13 +265,16 @@ class GuardStage:
             await _aclose(inner)
         try:
             content = cg.guard_output("".join(parts))
+            tool_calls = cg.guard_tool_calls([calls[i] for i in sorted(calls)] or None)
         except GuardBlocked as exc:
             await self._blocked(call, cg, decision, exc)
             raise
         if decision.review or cg.review_reasons:
-            await self._hold(call, cg, decision, content, finish, None)
+            await self._hold(call, cg, decision, content, finish, tool_calls)
         self._record(call, cg, decision)
-        yield ChatDelta(role="assistant", content=cg.restore(content) or "", finish_reason=finish, usage=call.usage)
+        restored = cg.restore_tool_calls(tool_calls)
+        yield ChatDelta(role="assistant", content=cg.restore(content) or "", finish_reason=finish, usage=call.usage,
+                        tool_calls=[{"index": i, **tc} for i, tc in enumerate(restored)] if restored else None)
 
     # -- outcomes ---------------------------------------------------------------------------
     async def _hold(self, call: Call, cg: CallGuards, decision: Decision, content: str | None,
