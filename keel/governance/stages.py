@@ -21,6 +21,7 @@ from keel.governance.audit import AuditLog
 from keel.governance.events import GuardEventLog
 from keel.governance.guards.base import Guard, Placeholders
 from keel.governance.guards.runner import CallGuards, GuardBlocked
+from keel.governance.guards.verdicts import CleanVerdicts
 from keel.governance.policy.engine import Decision, PolicyEngine
 from keel.governance.policy.loader import PolicySource
 from keel.governance.reviews import ReviewPending, ReviewQueue
@@ -45,6 +46,7 @@ class PolicyGuards:
     def __init__(self) -> None:
         self._built: tuple[int, dict[str, Guard]] | None = None
         self._by_use_case: dict[str, dict[str, Guard]] = {}
+        self.verdicts = CleanVerdicts()  # the clean scans of these guard objects: new ones start a new set
 
     def for_engine(self, engine: PolicyEngine, use_case: str | None = None) -> dict[str, Guard]:
         """The guards for calls under `engine`'s policy; a use case that sets its own injection thresholds
@@ -52,6 +54,7 @@ class PolicyGuards:
         p = engine.policy
         if self._built is None or self._built[0] != engine.version:
             self._by_use_case = {}
+            self.verdicts = CleanVerdicts()
             self._built = (engine.version, {  # each scan a span when the call is traced
                 "pii": TracedGuard(guard_registry.build("pii", entities=p.pii.entities)),
                 "secrets": TracedGuard(guard_registry.build("secrets")),
@@ -160,8 +163,9 @@ class GuardStage:
             call.release_answer(self)  # no guard on any side and no review: nothing to scan, hold or record
             return await nxt(call)
         engine = self.policy.engine
-        cg = CallGuards(self.guards.for_engine(engine, decision.use_case), decision.guards,
-                        Placeholders(self.secret, call.principal.key_id), engine.policy.pii.restore)
+        guards = self.guards.for_engine(engine, decision.use_case)
+        cg = CallGuards(guards, decision.guards, Placeholders(self.secret, call.principal.key_id),
+                        engine.policy.pii.restore, self.guards.verdicts)
         try:
             messages = cg.guard_messages(call.chat.messages, call.annotations.get("passages") or [])
             self._guard_request_fields(call, cg)

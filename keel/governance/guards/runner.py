@@ -10,6 +10,7 @@ import orjson
 
 from keel.core.errors import Forbidden
 from keel.governance.guards.base import Finding, Guard, Placeholders, redact, resolve_overlaps
+from keel.governance.guards.verdicts import CleanVerdicts
 
 PLACEHOLDER_MAX = 40
 STREAM_HOLD = 300
@@ -72,13 +73,29 @@ class CallGuards:
     """The guard work for one call; `events` and `review_reasons` accumulate as it runs."""
 
     def __init__(self, guards: dict[str, Guard], actions: dict[str, dict[str, str]], placeholders: Placeholders,
-                 restore: bool) -> None:
+                 restore: bool, verdicts: CleanVerdicts | None = None) -> None:
         self.guards = guards
         self.actions = actions
         self.placeholders = placeholders
         self.restore_enabled = restore
+        self.verdicts = verdicts  # texts a guard found nothing in before are not scanned again (verdicts.py)
         self.events: list[GuardEvent] = []
         self.review_reasons: list[str] = []
+
+    def _scan(self, guard: Guard, text: str, indirect: bool = False) -> list[Finding]:
+        """`guard`'s findings in `text` (`indirect`: as a passage or tool output), or [] at once for a text it
+        found nothing in before (the verdict is pure and deterministic: the `Guard` protocol)."""
+        indirect = indirect and hasattr(guard, "scan_indirect")
+        scan = guard.scan_indirect if indirect else guard.scan  # type: ignore[attr-defined]
+        if self.verdicts is None or not text:
+            return scan(text)
+        key = self.verdicts.key(guard, "indirect" if indirect else "direct", text)
+        if self.verdicts.clean(key):
+            return []
+        findings = scan(text)
+        if not findings:
+            self.verdicts.add(key)
+        return findings
 
     def _forget(self, kind: str, value: str) -> str:
         return self.placeholders(kind, value, remember=False)
@@ -96,7 +113,7 @@ class CallGuards:
             guard = self.guards.get(name)
             if guard is None or name == skip or (name == "injection" and side == "output"):
                 continue
-            findings = guard.scan(scanned)  # every guard sees the original text, not another's placeholders
+            findings = self._scan(guard, scanned)  # every guard sees the original text, not another's placeholders
             if not findings:
                 continue
             evs = [GuardEvent(f.guard, side, f.type, location, f.start, f.end, action, f.score, f.signals)
@@ -128,8 +145,7 @@ class CallGuards:
         action = self.actions.get("context", {}).get("injection")
         guard = self.guards.get("injection")
         if action and guard is not None:
-            scan = getattr(guard, "scan_indirect", guard.scan)  # passages and tool outputs: the indirect channel
-            findings = scan(text)
+            findings = self._scan(guard, text, indirect=True)  # passages and tool outputs: the indirect channel
             if findings:
                 self.events += [GuardEvent(f.guard, "context", f.type, location, f.start, f.end, action, f.score,
                                            f.signals) for f in findings]
