@@ -15,7 +15,9 @@ N read from the task) and then answers. Measured, alternating run by run after o
 
 A step is one model call and the tool call it asked for (the final answer's call and the run's start are
 spread over the N steps). Per run: wall time / N; reported: p50 over the runs for both, and Keel's overhead
-per step (the difference of the p50s; target <= 10 ms on SQLite). Keel's step includes what the agent layer
+per step (the difference of the p50s; target <= 10 ms on SQLite). CPU time per step beside it (the machine may be
+shared, and wall time then measures the neighbours too): Keel's is the `keel serve` process's (all its threads,
+from /proc), the direct loop's this process's; `overhead_cpu_step_p50_ms` is their difference. Keel's step includes what the agent layer
 adds by design: the governed gateway path (policy, guards, budgets, ledger), the mandate's checks, the
 durable checkpoints of each model and tool call, the action log and the tool output's context guards.
 
@@ -156,19 +158,31 @@ class Server:
         stop(self.proc)
 
 
-async def keel_run(session: Any, srv: Server, steps: int, k: int) -> float:
+def cpu_s(pid: int) -> float | None:
+    """CPU time (user + system, all threads) process `pid` has used, from /proc; None where there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def keel_run(session: Any, srv: Server, steps: int, k: int) -> tuple[float, float | None]:
+    """The run's wall time and the CPU time `keel serve` used meanwhile (None without /proc)."""
     headers = {"Authorization": f"Bearer {ADMIN}"}
+    cpu0 = cpu_s(srv.proc.pid)
     t0 = time.perf_counter()
     async with session.post(f"{srv.url}/v1/agents/{AGENT}/runs", headers=headers,
                             json={"task": task(steps, k), "wait_s": 120}) as r:
         out = await r.json()
     wall = time.perf_counter() - t0
+    cpu1 = cpu_s(srv.proc.pid)
     if r.status != 200 or out.get("status") != "completed":
         raise RuntimeError(f"keel run ended {r.status} {out.get('status')}: {out.get('error')}\n{srv.logs()}")
     allowed = [a for a in out.get("actions", []) if a.get("decision") == "allowed"]
     if len(allowed) < steps:
         raise RuntimeError(f"keel run logged {len(allowed)} allowed actions, not at least {steps}: {out}")
-    return wall
+    return wall, None if cpu0 is None or cpu1 is None else cpu1 - cpu0
 
 
 # -- plumbing ---------------------------------------------------------------------------------------------
@@ -206,17 +220,29 @@ async def measure(srv: Server, upstream: str, steps: int, runs: int) -> dict[str
                                          "Content-Type": "application/yaml"}) as r:
             if r.status >= 300:
                 raise RuntimeError(f"defining the agent failed: {r.status} {await r.text()}")
-        keel, direct, gateway = [], [], []
+        keel, direct, gateway, keel_cpu, direct_cpu = [], [], [], [], []
         admin = {"Authorization": f"Bearer {ADMIN}"}
         for k in range(runs + 1):  # run 0 warms all up; alternating keeps the machine's load shared fairly
+            c0 = time.process_time()
             d = await direct_run(session, upstream + "/chat/completions", steps, k) * 1000 / steps
-            a = await keel_run(session, srv, steps, k) * 1000 / steps
+            dc = (time.process_time() - c0) * 1000 / steps
+            wall, cpu = await keel_run(session, srv, steps, k)
+            a = wall * 1000 / steps
             g = await direct_run(session, srv.url + "/v1/chat/completions", steps, k, "bench-model", admin) * 1000 / steps
             if k:
                 direct.append(d)
                 keel.append(a)
                 gateway.append(g)
-            say(f"  run {k}: keel {a:.2f} ms/step, direct {d:.2f}, direct loop through keel's gateway {g:.2f}")
+                direct_cpu.append(dc)
+                if cpu is not None:
+                    keel_cpu.append(cpu * 1000 / steps)
+            say(f"  run {k}: keel {a:.2f} ms/step, direct {d:.2f}, direct loop through keel's gateway {g:.2f}"
+                + (f"; cpu: keel {cpu * 1000 / steps:.2f} ms/step, direct {dc:.2f}" if cpu is not None else ""))
+    cpu_cols: dict[str, Any] = {}
+    if keel_cpu:
+        kc, dcp = statistics.median(keel_cpu), statistics.median(direct_cpu)
+        cpu_cols = {"keel_cpu_step_p50_ms": round(kc, 2), "direct_cpu_step_p50_ms": round(dcp, 2),
+                    "overhead_cpu_step_p50_ms": round(kc - dcp, 2)}
     keel_p50, direct_p50, gateway_p50 = statistics.median(keel), statistics.median(direct), statistics.median(gateway)
     overhead = keel_p50 - direct_p50
     return {"keel_step_p50_ms": round(keel_p50, 2), "direct_step_p50_ms": round(direct_p50, 2),
@@ -224,7 +250,7 @@ async def measure(srv: Server, upstream: str, steps: int, runs: int) -> dict[str
             # the same direct loop with its model calls through Keel's /v1/chat/completions: the share of the
             # overhead that is the governed model call; the rest is the agent layer (checks, checkpoints, log)
             "gateway_loop_step_p50_ms": round(gateway_p50, 2),
-            "agent_layer_step_p50_ms": round(keel_p50 - gateway_p50, 2),
+            "agent_layer_step_p50_ms": round(keel_p50 - gateway_p50, 2), **cpu_cols,
             "keel_step_ms_runs": [round(x, 2) for x in keel], "direct_step_ms_runs": [round(x, 2) for x in direct],
             "met": overhead <= TARGET_STEP_OVERHEAD_MS}
 
