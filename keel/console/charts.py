@@ -75,3 +75,71 @@ def bars(items: Sequence[tuple[str, float]], label: str, unit: str = "") -> str:
     summary = ", ".join(f"{n}: {_fmt(v)}{unit}" for n, v in items)
     return (f'<svg class="chart" viewBox="0 0 {W} {h}" role="img" aria-label="{e(label)}: {e(summary)}">'
                   + "".join(parts) + "</svg>")
+
+
+def workflow_graph(steps: Sequence[dict], label: str = "Workflow steps") -> str:
+    """A workflow definition's steps as a top-to-bottom graph: one box per step (approvals and conditions marked),
+    an arrow to the step that follows, and for a condition its `then`/`else` jumps, each forward jump in its own
+    lane on the right. `steps` are the spec's step dicts (`id`, `type`, and `if`/`then`/`else`, `approvers`,
+    `when` where set)."""
+    e = html.escape
+    if not steps:
+        return '<p class="empty">This workflow has no steps.</p>'
+    box_w, box_h, gap, left, top = 230, 42, 30, 10, 10
+    index = {s["id"]: i for i, s in enumerate(steps)}
+    edges: list[tuple[int, int, str]] = []  # (from, to, label)
+    for i, s in enumerate(steps):
+        nxt = i + 1 if i + 1 < len(steps) else None
+        if s.get("type") == "condition":
+            for key in ("then", "else"):
+                target = index.get(s.get(key)) if s.get(key) else nxt
+                if target is not None:
+                    edges.append((i, target, key))
+        elif nxt is not None:
+            edges.append((i, nxt, ""))
+    skips = [edge for edge in edges if edge[1] != edge[0] + 1]
+    lane0 = left + box_w + 24
+    width = lane0 + 26 * len(skips) + 40
+    height = top + len(steps) * (box_h + gap) - gap + 10
+
+    def y_of(i: int) -> int:
+        return top + i * (box_h + gap)
+
+    parts = ['<defs><marker id="wf-arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
+             'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" class="arrowhead"/></marker></defs>']
+    said = []
+    cx = left + box_w / 2
+    for frm, to, text in edges:
+        if to == frm + 1:
+            y1, y2 = y_of(frm) + box_h, y_of(to)
+            parts.append(f'<line x1="{cx}" y1="{y1}" x2="{cx}" y2="{y2 - 1}" class="edge" marker-end="url(#wf-arrow)"/>')
+            if text:
+                parts.append(f'<text x="{cx + 6}" y="{(y1 + y2) / 2 + 4}" class="e-label">{e(text)}</text>')
+    for k, (frm, to, text) in enumerate(skips):
+        x = lane0 + 26 * k
+        y1, y2 = y_of(frm) + box_h / 2, y_of(to) + box_h / 2
+        parts.append(f'<path d="M{left + box_w},{y1} H{x} V{y2} H{left + box_w + 1}" class="edge" '
+                     f'marker-end="url(#wf-arrow)"/>')
+        parts.append(f'<text x="{x + 4}" y="{y1 + 14}" class="e-label">{e(text)}</text>')
+    for i, s in enumerate(steps):
+        kind = s.get("type", "")
+        y = y_of(i)
+        cls = {"approval": " n-approval", "condition": " n-condition"}.get(kind, "")
+        detail = kind
+        if kind == "approval" and s.get("approvers"):
+            detail += " · " + ", ".join(map(str, s["approvers"]))
+        if kind == "condition":
+            detail += " · if " + str(s.get("if", "")).strip("{} ")
+        if s.get("when"):
+            detail += " · when " + str(s["when"]).strip("{} ")
+        parts.append(f'<g><title>{e(s["id"])}: {e(detail)}</title>'
+                     f'<rect x="{left}" y="{y}" width="{box_w}" height="{box_h}" rx="{12 if cls else 4}" '
+                     f'class="n-box{cls}"/>'
+                     f'<text x="{left + 10}" y="{y + 17}" class="n-label">{e(s["id"][:30])}</text>'
+                     f'<text x="{left + 10}" y="{y + 33}" class="n-type">{e(detail[:40])}</text></g>')
+        said.append(f"{s['id']} ({detail})")
+    for frm, to, text in edges:
+        if text:
+            said.append(f"{steps[frm]['id']} {text}: {steps[to]['id']}")
+    return (f'<svg class="chart wf-graph" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="{e(label)}: {e("; ".join(said))}">' + "".join(parts) + "</svg>")

@@ -10,8 +10,10 @@ import orjson
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import RedirectResponse, Response
 
+from keel.console import charts
 from keel.console.web import Page, root
-from keel.core.errors import BadRequest, NotFound
+from keel.core.errors import BadRequest, KeelError, NotFound
+from keel.workflows.spec import parse_spec
 
 
 def _wf(page: Page) -> Any:
@@ -74,7 +76,16 @@ async def workflow(page: Page) -> Response:
     d = await run_in_threadpool(wf.get, name, page.p)
     runs = await run_in_threadpool(wf.runs, name, page.p, None, 20)
     return page.render("workflow.html", title=f"Workflow {name}", wf=d, fields=fields(d["inputs"]), runs=runs,
-                       may_run=page.p.has("workflows.run"))
+                       may_run=page.p.has("workflows.run"), graph=charts.workflow_graph(spec_steps(d)))
+
+
+def spec_steps(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """The definition's steps with their branches and approvers, from its stored source through the same parser
+    that accepted it (the listing holds ids and types only); that list where the source no longer parses."""
+    try:
+        return parse_spec(d.get("source") or "").to_dict()["steps"]
+    except KeelError:
+        return d["steps"]
 
 
 async def start(page: Page) -> Response:

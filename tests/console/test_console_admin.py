@@ -8,6 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from keel.console.charts import workflow_graph
 from keel.console.pages_policy import diff
 from keel.governance.policy.model import DEFAULT_POLICY
 from tests.console.browser import WIDTHS, Visit
@@ -16,6 +17,15 @@ from conftest import eventually
 
 pytestmark = pytest.mark.timeout(240)
 
+TRIAGE = """
+name: triage
+inputs: {type: object, properties: {seats: {type: integer}}}
+steps:
+  - {id: size, type: condition, if: "inputs.seats > 100", then: sales_ok, else: reply}
+  - {id: sales_ok, type: approval, approvers: [reviewer, admin]}
+  - {id: escalate, type: notify, email: "boss@example.com", when: "inputs.seats > 1000"}
+  - {id: reply, type: transform, output: "thanks <b>"}
+"""
 UPSTREAM_KEY = "sk-upstream-only-in-the-vault-42"
 ADMIN_PAGES = ("/console/budgets", "/console/limits", "/console/deployments")
 GOV_PAGES = ("/console/policy", "/console/guard-events")
@@ -40,6 +50,8 @@ models:
             for role in ("builder", "member"):
                 r = admin.post("/admin/keys", json={"role": role, "team": "sales", "name": f"{role}-sales"})
                 srv.extra["keys"][role] = r.json()["key"]
+            r = admin.post("/v1/workflows", content=TRIAGE, headers={"content-type": "application/yaml"})
+            assert r.status_code == 201, r.text
         yield srv
     finally:
         srv.stop()
@@ -53,6 +65,21 @@ def test_diff_marks_added_and_removed_lines():
     kinds = dict((line, kind) for kind, line in diff(old, new))
     assert kinds["-b: 2"] == "del" and kinds["+b: 3"] == "add" and kinds["--- version 1"] == "hunk"
     assert diff(old, old) == []
+
+
+def test_workflow_graph_draws_branches_and_approvals():
+    steps = [{"id": "size", "type": "condition", "if": "{{ inputs.seats > 100 }}", "then": "sales_ok", "else": "reply"},
+             {"id": "sales_ok", "type": "approval", "approvers": ["reviewer", "admin"]},
+             {"id": "escalate", "type": "notify", "when": "{{ inputs.seats > 1000 }}"},
+             {"id": "<b>reply", "type": "transform"}]
+    steps[0]["else"] = "<b>reply"
+    svg = workflow_graph(steps)
+    assert svg.count("<rect") == 4 and "n-approval" in svg and "n-condition" in svg
+    assert svg.count("marker-end") == 4  # size→sales_ok (then), size→reply (else, a jump), sales_ok→escalate→reply
+    assert svg.count(" V") == 1  # the one forward jump, drawn in its own lane
+    assert "size then: sales_ok; size else: &lt;b&gt;reply" in svg and "<b>" not in svg
+    assert "approval · reviewer, admin" in svg and "when inputs.seats &gt; 1000" in svg
+    assert workflow_graph([]) == '<p class="empty">This workflow has no steps.</p>'
 
 
 def test_admin_does_one_task_on_each_page(world, browser):
@@ -158,6 +185,13 @@ def test_builder_and_member_cannot_reach_the_admin_pages(world, browser):
         v.check_accessibility()
         v.open("/console/guard-events")  # as the API: the caller's own key's events only
         assert "your key's requests" in v.page.get_by_role("main").inner_text()
+        v.open("/console/workflows/triage")  # the definition drawn as a graph, branches and approval visible
+        graph = v.page.get_by_role("img", name="Workflow steps")
+        assert "size then: sales_ok; size else: reply" in graph.get_attribute("aria-label")
+        assert graph.locator("rect.n-approval").count() == 1 and graph.locator("rect.n-condition").count() == 1
+        v.check_accessibility()
+        if role == "builder":
+            v.shot("workflow-graph")
         v.close()
     with httpx.Client(base_url=world.url) as c:  # no session: to the sign-in form, nothing changed
         r = c.post("/console/budgets", data={"scope": "team", "scope_id": "sales", "amount": "1"})
