@@ -1,4 +1,5 @@
-"""Knowledge: collections (create with a classification), one collection's documents, upload with per-file
+"""Knowledge: collections (create with a classification; the owner team or an admin edits its classification and
+who may read and write it), one collection's documents, upload with per-file
 progress (one request per file from `console.js`, each an ingest job whose status the page polls), and a
 search tester — knowledge's own catalog, jobs and search functions, so a caller sees exactly the collections,
 documents and counts `/v1/collections…` would show it."""
@@ -8,16 +9,19 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.responses import RedirectResponse, Response
 
 from keel.console.web import Page, root
-from keel.core.errors import BadRequest, Forbidden, NotFound
+from keel.core.errors import BadRequest, Forbidden, NotFound, ValidationFailed
 from keel.core.http import json_response
 from keel.core.ids import new_id
+from keel.identity.principal import ROLES
 from keel.knowledge import catalog, documents as docs, jobs
 from keel.knowledge.acl import can_write
+from keel.knowledge.routes import CollectionPatch
 from keel.knowledge.search import Query, search
 
 CLASSIFICATIONS = ("public", "internal", "confidential", "restricted")
@@ -72,7 +76,35 @@ async def collection(page: Page) -> Response:
         hits = [h.public() for h in found]
     return page.render("collection.html", title=f"Collection {c.name}", c=catalog.public(c, counts),
                        documents=documents, writable=can_write(p, c), query=query, hits=hits,
-                       next_after=documents[-1]["source"] if len(documents) == PAGE else None)
+                       next_after=documents[-1]["source"] if len(documents) == PAGE else None,
+                       may_manage=can_write(p, c) and (p.is_admin or (p.team_id is not None
+                                                                     and p.team_id == c.owner_team_id)),
+                       classifications=CLASSIFICATIONS, acl_roles=(*ROLES, "*"),
+                       saved=page.request.query_params.get("saved") == "access")
+
+
+def _names(raw: str) -> list[str]:
+    return [n.strip() for n in raw.replace("\n", ",").split(",") if n.strip()]
+
+
+async def access(page: Page) -> Response:
+    """Classification and who may read and write, as `PATCH /v1/collections/{ref}` (the owner team or an admin;
+    the ACL is replaced as a whole, checked by the API's own model and knowledge's `catalog.update`)."""
+    kn = _kn(page)
+    form = await page.form()
+    posted = await page.request.form()  # the role checkboxes: one field per checked box
+    acl = {part: {"teams": _names(form.get(f"{part}_teams", "")),
+                  "roles": [str(r)[:40] for r in posted.getlist(f"{part}_roles")][:10]} for part in ("read", "write")}
+    try:
+        body = CollectionPatch(classification=form.get("classification") or None, acl=acl)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValidationFailed(f"the form is not valid: {problems}", fix="correct the named fields") from None
+    ref = page.request.path_params["ref"]
+    c = await run_in_threadpool(lambda: catalog.update(kn.store, page.p, ref, classification=body.classification,
+                                                       acl=body.acl.model_dump() if body.acl else None))
+    await page.audit("collection.access", collection=c.id, classification=c.classification, acl=c.acl_dict())
+    return RedirectResponse(f"{root(page.request)}/knowledge/{c.name}?saved=access", 303)
 
 
 async def upload(page: Page) -> Response:
@@ -112,4 +144,5 @@ ROUTES = [
     ("GET", "/knowledge/{ref}", collection),
     ("POST", "/knowledge/{ref}/upload", upload),
     ("GET", "/knowledge/jobs/{job_id}", job),
+    ("POST", "/knowledge/{ref}/access", access),
 ]

@@ -40,16 +40,23 @@ def world(module_server_factory, tmp_path_factory):
 models:
   - {{alias: fake, provider: openai_compatible, model: gpt-fake, base_url: {upstream.url},
       input_price_per_1m: 1.0, output_price_per_1m: 2.0}}
+  - {{alias: fake-embed, provider: openai_compatible, model: embed-fake, kind: embedding, base_url: {upstream.url}}}
 """)
     srv = module_server_factory(config=base / "keel.yaml", KEEL_POLICY_FILE=str(base / "policy.yaml"),
                                 KEEL_POLICY_RELOAD_INTERVAL_S="0.3")
     srv.extra.update(keyed=keyed, policy=base / "policy.yaml", keys={})
     try:
         with srv.admin() as admin:
-            assert admin.post("/admin/teams", json={"name": "sales"}).status_code == 201
-            for role in ("builder", "member"):
-                r = admin.post("/admin/keys", json={"role": role, "team": "sales", "name": f"{role}-sales"})
-                srv.extra["keys"][role] = r.json()["key"]
+            for team in ("sales", "ops"):
+                assert admin.post("/admin/teams", json={"name": team}).status_code == 201
+            for role, team in (("builder", "sales"), ("member", "sales"), ("builder", "ops"), ("member", None)):
+                r = admin.post("/admin/keys", json={"role": role, "team": team, "name": f"{role}-{team}"})
+                srv.extra["keys"][role if team == "sales" else f"{role}-{team}"] = r.json()["key"]
+        with srv.client(srv.extra["keys"]["builder"]) as c:
+            r = c.post("/v1/collections", json={"name": "handbook", "classification": "internal",
+                                                "embedding_model": "fake-embed"})
+            assert r.status_code == 201, r.text
+        with srv.admin() as admin:
             r = admin.post("/v1/workflows", content=TRIAGE, headers={"content-type": "application/yaml"})
             assert r.status_code == 201, r.text
         yield srv
@@ -173,6 +180,41 @@ def test_admin_does_one_task_on_each_page(world, browser):
     phone.close()
 
 
+def _session(world, key: str) -> tuple[httpx.Client, str]:
+    """A console session opened with `key`, and its CSRF token."""
+    c = httpx.Client(base_url=world.url, timeout=30)
+    pre = c.get("/console/sign-in").text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    assert c.post("/console/sign-in", data={"csrf": pre, "key": key}).status_code == 303
+    return c, c.get("/console/overview").text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+
+
+def test_collection_access_form_follows_the_api_rules(world):
+    """Only the owner team's writers and admins change a collection's access, as `PATCH /v1/collections/{ref}`:
+    another team's builder gets not-found (it may not read the collection), the owner team's member and a key
+    without a team are refused; a malformed or oversized form is a 4xx, never a 5xx."""
+    ok = {"classification": "internal", "read_teams": "", "read_roles": "member"}
+    cells = {"builder-ops": 404, "member": 403, "member-None": 404, "builder": 303}
+    wrong = []
+    for who, want in cells.items():
+        c, csrf = _session(world, world.extra["keys"][who])
+        got = c.post("/console/knowledge/handbook/access", data={**ok, "csrf": csrf}).status_code
+        if got != want:
+            wrong.append(f"{who}: want {want}, got {got}")
+        c.close()
+    c, csrf = _session(world, world.admin_key)
+    for form, want in (({"classification": "secret"}, 422), ({"read_teams": "no-such-team"}, 400),
+                       ({"read_roles": "overlord"}, 400), ({"write_teams": "x" * 100_000}, 400),
+                       ({"classification": "internal"}, 303)):
+        got = c.post("/console/knowledge/handbook/access", data={**form, "csrf": csrf}).status_code
+        if got != want:
+            wrong.append(f"admin {form!s:.60}: want {want}, got {got}")
+    got = c.post("/console/knowledge/handbook/access", data={"classification": "public"}).status_code
+    if got != 403:
+        wrong.append(f"admin without CSRF: got {got}")
+    c.close()
+    assert not wrong, "\n".join(wrong)
+
+
 def test_builder_and_member_cannot_reach_the_admin_pages(world, browser):
     for role in ("builder", "member"):
         v = Visit(browser, world.url, WIDTHS["phone"])
@@ -185,6 +227,21 @@ def test_builder_and_member_cannot_reach_the_admin_pages(world, browser):
         v.check_accessibility()
         v.open("/console/guard-events")  # as the API: the caller's own key's events only
         assert "your key's requests" in v.page.get_by_role("main").inner_text()
+        v.open("/console/knowledge/handbook")  # only the owner team's builder edits who may read
+        if role == "member":
+            assert v.page.get_by_role("region", name="Access").count() == 0
+        else:
+            v.page.get_by_label("Classification").select_option("confidential")
+            v.page.get_by_label("Teams that may read (names or ids, comma-separated)").fill("ops")
+            v.page.get_by_label("reviewer may read").check()
+            v.page.get_by_role("button", name="Save access").click()
+            assert "Access saved: confidential." in v.page.get_by_role("status").inner_text()
+            v.check_accessibility()
+            v.shot("collection-access")
+            with world.client(world.extra["keys"]["builder"]) as c:
+                got = c.get("/v1/collections/handbook").json()
+            assert got["classification"] == "confidential" and got["acl"]["read"]["roles"] == ["reviewer"]
+            assert len(got["acl"]["read"]["teams"]) == 1 and got["acl"]["write"] == {"teams": [], "roles": []}
         v.open("/console/workflows/triage")  # the definition drawn as a graph, branches and approval visible
         graph = v.page.get_by_role("img", name="Workflow steps")
         assert "size then: sales_ok; size else: reply" in graph.get_attribute("aria-label")
