@@ -71,6 +71,13 @@ def router() -> APIRouter:
                                      f"{max(1, round(wait / 60))} minutes, or ask an admin to reset the password.", 429)
             response.headers["Retry-After"] = str(max(1, round(wait)))
             return response
+        spray = 0.0 if key or not email else guard.spray_wait()
+        if spray:
+            await web.audit(request, "console.sign_in.throttled", email[:100], method=how, scope="server")
+            response = _sign_in_page(request, target, "Too many failed password sign-ins on this server: try again "
+                                     f"in {max(1, round(spray))} seconds, or sign in with an API key.", 429)
+            response.headers["Retry-After"] = str(max(1, round(spray)))
+            return response
         try:
             if key:
                 p = await run_in_threadpool(sessions.check_key, store, key)
@@ -133,7 +140,7 @@ def _throttle(request: Request) -> SignInThrottle:
     """This process's failed-sign-in counts (one per app)."""
     state = request.app.state
     if getattr(state, "console_throttle", None) is None:
-        state.console_throttle = SignInThrottle()
+        state.console_throttle = SignInThrottle(per_minute=state.settings.console_failed_sign_ins_per_minute)
     return state.console_throttle
 
 

@@ -95,6 +95,9 @@ class Settings(BaseModel):
     console_session_idle_s: float = Field(default=1800, gt=0, description="a console session unused this long ends")
     console_session_max_s: float = Field(default=43200, gt=0, description="a console session ends this long after "
                                          "sign-in, however active")
+    console_failed_sign_ins_per_minute: float = Field(
+        default=30, gt=0, description="failed console password sign-ins a process takes a minute, whatever the "
+        "email (bursting to a minute's worth); beyond it password tries get 429 before any password check")
     demo: bool = Field(default=False, description="load demo data on start (`keel up` sets it)")
     embedded_models: bool = Field(default=True, description="register the bundled local-chat/local-embed models")
     models: list[DeploymentConfig] = Field(default_factory=list)
