@@ -19,6 +19,7 @@ from keel.identity.principal import Principal
 router = APIRouter()
 SEQ_MAX = 2**63 - 1  # audit sequence numbers are 64-bit integers in every store
 VERSION_MAX = 2**31 - 1  # policy versions are 32-bit
+MAX_POLICY_BYTES = 200_000
 
 
 class DecisionIn(BaseModel):
@@ -182,6 +183,25 @@ async def policy_version(request: Request, version: int = Path(ge=1, le=VERSION_
                          p: Principal = Depends(principal)) -> Response:
     _auditor(p)
     return json_response(await run_in_threadpool(loader.get_version, request.app.state.store, version))
+
+
+@router.put("/admin/policy", tags=["policy"])
+async def set_policy(request: Request, p: Principal = Depends(principal)) -> Response:
+    """Activate a policy (YAML body) on every process of this store within a second; admins only. 400
+    `policy_invalid` lists field and line and changes nothing. A later change of the policy file wins over it."""
+    p.require("admin.manage")
+    raw = await request.body()
+    if len(raw) > MAX_POLICY_BYTES:
+        raise BadRequest(f"the policy is {len(raw)} bytes, over the {MAX_POLICY_BYTES}-byte limit",
+                         fix="send a shorter policy")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the policy is not UTF-8 text", fix="send the policy YAML as UTF-8") from None
+    gov = _gov(request)
+    engine = await run_in_threadpool(gov.policy.set, text, p.key_id)
+    version = await run_in_threadpool(loader.get_version, request.app.state.store, engine.version)
+    return json_response({**version, "active": True})
 
 
 @router.post("/admin/policy/check", tags=["policy"])

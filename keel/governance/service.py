@@ -26,6 +26,7 @@ from keel.gateway.pipeline import Call
 from keel.governance import routes
 from keel.governance.audit import AuditLog
 from keel.governance.events import GuardEventLog
+from keel.governance.policy import loader
 from keel.governance.policy.loader import PolicySource
 from keel.governance.reviews import ReviewQueue
 from keel.governance.stages import GuardStage, PolicyGuards, PolicyStage
@@ -96,6 +97,9 @@ class Governance:
         """Wire into the app: audit hook, routes, start/stop with the server."""
         app.state.audit = self.audit
         app.state.governance = self
+        changes = getattr(app.state, "changes", None)
+        if changes is not None:  # a policy activated by another process is taken here at once
+            changes.subscribe(loader.TOPIC, self.policy.refresh)
         app.include_router(routes.router)
         app.state.lifecycle.startup.append(self.start)
         app.state.lifecycle.shutdown.append(self.stop)
