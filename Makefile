@@ -57,7 +57,7 @@ test-deps:
 
 # docs/console/*.png: the console's browser tests, taking each page's screenshot as they go.
 console-screenshots: install-test test-deps
-	KEEL_CONSOLE_SCREENSHOTS=docs/console $(BIN)/python -m pytest -q -p no:cacheprovider tests/console/test_console_browser.py
+	KEEL_CONSOLE_SCREENSHOTS=docs/console $(BIN)/python -m pytest -q -p no:cacheprovider tests/console/test_console_browser.py tests/console/test_console_admin.py
 
 test-sqlite:
 	$(BIN)/python -m pytest -q -p no:cacheprovider
