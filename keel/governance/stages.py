@@ -165,7 +165,7 @@ class GuardStage:
         engine = self.policy.engine
         guards = self.guards.for_engine(engine, decision.use_case)
         cg = CallGuards(guards, decision.guards, Placeholders(self.secret, call.principal.key_id),
-                        engine.policy.pii.restore, self.guards.verdicts)
+                        engine.policy.pii.restore, self.guards.verdicts, _verdict_scope(call))
         try:
             messages = cg.guard_messages(call.chat.messages, call.annotations.get("passages") or [])
             self._guard_request_fields(call, cg)
@@ -323,6 +323,13 @@ class GuardStage:
             counts[key] = counts.get(key, 0) + 1
         self.events.record(call.request_id, call.principal.key_id, call.principal.team_id,
                                decision.policy_version, events)
+
+
+def _verdict_scope(call: Call) -> str:
+    """Whose clean verdicts a call reuses: its team's, or its key's without a team (shared wider, the time a
+    skipped scan saves would tell one team whether another sent a given text)."""
+    p = call.principal
+    return f"team:{p.team_id}" if p.team_id else f"key:{p.key_id}"
 
 
 async def _aclose(it: Any) -> None:

@@ -73,12 +73,13 @@ class CallGuards:
     """The guard work for one call; `events` and `review_reasons` accumulate as it runs."""
 
     def __init__(self, guards: dict[str, Guard], actions: dict[str, dict[str, str]], placeholders: Placeholders,
-                 restore: bool, verdicts: CleanVerdicts | None = None) -> None:
+                 restore: bool, verdicts: CleanVerdicts | None = None, scope: str = "") -> None:
         self.guards = guards
         self.actions = actions
         self.placeholders = placeholders
         self.restore_enabled = restore
         self.verdicts = verdicts  # texts a guard found nothing in before are not scanned again (verdicts.py)
+        self.scope = scope  # whose verdicts (a team's, or a key's): a skipped scan must not tell what others sent
         self.events: list[GuardEvent] = []
         self.review_reasons: list[str] = []
 
@@ -89,7 +90,7 @@ class CallGuards:
         scan = guard.scan_indirect if indirect else guard.scan  # type: ignore[attr-defined]
         if self.verdicts is None or not text:
             return scan(text)
-        key = self.verdicts.key(guard, "indirect" if indirect else "direct", text)
+        key = self.verdicts.key(guard, ("indirect " if indirect else "direct ") + self.scope, text)
         if self.verdicts.clean(key):
             return []
         findings = scan(text)
