@@ -21,9 +21,9 @@ from tests.knowledge.conftest import make_key, make_team
 from tests.workflows.conftest import define, receiver, start, wait_run
 
 pytestmark = pytest.mark.store
-RUNS = 10
+RUNS = 20
 AGENT = "name: helper\nmodel: agent-model\ngoal: help\ntools:\n  notify: {allow_recipients: ['*@acme.example']}\n"
-FAST = {"KEEL_WORKER_HEARTBEAT_S": "0.5", "KEEL_WORKER_TAKEOVER_S": "3", "KEEL_WORKER_CONCURRENCY": "3"}
+FAST = {"KEEL_WORKER_HEARTBEAT_S": "0.5", "KEEL_WORKER_TAKEOVER_S": "3", "KEEL_WORKER_CONCURRENCY": "5"}
 
 
 def spec(rcv: str) -> str:
