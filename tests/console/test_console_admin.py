@@ -188,6 +188,7 @@ def _session(world, key: str) -> tuple[httpx.Client, str]:
     return c, c.get("/console/overview").text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
 
 
+@pytest.mark.store
 def test_collection_access_form_follows_the_api_rules(world):
     """Only the owner team's writers and admins change a collection's access, as `PATCH /v1/collections/{ref}`:
     another team's builder gets not-found (it may not read the collection), the owner team's member and a key
