@@ -38,8 +38,9 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+# glibc returns freed memory of large allocations to the system at a fixed threshold (docs/scaling.md: memory)
 up: install
-	$(BIN)/keel up
+	MALLOC_MMAP_THRESHOLD_=131072 $(BIN)/keel up
 
 test: install-test test-deps test-sqlite test-postgres
 
