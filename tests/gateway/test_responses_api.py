@@ -111,6 +111,24 @@ def test_stream_sends_the_responses_events_in_order(srv, red):
     assert red.responses.retrieve(done.id).output_text == DEFAULT_REPLY, "a streamed response is stored too"
 
 
+def test_get_right_after_post_returns_exactly_what_was_answered(srv, keys):
+    """Read-your-writes on the raw wire, before the stored row's batch is written: GET returns the answered
+    object byte-for-byte equal as JSON, plain and streamed (the `response.completed` event's response)."""
+    h = {"Authorization": f"Bearer {keys.keys[('member', 'red')]}"}
+    with httpx.Client(base_url=srv.url, headers=h, timeout=30) as http:
+        made = http.post("/v1/responses", json={"model": "fake", "input": "exact", "metadata": {"k": "ü✓"}})
+        assert made.status_code == 200
+        got = http.get(f"/v1/responses/{made.json()['id']}")
+        assert got.status_code == 200 and got.json() == made.json()
+        streamed = http.post("/v1/responses", json={"model": "fake", "input": "exact", "stream": True})
+        events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        assert events[0]["response"] == events[1]["response"] and events[1]["type"] == "response.in_progress"
+        done = events[-1]
+        assert done["type"] == "response.completed"
+        assert http.get(f"/v1/responses/{done['response']['id']}").json() == done["response"]
+
+
 def test_an_upstream_failure_mid_stream_ends_it_with_an_error_event(srv, red, fake):
     fake.fail_next("error-event")
     seen = []

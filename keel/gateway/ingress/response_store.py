@@ -59,6 +59,11 @@ def not_found(response_id: str) -> NotFound:
                         "not one that was deleted")
 
 
+def _decoded(row: dict[str, Any]) -> dict[str, Any]:
+    """A row not yet written, as the store reads it back: `input` and `response` decoded."""
+    return {**row, "input": orjson.loads(row["input"]), "response": orjson.loads(row["response"])}
+
+
 class ResponseStore:
     """Stored responses, written in batches; every method runs on the event loop.
 
@@ -81,19 +86,25 @@ class ResponseStore:
         self._stopping = False
         self._compiled: tuple[sa.Dialect, str, list[str]] | None = None
 
-    def record(self, p: Principal, response: dict[str, Any], input_items: list[dict[str, Any]]) -> None:
-        """Keep `response` (the object returned) with this request's `input_items`, owned by `p`."""
+    def record(self, p: Principal, response: dict[str, Any], input_items: list[dict[str, Any]],
+               encoded: bytes | None = None) -> None:
+        """Keep `response` (the object returned; `encoded`: its JSON as sent, when the caller has it) with this
+        request's `input_items`, owned by `p`. The row holds both as JSON text from here on: encoded once (the
+        answer's own bytes where given), nothing re-encoded by the writer, and no object graph kept alive
+        (and walked by the garbage collector) until its batch is in."""
         row = {"id": response["id"], "key_id": p.key_id, "user_id": p.user_id, "team_id": p.team_id,
                "model": response["model"], "previous_response_id": response.get("previous_response_id"),
-               "input": input_items, "response": response, "created_at": float(response["created_at"])}
+               "input": orjson.dumps(input_items).decode(),
+               "response": (encoded if encoded is not None else orjson.dumps(response)).decode(),
+               "created_at": float(response["created_at"])}
         self._unwritten[row["id"]] = row
         self._queue.pending.append(row)
         if len(self._queue.pending) >= 200:
             self._wake.set()
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
-        """One INSERT for the batch, compiled once per dialect and run at the driver with the JSON columns
-        serialised by orjson: the ORM-level insert spent more CPU per row than the request it stores."""
+        """One INSERT for the batch, compiled once per dialect and run at the driver with the JSON columns as
+        the text `record` made: the ORM-level insert spent more CPU per row than the request it stores."""
         with self.store.engine.begin() as conn:
             dialect = conn.dialect
             if self._compiled is None or self._compiled[0] is not dialect:
@@ -101,10 +112,8 @@ class ResponseStore:
                 names = list(compiled.positiontup or ()) if dialect.positional else [c.name for c in responses.c]
                 self._compiled = (dialect, compiled.string, names)
             _, sql, names = self._compiled
-            json_cols = ("input", "response")
-            params = [[orjson.dumps(row[n]).decode() if n in json_cols else row[n] for n in names] for row in rows]
-            conn.exec_driver_sql(sql, [tuple(p) for p in params] if dialect.positional
-                                 else [dict(zip(names, p)) for p in params])
+            conn.exec_driver_sql(sql, [tuple(row[n] for n in names) for row in rows] if dialect.positional
+                                 else [{n: row[n] for n in names} for row in rows])
 
     async def flush(self) -> None:
         """Write every response recorded so far (a flush already writing is waited for)."""
@@ -117,7 +126,7 @@ class ResponseStore:
     async def _row(self, response_id: str) -> dict[str, Any] | None:
         row = self._unwritten.get(response_id)
         if row is not None:
-            return row
+            return _decoded(row)
 
         def read() -> dict[str, Any] | None:
             with self.store.read() as conn:
@@ -127,7 +136,8 @@ class ResponseStore:
         found = await asyncio.to_thread(read)
         if found is None:  # perhaps another replica made it and has not flushed yet: give it two flushes
             await asyncio.sleep(2 * self.interval)
-            found = self._unwritten.get(response_id) or await asyncio.to_thread(read)
+            pending = self._unwritten.get(response_id)
+            found = _decoded(pending) if pending is not None else await asyncio.to_thread(read)
         return found
 
     def _expired(self, row: dict[str, Any]) -> bool:

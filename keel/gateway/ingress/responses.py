@@ -64,9 +64,10 @@ async def _create(body: ResponsesBody, request: Request, p: Principal) -> Respon
             out = response_json(response_id, created, body, status="completed",
                                 output=output_items(response_id, result), usage=result.usage,
                                 finish_reason=result.finish_reason)
+            encoded = orjson.dumps(out)
             if out["store"]:
-                store.record(p, out, items)
-            return JSONAnswer(orjson.dumps(out), answer_headers(call, result.usage))
+                store.record(p, out, items, encoded)  # the answer's bytes are what is stored
+            return JSONAnswer(encoded, answer_headers(call, result.usage))
 
         return await answer_chat(gw, call, request, answered)
     stream = gw.chat_stream(call)
@@ -98,6 +99,12 @@ class Events:
         fields["type"], fields["sequence_number"] = kind, self.seq
         self.seq += 1
         self.out.append(b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(fields) + b"\n\n")
+
+    def emit_response(self, kind: str, response: bytes) -> None:
+        """An event whose one field is the response object, given as its JSON (encoded once, used again)."""
+        self.out.append(b"event: %s\ndata: {\"type\":\"%s\",\"sequence_number\":%d,\"response\":%s}\n\n"
+                        % (kind.encode(), kind.encode(), self.seq, response))
+        self.seq += 1
 
     def take(self) -> bytes:
         data = b"".join(self.out)
@@ -183,8 +190,9 @@ class Events:
     async def run(self, stream: AsyncIterator[ChatDelta], first: ChatDelta | None, store: ResponseStore,
                   items: list[dict[str, Any]]) -> AsyncIterator[bytes]:
         """The SSE body. An error after the first byte becomes an `error` event, and the stream ends."""
-        self.emit("response.created", response=self.response("in_progress"))
-        self.emit("response.in_progress", response=self.response("in_progress"))
+        started = orjson.dumps(self.response("in_progress"))
+        self.emit_response("response.created", started)
+        self.emit_response("response.in_progress", started)
         try:
             if first is not None:
                 self.delta(first)
@@ -199,10 +207,11 @@ class Events:
             self._close_text()
             self._close_calls()
             final = self.response("completed", self.call.usage)
-            self.emit("response.incomplete" if final["status"] == "incomplete" else "response.completed",
-                      response=final)
+            encoded = orjson.dumps(final)
+            self.emit_response("response.incomplete" if final["status"] == "incomplete" else "response.completed",
+                               encoded)
             if final["store"]:
-                store.record(self.call.principal, final, items)
+                store.record(self.call.principal, final, items, encoded)
         except KeelError as exc:
             problem = exc.to_problem(self.call.request_id)
             self.emit("error", code=exc.code, message=problem["error"]["message"], param=None, error=problem["error"])
