@@ -749,6 +749,7 @@ def test_console_admin_forms_follow_the_api_rules(world):
         "/console/deployments": ({"alias": "console-{cell}", "provider": "openai_compatible", "model": "m",
                                   "base_url": world.cloud}, {"admin"}),
         "/console/policy/check": ({"draft": POLICY}, GOV_READERS),
+        "/console/policy/activate": ({"draft": POLICY}, {"admin"}),  # the active text again: no change
     }
     periods = dict(zip(RELATIONS, ("month", "day", "total")))
     wrong = []
@@ -792,6 +793,8 @@ def test_console_admin_forms_follow_the_api_rules(world):
         ("/console/deployments/delete", {"id": "fake/none/none"}, 404),
         ("/console/policy/check", {"draft": "classifications: 5\n"}, 400),
         ("/console/policy/check", {"draft": "x" * 300_000}, 400),
+        ("/console/policy/activate", {"draft": "classifications: 5\n"}, 400),
+        ("/console/policy/activate", {"draft": "x" * 300_000}, 400),
     ]
     for path, form, status in bad:
         got = c.post(path, data={**form, "csrf": csrf}).status_code

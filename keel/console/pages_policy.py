@@ -1,5 +1,5 @@
-"""The policy (the active version, every stored version, a diff between two, and a draft checked without being
-activated) and the guard events — the calls behind `/admin/policy…` and `/v1/guard-events`, with their rules:
+"""The policy (the active version, every stored version, a diff between two, a draft checked without being
+activated, and for admins a draft activated) and the guard events — the calls behind `/admin/policy…` and `/v1/guard-events`, with their rules:
 the policy is for auditors and admins; guard events are a team-bound auditor's team's, everyone's for admins and
 team-less auditors, and the caller's own key's for anyone else. Guard events never hold the matched value."""
 
@@ -15,9 +15,9 @@ from keel.console.web import Page
 from keel.core.errors import BadRequest, KeelError, NotFound
 from keel.governance.policy import loader
 from keel.governance.policy.model import parse_policy
+from keel.governance.routes import MAX_POLICY_BYTES
 
 VERSION_MAX = 2**31 - 1
-MAX_DRAFT = 200_000
 
 
 def _gov(page: Page) -> Any:
@@ -47,7 +47,8 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-async def policy(page: Page, draft: str = "", verdict: dict[str, Any] | None = None, status: int = 200) -> Response:
+async def policy(page: Page, draft: str = "", verdict: dict[str, Any] | None = None, status: int = 200,
+                 message: str = "") -> Response:
     page.p.require("audit.read")
     active = _gov(page).policy.engine.version
     q = page.request.query_params
@@ -60,23 +61,41 @@ async def policy(page: Page, draft: str = "", verdict: dict[str, Any] | None = N
         against = await run_in_threadpool(loader.get_version, page.store, against_v)
         changes = diff(against, shown)
     return page.render("policy.html", status, title="Policy", active=active, shown=shown, versions=versions,
-                       against=against_v, changes=changes, draft=draft, verdict=verdict)
+                       against=against_v, changes=changes, draft=draft, verdict=verdict, message=message,
+                       may_activate=page.p.has("admin.manage"))
 
 
 async def check_draft(page: Page) -> Response:
     """As `POST /admin/policy/check`: the draft is parsed and checked, never activated. An invalid draft is the
     page again with the parser's message (field and line) and a 400, as the API answers it."""
     page.p.require("audit.read")
-    await page.form()  # CSRF first; its copy of the fields is cut to the console's field size, a draft is not
-    text = str((await page.request.form()).get("draft") or "")
-    if len(text) > MAX_DRAFT:
-        raise BadRequest(f"the draft is over {MAX_DRAFT} characters", fix="check a shorter policy")
+    text = await _draft(page)
     try:
         parsed = parse_policy(text, "draft")
     except KeelError as err:
         return await policy(page, text, {"valid": False, "detail": err.detail}, err.status)
     return await policy(page, text, {"valid": True, "name": parsed.name,
                                      "rules": [r.name for r in parsed.data_rules]})
+
+
+async def _draft(page: Page) -> str:
+    await page.form()  # CSRF first; its copy of the fields is cut to the console's field size, a draft is not
+    text = str((await page.request.form()).get("draft") or "")
+    if len(text.encode()) > MAX_POLICY_BYTES:
+        raise BadRequest(f"the draft is over the {MAX_POLICY_BYTES}-byte limit", fix="send a shorter policy")
+    return text
+
+
+async def activate(page: Page) -> Response:
+    """As `PUT /admin/policy` (admins): the draft becomes the active policy on every process of this store, and
+    the policy's own audit event records it; an invalid draft changes nothing and is shown as the check shows it."""
+    page.p.require("admin.manage")
+    text = await _draft(page)
+    try:
+        engine = await run_in_threadpool(_gov(page).policy.set, text, page.p.key_id)
+    except KeelError as err:
+        return await policy(page, text, {"valid": False, "detail": err.detail}, err.status)
+    return await policy(page, message=f"Version {engine.version} is now the active policy.")
 
 
 async def guard_events(page: Page) -> Response:
@@ -96,5 +115,6 @@ async def guard_events(page: Page) -> Response:
 ROUTES = [
     ("GET", "/policy", policy),
     ("POST", "/policy/check", check_draft),
+    ("POST", "/policy/activate", activate),
     ("GET", "/guard-events", guard_events),
 ]

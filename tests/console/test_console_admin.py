@@ -148,15 +148,23 @@ def test_admin_does_one_task_on_each_page(world, browser):
     v.open("/console/policy")
     v.page.get_by_role("link", name="changes from version 1").click()
     assert "+# reviewed by security" in v.page.locator(".diff").inner_text()
+    v.shot("policy")
     v.page.get_by_role("button", name="Check draft").click()
     assert v.page.get_by_role("status").inner_text().startswith("Valid:")
     v.check_accessibility()
-    v.shot("policy")
     v.expect("/console/policy/check", 400)
     v.page.get_by_label("Draft policy (YAML)").fill("classifications: 5\n")
     v.page.get_by_role("button", name="Check draft").click()
     assert v.page.get_by_role("status").inner_text().startswith("Not valid:")
     assert len(admin.get("/admin/policy/versions").json()["data"]) == 2  # checked, never stored
+    v.expect("/console/policy/activate", 400)
+    v.page.get_by_role("button", name="Activate draft").click()  # the invalid draft: nothing changes
+    assert v.page.get_by_role("status").inner_text().startswith("Not valid:")
+    assert admin.get("/admin/policy").json()["version"] == 2
+    v.page.get_by_label("Draft policy (YAML)").fill(DEFAULT_POLICY.replace("name: keel-default", "name: tightened"))
+    v.page.get_by_role("button", name="Activate draft").click()
+    assert v.page.get_by_role("status").inner_text() == "Version 3 is now the active policy."
+    assert admin.get("/admin/policy").json()["name"] == "tightened"
 
     r = admin.post("/v1/chat/completions", json={"model": "fake", "messages": [
         {"role": "user", "content": "deploy with sk_live_" + "Z9" * 12}]})
