@@ -418,7 +418,8 @@ class Bench:
             say(f"ingested {a.ingest} documents in {ingest_s:.0f}s")
             one = self.apis[:1]
             for kind in ("chat", "embed", "search", "workflow"):  # warm every path once
-                await self.drive(s, kind, one, 2, a.concurrency)
+                _, _, runs = await self.drive(s, kind, one, 2, a.concurrency)
+                await self.finish_runs(s, runs)  # so the idle phase is idle
             phases = {"idle": await self.phase(s, "idle", None, one)}
             for kind in ("chat", "embed", "search", "workflow"):
                 phases[kind] = await self.phase(s, kind, kind, one)
