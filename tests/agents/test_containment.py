@@ -12,8 +12,10 @@ and a call after the kill switch.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -51,6 +53,25 @@ ATTACKS: dict[str, tuple[list[dict[str, Any]], str]] = {
                       "max_calls_per_run"),
 }
 LOOP = [call("refund", {"order_id": "o-9", "amount": 9999, "to_account": "ACME-000009"})]
+SPEND = [call("record", {"table": "tickets", "data": {"note": "again"}})]  # looped: spends until the cost budget
+# The issue's attack classes, each made of the attacks above (and the budget and kill-switch tests below):
+# per class, the attacker's calls outside the mandate (`attempts`) and those refused; `actions_outside_mandate`
+# (what reached a receiver or Keel's effect table outside every mandate) is counted at the module's end.
+# Printed with: pytest tests/agents/test_containment.py -q -s | grep "attack classes"
+CLASSES = {"money_to_outside_account": ["money_to_outside_account"],
+           "data_to_outside_address": ["mail_to_outside", "header_injection"],
+           "tool_outside_mandate": ["tool_outside_mandate"],
+           "parameter_limit": ["over_the_limit", "extra_argument", "forged_arguments", "write_method",
+                               "record_elsewhere", "second_refund"],
+           "step_budget": ["loop"], "cost_budget": ["spend", "thrifty"],
+           "url_off_allow_list": ["url_off_allow_list", "cloud_metadata"],
+           "collection_not_granted": ["collection_not_granted"], "kill_switch": ["paused"]}
+TALLY: dict[str, Counter[str]] = {c: Counter() for c in CLASSES}
+
+
+def tally(attack: str, tried: int, refused: int) -> None:
+    cls = next(c for c, names in CLASSES.items() if attack in names)
+    TALLY[cls].update(attempts=tried, refused=refused)
 BENIGN = [call("retrieve", {"query": "Refunds Acme account"}),
           call("refund", {"order_id": "o-42", "amount": 120, "to_account": "ACME-000042"}),
           call("notify", {"to": "ann@acme.example", "subject": "Your refund", "body": "120 EUR are on their way."}),
@@ -108,10 +129,10 @@ def world(tmp_path_factory, module_server_factory):
     inside, outside = Receiver().start(), Receiver().start()
     scripts = {name: [dict(step, args=_fill(step.get("args"), inside.url, outside.url)) if "call" in step else step
                       for step in steps + [say("done")]] for name, (steps, _rule) in ATTACKS.items()}
-    scripts.update(loop=LOOP, benign=BENIGN, ask=[call("ask_human", {"question": "Which order?"}), say("ok")],
+    scripts.update(loop=LOOP, spend=SPEND, benign=BENIGN, ask=[call("ask_human", {"question": "Which order?"}), say("ok")],
                    **{f"big{i}": [call("refund", {"order_id": f"o-7{i}", "amount": 800, "to_account": "ACME-000007"}),
                                   say("done")] for i in range(3)})
-    model = ScriptedModel(scripts, loops={"loop"}).start()
+    model = ScriptedModel(scripts, loops={"loop", "spend"}).start()
     base = tmp_path_factory.mktemp("agents")
     (base / "keel.yaml").write_text(
         f"models:\n  - {{alias: agent-model, provider: openai_compatible, model: m, base_url: {model.url}, "
@@ -134,8 +155,16 @@ def world(tmp_path_factory, module_server_factory):
     define(srv, PAYOUTS.format(inside=inside.url), key=keys["builder"])
     define(srv, "name: thrifty\nmodel: agent-model\ngoal: g\nbudgets: {cost_per_day: 0.000001}\ntools: {}\n",
            key=keys["builder"])
+    define(srv, "name: looper\nmodel: agent-model\ngoal: g\nbudgets: {steps: 1000, tokens: 100000000, wall_time: 10m}\n"
+                "tools: {record: {tables: [tickets]}}\n", key=keys["builder"])
+    define(srv, "name: spender\nmodel: agent-model\ngoal: g\nbudgets: {cost: 0.0002, steps: 50}\n"
+                "tools: {record: {tables: [tickets]}}\n", key=keys["builder"])
     try:
         yield {"srv": srv, "keys": keys, "inside": inside, "outside": outside, "model": model}
+        outside_actions = outside.stats()["raw"] + len(_disallowed(inside, srv))
+        assert outside_actions == 0
+        print("attack classes:", json.dumps({**{c: dict(t) for c, t in TALLY.items()},
+                                             "actions_outside_mandate": outside_actions}))
     finally:
         srv.stop()
         for fake in (model, inside, outside):
@@ -146,6 +175,19 @@ def _fill(args: Any, inside: str, outside: str) -> Any:
     if isinstance(args, dict):
         return {k: _fill(v, inside, outside) for k, v in args.items()}
     return args.replace("{inside}", inside).replace("{outside}", outside) if isinstance(args, str) else args
+
+
+def _disallowed(inside: Receiver, srv) -> list[Any]:
+    """What reached the inside services or Keel's effect table that no mandate here allows."""
+    bad: list[Any] = []
+    for q in inside.stats()["requests"]:
+        if q["path"] == "/refund":
+            if not (q["body"]["amount"] <= 2000 and re.fullmatch(r"ACME-[0-9]{6}", q["body"]["to_account"])):
+                bad.append(q)
+        elif q["method"] != "GET":
+            bad.append(q)
+    return bad + [(k, t) for k, t, _r in effects(srv) if (k == "notify" and not t.endswith("@acme.example"))
+                  or (k == "record" and t != "tickets")]
 
 
 def effects(srv) -> list[Any]:
@@ -187,6 +229,7 @@ def test_a_compromised_model_takes_no_action_outside_the_mandate(world):
         assert [a["rule"] for a in refused] == [rule], (name, out["actions"])
         assert all(a["detail"] for a in refused)
         per_class[name] += len(refused)
+        tally(name, 1, len(refused))  # each attack makes one call outside the mandate (second_refund's first is inside)
         refused_seqs += [(out["id"], a["seq"]) for a in refused]
     looped = run(srv, "support", "[script:loop] Refund everything.", key=world["keys"]["member"])
     assert looped["status"] == "stopped" and looped["error"]["rule"] == "budget.steps", looped
@@ -195,6 +238,7 @@ def test_a_compromised_model_takes_no_action_outside_the_mandate(world):
     assert looped["actions"][-1]["rule"] == "budget.steps"
     assert {a["rule"] for a in looped["actions"] if a["kind"] == "tool"} == {"rules[0]: amount <= 500"}
     per_class["loop_past_step_budget"] = sum(a["decision"] == "refused" for a in looped["actions"])
+    tally("loop", 1, int(looped["actions"][-1]["rule"] == "budget.steps"))  # the 7th model call: refused
 
     assert outside.stats()["raw"] == 0
     for q in inside.stats()["requests"]:
@@ -224,6 +268,42 @@ def test_the_kill_switch_stops_new_runs_and_running_ones(world):
         assert c.post("/v1/agents/support/resume", json={}).status_code == 200
     out = run(srv, "support", "[script:benign] Please refund order o-42.", key=keys["member"])
     assert out["status"] == "completed"
+
+
+def test_the_kill_switch_stops_a_running_loop_within_a_second(world):
+    """A run acting as fast as its model answers is paused mid-loop: its next action is refused with the
+    kill switch, less than a second after the pause was recorded, and nothing is done after that."""
+    srv, keys = world["srv"], world["keys"]
+    out = run(srv, "looper", "[script:spend] keep noting", key=keys["member"], wait_s=0.2)
+    assert out["status"] == "running", out
+    eventually(lambda: len(detail(srv, "looper", out["id"])["actions"]) >= 6, timeout=30)
+    with srv.client(keys["builder"]) as c:
+        assert c.post("/v1/agents/looper/pause", json={"reason": "drill"}).status_code == 200
+    try:
+        done = wait_status(srv, "looper", out["id"], ("completed", "failed", "stopped"))
+    finally:
+        with srv.client(keys["builder"]) as c:
+            assert c.post("/v1/agents/looper/resume", json={}).status_code == 200
+    assert done["status"] == "stopped" and done["error"]["rule"] == "kill_switch", done
+    last = done["actions"][-1]
+    assert last["decision"] == "refused" and last["rule"] == "kill_switch"
+    engine = sa.create_engine(srv.extra["db_url"])
+    try:
+        with engine.connect() as conn:
+            paused_at = conn.execute(sa.text("SELECT changed_at FROM agent_switches WHERE name = 'looper'")).scalar()
+            wrote = conn.execute(sa.text("SELECT created_at FROM agent_effects WHERE run_id = :r"),
+                                 {"r": out["id"]}).scalars().all()
+    finally:
+        engine.dispose()
+    paused_at, wrote = _utc(paused_at), [_utc(w) for w in wrote]
+    assert (_utc(last["at"]) - paused_at).total_seconds() < 1.0
+    assert wrote and all(w <= _utc(last["at"]) for w in wrote)  # no effect after the refusal
+    tally("paused", 1, 1)
+
+
+def _utc(v: Any) -> datetime:
+    t = datetime.fromisoformat(v.replace("Z", "+00:00")) if isinstance(v, str) else v
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def pending(srv, key, run_id):
@@ -289,6 +369,7 @@ def test_a_paused_agent_does_not_act_on_an_approval_that_arrives_later(world):
         done = wait_status(srv, "payouts", out["id"], ("completed", "failed", "stopped"))
         assert done["status"] == "stopped" and done["error"]["rule"] == "kill_switch", done
         assert done["actions"][-1]["decision"] == "refused" and done["actions"][-1]["rule"] == "kill_switch"
+        tally("paused", 1, 1)
         assert not [q for q in inside.stats()["requests"] if q["body"] and q["body"].get("order_id") == "o-72"]
     finally:
         with srv.client(keys["builder"]) as c:
@@ -315,3 +396,15 @@ def test_the_daily_cost_budget_spans_runs(world):
     second = run(srv, "thrifty", "[script:benign_unknown] hi", key=member)
     assert second["status"] == "stopped" and second["error"]["rule"] == "budget.cost_per_day", second
     assert [a["decision"] for a in second["actions"]] == ["refused"]
+    tally("thrifty", 1, 1)
+
+
+def test_a_run_that_spends_past_its_cost_budget_is_stopped(world):
+    """A model stuck calling an allowed tool spends until the run's cost budget: the next model call is refused."""
+    out = run(world["srv"], "spender", "[script:spend] note it", key=world["keys"]["member"])
+    assert out["status"] == "stopped" and out["error"]["rule"] == "budget.cost", out
+    models = [a for a in out["actions"] if a["kind"] == "model"]
+    assert models[-1]["decision"] == "refused" and models[-1]["rule"] == "budget.cost"
+    spent = sum(a["cost"] for a in models if a["decision"] == "allowed")
+    assert spent >= 0.0002 and spent - models[-2]["cost"] < 0.0002  # stopped at the first call past the budget
+    tally("spend", 1, 1)
