@@ -22,6 +22,7 @@ from keel.agents import plugins
 from keel.agents.errors import MandateError
 from keel.agents.rules import Rule, parse_rule, valid_host_entry, valid_recipient_entry
 from keel.core.errors import KeelError
+from keel.core import yamlsafe
 from keel.identity.principal import ROLES
 from keel.observe.prompts import split_ref
 from keel.workflows.spec_checks import NAME, SECRET_NAME, Checker, Path, kind_of
@@ -187,6 +188,7 @@ def _load(text: str) -> tuple[yaml.Node | None, Any]:
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
+        yamlsafe.check(root, text)  # an alias bomb is refused before anything walks it
         return root, (loader.construct_document(root) if root is not None else None)
     finally:
         loader.dispose()

@@ -12,6 +12,7 @@ from croniter import croniter
 from jsonschema import Draft202012Validator
 
 from keel.core.errors import ValidationFailed
+from keel.core import yamlsafe
 from keel.workflows.errors import SpecError
 from keel.workflows.templates import is_template, static_names
 from keel.workflows.spec_checks import (
@@ -78,6 +79,7 @@ def _load(text: str) -> tuple[yaml.Node | None, Any]:
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
+        yamlsafe.check(root, text)  # an alias bomb is refused before anything walks it
         return root, (loader.construct_document(root) if root is not None else None)
     finally:
         loader.dispose()

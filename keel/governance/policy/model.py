@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from keel.core import yamlsafe
 from keel.core.errors import BadRequest
 
 Action = Literal["allow", "redact", "review", "block"]
@@ -204,6 +205,7 @@ def parse_policy(text: str, source: str = "policy.yaml") -> Policy:
     """Parse and validate; raises `PolicyInvalid` whose `errors` name field, line and problem."""
     try:
         root = yaml.compose(text)
+        yamlsafe.check(root, text)  # an alias bomb is refused before anything walks it
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
