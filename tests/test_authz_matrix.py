@@ -748,6 +748,7 @@ def test_console_admin_forms_follow_the_api_rules(world):
         "/console/limits": ({"scope": "team", "ref": "red", "rpm": "1000000"}, {"admin"}),
         "/console/deployments": ({"alias": "console-{cell}", "provider": "openai_compatible", "model": "m",
                                   "base_url": world.cloud}, {"admin"}),
+        "/console/deployments/edit": ({"id": "console-{cell}/openai_compatible/m", "weight": "2"}, {"admin"}),
         "/console/policy/check": ({"draft": POLICY}, GOV_READERS),
         "/console/policy/activate": ({"draft": POLICY}, {"admin"}),  # the active text again: no change
     }
@@ -791,6 +792,8 @@ def test_console_admin_forms_follow_the_api_rules(world):
                                   "input_price_per_1m": "-3"}, 422),
         ("/console/deployments", {"alias": "y" * 100_000, "provider": "openai_compatible"}, 422),
         ("/console/deployments/delete", {"id": "fake/none/none"}, 404),
+        ("/console/deployments/edit", {"id": "fake/none/none", "weight": "2"}, 404),
+        ("/console/deployments/edit", {"id": "fake/none/none", "api_key": "sk-x"}, 404),
         ("/console/policy/check", {"draft": "classifications: 5\n"}, 400),
         ("/console/policy/check", {"draft": "x" * 300_000}, 400),
         ("/console/policy/activate", {"draft": "classifications: 5\n"}, 400),

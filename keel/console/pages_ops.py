@@ -23,6 +23,7 @@ M = TypeVar("M", bound=BaseModel)
 LIMIT_SCOPES = ("key", "team")
 DEPLOYMENT_FIELDS = ("alias", "provider", "model", "kind", "base_url", "input_price_per_1m", "output_price_per_1m",
                      "rpm", "tpm")
+EDITABLE = ("base_url", "input_price_per_1m", "output_price_per_1m", "weight", "rpm", "tpm")
 
 
 def _admin(page: Page) -> None:
@@ -169,6 +170,27 @@ async def add_deployment(page: Page) -> Response:
     return await deployments(page, f"Deployment {out['id']} added.", 201)
 
 
+async def update_deployment(page: Page) -> Response:
+    """As `PUT /admin/deployments/{id}`: the filled-in fields replace the deployment's, a new API key replaces the
+    vault secret it names (or is stored under `deployment-<id>`)."""
+    _admin(page)
+    form = await page.form()
+    did = form.get("id", "")[:300]
+    patch: dict[str, Any] = {f: form[f].strip() for f in EDITABLE if form.get(f, "").strip()}
+    deps = _deployments(page)
+    api_key = form.get("api_key", "")
+    if api_key:
+        current = next((d for d in deps.listing() if d["id"] == did and d["source"] == "api"), None)
+        if current is None:
+            raise NotFound(f"deployment {did!r} does not exist or is defined in keel.yaml",
+                           fix="pick a deployment added through the API or this page", deployment=did)
+        patch["credential"] = current.get("credential") or f"deployment-{did}".replace("/", "-")[:190]
+        await run_in_threadpool(page.state.vault.put, patch["credential"], api_key)
+    out = await run_in_threadpool(deps.update, did, patch)
+    await page.audit("deployment.update", deployment=did, fields=sorted(patch))
+    return await deployments(page, f"Deployment {out['id']} updated.")
+
+
 async def delete_deployment(page: Page) -> Response:
     _admin(page)
     form = await page.form()
@@ -188,5 +210,6 @@ ROUTES = [
     ("POST", "/limits/delete", delete_limit),
     ("GET", "/deployments", deployments),
     ("POST", "/deployments", add_deployment),
+    ("POST", "/deployments/edit", update_deployment),
     ("POST", "/deployments/delete", delete_deployment),
 ]

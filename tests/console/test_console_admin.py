@@ -137,6 +137,12 @@ def test_admin_does_one_task_on_each_page(world, browser):
     v.open("/console/deployments")
     row = v.page.get_by_role("row").filter(has_text="keyed/openai_compatible")
     assert "closed" in row.inner_text() and "vault: deployment-keyed" in row.inner_text()
+    row.get_by_text("Change").click()
+    v.page.get_by_label("Input $ per 1M of keyed/openai_compatible/gpt-keyed").fill("3")
+    v.page.get_by_role("button", name="Save keyed/openai_compatible/gpt-keyed").click()
+    assert "Deployment keyed/openai_compatible/gpt-keyed updated." in v.page.get_by_role("status").inner_text()
+    dep = next(d for d in admin.get("/admin/deployments").json()["data"] if d["alias"] == "keyed")
+    assert dep["input_price_per_1m"] == 3.0 and dep["credential"] == "deployment-keyed-openai_compatible-gpt-keyed"
     v.check_accessibility()
     v.shot("deployments")
     v.page.get_by_role("button", name="Remove deployment keyed/openai_compatible/gpt-keyed").click()
