@@ -4,7 +4,6 @@ the existing ledger rows counted in
 Revision ID: obs_0005_rollups
 Revises: obs_0004
 """
-import sqlalchemy as sa
 from alembic import op
 
 from keel.observe import rollup
@@ -17,9 +16,7 @@ depends_on = None
 
 def upgrade() -> None:
     op.create_table("usage_rollup", *rollup.columns())
-    op.create_index("ix_usage_rollup_team_bucket", "usage_rollup", ["team_id", "bucket"])
     op.create_index("ix_usage_rollup_key_bucket", "usage_rollup", ["key_id", "bucket"])
-    op.create_index("ix_usage_rollup_user_bucket", "usage_rollup", ["user_id", "bucket"])
     rollup.rebuild(op.get_bind())
 
 
