@@ -161,6 +161,7 @@ async def add_deployment(page: Page) -> Response:
     data: dict[str, Any] = {f: form[f].strip() for f in DEPLOYMENT_FIELDS if form.get(f, "").strip()}
     deps = _deployments(page)
     cfg = deps.parse(data)
+    await run_in_threadpool(deps.check_new, cfg.deployment_id())  # a duplicate changes no stored key
     api_key = form.get("api_key", "")
     if api_key:
         data["credential"] = f"deployment-{cfg.deployment_id()}".replace("/", "-")[:190]

@@ -258,11 +258,17 @@ class Deployments:
                                    option=exc.ids.get("field"))
         return cfg
 
-    def add(self, cfg: DeploymentConfig) -> dict[str, Any]:
-        did = cfg.deployment_id()
+    def check_new(self, did: str) -> None:
+        """Conflict if deployment `did` exists (as the store holds it now). Called before a new deployment's key
+        is stored too, so that a refused add changes no vault secret."""
+        self.reload()
         if did in self.all():
             raise Conflict(f"deployment {did!r} already exists", fix="update it with PUT, or pick another id",
                            deployment=did)
+
+    def add(self, cfg: DeploymentConfig) -> dict[str, Any]:
+        did = cfg.deployment_id()
+        self.check_new(did)
         now = utcnow()
         with self.store.engine.begin() as conn:
             conn.execute(deployments_table.insert().values(

@@ -307,6 +307,7 @@ async def add_deployment(request: Request, _p: Principal = Depends(admin)) -> Re
     data = await _json_object(request)
     deps = _gateway(request).deployments
     cfg = deps.parse({k: v for k, v in data.items() if k != "api_key"})
+    await run_in_threadpool(deps.check_new, cfg.deployment_id())  # a duplicate changes no stored key
     data = await run_in_threadpool(_store_api_key, request, data, cfg.deployment_id())
     return json_response(await run_in_threadpool(deps.add, deps.parse(data)), 201)
 
