@@ -69,6 +69,8 @@ class Row:
     consumes: bool = False  # a success uses the target up
 
 
+ALIAS_BOMB = "[" + ", ".join(["&a0 [x, x, x, x, x, x, x, x, x]"] + [  # YAML expanding to 9**8 nodes
+    f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 8)]) + "]"
 GOV_READERS = {"admin", "auditor"}
 MODEL_USERS = {"admin", "builder", "member", "reviewer"}
 MESSAGES = {"model": "cloud", "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]}
@@ -89,6 +91,10 @@ TABLE = [
     Row("policy set", "PUT", "/admin/policy", by_role({"admin"}), body=POLICY.replace("{", "{{").replace("}", "}}")),
     Row("policy set malformed", "PUT", "/admin/policy", by_role({"admin"}, yes="400"), body="classifications: 5\n"),
     Row("policy set oversized", "PUT", "/admin/policy", by_role({"admin"}, yes="400"), body="x" * 300_000),
+    Row("policy check alias bomb", "POST", "/admin/policy/check", by_role(GOV_READERS, yes="400"),
+        body="name: b\nguards: {{input: {{pii: " + ALIAS_BOMB + "}}}}\n"),
+    Row("policy set alias bomb", "PUT", "/admin/policy", by_role({"admin"}, yes="400"),
+        body="name: b\nguards: {{input: {{pii: " + ALIAS_BOMB + "}}}}\n"),
     Row("policy test", "POST", "/v1/policy/test", by_role(GOV_READERS), body={"model": "cloud"}),
     Row("reviews list", "GET", "/v1/reviews", by_role({"admin", "reviewer"})),
     Row("guard events", "GET", "/v1/guard-events", by_role(set(ROLES))),
@@ -111,6 +117,13 @@ TABLE = [
         member   403 403 403
         reviewer 403 403 403
         auditor  403 403 403"""), body="name: red_def\nsteps:\n  - {{id: a, type: transform, output: {cell}}}\n"),
+    Row("workflow define alias bomb", "POST", "/v1/workflows", grid("""
+        admin    422 422 422
+        builder  422 422 422
+        member   403 403 403
+        reviewer 403 403 403
+        auditor  403 403 403"""), body="name: bomb_{cell}\nsteps:\n  - {{id: a, type: transform, output: "
+        + ALIAS_BOMB + "}}\n"),
     Row("workflow redefine global", "POST", "/v1/workflows", grid("""
         admin    201 201 201
         builder  403 403 403
