@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from keel.core.db import Store
 from keel.identity.principal import Principal
 from keel.knowledge.acl import Collection, Scope
-from keel.knowledge.index import ChunkIn, open_index, transaction
+from keel.knowledge.index import ChunkIn, TermStats, open_index, transaction
 from keel.knowledge.tables import collections, document_acl, documents
 
 pytestmark = pytest.mark.store
@@ -142,6 +142,35 @@ class ChunkIndexConformance:
         doc(b, "noise", ["vacation vacation vacation policy"] * 3 + ["unrelated"], [4, 5, 6, 7])
         after = (index.keyword("vacation policy rules", scope, 5), index.vector(unit(2), scope, 5))
         assert before == after
+
+    def test_hybrid_keyword_leg_keeps_only_the_rarest_terms_within_its_budget(self, env):
+        """Hybrid search's keyword leg (`bounded_keyword`) ranks a smaller share of a large collection than
+        keyword-only search: the commonest query terms are dropped first, the vector leg backs it up."""
+        store, index, coll, doc = env
+        if index.name != "embedded":
+            pytest.skip("PostgreSQL judges term frequencies from ANALYZE's statistics (its KEYWORD_BUDGET)")
+        c = coll("a")
+        doc(c, "d1", [f"common words about topic {i}" for i in range(30)] + ["a rare common thing", "rare alone"],
+            list(range(100, 132)))
+        index.hybrid_stats = TermStats(0.1, min_chunks=10)  # a 32-chunk collection counts as large here
+        keyword_only = self.ids(store, index.keyword("common rare", Scope(ADMIN, (c,)), 50))
+        hybrid_leg = self.ids(store, index.keyword("common rare", Scope(ADMIN, (c,), bounded_keyword=True), 50))
+        assert len(keyword_only) == 32, "keyword-only search in a small collection: every term"
+        assert sorted(hybrid_leg) == ["a rare common thing", "rare alone"]
+
+    def test_hybrid_keyword_leg_keeps_the_rarest_of_common_terms_and_bounds_its_rows(self, env):
+        """When every query term matches more than the hybrid leg's budget, the one kept is the rarest
+        (not the first in the query), and only its first budget's worth of matches is ranked."""
+        store, index, coll, doc = env
+        if index.name != "embedded":
+            pytest.skip("PostgreSQL judges term frequencies from ANALYZE's statistics (its KEYWORD_BUDGET)")
+        c = coll("a")
+        texts = [f"common words about topic {i}" for i in range(25)] + [f"common and rare {i}" for i in range(7)]
+        doc(c, "d1", texts, list(range(200, 232)))
+        index.hybrid_stats = TermStats(0.1, min_chunks=10)  # 32 chunks count as large: 3 rows ranked
+        hybrid_leg = self.ids(store, index.keyword("common rare", Scope(ADMIN, (c,), bounded_keyword=True), 50))
+        assert len(hybrid_leg) == 3 and all("rare" in t for t in hybrid_leg), hybrid_leg
+        assert len(index.keyword("common rare", Scope(ADMIN, (c,)), 50)) == 32, "keyword-only: every match"
 
     def test_reopen_after_crash_recovers_from_the_store(self, env, make_index):
         store, index, coll, doc = env

@@ -121,8 +121,9 @@ class TermStats:
 
     MIN_CHUNKS, BUDGET, TTL_S = 20_000, 0.15, 300.0
 
-    def __init__(self, budget: float = BUDGET) -> None:
+    def __init__(self, budget: float = BUDGET, min_chunks: int = MIN_CHUNKS) -> None:
         self.budget = budget
+        self.min_chunks = min_chunks
         self._cache: dict[tuple[str, str], tuple[float, int]] = {}
 
     def forget(self, collection_id: str) -> None:
@@ -131,8 +132,11 @@ class TermStats:
 
     def select(self, collection_id: str, terms: list[str], total: int,
                count: Callable[[str, int], int]) -> list[str]:
-        """The terms to query; `count(term, cap)` counts the chunks matching `term`, stopping at `cap`."""
-        if total < self.MIN_CHUNKS or len(terms) < 2:
+        """The terms to query; `count(term, cap)` counts the chunks matching `term`, stopping at `cap`.
+        When every term matches more than the budget, their counts were all cut at the cap and say
+        nothing about which is rarest: they are then counted in full (once per TTL), so the one term
+        kept is the rarest rather than the first in the query."""
+        if total < self.min_chunks or len(terms) < 2:
             return terms
         budget = int(total * self.budget)
         now = time.monotonic()
@@ -145,6 +149,11 @@ class TermStats:
                 hit = (now + self.TTL_S, count(t, budget + 1))
                 self._cache[(collection_id, t)] = hit
             df[t] = hit[1]
+        if min(df.values()) > budget:
+            for t in terms:
+                if df[t] == budget + 1:  # cut at the cap: count it in full
+                    df[t] = max(count(t, total + 1), budget + 2)
+                    self._cache[(collection_id, t)] = (self._cache[(collection_id, t)][0], df[t])
         kept, used = [], 0
         for t in sorted(terms, key=lambda t: df[t]):
             if kept and used + df[t] > budget:
@@ -152,6 +161,15 @@ class TermStats:
             kept.append(t)
             used += df[t]
         return [t for t in terms if t in kept]
+
+    def over_budget(self, collection_id: str, terms: list[str], total: int) -> int | None:
+        """The row budget when the kept `terms` may match more chunks than it (one common term kept
+        alone), else None; counts from the last `select`."""
+        if total < self.min_chunks:
+            return None
+        budget = int(total * self.budget)
+        rows = sum(self._cache.get((collection_id, t), (0.0, budget + 1))[1] for t in terms)
+        return budget if rows > budget else None
 
 
 def insert_chunks(conn: sa.Connection, c: Collection, document_id: str, items: list[ChunkIn]) -> list[int]:
