@@ -231,6 +231,12 @@ def test_collection_access_form_follows_the_api_rules(world):
 
 
 def test_builder_and_member_cannot_reach_the_admin_pages(world, browser):
+    with world.admin() as admin:  # a guard event on the admin's key
+        r = admin.post("/v1/chat/completions", json={"model": "fake", "messages": [
+            {"role": "user", "content": "deploy with sk_live_" + "Q8" * 12}]})
+        assert r.status_code == 200, r.text
+        theirs = r.headers["x-request-id"]
+        eventually(lambda: admin.get("/v1/guard-events", params={"request_id": theirs}).json()["data"], timeout=10)
     for role in ("builder", "member"):
         v = Visit(browser, world.url, WIDTHS["phone"])
         v.sign_in_with_key(world.extra["keys"][role])
@@ -242,6 +248,8 @@ def test_builder_and_member_cannot_reach_the_admin_pages(world, browser):
         v.check_accessibility()
         v.open("/console/guard-events")  # as the API: the caller's own key's events only
         assert "your key's requests" in v.page.get_by_role("main").inner_text()
+        v.open(f"/console/guard-events?request_id={theirs}")
+        assert v.page.get_by_role("cell", name="stripe_key").count() == 0  # the admin's request's event is not theirs
         v.open("/console/knowledge/handbook")  # only the owner team's builder edits who may read
         if role == "member":
             assert v.page.get_by_role("region", name="Access").count() == 0
