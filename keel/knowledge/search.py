@@ -94,6 +94,10 @@ def _with_feedback(kn: Library, qv: np.ndarray, first: list[Scored], w: float, s
     return kn.index.vector(feedback_vector(qv, np.asarray(emb, np.float32), w), scope, n) or first
 
 
+def _vector_with_feedback(kn: Library, qv: np.ndarray, w: float, scope: Scope, n: int) -> list[Scored]:
+    return _with_feedback(kn, qv, kn.index.vector(qv, scope, n), w, scope, n)
+
+
 def feedback_vector(q: np.ndarray, best: np.ndarray, w: float) -> np.ndarray:
     """Rocchio on embeddings: the unit vector along q/|q| + w * best/|best|."""
     def unit(v: np.ndarray) -> np.ndarray:
@@ -168,8 +172,10 @@ async def _search(kn: Library, p: Principal, q: Query, request_id: str) -> tuple
                 per = await asyncio.to_thread(_each_vector, kn, vecs, sub, n)
                 hits += long_query.fuse(per, n, [long_query.WHOLE_WEIGHT] + [1.0] * (len(per) - 1))
                 continue
-            first = await asyncio.to_thread(kn.index.vector, qvecs[model], sub, n)
-            hits += await asyncio.to_thread(_with_feedback, kn, qvecs[model], first, q.vector_feedback, sub, n)
+            if q.vector_feedback > 0:  # one worker-thread hop, not two: each is a wait for a core under load
+                hits += await asyncio.to_thread(_vector_with_feedback, kn, qvecs[model], q.vector_feedback, sub, n)
+            else:
+                hits += await asyncio.to_thread(kn.index.vector, qvecs[model], sub, n)
         hits.sort(key=lambda h: -h.score)
         lists["vector"] = hits[:n]
         timings["vector_ms"] = round((time.perf_counter() - t) * 1000, 3)
