@@ -185,13 +185,7 @@ class Mandate:
 
 
 def _load(text: str) -> tuple[yaml.Node | None, Any]:
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-        yamlsafe.check(root, text)  # an alias bomb is refused before anything walks it
-        return root, (loader.construct_document(root) if root is not None else None)
-    finally:
-        loader.dispose()
+    return yamlsafe.load(text)  # alias bombs and deep nesting are refused before anything walks them
 
 
 def _int(ck: Checker, raw: dict[str, Any], path: Path, key: str, hi: int) -> int | None:

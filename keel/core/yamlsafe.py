@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 MIN_NODES = 10_000  # expanded nodes always allowed, whatever the text's length
+MAX_DEPTH = 100  # collections inside collections: a validator walking deeper would recurse past Python's limit
 
 
 def expanded_nodes(root: yaml.Node, limit: int) -> int:
@@ -48,10 +49,40 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
+def depth(root: yaml.Node, limit: int) -> int:
+    """How deep collections nest in `root` (a scalar: 0), counted up to `limit + 1`, iteratively."""
+    deepest, seen = 0, set()
+    stack = [(root, 0)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, yaml.ScalarNode) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        deepest = max(deepest, d + 1)
+        if deepest > limit:
+            return deepest
+        stack.extend((c, d + 1) for c in _children(node))
+    return deepest
+
+
+def compose(text: str) -> yaml.Node | None:
+    """`yaml.compose` with the checks of `check`; nesting past the parser's own recursion is a `yaml.YAMLError`."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise yaml.YAMLError(f"the document nests deeper than {MAX_DEPTH} levels") from None
+    check(root, text)
+    return root
+
+
 def check(root: yaml.Node | None, text: str) -> None:
-    """Raise a `yaml.YAMLError` (marked at the document's start) when `root`'s aliases expand past the bound."""
+    """Raise a `yaml.YAMLError` (marked at the document's start) when `root`'s aliases expand past the bound or its
+    collections nest deeper than `MAX_DEPTH`."""
     if root is None:
         return
+    if depth(root, MAX_DEPTH) > MAX_DEPTH:
+        raise yaml.MarkedYAMLError(problem=f"the document nests deeper than {MAX_DEPTH} levels",
+                                   problem_mark=root.start_mark)
     limit = max(MIN_NODES, len(text))
     if expanded_nodes(root, limit) > limit:
         raise yaml.MarkedYAMLError(problem=f"its aliases expand to over {limit} nodes (or an alias contains "
@@ -64,7 +95,10 @@ def load(text: str) -> tuple[yaml.Node | None, Any]:
     text that is not YAML or whose aliases expand past the bound."""
     loader = yaml.SafeLoader(text)
     try:
-        root = loader.get_single_node()
+        try:
+            root = loader.get_single_node()
+        except RecursionError:
+            raise yaml.YAMLError(f"the document nests deeper than {MAX_DEPTH} levels") from None
         check(root, text)
         return root, (loader.construct_document(root) if root is not None else None)
     finally:

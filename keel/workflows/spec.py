@@ -76,13 +76,7 @@ def secret_refs(spec: WorkflowSpec) -> list[tuple[str, str, str]]:
 
 def _load(text: str) -> tuple[yaml.Node | None, Any]:
     """The composed node tree (for line numbers) and the plain data, from one parse."""
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-        yamlsafe.check(root, text)  # an alias bomb is refused before anything walks it
-        return root, (loader.construct_document(root) if root is not None else None)
-    finally:
-        loader.dispose()
+    return yamlsafe.load(text)  # alias bombs and deep nesting are refused before anything walks them
 
 
 def _step(ck: Checker, raw: Any, i: int) -> StepSpec | None:

@@ -31,28 +31,35 @@ def world(module_server_factory):
     return srv, keys
 
 
-CASES = {
+DEEP = "[" * 5000 + "]" * 5000  # nesting past the parser's recursion: was a 500 with a RecursionError
+CASES = {  # name → (role, method, path, body with BOMB where the payload goes)
     "workflow": ("builder", "POST", "/v1/workflows",
-                 {"spec": "name: bomb_flow\nsteps:\n  - id: s\n    type: transform\n    output: " + bomb() + "\n"}),
-    "agent": ("builder", "POST", "/v1/agents", {"spec": "name: bomb_agent\nmodel: m\ngoal: g\ncollections: "
-                                                         + bomb() + "\n"}),
-    "policy-check": ("auditor", "POST", "/admin/policy/check", "name: bomb\nguards: {input: {pii: " + bomb() + "}}\n"),
-    "policy-put": ("admin", "PUT", "/admin/policy", "name: bomb\nguards: {input: {pii: " + bomb() + "}}\n"),
+                 {"spec": "name: bomb_flow\nsteps:\n  - id: s\n    type: transform\n    output: BOMB\n"}),
+    "agent": ("builder", "POST", "/v1/agents", {"spec": "name: bomb_agent\nmodel: m\ngoal: g\ncollections: BOMB\n"}),
+    "policy-check": ("auditor", "POST", "/admin/policy/check", "name: bomb\nguards: {input: {pii: BOMB}}\n"),
+    "policy-put": ("admin", "PUT", "/admin/policy", "name: bomb\nguards: {input: {pii: BOMB}}\n"),
 }
 
 
+def _with(body, payload: str):
+    return {k: v.replace("BOMB", payload) for k, v in body.items()} if isinstance(body, dict) \
+        else body.replace("BOMB", payload)
+
+
+@pytest.mark.parametrize("payload, named", [(bomb(), "alias"), (DEEP, "nest")], ids=["aliases", "deep"])
 @pytest.mark.parametrize("case", CASES)
-def test_an_alias_bomb_is_refused_at_once(world, case):
-    """Guards: one small request pinning a CPU for minutes (and its memory) in YAML validation."""
+def test_an_alias_bomb_is_refused_at_once(world, case, payload, named):
+    """Guards: one small request pinning a CPU for minutes (and its memory) in YAML validation, or a 500."""
     srv, keys = world
     role, method, path, body = CASES[case]
+    body = _with(body, payload)
     kw = {"json": body} if isinstance(body, dict) else {"content": body.encode(),
                                                         "headers": {"Content-Type": "application/yaml"}}
     with srv.client(keys[role], timeout=30) as c:
         r = c.request(method, path, **kw)
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
-    body = problem(r, r.status_code)
-    assert "alias" in str(body).lower(), body
+    out = problem(r, r.status_code)
+    assert named in str(out).lower(), out
 
 
 def test_ordinary_aliases_still_parse(world):
