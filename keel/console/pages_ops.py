@@ -173,7 +173,7 @@ async def add_deployment(page: Page) -> Response:
 
 async def update_deployment(page: Page) -> Response:
     """As `PUT /admin/deployments/{id}`: the filled-in fields replace the deployment's, a new API key replaces the
-    vault secret it names (or is stored under `deployment-<id>`)."""
+    vault secret it names (or is stored under `deployment-<id>`) once the changed config has been checked."""
     _admin(page)
     form = await page.form()
     did = form.get("id", "")[:300]
@@ -186,6 +186,7 @@ async def update_deployment(page: Page) -> Response:
             raise NotFound(f"deployment {did!r} does not exist or is defined in keel.yaml",
                            fix="pick a deployment added through the API or this page", deployment=did)
         patch["credential"] = current.get("credential") or f"deployment-{did}".replace("/", "-")[:190]
+        deps.parse({**deps.all()[did].model_dump(), **patch, "id": did})  # a refused change stores no key
         await run_in_threadpool(page.state.vault.put, patch["credential"], api_key)
     out = await run_in_threadpool(deps.update, did, patch)
     await page.audit("deployment.update", deployment=did, fields=sorted(patch))

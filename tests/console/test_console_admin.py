@@ -276,3 +276,21 @@ def test_builder_and_member_cannot_reach_the_admin_pages(world, browser):
     with httpx.Client(base_url=world.url) as c:  # no session: to the sign-in form, nothing changed
         r = c.post("/console/budgets", data={"scope": "team", "scope_id": "sales", "amount": "1"})
         assert r.status_code == 401
+
+
+def test_a_refused_deployment_change_keeps_the_stored_key(world):
+    """Regression: the console's change form stored a new API key before the change was validated, so a change
+    refused as invalid still replaced the live deployment's vault secret."""
+    with world.admin() as admin:
+        r = admin.post("/admin/deployments", json={"alias": "steady", "provider": "openai_compatible",
+                                                   "model": "gpt-steady", "base_url": world.extra["keyed"].url,
+                                                   "api_key": UPSTREAM_KEY})
+        assert r.status_code == 201, r.text
+        c, csrf = _session(world, world.admin_key)
+        r = c.post("/console/deployments/edit", data={"csrf": csrf, "id": r.json()["id"], "weight": "-1",
+                                                      "api_key": "sk-wrong"})
+        c.close()
+        assert r.status_code == 422 and "weight" in r.text
+        chat = admin.post("/v1/chat/completions", json={"model": "steady", "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 200, chat.text  # the upstream still gets the key it accepts
+        assert admin.delete("/admin/deployments/steady/openai_compatible/gpt-steady").status_code == 204
