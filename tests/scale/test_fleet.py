@@ -68,14 +68,14 @@ def fleet(tmp_path_factory, pg_server, redis_url) -> Iterator[Fleet]:  # noqa: A
     with fake_upstream("--latency-ms", "400") as root, receiver() as rcv:
         cfg = fleet_config(base, root + "/v1")
         try:
-            api = [start_server(base / f"api{i}", db_url, config=cfg, KEEL_ROLE="api", KEEL_REDIS_URL=redis_url)
-                   for i in range(2)]
+            api = [start_server(base / f"api{i}", db_url, config=cfg, wait=False, KEEL_ROLE="api",
+                                KEEL_REDIS_URL=redis_url) for i in range(2)]
             procs += api
             workers = [start_server(base / f"w{i}", db_url, command="worker", config=cfg, wait=False,
                                     KEEL_REDIS_URL=redis_url, **FAST) for i in range(2)]
             procs += workers
-            for w in workers:
-                eventually(w.healthy, timeout=120, interval=0.1)
+            for srv in procs:  # started together: one migrates the store while the others wait for its lock
+                eventually(srv.healthy, timeout=180, interval=0.1)
             yield Fleet(db_url, api, workers, rcv)
         finally:
             for srv in procs:
