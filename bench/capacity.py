@@ -24,7 +24,8 @@ round-robin over both: throughput ratio and CPU per request). On PostgreSQL, las
 Prints one JSON line.
 
     .venv/bin/python bench/capacity.py [--db postgres|sqlite] [--replicas 2] [--seconds 20] [--concurrency 8]
-        [--replica-concurrency 32] [--ingest 40]
+        [--replica-concurrency 32] [--ingest 40] [--kinds chat,embed,search,workflow] [--server-env K=V ...]
+(`--server-env KEEL_WORKER_CONCURRENCY=64 --kinds workflow` etc. for A/B runs of a setting.)
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ class Bench:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_")}
         env.update({"KEEL_BOOTSTRAP_ADMIN_KEY": ADMIN, "KEEL_LOG_REQUESTS": "false", "KEEL_MASTER_KEY": "cap-master",
                     "KEEL_WORKFLOWS_DIR": str(self.base / "none"), "KEEL_EMBEDDED_MODELS": "false",
-                    "MALLOC_MMAP_THRESHOLD_": "131072"})
+                    "MALLOC_MMAP_THRESHOLD_": "131072", **dict(kv.split("=", 1) for kv in a.server_env)})
         if a.db == "postgres":
             self.pg = Postgres(self.base)
             env["KEEL_DATABASE_URL"] = self.pg.url
@@ -417,13 +418,14 @@ class Bench:
             ingest_s = await self.prepare(s)
             say(f"ingested {a.ingest} documents in {ingest_s:.0f}s")
             one = self.apis[:1]
-            for kind in ("chat", "embed", "search", "workflow"):  # warm every path once
+            kinds = a.kinds.split(",")
+            for kind in kinds:  # warm every path once
                 _, _, runs = await self.drive(s, kind, one, 2, a.concurrency)
                 await self.finish_runs(s, runs)  # so the idle phase is idle
             phases = {"idle": await self.phase(s, "idle", None, one)}
-            for kind in ("chat", "embed", "search", "workflow"):
+            for kind in kinds:
                 phases[kind] = await self.phase(s, kind, kind, one)
-            if len(self.apis) >= 2:
+            if len(self.apis) >= 2 and "chat" in kinds:
                 c = a.replica_concurrency
                 phases["chat_1replica"] = await self.phase(s, "chat_1replica", "chat", one, c)
                 phases["chat_2replicas"] = await self.phase(s, "chat_2replicas", "chat", self.apis[:2], c)
@@ -436,7 +438,7 @@ def model(out: dict[str, Any], pg: Postgres | None, replicas: int) -> dict[str, 
     its event loop and the GIL) or PostgreSQL (all `cores`) would be saturated by CPU alone."""
     cores = psutil.cpu_count()
     res: dict[str, Any] = {"cores_here": cores}
-    for kind in ("chat", "embed", "search", "workflow"):
+    for kind in [k for k in ("chat", "embed", "search", "workflow") if k in out["phases"]]:
         ph = out["phases"][kind]
         cpu = ph["cpu_ms_per_req"]
         api = cpu.get("api1", cpu.get("all", 0.0))
@@ -473,6 +475,9 @@ def main() -> None:
     ap.add_argument("--replica-concurrency", type=int, default=32,
                     help="clients of the 1- vs 2-replica chat phases (enough to keep one replica busy)")
     ap.add_argument("--pgbench-seconds", type=float, default=10, help="PostgreSQL's own write ceiling (0: skip)")
+    ap.add_argument("--kinds", default="chat,embed,search,workflow", help="the phases to run, in order")
+    ap.add_argument("--server-env", action="append", default=[], metavar="K=V",
+                    help="a setting for every Keel process, e.g. KEEL_WORKER_CONCURRENCY=64")
     ap.add_argument("--ingest", type=int, default=40, help="documents ingested for the search phase")
     args = ap.parse_args()
     if args.db == "sqlite":
@@ -490,7 +495,7 @@ def main() -> None:
         bench.stop()
     errors = sum(p["errors"] for p in out["phases"].values())
     print(json.dumps({"bench": "capacity", "db": args.db, "replicas": args.replicas, "seconds": args.seconds,
-                      "concurrency": args.concurrency, "replica_concurrency": args.replica_concurrency, "ingested_docs": args.ingest, **out, "model": summary,
+                      "concurrency": args.concurrency, "server_env": args.server_env, "replica_concurrency": args.replica_concurrency, "ingested_docs": args.ingest, **out, "model": summary,
                       "errors": errors, "ok": errors == 0}))
 
 
