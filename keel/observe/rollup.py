@@ -229,7 +229,7 @@ def rebuild(conn: sa.Connection) -> int:
     conn.execute(usage_rollup.delete())
     sums: dict[tuple[str, ...], Figures] = {}
     n = 0
-    result = conn.execution_options(yield_per=20_000).execute(sa.select(*ledger.c))
+    result = conn.execute(sa.select(*ledger.c).execution_options(yield_per=20_000))  # this statement only
     for part in result.partitions():
         for (ts, team, key, user, use_case, alias, deployment, provider, status, cache_hit, n_in, n_out, cost, saved,
              latency) in part:
