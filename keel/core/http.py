@@ -125,6 +125,7 @@ def hot_json_endpoint(model: type[BaseModel], handler: Callable[[Any, StarletteR
             except orjson.JSONDecodeError as exc:
                 raise MalformedJSON(f"request body is not valid JSON: {exc}",
                                     fix="send a JSON object with Content-Type: application/json") from None
+            refuse_deep(raw, data)
             body = fast(data) if fast is not None else None
             if body is None:
                 try:
@@ -361,15 +362,29 @@ class JSONAnswer(Response):
                             *((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]
 
 
+def refuse_deep(raw: bytes, data: Any) -> None:
+    """400 when the parsed body `data` nests deeper than orjson writes (254 levels; it reads 1024): such a body
+    could be neither sent upstream, stored nor cached, and walking it would recurse past Python's limit. Checked
+    by writing it, only for a body with that many brackets at all (an ordinary one costs two byte counts)."""
+    if raw.count(b"[") + raw.count(b"{") < 254:
+        return
+    try:
+        orjson.dumps(data)
+    except orjson.JSONEncodeError:
+        raise BadRequest("request body nests deeper than 254 levels", fix="send JSON nested less deeply") from None
+
+
 async def bounded_json(request: StarletteRequest, max_bytes: int, too_large: str, fix: str) -> Any:
     """The request's body as strict JSON; over `max_bytes` it is a 400 saying `too_large` and `fix`."""
     raw = await request.body()
     if len(raw) > max_bytes:
         raise BadRequest(too_large, fix=fix)
     try:
-        return orjson.loads(raw)
+        data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise MalformedJSON(f"request body is not valid JSON: {exc}", fix="send a JSON object") from None
+    refuse_deep(raw, data)
+    return data
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

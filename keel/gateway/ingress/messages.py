@@ -24,7 +24,7 @@ from starlette.requests import Request as StarletteRequest
 from starlette.responses import Response
 
 from keel.core.errors import InternalError, KeelError, MalformedJSON, ValidationFailed
-from keel.core.http import HotEndpoint, JSONAnswer, StreamedResponse, error_headers
+from keel.core.http import HotEndpoint, JSONAnswer, StreamedResponse, error_headers, refuse_deep
 from keel.core.logs import request_id_var
 from keel.gateway.anthropic_shapes import EventWriter, error_type, openai_body, sse, to_message
 from keel.gateway.pipeline import Call, Gateway, Providers
@@ -111,6 +111,7 @@ def _parse(raw: bytes, model: type[BaseModel]) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         raise MalformedJSON(f"request body is not valid JSON: {exc}",
                             fix="send a JSON object with Content-Type: application/json") from None
+    refuse_deep(raw, data)
     try:
         return model.model_validate(data).model_dump(exclude_unset=True, exclude_none=True)
     except ValidationError as exc:

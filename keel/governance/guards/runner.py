@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from keel.core.errors import Forbidden
+from keel.core.errors import BadRequest, Forbidden
 from keel.governance.guards.base import Finding, Guard, Placeholders, redact, resolve_overlaps
 from keel.governance.guards.verdicts import CleanVerdicts
 
@@ -173,7 +173,11 @@ class CallGuards:
         actions = self._data_actions("input")
         if not actions:
             return node
-        return self._walk(node, location, skip, actions)
+        try:
+            return self._walk(node, location, skip, actions)
+        except RecursionError:  # JSON nested deeper than Python recurses (the JSON parser allows 1024 levels)
+            raise BadRequest(f"{location or 'the request'} nests too deeply to be guarded",
+                             fix="send data nested at most a few hundred levels deep") from None
 
     def _walk(self, node: Any, location: str, skip: frozenset[str], actions: dict[str, str]) -> Any:
         if isinstance(node, str):
