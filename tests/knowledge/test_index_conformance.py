@@ -171,6 +171,9 @@ class ChunkIndexConformance:
         hybrid_leg = self.ids(store, index.keyword("common rare", Scope(ADMIN, (c,), bounded_keyword=True), 50))
         assert len(hybrid_leg) == 3 and all("rare" in t for t in hybrid_leg), hybrid_leg
         assert len(index.keyword("common rare", Scope(ADMIN, (c,)), 50)) == 32, "keyword-only: every match"
+        doc(c, "d2.pdf", ["common rare in a pdf", "rare pdf again"], [300, 301], fmt="pdf")
+        pdf = self.ids(store, index.keyword("common rare", Scope(ADMIN, (c,), {"format": "pdf"}, True), 50))
+        assert sorted(pdf) == ["common rare in a pdf", "rare pdf again"], "the bound counts readable matches only"
 
     def test_reopen_after_crash_recovers_from_the_store(self, env, make_index):
         store, index, coll, doc = env

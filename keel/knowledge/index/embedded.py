@@ -200,23 +200,24 @@ class EmbeddedIndex:
         terms = stats.select(c.id, terms, total, count)
         match = " OR ".join(f'"{w}"' for w in terms)
         score = sa.func.bm25(sa.literal_column(f'"{t}"'), *BM25_WEIGHTS).label("s")
-        q = sa.select(fts.c.rowid, score).where(matches(match))
-        most = stats.over_budget(c.id, terms, total) if scope.bounded_keyword else None
-        if most:  # hybrid's leg, one common term left: rank only its first `most` matches (rowid order)
-            last = conn.execute(sa.select(fts.c.rowid).where(matches(match)).order_by(fts.c.rowid)
-                                .limit(1).offset(most - 1)).scalar()
-            if last is not None:
-                q = q.where(fts.c.rowid <= last)
         # The predicate runs inside the query; when it cannot exclude anything (no filters, no
         # restricted documents this caller may not read) it is skipped, and FTS5 ranks on its own.
+        where = [matches(match)]
         doc_ok = sa.select(documents.c.id).where(documents.c.collection_id == c.id)
         if scope.filters:
-            q = q.where(fts.c.rowid.in_(sa.select(chunks.c.id).where(
+            where.append(fts.c.rowid.in_(sa.select(chunks.c.id).where(
                 chunks.c.document_id.in_(doc_ok.where(scope.documents_where())))))
         elif not scope.principal.is_admin:
             hidden = doc_ok.where(documents.c.restricted == sa.true(), sa.not_(scope.documents_where()))
             if conn.execute(hidden.limit(1)).first() is not None:
-                q = q.where(fts.c.rowid.not_in(sa.select(chunks.c.id).where(chunks.c.document_id.in_(hidden))))
+                where.append(fts.c.rowid.not_in(sa.select(chunks.c.id).where(chunks.c.document_id.in_(hidden))))
+        most = stats.over_budget(c.id, terms, total) if scope.bounded_keyword else None
+        if most:  # hybrid's leg, one common term left: rank only its first `most` readable matches (rowid order)
+            last = conn.execute(sa.select(fts.c.rowid).where(*where).order_by(fts.c.rowid)
+                                .limit(1).offset(most - 1)).scalar()
+            if last is not None:
+                where.append(fts.c.rowid <= last)
+        q = sa.select(fts.c.rowid, score).where(*where)
         q = q.order_by(sa.literal_column("s")).limit(k)
         return [Scored(int(r[0]), -float(r[1])) for r in conn.execute(q)]
 
