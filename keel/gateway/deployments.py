@@ -277,7 +277,9 @@ class Deployments:
         publish(self.store, "deployments")  # every other replica re-reads them now
         return public(cfg, "api")
 
-    def update(self, did: str, patch: dict[str, Any]) -> dict[str, Any]:
+    def check_update(self, did: str, patch: dict[str, Any]) -> DeploymentConfig:
+        """What `patch` makes of deployment `did`, checked as `update` checks it, changing nothing (called before a
+        new key is stored too, so that a refused change changes no vault secret)."""
         if did in self._static:
             raise Conflict(f"deployment {did!r} is defined in keel.yaml", fix="change it in the config file",
                            deployment=did)
@@ -290,6 +292,10 @@ class Deployments:
         cfg = self.parse(merged)
         if cfg.alias != current.alias and patch.get("alias") is None:
             raise BadRequest("alias cannot be cleared")
+        return cfg
+
+    def update(self, did: str, patch: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.check_update(did, patch)
         with self.store.engine.begin() as conn:
             conn.execute(deployments_table.update().where(deployments_table.c.id == did).values(
                 alias=cfg.alias, config=cfg.model_dump(mode="json"), updated_at=utcnow()))

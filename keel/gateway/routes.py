@@ -316,6 +316,7 @@ async def add_deployment(request: Request, _p: Principal = Depends(admin)) -> Re
 async def update_deployment(did: str, request: Request, _p: Principal = Depends(admin)) -> Response:
     data = await _json_object(request)
     deps = _gateway(request).deployments
+    await run_in_threadpool(deps.check_update, did, {k: v for k, v in data.items() if k != "api_key"})  # first
     data = await run_in_threadpool(_store_api_key, request, data, did)
     return json_response(await run_in_threadpool(deps.update, did, data))
 

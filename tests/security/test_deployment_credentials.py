@@ -51,3 +51,18 @@ def test_a_refused_duplicate_keeps_the_live_key(world, module_server_factory):
         assert r.status_code == 409, r.status_code
     replica = module_server_factory(db_url=srv.extra["db_url"])  # another replica on the same store
     assert _chat(replica, "live") == 200, "the refused console form replaced the live key"
+
+
+def test_a_refused_change_keeps_the_live_key(world, module_server_factory):
+    """Guards: PUT /admin/deployments/{id} storing the new api_key before the change itself was refused (an invalid
+    field), swapping the live key of a deployment whose config stayed as it was."""
+    srv, fake = world
+    body = {"alias": "steady", "provider": "openai_compatible", "model": "m", "base_url": fake.url}
+    with srv.admin() as c:
+        r = c.post("/admin/deployments", json={**body, "api_key": GOOD})
+        assert r.status_code == 201, r.text
+        did = r.json()["id"]
+        r = c.put(f"/admin/deployments/{did}", json={"timeout_s": 0, "api_key": WRONG})
+        assert 400 <= r.status_code < 500, r.text
+    replica = module_server_factory(db_url=srv.extra["db_url"])  # another replica on the same store
+    assert _chat(replica, "steady") == 200, "the refused change replaced the live key"
