@@ -35,6 +35,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -483,6 +484,7 @@ def main() -> None:
     if args.db == "sqlite":
         args.replicas = 1
     bench = Bench(args)
+    say(f"working in {bench.base} (the processes' logs; removed when the run succeeds)")
     try:
         bench.start()
         say(f"up: {', '.join(k.name for k in bench.keels)} on {args.db}")
@@ -495,8 +497,10 @@ def main() -> None:
         bench.stop()
     errors = sum(p["errors"] for p in out["phases"].values())
     print(json.dumps({"bench": "capacity", "db": args.db, "replicas": args.replicas, "seconds": args.seconds,
-                      "concurrency": args.concurrency, "server_env": args.server_env, "replica_concurrency": args.replica_concurrency, "ingested_docs": args.ingest, **out, "model": summary,
-                      "errors": errors, "ok": errors == 0}))
+                      "concurrency": args.concurrency, "server_env": args.server_env,
+                      "replica_concurrency": args.replica_concurrency, "ingested_docs": args.ingest, **out,
+                      "model": summary, "errors": errors, "ok": errors == 0}))
+    shutil.rmtree(bench.base, ignore_errors=True)
 
 
 if __name__ == "__main__":
