@@ -96,7 +96,9 @@ def day_of(ts: Any) -> str:
         ts = datetime.fromisoformat(ts.replace("Z", "+00:00"))
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=UTC)
-    return ts.astimezone(UTC).strftime("%Y-%m-%d")
+    elif ts.tzinfo is not UTC:
+        ts = ts.astimezone(UTC)
+    return ts.date().isoformat()  # a fifth of strftime's time: this runs per ledger row in the flush thread
 
 
 def _text(v: Any) -> str:
