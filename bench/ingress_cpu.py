@@ -1,15 +1,18 @@
 """CPU per request of each API shape through the whole app, in this process: chat completions, Responses
-(stored, the default) and Messages, plain and streamed, driven as ASGI calls straight into Keel's app (no
-HTTP server, no load generator) against a loopback fake upstream in another process.
+(stored, the default; `--shapes` adds `responses_nostore`, i.e. `store: false`) and Messages, plain and
+streamed, driven as ASGI calls straight into Keel's app (no HTTP server, no load generator) against a
+loopback fake upstream in another process.
 
 The figure is this process's CPU time (every thread: the ledger's and the response store's writers
-included) per request, the best of `--rounds` interleaved rounds of `--requests` requests at concurrency
-`--concurrency`: on a shared machine it stays put where req/s swings. Prints ONE JSON line with each
-shape's µs per request and its ratio to chat completions (plain, or streamed for the `_stream` shapes).
+included) per request over `--rounds` rounds, each shape taking its turn for `--requests` requests at
+concurrency `--concurrency` in every round, so a machine whose load drifts weighs on every shape alike:
+on a shared machine it moves far less than req/s does (still ±5 % when the machine is loaded: compare
+runs made back to back). Prints ONE JSON line with each shape's µs per request and its
+ratio to chat completions (plain, or streamed for the `_stream` shapes).
 
-    .venv/bin/python bench/ingress_cpu.py [--requests 2000] [--rounds 5] [--concurrency 32]
+    .venv/bin/python bench/ingress_cpu.py [--requests 200] [--rounds 20] [--concurrency 32] [--shapes ...]
 
-About 40 s with the defaults. Same Keel set-up as `bench/gateway.py` (auth, budgets, rate limits and the
+About 60 s with the defaults. Same Keel set-up as `bench/gateway.py` (auth, budgets, rate limits and the
 ledger on; content guards off; SQLite under a temporary data dir).
 """
 
@@ -126,9 +129,11 @@ async def run(args: argparse.Namespace, upstream: str, tmp: Path) -> dict:
             raw = orjson.dumps(b)
             status, out = await drv.call(method, path, admin[:2] + headers(ADMIN, len(raw))[2:], raw)
             assert status < 300, (path, out)
+        shapes = {**SHAPES, "responses_nostore": (SHAPES["responses"][0], {**SHAPES["responses"][1], "store": False})}
         cases = {}
         for stream in (False, True):
-            for name, (path, b) in SHAPES.items():
+            for name in args.shapes.split(","):
+                path, b = shapes[name]
                 raw = orjson.dumps({**b, "stream": stream})
                 cases[name + ("_stream" if stream else "")] = (path, headers(key["key"], len(raw)), raw)
 
@@ -148,28 +153,30 @@ async def run(args: argparse.Namespace, upstream: str, tmp: Path) -> dict:
         for path, h, raw in cases.values():
             await burst(path, h, raw, 200)  # warm-up
         settle_heap()
-        best: dict[str, float] = {}
+        spent: dict[str, float] = dict.fromkeys(cases, 0.0)
         for _ in range(args.rounds):
             for name, (path, h, raw) in cases.items():
                 t = time.process_time()
                 await burst(path, h, raw, args.requests)
-                us = (time.process_time() - t) / args.requests * 1e6
-                best[name] = min(best.get(name, 1e12), us)
+                spent[name] += time.process_time() - t
+        per_req = {name: cpu / (args.rounds * args.requests) * 1e6 for name, cpu in spent.items()}
     finally:
         await drv.stop()
-    out: dict[str, Any] = {"cpu_us_per_req": {k: round(v, 1) for k, v in best.items()}}
-    out["vs_chat"] = {k: round(v / best["chat_stream" if k.endswith("_stream") else "chat"], 3)
-                      for k, v in best.items() if not k.startswith("chat")}
+    out: dict[str, Any] = {"cpu_us_per_req": {k: round(v, 1) for k, v in per_req.items()}}
+    out["vs_chat"] = {k: round(v / per_req["chat_stream" if k.endswith("_stream") else "chat"], 3)
+                      for k, v in per_req.items() if not k.startswith("chat")}
     out.update(requests=args.requests, rounds=args.rounds, concurrency=args.concurrency)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--latency-ms", type=float, default=0)
+    ap.add_argument("--shapes", default="chat,responses,messages",
+                    help="of chat, responses, responses_nostore (`store: false`), messages; chat first")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="keel-ingress-cpu-"))
     port = free_port()
