@@ -235,6 +235,12 @@ TABLE = [
     # -- records and outbox -------------------------------------------------------------------------
     Row("records", "GET", "/v1/records/red_rec", team_read("seen", "hidden"), target="waiting_run"),
     Row("outbox", "GET", "/v1/outbox", team_read("seen", "hidden"), target="waiting_run"),
+    Row("budgets binding the caller", "GET", "/v1/budgets", grid("""
+        admin    seen seen   seen
+        builder  seen hidden hidden
+        member   seen hidden hidden
+        reviewer seen hidden hidden
+        auditor  seen hidden hidden"""), target="red_budget"),
     Row("team-less admin run records", "GET", "/v1/records/red_rec", grid("""
         admin    seen   seen   seen
         builder  hidden hidden hidden
@@ -533,6 +539,13 @@ class World:
             r = c.put("/admin/secrets/glob-sec", json={"value": "glob-value-0123456789", "uses": ["http_header"]})
             assert r.status_code == 200, r.text
         return {}
+
+    def red_budget(self) -> dict[str, Any]:
+        """A monthly budget of team red."""
+        with self.srv.admin() as c:
+            r = c.post("/admin/budgets", json={"scope": "team", "scope_id": "red", "period": "month", "amount": 1000})
+        assert r.status_code == 201, r.text
+        return {"seen": r.json()["id"]}
 
     def red_response(self) -> dict[str, Any]:
         """A response stored by red's member."""

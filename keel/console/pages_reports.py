@@ -13,6 +13,7 @@ from starlette.responses import Response
 from keel.console import charts
 from keel.console.web import Page
 from keel.core.errors import BadRequest
+from keel.gateway.budgets import Budgets
 from keel.governance.audit import public_event
 from keel.observe.rollup_report import rollup_report
 from keel.observe.usage import DEFAULT_DAYS, DIMENSIONS, ReportQuery, report, to_csv
@@ -53,12 +54,27 @@ async def overview(page: Page) -> Response:
         "cache": charts.series([(r["day"], r["cache_hits"]) for r in rows], "cache hits"),
     }
     guard = await _guard_actions(page)
+    budget_use = await _budget_use(page)
     bars = {dim: charts.bars([(k, v["cost"]) for k, v in sums.items()], f"cost by {dim}", " USD")
             for dim, sums in by.items()}
     req_bars = {dim: charts.bars([(k, v["requests"]) for k, v in sums.items()], f"requests by {dim}")
                 for dim, sums in by.items()}
     return page.render("overview.html", title="Overview", totals=days["totals"], charts=charts_, bars=bars,
-                       req_bars=req_bars, guard=guard, start=days["start"][:10], end=days["end"][:10])
+                       req_bars=req_bars, guard=guard, budget_use=budget_use, start=days["start"][:10],
+                       end=days["end"][:10])
+
+
+async def _budget_use(page: Page) -> str:
+    """Each budget's share used this period, as `GET /v1/budgets` shows them to this caller (an admin: every one)."""
+    stage = next((s for s in page.state.gateway.stages if isinstance(s, Budgets)), None)
+    if stage is None:
+        return charts.bars([], "budgets")
+    p = page.p
+    rows = await run_in_threadpool(stage.listing if p.is_admin else lambda: stage.applying(p.key_id, p.team_id,
+                                                                                            p.user_id))
+    return charts.bars([(f"{b['scope']} {b['scope_id']} ({b['period']})",
+                         round(100 * float(b["spent"]) / float(b["amount"]), 1) if float(b["amount"]) else 0.0)
+                        for b in rows], "budgets", " % used")
 
 
 async def _guard_actions(page: Page) -> Any:

@@ -118,6 +118,15 @@ class BudgetAdmin:
         with self.store.engine.connect() as conn:
             return [self._public(conn, r) for r in conn.execute(q).all()]
 
+    def applying(self, key_id: str, team_id: str | None, user_id: str | None) -> list[dict[str, Any]]:
+        """The budgets that bound one caller's spending: its key's, its team's and its user's."""
+        c = budgets.c
+        pairs = [("key", key_id), *((("team", team_id),) if team_id else ()), *((("user", user_id),) if user_id else ())]
+        q = (sa.select(budgets).where(sa.or_(*(sa.and_(c.scope == s, c.scope_id == i) for s, i in pairs)))
+             .order_by(c.scope, c.scope_id, c.period))
+        with self.store.engine.connect() as conn:
+            return [self._public(conn, r) for r in conn.execute(q).all()]
+
     def get(self, budget_id: str, events: int = 20) -> dict[str, Any]:
         with self.store.engine.connect() as conn:
             r = conn.execute(sa.select(budgets).where(budgets.c.id == budget_id)).first()

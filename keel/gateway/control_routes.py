@@ -16,7 +16,7 @@ from keel.core.http import json_response
 from keel.gateway.budgets import Budgets
 from keel.gateway.limits import RateLimiter
 from keel.identity import service as identity
-from keel.identity.auth import admin
+from keel.identity.auth import admin, principal
 from keel.identity.principal import Principal
 
 router = APIRouter()
@@ -151,6 +151,15 @@ async def list_budgets(request: Request, scope: Literal["key", "team", "user"] |
     if scope and scope_id:
         scope_id = await run_in_threadpool(resolve, request, scope, scope_id)
     return json_response({"data": await run_in_threadpool(budgets.listing, scope, scope_id)})
+
+
+@router.get("/v1/budgets", tags=["gateway"])
+async def my_budgets(request: Request, p: Principal = Depends(principal)) -> Response:
+    """The budgets that bound the caller's spending (its key's, its team's, its user's; an admin's: every one), with
+    this period's spent, reserved and remaining — what a team sees of its own limits, not another team's."""
+    budgets = _stage(request, Budgets, "budgets")
+    return json_response({"data": await run_in_threadpool(
+        budgets.listing if p.is_admin else lambda: budgets.applying(p.key_id, p.team_id, p.user_id))})
 
 
 @router.post("/admin/budgets", status_code=201, tags=["admin"])

@@ -75,3 +75,35 @@ def test_reports_from_rollups_and_a_member_sees_only_its_own_calls(server, db_ur
     finally:
         red.close()
         adm.close()
+
+
+def test_budget_use_shows_the_budgets_that_bind_the_caller(server) -> None:
+    """Overview's budget use and `GET /v1/budgets` show a member its own key's and team's budgets, never another
+    team's; an admin sees every budget."""
+    admin = server.admin()
+    teams = {t: admin.post("/admin/teams", json={"name": f"{t}_b"}).json()["id"] for t in ("red", "blue")}
+    keys = {t: admin.post("/admin/keys", json={"role": "member", "team": f"{t}_b", "name": f"{t}_bm"}).json()
+            for t in ("red", "blue")}
+    nobody = admin.post("/admin/keys", json={"role": "member", "name": "teamless_bm"}).json()
+    for scope, scope_id, amount in (("team", teams["red"], 40), ("team", teams["blue"], 70),
+                                    ("key", keys["red"]["id"], 5)):
+        r = admin.post("/admin/budgets", json={"scope": scope, "scope_id": scope_id, "period": "month",
+                                               "amount": amount})
+        assert r.status_code == 201, r.text
+    with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {keys['red']['key']}"}) as c:
+        mine = c.get("/v1/budgets").json()["data"]
+    assert sorted((b["scope"], b["scope_id"], b["amount"]) for b in mine) == [
+        ("key", keys["red"]["id"], 5.0), ("team", teams["red"], 40.0)]
+    with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {nobody['key']}"}) as c:
+        assert c.get("/v1/budgets").json()["data"] == []
+    assert {b["scope_id"] for b in admin.get("/v1/budgets").json()["data"]} >= {teams["red"], teams["blue"]}
+    red, adm = signed_in(server, keys["red"]["key"]), signed_in(server, admin.headers["authorization"][7:])
+    try:
+        page = red.get("/console/overview").text
+        assert "Budget use this period" in page and f"team {teams['red']} (month)" in page
+        assert f"key {keys['red']['id']} (month)" in page and teams["blue"] not in page
+        everything = adm.get("/console/overview").text
+        assert f"team {teams['blue']} (month)" in everything and f"team {teams['red']} (month)" in everything
+    finally:
+        red.close()
+        adm.close()
