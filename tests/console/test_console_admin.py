@@ -66,6 +66,16 @@ models:
         keyed.stop()
 
 
+class AdminVisit(Visit):
+    """`Visit`, but the browser's own favicon fetch cut short by the test moving on (loaded machines) is not a
+    failed request of the page."""
+
+    def _failed(self, req) -> None:
+        if req.url.endswith("/console/static/favicon.svg") and req.failure == "net::ERR_ABORTED":
+            return
+        super()._failed(req)
+
+
 def test_diff_marks_added_and_removed_lines():
     old = {"version": 1, "content": "a: 1\nb: 2\n"}
     new = {"version": 2, "content": "a: 1\nb: 3\n"}
@@ -90,7 +100,7 @@ def test_workflow_graph_draws_branches_and_approvals():
 
 
 def test_admin_does_one_task_on_each_page(world, browser):
-    v = Visit(browser, world.url, WIDTHS["desktop"])
+    v = AdminVisit(browser, world.url, WIDTHS["desktop"])
     v.sign_in_with_key(world.admin_key)
     assert v.nav()[-5:] == ["Admin: budgets", "Admin: limits", "Admin: deployments", "Policy", "Guard events"]
     admin = world.admin()
@@ -185,7 +195,7 @@ def test_admin_does_one_task_on_each_page(world, browser):
     admin.close()
     v.close()
 
-    phone = Visit(browser, world.url, WIDTHS["phone"])
+    phone = AdminVisit(browser, world.url, WIDTHS["phone"])
     phone.sign_in_with_key(world.admin_key)
     for path in ADMIN_PAGES + GOV_PAGES:
         phone.open(path)
@@ -199,7 +209,7 @@ def _session(world, key: str) -> tuple[httpx.Client, str]:
     c = httpx.Client(base_url=world.url, timeout=30)
     pre = c.get("/console/sign-in").text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
     assert c.post("/console/sign-in", data={"csrf": pre, "key": key}).status_code == 303
-    return c, c.get("/console/overview").text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    return c, c.get("/console/guard-events").text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
 
 
 @pytest.mark.store
@@ -238,7 +248,7 @@ def test_builder_and_member_cannot_reach_the_admin_pages(world, browser):
         theirs = r.headers["x-request-id"]
         eventually(lambda: admin.get("/v1/guard-events", params={"request_id": theirs}).json()["data"], timeout=10)
     for role in ("builder", "member"):
-        v = Visit(browser, world.url, WIDTHS["phone"])
+        v = AdminVisit(browser, world.url, WIDTHS["phone"])
         v.sign_in_with_key(world.extra["keys"][role])
         assert not {"Admin: budgets", "Admin: limits", "Admin: deployments", "Policy"} & set(v.nav())
         for path in ADMIN_PAGES + ("/console/policy",):
