@@ -83,6 +83,21 @@ async def collection(page: Page) -> Response:
                        saved=page.request.query_params.get("saved") == "access")
 
 
+async def document(page: Page) -> Response:
+    """One document the caller may read and its chunks (what a search can cite), a page of 100 at a time."""
+    kn = _kn(page)
+    try:
+        after = int(page.request.query_params.get("after") or -1)
+    except ValueError:
+        raise BadRequest("after must be a chunk number", fix="follow the page's own link") from None
+    c, doc, rows = await run_in_threadpool(lambda: docs.document_chunks(kn.store, page.p, page.request.path_params["doc"],
+                                                                        limit=PAGE, after=after))
+    if c.name != page.request.path_params["ref"] and c.id != page.request.path_params["ref"]:
+        raise NotFound("this document is not in that collection", fix="open it from its collection's page")
+    return page.render("document.html", title=f"Document {doc['source']}", c=c, doc=doc, chunks=rows,
+                       next_after=rows[-1]["ordinal"] if len(rows) == PAGE else None)
+
+
 def _names(raw: str) -> list[str]:
     return [n.strip() for n in raw.replace("\n", ",").split(",") if n.strip()]
 
@@ -142,6 +157,7 @@ ROUTES = [
     ("GET", "/knowledge", knowledge),
     ("POST", "/knowledge", create),
     ("GET", "/knowledge/{ref}", collection),
+    ("GET", "/knowledge/{ref}/documents/{doc}", document),
     ("POST", "/knowledge/{ref}/upload", upload),
     ("GET", "/knowledge/jobs/{job_id}", job),
     ("POST", "/knowledge/{ref}/access", access),

@@ -26,7 +26,7 @@ from keel.knowledge.chunking import Chunk, Measure, chunk
 from keel.knowledge.errors import FileRejected
 from keel.knowledge.index import ChunkIn, ChunkIndex, reading, transaction
 from keel.knowledge.parsers import Parsed, parse
-from keel.knowledge.tables import collections, document_acl, documents, iso, job_items
+from keel.knowledge.tables import chunks, collections, document_acl, documents, iso, job_items
 
 log = logging.getLogger("keel.knowledge.documents")
 
@@ -212,6 +212,18 @@ def get_document(store: Store, p: Principal, document_id: str) -> tuple[Collecti
     if c is None or not can_read(p, c):
         raise missing
     return c, public(r, acl, c)
+
+
+def document_chunks(store: Store, p: Principal, document_id: str, *, limit: int = 200, after: int = -1
+                    ) -> tuple[Collection, dict[str, Any], list[dict[str, Any]]]:
+    """A readable document (`get_document`'s rule) and its chunks in order, `limit` after ordinal `after`."""
+    c, doc = get_document(store, p, document_id)
+    k = chunks.c
+    q = (sa.select(k.ordinal, k.section, k.text, k.page, k.tokens).where(k.document_id == document_id, k.ordinal > after)
+         .order_by(k.ordinal).limit(limit))
+    with reading(store) as conn:
+        return c, doc, [{"ordinal": r.ordinal, "section": r.section, "text": r.text, "page": r.page,
+                         "tokens": r.tokens} for r in conn.execute(q)]
 
 
 def delete_documents(store: Store, index: ChunkIndex, c: Collection, document_ids: list[str]) -> int:

@@ -267,6 +267,15 @@ async def get_document(document_id: str, request: Request, p: Principal = Depend
     return json_response(doc)
 
 
+@router.get("/v1/documents/{document_id}/chunks")
+async def get_document_chunks(document_id: str, request: Request, after: int = Q(-1, ge=-1),
+                              limit: int = Q(100, ge=1, le=500), p: Principal = Depends(principal)) -> Response:
+    """A readable document's chunks in order (`after` an ordinal, for the next page); another team's: not found."""
+    _c, doc, rows = await run_in_threadpool(lambda: docs.document_chunks(_kn(request).store, p, document_id,
+                                                                          limit=limit, after=after))
+    return json_response({"document": doc, "data": rows})
+
+
 @router.delete("/v1/collections/{ref}/documents/{document_id}", status_code=204)
 async def delete_document(ref: str, document_id: str, request: Request, p: Principal = Depends(principal)) -> Response:
     kn = _kn(request)
