@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from keel.core.errors import ConfigError, Unavailable
+from keel.core.errors import ConfigError, StoreUnavailable, Unavailable
 
 log = logging.getLogger("keel.db")
 
@@ -32,6 +32,7 @@ MIGRATION_LOCK_KEY = 0x6B65656C_6D696772  # PostgreSQL advisory lock id: "keelmi
 FIRST_START_LOCK_KEY = 0x6B65656C_66697273  # "keelfirs"
 MIGRATION_WAIT_S = 600  # how long a process waits for another's migrations on SQLite
 BUSY_TIMEOUT_MS = 30000  # how long a SQLite writer waits for the write lock otherwise
+PG_CONNECT_TIMEOUT_S = 3  # a PostgreSQL that does not answer a connect is unavailable: fail fast, never hang
 
 
 def migration_dirs() -> list[str]:
@@ -134,6 +135,20 @@ class Store:
         self.engine.dispose()
 
 
+def store_unavailable(exc: BaseException) -> StoreUnavailable | None:
+    """The `StoreUnavailable` a request answers with when `exc` says the database is down, restarting or out of
+    connections (not a bug of the query: a wrong statement stays an internal error); None otherwise."""
+    down = isinstance(exc, sa.exc.TimeoutError) or (  # the pool had no connection to give in time
+        isinstance(exc, sa.exc.DBAPIError) and (exc.connection_invalidated or (
+            isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
+            and type(exc.orig).__module__.split(".")[0] == "psycopg")))
+    if not down:
+        return None
+    return StoreUnavailable(f"the database is unavailable ({type(exc).__name__}); the request was not carried out",
+                            fix="retry after the Retry-After interval; if it persists, check that the database is "
+                                "running and reachable at KEEL_DATABASE_URL")
+
+
 class SQLiteStore(Store):
     """Embedded default: a file in WAL mode, foreign keys on, writers wait instead of failing."""
 
@@ -183,7 +198,9 @@ class PostgresStore(Store):
 
     @classmethod
     def create(cls, url: str, **kw: Any) -> "PostgresStore":
-        engine = sa.create_engine(url, pool_size=kw.get("pool_size", 10), max_overflow=20, pool_pre_ping=True)
+        connect_args = {} if "connect_timeout" in url else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        engine = sa.create_engine(url, pool_size=kw.get("pool_size", 10), max_overflow=20, pool_pre_ping=True,
+                                  connect_args=connect_args)
         return cls(url, engine)
 
     @contextlib.contextmanager

@@ -185,6 +185,14 @@ class Unavailable(KeelError):
     code, status, title = "unavailable", 503, "Service unavailable"
 
 
+class StoreUnavailable(Unavailable):
+    """The database cannot be reached or dropped the connection (a restart, a failover): answered at once with
+    a 503 and a Retry-After, and the same process serves again as soon as the database is back."""
+
+    code, title = "store_unavailable", "Store unavailable"
+    retryable = True
+
+
 class ConfigError(KeelError):
     """Settings or a config file are invalid; raised at start, before the port is bound."""
 

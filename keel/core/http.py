@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from keel.core.db import store_unavailable
 from keel.core.errors import (
     BadRequest, InternalError, KeelError, MalformedJSON, MethodNotAllowed, NotFound, PayloadTooLarge, ValidationFailed,
 )
@@ -96,6 +97,9 @@ def install_error_handlers(app: FastAPI, authenticate: Authenticate | None = Non
 
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception) -> Response:
+        if (down := store_unavailable(exc)) is not None:
+            log.warning("store unavailable", extra={"error": str(exc).splitlines()[0][:300]})
+            return problem_response(down)
         log.error("unhandled error", exc_info=exc)
         return problem_response(InternalError("Keel hit an internal error; the request id is in the log",
                                               fix="retry; if it persists, report the request id"))
@@ -138,6 +142,9 @@ def hot_json_endpoint(model: type[BaseModel], handler: Callable[[Any, StarletteR
         except _BodyTooLarge:
             raise
         except Exception as exc:  # the same last resort as the framework's handler: log it, never leak it
+            if (down := store_unavailable(exc)) is not None:
+                log.warning("store unavailable", extra={"error": str(exc).splitlines()[0][:300]})
+                return problem_response(down)
             log.error("unhandled error", exc_info=exc)
             return problem_response(InternalError("Keel hit an internal error; the request id is in the log",
                                                   fix="retry; if it persists, report the request id"))
