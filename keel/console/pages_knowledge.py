@@ -67,15 +67,16 @@ async def collection(page: Page) -> Response:
 
     def load() -> tuple[Any, list[dict[str, Any]], tuple[int, int]]:
         c = catalog.get_readable(kn.store, p, ref)
-        return c, docs.list_documents(kn.store, p, c, limit=PAGE, after=after), catalog.visible_counts(kn.store, p, c)
+        return (c, docs.list_documents(kn.store, p, c, limit=PAGE, after=after), catalog.visible_counts(kn.store, p, c),
+                jobs.recent(kn.store, p, c, limit=10))
 
-    c, documents, counts = await run_in_threadpool(load)
+    c, documents, counts, recent_jobs = await run_in_threadpool(load)
     hits: list[dict[str, Any]] = []
     if query:
         found, _timings = await search(kn, p, Query(text=query, collections=[c.id], top_k=5), new_id("req"))
         hits = [h.public() for h in found]
     return page.render("collection.html", title=f"Collection {c.name}", c=catalog.public(c, counts),
-                       documents=documents, writable=can_write(p, c), query=query, hits=hits,
+                       documents=documents, writable=can_write(p, c), query=query, hits=hits, jobs=recent_jobs,
                        next_after=documents[-1]["source"] if len(documents) == PAGE else None,
                        may_manage=can_write(p, c) and (p.is_admin or (p.team_id is not None
                                                                      and p.team_id == c.owner_team_id)),

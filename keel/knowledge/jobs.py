@@ -129,6 +129,27 @@ def view(store: Store, p: Principal, job_id: str, items: str = "all") -> dict[st
     return out
 
 
+def recent(store: Store, p: Principal, c: Collection, limit: int = 20, failures: int = 5) -> list[dict[str, Any]]:
+    """A collection's latest ingest jobs as `view`'s rule shows them (an admin or a writer of the collection: every
+    job; anyone else: its own), newest first, with their item counts and first `failures` failed items."""
+    q = sa.select(jobs).where(jobs.c.collection_id == c.id).order_by(jobs.c.created_at.desc()).limit(limit)
+    if not (p.is_admin or can_write(p, c)):
+        q = q.where(jobs.c.created_by == p.key_id)
+    out = []
+    with reading(store) as conn:
+        for j in conn.execute(q).all():
+            counts = dict(conn.execute(sa.select(job_items.c.status, sa.func.count()).where(
+                job_items.c.job_id == j.id).group_by(job_items.c.status)).all())
+            failed = [{"source": r.source, "error": {"code": r.error_code, "detail": r.error_detail}}
+                      for r in conn.execute(sa.select(job_items.c.source, job_items.c.error_code, job_items.c.error_detail)
+                                            .where(job_items.c.job_id == j.id, job_items.c.status == "failed")
+                                            .order_by(job_items.c.ordinal).limit(failures))]
+            out.append({"id": j.id, "object": "ingest_job", "status": j.status, "total": j.total,
+                        "counts": {s: int(counts.get(s, 0)) for s in ("pending",) + FINAL}, "error": j.error,
+                        "failed_items": failed, "created_at": iso(j.created_at), "finished_at": iso(j.finished_at)})
+    return out
+
+
 class Worker:
     """Takes jobs, one at a time per process, and turns their items into documents."""
 

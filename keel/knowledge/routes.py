@@ -316,6 +316,16 @@ async def sync(ref: str, body: SyncIn, request: Request, p: Principal = Depends(
     return json_response({"deleted": await run_in_threadpool(go)})
 
 
+@router.get("/v1/collections/{ref}/jobs")
+async def list_jobs(ref: str, request: Request, limit: int = Q(20, ge=1, le=100),
+                    p: Principal = Depends(principal)) -> Response:
+    """A readable collection's latest ingest jobs, newest first, with counts and their first failed items (an admin
+    or a writer of the collection sees every job; a reader only its own)."""
+    kn = _kn(request)
+    return json_response({"data": await run_in_threadpool(
+        lambda: jobs.recent(kn.store, p, catalog.get_readable(kn.store, p, ref), limit))})
+
+
 @router.get("/v1/jobs/{job_id}")
 async def get_job(job_id: str, request: Request, p: Principal = Depends(principal),
                   items: Literal["all", "failed", "none"] = "all") -> Response:

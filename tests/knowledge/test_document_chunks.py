@@ -49,3 +49,28 @@ def test_a_documents_chunks_for_its_readers_only(ksrv) -> None:
         assert red.get(f"/console/knowledge/other/documents/{doc['id']}").status_code == 404
         hidden = blue.get(f"/console/knowledge/refunds/documents/{doc['id']}")
         assert hidden.status_code == 404 and "Refund rule" not in hidden.text
+
+
+def test_ingest_jobs_and_their_failures_for_writers_and_creators(ksrv) -> None:
+    """`GET /v1/collections/{ref}/jobs` and the collection page list the latest uploads with their failed files;
+    a reader who is not a writer sees only its own jobs, another team the collection not at all."""
+    make_team(ksrv, "red"), make_team(ksrv, "blue")
+    builder, member, blue = (make_key(ksrv, "builder", "red"), make_key(ksrv, "member", "red"),
+                             make_key(ksrv, "builder", "blue"))
+    with httpx.Client(base_url=ksrv.url, headers={"authorization": f"Bearer {builder}"}, timeout=60) as c:
+        assert c.post("/v1/collections", json={"name": "jobs-demo", "classification": "internal"}).status_code == 201
+        job = upload(c, "jobs-demo", {"good.md": TEXT, "empty.md": b""}).json()
+        listed = c.get("/v1/collections/jobs-demo/jobs").json()["data"]
+    assert [j["id"] for j in listed] == [job["id"]]
+    assert listed[0]["counts"]["failed"] == 1 and listed[0]["counts"]["new"] == 1
+    assert [f["source"] for f in listed[0]["failed_items"]] == ["empty.md"] and listed[0]["failed_items"][0]["error"]["code"]
+    with httpx.Client(base_url=ksrv.url, headers={"authorization": f"Bearer {member}"}, timeout=60) as c:
+        assert c.get("/v1/collections/jobs-demo/jobs").json()["data"] == []  # a reader: its own jobs only
+        assert c.get("/v1/collections/jobs-demo/jobs", params={"limit": 0}).status_code == 422
+    with httpx.Client(base_url=ksrv.url, headers={"authorization": f"Bearer {blue}"}, timeout=60) as c:
+        r = c.get("/v1/collections/jobs-demo/jobs")
+        assert r.status_code == 404 and "empty.md" not in r.text
+    with httpx.Client(base_url=ksrv.url, timeout=60) as b:
+        assert sign_in(b, key=builder).status_code == 303
+        page = b.get("/console/knowledge/jobs-demo").text
+        assert "Ingest jobs" in page and "empty.md: " + listed[0]["failed_items"][0]["error"]["code"] in page
