@@ -8,6 +8,7 @@ bundled `pg_ctl` on its data directory."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ def own_pg():  # noqa: ANN201
     if (server.pgdata / "postmaster.pid").exists():
         _pg_stop(server)  # the restarted postmaster is not the one the handle knows: stop it by its data dir
     server.cleanup()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @OWN_PG
