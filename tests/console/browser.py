@@ -39,6 +39,8 @@ class Visit:
         path = req.url.removeprefix(self.base).split("?")[0]
         if path in self.streamed and req.failure == "net::ERR_ABORTED":
             return  # chromium may mark a fully read fetch stream aborted when the page moves on (see `streams`)
+        if path.endswith("/static/favicon.svg") and req.failure == "net::ERR_ABORTED":
+            return  # the browser's own icon fetch, cut short when a test moves on quickly (not the page's request)
         self.problems.append(f"request failed: {req.method} {req.url} {req.failure} (on {self.page.url})")
 
     def streams(self, path: str) -> None:
