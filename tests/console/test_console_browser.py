@@ -295,6 +295,12 @@ def test_builder_starts_a_run_from_the_generated_form(world, browser):
     assert "24 December" in v.page.locator(".hits").inner_text()
     v.shot("collection")
     v.check_accessibility()
+    jobs = v.page.get_by_role("table").filter(has_text="Latest uploads")
+    assert jobs.get_by_role("cell", name="succeeded").count() >= 1
+    v.page.get_by_role("link", name="returns.md").click()
+    assert "Returned goods are checked in 5 days." in v.page.locator(".chunks").inner_text()
+    v.shot("document")
+    v.check_accessibility()
     v.open("/console/agents/helper")
     assert "Answer questions about orders." in v.page.get_by_role("region", name="Mandate").inner_text()
     v.shot("agent")
