@@ -19,6 +19,7 @@ from keel.core.batches import WriteQueue
 from keel.core.db import Store
 from keel.core.tasks import stop_task
 from keel.observe import rollup
+from keel.observe.spool import Spool
 from keel.observe.tables import usage_ledger
 
 log = logging.getLogger("keel.ledger")
@@ -28,8 +29,9 @@ class Ledger:
     """Batched, append-only writer of usage rows."""
 
     def __init__(self, store: Store, interval: float = 0.2, batch_size: int = 500,
-                 observer: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 observer: Callable[[dict[str, Any]], None] | None = None, spool: Spool | None = None) -> None:
         self.store = store
+        self.spool = spool  # rows on local disk until written, so a killed process loses none (keel/observe/spool.py)
         # sees every row once it is written (the metrics), in the flushing thread, so what it counts is what the
         # store holds, and the request path pays nothing for it; must not raise
         self.observer = observer
@@ -42,6 +44,8 @@ class Ledger:
         self.written = 0
 
     def record(self, row: dict[str, Any]) -> None:
+        if self.spool is not None:
+            self.spool.append(row)
         self._queue.pending.append(row)
         if len(self._queue.pending) >= self.batch_size:
             self._wake.set()
@@ -75,9 +79,12 @@ class Ledger:
         return self._compiled[1], self._compiled[2]
 
     def flush_sync(self) -> None:
+        mark = self.spool.seal() if self.spool is not None else None
         rows = self._queue.take()
         if rows:
             self._write_safely(rows)
+        if mark is not None:
+            self.spool.release(mark)
 
     def _write_safely(self, rows: list[dict[str, Any]]) -> None:
         written = rows
@@ -99,7 +106,10 @@ class Ledger:
     async def flush(self) -> None:
         """Write every row recorded so far; when it returns they are in the store (a flush already
         writing is waited for, so callers can read their writes)."""
+        mark = self.spool.seal() if self.spool is not None else None
         await self._queue.flush()
+        if mark is not None:  # every row recorded before the seal is in the store now
+            self.spool.release(mark)
 
     async def _loop(self) -> None:
         while True:
@@ -115,8 +125,16 @@ class Ledger:
                 await asyncio.sleep(self.interval)
 
     async def start(self) -> None:
+        if self.spool is not None:
+            for rows in self.spool.recover():  # a killed process's rows: recorded again, written by the next flush
+                for row in rows:
+                    self.record(row)
         self._task = asyncio.create_task(self._loop(), name="keel-ledger")
 
     async def stop(self) -> None:
         await stop_task(self._task)
-        await self.flush()
+        try:
+            await self.flush()
+        finally:
+            if self.spool is not None:
+                self.spool.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace
@@ -16,6 +17,7 @@ from keel.core.settings import Settings
 from keel.observe.drift import DriftMonitor
 from keel.observe.ledger import Ledger
 from keel.observe.metrics import Metrics
+from keel.observe.spool import Spool
 from keel.observe.tracing import Tracing, make_tracing
 
 log = logging.getLogger("keel.observe")
@@ -60,7 +62,8 @@ def build(settings: Settings, store: Store) -> Observe:
         metrics.observe_row(row)
         drift.observe_row(row)
 
-    ledger = Ledger(store, settings.ledger_flush_interval_s, settings.ledger_batch_size, observer=observe_row)
+    ledger = Ledger(store, settings.ledger_flush_interval_s, settings.ledger_batch_size, observer=observe_row,
+                    spool=Spool(Path(settings.data_dir) / "spool" / "ledger"))
     return Observe(ledger=ledger, tracing=tracing, metrics=metrics, drift=drift)
 
 
