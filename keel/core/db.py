@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -149,6 +151,22 @@ def store_unavailable(exc: BaseException) -> StoreUnavailable | None:
                                 "running and reachable at KEEL_DATABASE_URL")
 
 
+def _wal(cur: Any, wait_s: float = 30.0) -> None:
+    """Put the file in WAL mode. Converting a new file takes a lock SQLite's busy handler does not wait for, so
+    processes opening a fresh store at once (replicas, `keel db upgrade` jobs) got "database is locked": retry,
+    backing off, for as long as a writer would wait."""
+    deadline, pause = time.monotonic() + wait_s, 0.005
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+
 class SQLiteStore(Store):
     """Embedded default: a file in WAL mode, foreign keys on, writers wait instead of failing."""
 
@@ -167,7 +185,7 @@ class SQLiteStore(Store):
             # Take transaction control from pysqlite so BEGIN IMMEDIATE can serialise writers.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            _wal(cur)
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
