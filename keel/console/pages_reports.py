@@ -69,9 +69,7 @@ async def _budget_use(page: Page) -> str:
     stage = next((s for s in page.state.gateway.stages if isinstance(s, Budgets)), None)
     if stage is None:
         return charts.bars([], "budgets")
-    p = page.p
-    rows = await run_in_threadpool(stage.listing if p.is_admin else lambda: stage.applying(p.key_id, p.team_id,
-                                                                                            p.user_id))
+    rows = await run_in_threadpool(stage.binding, page.p)
     return charts.bars([(f"{b['scope']} {b['scope_id']} ({b['period']})",
                          round(100 * float(b["spent"]) / float(b["amount"]), 1) if float(b["amount"]) else 0.0)
                         for b in rows], "budgets", " % used")

@@ -14,6 +14,7 @@ from keel.core.db import Store, metadata
 from keel.core.errors import Conflict, NotFound
 from keel.core.ids import new_id
 from keel.core.settings import Settings
+from keel.identity.principal import Principal
 
 NANO = 1_000_000_000
 TS = sa.DateTime(timezone=True)
@@ -117,6 +118,10 @@ class BudgetAdmin:
             q = q.where(budgets.c.scope_id == scope_id)
         with self.store.engine.connect() as conn:
             return [self._public(conn, r) for r in conn.execute(q).all()]
+
+    def binding(self, p: Principal) -> list[dict[str, Any]]:
+        """What `GET /v1/budgets` shows `p`: the budgets that bind it, or every one to an admin."""
+        return self.listing() if p.is_admin else self.applying(p.key_id, p.team_id, p.user_id)
 
     def applying(self, key_id: str, team_id: str | None, user_id: str | None) -> list[dict[str, Any]]:
         """The budgets that bound one caller's spending: its key's, its team's and its user's."""

@@ -158,8 +158,7 @@ async def my_budgets(request: Request, p: Principal = Depends(principal)) -> Res
     """The budgets that bound the caller's spending (its key's, its team's, its user's; an admin's: every one), with
     this period's spent, reserved and remaining — what a team sees of its own limits, not another team's."""
     budgets = _stage(request, Budgets, "budgets")
-    return json_response({"data": await run_in_threadpool(
-        budgets.listing if p.is_admin else lambda: budgets.applying(p.key_id, p.team_id, p.user_id))})
+    return json_response({"data": await run_in_threadpool(budgets.binding, p)})
 
 
 @router.post("/admin/budgets", status_code=201, tags=["admin"])

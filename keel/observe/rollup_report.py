@@ -113,7 +113,12 @@ def _from_rollups(conn: sa.Connection, p: Principal, q: ReportQuery, days: tuple
     names = rollup.VALUES if latency else rollup.COUNTS + rollup.SUMS
     sums = [sa.func.sum(r[n]).label(n) for n in names]
     width = len(dims)
-    for row in conn.execute(sa.select(*dims, *sums).where(*where).group_by(*dims)):
+    _add_sums(conn.execute(sa.select(*dims, *sums).where(*where).group_by(*dims)), width, into)
+
+
+def _add_sums(rows: Any, width: int, into: dict[tuple[Any, ...], list[Any]]) -> None:
+    """Add grouped rows (`width` group columns, then the sums in `VALUES` order) to the figures per group."""
+    for row in rows:
         k = _key(row[:width])
         acc = into.get(k)
         if acc is None:
@@ -134,13 +139,7 @@ def _from_ledger(conn: sa.Connection, p: Principal, q: ReportQuery, ranges: list
     width = len(dims)
     for a, b in ranges:  # one indexed range scan each
         within = [u.ts >= a, u.ts < b, *where]
-        for row in conn.execute(sa.select(*dims, *sums).where(*within).group_by(*dims)):
-            k = _key(row[:width])
-            acc = into.get(k)
-            if acc is None:
-                acc = into[k] = _empty()
-            for i, v in enumerate(row[width:]):
-                acc[i] += v or 0
+        _add_sums(conn.execute(sa.select(*dims, *sums).where(*within).group_by(*dims)), width, into)
         if latency:
             bucket_of = rollup.bucket_of
             for row in conn.execute(sa.select(*dims, u.latency_ms).where(*within)).all():
