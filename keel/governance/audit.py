@@ -26,6 +26,11 @@ log = logging.getLogger("keel.audit")
 GENESIS = "0" * 64
 _LOCK_KEY = 0x6B65656C  # pg advisory lock id serialising appends across replicas
 COLUMNS = ("seq", "id", "ts", "actor", "action", "team_id", "details", "prev_hash", "hash")
+_PG_LOCK = sa.text("SELECT pg_advisory_xact_lock(:k)")
+_HEAD = sa.select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)
+_INSERT = audit_events.insert()
+_MOVE_HEAD = audit_head.update().where(audit_head.c.id == 1).values(seq=sa.bindparam("new_seq"),
+                                                                    hash=sa.bindparam("new_hash"))
 
 
 def canonical(obj: Any) -> str:
@@ -113,24 +118,27 @@ class AuditLog:
     def record(self, action: str, actor: str, team_id: str | None = None, /, **details: Any) -> dict[str, Any]:
         """Append one event (scoped to `team_id` for team-bound auditors) atomically; concurrent
         writers (threads, replicas) are serialised."""
-        body = canonical(details)
         with self.store.engine.begin() as conn:
-            if self.store.dialect == "postgresql":
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
-            head = conn.execute(sa.select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1)).first()
-            if head is None:
-                head = conn.execute(sa.select(audit_events.c.seq, audit_events.c.hash)
-                                    .order_by(audit_events.c.seq.desc()).limit(1)).first()
-            seq, prev = (int(head.seq) + 1, head.hash) if head else (1, GENESIS)
-            row = {"seq": seq, "id": new_id("evt"), "ts": utcnow().isoformat(timespec="microseconds"),
-                   "actor": str(actor)[:100], "action": action[:100], "team_id": team_id, "details": body,
-                   "prev_hash": prev}
-            row["hash"] = event_hash(prev, row)
-            conn.execute(audit_events.insert().values(**row))
-            updated = conn.execute(audit_head.update().where(audit_head.c.id == 1)
-                                   .values(seq=seq, hash=row["hash"])).rowcount
-            if not updated:
-                conn.execute(audit_head.insert().values(id=1, seq=seq, hash=row["hash"]))
+            return self.append(conn, action, actor, team_id, **details)
+
+    def append(self, conn: sa.Connection, action: str, actor: str, team_id: str | None = None, /,
+               **details: Any) -> dict[str, Any]:
+        """`record` inside the caller's write transaction `conn`, so the event commits (or not) with the caller's
+        own rows; the chain stays serialised until that transaction ends."""
+        if self.store.dialect == "postgresql":
+            conn.execute(_PG_LOCK, {"k": _LOCK_KEY})
+        head = conn.execute(_HEAD).first()
+        if head is None:
+            head = conn.execute(sa.select(audit_events.c.seq, audit_events.c.hash)
+                                .order_by(audit_events.c.seq.desc()).limit(1)).first()
+        seq, prev = (int(head.seq) + 1, head.hash) if head else (1, GENESIS)
+        row = {"seq": seq, "id": new_id("evt"), "ts": utcnow().isoformat(timespec="microseconds"),
+               "actor": str(actor)[:100], "action": action[:100], "team_id": team_id, "details": canonical(details),
+               "prev_hash": prev}
+        row["hash"] = event_hash(prev, row)
+        conn.execute(_INSERT, row)  # constant statements with parameters: compiled once, not per event
+        if not conn.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": row["hash"]}).rowcount:
+            conn.execute(audit_head.insert(), {"id": 1, "seq": seq, "hash": row["hash"]})
         return row
 
     def events(self, *, team_id: str | None = None, action: str | None = None, actor: str | None = None,
