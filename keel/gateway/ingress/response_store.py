@@ -123,22 +123,38 @@ class ResponseStore:
             if self._unwritten.get(row["id"]) is row:
                 del self._unwritten[row["id"]]
 
-    async def _row(self, response_id: str) -> dict[str, Any] | None:
-        row = self._unwritten.get(response_id)
-        if row is not None:
-            return _decoded(row)
+    async def _row(self, p: Principal, response_id: str) -> dict[str, Any] | None:
+        """`response_id` if `p` may read it and it is not expired, else None — by the same work either way: the
+        query carries the visibility and retention, so another team's row is never read or decoded, and a miss
+        (unknown, foreign, expired) waits the two flushes another replica's fresh response might need."""
+        def mine() -> dict[str, Any] | None:
+            row = self._unwritten.get(response_id)
+            return _decoded(row) if row is not None and visible(p, row) and not self._expired(row) else None
 
         def read() -> dict[str, Any] | None:
+            query = sa.select(responses).where(responses.c.id == response_id, *self._readable(p))
             with self.store.read() as conn:
-                found = conn.execute(sa.select(responses).where(responses.c.id == response_id)).first()
+                found = conn.execute(query).first()
             return dict(found._mapping) if found is not None else None
 
-        found = await asyncio.to_thread(read)
+        found = mine() or await asyncio.to_thread(read)
         if found is None:  # perhaps another replica made it and has not flushed yet: give it two flushes
             await asyncio.sleep(2 * self.interval)
-            pending = self._unwritten.get(response_id)
-            found = _decoded(pending) if pending is not None else await asyncio.to_thread(read)
+            found = mine() or await asyncio.to_thread(read)
         return found
+
+    def _readable(self, p: Principal) -> list[Any]:
+        """`visible` and not expired, as WHERE clauses."""
+        where: list[Any] = []
+        if self.retention_s:
+            where.append(responses.c.created_at >= self.clock() - self.retention_s)
+        if _sees_all(p):
+            return where
+        owner = (responses.c.key_id == p.key_id) | (
+            (responses.c.user_id == p.user_id) if p.user_id is not None else sa.false())
+        team = (responses.c.team_id == p.team_id) if p.team_id is not None else sa.false()
+        where.append(team | (responses.c.team_id.is_(None) & owner))
+        return where
 
     def _expired(self, row: dict[str, Any]) -> bool:
         return bool(self.retention_s) and row["created_at"] < self.clock() - self.retention_s
@@ -163,8 +179,8 @@ class ResponseStore:
     async def get(self, p: Principal, response_id: str) -> dict[str, Any]:
         """The stored row of `response_id` (`input`, `response`, owner columns); NotFound if `p` may not read it
         or it is past the retention (purged or about to be)."""
-        row = await self._row(response_id)
-        if row is None or self._expired(row) or not visible(p, row):
+        row = await self._row(p, response_id)
+        if row is None:
             raise not_found(response_id)
         return row
 
