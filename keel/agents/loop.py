@@ -171,17 +171,16 @@ class AgentEngine:
     def _log(self, run: Run, seq: int, kind: str, decision: str, *, tool: str | None = None, args: Any = None,
              rule: str | None = None, detail: str = "", result: str | None = None, tokens: int = 0,
              cost: float = 0.0) -> None:
-        written = self.store.log_action({
+        self.store.log_action({  # the row and its audit event in one transaction, neither for a replay's twin
             "run_id": run.id, "seq": seq, "agent": run.agent, "version": run.version, "principal": run.actor,
             "team_id": run.team_id, "kind": kind, "tool": tool, "arguments": args, "decision": decision,
             "rule": rule if rule is None or len(rule) <= 300 else rule[:299] + "…",  # the column's size
             "detail": redactor.scrub(detail[:2000]),
             "result": None if result is None else redactor.scrub(result[:1000]),  # vault values and keys: ***
-            "tokens": tokens, "cost": cost})
-        if written:
-            self.store.audit_quietly(f"agent.action.{decision}", run.actor, run.team_id, run_id=run.id,
-                                     agent=run.agent, version=run.version, seq=seq, kind=kind, tool=tool,
-                                     rule=rule, tokens=tokens, cost=cost)
+            "tokens": tokens, "cost": cost},
+            (f"agent.action.{decision}", run.actor, run.team_id,
+             {"run_id": run.id, "agent": run.agent, "version": run.version, "seq": seq, "kind": kind, "tool": tool,
+              "rule": rule, "tokens": tokens, "cost": cost}))
 
     def _gate(self, run: Run, state: dict[str, Any], *, model: bool) -> tuple[str, str] | None:
         """The kill switch and the run's budgets, read now: (rule, detail) when the run must stop."""

@@ -18,6 +18,7 @@ from keel.core.clock import iso, utcnow
 from keel.core.db import Store
 from keel.core.errors import NotFound
 from keel.core.ids import new_id
+from keel.governance.audit import AuditLog
 from keel.identity.principal import Principal
 
 log = logging.getLogger("keel.agents")
@@ -25,6 +26,11 @@ FINAL = ("completed", "failed", "stopped")
 THREAD_TURNS = 10  # earlier runs of the end user's thread the model sees
 RECALL_SCAN = 500  # newest notes `recall` ranks
 STATUSES = ("running", "waiting_approval", "waiting_provider", *FINAL)
+# The per-action statements, built once and executed with parameters (building one with literal values cost
+# more than running it: bench/agents.py)
+_PAUSED = sa.select(agent_switches.c.paused).where(agent_switches.c.name == sa.bindparam("name"))
+_LOG_ACTION = agent_actions.insert()
+_EFFECT = agent_effects.insert()
 
 
 class AgentStore:
@@ -66,7 +72,7 @@ class AgentStore:
     def paused(self, name: str) -> bool:
         """Read from the store every time (never cached), so a pause on any replica holds on every replica."""
         with self.store.read() as conn:
-            return bool(conn.execute(sa.select(agent_switches.c.paused).where(agent_switches.c.name == name)).scalar())
+            return bool(conn.execute(_PAUSED, {"name": name}).scalar())
 
     def set_paused(self, name: str, paused: bool, by: str, reason: str | None) -> None:
         values = {"paused": paused, "changed_by": by, "reason": reason, "changed_at": utcnow()}
@@ -99,14 +105,33 @@ class AgentStore:
             return list(conn.execute(sa.select(agent_runs.c.id).where(agent_runs.c.status.not_in(FINAL))).scalars())
 
     # -- action log ---------------------------------------------------------------------------
-    def log_action(self, row: dict[str, Any]) -> bool:
-        """Write one action unless the run already has one at this position; True when written now."""
+    def log_action(self, row: dict[str, Any], event: tuple[str, str, str | None, dict[str, Any]] | None = None) -> bool:
+        """Write one action unless the run already has one at this position; True when written now. `event`
+        (action, actor, team id, details): its audit event, written only with the row, in the same transaction."""
         row = {"id": new_id("act"), "created_at": utcnow(), **row}
-        try:  # the (run, position) key refuses a replay's twin: no read first, one statement per action
+        twin = False
+        try:  # the (run, position) key refuses a replay's twin: no read first, one transaction per action
             with self.store.engine.begin() as conn:
-                conn.execute(agent_actions.insert().values(**row))
-        except sa.exc.IntegrityError:  # a replayed step, or a concurrent twin (a recovered run on another worker)
-            return False
+                try:
+                    conn.execute(_LOG_ACTION, row)
+                except sa.exc.IntegrityError:  # a replayed step, or a concurrent twin (a recovered run elsewhere)
+                    twin = True
+                    raise
+                if event is not None and isinstance(self._audit, AuditLog):
+                    action, actor, team_id, details = event
+                    self._audit.append(conn, action, actor, team_id, team_id=team_id, **details)
+                    event = None
+        except sa.exc.SQLAlchemyError:
+            if twin:
+                return False
+            # the audit write failed (or the store hiccupped): the row on its own, the event as a hiccup allows
+            try:
+                with self.store.engine.begin() as conn:
+                    conn.execute(_LOG_ACTION, row)
+            except sa.exc.IntegrityError:
+                return False
+        if event is not None:
+            self.audit_quietly(event[0], event[1], event[2], **event[3])
         return True
 
     def actions(self, run_id: str) -> list[dict[str, Any]]:
@@ -135,7 +160,7 @@ class AgentStore:
         row = {"id": new_id("eff"), "created_at": utcnow(), **row}
         try:  # the key's unique index refuses a repeat: read only then
             with self.store.engine.begin() as conn:
-                conn.execute(agent_effects.insert().values(**row))
+                conn.execute(_EFFECT, row)
         except sa.exc.IntegrityError:
             with self.store.read() as conn:
                 return str(conn.execute(sa.select(agent_effects.c.id)
