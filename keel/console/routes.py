@@ -16,7 +16,7 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 
 from keel.console import (pages_admin, pages_agents, pages_inbox, pages_knowledge, pages_ops, pages_playground,
                           pages_policy, pages_reports, pages_workflows, web)
-from keel.console.throttle import SignInThrottle
+from keel.console.throttle import SignInThrottle, client_address, networks
 from keel.core.errors import KeelError, NotFound, Unauthorized
 from keel.identity import sessions
 from keel.identity.service import KEY_PREFIX, split_key
@@ -64,6 +64,8 @@ def router() -> APIRouter:
         key, email = field.get("key", "").strip(), field.get("email", "").strip()
         how = "key" if key else "password"
         guard = _throttle(request)
+        address = client_address(request.client.host if request.client else None,
+                                 request.headers.getlist("x-forwarded-for"), guard.trusted)
         wait = 0.0 if key or not email else guard.retry_after(email)
         if wait:
             await web.audit(request, "console.sign_in.throttled", email[:100], method=how)
@@ -71,10 +73,11 @@ def router() -> APIRouter:
                                      f"{max(1, round(wait / 60))} minutes, or ask an admin to reset the password.", 429)
             response.headers["Retry-After"] = str(max(1, round(wait)))
             return response
-        spray = 0.0 if key or not email else guard.spray_wait()
+        spray = 0.0 if key or not email else guard.spray_wait(address)
         if spray:
-            await web.audit(request, "console.sign_in.throttled", email[:100], method=how, scope="server")
-            response = _sign_in_page(request, target, "Too many failed password sign-ins on this server: try again "
+            await web.audit(request, "console.sign_in.throttled", email[:100], method=how, scope="address",
+                            address=address)
+            response = _sign_in_page(request, target, "Too many failed password sign-ins from your address: try again "
                                      f"in {max(1, round(spray))} seconds, or sign in with an API key.", 429)
             response.headers["Retry-After"] = str(max(1, round(spray)))
             return response
@@ -87,7 +90,7 @@ def router() -> APIRouter:
                 raise Unauthorized("give an API key, or an email and a password", fix="fill in one of the forms")
         except Unauthorized as err:
             if email and not key and field.get("password"):
-                guard.failed(email)
+                guard.failed(email, address)
             # A key is named by its public prefix only: text not shaped like a key may be a password typed
             # into the wrong field, and is never written down.
             prefix = split_key(key) if key else None
@@ -140,7 +143,8 @@ def _throttle(request: Request) -> SignInThrottle:
     """This process's failed-sign-in counts (one per app)."""
     state = request.app.state
     if getattr(state, "console_throttle", None) is None:
-        state.console_throttle = SignInThrottle(per_minute=state.settings.console_failed_sign_ins_per_minute)
+        state.console_throttle = SignInThrottle(per_minute=state.settings.console_failed_sign_ins_per_minute,
+                                                trusted_proxies=networks(state.settings.trusted_proxies))
     return state.console_throttle
 
 

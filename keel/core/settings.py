@@ -98,6 +98,9 @@ class Settings(BaseModel):
     console_failed_sign_ins_per_minute: float = Field(
         default=30, gt=0, description="failed console password sign-ins a process takes a minute, whatever the "
         "email (bursting to a minute's worth); beyond it password tries get 429 before any password check")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="addresses or CIDR blocks of the reverse proxies in front of Keel: from "
+        "these peers X-Forwarded-For names the client (console sign-in throttling); from any other it is ignored")
     demo: bool = Field(default=False, description="load demo data on start (`keel up` sets it)")
     embedded_models: bool = Field(default=True, description="register the bundled local-chat/local-embed models")
     models: list[DeploymentConfig] = Field(default_factory=list)
@@ -194,6 +197,18 @@ class Settings(BaseModel):
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("must be `host:port`, e.g. `127.0.0.1:9464`")
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{entry[:60]!r} is not an IP address or CIDR block, e.g. 10.0.0.0/8") from None
         return v
 
     @field_validator("database_url")
