@@ -127,7 +127,8 @@ class Built:
 def create_app(settings: Settings, *, store: Store | None = None) -> Built:
     """Build the app. Migrations run here, before any port is bound."""
     prepare_data_dir(settings.data_dir)
-    store = store or Store.open(settings.resolved_database_url())
+    store = store or Store.open(settings.resolved_database_url(),
+                                statement_timeout_s=settings.database_statement_timeout_s)
     store.upgrade()
     master = load_master_key(settings.master_key.get_secret_value() if settings.master_key else None,
                              settings.data_dir)

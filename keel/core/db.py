@@ -35,6 +35,7 @@ FIRST_START_LOCK_KEY = 0x6B65656C_66697273  # "keelfirs"
 MIGRATION_WAIT_S = 600  # how long a process waits for another's migrations on SQLite
 BUSY_TIMEOUT_MS = 30000  # how long a SQLite writer waits for the write lock otherwise
 PG_CONNECT_TIMEOUT_S = 3  # a PostgreSQL that does not answer a connect is unavailable: fail fast, never hang
+PG_STATEMENT_TIMEOUT_S = 30.0  # one that hangs mid-query is too: the statement is cancelled (0: no limit)
 
 
 def migration_dirs() -> list[str]:
@@ -219,18 +220,33 @@ class PostgresStore(Store):
         connect_args = {} if "connect_timeout" in url else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
         engine = sa.create_engine(url, pool_size=kw.get("pool_size", 10), max_overflow=20, pool_pre_ping=True,
                                   connect_args=connect_args)
-        return cls(url, engine)
+        timeout_ms = round(1000 * kw.get("statement_timeout_s", PG_STATEMENT_TIMEOUT_S))
+
+        @sa.event.listens_for(engine, "connect")
+        def _statement_timeout(dbapi_conn, _record):  # noqa: ANN001
+            with dbapi_conn.cursor() as cur:
+                cur.execute(f"SET statement_timeout = {timeout_ms}")
+            dbapi_conn.commit()
+
+        return cls(url, engine, statement_timeout_ms=timeout_ms)
+
+    def __init__(self, url: str, engine: Engine, *, statement_timeout_ms: int = 0) -> None:
+        super().__init__(url, engine)
+        self.statement_timeout_ms = statement_timeout_ms  # what each connection is set to, restored after a migration
 
     @contextlib.contextmanager
     def migration_lock(self, conn: sa.Connection, key: int = MIGRATION_LOCK_KEY) -> Iterator[None]:
         """A session advisory lock: replicas (and `keel db upgrade` jobs) queue on it, one migrates, the rest
-        then read the version table it committed and have nothing left to do."""
+        then read the version table it committed and have nothing left to do. No statement timeout while held:
+        waiting for another's migrations, or one building an index, may take long."""
+        conn.execute(sa.text("SET statement_timeout = 0"))
         conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": key})
         conn.commit()
         try:
             yield
         finally:
             conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            conn.execute(sa.text(f"SET statement_timeout = {self.statement_timeout_ms}"))
             conn.commit()
 
     @contextlib.contextmanager

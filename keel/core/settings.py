@@ -79,6 +79,9 @@ class Settings(BaseModel):
 
     data_dir: Path = Field(default=Path(".keel"), description="holds the SQLite database, key file, indexes")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir")
+    database_statement_timeout_s: float = Field(
+        default=30, ge=0, description="PostgreSQL: a statement running longer is cancelled and its request answers "
+        "503 store_unavailable (0: no limit); migrations wait without it")
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     master_key: SecretStr | None = Field(default=None, description="vault key; default a 0600 key file in data_dir")
