@@ -201,6 +201,10 @@ def _put_deployment(client: Client, did: str, data: dict[str, Any], exists: bool
         client.post("/admin/deployments", {**data, "id": did})
 
 
+def _set_policy(client: Client, text: str) -> None:
+    client.request("PUT", "/admin/policy", raw=text.encode("utf-8"), content_type="application/yaml")
+
+
 def import_config(client: Client, src: Path, validators: dict[str, Validator]) -> dict[str, int]:
     """Apply the export in `src` to the server; returns how many definitions changed per section.
     Every file is validated before the first change; a refusal by the server undoes this import's changes."""
@@ -236,6 +240,10 @@ def import_config(client: Client, src: Path, validators: dict[str, Validator]) -
                 else:
                     kept.append(f"{section}/{name}")  # the API deletes no definition: named in the error
                 counts[section] += 1
+        if want.policy is not None and want.policy != have.policy:
+            # Last: a refusal of anything before it leaves the policy as it was (and nothing can fail after it).
+            _set_policy(client, want.policy)  # active on every process within a second (PUT /admin/policy)
+            counts["policy"] = 1
     except RemoteError as exc:
         for undo in reversed(done):
             undo()
@@ -243,6 +251,4 @@ def import_config(client: Client, src: Path, validators: dict[str, Validator]) -
         raise ConfigImportError(f"the server refused the import ({exc.code}): {exc.detail}; the "
                                 f"{len(done)} change(s) made before it were put back{also}",
                                 fix=exc.fix or "correct the definition it names and import again") from None
-    if want.policy is not None and want.policy != have.policy:
-        counts["policy"] = 1  # validated above, not activated: Keel reads its policy from policy_file
     return counts

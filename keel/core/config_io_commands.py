@@ -31,9 +31,9 @@ def mount(app: typer.Typer, validators: Callable[[], dict[str, config_io.Validat
                 url: str = UrlOpt, key: str = KeyOpt) -> None:
         """Validate every file, then apply them all (or, if the server refuses one, none)."""
         counts = config_io.import_config(client(url, key), src, validators())
-        changed = ", ".join(f"{n} {k}" for k, n in counts.items() if n and k != "policy") or "nothing changed"
+        changed = ", ".join(f"{n} {k}" if k != "policy" else "policy activated" for k, n in counts.items() if n) \
+            or "nothing changed"
         console.print(f"imported {src}: {changed}", markup=False, highlight=False)
         if counts["policy"]:
-            console.print("policy.yaml is valid and differs from the active policy: Keel reads its policy from "
-                          "policy_file (KEEL_POLICY_FILE); copy it there to activate it", style="yellow",
-                          markup=False, highlight=False)
+            console.print("policy.yaml is now the active policy on every process; a later change of the server's "
+                          "policy_file (KEEL_POLICY_FILE) replaces it", style="yellow", markup=False, highlight=False)

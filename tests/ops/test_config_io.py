@@ -134,3 +134,37 @@ def test_a_refusal_by_the_server_puts_back_what_changed(exported: Path, source: 
 def test_export_needs_an_admin_key(source: KeelServer, tmp_path: Path) -> None:
     out = keel(source, "export", str(tmp_path / "x"), key="sk-keel-not-a-key")
     assert out.returncode == 1 and "error [" in out.stderr and not (tmp_path / "x").exists()
+
+
+def test_import_activates_a_changed_policy(exported: Path, module_server_factory, tmp_path: Path) -> None:
+    """Guards: an import that said the policy differed but left the target on its old policy (the policy file
+    is not the only way in since PUT /admin/policy), and a later refusal leaving the new policy active."""
+    target = module_server_factory()
+    edited = tmp_path / "edited"
+    subprocess.run(["cp", "-r", str(exported), str(edited)], check=True)
+    policy = (edited / "policy.yaml").read_text()
+    new = policy.replace(policy.split("name:", 1)[1].splitlines()[0], " imported-policy", 1) if "name:" in policy \
+        else "name: imported-policy\n" + policy
+    (edited / "policy.yaml").write_text(new)
+    with target.admin() as c:
+        before = c.get("/admin/policy").json()
+    out = keel(target, "import", str(edited))
+    assert out.returncode == 0, out.stderr
+    assert "policy" in out.stdout and "activated" in out.stdout, out.stdout
+    with target.admin() as c:
+        now = c.get("/admin/policy").json()
+    assert now["content"] == new and now["version"] != before["version"]
+    again = keel(target, "import", str(edited))
+    assert again.returncode == 0 and "nothing changed" in again.stdout, again.stdout
+
+    # A refusal after the policy was set puts the old one back with everything else.
+    refused = tmp_path / "refused"
+    subprocess.run(["cp", "-r", str(exported), str(refused)], check=True)  # the original policy again
+    (refused / "deployments" / "zz.yaml").write_text(
+        "alias: x\nprovider: openai_compatible\nmodel: m\nid: zz-x\nbase_url: http://127.0.0.1:9/v1\ntimeout_s: -1\n")
+    index = json.loads((refused / "keel-config.json").read_text())
+    index["files"]["deployments/zz.yaml"] = {"name": "zz-x"}
+    (refused / "keel-config.json").write_text(json.dumps(index))
+    out = keel(target, "import", str(refused))
+    with target.admin() as c:
+        assert c.get("/admin/policy").json()["content"] == new, out.stdout + out.stderr
