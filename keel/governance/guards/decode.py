@@ -21,6 +21,17 @@ _DELIMS = frozenset(" \t\r\n<>\"'()[]{},;")
 _B64 = re.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{16,}={0,2}(?![A-Za-z0-9+/=_-])")
 _HEX = re.compile(r"(?<![0-9A-Za-z])(?:[0-9A-Fa-f]{2}){8,}(?![0-9A-Za-z])")
 MAX_DEPTH = 2  # a value encoded twice (base64 of percent-encoding) is still found; deeper is not tried
+# Unicode tag characters: invisible when shown, yet many models read U+E0020–U+E007E as the ASCII each shadows
+# ("ASCII smuggling"). `reveal` reads them so (the rest of the block as spaces), one character for one, so a
+# finding's span in the revealed text is its span in the text as sent.
+_TAG = re.compile("[\U000E0000-\U000E007F]")
+_TAGS = {c: (c - 0xE0000 if 0x20 <= c - 0xE0000 < 0x7F else 0x20) for c in range(0xE0000, 0xE0080)}
+
+
+def reveal(text: str) -> str:
+    """`text` with each Unicode tag character read as the ASCII it shadows (same length, same spans)."""
+    return text.translate(_TAGS) if _TAG.search(text) else text
+
 
 
 def _printable(raw: bytes) -> str | None:

@@ -30,6 +30,7 @@ import numpy as np
 from keel.core.errors import ConfigError
 from keel.governance.guards import features, signals
 from keel.governance.guards.base import Finding
+from keel.governance.guards.decode import reveal
 
 MODEL_PATH = Path(__file__).with_name("injection_model.json")
 CHANNELS = ("direct", "indirect")
@@ -160,6 +161,7 @@ class InjectionGuard:
     def score(self, text: str, channel: str = "direct") -> float:
         """Probability that `text` (its worst sentence) is an injection, as the `channel`'s verdict sees it
         (segments far from its threshold are scored without semantic features)."""
+        text = reveal(text)  # tag characters read as the ASCII they hide
         spans = features.segments(text)
         if not spans:
             return 0.0
@@ -176,6 +178,7 @@ class InjectionGuard:
         return self.scan_channel(text, "indirect")
 
     def scan_channel(self, text: str, channel: str) -> list[Finding]:
+        text = reveal(text)  # tag characters read as the ASCII they hide: same length, same spans
         spans = features.segments(text)
         if not spans:
             return []

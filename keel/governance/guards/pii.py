@@ -8,7 +8,7 @@ import re
 from typing import ClassVar
 
 from keel.governance.guards.base import Finding, resolve_overlaps
-from keel.governance.guards.decode import decoded_findings
+from keel.governance.guards.decode import decoded_findings, reveal
 
 ENTITIES = ("email", "credit_card", "iban", "ssn", "ip_address", "phone")
 
@@ -129,6 +129,7 @@ class PiiGuard:
         """Findings in the text as written and inside its percent/base64/hex-encoded runs."""
         if not text:
             return []
+        text = reveal(text)  # tag characters read as the ASCII they hide
         found = [(_PRIORITY[t], a - b, a, f) for f in self._plain(text) + decoded_findings(text, self._plain)
                  for t, a, b in ((f.type, f.start, f.end),)]
         return resolve_overlaps(found)

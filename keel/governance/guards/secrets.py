@@ -7,7 +7,7 @@ import re
 from typing import ClassVar
 
 from keel.governance.guards.base import Finding, resolve_overlaps
-from keel.governance.guards.decode import decoded_findings
+from keel.governance.guards.decode import decoded_findings, reveal
 
 # (type, literal hints of which one must be in the text, pattern, group holding the secret).
 # Order is priority when two overlap. Hints keep the scan cheap: most patterns never run on most text;
@@ -59,6 +59,7 @@ class SecretsGuard:
         """Findings in the text as written and inside its percent/base64/hex-encoded runs."""
         if not text:
             return []
+        text = reveal(text)  # tag characters read as the ASCII they hide
         found = [(0, f.start - f.end, f.start, f) for f in self._plain(text) + decoded_findings(text, self._plain)]
         return resolve_overlaps(found)
 
