@@ -45,6 +45,20 @@ def client_address(peer: str | None, forwarded_for: Sequence[str], trusted: Sequ
     return here[:64]
 
 
+def address_key(address: str) -> str:
+    """What failures are charged to: an IPv4 address, or an IPv6 address's /64 (one host commonly holds a whole
+    /64 and may send each try from a fresh address in it)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 def _trusted(address: str, trusted: Sequence[Network]) -> bool:
     if not trusted:
         return False
@@ -101,7 +115,7 @@ class SignInThrottle:
         with self._lock:
             now = self.clock()
             self._refill(now)
-            if self._tokens >= 1 or len(self._addresses.recent(address, now)) < self.address_limit:
+            if self._tokens >= 1 or len(self._addresses.recent(address_key(address), now)) < self.address_limit:
                 return 0.0
             return (1 - self._tokens) / self.rate
 
@@ -117,7 +131,7 @@ class SignInThrottle:
         with self._lock:
             now = self.clock()
             self._emails.add(who.strip().lower()[:320], now)
-            self._addresses.add(address, now)
+            self._addresses.add(address_key(address), now)
             self._refill(now)
             self._tokens = max(0.0, self._tokens - 1)
 

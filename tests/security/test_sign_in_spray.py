@@ -62,6 +62,18 @@ def test_a_thousand_guesses_cost_a_bounded_number_of_checks():
     assert checked <= 30 + 30 + 1, checked  # the burst plus a minute's refill
 
 
+def test_an_ipv6_sprayer_cannot_take_a_fresh_address_per_try():
+    """Guards: a host holding a /64 sending each guess from a new address in it, each one 'clean'."""
+    t = SignInThrottle(per_minute=1, address_limit=2, clock=lambda: 0.0)
+    for i in range(3):
+        t.failed(f"u{i}@x", f"2001:db8:1:2::{i + 1:x}")
+    assert t.spray_wait("2001:db8:1:2:ffff:ffff:ffff:ffff") > 0
+    assert t.spray_wait("2001:db8:1:3::1") == 0  # the next /64: another site
+    t.failed("a@x", "::ffff:192.0.2.9")
+    t.failed("b@x", "192.0.2.9")  # the same IPv4 host, mapped or not
+    assert t.spray_wait("192.0.2.9") > 0 and t.spray_wait("192.0.2.10") == 0
+
+
 def test_the_client_address_believes_only_trusted_proxies():
     """Guards: a spoofed X-Forwarded-For giving a sprayer a fresh address per try (or someone else's)."""
     trusted = networks(["127.0.0.1", "10.0.0.0/8"])
