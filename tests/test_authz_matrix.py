@@ -817,6 +817,8 @@ def test_console_admin_forms_follow_the_api_rules(world):
         ("/console/limits", {"scope": "team", "ref": "red"}, 422),
         ("/console/limits", {"scope": "deployment", "ref": "red", "rpm": "5"}, 422),
         ("/console/limits/delete", {"scope": "team", "ref": "red"}, 404),
+        ("/console/limits/delete", {"scope": "team", "ref": "x" * 100_000}, 404),
+        ("/console/limits/delete", {"scope": "key", "ref": "sk-keel-nope"}, 404),
         ("/console/deployments", {"alias": "x", "provider": "openai_compatible", "timeout_s": "0",
                                   "input_price_per_1m": "-3"}, 422),
         ("/console/deployments", {"alias": "y" * 100_000, "provider": "openai_compatible"}, 422),
