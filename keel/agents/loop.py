@@ -22,6 +22,8 @@ from collections.abc import Callable
 from datetime import UTC
 from typing import Any
 
+import sqlalchemy as sa
+
 from keel.agents.mandate import Mandate
 from keel.agents.policy import Decision, check_call
 from keel.agents.store import AgentStore
@@ -160,6 +162,10 @@ class AgentEngine:
 
     async def _finish(self, run: Run, status: str, *, answer: str | None = None,
                       error: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:  # the run's model calls are in the usage ledger once it reads as ended
+            await self.flush_ledger()
+        except sa.exc.SQLAlchemyError:  # the rows stay spooled and queued: the ledger's next flush writes them
+            log.warning("usage ledger not flushed at the end of an agent run", extra={"run_id": run.id})
         history = await asyncio.to_thread(self._waits, run.id)
         kept = dict(error or {}, waits=history) if history else error  # the provider waits stay in the run's record
         await asyncio.to_thread(self.store.set_status, run.id, status, answer=answer, error=kept)
@@ -268,7 +274,8 @@ class AgentEngine:
         async with self.model_slots:
             call.started = time.perf_counter()
             result = await self.gateway.chat(call)
-        await self.flush_ledger()  # the ledger row is durable before the checkpoint (its request id dedupes a repeat)
+        # no flush here: the ledger spooled the row to the data dir before `chat` returned (a killed process's rows
+        # are written by the next one on it), and its request id dedupes a crash's repeat; `_finish` flushes
         tokens, cost = result.usage.total_tokens, call.cost()
         msg: dict[str, Any] = {"role": "assistant", "content": result.content}
         if result.tool_calls:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import problem
+from conftest import ledger_rows, problem
 from tests.agents.conftest import ScriptedModel, call, define, run, say
 from tests.knowledge.conftest import make_key, make_team
 
@@ -35,7 +35,8 @@ def world(tmp_path_factory, module_server_factory):
                            "note": [call("note", {}), say("noted")]}).start()
     base = tmp_path_factory.mktemp("agents-api")
     (base / "keel.yaml").write_text(f"models:\n  - {{alias: agent-model, provider: openai_compatible, model: m, "
-                                    f"base_url: {model.url}}}\n")
+                                    f"base_url: {model.url}}}\n"
+                                    "ledger_flush_interval_s: 3600\n")  # only a run's own end flushes its usage
     (base / "policy.yaml").write_text(POLICY)
     srv = module_server_factory(config=base / "keel.yaml", PYTHONPATH=str(PLUGINS),  # a package with keel.tools
                                 KEEL_POLICY_FILE=str(base / "policy.yaml"))
@@ -127,6 +128,18 @@ def test_runs_are_seen_by_their_team_only(world):
         problem(c.post("/v1/agents/red_helper/runs", json={"task": "hi"}), 404, "red_helper")
     with srv.client(keys[("member", None)]) as c:
         problem(c.post("/v1/agents/global_helper/runs", json={"task": "hi"}), 403, "no team")
+
+
+def test_a_run_that_ended_has_its_model_calls_in_the_usage_ledger(world):
+    """The loop spools each model call's ledger row rather than flushing per step; the run's end flushes, so a
+    caller reading usage after a run sees every call of it (the module's periodic flush is an hour away)."""
+    srv, keys = world["srv"], world["keys"]
+    define(srv, "name: lookup_once\nmodel: agent-model\ngoal: g\ntools:\n  lookup: {entry_point: customer_lookup}\n",
+           key=keys[("builder", "red")])
+    out = run(srv, "lookup_once", "[script:lookup] who is c-7?", key=keys[("member", "red")])
+    assert out["status"] == "completed", out
+    rows = ledger_rows(srv.extra["db_url"], f"task_id = '{out['id']}'")
+    assert sorted(r.request_id for r in rows) == [f"{out['id']}/{seq}" for seq in (1, 3, 5, 7)]
 
 
 @pytest.mark.parametrize("body,status", [
