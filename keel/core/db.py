@@ -220,7 +220,8 @@ class PostgresStore(Store):
         connect_args = {} if "connect_timeout" in url else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
         engine = sa.create_engine(url, pool_size=kw.get("pool_size", 10), max_overflow=20, pool_pre_ping=True,
                                   connect_args=connect_args)
-        timeout_ms = round(1000 * kw.get("statement_timeout_s", PG_STATEMENT_TIMEOUT_S))
+        timeout_s = kw.get("statement_timeout_s", PG_STATEMENT_TIMEOUT_S)
+        timeout_ms = max(1, round(1000 * timeout_s)) if timeout_s > 0 else 0  # 0: none (never rounded into it)
 
         @sa.event.listens_for(engine, "connect")
         def _statement_timeout(dbapi_conn, _record):  # noqa: ANN001
