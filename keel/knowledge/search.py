@@ -1,5 +1,6 @@
 """Hybrid search: BM25 and vector candidates fused with weighted reciprocal rank fusion, then
-(optionally) reranked. Permissions and filters are applied inside each index query and again
+arranged (`keel.knowledge.arrange`: query-term coverage and section grouping over the fused top 30, in
+hybrid mode), then (optionally) reranked. Permissions and filters are applied inside each index query and again
 when hits are read back, so nothing outside the caller's scope can be returned, counted or ranked.
 """
 
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 
 from keel.core.errors import BadRequest
 from keel.identity.principal import Principal
-from keel.knowledge import catalog, long_query
+from keel.knowledge import arrange, catalog, long_query
 from keel.knowledge.acl import Collection, Scope, filter_conditions
 from keel.knowledge.hits import Hit
 from keel.knowledge.index import Scored, reading
@@ -191,7 +192,8 @@ async def _search(kn: Library, p: Principal, q: Query, request_id: str) -> tuple
     ranks = {m: {h.chunk_id: i for i, h in enumerate(hs, 1)} for m, hs in lists.items()}
     alias = q.rerank if q.rerank is not None else collection_reranker(colls)
     reranker = for_alias(kn.gateway, alias) if alias and alias != OFF else None
-    want = fused[: max(q.top_k, n if reranker else q.top_k)]
+    keep = arrange.DEPTH if q.mode == "hybrid" else q.top_k
+    want = fused[: max(q.top_k, n if reranker else keep)]
     rows = await asyncio.to_thread(_hydrate, kn, scope, [cid for cid, _ in want])
     by_id = {c.id: c for c in colls}
     hits: list[Hit] = []
@@ -211,6 +213,8 @@ async def _search(kn: Library, p: Principal, q: Query, request_id: str) -> tuple
         hits.append(Hit(cid, r.document_id, c, r.title, r.source, r.format, r.section, r.page, r.span_start,
                         r.span_end, r.text, score, ranks.get("bm25", {}).get(cid), ranks.get("vector", {}).get(cid),
                         sim))
+    if q.mode == "hybrid":
+        hits = arrange.arrange(hits, q.text)
     if reranker is not None and hits:
         t = time.perf_counter()
         depth = max(q.top_k * 2, reranker.depth)
