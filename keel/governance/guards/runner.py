@@ -82,6 +82,7 @@ class CallGuards:
         self.scope = scope  # whose verdicts (a team's, or a key's): a skipped scan must not tell what others sent
         self.events: list[GuardEvent] = []
         self.review_reasons: list[str] = []
+        self._profile: str | None = None  # the guards and actions a whole message's clean verdict holds for
 
     def _scan(self, guard: Guard, text: str, indirect: bool = False) -> list[Finding]:
         """`guard`'s findings in `text` (`indirect`: as a passage or tool output), or [] at once for a text it
@@ -202,8 +203,23 @@ class CallGuards:
             return node if items is None else items
         return node
 
+    def _message_key(self, m: dict[str, Any]) -> tuple[int, str, bytes] | None:
+        """The clean verdict's key of a whole message under this call's guards, actions and scope: a message found
+        clean before is not walked again (one lookup instead of one per text and guard). None: not kept."""
+        if self.verdicts is None:
+            return None
+        if self._profile is None:  # guard objects live as long as their verdicts (verdicts.py): ids stay theirs
+            self._profile = repr((self.scope, sorted((n, id(g)) for n, g in self.guards.items()),
+                                  sorted((side, sorted(a.items())) for side, a in self.actions.items())))
+        try:
+            text = orjson.dumps(m, option=orjson.OPT_SORT_KEYS).decode()
+        except TypeError:  # not JSON (orjson's error is a TypeError): judged text by text
+            return None
+        return self.verdicts.key(self.verdicts, "message " + self._profile, text)
+
     def guard_messages(self, messages: list[dict[str, Any]], passages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Guarded copies of the messages; passage texts found verbatim are replaced by their guarded form."""
+        """Guarded copies of the messages; passage texts found verbatim are replaced by their guarded form. Without
+        passages, a message found wholly clean before (same guards, actions and scope) is passed on as it is."""
         replaced: dict[str, str] = {}
         for i, p in enumerate(passages):
             text = p.get("text")
@@ -212,21 +228,33 @@ class CallGuards:
         passage_texts = sorted(replaced, key=len, reverse=True)
         out = []
         for i, m in enumerate(messages):
-            msg = dict(m)
-            for suffix, text in _parts(m.get("content")):
-                loc = f"messages[{i}]{suffix}"
-                if m.get("role") == "tool":
-                    new = self._context_item(loc, text)
-                else:
-                    new = self._apply("input", loc, text, skip=None if m.get("role") == "user" else "injection",
-                                      blank=passage_texts)
-                    for original in passage_texts:
-                        if original in new and replaced[original] != original:
-                            new = new.replace(original, replaced[original])
-                if new != text:
-                    _set_part(msg, suffix, new)
-            out.append(self._message_rest(msg, f"messages[{i}]"))
+            key = self._message_key(m) if not passages else None  # passages change how a message is judged
+            if key is not None and self.verdicts.clean(key):  # type: ignore[union-attr]
+                out.append(m)
+                continue
+            events, reviews = len(self.events), len(self.review_reasons)
+            new = self._guard_message(i, m, replaced, passage_texts)
+            if key is not None and len(self.events) == events and len(self.review_reasons) == reviews and new == m:
+                self.verdicts.add(key)  # type: ignore[union-attr]
+            out.append(new)
         return out
+
+    def _guard_message(self, i: int, m: dict[str, Any], replaced: dict[str, str],
+                       passage_texts: list[str]) -> dict[str, Any]:
+        msg = dict(m)
+        for suffix, text in _parts(m.get("content")):
+            loc = f"messages[{i}]{suffix}"
+            if m.get("role") == "tool":
+                new = self._context_item(loc, text)
+            else:
+                new = self._apply("input", loc, text, skip=None if m.get("role") == "user" else "injection",
+                                  blank=passage_texts)
+                for original in passage_texts:
+                    if original in new and replaced[original] != original:
+                        new = new.replace(original, replaced[original])
+            if new != text:
+                _set_part(msg, suffix, new)
+        return self._message_rest(msg, f"messages[{i}]")
 
     def _message_rest(self, msg: dict[str, Any], location: str) -> dict[str, Any]:
         """A message's other strings (tool calls and their arguments, names, non-text parts), guarded as data."""
