@@ -16,7 +16,7 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 
 from keel.console import (pages_admin, pages_agents, pages_inbox, pages_knowledge, pages_ops, pages_playground,
                           pages_policy, pages_reports, pages_workflows, web)
-from keel.console.throttle import SignInThrottle, client_address, networks
+from keel.console.throttle import SignInThrottle, address_key, client_address, networks
 from keel.core.errors import KeelError, NotFound, Unauthorized
 from keel.identity import sessions
 from keel.identity.service import KEY_PREFIX, split_key
@@ -68,15 +68,17 @@ def router() -> APIRouter:
                                  request.headers.getlist("x-forwarded-for"), guard.trusted)
         wait = 0.0 if key or not email else guard.retry_after(email)
         if wait:
-            await web.audit(request, "console.sign_in.throttled", email[:100], method=how)
+            if refused := guard.refused("email " + email.strip().lower()[:320]):
+                await web.audit(request, "console.sign_in.throttled", email[:100], method=how, refused=refused)
             response = _sign_in_page(request, target, "Too many failed sign-ins for this email: try again in "
                                      f"{max(1, round(wait / 60))} minutes, or ask an admin to reset the password.", 429)
             response.headers["Retry-After"] = str(max(1, round(wait)))
             return response
         spray = 0.0 if key or not email else guard.spray_wait(address)
         if spray:
-            await web.audit(request, "console.sign_in.throttled", email[:100], method=how, scope="address",
-                            address=address)
+            if refused := guard.refused("address " + address_key(address)):
+                await web.audit(request, "console.sign_in.throttled", email[:100], method=how, scope="address",
+                                address=address, refused=refused)
             response = _sign_in_page(request, target, "Too many failed password sign-ins from your address: try again "
                                      f"in {max(1, round(spray))} seconds, or sign in with an API key.", 429)
             response.headers["Retry-After"] = str(max(1, round(spray)))

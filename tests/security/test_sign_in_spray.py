@@ -47,6 +47,15 @@ def test_the_spray_bucket_on_an_injected_clock():
     assert t.spray_wait(ATTACKER) > 0
 
 
+def test_refusals_are_audited_once_a_minute_with_their_count():
+    now = [0.0]
+    t = SignInThrottle(clock=lambda: now[0])
+    assert [t.refused("address 203.0.113.7") for _ in range(4)] == [1, 0, 0, 0]
+    assert t.refused("email ana@x") == 1  # each email or address on its own
+    now[0] = 60.0
+    assert t.refused("address 203.0.113.7") == 4  # the three unaudited and this one
+
+
 def test_a_thousand_guesses_cost_a_bounded_number_of_checks():
     """The brief's measure on the throttle alone: 1,000 wrong guesses over random emails from one address within a
     minute; how many reach the password check, and whether a user elsewhere is still checked throughout."""
@@ -111,16 +120,21 @@ def _sign_in(c: httpx.Client, address: str | None = None, **fields: str) -> http
     return c.post("/console/sign-in", data={"csrf": _csrf(c), **fields}, headers=headers)
 
 
-def _failed_checks(srv) -> int:
+def _events(srv, action: str) -> list[dict]:
     with srv.admin() as a:
-        return len(a.get("/v1/audit", params={"action": "console.sign_in.failed", "limit": 1000}).json()["data"])
+        return a.get("/v1/audit", params={"action": action, "limit": 1000}).json()["data"]
+
+
+def _failed_checks(srv) -> int:
+    return len(_events(srv, "console.sign_in.failed"))
 
 
 def test_a_spray_from_one_address_does_not_lock_out_the_real_user(srv):
     """Guards: the process-wide bucket refusing every password sign-in — one sprayer locking everyone out. 1,000
     wrong guesses over random emails from one address: a bounded number reach the scrypt, the rest are refused
     before it, and a user at another address signs in within the same minute."""
-    before, start = _failed_checks(srv), time.monotonic()
+    before, throttled_before, start = _failed_checks(srv), len(_events(srv, "console.sign_in.throttled")), \
+        time.monotonic()
     refused = 0
     with httpx.Client(base_url=srv.url) as c:
         csrf = _csrf(c)
@@ -141,6 +155,12 @@ def test_a_spray_from_one_address_does_not_lock_out_the_real_user(srv):
     print(f"spray: 1000 guesses in {elapsed:.1f} s, {checks} password checks, {refused} refused before one")
     assert elapsed < 60 or pytest.skip(f"the spray took {elapsed:.0f} s: not within one minute on this machine")
     assert checks <= 10 + 10 * elapsed / 60 + 1, (checks, elapsed)
+    # Refusals are audited once per address (or email) a minute, with how many there were: a sprayer cannot
+    # write an audit event per request.
+    throttled = _events(srv, "console.sign_in.throttled")[: len(_events(srv, "console.sign_in.throttled"))
+                                                          - throttled_before]
+    assert 1 <= len(throttled) <= 2 * (1 + elapsed // 60), len(throttled)
+    assert all(e["details"]["refused"] >= 1 for e in throttled), throttled[:2]
 
 
 def test_without_a_trusted_proxy_the_header_is_ignored_and_keys_still_sign_in(module_server_factory):
