@@ -16,7 +16,7 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 
 from keel.console import (pages_admin, pages_agents, pages_inbox, pages_knowledge, pages_ops, pages_playground,
                           pages_policy, pages_reports, pages_workflows, web)
-from keel.console.throttle import SignInThrottle, address_key, client_address, networks
+from keel.console.throttle import KEY_FAILURES_AUDITED, SignInThrottle, address_key, client_address, networks
 from keel.core.errors import KeelError, NotFound, Unauthorized
 from keel.identity import sessions
 from keel.identity.service import KEY_PREFIX, split_key
@@ -68,7 +68,7 @@ def router() -> APIRouter:
                                  request.headers.getlist("x-forwarded-for"), guard.trusted)
         wait = 0.0 if key or not email else guard.retry_after(email)
         if wait:
-            if refused := guard.refused("email " + email.strip().lower()[:320]):
+            if refused := guard.to_audit("email " + email.strip().lower()[:320]):
                 await web.audit(request, "console.sign_in.throttled", email[:100], method=how, refused=refused)
             response = _sign_in_page(request, target, "Too many failed sign-ins for this email: try again in "
                                      f"{max(1, round(wait / 60))} minutes, or ask an admin to reset the password.", 429)
@@ -76,7 +76,7 @@ def router() -> APIRouter:
             return response
         spray = 0.0 if key or not email else guard.spray_wait(address)
         if spray:
-            if refused := guard.refused("address " + address_key(address)):
+            if refused := guard.to_audit("address " + address_key(address)):
                 await web.audit(request, "console.sign_in.throttled", email[:100], method=how, scope="address",
                                 address=address, refused=refused)
             response = _sign_in_page(request, target, "Too many failed password sign-ins from your address: try again "
@@ -97,7 +97,11 @@ def router() -> APIRouter:
             # into the wrong field, and is never written down.
             prefix = split_key(key) if key else None
             who = email[:100] if email else (KEY_PREFIX + prefix if prefix else ("not a Keel key" if key else ""))
-            await web.audit(request, "console.sign_in.failed", who or "anonymous", method=how, reason=err.detail)
+            # key guesses cost no scrypt and are not throttled: their audit events are (per address, with a count)
+            count = guard.to_audit("key " + address_key(address), KEY_FAILURES_AUDITED) if key else 1
+            if count:
+                await web.audit(request, "console.sign_in.failed", who or "anonymous", method=how, reason=err.detail,
+                                **({"failures": count} if count > 1 else {}))
             return _sign_in_page(request, target, f"Not signed in: {err.detail}.", 401)
         if email and not key:
             guard.succeeded(email)

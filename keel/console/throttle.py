@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
 LIMIT, WINDOW_S, MAX_TRACKED, PER_MINUTE, ADDRESS_LIMIT = 10, 900.0, 100_000, 30.0, 3
-AUDIT_EVERY_S = 60.0  # a throttled email's or address's refusals are audited at most this often, with their count
+AUDIT_EVERY_S, KEY_FAILURES_AUDITED = 60.0, 10  # audit periods; failed key sign-ins audited one by one per period
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -102,7 +102,7 @@ class SignInThrottle:
         self.trusted = tuple(trusted_proxies)  # peers whose X-Forwarded-For names the client
         self.limit, self.window_s, self.clock, self.address_limit = limit, window_s, clock, address_limit
         self._emails, self._addresses = _Failures(window_s), _Failures(window_s)
-        self._refusals: dict[str, tuple[float, int]] = {}  # who → (last audited at, refused since)
+        self._audited: dict[str, tuple[float, int, int]] = {}  # who → (period opened, audited in it, held back)
         self._lock = threading.Lock()
         self.burst, self.rate = per_minute, per_minute / 60.0  # the spray bucket: capacity, tokens a second
         self._tokens, self._filled_at = per_minute, clock()
@@ -137,21 +137,24 @@ class SignInThrottle:
             self._refill(now)
             self._tokens = max(0.0, self._tokens - 1)
 
-    def refused(self, who: str, every_s: float = AUDIT_EVERY_S) -> int:
-        """Count a refusal of `who` (an email, or an address); the refusals to audit now — every one since the last
-        audited, at most once per `every_s` for `who` — or 0, so a sprayer cannot write an audit event a request."""
+    def to_audit(self, who: str, burst: int = 1, every_s: float = AUDIT_EVERY_S) -> int:
+        """Count one event of `who` (a throttled email or address, an address failing key sign-ins); how many to
+        audit now: the first `burst` in each `every_s` one by one, after that 0 until the next period opens with
+        the count held back — so a flood of requests cannot write an audit event each."""
         with self._lock:
             now = self.clock()
-            last, pending = self._refusals.get(who, (-every_s, 0))
-            if len(self._refusals) >= MAX_TRACKED and who not in self._refusals:
-                self._refusals = {k: v for k, v in self._refusals.items() if now - v[0] < every_s}
-                while len(self._refusals) >= MAX_TRACKED:
-                    self._refusals.pop(next(iter(self._refusals)))
-            if now - last < every_s:
-                self._refusals[who] = (last, pending + 1)
-                return 0
-            self._refusals[who] = (now, 0)
-            return pending + 1
+            if len(self._audited) >= MAX_TRACKED and who not in self._audited:
+                self._audited = {k: v for k, v in self._audited.items() if now - v[0] < every_s}
+                while len(self._audited) >= MAX_TRACKED:
+                    self._audited.pop(next(iter(self._audited)))
+            opened, audited, held = self._audited.get(who, (-every_s, 0, 0))
+            if now - opened >= every_s:
+                opened, audited = now, 0
+            if audited < burst:
+                self._audited[who] = (opened, audited + 1, 0)
+                return held + 1
+            self._audited[who] = (opened, audited, held + 1)
+            return 0
 
     def succeeded(self, who: str) -> None:
         with self._lock:

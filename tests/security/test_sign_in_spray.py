@@ -50,10 +50,13 @@ def test_the_spray_bucket_on_an_injected_clock():
 def test_refusals_are_audited_once_a_minute_with_their_count():
     now = [0.0]
     t = SignInThrottle(clock=lambda: now[0])
-    assert [t.refused("address 203.0.113.7") for _ in range(4)] == [1, 0, 0, 0]
-    assert t.refused("email ana@x") == 1  # each email or address on its own
+    assert [t.to_audit("address 203.0.113.7") for _ in range(4)] == [1, 0, 0, 0]
+    assert t.to_audit("email ana@x") == 1  # each email or address on its own
     now[0] = 60.0
-    assert t.refused("address 203.0.113.7") == 4  # the three unaudited and this one
+    assert t.to_audit("address 203.0.113.7") == 4  # the three held back and this one
+    assert [t.to_audit("key 192.0.2.1", burst=2) for _ in range(4)] == [1, 1, 0, 0]
+    now[0] = 120.0
+    assert [t.to_audit("key 192.0.2.1", burst=2) for _ in range(3)] == [3, 1, 0]
 
 
 def test_a_thousand_guesses_cost_a_bounded_number_of_checks():
@@ -161,6 +164,20 @@ def test_a_spray_from_one_address_does_not_lock_out_the_real_user(srv):
                                                           - throttled_before]
     assert 1 <= len(throttled) <= 2 * (1 + elapsed // 60), len(throttled)
     assert all(e["details"]["refused"] >= 1 for e in throttled), throttled[:2]
+
+
+def test_a_flood_of_wrong_keys_writes_a_bounded_number_of_audit_events(srv):
+    """Guards: an unauthenticated caller writing one hash-chained audit event per request with made-up keys (key
+    sign-in spends no scrypt and is not throttled: keys are unguessable)."""
+    before = len(_events(srv, "console.sign_in.failed"))
+    with httpx.Client(base_url=srv.url) as c:
+        csrf = _csrf(c)
+        for i in range(60):
+            r = c.post("/console/sign-in", headers={"X-Forwarded-For": "192.0.2.77"},
+                       data={"csrf": csrf, "key": f"sk-keel-abcdefgh{i:02d}_" + "x" * 30})
+            assert r.status_code == 401
+    new = _events(srv, "console.sign_in.failed")[: len(_events(srv, "console.sign_in.failed")) - before]
+    assert 10 <= len(new) <= 11, len(new)  # one by one up to KEY_FAILURES_AUDITED a minute, then one with a count
 
 
 def test_without_a_trusted_proxy_the_header_is_ignored_and_keys_still_sign_in(module_server_factory):
