@@ -14,6 +14,9 @@ Query sets, test halves reported (the other halves are for tuning, `--tune`):
   phrasing), each with its relevant sections marked; halves `dev` / `test` in the file
   (bench/data/README.md says how it was built).
 
+Methods: `hybrid` is what search returns by default (fused, then arranged: keel.knowledge.arrange);
+`hybrid_fused` the same fused list without the arrangement, for comparison.
+
 Metrics per method (binary gains over chunks): nDCG@10 (every chunk of a relevant section is
 relevant) and recall@10 (share of the relevant sections with a chunk in the top 10). The strong
 BM25 indexes the same chunk texts (section path + text) Keel's keyword index holds. Runs in-process
@@ -23,7 +26,8 @@ Prints one JSON line.
     .venv/bin/python bench/retrieval.py [--full] [--data DIR] [--limit N] [--tune] [--export-faq-dev FILE]
 `--data DIR` keeps the store in DIR and reuses it on the next run (no re-ingest); `--limit N` runs
 the first N queries of each set (for development); `--tune` also reports the dev halves over a
-grid of long-question settings, BM25 weights, the RRF constant and the vector leg's feedback. `--export-faq-dev FILE` writes the FAQ dev half as an eval dataset and reports
+grid of long-question settings, BM25 weights, the RRF constant, the vector leg's feedback and the
+arrangement's coverage weight. `--export-faq-dev FILE` writes the FAQ dev half as an eval dataset and reports
 its hybrid scores (`faq_dev_hybrid`): `keel eval run FILE --collection pydocs --rerank off` on the same store
 (`--data DIR`) reproduces them.
 """
@@ -128,6 +132,7 @@ async def main() -> None:
     import sqlalchemy as sa
 
     from keel.core.ids import new_id
+    from keel.knowledge import arrange
     from keel.knowledge.search import Query, search
     from keel.knowledge.tables import chunks, documents
 
@@ -175,12 +180,22 @@ async def main() -> None:
                 out.append(score([(h.source, h.section.split(" > ")[-1]) for h in hits], rel, n_chunks))
             return mean2(out)
 
+        async def fused_only(qs) -> dict[str, float]:  # noqa: ANN001
+            """Hybrid as fused, without the arrangement (keel.knowledge.arrange) that follows by default."""
+            saved = arrange.DEPTH
+            arrange.DEPTH = 0
+            try:
+                return await keel(qs, "hybrid")
+            finally:
+                arrange.DEPTH = saved
+
         def bm25s_run(qs) -> dict[str, float]:  # noqa: ANN001
             return mean2([score(strong.search(text), rel, n_chunks) for text, rel in qs])
 
         async def methods(qs) -> dict[str, dict[str, float]]:  # noqa: ANN001
             return {"bm25s_strong": bm25s_run(qs), "keel_bm25": await keel(qs, "bm25"),
-                    "dense": await keel(qs, "vector"), "hybrid": await keel(qs, "hybrid"),
+                    "dense": await keel(qs, "vector"), "hybrid_fused": await fused_only(qs),
+                    "hybrid": await keel(qs, "hybrid"),
                     "hybrid_long_query": await keel(qs, "hybrid", "auto"),
                     "dense_long_query": await keel(qs, "vector", "on"),
                     "keel_bm25_key_terms": await keel(qs, "bm25", "on")}
@@ -220,8 +235,9 @@ def _chunker(kn) -> str | None:  # noqa: ANN001
 
 async def tune(kn, keel, bm25s_run, faq_val, long_dev) -> dict:  # noqa: ANN001
     """Dev-half numbers over the long-question settings (module constants, changed for the run)."""
-    from keel.knowledge import long_query
+    from keel.knowledge import arrange, long_query
 
+    saved_coverage = arrange.COVERAGE_WEIGHT
     res: dict = {"long_bm25s_strong": bm25s_run(long_dev), "long_hybrid": await keel(long_dev, "hybrid"),
                  "faq_hybrid": await keel(faq_val, "hybrid")}
     saved = (long_query.KEY_TERMS, long_query.WHOLE_WEIGHT)
@@ -244,8 +260,13 @@ async def tune(kn, keel, bm25s_run, faq_val, long_dev) -> dict:  # noqa: ANN001
         for w in (0.2, 0.5):  # the vector leg's pseudo-relevance feedback (opt-in)
             res[f"faq_hybrid_vector_feedback_{w}"] = await keel(faq_val, "hybrid", vector_feedback=w)
             res[f"long_hybrid_vector_feedback_{w}"] = await keel(long_dev, "hybrid", vector_feedback=w)
+        for w in (0.0, 0.04, 0.16):  # the arrangement's query-term coverage weight (keel.knowledge.arrange)
+            arrange.COVERAGE_WEIGHT = w
+            res[f"faq_hybrid_coverage_{w}"] = await keel(faq_val, "hybrid")
+            res[f"long_hybrid_coverage_{w}"] = await keel(long_dev, "hybrid")
     finally:
         long_query.KEY_TERMS, long_query.WHOLE_WEIGHT = saved
+        arrange.COVERAGE_WEIGHT = saved_coverage
     return res
 
 

@@ -61,8 +61,11 @@ def coverage(query_terms_: list[str], text: str) -> float:
     return sum(t in words for t in query_terms_) / len(query_terms_)
 
 
-def arrange(hits: list[Hit], query: str, *, depth: int = DEPTH, weight: float = COVERAGE_WEIGHT) -> list[Hit]:
-    """`hits` (fused order, best first) with their top `depth` re-scored by coverage and grouped by section."""
+def arrange(hits: list[Hit], query: str, *, depth: int | None = None, weight: float | None = None) -> list[Hit]:
+    """`hits` (fused order, best first) with their top `depth` (default `DEPTH`) re-scored by coverage (weight
+    default `COVERAGE_WEIGHT`) and grouped by section."""
+    depth = DEPTH if depth is None else depth
+    weight = COVERAGE_WEIGHT if weight is None else weight
     top, rest = hits[:depth], hits[depth:]
     qt = terms(query)
     if weight > 0 and qt:

@@ -43,6 +43,10 @@ VECTOR_FEEDBACK = 0.0
 # keyword matches (identifiers, codes) weighing on other corpora. Requests may set their own.
 DEFAULT_WEIGHTS = {"bm25": 0.25, "vector": 1.0}
 MODES = ("hybrid", "bm25", "vector")
+# Hits are read back by chunk id this many at a time. With a longer id list SQLite's planner (no ANALYZE
+# statistics) switches from chunk primary-key lookups to scanning the collection's documents: at 100k chunks
+# (/tmp/sl100k, 2,347 documents) 30 ids took 36.6 ms in one query and 0.4 ms per 10.
+HYDRATE_BATCH = 10
 
 
 @dataclass
@@ -72,15 +76,16 @@ def rrf(lists: dict[str, list[Scored]], weights: dict[str, float], k: int = RRF_
 
 def _hydrate(kn: Library, scope: Scope, ids: list[int]) -> dict[int, tuple[Any, np.ndarray | None]]:
     """Chunk + document rows for `ids`, re-checked against the scope (defence in depth)."""
-    if not ids:
-        return {}
-    q = (sa.select(chunks.c.id, chunks.c.document_id, chunks.c.collection_id, chunks.c.section, chunks.c.page,
-                   chunks.c.span_start, chunks.c.span_end, chunks.c.text, chunks.c.embedding, documents.c.title,
-                   documents.c.source, documents.c.format)
-         .select_from(chunks.join(documents, documents.c.id == chunks.c.document_id))
-         .where(chunks.c.id.in_(ids), scope.documents_where()))
+    out: dict[int, tuple[Any, np.ndarray | None]] = {}
     with reading(kn.store) as conn:
-        return {r.id: (r, r.embedding) for r in conn.execute(q)}
+        for i in range(0, len(ids), HYDRATE_BATCH):
+            q = (sa.select(chunks.c.id, chunks.c.document_id, chunks.c.collection_id, chunks.c.section,
+                           chunks.c.page, chunks.c.span_start, chunks.c.span_end, chunks.c.text, chunks.c.embedding,
+                           documents.c.title, documents.c.source, documents.c.format)
+                 .select_from(chunks.join(documents, documents.c.id == chunks.c.document_id))
+                 .where(chunks.c.id.in_(ids[i:i + HYDRATE_BATCH]), scope.documents_where()))
+            out.update((r.id, (r, r.embedding)) for r in conn.execute(q))
+    return out
 
 
 def _with_feedback(kn: Library, qv: np.ndarray, first: list[Scored], w: float, scope: Scope,

@@ -43,3 +43,39 @@ def test_chunks_of_one_section_follow_its_best_chunk_and_nothing_is_added_or_los
     got = arrange.arrange(many, "zzz", depth=30)
     assert sorted(h.chunk_id for h in got) == list(range(60))
     assert [h.chunk_id for h in got[30:]] == list(range(30, 60))  # below the depth the fused order stays
+
+
+def _corpus() -> dict[str, bytes]:
+    first = ("When a parent reads a child process's output through pipes, a large output fills the pipe buffer "
+             "and both sides block until the other reads.")
+    filler = ["Appendix: " + " ".join(f"item{i}{j}" for j in range(90)) for i in range(3)]  # no question words
+    long_section = "\n\n".join([first, *filler])
+    files = {"dev/handbook.md": f"# Handbook\n\n## Notes\n\n{long_section}\n".encode()}
+    for i in range(12):
+        files[f"misc/topic{i}.md"] = (f"# Topic {i}\n\n## Part one\n\nNotes on subject {i}: gardening, tea and "
+                                      f"trains, number {i}.\n\n## Part two\n\nMore notes on subject {i}, "
+                                      f"with pipes mentioned once.\n").encode()
+    return files
+
+
+@pytest.mark.store
+def test_hybrid_search_returns_every_hit_asked_for_with_each_sections_chunks_together(ksrv):
+    """Guards the arrangement end to end, and reading back more than ten hits (done in batches of ten)."""
+    from .conftest import upload
+
+    with ksrv.admin() as a:
+        assert a.post("/v1/collections", json={"name": "arranged", "classification": "internal"}).status_code == 201
+        assert upload(a, "arranged", _corpus()).status_code == 200
+        total = sum(d["chunk_count"] for d in a.get("/v1/collections/arranged/documents").json()["data"])
+        assert 27 <= total <= arrange.DEPTH  # all within the arranged depth
+        r = a.post("/v1/search", json={"query": "Why does reading a child's output through pipes block?",
+                                       "collections": ["arranged"], "top_k": 25, "mode": "hybrid"})
+        assert r.status_code == 200, r.text
+        hits = r.json()["data"]
+    assert len(hits) == 25 and len({h["chunk_id"] for h in hits}) == 25
+    keys = [(h["document_id"], h["section"]) for h in hits]
+    pipes = [i for i, k in enumerate(keys) if k[1] == "Handbook > Notes"]
+    assert len(pipes) >= 2 and pipes == list(range(pipes[0], pipes[0] + len(pipes))), keys  # read together
+    for k in set(keys):
+        at = [i for i, x in enumerate(keys) if x == k]
+        assert at == list(range(at[0], at[0] + len(at))), keys
