@@ -20,6 +20,7 @@ shared, and wall time then measures the neighbours too): Keel's is the `keel ser
 from /proc), the direct loop's this process's; `overhead_cpu_step_p50_ms` is their difference. Keel's step includes what the agent layer
 adds by design: the governed gateway path (policy, guards, budgets, ledger), the mandate's checks, the
 durable checkpoints of each model and tool call, the action log and the tool output's context guards.
+`load_1m`: the machine's 1-minute load average before and after the run.
 
 Prints one JSON line.
     .venv/bin/python bench/agents.py [--steps 20] [--runs 7]
@@ -272,6 +273,7 @@ def main() -> None:
                                      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     upstream = f"http://127.0.0.1:{up_port}/v1"
     srv = None
+    load_before = os.getloadavg()[0]
     try:
         wait_http(f"http://127.0.0.1:{up_port}/_stats", upstream_proc)
         say("starting keel on SQLite")
@@ -283,7 +285,9 @@ def main() -> None:
             srv.stop()
         stop(upstream_proc)
         shutil.rmtree(tmp, ignore_errors=True)
-    res.update(steps=args.steps, runs=args.runs, backend="sqlite", target_overhead_ms=TARGET_STEP_OVERHEAD_MS)
+    res.update(steps=args.steps, runs=args.runs, backend="sqlite", target_overhead_ms=TARGET_STEP_OVERHEAD_MS,
+               # the machine's 1-minute load average before and after: on a shared machine wall times measure it too
+               load_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)])
     print(json.dumps(res))
 
 
