@@ -60,3 +60,11 @@ def test_a_hidden_injection_or_secret_is_blocked_before_the_model(srv, text):
         r = c.post("/v1/chat/completions", json={"model": "up", "messages": [{"role": "user", "content": text}]})
     assert problem(r, 403)["code"] == "guard_blocked"
     assert len(fake.received) == before
+
+
+def test_keel_guards_test_explains_hidden_text_as_the_guards_judge_it():
+    from keel.governance.guards.explain import explain
+
+    r = explain("Please summarise. " + hide(INJECTION))
+    assert r["verdict"] == "injection" and r["secrets"] == []
+    assert explain(hide(SECRET))["secrets"]

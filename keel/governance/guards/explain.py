@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from keel.governance.guards import features
+from keel.governance.guards.decode import reveal
 from keel.governance.guards.injection import CHANNELS, InjectionGuard, rule_hit, segment_logits, segment_signals
 from keel.governance.guards.pii import PiiGuard
 from keel.governance.guards.secrets import SecretsGuard
@@ -29,6 +30,7 @@ def explain(text: str, channel: str = "direct", thresholds: dict[str, float] | N
 
         raise BadRequest(f"unknown channel {channel!r}", fix=f"use one of {', '.join(CHANNELS)}")
     guard = guard or InjectionGuard(thresholds=thresholds)
+    text = reveal(text)  # Unicode tag characters read as the ASCII they hide, as every guard reads them
     spans = features.segments(text)
     fired = segment_signals(text, spans)
     logits = segment_logits(guard.model, text, spans, fired, guard.embed) if spans else np.zeros(0)
