@@ -202,6 +202,11 @@ class Settings(BaseModel):
             raise ValueError("must be `host:port`, e.g. `127.0.0.1:9464`")
         return v
 
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxy_list(cls, v: Any) -> Any:
+        return [part.strip() for part in v.split(",") if part.strip()] if isinstance(v, str) else v  # "a, b"
+
     @field_validator("trusted_proxies")
     @classmethod
     def _proxy_networks(cls, v: list[str]) -> list[str]:

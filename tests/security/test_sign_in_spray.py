@@ -103,6 +103,17 @@ def test_the_client_address_believes_only_trusted_proxies():
         networks(["10.0.0.0/33"])
 
 
+def test_trusted_proxies_from_the_environment():
+    from keel.core.errors import ConfigError
+    from keel.core.settings import load_settings
+
+    assert load_settings(environ={"KEEL_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1"})[0].trusted_proxies == \
+        ["10.0.0.0/8", "127.0.0.1"]
+    assert load_settings(environ={"KEEL_TRUSTED_PROXIES": '["::1"]'})[0].trusted_proxies == ["::1"]
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        load_settings(environ={"KEEL_TRUSTED_PROXIES": "10.0.0.0/33"})
+
+
 @pytest.fixture(scope="module")
 def srv(module_server_factory):
     s = module_server_factory(KEEL_CONSOLE_FAILED_SIGN_INS_PER_MINUTE="10", KEEL_TRUSTED_PROXIES='["127.0.0.1"]')
