@@ -71,6 +71,17 @@ def files(folder: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "keel-config.json"}
 
 
+def with_deployment(exported: Path, dest: Path, did: str, fields: str) -> Path:
+    """A copy of `exported` at `dest` with one more deployment file, `did`, of `fields` plus a model and URL."""
+    subprocess.run(["cp", "-r", str(exported), str(dest)], check=True)
+    (dest / "deployments" / "zz.yaml").write_text(
+        f"{fields}provider: openai_compatible\nmodel: m\nid: {did}\nbase_url: http://127.0.0.1:9/v1\n")
+    index = json.loads((dest / "keel-config.json").read_text())
+    index["files"]["deployments/zz.yaml"] = {"name": did}
+    (dest / "keel-config.json").write_text(json.dumps(index))
+    return dest
+
+
 def test_export_holds_every_definition_and_no_secret_value(exported: Path) -> None:
     """Guards: a provider key (given as api_key, kept in the vault) leaking into files meant for git."""
     got = files(exported)
@@ -114,15 +125,9 @@ def test_a_refusal_by_the_server_puts_back_what_changed(exported: Path, source: 
     """Guards: an import the server refuses midway (here: a deployment keel.yaml defines) leaving earlier
     definitions changed."""
     target = source
-    edited = tmp_path / "edited"
-    subprocess.run(["cp", "-r", str(exported), str(edited)], check=True)
+    edited = with_deployment(exported, tmp_path / "edited", "zz-static", "alias: static-chat\n")
     dep = next((edited / "deployments").glob("cfg-chat*"))
     dep.write_text(dep.read_text().replace("timeout_s: 60.0", "timeout_s: 5.0"))
-    (edited / "deployments" / "zz.yaml").write_text(
-        "alias: static-chat\nprovider: openai_compatible\nmodel: m\nid: zz-static\nbase_url: http://127.0.0.1:9/v1\n")
-    index = json.loads((edited / "keel-config.json").read_text())
-    index["files"]["deployments/zz.yaml"] = {"name": "zz-static"}
-    (edited / "keel-config.json").write_text(json.dumps(index))
     out = keel(target, "import", str(edited))
     assert out.returncode == 1 and "zz-static" in out.stderr and "1 change(s) made before it were put back" \
         in out.stderr, out.stderr
@@ -157,14 +162,8 @@ def test_import_activates_a_changed_policy(exported: Path, module_server_factory
     again = keel(target, "import", str(edited))
     assert again.returncode == 0 and "nothing changed" in again.stdout, again.stdout
 
-    # A refusal after the policy was set puts the old one back with everything else.
-    refused = tmp_path / "refused"
-    subprocess.run(["cp", "-r", str(exported), str(refused)], check=True)  # the original policy again
-    (refused / "deployments" / "zz.yaml").write_text(
-        "alias: x\nprovider: openai_compatible\nmodel: m\nid: zz-x\nbase_url: http://127.0.0.1:9/v1\ntimeout_s: -1\n")
-    index = json.loads((refused / "keel-config.json").read_text())
-    index["files"]["deployments/zz.yaml"] = {"name": "zz-x"}
-    (refused / "keel-config.json").write_text(json.dumps(index))
+    # An import refused before its policy (the original one again) leaves the active policy as it was.
+    refused = with_deployment(exported, tmp_path / "refused", "zz-x", "alias: x\ntimeout_s: -1\n")
     out = keel(target, "import", str(refused))
     with target.admin() as c:
         assert c.get("/admin/policy").json()["content"] == new, out.stdout + out.stderr
