@@ -16,7 +16,8 @@ from starlette.responses import FileResponse, RedirectResponse, Response
 
 from keel.console import (pages_admin, pages_agents, pages_inbox, pages_knowledge, pages_ops, pages_playground,
                           pages_policy, pages_reports, pages_workflows, web)
-from keel.console.throttle import KEY_FAILURES_AUDITED, SignInThrottle, address_key, client_address, networks
+from keel.console.throttle import (KEY_FAILURES_AUDITED, SignInThrottle, address_key, client_address, email_key,
+                                  networks)
 from keel.core.errors import KeelError, NotFound, Unauthorized
 from keel.identity import sessions
 from keel.identity.service import KEY_PREFIX, split_key
@@ -68,7 +69,7 @@ def router() -> APIRouter:
                                  request.headers.getlist("x-forwarded-for"), guard.trusted)
         wait = 0.0 if key or not email else guard.retry_after(email)
         if wait:
-            if refused := guard.to_audit("email " + email.strip().lower()[:320]):
+            if refused := guard.to_audit("email " + email_key(email)):
                 await web.audit(request, "console.sign_in.throttled", email[:100], method=how, refused=refused)
             response = _sign_in_page(request, target, "Too many failed sign-ins for this email: try again in "
                                      f"{max(1, round(wait / 60))} minutes, or ask an admin to reset the password.", 429)

@@ -25,10 +25,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 LIMIT, WINDOW_S, MAX_TRACKED, PER_MINUTE, ADDRESS_LIMIT = 10, 900.0, 100_000, 30.0, 3
 AUDIT_EVERY_S, KEY_FAILURES_AUDITED = 60.0, 10  # audit periods; failed key sign-ins audited one by one per period
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+V = TypeVar("V")
 
 
 def networks(values: Iterable[str]) -> tuple[Network, ...]:
@@ -44,6 +46,11 @@ def client_address(peer: str | None, forwarded_for: Sequence[str], trusted: Sequ
     while hops and _trusted(here, trusted):
         here = hops.pop()
     return here[:64]
+
+
+def email_key(email: str) -> str:
+    """What an email's failures are counted under: trimmed, lower-case, at most 320 characters (RFC 5321's bound)."""
+    return email.strip().lower()[:320]
 
 
 def address_key(address: str) -> str:
@@ -70,6 +77,15 @@ def _trusted(address: str, trusted: Sequence[Network]) -> bool:
     return any(ip in net for net in trusted)
 
 
+def _make_room(table: dict[str, V], live: Callable[[str, V], bool]) -> dict[str, V]:
+    """Bounded memory for a full `table`: the entries still `live`, and while that is still full, the earliest
+    tracked go first."""
+    kept = {k: v for k, v in table.items() if live(k, v)}
+    while len(kept) >= MAX_TRACKED:
+        kept.pop(next(iter(kept)))
+    return kept
+
+
 class _Failures:
     """Failure times per name (an email or an address) within a window, in bounded memory."""
 
@@ -84,10 +100,8 @@ class _Failures:
         return q
 
     def add(self, who: str, now: float) -> None:
-        if len(self.by_name) >= MAX_TRACKED:  # bounded memory: forget names whose window has passed
-            self.by_name = {k: v for k, v in self.by_name.items() if self.recent(k, now)}
-            while len(self.by_name) >= MAX_TRACKED:  # still full: the earliest tracked goes first
-                self.by_name.pop(next(iter(self.by_name)))
+        if len(self.by_name) >= MAX_TRACKED:
+            self.by_name = _make_room(self.by_name, lambda k, _: bool(self.recent(k, now)))
         q = self.recent(who, now)
         q.append(now)
         self.by_name[who] = q
@@ -123,7 +137,7 @@ class SignInThrottle:
 
     def retry_after(self, who: str) -> float:
         """Seconds until `who` may try again (0: now)."""
-        who = who.strip().lower()[:320]
+        who = email_key(who)
         with self._lock:
             now = self.clock()
             q = self._emails.recent(who, now)
@@ -132,7 +146,7 @@ class SignInThrottle:
     def failed(self, who: str, address: str = "") -> None:
         with self._lock:
             now = self.clock()
-            self._emails.add(who.strip().lower()[:320], now)
+            self._emails.add(email_key(who), now)
             self._addresses.add(address_key(address), now)
             self._refill(now)
             self._tokens = max(0.0, self._tokens - 1)
@@ -144,9 +158,7 @@ class SignInThrottle:
         with self._lock:
             now = self.clock()
             if len(self._audited) >= MAX_TRACKED and who not in self._audited:
-                self._audited = {k: v for k, v in self._audited.items() if now - v[0] < every_s}
-                while len(self._audited) >= MAX_TRACKED:
-                    self._audited.pop(next(iter(self._audited)))
+                self._audited = _make_room(self._audited, lambda _, v: now - v[0] < every_s)
             opened, audited, held = self._audited.get(who, (-every_s, 0, 0))
             if now - opened >= every_s:
                 opened, audited = now, 0
@@ -158,4 +170,4 @@ class SignInThrottle:
 
     def succeeded(self, who: str) -> None:
         with self._lock:
-            self._emails.by_name.pop(who.strip().lower()[:320], None)
+            self._emails.by_name.pop(email_key(who), None)
