@@ -53,6 +53,7 @@ class OutageModel(ScriptedModel):
         self.outage: dict[str, bool] = {}
         self.retry_after_for: dict[str, str] = {}
         self.pending: str | None = None
+        self.calls: Counter[str] = Counter()  # model calls per script: other tests' runs may still be retrying
 
     def record(self, request: Any, body: Any) -> str | None:
         fault = super().record(request, body)
@@ -61,6 +62,7 @@ class OutageModel(ScriptedModel):
         task = next((m.get("content") or "" for m in body["messages"] if m.get("role") == "user"), "")
         name = task.split("[script:", 1)[1].split("]", 1)[0] if "[script:" in task else ""
         turn = sum(1 for m in body["messages"] if m.get("role") == "assistant")
+        self.calls[name] += 1
         if turn == 1 and self.outage.get(name):
             self.pending = self.retry_after_for.get(name)  # read by error_response with no await in between
             self.faults["503"] += 1
@@ -144,7 +146,8 @@ def test_a_503_window_is_waited_out_and_the_run_completes(world, script, retry_a
     assert [(a["seq"], a["kind"], a["decision"]) for a in d["actions"]] == [(1, "model", "allowed"),
                                                                             (2, "tool", "allowed")]
     shown = json.loads(keel_cli(srv, builder, "agents", "show", name, out["id"]))
-    assert shown["status"] == "waiting_provider" and shown["waiting"]["for"] == "agent-model"
+    # a 1 s Retry-After can end this wait (status back to running) while the CLI starts; the wait stays listed
+    assert shown["status"] in ("waiting_provider", "running") and shown["waits"][0]["for"] == "agent-model", shown
     eventually(lambda: detail(srv, name, out["id"], builder)["waits"][-1]["waits"] >= 2, timeout=30)  # it retries
     model.outage[script] = False  # the provider is back
     d = status_of(srv, name, out["id"], builder, "completed")
@@ -250,12 +253,11 @@ def test_a_policy_denial_fails_the_run_at_once_with_no_upstream_call(world):
     """No waiting on what cannot change: the blue team's confidential data may not reach a cloud model."""
     srv, model, blue = world["srv"], world["model"], world["keys"].keys[("builder", "blue")]
     define(srv, MANDATE.format(name="outage_denied", wall="1h"), key=blue)
-    before = model.stats()["paths"].get("/v1/chat/completions", 0)
     t0 = time.monotonic()
     out = run(srv, "outage_denied", "File ann [script:denied]", key=blue, wait_s=30)
     assert out["status"] == "failed" and out["error"]["code"] == "policy_denied", out
     assert out["waits"] == [] and out["waiting"] is None and time.monotonic() - t0 < 20
-    assert model.stats()["paths"].get("/v1/chat/completions", 0) == before
+    assert model.calls["denied"] == 0
     assert Counter(a["decision"] for a in out["actions"]) == Counter()
 
 
