@@ -47,8 +47,24 @@ def segments(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _bucket(h: np.ndarray, salt: int) -> np.ndarray:
-    return ((h ^ np.uint64(salt)) * _MIX) >> np.uint64(64 - BITS)
+def _bucket(h: np.ndarray, salt: int | np.ndarray) -> np.ndarray:
+    return ((h ^ np.asarray(salt, dtype=np.uint64)) * _MIX) >> np.uint64(64 - BITS)
+
+
+_tables: list[np.ndarray] = []  # [powers of _P, powers of _PINV], grown by doubling: one small text costs
+_KINDS = (3, 4, 5, "w1", "w2")   # no power computation (numpy calls, not arithmetic, are a short text's cost)
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """P**i and P**-i (mod 2**64) for i in 0..n, from tables computed once (the same values as a cumprod)."""
+    if not _tables or len(_tables[0]) <= n:
+        size = max(1024, 2 * (n + 1))
+        one = np.ones(1, dtype=np.uint64)
+        powers = np.concatenate((one, np.cumprod(np.full(size - 1, _P, dtype=np.uint64))))
+        pinv = np.concatenate((one, np.cumprod(np.full(size - 1, _PINV, dtype=np.uint64))))
+        _tables[:] = [powers, pinv]  # swapped whole: a reader in another thread sees old or new, both right
+    powers, pinv = _tables
+    return powers[:n], pinv[: n + 1]
 
 
 def featurize(text: str, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -74,40 +90,50 @@ def _segment_map(length: int, spans: list[tuple[int, int]]) -> np.ndarray:
     return seg_of_char
 
 
-def _features(norm: str, seg_of_char: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _features(norm: str, seg_of_char: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Bucket ids of `norm`'s features and each one's segment (`seg_of_char` None: one segment, no segment
+    array is built and the second result is empty)."""
     codes = np.frombuffer((" " + norm + " ").encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
     is_tok = ((codes >= 97) & (codes <= 122)) | ((codes >= 48) & (codes <= 57)) | (codes >= 128)
     # Compact: every run of non-token characters becomes one space.
     prev_tok = np.concatenate(([True], is_tok[:-1]))
     keep = is_tok | prev_tok
     c = np.where(is_tok, codes, np.uint64(32))[keep]
-    origin = seg_of_char[keep]
+    origin = None if seg_of_char is None else seg_of_char[keep]
     tok = is_tok[keep]
     n = len(c)
-    one = np.ones(1, dtype=np.uint64)
-    powers = np.concatenate((one, np.cumprod(np.full(n, _P, dtype=np.uint64))))[:n]
-    pinv = np.concatenate((one, np.cumprod(np.full(n, _PINV, dtype=np.uint64))))
+    powers, pinv = _powers(n)
     prefix = np.concatenate(([np.uint64(0)], np.cumsum(c * powers, dtype=np.uint64)))
-    ids, segs = [], []
+    hashes, segs, counts = [], [], []
     for k in (3, 4, 5):
         if n >= k:
-            h = (prefix[k:] - prefix[:-k]) * pinv[: n - k + 1]
-            ids.append(_bucket(h, _SALTS[k]))
-            segs.append(origin[: n - k + 1])
+            hashes.append((prefix[k:] - prefix[:-k]) * pinv[: n - k + 1])
+            counts.append(n - k + 1)
+            if origin is not None:
+                segs.append(origin[: n - k + 1])
+        else:
+            counts.append(0)
     edges = np.diff(np.concatenate(([0], tok.astype(np.int8), [0])))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     if len(starts):
         wh = (prefix[ends] - prefix[starts]) * pinv[starts]
-        ids.append(_bucket(wh, _SALTS["w1"]))
-        segs.append(origin[starts])
+        hashes.append(wh)
+        counts.append(len(wh))
+        if origin is not None:
+            segs.append(origin[starts])
         if len(starts) > 1:
             bh = wh[:-1] * _MIX + wh[1:]
-            same = origin[starts[:-1]] == origin[starts[1:]]
-            ids.append(_bucket(bh[same], _SALTS["w2"]))
-            segs.append(origin[starts[:-1]][same])
-    if not ids:
+            if origin is not None:
+                same = origin[starts[:-1]] == origin[starts[1:]]
+                bh = bh[same]
+                segs.append(origin[starts[:-1]][same])
+            hashes.append(bh)
+            counts.append(len(bh))
+    if not hashes:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(ids).astype(np.int64), np.concatenate(segs)
+    salts = np.repeat(np.array([_SALTS[k] for k in _KINDS[:len(counts)]], dtype=np.uint64), counts)
+    ids = _bucket(np.concatenate(hashes), salts).astype(np.int64)  # one bucketing pass over every kind
+    return ids, (np.concatenate(segs) if origin is not None else np.zeros(0, np.int64))
 
 
 def scores(weights: np.ndarray, bias: float, text: str,
@@ -119,7 +145,11 @@ def scores(weights: np.ndarray, bias: float, text: str,
     bias, so a few words cannot carry a verdict on their own."""
     if not spans:
         return np.zeros(0)
-    ids, seg = featurize(text, spans)
+    if len(spans) == 1 and spans[0] == (0, len(text)):  # a short text is one segment: no segment bookkeeping
+        ids = _features(normalise(text), None)[0]
+        seg = np.zeros(len(ids), dtype=np.int64)
+    else:
+        ids, seg = featurize(text, spans)
     counts = np.bincount(seg, minlength=len(spans)).astype(np.float64)
     sums = np.bincount(seg, weights=weights[ids], minlength=len(spans))
     return bias + sums / np.sqrt(np.maximum(counts, max(min_evidence, 1.0)))
