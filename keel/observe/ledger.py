@@ -67,13 +67,24 @@ class Ledger:
             convert = {c.name: f for c in usage_ledger.c
                        if (f := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None}
             names = list(compiled.positiontup or ()) if dialect.positional else [c.name for c in usage_ledger.c]
-            getters = [(name, convert.get(name)) for name in names]
+            # the columns with a conversion, by position: the rest are taken as they are, in one comprehension
+            # (a generator testing each column: 17.7 against 12.9 µs per row, in the flushing thread); a
+            # conversion's answer for None (a JSON column's `null`) is computed once
+            converted = [(i, f, f(None)) for i, name in enumerate(names) if (f := convert.get(name)) is not None]
+
+            def values(row: dict[str, Any]) -> list[Any]:
+                get = row.get
+                out = [get(n) for n in names]
+                for i, f, none in converted:
+                    v = out[i]
+                    out[i] = none if v is None else f(v)
+                return out
 
             def positional(row: dict[str, Any]) -> tuple[Any, ...]:
-                return tuple(row.get(n) if f is None else f(row.get(n)) for n, f in getters)
+                return tuple(values(row))
 
             def named(row: dict[str, Any]) -> dict[str, Any]:
-                return {n: row.get(n) if f is None else f(row.get(n)) for n, f in getters}
+                return dict(zip(names, values(row)))
 
             self._compiled = (dialect, compiled.string, positional if dialect.positional else named)
         return self._compiled[1], self._compiled[2]

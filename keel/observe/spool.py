@@ -49,7 +49,7 @@ class Spool:
         self._rows = 0
 
     def append(self, row: dict[str, Any]) -> None:
-        os.write(self._fd, orjson.dumps(row, default=str) + b"\n")
+        os.write(self._fd, orjson.dumps(row, default=str, option=orjson.OPT_APPEND_NEWLINE))
         self._rows += 1
 
     def seal(self) -> int:
