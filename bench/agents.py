@@ -142,7 +142,10 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEEL_")}
         env.update({"KEEL_DATA_DIR": str(data), "KEEL_DATABASE_URL": f"sqlite:///{base / 'keel.db'}",
                     "KEEL_BOOTSTRAP_ADMIN_KEY": ADMIN, "KEEL_MASTER_KEY": "bench-master-key",
-                    "KEEL_EMBEDDED_MODELS": "false", "KEEL_LOG_REQUESTS": "false", "PYTHONUNBUFFERED": "1"})
+                    "KEEL_EMBEDDED_MODELS": "false", "KEEL_LOG_REQUESTS": "false", "PYTHONUNBUFFERED": "1",
+                    # the Keel of this tree, not the venv's editable install: a `git archive` copy of another
+                    # commit run with the same venv would otherwise serve the checkout's code
+                    "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([PY, "-m", "keel", "serve", "--port", str(self.port), "--config", str(cfg)],
                                          env=env, cwd=base, stdout=log, stderr=subprocess.STDOUT)
@@ -286,6 +289,7 @@ def main() -> None:
         stop(upstream_proc)
         shutil.rmtree(tmp, ignore_errors=True)
     res.update(steps=args.steps, runs=args.runs, backend="sqlite", target_overhead_ms=TARGET_STEP_OVERHEAD_MS,
+               tree=str(ROOT),  # the checkout whose Keel `keel serve` ran (PYTHONPATH above)
                # the machine's 1-minute load average before and after: on a shared machine wall times measure it too
                load_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)])
     print(json.dumps(res))
