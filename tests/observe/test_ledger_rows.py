@@ -61,3 +61,24 @@ def test_ledger_writes_what_sqlalchemy_writes(db_url: str) -> None:
         assert ours == theirs
     finally:
         store.engine.dispose()
+
+
+def test_a_large_batch_is_written_whole_and_a_repeat_once(db_url: str) -> None:
+    """A flush of more rows than one statement holds (SQLite: multi-row INSERTs of a power of two rows each) writes
+    every row; a batch holding an id already written falls back to row by row and skips only the repeat."""
+    store = Store.open(db_url)
+    store.upgrade()
+    try:
+        ledger = Ledger(store)
+        base = rows("big-")[0]
+        batch = [{**base, "request_id": f"big-{i:05d}", "tokens_in": i} for i in range(1500 + 37)]
+        ledger._write_safely(batch)
+        ledger._write_safely([{**base, "request_id": "big-00007", "tokens_in": -1},
+                              {**base, "request_id": "big-new", "tokens_in": 5}])
+        with store.engine.connect() as conn:
+            found = dict(conn.execute(sa.select(usage_ledger.c.request_id, usage_ledger.c.tokens_in)
+                                      .where(usage_ledger.c.request_id.like("big-%"))).all())
+        assert found == {**{r["request_id"]: r["tokens_in"] for r in batch}, "big-new": 5}
+        assert ledger.written == 1500 + 37 + 1
+    finally:
+        store.engine.dispose()
