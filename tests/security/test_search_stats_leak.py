@@ -10,7 +10,6 @@ import json
 
 import pytest
 
-from conftest import TEST_DB
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.knowledge.conftest import upload
 
@@ -55,9 +54,6 @@ def _order(s, keys) -> list[str]:
     return sources
 
 
-@pytest.mark.xfail(TEST_DB == "sqlite", strict=True, reason="FTS5 bm25() takes term statistics over the whole "
-                   "collection's index, restricted chunks included; excluding them needs Keel's own BM25 over "
-                   "the readable chunks (or an index per ACL group) — left to the knowledge owners")
 def test_a_restricted_documents_words_do_not_reorder_a_readers_hits(srv):
     s, keys = srv
     _hidden(s, keys, "alpha")

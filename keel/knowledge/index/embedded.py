@@ -12,6 +12,7 @@ import fcntl
 import logging
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,7 +21,8 @@ import sqlalchemy as sa
 
 from keel.core.db import Store
 from keel.core.errors import Unavailable
-from keel.knowledge.acl import Collection, Scope
+from keel.knowledge.acl import Collection, Scope, document_readable
+from keel.knowledge.index import scoped_bm25
 from keel.knowledge.index.base import ChunkIn, Scored, TermStats, Tx, insert_chunks, query_terms, reading
 from keel.knowledge.index.hnsw import VectorShard
 from keel.knowledge.tables import chunks, collections, documents
@@ -54,6 +56,7 @@ class EmbeddedIndex:
         self._lockfile = None
         self.stats = TermStats()  # keyword-only search
         self.hybrid_stats = TermStats(HYBRID_BUDGET)  # the keyword leg of hybrid search
+        self.lengths = scoped_bm25.DocLengths()  # for BM25 over the chunks a caller may read
 
     # -- lifecycle ------------------------------------------------------------------------
     def open(self) -> None:
@@ -127,6 +130,7 @@ class EmbeddedIndex:
         tx.conn.execute(chunks.delete().where(chunks.c.collection_id == c.id))
 
         def forget() -> None:
+            self.lengths.changed(c.id)
             with self._lock:
                 self.shards.pop(c.id, None)
             for suffix in (".hnsw", ".tmp"):
@@ -151,6 +155,7 @@ class EmbeddedIndex:
         vectors = np.stack([it.embedding for it in items]).astype(np.float32) if items else None
 
         def publish() -> None:
+            self.lengths.changed(c.id, [document_id])
             if vectors is None and c.id not in self.shards:
                 return
             shard = self._shard(c.id, vectors.shape[1] if vectors is not None else c.dims or 0)
@@ -166,6 +171,7 @@ class EmbeddedIndex:
         self._unindex(tx.conn, c.id, document_ids)
 
         def publish() -> None:
+            self.lengths.changed(c.id, document_ids)
             shard = self.shards.get(c.id)
             if shard is not None:
                 shard.remove_documents(document_ids)
@@ -177,49 +183,88 @@ class EmbeddedIndex:
         terms = query_terms(query)
         if not terms or k <= 0:
             return []
+        gens = {c.id: self.lengths.generation(c.id) for c in scope.collections}  # before the read snapshot
         hits: list[Scored] = []
         with reading(self.store) as conn:
             for c in scope.collections:
-                hits += self._keyword_one(conn, c, terms, scope, k)
+                hits += self._keyword_one(conn, c, terms, scope, k, gens[c.id])
         hits.sort(key=lambda h: -h.score)
         return hits[:k]
 
     def _keyword_one(self, conn: sa.Connection, c: Collection, terms: list[str], scope: Scope,
-                     k: int) -> list[Scored]:
+                     k: int, gen: int) -> list[Scored]:
         t = fts_table(c.id)
         fts = sa.table(t, sa.column("rowid"))
         matches = sa.literal_column(f'"{t}"').op("MATCH")
+        p = scope.principal
+        doc_ok = sa.select(documents.c.id).where(documents.c.collection_id == c.id)
+        # Documents this caller may not read must not weigh on its ranking either: with any in the collection,
+        # term counts, N and the average length come from readable chunks and BM25 is computed here (FTS5's
+        # bm25() would take them over the whole table, an oracle for what the hidden documents say).
+        readable = None
+        if not p.is_admin:
+            hidden = doc_ok.where(documents.c.restricted == sa.true(), sa.not_(document_readable(p)))
+            if conn.execute(hidden.limit(1)).first() is not None:
+                readable = fts.c.rowid.not_in(sa.select(chunks.c.id).where(chunks.c.document_id.in_(hidden)))
+        seen = [readable] if readable is not None else []
 
         def count(term: str, cap: int) -> int:
-            inner = sa.select(fts.c.rowid).where(matches(f'"{term}"')).limit(cap).subquery()
+            inner = sa.select(fts.c.rowid).where(matches(f'"{term}"'), *seen).limit(cap).subquery()
             return int(conn.execute(sa.select(sa.func.count()).select_from(inner)).scalar() or 0)
 
-        shard = self.shards.get(c.id)
-        total = len(shard.doc_of) if shard is not None else 0
+        if readable is None:
+            key = c.id
+            shard = self.shards.get(c.id)
+            total = len(shard.doc_of) if shard is not None else 0
+        else:  # term rarity is a statistic too: counted over what this caller reads, cached per reader class
+            key = f"{c.id}\x00{p.role}\x00{p.team_id or ''}"
+            docs = list(conn.execute(doc_ok.where(document_readable(p))).scalars())
+            total, length = self.lengths.totals(conn, c.id, docs, gen)
+            if not total:
+                return []
         stats = self.hybrid_stats if scope.bounded_keyword else self.stats
-        terms = stats.select(c.id, terms, total, count)
+        terms = stats.select(key, terms, total, count)
         match = " OR ".join(f'"{w}"' for w in terms)
-        score = sa.func.bm25(sa.literal_column(f'"{t}"'), *BM25_WEIGHTS).label("s")
         # The predicate runs inside the query; when it cannot exclude anything (no filters, no
         # restricted documents this caller may not read) it is skipped, and FTS5 ranks on its own.
-        where = [matches(match)]
-        doc_ok = sa.select(documents.c.id).where(documents.c.collection_id == c.id)
+        where = [*seen]
         if scope.filters:
             where.append(fts.c.rowid.in_(sa.select(chunks.c.id).where(
                 chunks.c.document_id.in_(doc_ok.where(scope.documents_where())))))
-        elif not scope.principal.is_admin:
-            hidden = doc_ok.where(documents.c.restricted == sa.true(), sa.not_(scope.documents_where()))
-            if conn.execute(hidden.limit(1)).first() is not None:
-                where.append(fts.c.rowid.not_in(sa.select(chunks.c.id).where(chunks.c.document_id.in_(hidden))))
-        most = stats.over_budget(c.id, terms, total) if scope.bounded_keyword else None
+        most = stats.over_budget(key, terms, total) if scope.bounded_keyword else None
         if most:  # hybrid's leg, one common term left: rank only its first `most` readable matches (rowid order)
-            last = conn.execute(sa.select(fts.c.rowid).where(*where).order_by(fts.c.rowid)
+            last = conn.execute(sa.select(fts.c.rowid).where(matches(match), *where).order_by(fts.c.rowid)
                                 .limit(1).offset(most - 1)).scalar()
             if last is not None:
                 where.append(fts.c.rowid <= last)
-        q = sa.select(fts.c.rowid, score).where(*where)
+        if readable is not None:
+            return self._readable_bm25(conn, fts, t, terms, where, count, total, length, k)
+        score = sa.func.bm25(sa.literal_column(f'"{t}"'), *BM25_WEIGHTS).label("s")
+        q = sa.select(fts.c.rowid, score).where(matches(match), *where)
         q = q.order_by(sa.literal_column("s")).limit(k)
         return [Scored(int(r[0]), -float(r[1])) for r in conn.execute(q)]
+
+    @staticmethod
+    def _readable_bm25(conn: sa.Connection, fts: sa.TableClause, t: str, terms: list[str], where: list,
+                       count: Callable[[str, int], int], rows: int, length: int, k: int) -> list[Scored]:
+        """FTS5's bm25() with the statistics of the readable chunks: `rows` of them, `length` tokens in all,
+        each term's rows `count`ed under the same predicate (see `scoped_bm25`)."""
+        table = sa.literal_column(f'"{t}"')
+        idfs = [scoped_bm25.idf(rows, count(term, rows + 1)) for term in terms]
+        freqs: dict[int, list[float]] = {}
+        lengths: dict[int, int] = {}
+        marks = [sa.func.highlight(table, i, scoped_bm25.OPEN, scoped_bm25.CLOSE) for i in range(len(BM25_WEIGHTS))]
+        for i, term in enumerate(terms):
+            for rowid, *cols in conn.execute(sa.select(fts.c.rowid, *marks).where(table.op("MATCH")(f'"{term}"'),
+                                                                               *where)):
+                f = freqs.setdefault(rowid, [0.0] * len(terms))
+                f[i] = sum(w * col.count(scoped_bm25.OPEN) for w, col in zip(BM25_WEIGHTS, cols))
+                if rowid not in lengths:
+                    lengths[rowid] = sum(scoped_bm25.tokens(col) for col in cols)
+        avg = length / rows if length else 1.0
+        scored = sorted(((scoped_bm25.bm25(f, idfs, lengths[r], avg), r) for r, f in freqs.items()),
+                        key=lambda sr: (-sr[0], sr[1]))
+        return [Scored(r, s) for s, r in scored[:k]]
 
     def vector(self, vector: np.ndarray, scope: Scope, k: int) -> list[Scored]:
         q = np.asarray(vector, np.float32)
