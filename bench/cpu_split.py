@@ -49,12 +49,17 @@ def threads(pid: int, names: dict[str, str]) -> dict[str, float]:
 
 def start(tree: Path, tmp: Path, upstream: str):
     """`bench/gateway.py`'s Keel, served from `tree`."""
-    saved = gw.ROOT
+    saved, path = gw.ROOT, os.environ.get("PYTHONPATH")
     gw.ROOT = tree
+    os.environ["PYTHONPATH"] = str(tree)  # the tree's own code, not the venv's editable install
     try:
         return gw.start_keel(tmp, upstream)
     finally:
         gw.ROOT = saved
+        if path is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = path
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request as StarletteRequest
+from starlette.requests import ClientDisconnect, Request as StarletteRequest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -123,7 +123,7 @@ def hot_json_endpoint(model: type[BaseModel], handler: Callable[[Any, StarletteR
     async def endpoint(request: StarletteRequest) -> Response:
         try:
             caller = await authenticate(request) if authenticate is not None else None
-            raw = await request.body()
+            raw = await read_body(request.receive)
             try:
                 data = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
@@ -367,6 +367,26 @@ class JSONAnswer(Response):
         self.background = None
         self.raw_headers = [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json"),
                             *((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]
+
+
+async def read_body(receive: Receive) -> bytes:
+    """A request's whole body straight from the ASGI `receive`, for the hot endpoints: what Starlette's
+    `Request.body()` gives (ClientDisconnect if the client left), without its stream generator (~4 µs a call).
+    The request's own `body()` must not be called after it."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientDisconnect()
+    body = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body
+    parts = [body]
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
 
 
 def refuse_deep(raw: bytes, data: Any) -> None:
