@@ -5,10 +5,13 @@ loopback fake upstream in another process.
 
 The figure is this process's CPU time (every thread: the ledger's and the response store's writers
 included) per request over `--rounds` rounds, each shape taking its turn for `--requests` requests at
-concurrency `--concurrency` in every round, so a machine whose load drifts weighs on every shape alike:
-on a shared machine it moves far less than req/s does (still ±5 % when the machine is loaded: compare
-runs made back to back). Prints ONE JSON line with each shape's µs per request and its
-ratio to chat completions (plain, or streamed for the `_stream` shapes).
+concurrency `--concurrency` in every round (in the reverse order every other round), so a machine whose
+load drifts weighs on every shape alike: on a shared machine it moves far less than req/s does (still ±5 %
+when the machine is loaded: compare runs made back to back). Each turn ends by writing out the ledger's and
+the response store's batches, so a shape's deferred writes are billed to it, not to the shape after it.
+Prints ONE JSON line with each shape's µs per request and its ratio to chat completions (plain, or
+streamed for the `_stream` shapes): `vs_chat` over all rounds, `vs_chat_median` the median of the rounds'
+ratios (a round that a neighbour's burst hit counts once).
 
     .venv/bin/python bench/ingress_cpu.py [--requests 200] [--rounds 20] [--concurrency 32] [--shapes ...]
 
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,6 +119,7 @@ async def run(args: argparse.Namespace, upstream: str, tmp: Path) -> dict:
     configure_logging(settings.log_level)  # as `keel serve`: warnings only, the switch interval, the heap
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     built = create_app(settings)
+    state = built.app.state
     drv = Driver(built.asgi)
     await drv.start()
     try:
@@ -149,22 +154,31 @@ async def run(args: argparse.Namespace, upstream: str, tmp: Path) -> dict:
                         raise SystemExit(f"{path}: {status} {out[:300]!r}")
 
             await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+            await state.observe.ledger.flush()  # this turn's deferred writes, in its own time
+            await state.responses.flush()
 
         for path, h, raw in cases.values():
             await burst(path, h, raw, 200)  # warm-up
         settle_heap()
         spent: dict[str, float] = dict.fromkeys(cases, 0.0)
-        for _ in range(args.rounds):
-            for name, (path, h, raw) in cases.items():
+        ratios: dict[str, list[float]] = {name: [] for name in cases if not name.startswith("chat")}
+        for i in range(args.rounds):
+            turn: dict[str, float] = {}
+            for name in (list(cases) if i % 2 == 0 else list(reversed(cases))):
+                path, h, raw = cases[name]
                 t = time.process_time()
                 await burst(path, h, raw, args.requests)
-                spent[name] += time.process_time() - t
+                turn[name] = time.process_time() - t
+                spent[name] += turn[name]
+            for name in ratios:
+                ratios[name].append(turn[name] / turn["chat_stream" if name.endswith("_stream") else "chat"])
         per_req = {name: cpu / (args.rounds * args.requests) * 1e6 for name, cpu in spent.items()}
     finally:
         await drv.stop()
     out: dict[str, Any] = {"cpu_us_per_req": {k: round(v, 1) for k, v in per_req.items()}}
     out["vs_chat"] = {k: round(v / per_req["chat_stream" if k.endswith("_stream") else "chat"], 3)
                       for k, v in per_req.items() if not k.startswith("chat")}
+    out["vs_chat_median"] = {k: round(statistics.median(v), 3) for k, v in ratios.items()}
     out.update(requests=args.requests, rounds=args.rounds, concurrency=args.concurrency)
     return out
 

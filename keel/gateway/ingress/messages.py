@@ -95,6 +95,72 @@ class MessagesBody(CountTokensBody):
         return v
 
 
+_MESSAGE_FIELDS = frozenset(MessagesBody.model_fields)
+_COUNT_FIELDS = frozenset(CountTokensBody.model_fields)
+_ROLES = ("user", "assistant")
+_NUMBERS = {"max_tokens": (int, 1, MAX_TOKENS), "top_k": (int, 0, MAX_TOKENS), "temperature": (float, 0, 1),
+            "top_p": (float, 0, 1)}
+_OPTIONAL_DICTS = ("tool_choice", "thinking")
+
+
+def fast_body(data: Any, model: type[BaseModel]) -> dict[str, Any] | None:
+    """The decoded JSON of a `model` body (`MessagesBody` or `CountTokensBody`) of the common shape, every
+    field already of its declared type, as the model would dump it (unset and null fields left out); None
+    for anything else, which the model then validates. It accepts only what the model accepts (a property
+    test holds it to that); fields the model does not declare are left to it."""
+    if type(data) is not dict:
+        return None
+    name, messages = data.get("model"), data.get("messages")
+    if type(name) is not str or not 0 < len(name) <= 256 or type(messages) is not list or not messages:
+        return None
+    for m in messages:
+        if type(m) is not dict or len(m) != 2 or m.get("role") not in _ROLES:
+            return None
+        content = m.get("content")
+        if type(content) is not str and not (type(content) is list and all(type(b) is dict for b in content)):
+            return None
+    fields = _MESSAGE_FIELDS if model is MessagesBody else _COUNT_FIELDS
+    out: dict[str, Any] = {}
+    try:
+        for key, v in data.items():
+            if v is None:
+                continue
+            if key not in fields:
+                return None
+            out[key] = v
+            spec = _NUMBERS.get(key)
+            if spec is not None:
+                kind, low, high = spec
+                if kind is float and type(v) is int:
+                    v = out[key] = float(v)
+                if type(v) is not kind or not low <= v <= high:
+                    return None
+            elif key == "system":
+                if type(v) is not str and not (type(v) is list and all(type(b) is dict for b in v)):
+                    return None
+            elif key == "tools":
+                if type(v) is not list or not all(type(t) is dict for t in v):
+                    return None
+            elif key in _OPTIONAL_DICTS:
+                if type(v) is not dict:
+                    return None
+            elif key == "stop_sequences":
+                if type(v) is not list or not all(type(x) is str for x in v):
+                    return None
+            elif key == "stream":
+                if type(v) is not bool:
+                    return None
+            elif key == "metadata":
+                _check_metadata(v)
+            elif key == "keel":
+                check_keel(v)
+    except (ValueError, TypeError, AttributeError, OverflowError):
+        return None
+    if model is MessagesBody and "max_tokens" not in out:
+        return None
+    return out
+
+
 def _invalid(exc: ValidationError, prefix: str = "") -> ValidationFailed:
     fields = [{"field": prefix + ".".join(str(p) for p in e.get("loc", ())) or "(body)",
                "message": e.get("msg", "invalid")} for e in exc.errors()]
@@ -112,6 +178,9 @@ def _parse(raw: bytes, model: type[BaseModel]) -> dict[str, Any]:
         raise MalformedJSON(f"request body is not valid JSON: {exc}",
                             fix="send a JSON object with Content-Type: application/json") from None
     refuse_deep(raw, data)
+    fast = fast_body(data, model)
+    if fast is not None:
+        return fast
     try:
         return model.model_validate(data).model_dump(exclude_unset=True, exclude_none=True)
     except ValidationError as exc:
@@ -119,8 +188,13 @@ def _parse(raw: bytes, model: type[BaseModel]) -> dict[str, Any]:
 
 
 def _chat_body(data: dict[str, Any]) -> dict[str, Any]:
-    """The translated request, held to every check a /v1/chat/completions body passes (tool schemas…)."""
+    """The translated request, held to every check a /v1/chat/completions body passes (tool schemas…). A
+    request of plain text turns with no tools or output format is one the translation has checked through
+    (its other fields have the same or tighter bounds here than there), and is not checked again."""
     openai = openai_body(data)
+    if "tools" not in openai and "tool_choice" not in openai and "response_format" not in openai and all(
+            type(m["content"]) is str and len(m) == 2 for m in openai["messages"]):
+        return openai
     checked = fast_chat_body(openai)
     if checked is not None:
         return checked

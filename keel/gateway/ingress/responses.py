@@ -20,8 +20,8 @@ from keel.core.ids import new_id
 from keel.core.logs import request_id_var
 from keel.gateway.ingress.response_store import ResponseStore
 from keel.gateway.ingress.responses_shape import (
-    ResponsesBody, chat_data, check_supported, function_item, input_items, message_item, output_items,
-    response_json, to_messages,
+    Request as ResponsesRequest, ResponsesBody, chat_data, check_supported, fast_responses_body, function_item,
+    input_items, message_item, output_items, parsed, response_json, to_messages,
 )
 from keel.gateway.pipeline import Call, Gateway
 from keel.gateway.protocol import ChatDelta, ChatResult, Usage
@@ -48,20 +48,22 @@ async def create_response(body: ResponsesBody, request: Request, p: Principal = 
     return await _create(body, request, p)
 
 
-async def _create(body: ResponsesBody, request: Request, p: Principal) -> Response:
-    check_supported(body)
-    items = input_items(body.input)
+async def _create(body: ResponsesBody | ResponsesRequest, request: Request, p: Principal) -> Response:
+    req = parsed(body)
+    check_supported(req)
+    items = input_items(req["input"])
     store = _store(request)
-    history = await store.conversation(p, body.previous_response_id) if body.previous_response_id else []
-    data = chat_data(body, to_messages(history + items, body.instructions))
+    previous = req.get("previous_response_id")
+    history = await store.conversation(p, previous) if previous else []
+    data = chat_data(req, to_messages(history + items, req.get("instructions")))
     rid = request_id_var.get() or ""
-    call = Call(request_id=rid, principal=p, kind="chat", alias=body.model, chat=chat_request(data),
-                metadata=dict(body.metadata or {}))
+    call = Call(request_id=rid, principal=p, kind="chat", alias=req["model"], chat=chat_request(data),
+                metadata=dict(req.get("metadata") or {}))
     gw: Gateway = request.app.state.gateway
     response_id, created = _response_id(rid), int(time.time())
-    if not body.stream:
+    if not req.get("stream"):
         def answered(result: ChatResult) -> Response:
-            out = response_json(response_id, created, body, status="completed",
+            out = response_json(response_id, created, req, status="completed",
                                 output=output_items(response_id, result), usage=result.usage,
                                 finish_reason=result.finish_reason)
             encoded = orjson.dumps(out)
@@ -72,7 +74,7 @@ async def _create(body: ResponsesBody, request: Request, p: Principal) -> Respon
         return await answer_chat(gw, call, request, answered)
     stream = gw.chat_stream(call)
     first = await first_delta(stream)
-    events = Events(response_id, created, body, call)
+    events = Events(response_id, created, req, call)
     return StreamedResponse(events.run(stream, first, store, items), media_type="text/event-stream",
                             headers={**answer_headers(call), "cache-control": "no-cache"})
 
@@ -83,8 +85,8 @@ class Events:
     `.done` events); each tool call to a function_call item (its arguments as deltas); then
     `response.completed` (or `response.incomplete`) with the whole response and its usage."""
 
-    def __init__(self, response_id: str, created: int, body: ResponsesBody, call: Call) -> None:
-        self.id, self.created, self.body, self.call = response_id, created, body, call
+    def __init__(self, response_id: str, created: int, body: ResponsesBody | ResponsesRequest, call: Call) -> None:
+        self.id, self.created, self.body, self.call = response_id, created, parsed(body), call
         self.suffix = response_id.removeprefix("resp_")
         self.seq = 0
         self.out: list[bytes] = []
@@ -237,10 +239,10 @@ async def delete_response(response_id: str, request: Request, p: Principal = Dep
 def hot_routes() -> dict[tuple[str, str], HotEndpoint]:
     """`POST /v1/responses` ahead of the framework router, like chat completions."""
 
-    def create(body: ResponsesBody, request: Any, p: Principal) -> Awaitable[Response]:
+    def create(body: ResponsesBody | ResponsesRequest, request: Any, p: Principal) -> Awaitable[Response]:
         return _create(body, request, p)
 
-    return {("POST", "/v1/responses"): hot_json_endpoint(ResponsesBody, create, authenticate=principal)}
+    return {("POST", "/v1/responses"): hot_json_endpoint(ResponsesBody, create, fast_responses_body, principal)}
 
 
 def mount(app: FastAPI, store: Store) -> None:

@@ -16,6 +16,8 @@ from keel.gateway.schemas import (
     MAX_TOKENS, ChatCompletionBody, check_keel, check_metadata, fast_chat_body,
 )
 
+Request = dict[str, Any]  # a `/v1/responses` body as `ResponsesBody` dumps it (unset and null fields left out)
+
 MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 # Fields of the Responses API that Keel does not serve: refused by name rather than silently ignored.
 UNSUPPORTED = {
@@ -65,19 +67,92 @@ class ResponsesBody(BaseModel):
         return v
 
 
-def check_supported(body: ResponsesBody) -> None:
+FIELDS = frozenset(ResponsesBody.model_fields)
+_TRUNCATION = ("auto", "disabled")
+
+
+def fast_responses_body(data: Any) -> Request | None:
+    """The decoded JSON of a body of the common shape, every field already of its declared type, as
+    `ResponsesBody` would dump it (`parsed`); None for anything else, which `ResponsesBody` then validates
+    (with its lax coercions and its errors). It accepts only what the model accepts (a property test holds
+    it to that), and leaves unknown fields to the model's path, which refuses them by name."""
+    if type(data) is not dict:
+        return None
+    model, inp = data.get("model"), data.get("input")
+    if type(model) is not str or not 0 < len(model) <= 256:
+        return None
+    if type(inp) is not str and not (type(inp) is list and all(type(i) is dict for i in inp)):
+        return None
+    out: Request = {}
+    try:
+        for key, v in data.items():
+            if v is None:
+                continue
+            out[key] = v
+            if key in _STRINGS:
+                limit = _STRINGS[key]
+                if type(v) is not str or (limit is not None and len(v) > limit) or (key == "previous_response_id"
+                                                                                    and not v):
+                    return None
+            elif key in _BOOLS:
+                if type(v) is not bool:
+                    return None
+            elif key in _FLOATS:
+                if type(v) is int:
+                    v = out[key] = float(v)
+                if type(v) is not float or not 0 <= v <= _FLOATS[key]:
+                    return None
+            elif key == "max_output_tokens":
+                if type(v) is not int or not 1 <= v <= MAX_TOKENS:
+                    return None
+            elif key in ("tools", "include"):
+                kind = dict if key == "tools" else str
+                if type(v) is not list or not all(type(x) is kind for x in v):
+                    return None
+            elif key == "text":
+                if type(v) is not dict:
+                    return None
+            elif key == "metadata":
+                check_metadata(v)
+            elif key == "keel":
+                check_keel(v)
+                if type(v) is not dict:
+                    return None
+            elif key == "truncation":
+                if v not in _TRUNCATION:
+                    return None
+            elif key not in ("model", "input", "tool_choice"):
+                return None  # not a field of the model: its path names it in the refusal
+    except (ValueError, TypeError, AttributeError, OverflowError):
+        return None
+    return out
+
+
+_STRINGS: dict[str, int | None] = {"model": 256, "instructions": None, "previous_response_id": 64, "user": 256}
+_BOOLS = ("store", "stream", "parallel_tool_calls")
+_FLOATS = {"temperature": 2, "top_p": 1}
+
+
+def parsed(body: ResponsesBody | Request) -> Request:
+    """The request as JSON: the fields the client set, null ones left out (what `fast_responses_body` gives)."""
+    if type(body) is dict:
+        return body
+    return body.model_dump(exclude_unset=True, exclude_none=True)
+
+
+def check_supported(body: ResponsesBody | Request) -> None:
     """Refuse, by name, what the body asks for that Keel does not do."""
-    extra = dict(body.model_extra or {})
-    for name in IGNORED:
-        extra.pop(name, None)
-    asked = {k: v for k, v in extra.items() if v is not None}
+    req = parsed(body)
+    if FIELDS.issuperset(req) and not req.get("include"):
+        return
+    asked = {k: v for k, v in req.items() if k not in FIELDS and k not in IGNORED and v is not None}
     for name, fix in UNSUPPORTED.items():
         if name in asked:
             raise NotSupported(f"`{name}` is not supported by Keel's /v1/responses", fix=fix, field=name)
     if asked:
         names = ", ".join(f"`{k}`" for k in sorted(asked))
         raise NotSupported(f"unknown field(s) for /v1/responses: {names}", fix="remove them", fields=sorted(asked))
-    if body.include:
+    if req.get("include"):
         raise NotSupported("`include` is not supported by Keel's /v1/responses", fix="omit `include`", field="include")
 
 
@@ -221,21 +296,28 @@ def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": spec}
 
 
-def chat_data(body: ResponsesBody, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """The chat completions body the request stands for, checked as `/v1/chat/completions` checks it."""
-    data: dict[str, Any] = {"model": body.model, "messages": messages}
-    for key, value in (("max_tokens", body.max_output_tokens), ("temperature", body.temperature),
-                       ("top_p", body.top_p), ("tools", chat_tools(body.tools)),
-                       ("tool_choice", chat_tool_choice(body.tool_choice)), ("response_format", response_format(body.text)),
-                       ("parallel_tool_calls", body.parallel_tool_calls), ("user", body.user),
-                       ("metadata", body.metadata), ("stream", body.stream)):
+def chat_data(body: ResponsesBody | Request, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The chat completions body the request stands for, checked as `/v1/chat/completions` checks it. A body
+    of plain text messages with no tools, tool choice or format is one the translation has checked through
+    (every field it carries has the same bounds here as there), and is not checked again."""
+    req = parsed(body)
+    data: dict[str, Any] = {"model": req["model"], "messages": messages}
+    tools, choice, fmt = chat_tools(req.get("tools")), chat_tool_choice(req.get("tool_choice")), \
+        response_format(req.get("text"))
+    for key, value in (("max_tokens", req.get("max_output_tokens")), ("temperature", req.get("temperature")),
+                       ("top_p", req.get("top_p")), ("tools", tools), ("tool_choice", choice),
+                       ("response_format", fmt), ("parallel_tool_calls", req.get("parallel_tool_calls")),
+                       ("user", req.get("user")), ("metadata", req.get("metadata")), ("stream", req.get("stream"))):
         if value is not None:
             data[key] = value
-    keel = dict(body.keel or {})
-    if body.truncation == "auto":
+    keel = dict(req.get("keel") or {})
+    if req.get("truncation") == "auto":
         keel.setdefault("context_overflow", "trim")
     if keel:
         data["keel"] = keel
+    if tools is None and choice is None and fmt is None and all(
+            type(m["content"]) is str and len(m) == 2 for m in messages):
+        return data
     checked = fast_chat_body(data)
     if checked is not None:
         return checked
@@ -296,20 +378,23 @@ def incomplete(finish_reason: str | None) -> dict[str, str] | None:
     return None
 
 
-def response_json(response_id: str, created: int, body: ResponsesBody, *, status: str,
+def response_json(response_id: str, created: int, body: ResponsesBody | Request, *, status: str,
                   output: list[dict[str, Any]], usage: Usage | None, finish_reason: str | None = None) -> dict[str, Any]:
     """The response object: what was asked (echoed as OpenAI does), the output and the usage."""
+    req = parsed(body)
     why = incomplete(finish_reason) if status != "in_progress" else None
+    get = req.get
+    temperature, top_p, text = get("temperature"), get("top_p"), get("text")
     return {
         "id": response_id, "object": "response", "created_at": created,
         "status": "incomplete" if why else status, "error": None, "incomplete_details": why,
-        "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": body.model,
-        "output": output, "parallel_tool_calls": body.parallel_tool_calls is not False,
-        "previous_response_id": body.previous_response_id, "reasoning": {"effort": None, "summary": None},
-        "store": body.store is not False, "temperature": body.temperature if body.temperature is not None else 1.0,
-        "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
-        "tool_choice": body.tool_choice if body.tool_choice is not None else "auto", "tools": body.tools or [],
-        "top_p": body.top_p if body.top_p is not None else 1.0, "truncation": body.truncation or "disabled",
-        "usage": usage_json(usage) if usage is not None else None, "user": body.user,
-        "metadata": body.metadata or {},
+        "instructions": get("instructions"), "max_output_tokens": get("max_output_tokens"), "model": req["model"],
+        "output": output, "parallel_tool_calls": get("parallel_tool_calls") is not False,
+        "previous_response_id": get("previous_response_id"), "reasoning": {"effort": None, "summary": None},
+        "store": get("store") is not False, "temperature": temperature if temperature is not None else 1.0,
+        "text": {"format": (text or {}).get("format") or {"type": "text"}},
+        "tool_choice": get("tool_choice", "auto"), "tools": get("tools") or [],
+        "top_p": top_p if top_p is not None else 1.0, "truncation": get("truncation") or "disabled",
+        "usage": usage_json(usage) if usage is not None else None, "user": get("user"),
+        "metadata": get("metadata") or {},
     }
