@@ -21,7 +21,7 @@ from keel.core.logs import request_id_var
 from keel.gateway.ingress.response_store import ResponseStore
 from keel.gateway.ingress.responses_shape import (
     Request as ResponsesRequest, ResponsesBody, chat_data, check_supported, fast_responses_body, function_item,
-    input_items, message_item, output_items, parsed, response_json, to_messages,
+    finished, input_items, message_item, output_items, parsed, response_json, to_messages,
 )
 from keel.gateway.pipeline import Call, Gateway
 from keel.gateway.protocol import ChatDelta, ChatResult, Usage
@@ -96,6 +96,7 @@ class Events:
         self.calls: dict[int, dict[str, Any]] = {}  # open function_call items by the delta's tool call index
         self.finish: str | None = None
         self._delta_head: bytes | None = None
+        self._started = response_json(response_id, created, self.body, status="in_progress", output=[], usage=None)
 
     def emit(self, kind: str, **fields: Any) -> None:
         fields["type"], fields["sequence_number"] = kind, self.seq
@@ -109,13 +110,14 @@ class Events:
         self.seq += 1
 
     def take(self) -> bytes:
-        data = b"".join(self.out)
-        self.out.clear()
+        out = self.out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
         return data
 
     def response(self, status: str, usage: Usage | None = None) -> dict[str, Any]:
-        return response_json(self.id, self.created, self.body, status=status, output=list(self.items),
-                             usage=usage, finish_reason=self.finish)
+        return finished(self._started, status=status, output=list(self.items), usage=usage,
+                        finish_reason=self.finish)
 
     # -- text ------------------------------------------------------------------------------------------
     def _open_text(self) -> None:
@@ -178,6 +180,10 @@ class Events:
         self.calls.clear()
 
     def delta(self, d: ChatDelta) -> None:
+        if d.content and self.text is not None and not d.tool_calls and not d.finish_reason:  # the usual token
+            self.text.append(d.content)
+            self._text_delta(d.content)
+            return
         if d.content:
             if self.text is None:
                 self._open_text()
@@ -192,7 +198,7 @@ class Events:
     async def run(self, stream: AsyncIterator[ChatDelta], first: ChatDelta | None, store: ResponseStore,
                   items: list[dict[str, Any]]) -> AsyncIterator[bytes]:
         """The SSE body. An error after the first byte becomes an `error` event, and the stream ends."""
-        started = orjson.dumps(self.response("in_progress"))
+        started = orjson.dumps(self._started)
         self.emit_response("response.created", started)
         self.emit_response("response.in_progress", started)
         try:

@@ -398,3 +398,14 @@ def response_json(response_id: str, created: int, body: ResponsesBody | Request,
         "usage": usage_json(usage) if usage is not None else None, "user": get("user"),
         "metadata": get("metadata") or {},
     }
+
+
+def finished(started: dict[str, Any], *, status: str, output: list[dict[str, Any]], usage: Usage | None,
+             finish_reason: str | None = None) -> dict[str, Any]:
+    """`response_json` again for the same request, from its in-progress object `started` (a stream's first
+    event): the echo of the request is copied, not built again."""
+    out = dict(started)
+    why = incomplete(finish_reason) if status != "in_progress" else None
+    out["status"], out["incomplete_details"] = ("incomplete" if why else status), why
+    out["output"], out["usage"] = output, usage_json(usage) if usage is not None else None
+    return out
