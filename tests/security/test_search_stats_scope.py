@@ -28,8 +28,8 @@ VISIBLE = {  # source -> [(section, text)]; punctuation, accents and underscores
     "faq.pdf": [("FAQ", "Can I get a refund? Yes. Can I change shipping? Yes, before dispatch."),
                 ("FAQ > Credit", "Store credit never expires and beats a refund for gift orders.")],
 }
-HIDDEN = [("Board", "refund refund refund shipping shipping credit " * 6), ("Board", "refund plan for the merger")]
-QUERIES = ["refund", "refund shipping", "store credit refund", "express shipping days", "gift orders credit"]
+HIDDEN = [("Board", "refund refund refund shipping shipping credit gift_cards " * 6), ("Board", "refund plan for the merger")]
+QUERIES = ["refund", "gift_cards refund", "refund shipping", "store credit refund", "express shipping days", "gift orders credit"]
 
 
 @pytest.fixture

@@ -43,6 +43,12 @@ def fts_table(collection_id: str) -> str:
     return f"kn_fts_{collection_id}"
 
 
+def vocab_table(collection_id: str) -> str:
+    """The collection's FTS5 index read as (term, doc, col, offset) rows: term frequencies for `scoped_bm25`."""
+    fts_table(collection_id)  # the same check
+    return f"kn_vocab_{collection_id}"
+
+
 class EmbeddedIndex:
     """SQLite FTS5 + on-disk HNSW. See `ChunkIndex` for the semantics."""
 
@@ -57,6 +63,7 @@ class EmbeddedIndex:
         self.stats = TermStats()  # keyword-only search
         self.hybrid_stats = TermStats(HYBRID_BUDGET)  # the keyword leg of hybrid search
         self.lengths = scoped_bm25.DocLengths()  # for BM25 over the chunks a caller may read
+        self.stems = scoped_bm25.Stems()
 
     # -- lifecycle ------------------------------------------------------------------------
     def open(self) -> None:
@@ -120,12 +127,15 @@ class EmbeddedIndex:
     def _create_fts(conn: sa.Connection, cid: str) -> None:
         conn.exec_driver_sql(
             f'CREATE VIRTUAL TABLE IF NOT EXISTS "{fts_table(cid)}" USING fts5(section, text, '
-            "content='knowledge_chunks', content_rowid='id', tokenize='porter unicode61')")
+            f"content='knowledge_chunks', content_rowid='id', tokenize='{scoped_bm25.TOKENIZE}')")
+        conn.exec_driver_sql(f'CREATE VIRTUAL TABLE IF NOT EXISTS "{vocab_table(cid)}" '
+                             f"USING fts5vocab(\"{fts_table(cid)}\", 'instance')")
 
     def create_collection(self, tx: Tx, c: Collection) -> None:
         self._create_fts(tx.conn, c.id)
 
     def drop_collection(self, tx: Tx, c: Collection) -> None:
+        tx.conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{vocab_table(c.id)}"')
         tx.conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{fts_table(c.id)}"')
         tx.conn.execute(chunks.delete().where(chunks.c.collection_id == c.id))
 
@@ -205,8 +215,8 @@ class EmbeddedIndex:
         if not p.is_admin:
             hidden = doc_ok.where(documents.c.restricted == sa.true(), sa.not_(document_readable(p)))
             if conn.execute(hidden.limit(1)).first() is not None:
-                readable = fts.c.rowid.not_in(sa.select(chunks.c.id).where(chunks.c.document_id.in_(hidden)))
-        seen = [readable] if readable is not None else []
+                readable = sa.select(chunks.c.id).where(chunks.c.document_id.in_(hidden))
+        seen = [fts.c.rowid.not_in(readable)] if readable is not None else []
 
         def count(term: str, cap: int) -> int:
             inner = sa.select(fts.c.rowid).where(matches(f'"{term}"'), *seen).limit(cap).subquery()
@@ -225,46 +235,66 @@ class EmbeddedIndex:
         stats = self.hybrid_stats if scope.bounded_keyword else self.stats
         terms = stats.select(key, terms, total, count)
         match = " OR ".join(f'"{w}"' for w in terms)
-        # The predicate runs inside the query; when it cannot exclude anything (no filters, no
-        # restricted documents this caller may not read) it is skipped, and FTS5 ranks on its own.
-        where = [*seen]
+        # The predicates on chunk ids run inside the query; when they cannot exclude anything (no filters, no
+        # restricted documents this caller may not read) they are skipped, and FTS5 ranks on its own.
+        narrow: list = []  # (predicate on a chunk id column) builders
+        if readable is not None:
+            narrow.append(lambda col: col.not_in(readable))
         if scope.filters:
-            where.append(fts.c.rowid.in_(sa.select(chunks.c.id).where(
-                chunks.c.document_id.in_(doc_ok.where(scope.documents_where())))))
+            filtered = sa.select(chunks.c.id).where(chunks.c.document_id.in_(doc_ok.where(scope.documents_where())))
+            narrow.append(lambda col: col.in_(filtered))
         most = stats.over_budget(key, terms, total) if scope.bounded_keyword else None
         if most:  # hybrid's leg, one common term left: rank only its first `most` readable matches (rowid order)
-            last = conn.execute(sa.select(fts.c.rowid).where(matches(match), *where).order_by(fts.c.rowid)
-                                .limit(1).offset(most - 1)).scalar()
+            last = conn.execute(sa.select(fts.c.rowid).where(matches(match), *(f(fts.c.rowid) for f in narrow))
+                                .order_by(fts.c.rowid).limit(1).offset(most - 1)).scalar()
             if last is not None:
-                where.append(fts.c.rowid <= last)
+                narrow.append(lambda col: col <= last)
         if readable is not None:
-            return self._readable_bm25(conn, fts, t, terms, where, count, total, length, k)
+            exact_df = len(narrow) == 1  # candidates are all readable matches: their count is the term's df
+            return self._readable_bm25(conn, c, terms, narrow, None if exact_df else count, total, length, k)
         score = sa.func.bm25(sa.literal_column(f'"{t}"'), *BM25_WEIGHTS).label("s")
-        q = sa.select(fts.c.rowid, score).where(matches(match), *where)
+        q = sa.select(fts.c.rowid, score).where(matches(match), *(f(fts.c.rowid) for f in narrow))
         q = q.order_by(sa.literal_column("s")).limit(k)
         return [Scored(int(r[0]), -float(r[1])) for r in conn.execute(q)]
 
-    @staticmethod
-    def _readable_bm25(conn: sa.Connection, fts: sa.TableClause, t: str, terms: list[str], where: list,
-                       count: Callable[[str, int], int], rows: int, length: int, k: int) -> list[Scored]:
-        """FTS5's bm25() with the statistics of the readable chunks: `rows` of them, `length` tokens in all,
-        each term's rows `count`ed under the same predicate (see `scoped_bm25`)."""
+    def _readable_bm25(self, conn: sa.Connection, c: Collection, terms: list[str], narrow: list,
+                       count: Callable[[str, int], int] | None, rows: int, length: int, k: int) -> list[Scored]:
+        """FTS5's bm25() with the statistics of the readable chunks (see `scoped_bm25`): `rows` of them,
+        `length` tokens in all; a term's df is its readable rows, `count`ed when `narrow` holds more than
+        readability (filters, the hybrid bound), else the candidates found. Term frequencies per chunk and
+        column come from FTS5's index (the vocab table) for the word's stem; a word FTS5 cuts into several
+        tokens (`gift_card`) is a phrase, and its instances are read from `highlight()` instead."""
+        t = fts_table(c.id)
         table = sa.literal_column(f'"{t}"')
-        idfs = [scoped_bm25.idf(rows, count(term, rows + 1)) for term in terms]
-        freqs: dict[int, list[float]] = {}
-        lengths: dict[int, int] = {}
+        fts = sa.table(t, sa.column("rowid"))
+        vocab = sa.table(vocab_table(c.id), sa.column("term"), sa.column("doc"), sa.column("col"))
+        weighted = sa.case(*((vocab.c.col == name, w) for name, w in zip(("section", "text"), BM25_WEIGHTS)))
         marks = [sa.func.highlight(table, i, scoped_bm25.OPEN, scoped_bm25.CLOSE) for i in range(len(BM25_WEIGHTS))]
-        for i, term in enumerate(terms):
-            for rowid, *cols in conn.execute(sa.select(fts.c.rowid, *marks).where(table.op("MATCH")(f'"{term}"'),
-                                                                               *where)):
-                f = freqs.setdefault(rowid, [0.0] * len(terms))
-                f[i] = sum(w * col.count(scoped_bm25.OPEN) for w, col in zip(BM25_WEIGHTS, cols))
-                if rowid not in lengths:
-                    lengths[rowid] = sum(scoped_bm25.tokens(col) for col in cols)
-        avg = length / rows if length else 1.0
-        scored = sorted(((scoped_bm25.bm25(f, idfs, lengths[r], avg), r) for r, f in freqs.items()),
-                        key=lambda sr: (-sr[0], sr[1]))
-        return [Scored(r, s) for s, r in scored[:k]]
+        idfs: list[float] = []
+        found: list[tuple[np.ndarray, np.ndarray]] = []  # per term: chunk ids, weighted frequencies
+        for term in terms:
+            stems = self.stems(term)
+            if len(stems) == 1:
+                got = conn.execute(sa.select(vocab.c.doc, sa.func.sum(weighted)).where(
+                    vocab.c.term == stems[0], *(f(vocab.c.doc) for f in narrow)).group_by(vocab.c.doc)).all()
+            else:
+                got = [(rowid, sum(w * col.count(scoped_bm25.OPEN) for w, col in zip(BM25_WEIGHTS, cols)))
+                        for rowid, *cols in conn.execute(sa.select(fts.c.rowid, *marks).where(
+                            table.op("MATCH")(f'"{term}"'), *(f(fts.c.rowid) for f in narrow)))]
+            ids = np.fromiter((r[0] for r in got), np.int64, len(got))
+            found.append((ids, np.fromiter((r[1] for r in got), np.float64, len(got))))
+            idfs.append(scoped_bm25.idf(rows, len(ids) if count is None else count(term, rows + 1)))
+        if not any(len(ids) for ids, _ in found):
+            return []
+        chunk_ids = np.unique(np.concatenate([ids for ids, _ in found]))
+        freqs = np.zeros((len(chunk_ids), len(terms)))
+        for i, (ids, f) in enumerate(found):
+            freqs[np.searchsorted(chunk_ids, ids), i] = f
+        sizes = self.lengths.lengths(conn, c.id, chunk_ids.tolist())
+        scores = scoped_bm25.bm25_rows(freqs, np.array(idfs), np.fromiter(
+            (sizes[i] for i in chunk_ids.tolist()), np.float64, len(chunk_ids)), length / rows if length else 1.0)
+        best = np.lexsort((chunk_ids, -scores))[:k]
+        return [Scored(int(chunk_ids[j]), float(scores[j])) for j in best]
 
     def vector(self, vector: np.ndarray, scope: Scope, k: int) -> list[Scored]:
         q = np.asarray(vector, np.float32)
