@@ -75,3 +75,13 @@ def test_a_one_segment_text_scores_as_the_segmented_path_does(text):
     sums = np.bincount(seg, weights=m["w"][ids], minlength=len(spans))
     want = m["bias"] + sums / np.sqrt(np.maximum(counts, max(m["min_evidence"], 1.0)))
     assert np.array_equal(got, want)
+
+
+def test_short_and_longer_one_segment_texts_take_their_paths_to_the_same_ids():
+    """Up to `SMALL` characters the ids come from plain Python, past it (one segment up to 400) from numpy: the
+    two agree on texts around the boundary, and both with the plain statement of the hashes."""
+    base = "Refund 120 EUR to the customer's card; note it in the ticket. "
+    for n in (0, 3, 40, features.SMALL - 1, features.SMALL, features.SMALL + 1, 399):
+        norm = features.normalise((base * 8)[:n])
+        small = features._small_ids(norm)
+        assert small == features._features(norm, None)[0].tolist() == reference_ids(norm)
