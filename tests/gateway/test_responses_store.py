@@ -118,3 +118,31 @@ def test_a_graceful_stop_writes_what_is_pending_and_written_responses_outlive_th
             again.dispose()
 
     with_store(db_url, body)
+
+
+def test_a_batch_of_any_size_is_stored_row_for_row(db_url):
+    """The writer's batch (on SQLite: multi-row INSERTs of a power of two rows each) stores every row, column
+    for column, as recorded — for batch sizes around the powers of two."""
+    from keel.gateway.ingress.response_store import ResponseStore
+    from keel.gateway.ingress.response_tables import responses
+
+    owner, other, others = principals()
+    who = [owner, other, *others]
+
+    async def body(store) -> None:
+        rs = ResponseStore(store, interval=60, clock=lambda: NOW)
+        expected = {}
+        for n in (1, 2, 3, 7, 8, 13, 64, 65):
+            for i in range(n):
+                p, rid = who[i % len(who)], f"resp_{n}_{i}"
+                previous = f"resp_{n}_{i - 1}" if i else None
+                rs.record(p, response(rid, f"ünï {n} {i}", previous), user(rid))
+                expected[rid] = {"id": rid, "key_id": p.key_id, "user_id": p.user_id, "team_id": p.team_id,
+                                 "model": "m", "previous_response_id": previous, "input": user(rid),
+                                 "response": response(rid, f"ünï {n} {i}", previous), "created_at": NOW}
+            await rs.flush()
+        with store.read() as conn:
+            written = {r.id: dict(r._mapping) for r in conn.execute(sa.select(responses))}
+        assert written == expected
+
+    with_store(db_url, body)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,10 @@ from keel.identity.principal import Principal
 log = logging.getLogger("keel.gateway.responses")
 MAX_CHAIN = 256  # responses followed back through `previous_response_id`
 DAY_S = 86_400.0
+# Rows per multi-row INSERT on SQLite: a power of two under its bound on a statement's variables (32,766 since
+# 3.32, 999 before) over the table's columns.
+_ROWS_PER_STATEMENT = 1 << ((32766 if sqlite3.sqlite_version_info >= (3, 32) else 999)
+                            // len(responses.c)).bit_length() - 1
 
 
 def _sees_all(p: Principal) -> bool:
@@ -85,6 +90,7 @@ class ResponseStore:
         self._wake = asyncio.Event()
         self._stopping = False
         self._compiled: tuple[sa.Dialect, str, list[str]] | None = None
+        self._multi: dict[int, str] = {}  # multi-row INSERTs by their number of rows (SQLite)
 
     def record(self, p: Principal, response: dict[str, Any], input_items: list[dict[str, Any]],
                encoded: bytes | None = None) -> None:
@@ -103,17 +109,37 @@ class ResponseStore:
             self._wake.set()
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
-        """One INSERT for the batch, compiled once per dialect and run at the driver with the JSON columns as
-        the text `record` made: the ORM-level insert spent more CPU per row than the request it stores."""
+        """The batch's INSERT, compiled once per dialect and run at the driver with the JSON columns as the text
+        `record` made: the ORM-level insert spent more CPU per row than the request it stores. On SQLite, in
+        multi-row statements (see `_values`)."""
         with self.store.engine.begin() as conn:
             dialect = conn.dialect
             if self._compiled is None or self._compiled[0] is not dialect:
                 compiled = responses.insert().compile(dialect=dialect)
                 names = list(compiled.positiontup or ()) if dialect.positional else [c.name for c in responses.c]
                 self._compiled = (dialect, compiled.string, names)
+                self._multi.clear()
             _, sql, names = self._compiled
-            conn.exec_driver_sql(sql, [tuple(row[n] for n in names) for row in rows] if dialect.positional
-                                 else [{n: row[n] for n in names} for row in rows])
+            if dialect.paramstyle == "qmark":  # SQLite: a batch in a few multi-row statements
+                start = 0
+                while start < len(rows):  # parts of a power of two rows: a few statements cached per dialect
+                    n = min(_ROWS_PER_STATEMENT, 1 << (len(rows) - start).bit_length() - 1)
+                    conn.exec_driver_sql(self._values(sql, n),
+                                         tuple(row[name] for row in rows[start:start + n] for name in names))
+                    start += n
+            else:
+                conn.exec_driver_sql(sql, [tuple(row[n] for n in names) for row in rows] if dialect.positional
+                                     else [{n: row[n] for n in names} for row in rows])
+
+    def _values(self, sql: str, n: int) -> str:
+        """The single-row INSERT `sql` with `n` VALUES groups (cached per `n`, a power of two). SQLite's
+        executemany steps each row with the GIL released and taken back (two hand-overs a row between the
+        writer's thread and the event loop's); one statement of many VALUES groups steps once."""
+        found = self._multi.get(n)
+        if found is None:
+            head, _, group = sql.partition(" VALUES ")
+            found = self._multi[n] = f"{head} VALUES {', '.join([group] * n)}"
+        return found
 
     async def flush(self) -> None:
         """Write every response recorded so far (a flush already writing is waited for)."""

@@ -51,11 +51,18 @@ async def create_response(body: ResponsesBody, request: Request, p: Principal = 
 async def _create(body: ResponsesBody | ResponsesRequest, request: Request, p: Principal) -> Response:
     req = parsed(body)
     check_supported(req)
-    items = input_items(req["input"])
     store = _store(request)
-    previous = req.get("previous_response_id")
-    history = await store.conversation(p, previous) if previous else []
-    data = chat_data(req, to_messages(history + items, req.get("instructions")))
+    inp, previous, instructions = req["input"], req.get("previous_response_id"), req.get("instructions")
+    if type(inp) is str and not previous:  # one user message: its chat form directly
+        items = [{"type": "message", "role": "user", "content": inp}]
+        messages = [{"role": "user", "content": inp}]
+        if instructions:
+            messages.insert(0, {"role": "system", "content": instructions})
+    else:
+        items = input_items(inp)
+        history = await store.conversation(p, previous) if previous else []
+        messages = to_messages(history + items, instructions)
+    data = chat_data(req, messages)
     rid = request_id_var.get() or ""
     call = Call(request_id=rid, principal=p, kind="chat", alias=req["model"], chat=chat_request(data),
                 metadata=dict(req.get("metadata") or {}))

@@ -296,27 +296,38 @@ def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": spec}
 
 
+# Fields that reach the chat body as they are (under their chat names), before and after the tool fields, in
+# the order a chat body lists them.
+_AS_CHAT_BEFORE = (("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"))
+_AS_CHAT_AFTER = (("parallel_tool_calls", "parallel_tool_calls"), ("user", "user"), ("metadata", "metadata"),
+                  ("stream", "stream"))
+
+
 def chat_data(body: ResponsesBody | Request, messages: list[dict[str, Any]]) -> dict[str, Any]:
     """The chat completions body the request stands for, checked as `/v1/chat/completions` checks it. A body
     of plain text messages with no tools, tool choice or format is one the translation has checked through
     (every field it carries has the same bounds here as there), and is not checked again."""
     req = parsed(body)
     data: dict[str, Any] = {"model": req["model"], "messages": messages}
-    tools, choice, fmt = chat_tools(req.get("tools")), chat_tool_choice(req.get("tool_choice")), \
-        response_format(req.get("text"))
-    for key, value in (("max_tokens", req.get("max_output_tokens")), ("temperature", req.get("temperature")),
-                       ("top_p", req.get("top_p")), ("tools", tools), ("tool_choice", choice),
-                       ("response_format", fmt), ("parallel_tool_calls", req.get("parallel_tool_calls")),
-                       ("user", req.get("user")), ("metadata", req.get("metadata")), ("stream", req.get("stream"))):
-        if value is not None:
-            data[key] = value
-    keel = dict(req.get("keel") or {})
-    if req.get("truncation") == "auto":
-        keel.setdefault("context_overflow", "trim")
-    if keel:
-        data["keel"] = keel
-    if tools is None and choice is None and fmt is None and all(
-            type(m["content"]) is str and len(m) == 2 for m in messages):
+    for key, chat_key in _AS_CHAT_BEFORE:
+        if req.get(key) is not None:
+            data[chat_key] = req[key]
+    plain = True
+    if "tools" in req or "tool_choice" in req or "text" in req:
+        for key, value in (("tools", chat_tools(req.get("tools"))), ("tool_choice", chat_tool_choice(req.get("tool_choice"))),
+                           ("response_format", response_format(req.get("text")))):
+            if value is not None:
+                data[key], plain = value, False
+    for key, chat_key in _AS_CHAT_AFTER:
+        if req.get(key) is not None:
+            data[chat_key] = req[key]
+    if "keel" in req or "truncation" in req:
+        keel = dict(req.get("keel") or {})
+        if req.get("truncation") == "auto":
+            keel.setdefault("context_overflow", "trim")
+        if keel:
+            data["keel"] = keel
+    if plain and all(type(m["content"]) is str and len(m) == 2 for m in messages):
         return data
     checked = fast_chat_body(data)
     if checked is not None:
@@ -378,26 +389,40 @@ def incomplete(finish_reason: str | None) -> dict[str, str] | None:
     return None
 
 
+# The response object's echo of a request that sets none of its fields (OpenAI's defaults), in its order.
+_ECHO: dict[str, Any] = {
+    "id": None, "object": "response", "created_at": 0, "status": None, "error": None, "incomplete_details": None,
+    "instructions": None, "max_output_tokens": None, "model": None, "output": None, "parallel_tool_calls": True,
+    "previous_response_id": None, "reasoning": None, "store": True, "temperature": 1.0, "text": None,
+    "tool_choice": "auto", "tools": None, "top_p": 1.0, "truncation": "disabled", "usage": None, "user": None,
+    "metadata": None,
+}
+_ECHOED = ("instructions", "max_output_tokens", "previous_response_id", "temperature", "tool_choice", "top_p",
+           "truncation", "user")  # echoed as sent when set
+
+
 def response_json(response_id: str, created: int, body: ResponsesBody | Request, *, status: str,
                   output: list[dict[str, Any]], usage: Usage | None, finish_reason: str | None = None) -> dict[str, Any]:
     """The response object: what was asked (echoed as OpenAI does), the output and the usage."""
     req = parsed(body)
     why = incomplete(finish_reason) if status != "in_progress" else None
-    get = req.get
-    temperature, top_p, text = get("temperature"), get("top_p"), get("text")
-    return {
-        "id": response_id, "object": "response", "created_at": created,
-        "status": "incomplete" if why else status, "error": None, "incomplete_details": why,
-        "instructions": get("instructions"), "max_output_tokens": get("max_output_tokens"), "model": req["model"],
-        "output": output, "parallel_tool_calls": get("parallel_tool_calls") is not False,
-        "previous_response_id": get("previous_response_id"), "reasoning": {"effort": None, "summary": None},
-        "store": get("store") is not False, "temperature": temperature if temperature is not None else 1.0,
-        "text": {"format": (text or {}).get("format") or {"type": "text"}},
-        "tool_choice": get("tool_choice", "auto"), "tools": get("tools") or [],
-        "top_p": top_p if top_p is not None else 1.0, "truncation": get("truncation") or "disabled",
-        "usage": usage_json(usage) if usage is not None else None, "user": get("user"),
-        "metadata": get("metadata") or {},
-    }
+    out = dict(_ECHO)
+    out["id"], out["created_at"], out["status"], out["incomplete_details"] = (
+        response_id, created, "incomplete" if why else status, why)
+    out["model"], out["output"], out["reasoning"] = req["model"], output, {"effort": None, "summary": None}
+    for key in _ECHOED:
+        if key in req:
+            out[key] = req[key]
+    if "parallel_tool_calls" in req:
+        out["parallel_tool_calls"] = req["parallel_tool_calls"] is not False
+    if "store" in req:
+        out["store"] = req["store"] is not False
+    text = req.get("text")
+    out["text"] = {"format": (text or {}).get("format") or {"type": "text"}}
+    out["tools"], out["metadata"] = req.get("tools") or [], req.get("metadata") or {}
+    if usage is not None:
+        out["usage"] = usage_json(usage)
+    return out
 
 
 def finished(started: dict[str, Any], *, status: str, output: list[dict[str, Any]], usage: Usage | None,
