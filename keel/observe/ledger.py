@@ -43,6 +43,7 @@ class Ledger:
         self._wake = asyncio.Event()
         self._compiled: tuple[sa.Dialect, str, Callable[[dict[str, Any]], Any]] | None = None
         self._multi: dict[int, str] = {}  # multi-row INSERTs by their number of rows (SQLite)
+        self._per: int | None = None  # rows per multi-row INSERT (SQLite)
         self.written = 0
 
     def record(self, row: dict[str, Any]) -> None:
@@ -56,9 +57,10 @@ class Ledger:
         with self.store.engine.begin() as conn:
             sql, params = self._insert(conn.dialect)
             if conn.dialect.paramstyle == "qmark":  # SQLite: a batch in a few multi-row statements
+                per = self._rows_per_statement(conn.connection.dbapi_connection)
                 start = 0
                 while start < len(rows):  # parts of a power of two rows: a few statements cached per dialect
-                    n = min(self._rows_per_statement, 1 << (len(rows) - start).bit_length() - 1)
+                    n = min(per, 1 << (len(rows) - start).bit_length() - 1)
                     part = rows[start:start + n]
                     conn.exec_driver_sql(self._values(sql, n), tuple(v for row in part for v in params(row)))
                     start += n
@@ -69,9 +71,13 @@ class Ledger:
 
     # SQLite's executemany steps each row with the GIL released and taken back: two hand-overs a row between the
     # flushing thread and the event loop's. One statement of many VALUES groups steps once (bench/README.md).
-    # 32,766 is SQLite's bound on a statement's variables since 3.32 (999 before); rows per statement: a power of two.
-    _rows_per_statement = 1 << ((32766 if sqlite3.sqlite_version_info >= (3, 32) else 999)
-                                // len(usage_ledger.c)).bit_length() - 1
+    def _rows_per_statement(self, dbapi: Any) -> int:
+        """The most rows one INSERT may carry on this SQLite build (its bound on a statement's variables: 32,766
+        by default since 3.32, 999 before), as a power of two, at most 1,024."""
+        if self._per is None:
+            limit = dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+            self._per = min(1024, 1 << max(1, limit // len(usage_ledger.c)).bit_length() - 1)
+        return self._per
 
     def _values(self, sql: str, n: int) -> str:
         """The single-row INSERT `sql` with `n` VALUES groups (cached per `n`, a power of two)."""
