@@ -274,15 +274,19 @@ class EmbeddedIndex:
         found: list[tuple[np.ndarray, np.ndarray]] = []  # per term: chunk ids, weighted frequencies
         for term in terms:
             stems = self.stems(term)
-            if len(stems) == 1:
-                got = conn.execute(sa.select(vocab.c.doc, sa.func.sum(weighted)).where(
-                    vocab.c.term == stems[0], *(f(vocab.c.doc) for f in narrow)).group_by(vocab.c.doc)).all()
+            if len(stems) == 1:  # one text value, "chunk freq chunk freq …": no result row per chunk to build
+                per = sa.select(vocab.c.doc.label("d"), sa.func.sum(weighted).label("f")).where(
+                    vocab.c.term == stems[0], *(f(vocab.c.doc) for f in narrow)).group_by(vocab.c.doc).subquery()
+                pairs = conn.execute(sa.select(sa.func.group_concat(
+                    sa.cast(per.c.d, sa.Text) + " " + sa.cast(per.c.f, sa.Text), " "))).scalar()
+                got = np.array((pairs or "").split(), np.float64).reshape(-1, 2)
             else:
-                got = [(rowid, sum(w * col.count(scoped_bm25.OPEN) for w, col in zip(BM25_WEIGHTS, cols)))
-                        for rowid, *cols in conn.execute(sa.select(fts.c.rowid, *marks).where(
-                            table.op("MATCH")(f'"{term}"'), *(f(fts.c.rowid) for f in narrow)))]
-            ids = np.fromiter((r[0] for r in got), np.int64, len(got))
-            found.append((ids, np.fromiter((r[1] for r in got), np.float64, len(got))))
+                got = np.array([(rowid, sum(w * col.count(scoped_bm25.OPEN) for w, col in zip(BM25_WEIGHTS, cols)))
+                                for rowid, *cols in conn.execute(sa.select(fts.c.rowid, *marks).where(
+                                    table.op("MATCH")(f'"{term}"'), *(f(fts.c.rowid) for f in narrow)))],
+                               np.float64).reshape(-1, 2)
+            ids = got[:, 0].astype(np.int64)  # chunk ids are far below 2**53: exact as floats
+            found.append((ids, got[:, 1]))
             idfs.append(scoped_bm25.idf(rows, len(ids) if count is None else count(term, rows + 1)))
         if not any(len(ids) for ids, _ in found):
             return []
@@ -291,8 +295,7 @@ class EmbeddedIndex:
         for i, (ids, f) in enumerate(found):
             freqs[np.searchsorted(chunk_ids, ids), i] = f
         sizes = self.lengths.lengths(conn, c.id, chunk_ids.tolist())
-        scores = scoped_bm25.bm25_rows(freqs, np.array(idfs), np.fromiter(
-            (sizes[i] for i in chunk_ids.tolist()), np.float64, len(chunk_ids)), length / rows if length else 1.0)
+        scores = scoped_bm25.bm25_rows(freqs, np.array(idfs), sizes, length / rows if length else 1.0)
         best = np.lexsort((chunk_ids, -scores))[:k]
         return [Scored(int(chunk_ids[j]), float(scores[j])) for j in best]
 

@@ -141,17 +141,17 @@ class DocLengths:
                         (cid, lengths[cid]) for d in keep for cid in have[d][0])
         return sum(len(ids) for ids, _ in have.values()), sum(total for _, total in have.values())
 
-    def lengths(self, conn: sa.Connection, collection_id: str, chunk_ids: Iterable[int]) -> dict[int, int]:
-        """Tokens per chunk; a chunk not known (its document rewritten meanwhile) is counted from `conn`."""
+    def lengths(self, conn: sa.Connection, collection_id: str, chunk_ids: list[int]) -> np.ndarray:
+        """Tokens of each chunk, in order; a chunk not known (its document rewritten meanwhile) is counted
+        from `conn`."""
         known = self._chunks.get(collection_id, {})
-        out, missing = {}, []
-        for cid in chunk_ids:
-            n = known.get(cid)
-            if n is None:
-                missing.append(cid)
-            else:
-                out[cid] = n
+        try:
+            return np.fromiter(map(known.__getitem__, chunk_ids), np.float64, len(chunk_ids))
+        except KeyError:
+            pass
+        missing = [cid for cid in chunk_ids if cid not in known]
+        counted: dict[int, int] = {}
         for i in range(0, len(missing), 500):
             q = sa.select(chunks.c.id, chunks.c.section, chunks.c.text).where(chunks.c.id.in_(missing[i:i + 500]))
-            out.update((cid, tokens(s) + tokens(t)) for cid, s, t in conn.execute(q))
-        return out
+            counted.update((cid, tokens(s) + tokens(t)) for cid, s, t in conn.execute(q))
+        return np.array([counted[cid] if cid in counted else known[cid] for cid in chunk_ids], np.float64)
