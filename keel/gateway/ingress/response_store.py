@@ -35,10 +35,13 @@ from keel.identity.principal import Principal
 log = logging.getLogger("keel.gateway.responses")
 MAX_CHAIN = 256  # responses followed back through `previous_response_id`
 DAY_S = 86_400.0
-# Rows per multi-row INSERT on SQLite: a power of two under its bound on a statement's variables (32,766 since
-# 3.32, 999 before) over the table's columns.
-_ROWS_PER_STATEMENT = 1 << ((32766 if sqlite3.sqlite_version_info >= (3, 32) else 999)
-                            // len(responses.c)).bit_length() - 1
+
+
+def _rows_per_statement(dbapi: Any) -> int:
+    """Rows per multi-row INSERT on SQLite: a power of two (at most 1,024) under this connection's bound on a
+    statement's variables over the table's columns — the build's own bound (a build may lower the default)."""
+    limit = dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    return min(1024, 1 << max(1, limit // len(responses.c)).bit_length() - 1)
 
 
 def _sees_all(p: Principal) -> bool:
@@ -121,9 +124,10 @@ class ResponseStore:
                 self._multi.clear()
             _, sql, names = self._compiled
             if dialect.paramstyle == "qmark":  # SQLite: a batch in a few multi-row statements
+                per = _rows_per_statement(conn.connection.dbapi_connection)
                 start = 0
                 while start < len(rows):  # parts of a power of two rows: a few statements cached per dialect
-                    n = min(_ROWS_PER_STATEMENT, 1 << (len(rows) - start).bit_length() - 1)
+                    n = min(per, 1 << (len(rows) - start).bit_length() - 1)
                     conn.exec_driver_sql(self._values(sql, n),
                                          tuple(row[name] for row in rows[start:start + n] for name in names))
                     start += n
