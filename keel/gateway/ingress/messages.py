@@ -24,7 +24,7 @@ from starlette.requests import Request as StarletteRequest
 from starlette.responses import Response
 
 from keel.core.errors import InternalError, KeelError, MalformedJSON, ValidationFailed
-from keel.core.http import HotEndpoint, JSONAnswer, StreamedResponse, error_headers, refuse_deep
+from keel.core.http import HotEndpoint, JSONAnswer, StreamedResponse, error_headers, read_body, refuse_deep
 from keel.core.logs import request_id_var
 from keel.gateway.anthropic_shapes import EventWriter, error_type, openai_body, sse, to_message
 from keel.gateway.pipeline import Call, Gateway, Providers
@@ -285,16 +285,18 @@ async def _count_tokens(data: dict[str, Any], request: StarletteRequest, p: Prin
     return JSONAnswer(orjson.dumps({"input_tokens": n}), {})
 
 
-def _endpoint(model: type[BaseModel], handler: Any) -> HotEndpoint:
+def _endpoint(model: type[BaseModel], handler: Any, framework: bool = False) -> HotEndpoint:
     """A plain ASGI endpoint: the caller first (an anonymous body gets 401), then the body, and every error
-    in Anthropic's shape. A body over the size limit is answered by the request edge (413)."""
+    in Anthropic's shape. A body over the size limit is answered by the request edge (413). The body is read
+    straight from ASGI `receive`, except behind the framework's route (`framework`), which has read it."""
 
     async def endpoint(request: StarletteRequest) -> Response:
         try:
             caller = await principal(request)
         except KeelError as exc:
             return error_response(exc)
-        raw = await request.body()  # past the body limit this raises, and the request edge answers 413
+        # past the body limit this raises, and the request edge answers 413
+        raw = await request.body() if framework else await read_body(request.receive)
         try:
             return await handler(_parse(raw, model), request, caller)
         except KeelError as exc:
@@ -313,7 +315,8 @@ def hot_routes() -> dict[tuple[str, str], HotEndpoint]:
             ("POST", "/v1/messages/count_tokens"): _endpoint(CountTokensBody, _count_tokens)}
 
 
-_HOT = hot_routes()
+_FRAMEWORK = {("POST", "/v1/messages"): _endpoint(MessagesBody, _messages, framework=True),
+              ("POST", "/v1/messages/count_tokens"): _endpoint(CountTokensBody, _count_tokens, framework=True)}
 
 
 ERROR_SCHEMA = {
@@ -334,7 +337,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 async def messages(body: MessagesBody, request: Request) -> Response:
     """Anthropic Messages API: a message, or its stream of events (`stream: true`), through the governed path.
     Errors are Anthropic-shaped (`{"type": "error", "error": {"type", "message"}}`)."""
-    return await _HOT[("POST", "/v1/messages")](request)
+    return await _FRAMEWORK[("POST", "/v1/messages")](request)
 
 
 @router.post("/v1/messages/count_tokens", tags=["gateway"], responses={
@@ -343,5 +346,5 @@ async def messages(body: MessagesBody, request: Request) -> Response:
     "default": RESPONSES["default"]})
 async def count_tokens(body: CountTokensBody, request: Request) -> Response:
     """Anthropic token counting: `{"input_tokens": n}` for a Messages request's prompt."""
-    return await _HOT[("POST", "/v1/messages/count_tokens")](request)
+    return await _FRAMEWORK[("POST", "/v1/messages/count_tokens")](request)
 
