@@ -146,3 +146,24 @@ def test_a_continuation_of_someone_elses_response_is_an_unknown_id(env):
             assert c.get(f"/v1/responses/{target}").status_code == 404, who
             assert c.get(f"/v1/responses/{target}/input_items").status_code == 404, who
             assert c.delete(f"/v1/responses/{target}").status_code == 404, who
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens", "/v1/responses"])
+def test_an_oversized_body_read_straight_from_receive_is_a_413(env, path):
+    """The hot routes read the body from ASGI `receive` (deaa202, f98fad3): the edge's size limit still holds
+    for a chunked body with no Content-Length, and nothing reaches the upstream."""
+    srv, keys, fake = env
+    before = len(fake.received)
+    head = b'{"model": "fake", "max_tokens": 4, "input": "x", "messages": [{"role": "user", "content": "'
+
+    def chunks():
+        yield head
+        for _ in range(11):
+            yield b"a" * (1024 * 1024)
+        yield b'"}]}'
+
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        r = c.post(path, content=chunks(), headers={"authorization": f"Bearer {keys[('member', 'red')]}",
+                                                    "content-type": "application/json"})
+    assert r.status_code == 413, (r.status_code, r.text[:300])
+    assert len(fake.received) == before
