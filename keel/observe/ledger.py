@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
 
-from keel.core.batches import WriteQueue
+from keel.core.batches import BatchInsert, WriteQueue
 from keel.core.db import Store
 from keel.core.tasks import stop_task
 from keel.observe import rollup
@@ -42,8 +41,7 @@ class Ledger:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._compiled: tuple[sa.Dialect, str, Callable[[dict[str, Any]], Any]] | None = None
-        self._multi: dict[int, str] = {}  # multi-row INSERTs by their number of rows (SQLite)
-        self._per: int | None = None  # rows per multi-row INSERT (SQLite)
+        self._batch = BatchInsert(len(usage_ledger.c))
         self.written = 0
 
     def record(self, row: dict[str, Any]) -> None:
@@ -56,36 +54,9 @@ class Ledger:
     def _write(self, rows: list[dict[str, Any]]) -> None:
         with self.store.engine.begin() as conn:
             sql, params = self._insert(conn.dialect)
-            if conn.dialect.paramstyle == "qmark":  # SQLite: a batch in a few multi-row statements
-                per = self._rows_per_statement(conn.connection.dbapi_connection)
-                start = 0
-                while start < len(rows):  # parts of a power of two rows: a few statements cached per dialect
-                    n = min(per, 1 << (len(rows) - start).bit_length() - 1)
-                    part = rows[start:start + n]
-                    conn.exec_driver_sql(self._values(sql, n), tuple(v for row in part for v in params(row)))
-                    start += n
-            else:
-                conn.exec_driver_sql(sql, [params(row) for row in rows])
+            self._batch.run(conn, sql, [params(row) for row in rows])
             rollup.add(conn, rows)  # the daily rollups, in the same transaction: counted exactly when written
         self.written += len(rows)
-
-    # SQLite's executemany steps each row with the GIL released and taken back: two hand-overs a row between the
-    # flushing thread and the event loop's. One statement of many VALUES groups steps once (bench/README.md).
-    def _rows_per_statement(self, dbapi: Any) -> int:
-        """The most rows one INSERT may carry on this SQLite build (its bound on a statement's variables: 32,766
-        by default since 3.32, 999 before), as a power of two, at most 1,024."""
-        if self._per is None:
-            limit = dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-            self._per = min(1024, 1 << max(1, limit // len(usage_ledger.c)).bit_length() - 1)
-        return self._per
-
-    def _values(self, sql: str, n: int) -> str:
-        """The single-row INSERT `sql` with `n` VALUES groups (cached per `n`, a power of two)."""
-        found = self._multi.get(n)
-        if found is None:
-            head, _, group = sql.partition(" VALUES ")
-            found = self._multi[n] = f"{head} VALUES {', '.join([group] * n)}"
-        return found
 
     def _insert(self, dialect: sa.Dialect) -> tuple[str, Callable[[dict[str, Any]], Any]]:
         """The INSERT compiled once for the store's dialect, and a function that turns a row into its
@@ -117,7 +88,6 @@ class Ledger:
                 return dict(zip(names, values(row)))
 
             self._compiled = (dialect, compiled.string, positional if dialect.positional else named)
-            self._multi.clear()
         return self._compiled[1], self._compiled[2]
 
     def flush_sync(self) -> None:

@@ -87,6 +87,6 @@ def test_a_large_batch_is_written_whole_and_a_repeat_once(db_url: str) -> None:
         assert found == {**{r["request_id"]: r["tokens_in"] for r in batch}, "big-new": 5}
         assert ledger.written == 1500 + 37 + 1
         if store.dialect == "sqlite":
-            assert ledger._per == 32
+            assert ledger._batch._per == 32
     finally:
         store.engine.dispose()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from keel.core.batches import WriteQueue
+from keel.core.batches import BatchInsert, WriteQueue
 from keel.core.db import Store
 from keel.core.errors import BadRequest, Forbidden, NotFound
 from keel.gateway.ingress.response_tables import responses
@@ -35,13 +34,6 @@ from keel.identity.principal import Principal
 log = logging.getLogger("keel.gateway.responses")
 MAX_CHAIN = 256  # responses followed back through `previous_response_id`
 DAY_S = 86_400.0
-
-
-def _rows_per_statement(dbapi: Any) -> int:
-    """Rows per multi-row INSERT on SQLite: a power of two (at most 1,024) under this connection's bound on a
-    statement's variables over the table's columns — the build's own bound (a build may lower the default)."""
-    limit = dbapi.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-    return min(1024, 1 << max(1, limit // len(responses.c)).bit_length() - 1)
 
 
 def _sees_all(p: Principal) -> bool:
@@ -93,7 +85,7 @@ class ResponseStore:
         self._wake = asyncio.Event()
         self._stopping = False
         self._compiled: tuple[sa.Dialect, str, list[str]] | None = None
-        self._multi: dict[int, str] = {}  # multi-row INSERTs by their number of rows (SQLite)
+        self._batch = BatchInsert(len(responses.c))
 
     def record(self, p: Principal, response: dict[str, Any], input_items: list[dict[str, Any]],
                encoded: bytes | None = None) -> None:
@@ -113,37 +105,16 @@ class ResponseStore:
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         """The batch's INSERT, compiled once per dialect and run at the driver with the JSON columns as the text
-        `record` made: the ORM-level insert spent more CPU per row than the request it stores. On SQLite, in
-        multi-row statements (see `_values`)."""
+        `record` made: the ORM-level insert spent more CPU per row than the request it stores (keel/core/batches.py)."""
         with self.store.engine.begin() as conn:
             dialect = conn.dialect
             if self._compiled is None or self._compiled[0] is not dialect:
                 compiled = responses.insert().compile(dialect=dialect)
                 names = list(compiled.positiontup or ()) if dialect.positional else [c.name for c in responses.c]
                 self._compiled = (dialect, compiled.string, names)
-                self._multi.clear()
             _, sql, names = self._compiled
-            if dialect.paramstyle == "qmark":  # SQLite: a batch in a few multi-row statements
-                per = _rows_per_statement(conn.connection.dbapi_connection)
-                start = 0
-                while start < len(rows):  # parts of a power of two rows: a few statements cached per dialect
-                    n = min(per, 1 << (len(rows) - start).bit_length() - 1)
-                    conn.exec_driver_sql(self._values(sql, n),
-                                         tuple(row[name] for row in rows[start:start + n] for name in names))
-                    start += n
-            else:
-                conn.exec_driver_sql(sql, [tuple(row[n] for n in names) for row in rows] if dialect.positional
-                                     else [{n: row[n] for n in names} for row in rows])
-
-    def _values(self, sql: str, n: int) -> str:
-        """The single-row INSERT `sql` with `n` VALUES groups (cached per `n`, a power of two). SQLite's
-        executemany steps each row with the GIL released and taken back (two hand-overs a row between the
-        writer's thread and the event loop's); one statement of many VALUES groups steps once."""
-        found = self._multi.get(n)
-        if found is None:
-            head, _, group = sql.partition(" VALUES ")
-            found = self._multi[n] = f"{head} VALUES {', '.join([group] * n)}"
-        return found
+            self._batch.run(conn, sql, [tuple(row[n] for n in names) for row in rows] if dialect.positional
+                            else [{n: row[n] for n in names} for row in rows])
 
     async def flush(self) -> None:
         """Write every response recorded so far (a flush already writing is waited for)."""
