@@ -164,10 +164,25 @@ def measure(name: str, url: str, token: str, duration: float, tmp: Path, pid: in
     return out
 
 
+def settle(pid: int, quiet_s: float = 0.25, deadline_s: float = 15.0) -> None:
+    """Until the process's deferred work is done (the batched ledger and stored-response writes of the requests
+    just served): its CPU over `quiet_s` below 5 % of a core, or `deadline_s` passed."""
+    end = time.monotonic() + deadline_s
+    last = cpu_s(pid)
+    while time.monotonic() < end:
+        time.sleep(quiet_s)
+        now = cpu_s(pid)
+        if now - last < 0.05 * quiet_s:
+            return
+        last = now
+
+
 def shapes(url: str, token: str, duration: float, tmp: Path, pid: int) -> dict:
     """Throughput at c=50 of each API shape on one Keel server, plain and streamed, in the order
     chat, responses, messages, messages, responses, chat (each shape's two runs averaged, so a drift of the
-    machine over the run falls on every shape alike); ratios against chat completions."""
+    machine over the run falls on every shape alike); ratios against chat completions. Each run starts once the
+    server has finished the previous run's deferred writes (`settle`), so no shape's throughput pays for another's
+    batched writes; its CPU per request includes its own, up to the server settling after it."""
     runs: dict[str, dict[str, list[float]]] = {}
     order = [*SHAPES, *reversed(SHAPES)]
     for stream in (False, True):
@@ -177,8 +192,10 @@ def shapes(url: str, token: str, duration: float, tmp: Path, pid: int) -> dict:
             body = {**body, "stream": stream}
             if name not in runs or key not in runs[name]:
                 wrk(url + path, token, body, 10, 1, tmp)  # warm-up
+            settle(pid)
             before = cpu_s(pid)
             r = wrk(url + path, token, body, 50, duration, tmp)
+            settle(pid)
             if r["errors"]:
                 print(f"# keel {name} ({key}): {r['errors']} errors", file=sys.stderr)
             cpu = (cpu_s(pid) - before) / max(r["rps"] * max(1, int(duration)), 1) * 1e6
