@@ -148,6 +148,20 @@ def db_url(tmp_path: Path, pg_server: Any) -> str:
     return new_db_url(tmp_path, pg_server)
 
 
+def lower_sqlite_variable_bound(store: Any, bound: int = 999) -> None:
+    """On SQLite, every new connection of `store` gets SQLite's old bound on a statement's variables (999, the default
+    before 3.32), as some builds still have; other dialects are left alone."""
+    if store.dialect != "sqlite":
+        return
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    @sa.event.listens_for(store.engine, "connect")
+    def _lower(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, bound)
+
+
 def ledger_rows(db_url: str, where: str = "1=1") -> list[Any]:
     """Read the usage ledger straight from the store."""
     import sqlalchemy as sa

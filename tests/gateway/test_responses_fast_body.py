@@ -8,10 +8,8 @@ Guards the Responses and Messages hot paths (one validator per shape: the fast p
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any
 
-import orjson
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -24,6 +22,7 @@ from keel.gateway.ingress.responses_shape import (
     ResponsesBody, chat_data, check_supported, fast_responses_body, input_items, parsed, to_messages,
 )
 from keel.gateway.schemas import fast_chat_body
+from tests.gateway.test_chat_fuzz import canonical, decoded
 
 junk = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-2**80, max_value=2**80)
@@ -35,19 +34,6 @@ text = st.text(max_size=12)
 number = st.sampled_from([0, 0.0, 0.5, 1, 1.0, 1.5, 2, 2.0, 2.5, 3, -1, -0.5, -3, 16, 16.0, 2**31 - 1, 2**31, 2**70,
                           True, "1"])
 meta = st.dictionaries(st.sampled_from(["use_case", "task_id", "user_id", "x" * 70]), text | junk, max_size=2)
-
-
-def decoded(data: Any) -> Any:
-    """What the server's strict JSON decoder makes of `data` sent as JSON (None: not JSON to it)."""
-    try:
-        return orjson.loads(json.dumps(data))
-    except orjson.JSONDecodeError:
-        return None
-
-
-def canonical(data: Any) -> bytes:
-    """Equal only when equal with types: 1, 1.0 and True differ."""
-    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
 
 
 def agree(fast: Any, model: type, data: dict[str, Any]) -> dict[str, Any] | None:

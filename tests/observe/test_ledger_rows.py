@@ -5,13 +5,13 @@ or PostgreSQL with KEEL_TEST_DATABASE=postgres."""
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from conftest import lower_sqlite_variable_bound
 from keel.core.db import Store
 from keel.observe.ledger import Ledger
 from keel.observe.tables import usage_ledger
@@ -69,10 +69,7 @@ def test_a_large_batch_is_written_whole_and_a_repeat_once(db_url: str) -> None:
     every row; a batch holding an id already written falls back to row by row and skips only the repeat. On SQLite
     the build's bound on a statement's variables is lowered to the old default (999): 32 rows a statement."""
     store = Store.open(db_url)
-    if store.dialect == "sqlite":
-        @sa.event.listens_for(store.engine, "connect")
-        def _lower_limit(dbapi_conn, _record):  # noqa: ANN001
-            dbapi_conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    lower_sqlite_variable_bound(store)
     store.upgrade()
     try:
         ledger = Ledger(store)

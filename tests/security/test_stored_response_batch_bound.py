@@ -6,11 +6,11 @@ failed again for ever — the responses (and every one recorded after them) neve
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 
 import pytest
 import sqlalchemy as sa
 
+from conftest import lower_sqlite_variable_bound
 from keel.core.db import Store
 from keel.gateway.ingress.response_store import ResponseStore
 from keel.gateway.ingress.response_tables import responses
@@ -22,10 +22,7 @@ RED = Principal(key_id="k1", role="member", team_id="red")
 
 def test_a_large_flush_fits_the_connections_variable_bound(db_url):
     store = Store.open(db_url)
-    if store.dialect == "sqlite":
-        @sa.event.listens_for(store.engine, "connect")
-        def _lower_limit(dbapi_conn, _record):  # noqa: ANN001
-            dbapi_conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    lower_sqlite_variable_bound(store)
     store.upgrade()
 
     async def run() -> None:
