@@ -36,6 +36,7 @@ from keel.identity.principal import Principal
 from keel.observe.prompts import Prompts
 from keel.observe.tracing import span
 from keel.workflows import approvals, waits
+from keel.workflows.durable import DBOS
 from keel.workflows.spec_types import StepSpec
 from keel.workflows.steps import StepEnv, StepParts
 
@@ -85,9 +86,6 @@ class AgentEngine:
         self.approval_parts, self.flush_ledger, self.clock = approval_parts, flush_ledger, clock
         self.model_slots = asyncio.Semaphore(model_slots)
         agent_workflow()
-        from dbos import DBOS as dbos_cls  # the class itself: `keel.workflows.durable.DBOS` imports on every use
-
-        self.dbos: Any = dbos_cls
         AgentEngine._current = self
 
     @classmethod
@@ -119,11 +117,11 @@ class AgentEngine:
             system = m.goal + ("\n\n" + m.instructions if m.instructions else "")
             thread: list[dict[str, Any]] = []
             if m.thread == "user" and run.user_id:  # read once, checkpointed: a replay sees the same thread
-                thread = await self.dbos.run_step_async({"name": "thread"}, self.store.thread, row)
+                thread = await DBOS.run_step_async({"name": "thread"}, self.store.thread, row)
             head: list[dict[str, Any]] = [{"role": "system", "content": system}]
             state: dict[str, Any] = {"steps": 0, "tokens": 0, "cost": 0.0, "calls": {}}
             if m.prompt:  # the registry prompt, resolved once as the run's principal and checkpointed
-                rendered = await self.dbos.run_step_async({"name": "prompt"}, self._prompt, run, row["task"])
+                rendered = await DBOS.run_step_async({"name": "prompt"}, self._prompt, run, row["task"])
                 head, state["prompt_version"] = rendered["messages"], rendered["ref"]
             messages: list[dict[str, Any]] = [*head, *thread, {"role": "user", "content": row["task"]}]
             seq = 0
@@ -290,20 +288,20 @@ class AgentEngine:
     async def tool_call(self, run: Run, call: dict[str, Any], state: dict[str, Any], seq: int) -> dict[str, Any]:
         fn = call.get("function") or {}
         name, raw = str(fn.get("name") or ""), fn.get("arguments")
-        out = await self.dbos.run_step_async({"name": f"tool.{seq}"}, self.tool_step, run, name, raw, state, seq, False)
+        out = await DBOS.run_step_async({"name": f"tool.{seq}"}, self.tool_step, run, name, raw, state, seq, False)
         if "approval" in out:
             decision = await self._wait_for_person(run, seq, name, out["args"], out["approval"])
             if decision["decision"] != "approved":
                 content = f"A person rejected this call ({decision.get('reason') or 'no reason given'})."
-                await self.dbos.run_step_async({"name": f"tool.{seq}.rejected"}, self._rejected, run, seq, name,
+                await DBOS.run_step_async({"name": f"tool.{seq}.rejected"}, self._rejected, run, seq, name,
                                           out["args"], decision)
                 return {"content": content}
             fields = decision.get("fields") or {}
             if out["approval"]["ask"]:
-                return await self.dbos.run_step_async({"name": f"tool.{seq}.answer"}, self._answered, run, seq, name,
+                return await DBOS.run_step_async({"name": f"tool.{seq}.answer"}, self._answered, run, seq, name,
                                                  out["args"], fields)
             args = fields.get("arguments", out["args"])
-            out = await self.dbos.run_step_async({"name": f"tool.{seq}.approved"}, self.tool_step, run, name, args,
+            out = await DBOS.run_step_async({"name": f"tool.{seq}.approved"}, self.tool_step, run, name, args,
                                             state, seq, True)
         if out.get("allowed"):
             state["calls"][name] = state["calls"].get(name, 0) + 1
@@ -374,19 +372,19 @@ class AgentEngine:
         else:
             show = {"tool": name, "arguments": args, "rule": config["rule"]}
         env = self._env(run, seq, config, show)
-        opened = await self.dbos.run_step_async({"name": f"tool.{seq}.open"}, self._open, env, run)
+        opened = await DBOS.run_step_async({"name": f"tool.{seq}.open"}, self._open, env, run)
         approval_id, deadline = opened["id"], opened["deadline"]
         decision: dict[str, Any] | None = None
         while decision is None:
-            now = await self.dbos.run_step_async({"name": f"tool.{seq}.clock"}, time.time)
+            now = await DBOS.run_step_async({"name": f"tool.{seq}.clock"}, time.time)
             if deadline - now <= 0:
                 decision = {"decision": "rejected", "by": "system:timeout", "reason": "no decision before the deadline"}
                 break
-            decision = await self.dbos.recv_async(topic=approval_id, timeout_seconds=min(deadline - now, RECV_CHUNK_S))
+            decision = await DBOS.recv_async(topic=approval_id, timeout_seconds=min(deadline - now, RECV_CHUNK_S))
             if decision is None:
-                decision = await self.dbos.run_step_async({"name": f"tool.{seq}.check"}, approvals.recorded_decision,
+                decision = await DBOS.run_step_async({"name": f"tool.{seq}.check"}, approvals.recorded_decision,
                                                      self.approval_parts.runs, approval_id)
-        closed = await self.dbos.run_step_async({"name": f"tool.{seq}.close"}, self._close, env, run, approval_id, decision)
+        closed = await DBOS.run_step_async({"name": f"tool.{seq}.close"}, self._close, env, run, approval_id, decision)
         return dict(decision, fields=closed["output"]["fields"])
 
     async def _open(self, env: StepEnv, run: Run) -> dict[str, Any]:

@@ -25,9 +25,14 @@ Interpret = Callable[[str], Awaitable[dict[str, Any]]]
 class _LazyDBOS:
     """`DBOS` imported on first use: a process that never defines a workflow never loads it (nor holds its memory)."""
 
-    def __getattr__(self, name: str) -> Any:
-        from dbos import DBOS as real
+    _real: Any = None  # the class, once imported (an import statement per attribute cost ~1 % of an agent step)
 
+    def __getattr__(self, name: str) -> Any:
+        real = _LazyDBOS._real
+        if real is None:
+            from dbos import DBOS as real
+
+            _LazyDBOS._real = real
         return getattr(real, name)
 
 
