@@ -42,6 +42,7 @@ from keel.workflows.steps import StepEnv, StepParts
 
 log = logging.getLogger("keel.agents")
 RECV_CHUNK_S = 300.0
+INLINE_ARGS = 4096  # a tool call's arguments (JSON text) checked on the event loop when no larger
 SHOW = {"tool": "{{ call.tool }}", "arguments": "{{ call.arguments }}", "rule": "{{ call.rule }}"}
 
 _registered: list[Any] = []
@@ -188,9 +189,11 @@ class AgentEngine:
              {"run_id": run.id, "agent": run.agent, "version": run.version, "seq": seq, "kind": kind, "tool": tool,
               "rule": rule, "tokens": tokens, "cost": cost}))
 
-    def _gate(self, run: Run, state: dict[str, Any], *, model: bool) -> tuple[str, str] | None:
-        """The kill switch and the run's budgets, read now: (rule, detail) when the run must stop."""
-        if self.store.paused(run.agent):
+    def _gate(self, run: Run, state: dict[str, Any], *, model: bool,
+              paused: bool | None = None) -> tuple[str, str] | None:
+        """The kill switch (`paused`: as a still-trusted read saw it, else read) and the run's budgets, read now:
+        (rule, detail) when the run must stop."""
+        if self.store.paused(run.agent) if paused is None else paused:
             return "kill_switch", f"agent {run.agent!r} is paused"
         b = run.mandate.budgets
         elapsed = self.clock() - run.started_at
@@ -258,7 +261,11 @@ class AgentEngine:
     async def model_step(self, run: Run, messages: list[dict[str, Any]], state: dict[str, Any],
                          seq: int, attempt: int = 0) -> dict[str, Any]:
         m = run.mandate
-        stop = await asyncio.to_thread(self._gate, run, state, model=True)
+        switch = self.store.paused_cached(run.agent)
+        if switch is not None and m.budgets.cost_per_day is None:  # nothing to read: no thread hop
+            stop = self._gate(run, state, model=True, paused=switch)
+        else:
+            stop = await asyncio.to_thread(self._gate, run, state, model=True)
         if stop is not None:
             await asyncio.to_thread(self._log, run, seq, "model", "refused", rule=stop[0], detail=stop[1])
             return {"stop": {"code": "agent_stopped", "rule": stop[0], "detail": stop[1]}}
@@ -310,15 +317,20 @@ class AgentEngine:
     async def tool_step(self, run: Run, name: str, raw: Any, state: dict[str, Any], seq: int,
                         approved: bool) -> dict[str, Any]:
         """Check, then (allowed) run one tool call; logged either way."""
-        def checked() -> tuple[tuple[str, str] | None, Decision, Any]:  # the gate, then the mandate: one hop
-            stop = self._gate(run, state, model=False)
+        def checked(switch: bool | None = None) -> tuple[tuple[str, str] | None, Decision, Any]:
+            stop = self._gate(run, state, model=False, paused=switch)  # the gate, then the mandate
             if stop is not None:
                 return stop, Decision(False), raw
             return (None, *check_call(run.mandate, name, raw, calls_in_run=state["calls"].get(name, 0),
                                       calls_today=lambda: self.store.calls_today(run.agent, name), approved=approved,
                                       run={"cost": state["cost"], "tokens": state["tokens"], "steps": state["steps"]}))
 
-        stop, decision, args = await asyncio.to_thread(checked)
+        switch, tool = self.store.paused_cached(run.agent), run.mandate.tools.get(name)
+        if (switch is not None and (tool is None or tool.max_calls_per_day is None)  # nothing to read
+                and (raw is None or (isinstance(raw, str) and len(raw) <= INLINE_ARGS))):
+            stop, decision, args = checked(switch)  # a short call's check is cheaper than the thread hop
+        else:
+            stop, decision, args = await asyncio.to_thread(checked)
         if stop is not None:
             await asyncio.to_thread(self._log, run, seq, "tool", "refused", tool=name[:64], args=_loggable(raw),
                                     rule=stop[0], detail=stop[1])

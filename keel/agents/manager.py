@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -18,7 +19,7 @@ from keel.agents.access import (definitions_visible, mandate_owner, may_change, 
 from keel.agents.errors import AgentPaused
 from keel.agents.loop import agent_workflow
 from keel.agents.mandate import Mandate, parse_mandate
-from keel.agents.store import FINAL, STATUSES, AgentStore
+from keel.agents.store import FINAL, STATUSES, SWITCH_TTL_S, AgentStore
 from keel.agents.tables import agent_runs, agent_versions
 from keel.core.clock import iso, utcnow
 from keel.core.errors import BadRequest, Conflict, Forbidden, KeelError, NotFound
@@ -101,13 +102,17 @@ class Agents:
             return conn.execute(sa.select(agent_versions.c.id).limit(1)).first() is not None
 
     def set_paused(self, name: str, p: Principal, paused: bool, reason: str | None = None) -> dict[str, Any]:
-        """The kill switch: a paused agent starts no run, and its runs take no further action (each action reads
-        the switch from the store first, on every replica)."""
+        """The kill switch: a paused agent starts no run, and its runs take no further action (each action checks
+        the switch first, on every replica). A pause returns only once no replica trusts a read of the switch from
+        before it (`SWITCH_TTL_S`); a resume at once."""
         r = self.agent_store.latest(name, p)
         may_change(p, name, r.team_id)
         self.agent_store.set_paused(name, paused, p.user_id or p.key_id, reason)
+        committed = time.monotonic()
         self.agent_store.audit("agent.paused" if paused else "agent.resumed", p.user_id or p.key_id, r.team_id,
                                agent=name, reason=reason)
+        if paused and (left := SWITCH_TTL_S - (time.monotonic() - committed)) > 0:
+            time.sleep(left)  # the acknowledgement's promise; this runs in a worker thread (routes, console)
         return {"object": "agent", "name": name, "paused": paused}
 
     # -- runs -----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -26,6 +27,9 @@ FINAL = ("completed", "failed", "stopped")
 THREAD_TURNS = 10  # earlier runs of the end user's thread the model sees
 RECALL_SCAN = 500  # newest notes `recall` ranks
 STATUSES = ("running", "waiting_approval", "waiting_provider", *FINAL)
+# How long a replica trusts a read of the kill switch (two store reads and a thread hop of every agent step, ~0.8 ms
+# in `keel serve`: bench/agents.py); a pause is acknowledged only this long after it commits (`Agents.set_paused`)
+SWITCH_TTL_S = 0.25
 # The per-action statements, built once and executed with parameters (building one with literal values cost
 # more than running it: bench/agents.py)
 _PAUSED = sa.select(agent_switches.c.paused).where(agent_switches.c.name == sa.bindparam("name"))
@@ -36,10 +40,13 @@ _EFFECT = agent_effects.insert()
 class AgentStore:
     """The store's agent tables; `audit(action=…, actor=…, team_id=…, **details)` writes the audit trail."""
 
-    def __init__(self, store: Store, audit: Callable[..., Any] | None = None) -> None:
+    def __init__(self, store: Store, audit: Callable[..., Any] | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self._audit = audit
         self._mandates: dict[str, Mandate] = {}
+        self._clock = clock
+        self._switches: dict[str, tuple[float, bool]] = {}  # agent → (when its read began, paused)
 
     # -- versions -----------------------------------------------------------------------------
     def latest(self, name: str, p: Principal | None = None) -> Any:
@@ -70,15 +77,29 @@ class AgentStore:
 
     # -- kill switch --------------------------------------------------------------------------
     def paused(self, name: str) -> bool:
-        """Read from the store every time (never cached), so a pause on any replica holds on every replica."""
+        """The kill switch from a store read begun less than `SWITCH_TTL_S` ago (else read now). A pause is
+        acknowledged `SWITCH_TTL_S` after it commits, so any read trusted after that began after the pause: on
+        every replica, no action after the acknowledgement."""
+        cached = self.paused_cached(name)
+        if cached is not None:
+            return cached
+        began = self._clock()  # before the read: the stamp is never later than what the read saw
         with self.store.read() as conn:
-            return bool(conn.execute(_PAUSED, {"name": name}).scalar())
+            value = bool(conn.execute(_PAUSED, {"name": name}).scalar())
+        self._switches[name] = (began, value)
+        return value
+
+    def paused_cached(self, name: str) -> bool | None:
+        """The switch as a still-trusted read saw it, or None (nothing to tell without reading the store)."""
+        hit = self._switches.get(name)
+        return hit[1] if hit is not None and self._clock() - hit[0] < SWITCH_TTL_S else None
 
     def set_paused(self, name: str, paused: bool, by: str, reason: str | None) -> None:
         values = {"paused": paused, "changed_by": by, "reason": reason, "changed_at": utcnow()}
         with self.store.engine.begin() as conn:
             if conn.execute(agent_switches.update().where(agent_switches.c.name == name).values(**values)).rowcount == 0:
                 conn.execute(agent_switches.insert().values(name=name, **values))
+        self._switches[name] = (self._clock(), paused)  # committed: a read from now on sees it
 
     # -- runs ---------------------------------------------------------------------------------
     def insert_run(self, row: dict[str, Any]) -> None:
