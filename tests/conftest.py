@@ -49,6 +49,16 @@ def problem(r: httpx.Response, status: int, *names: str) -> dict[str, Any]:
     return body
 
 
+class Clock:
+    """Seconds that a test moves by hand (`clock.now += 5`): the clock injected into what the test drives."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def eventually(check: Callable[[], T], timeout: float = 30, interval: float = 0.05,
                retry: tuple[type[BaseException], ...] = (AssertionError,)) -> T:
     """Poll `check` until it returns a truthy value (returned) without raising one of `retry`; past

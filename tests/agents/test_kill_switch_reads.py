@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+from conftest import Clock
 
 from keel.agents.manager import Agents
 from keel.agents.store import SWITCH_TTL_S, AgentStore
@@ -18,14 +19,6 @@ from keel.identity.principal import Principal
 pytestmark = pytest.mark.store
 MANDATE = "name: clerk\nmodel: m\ngoal: Record things.\ntools:\n  record: {tables: [t]}\n"
 ADMIN = Principal(key_id="key_admin", role="admin")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -7,17 +7,7 @@ import asyncio
 
 import pytest
 
-from conftest import MASTER_KEY
-
-
-class Clock:
-    """Wall-clock seconds that a test moves by hand."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from conftest import MASTER_KEY, Clock
 
 
 def stage_on(store, settings, deployments, clock: Clock):

@@ -10,19 +10,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from conftest import eventually_async
+from conftest import Clock, eventually_async
 
 pytestmark = pytest.mark.store
 
 DAY = 86_400.0
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def response(rid: str, created_at: float) -> dict[str, Any]:

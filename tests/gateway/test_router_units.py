@@ -5,6 +5,7 @@ import random
 from collections import Counter
 
 import pytest
+from conftest import Clock
 
 from keel.core.errors import ContextOverflow, Forbidden, InternalError, NotSupported, Unavailable
 from keel.core.settings import DeploymentConfig
@@ -13,14 +14,6 @@ from keel.gateway.protocol import upstream_error
 from keel.gateway.router import (
     EXPLORE, NEXT, RETRY, STOP, DeploymentState, classify, least_busy, lowest_latency, weighted,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
