@@ -24,6 +24,11 @@ durable checkpoints of each model and tool call, the action log and the tool out
 
 Prints one JSON line.
     .venv/bin/python bench/agents.py [--steps 20] [--runs 7]
+
+`--trees new=.,old=/tmp/old` compares Keel of source trees instead (e.g. this checkout against a `git archive`
+export of an earlier commit): a server per tree, up together on the same upstream, the same agent run on each in
+turn (A B B A …), per tree the p50 of wall and CPU ms per step. The host's speed drifts over minutes by more than a
+change moves it; interleaved runs share the drift, where one whole bench run after another does not.
 """
 
 from __future__ import annotations
@@ -130,7 +135,7 @@ async def direct_run(session: Any, url: str, steps: int, k: int, model: str = "m
 class Server:
     """`keel serve` on a fresh data dir and SQLite store, its models in a keel.yaml; stopped by `stop()`."""
 
-    def __init__(self, base: Path, upstream: str) -> None:
+    def __init__(self, base: Path, upstream: str, tree: Path = ROOT) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         data = base / "data"
@@ -145,7 +150,7 @@ class Server:
                     "KEEL_EMBEDDED_MODELS": "false", "KEEL_LOG_REQUESTS": "false", "PYTHONUNBUFFERED": "1",
                     # the Keel of this tree, not the venv's editable install: a `git archive` copy of another
                     # commit run with the same venv would otherwise serve the checkout's code
-                    "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
+                    "PYTHONPATH": os.pathsep.join([str(tree), *filter(None, [os.environ.get("PYTHONPATH")])])})
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([PY, "-m", "keel", "serve", "--port", str(self.port), "--config", str(cfg)],
                                          env=env, cwd=base, stdout=log, stderr=subprocess.STDOUT)
@@ -219,11 +224,7 @@ async def measure(srv: Server, upstream: str, steps: int, runs: int) -> dict[str
     import aiohttp
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
-        async with session.post(f"{srv.url}/v1/agents", data=MANDATE,
-                                headers={"Authorization": f"Bearer {ADMIN}",
-                                         "Content-Type": "application/yaml"}) as r:
-            if r.status >= 300:
-                raise RuntimeError(f"defining the agent failed: {r.status} {await r.text()}")
+        await define(session, srv)
         keel, direct, gateway, keel_cpu, direct_cpu = [], [], [], [], []
         admin = {"Authorization": f"Bearer {ADMIN}"}
         for k in range(runs + 1):  # run 0 warms all up; alternating keeps the machine's load shared fairly
@@ -259,6 +260,46 @@ async def measure(srv: Server, upstream: str, steps: int, runs: int) -> dict[str
             "met": overhead <= TARGET_STEP_OVERHEAD_MS}
 
 
+async def measure_trees(servers: dict[str, Server], steps: int, runs: int) -> dict[str, Any]:
+    """`--trees`: the trees' servers, all up at once, run the same agent in turn (A B B A …), so the host's drift
+    (more than the differences looked for) falls on each alike; per tree the p50 of wall and CPU ms per step."""
+    import aiohttp
+
+    seen: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in servers}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+        for srv in servers.values():
+            await define(session, srv)
+            for k in range(2):  # warm-up
+                await keel_run(session, srv, steps, k)
+        order = list(servers.items())
+        for k in range(runs):
+            for name, srv in (order if k % 2 == 0 else order[::-1]):
+                wall, cpu = await keel_run(session, srv, steps, 10 + k)
+                seen[name][0].append(wall * 1000 / steps)
+                if cpu is not None:
+                    seen[name][1].append(cpu * 1000 / steps)
+    return {name: {"keel_step_p50_ms": round(statistics.median(w), 2),
+                   **({"keel_cpu_step_p50_ms": round(statistics.median(c), 2)} if c else {}),
+                   "keel_step_ms_runs": [round(x, 2) for x in w]} for name, (w, c) in seen.items()}
+
+
+async def define(session: Any, srv: Server) -> None:
+    async with session.post(f"{srv.url}/v1/agents", data=MANDATE,
+                            headers={"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/yaml"}) as r:
+        if r.status >= 300:
+            raise RuntimeError(f"defining the agent failed: {r.status} {await r.text()}")
+
+
+def parse_trees(value: str) -> dict[str, Path]:
+    trees = {}
+    for item in value.split(","):
+        name, _, path = item.partition("=")
+        if not name or not path or not (Path(path) / "keel").is_dir():
+            sys.exit(f"--trees takes name=path,… of Keel source trees (a `keel/` inside), not {item!r}")
+        trees[name] = Path(path).resolve()
+    return trees
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--upstream"]:
         serve_upstream(sys.argv[2:])
@@ -266,30 +307,41 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--steps", type=int, default=20, help="N, tool calls the model asks for in each run")
     ap.add_argument("--runs", type=int, default=7, help="K, runs measured of each (after one warm-up)")
+    ap.add_argument("--trees", help="name=path,… : instead, Keel of each source tree (a checkout, or a `git archive` "
+                                    "copy sharing this venv), servers up together and runs interleaved")
     args = ap.parse_args()
     if not 1 <= args.steps <= 900 or args.runs < 1:
         sys.exit("--steps must be 1..900 (the mandate's step budget is 1000) and --runs at least 1")
+    trees = parse_trees(args.trees) if args.trees else None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanups below on SIGTERM too
     tmp = Path(tempfile.mkdtemp(prefix="keel-bench-agents-"))
     up_port = free_port()
     upstream_proc = subprocess.Popen([PY, str(Path(__file__).resolve()), "--upstream", "--port", str(up_port)],
                                      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     upstream = f"http://127.0.0.1:{up_port}/v1"
-    srv = None
+    servers: dict[str, Server] = {}
     load_before = os.getloadavg()[0]
     try:
         wait_http(f"http://127.0.0.1:{up_port}/_stats", upstream_proc)
-        say("starting keel on SQLite")
-        srv = Server(tmp, upstream)
-        say(f"{args.runs} runs of {args.steps} steps each, keel and direct alternating")
-        res = asyncio.run(measure(srv, upstream, args.steps, args.runs))
+        if trees:
+            for name, tree in trees.items():
+                say(f"starting keel of {tree} on SQLite")
+                servers[name] = Server(tmp / name, upstream, tree)
+            say(f"{args.runs} runs of {args.steps} steps on each, interleaved")
+            res = {"trees": asyncio.run(measure_trees(servers, args.steps, args.runs))}
+        else:
+            say("starting keel on SQLite")
+            servers["keel"] = srv = Server(tmp / "keel", upstream)
+            say(f"{args.runs} runs of {args.steps} steps each, keel and direct alternating")
+            res = asyncio.run(measure(srv, upstream, args.steps, args.runs))
     finally:
-        if srv is not None:
+        for srv in servers.values():
             srv.stop()
         stop(upstream_proc)
         shutil.rmtree(tmp, ignore_errors=True)
     res.update(steps=args.steps, runs=args.runs, backend="sqlite", target_overhead_ms=TARGET_STEP_OVERHEAD_MS,
-               tree=str(ROOT),  # the checkout whose Keel `keel serve` ran (PYTHONPATH above)
+               # the checkout(s) whose Keel `keel serve` ran (PYTHONPATH in `Server`)
+               tree={n: str(t) for n, t in trees.items()} if trees else str(ROOT),
                # the machine's 1-minute load average before and after: on a shared machine wall times measure it too
                load_1m=[round(load_before, 2), round(os.getloadavg()[0], 2)])
     print(json.dumps(res))
