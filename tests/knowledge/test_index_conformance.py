@@ -12,7 +12,8 @@ from keel.core.db import Store
 from keel.identity.principal import Principal
 from keel.knowledge.acl import Collection, Scope
 from keel.knowledge.index import ChunkIn, TermStats, open_index, transaction
-from keel.knowledge.tables import collections, document_acl, documents
+from keel.knowledge.tables import documents
+from tests.knowledge.index_rows import add_collection, put_document
 
 pytestmark = pytest.mark.store
 DIMS = 384
@@ -34,35 +35,14 @@ class ChunkIndexConformance:
         made: dict[str, Collection] = {}
 
         def coll(name: str) -> Collection:
-            c = Collection(id=f"col_{name}", name=name, classification="internal", owner_team_id="team_a",
-                           embedding_model="local-embed", dims=DIMS)
-            with transaction(store) as tx:
-                tx.conn.execute(collections.insert().values(
-                    id=c.id, name=name, classification="internal", owner_team_id="team_a",
-                    embedding_model="local-embed", dims=DIMS, meta={}, created_at=sa.func.now(),
-                    updated_at=sa.func.now()))
-                index.create_collection(tx, c)
-            made[name] = c
-            return c
+            made[name] = add_collection(store, index, name, DIMS)
+            return made[name]
 
         def doc(c: Collection, doc_id: str, texts: list[str], seeds: list[int], *, restricted_to: str | None = None,
                 fmt: str = "md", fail: bool = False) -> None:
             items = [ChunkIn(i, t, "S", None, 0, len(t), len(t.split()), unit(s)) for i, (t, s) in
                      enumerate(zip(texts, seeds))]
-            with transaction(store) as tx:
-                exists = tx.conn.execute(sa.select(documents.c.id).where(documents.c.id == doc_id)).first()
-                values = dict(collection_id=c.id, source=doc_id, title=doc_id, format=fmt, content_hash="h",
-                              size_bytes=1, chunk_count=len(items), restricted=restricted_to is not None, meta={},
-                              created_at=sa.func.now(), updated_at=sa.func.now())
-                if exists:
-                    tx.conn.execute(documents.update().where(documents.c.id == doc_id).values(**values))
-                else:
-                    tx.conn.execute(documents.insert().values(id=doc_id, **values))
-                if restricted_to:
-                    tx.conn.execute(document_acl.insert().values(document_id=doc_id, kind="team", value=restricted_to))
-                index.write_document(tx, c, doc_id, items)
-                if fail:
-                    raise RuntimeError("roll back")
+            put_document(store, index, c, doc_id, items, fmt=fmt, restricted_to=restricted_to, fail=fail)
 
         yield store, index, coll, doc
         index.close()

@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from keel.core.db import Store
 from keel.identity.principal import Principal
 from keel.knowledge.acl import Collection, Scope
-from keel.knowledge.index import ChunkIn, TermStats, open_index, transaction
-from keel.knowledge.tables import collections, document_acl, documents
+from keel.knowledge.index import ChunkIn, TermStats, open_index
+from tests.knowledge.index_rows import add_collection, put_document
 
 pytestmark = pytest.mark.store
 DIMS = 8
@@ -40,32 +40,14 @@ def env(db_url, tmp_path):
     index.open()
 
     def coll(name: str) -> Collection:
-        c = Collection(id=f"col_{name}", name=name, classification="internal", owner_team_id="team_a",
-                       embedding_model="local-embed", dims=DIMS)
-        with transaction(store) as tx:
-            tx.conn.execute(collections.insert().values(
-                id=c.id, name=name, classification="internal", owner_team_id="team_a", embedding_model="local-embed",
-                dims=DIMS, meta={}, created_at=sa.func.now(), updated_at=sa.func.now()))
-            index.create_collection(tx, c)
-        return c
+        return add_collection(store, index, name, DIMS)
 
     def doc(c: Collection, source: str, parts: list[tuple[str, str]], restricted_to: str | None = None) -> None:
         rng = np.random.default_rng(len(source))
         items = [ChunkIn(i, text, section, None, 0, len(text), len(text.split()),
                          rng.standard_normal(DIMS).astype(np.float32)) for i, (section, text) in enumerate(parts)]
-        doc_id = f"{c.id}_{source}".replace(".", "_")
-        with transaction(store) as tx:
-            exists = tx.conn.execute(sa.select(documents.c.id).where(documents.c.id == doc_id)).first()
-            values = dict(collection_id=c.id, source=source, title=source, format=source.rsplit(".", 1)[-1],
-                          content_hash="h", size_bytes=1, chunk_count=len(items), restricted=restricted_to is not None,
-                          meta={}, created_at=sa.func.now(), updated_at=sa.func.now())
-            if exists:
-                tx.conn.execute(documents.update().where(documents.c.id == doc_id).values(**values))
-            else:
-                tx.conn.execute(documents.insert().values(id=doc_id, **values))
-                if restricted_to:
-                    tx.conn.execute(document_acl.insert().values(document_id=doc_id, kind="team", value=restricted_to))
-            index.write_document(tx, c, doc_id, items)
+        put_document(store, index, c, f"{c.id}_{source}".replace(".", "_"), items, source=source,
+                     restricted_to=restricted_to)
 
     yield store, index, coll, doc
     index.close()
