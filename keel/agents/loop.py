@@ -1,7 +1,7 @@
 """The agent loop on DBOS: a model call, then each tool call it asks for, until it answers. Each model call
 and each tool call is one checkpointed step, so a restart resumes at the first action without one.
 
-Before every action the step reads the kill switch and the run's budgets from the store; before every tool
+Before every action the step checks the kill switch (`AgentStore.paused`) and the run's budgets; before every tool
 call the mandate decides (`policy.py`). A refused call is logged with its rule and told to the model, which
 may try something else; a spent budget or the kill switch stops the run.
 
@@ -191,7 +191,7 @@ class AgentEngine:
 
     def _gate(self, run: Run, state: dict[str, Any], *, model: bool,
               paused: bool | None = None) -> tuple[str, str] | None:
-        """The kill switch (`paused`: as a still-trusted read saw it, else read) and the run's budgets, read now:
+        """The kill switch (`paused`: False when a trusted read found the agent running, else read) and the run's budgets:
         (rule, detail) when the run must stop."""
         if self.store.paused(run.agent) if paused is None else paused:
             return "kill_switch", f"agent {run.agent!r} is paused"
@@ -261,14 +261,6 @@ class AgentEngine:
     async def model_step(self, run: Run, messages: list[dict[str, Any]], state: dict[str, Any],
                          seq: int, attempt: int = 0) -> dict[str, Any]:
         m = run.mandate
-        switch = self.store.paused_cached(run.agent)
-        if switch is not None and m.budgets.cost_per_day is None:  # nothing to read: no thread hop
-            stop = self._gate(run, state, model=True, paused=switch)
-        else:
-            stop = await asyncio.to_thread(self._gate, run, state, model=True)
-        if stop is not None:
-            await asyncio.to_thread(self._log, run, seq, "model", "refused", rule=stop[0], detail=stop[1])
-            return {"stop": {"code": "agent_stopped", "rule": stop[0], "detail": stop[1]}}
         max_tokens = max(1, min(m.budgets.max_tokens_per_call, m.budgets.tokens - state["tokens"]))
         # the ledger's id: the same when a crash re-runs this try (never metered twice), another after a wait
         call = Call(request_id=f"{run.id}/{seq}" + (f"~{attempt}" if attempt else ""), principal=run.principal,
@@ -278,9 +270,17 @@ class AgentEngine:
                     metadata={"use_case": f"agent:{run.agent}", "task_id": run.id})
         if state.get("prompt_version"):
             call.annotations[PROMPT_VERSION] = state["prompt_version"]
-        async with self.model_slots:
-            call.started = time.perf_counter()
-            result = await self.gateway.chat(call)
+        async with self.model_slots:  # the gate once the call holds its slot: the call goes out right after it
+            if self.store.trusts_running(run.agent) and m.budgets.cost_per_day is None:  # nothing to read: no hop
+                stop = self._gate(run, state, model=True, paused=False)
+            else:
+                stop = await asyncio.to_thread(self._gate, run, state, model=True)
+            if stop is None:
+                call.started = time.perf_counter()
+                result = await self.gateway.chat(call)
+        if stop is not None:
+            await asyncio.to_thread(self._log, run, seq, "model", "refused", rule=stop[0], detail=stop[1])
+            return {"stop": {"code": "agent_stopped", "rule": stop[0], "detail": stop[1]}}
         # no flush here: the ledger spooled the row to the data dir before `chat` returned (a killed process's rows
         # are written by the next one on it), and its request id dedupes a crash's repeat; `_finish` flushes
         tokens, cost = result.usage.total_tokens, call.cost()
@@ -325,10 +325,11 @@ class AgentEngine:
                                       calls_today=lambda: self.store.calls_today(run.agent, name), approved=approved,
                                       run={"cost": state["cost"], "tokens": state["tokens"], "steps": state["steps"]}))
 
-        switch, tool = self.store.paused_cached(run.agent), run.mandate.tools.get(name)
-        if (switch is not None and (tool is None or tool.max_calls_per_day is None)  # nothing to read
+        tool = run.mandate.tools.get(name)
+        if (self.store.trusts_running(run.agent) and (tool is None or (tool.max_calls_per_day is None  # nothing to read
+                                                                       and tool.quick_to_check))
                 and (raw is None or (isinstance(raw, str) and len(raw) <= INLINE_ARGS))):
-            stop, decision, args = checked(switch)  # a short call's check is cheaper than the thread hop
+            stop, decision, args = checked(False)  # a short call's check is cheaper than the thread hop
         else:
             stop, decision, args = await asyncio.to_thread(checked)
         if stop is not None:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -36,8 +36,10 @@ WAIT_POLL_S = 0.2  # how often a waiting caller reads the run's status (a run th
 class Agents:
     """The API behind `/v1/agents…` and `keel agents …`."""
 
-    def __init__(self, store: AgentStore, durable: Durable, vault: Any, mcp: Any = None) -> None:
+    def __init__(self, store: AgentStore, durable: Durable, vault: Any, mcp: Any = None, *,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.agent_store, self.durable, self.vault = store, durable, vault
+        self.sleep = sleep  # how a pause waits out the replicas' trusted reads
         self.mcp = mcp  # keel.agents.mcp_client.McpClients: checks a mandate's MCP servers when it is defined
         self.store = store.store
 
@@ -112,7 +114,7 @@ class Agents:
         self.agent_store.audit("agent.paused" if paused else "agent.resumed", p.user_id or p.key_id, r.team_id,
                                agent=name, reason=reason)
         if paused and (left := SWITCH_TTL_S - (time.monotonic() - committed)) > 0:
-            time.sleep(left)  # the acknowledgement's promise; this runs in a worker thread (routes, console)
+            self.sleep(left)  # the acknowledgement's promise; this runs in a worker thread (routes, console)
         return {"object": "agent", "name": name, "paused": paused}
 
     # -- runs -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Example: `parse_mandate("name: helper\\nmodel: local-chat\\ngoal: answer\\ntools
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -108,6 +109,12 @@ class ToolSpec:
     def validator(self) -> Draft202012Validator:
         """The checker of its arguments, built once (every call of the tool is checked with it)."""
         return Draft202012Validator(self.parameters)
+
+    @cached_property
+    def quick_to_check(self) -> bool:
+        """Whether checking a short call's arguments takes time bounded by their length: not with `uniqueItems`
+        (pairwise over a list the model writes), whose calls are checked off the event loop whatever their size."""
+        return "uniqueItems" not in json.dumps(self.parameters)
 
     def openai(self) -> dict[str, Any]:
         """The tool as OpenAI's `tools` entry."""

@@ -27,8 +27,8 @@ FINAL = ("completed", "failed", "stopped")
 THREAD_TURNS = 10  # earlier runs of the end user's thread the model sees
 RECALL_SCAN = 500  # newest notes `recall` ranks
 STATUSES = ("running", "waiting_approval", "waiting_provider", *FINAL)
-# How long a replica trusts a read of the kill switch (two store reads and a thread hop of every agent step, ~0.8 ms
-# in `keel serve`: bench/agents.py); a pause is acknowledged only this long after it commits (`Agents.set_paused`)
+# How long a replica trusts a read that found an agent running (two store reads and a thread hop of every agent step,
+# ~1 ms in `keel serve`: bench/agents.py); a pause is acknowledged only this long after it commits (`Agents.set_paused`)
 SWITCH_TTL_S = 0.25
 # The per-action statements, built once and executed with parameters (building one with literal values cost
 # more than running it: bench/agents.py)
@@ -46,7 +46,7 @@ class AgentStore:
         self._audit = audit
         self._mandates: dict[str, Mandate] = {}
         self._clock = clock
-        self._switches: dict[str, tuple[float, bool]] = {}  # agent → (when its read began, paused)
+        self._running: dict[str, float] = {}  # agent → when the read that found it running began
 
     # -- versions -----------------------------------------------------------------------------
     def latest(self, name: str, p: Principal | None = None) -> Any:
@@ -77,29 +77,32 @@ class AgentStore:
 
     # -- kill switch --------------------------------------------------------------------------
     def paused(self, name: str) -> bool:
-        """The kill switch from a store read begun less than `SWITCH_TTL_S` ago (else read now). A pause is
-        acknowledged `SWITCH_TTL_S` after it commits, so any read trusted after that began after the pause: on
-        every replica, no action after the acknowledgement."""
-        cached = self.paused_cached(name)
-        if cached is not None:
-            return cached
+        """The kill switch. A store read that found the agent running, begun less than `SWITCH_TTL_S` ago, is trusted;
+        "paused" is read every time, so a resume counts at once. A pause is acknowledged `SWITCH_TTL_S` after it
+        commits (`Agents.set_paused`): a "running" trusted after that began after the pause, on every replica."""
+        if self.trusts_running(name):
+            return False
         began = self._clock()  # before the read: the stamp is never later than what the read saw
         with self.store.read() as conn:
             value = bool(conn.execute(_PAUSED, {"name": name}).scalar())
-        self._switches[name] = (began, value)
+        if value:
+            self._running.pop(name, None)
+        else:
+            self._running[name] = began
         return value
 
-    def paused_cached(self, name: str) -> bool | None:
-        """The switch as a still-trusted read saw it, or None (nothing to tell without reading the store)."""
-        hit = self._switches.get(name)
-        return hit[1] if hit is not None and self._clock() - hit[0] < SWITCH_TTL_S else None
+    def trusts_running(self, name: str) -> bool:
+        """Whether a read that found `name` running is still trusted: no need to read the store to act now."""
+        began = self._running.get(name)
+        return began is not None and self._clock() - began < SWITCH_TTL_S
 
     def set_paused(self, name: str, paused: bool, by: str, reason: str | None) -> None:
         values = {"paused": paused, "changed_by": by, "reason": reason, "changed_at": utcnow()}
         with self.store.engine.begin() as conn:
             if conn.execute(agent_switches.update().where(agent_switches.c.name == name).values(**values)).rowcount == 0:
                 conn.execute(agent_switches.insert().values(name=name, **values))
-        self._switches[name] = (self._clock(), paused)  # committed: a read from now on sees it
+        # nothing trusted from this write: another replica's pause may commit between it and any stamp taken here
+        self._running.pop(name, None)
 
     # -- runs ---------------------------------------------------------------------------------
     def insert_run(self, row: dict[str, Any]) -> None:

@@ -90,3 +90,32 @@ def test_a_pause_on_one_server_stops_a_run_on_another(tmp_path, server_factory):
     finally:
         model.stop()
         receiver.stop()
+
+
+def test_a_model_call_queued_for_a_slot_does_not_go_out_after_an_acknowledged_pause(tmp_path, server_factory):
+    """The kill switch is checked once the call holds its model slot, not before it waits for one: a run queued behind
+    a slow model call when the pause is acknowledged makes no model call afterwards."""
+    model = ScriptedModel({"slow": [call("pay", {"amount": 5}), say("paid")]}, latency_ms=3000).start()
+    receiver = Receiver().start()
+    try:
+        cfg = tmp_path / "keel.yaml"
+        cfg.write_text(f"models:\n  - {{alias: agent-model, provider: openai_compatible, model: m, "
+                       f"base_url: {model.url}}}\n")
+        srv = server_factory(config=cfg, KEEL_WORKFLOW_MODEL_CONCURRENCY="1")  # one model call at a time
+        define(srv, MANDATE.format(url=receiver.url))
+        first = run(srv, "payer", "[script:slow] first", wait_s=0.1)
+        eventually(lambda: model.stats()["requests"] == 1)  # the first run's call holds the one slot for 3 s
+        second = run(srv, "payer", "[script:slow] second", wait_s=0.5)  # its model call waits for the slot
+        with srv.admin() as c:
+            assert c.post("/v1/agents/payer/pause", json={}).status_code == 200
+        ended = {r["id"]: eventually(lambda r=r: (d := detail(srv, "payer", r["id"]))["status"] != "running" and d,
+                                     timeout=60) for r in (first, second)}
+        assert model.stats()["requests"] == 1, [m["body"] for m in model.received]
+        assert ended[second["id"]]["status"] == "stopped"
+        assert ended[second["id"]]["error"]["rule"] == "kill_switch"
+        assert [(a["kind"], a["decision"], a["rule"]) for a in ended[second["id"]]["actions"]] == [
+            ("model", "refused", "kill_switch")]
+        assert receiver.stats()["raw"] == 0
+    finally:
+        model.stop()
+        receiver.stop()
