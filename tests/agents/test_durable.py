@@ -95,7 +95,8 @@ def test_a_pause_on_one_server_stops_a_run_on_another(tmp_path, server_factory):
 def test_a_model_call_queued_for_a_slot_does_not_go_out_after_an_acknowledged_pause(tmp_path, server_factory):
     """The kill switch is checked once the call holds its model slot, not before it waits for one: a run queued behind
     a slow model call when the pause is acknowledged makes no model call afterwards."""
-    model = ScriptedModel({"slow": [call("pay", {"amount": 5}), say("paid")]}, latency_ms=3000).start()
+    # 6 s: the pause below must commit while the first call still holds the slot, on a loaded machine too
+    model = ScriptedModel({"slow": [call("pay", {"amount": 5}), say("paid")]}, latency_ms=6000).start()
     receiver = Receiver().start()
     try:
         cfg = tmp_path / "keel.yaml"
@@ -104,7 +105,7 @@ def test_a_model_call_queued_for_a_slot_does_not_go_out_after_an_acknowledged_pa
         srv = server_factory(config=cfg, KEEL_WORKFLOW_MODEL_CONCURRENCY="1")  # one model call at a time
         define(srv, MANDATE.format(url=receiver.url))
         first = run(srv, "payer", "[script:slow] first", wait_s=0.1)
-        eventually(lambda: model.stats()["requests"] == 1)  # the first run's call holds the one slot for 3 s
+        eventually(lambda: model.stats()["requests"] == 1)  # the first run's call holds the one slot for 6 s
         second = run(srv, "payer", "[script:slow] second", wait_s=0.5)  # its model call waits for the slot
         with srv.admin() as c:
             assert c.post("/v1/agents/payer/pause", json={}).status_code == 200
