@@ -325,10 +325,7 @@ class AgentEngine:
                                       calls_today=lambda: self.store.calls_today(run.agent, name), approved=approved,
                                       run={"cost": state["cost"], "tokens": state["tokens"], "steps": state["steps"]}))
 
-        tool = run.mandate.tools.get(name)
-        if (self.store.trusts_running(run.agent) and (tool is None or (tool.max_calls_per_day is None  # nothing to read
-                                                                       and tool.quick_to_check))
-                and (raw is None or (isinstance(raw, str) and len(raw) <= INLINE_ARGS))):
+        if self._checks_inline(run, name, raw):
             stop, decision, args = checked(False)  # a short call's check is cheaper than the thread hop
         else:
             stop, decision, args = await asyncio.to_thread(checked)
@@ -355,6 +352,16 @@ class AgentEngine:
         await asyncio.to_thread(self._log, run, seq, "tool", "allowed", tool=name, args=args,
                                 rule="approved" if approved else None, result=result)
         return {"content": result, "allowed": True}
+
+    def _checks_inline(self, run: Run, name: str, raw: Any) -> bool:
+        """Whether a tool call's check may run on the event loop: the kill switch trusted and nothing else to read
+        (no per-day count), and work bounded by short arguments (no `uniqueItems`)."""
+        if not self.store.trusts_running(run.agent):
+            return False
+        tool = run.mandate.tools.get(name)
+        if tool is not None and (tool.max_calls_per_day is not None or not tool.quick_to_check):
+            return False
+        return raw is None or (isinstance(raw, str) and len(raw) <= INLINE_ARGS)
 
     async def _rejected(self, run: Run, seq: int, name: str, args: Any, decision: dict[str, Any]) -> dict[str, Any]:
         await asyncio.to_thread(self._log, run, seq, "tool", "refused", tool=name, args=args, rule="approval",
