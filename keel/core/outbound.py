@@ -1,31 +1,29 @@
-"""Keel's one outbound HTTP stack: aiohttp sessions built from one `Outbound` (a CA bundle, a client
+"""Keel's one outbound HTTP stack: `keel.core.http1` clients built from one `Outbound` (a CA bundle, a client
 certificate, proxies from the environment), for providers, webhooks and workflow tools alike.
 
-Proxies come from `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY` (read with the standard library, once per
-session for its origin) and are passed to aiohttp per request; aiohttp's own `trust_env` is not used:
-it reads `~/.netrc` and the environment in a worker thread on every request, and a `.netrc` entry for a
-provider's host would clash with the provider's `Authorization` header.
+Proxies come from `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY` (read with the standard library, once per client for
+its origin, or per call for a webhook) and are passed per request; `~/.netrc` is never read (an entry for a
+provider's host would clash with the provider's `Authorization` header).
 
 >>> out = Outbound(ca_bundle="/etc/keel/corp-ca.pem")
->>> session = out.session()
->>> proxy = out.proxy_for("https://api.openai.com/v1")   # (URL of the proxy, its credentials) or (None, None)
+>>> client = out.client()
+>>> proxy = out.proxy_for("https://api.openai.com/v1")   # (URL of the proxy, its Proxy-Authorization) or None
 """
 
 from __future__ import annotations
 
+import base64
 import ssl
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-import aiohttp
-from aiohttp.abc import AbstractResolver
 from yarl import URL
 
+from keel.core.http1 import Client, Proxy, Resolver, check_header
 from keel.core.errors import ConfigError
 
-Proxy = tuple[URL | None, aiohttp.BasicAuth | None]
 TLS_OPTIONS = ("ca_bundle", "client_cert", "client_key")  # per-deployment options that override the settings'
 
 
@@ -57,8 +55,8 @@ class Outbound:
         return replace(self, **mine) if mine else self
 
     def ssl_context(self, where: str = "outbound HTTP") -> ssl.SSLContext | bool:
-        """The TLS context to connect with; `True` (aiohttp's default: the system's trust store, made once per
-        process) when nothing is configured. A missing or unreadable file is a `ConfigError` naming it."""
+        """The TLS context to connect with; `True` (the system's trust store, made once per client) when nothing
+        is configured. A missing or unreadable file is a `ConfigError` naming it."""
         if not (self.ca_bundle or self.client_cert):
             if self.client_key:
                 raise ConfigError(f"{where}: a client key is set without a client certificate",
@@ -81,39 +79,35 @@ class Outbound:
                               fix="set client_cert (outbound_client_cert) too, or remove the key")
         return ctx
 
-    def proxy_for(self, url: str | URL) -> Proxy:
-        """The environment's proxy for `url` and its credentials, or (None, None) when there is none or
-        `NO_PROXY` covers the host. Read now: a session keeps what it read at its start."""
+    def proxy_for(self, url: str | URL) -> Proxy | None:
+        """The environment's proxy for `url` and its Proxy-Authorization value, or None when there is none or
+        `NO_PROXY` covers the host. Read now: a client keeps what it read for its origin."""
         if not self.env_proxy:
-            return None, None
+            return None
         target = URL(url)
         if not target.host or urllib.request.proxy_bypass(target.host):
-            return None, None
+            return None
         chosen = urllib.request.getproxies().get(target.scheme)
         if not chosen:
-            return None, None
+            return None
         proxy = URL(chosen if "://" in chosen else f"http://{chosen}")
-        auth = aiohttp.BasicAuth.from_url(proxy) if proxy.user else None
+        auth = None
+        if proxy.user:
+            token = base64.b64encode(f"{proxy.user}:{proxy.password or ''}".encode("latin-1")).decode("ascii")
+            auth = f"Basic {token}"
         return proxy.with_user(None), auth
 
-    def session(self, *, limit: int = 100, keepalive_s: float = 30.0, where: str = "outbound HTTP",
-                tls: ssl.SSLContext | bool | None = None, resolver: AbstractResolver | None = None,
-                dns_cache: bool = True) -> aiohttp.ClientSession:
-        """A session with this TLS context (or `tls`, one `ssl_context()` made before) and a keep-alive pool of
-        `limit` connections; no cookies, no timeouts of its own (callers bound what they await) and no proxy:
-        pass `proxy_for(url)` per request, with `allow_redirects=False` (a redirect could leave where Keel
-        meant to send a credential). Call it inside the event loop that will use it."""
-        connector = aiohttp.TCPConnector(limit=limit, keepalive_timeout=keepalive_s, resolver=resolver,
-                                         ssl=self.ssl_context(where) if tls is None else tls,
-                                         use_dns_cache=dns_cache)
-        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
-                                     timeout=aiohttp.ClientTimeout())
+    def client(self, *, limit: int = 100, keepalive_s: float = 30.0, where: str = "outbound HTTP",
+               tls: ssl.SSLContext | bool | None = None, resolver: Resolver | None = None) -> Client:
+        """A client with this TLS context (or `tls`, one `ssl_context()` made before) and a keep-alive pool of
+        `limit` connections; no cookies, no redirects, no timeouts of its own (callers bound what they await)
+        and no proxy: pass `proxy_for(url)` per request."""
+        return Client(tls=self.ssl_context(where) if tls is None else tls, limit=limit, keepalive_s=keepalive_s,
+                      resolver=resolver)
 
 
 def check_headers(headers: Mapping[str, str]) -> None:
     """Refuse a header name or value that could split a request (CR, LF, NUL, a colon in the name)."""
     for name, value in headers.items():
-        text = f"{name}: {value}"
-        if any(c in text for c in "\r\n\0") or not name or ":" in name:
-            raise ValueError(f"header {name!r} has a character HTTP does not allow there")
+        check_header(name, value)
 

@@ -1,7 +1,8 @@
-"""Wire conformance of Keel's outbound HTTP stack (keel/core/outbound.py, as the providers and workflow egress
-use it) against real loopback servers that answer byte for byte as scripted: keep-alive and close, chunked
-bodies with trailers, interim 1xx answers, HTTP/1.0 upstreams, gzip bodies, oversized heads, early closes,
-proxies from HTTPS_PROXY/HTTP_PROXY/NO_PROXY, a custom CA bundle and a client certificate."""
+"""Wire conformance of Keel's outbound HTTP stack (keel/core/http1.py through keel/core/outbound.py, as the
+providers and workflow egress use it; aiohttp's client passed the same suite) against real loopback servers
+that answer byte for byte as scripted: keep-alive and close, chunked bodies with trailers, interim 1xx
+answers, HTTP/1.0 upstreams, gzip bodies, oversized heads, early closes, proxies from
+HTTPS_PROXY/HTTP_PROXY/NO_PROXY, a custom CA bundle and a client certificate."""
 
 from __future__ import annotations
 
@@ -280,6 +281,9 @@ def test_a_configured_url_becomes_a_valid_request_target_and_headers_are_checked
             bad = provider(srv.url, headers={"X-Evil": "a\r\nHost: elsewhere"})
             with pytest.raises(ConfigError, match="X-Evil"):
                 await bad.chat(chat_request())
+            for name in ("Host", "Content-Length", "Transfer-Encoding"):  # written by the client, never twice
+                with pytest.raises(ConfigError, match=name):
+                    await provider(srv.url, headers={name: "1"}).chat(chat_request())
             assert len(srv.requests) == 1
 
     run(main())

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-import aiohttp
 import orjson
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -30,6 +29,7 @@ from botocore.eventstream import EventStreamBuffer, ParserError
 from yarl import URL
 
 from keel.core.errors import BadRequest, ConfigError, KeelError, NotSupported
+from keel.core.http1 import Response, WireError
 from keel.core.settings import DeploymentConfig
 from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult, EmbedResult, ProviderContext, Usage
 from keel.gateway.providers.openai_compatible import PARSE_ERRORS, HTTPProvider
@@ -174,17 +174,15 @@ class BedrockProvider(HTTPProvider):
                               deployment=self.deployment) from None
         return {} if self._creds else {"Authorization": f"Bearer {secret}"}
 
-    async def _send(self, url: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        session, headers = self._get_session(), self._request_headers()
+    async def _send(self, url: str, body: dict[str, Any]) -> Response:
+        client, headers = self._get_client(), self._request_headers()
         data = orjson.dumps(body)
         if self._creds is not None:
             signed = AWSRequest(method="POST", url=url, data=data, headers=headers)
             SigV4Auth(self._creds, "bedrock", self.region).add_auth(signed)
             headers = dict(signed.headers.items())
-        proxy, proxy_auth = self._proxy
         # The path is sent exactly as signed: the model id percent-encoded once (`encoded=True`).
-        return await session.post(URL(url, encoded=True), data=data, headers=headers, allow_redirects=False,
-                                  proxy=proxy, proxy_auth=proxy_auth)
+        return await client.request("POST", URL(url, encoded=True), headers=headers, body=data, proxy=self._proxy)
 
     def _body(self, req: ChatRequest) -> dict[str, Any]:
         try:
@@ -252,12 +250,12 @@ class BedrockProvider(HTTPProvider):
     def stream(self, req: ChatRequest) -> AsyncIterator[ChatDelta]:
         return self._stream(self._body(req))
 
-    async def _events(self, resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    async def _events(self, resp: Response) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """(event type, payload) of each event stream message; an exception message raises its Keel error."""
         buffer = EventStreamBuffer()
         while True:
             async with asyncio.timeout(self.config.timeout_s):
-                chunk = await resp.content.readany()
+                chunk = await resp.read_some()
             if not chunk:
                 return
             buffer.add_data(chunk)
@@ -307,16 +305,13 @@ class BedrockProvider(HTTPProvider):
             raise
         except TimeoutError:
             raise self._fail(None, "", timeout=True) from None
-        except aiohttp.ClientError as exc:
+        except WireError as exc:
             raise self._client_error(exc) from None
         except (ParserError, *PARSE_ERRORS) as exc:
             raise self._malformed(f"{type(exc).__name__}: {exc}") from None
         finally:
             if resp is not None:
-                if resp.content.at_eof():
-                    resp.release()
-                else:
-                    resp.close()
+                resp.close()  # a body not read to its end closes its connection
 
     async def embed(self, texts: list[str]) -> EmbedResult:
         raise NotSupported(f"deployment {self.deployment} (bedrock) cannot embed through the Converse API",

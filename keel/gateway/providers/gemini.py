@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-import aiohttp
 import orjson
 
 from keel.core.errors import BadRequest, KeelError, NotSupported
+from keel.core.http1 import Response
 from keel.core.settings import DeploymentConfig
 from keel.gateway.protocol import ChatDelta, ChatRequest, ChatResult, EmbedResult, ProviderContext, Usage
 from keel.gateway.providers.openai_compatible import (
@@ -166,7 +166,7 @@ class GeminiProvider(HTTPProvider):
     def auth_headers(self, secret: str | None) -> dict[str, str]:
         return {"x-goog-api-key": secret} if secret else {}
 
-    def _status_error(self, resp: aiohttp.ClientResponse, raw: bytes) -> KeelError:
+    def _status_error(self, resp: Response, raw: bytes) -> KeelError:
         wait = parse_retry_after(resp.headers)
         return self._fail(resp.status, error_message(raw), retry_after=retry_delay(raw) if wait is None else wait)
 

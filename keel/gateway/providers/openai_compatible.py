@@ -1,6 +1,6 @@
 """Provider for any OpenAI-compatible server: OpenAI, vLLM, Ollama, llama.cpp server, TGI.
 
-`HTTPProvider` holds the upstream plumbing (an aiohttp session from `keel.core.outbound`, timeouts, SSE, error
+`HTTPProvider` holds the upstream plumbing (a `keel.core.http1` client from `keel.core.outbound`, timeouts, SSE, error
 mapping); the Anthropic provider reuses it and only translates the wire format.
 """
 
@@ -15,13 +15,12 @@ from contextlib import asynccontextmanager
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
-import aiohttp
 import orjson
 from yarl import URL
 
 from keel import __version__
 from keel.core.errors import ConfigError, KeelError
-from keel.core.outbound import check_headers
+from keel.core.http1 import Client, MalformedAnswer, Proxy, Response, WireError, header_lines
 from keel.core.settings import DeploymentConfig
 from keel.gateway.protocol import (
     ChatDelta, ChatRequest, ChatResult, EmbedResult, ProviderContext, Usage, upstream_error,
@@ -78,14 +77,14 @@ def sse_data(line: bytes) -> bytes | None:
     return line[5:].strip() if line.startswith(b"data:") else None
 
 
-async def sse_batches(content: aiohttp.StreamReader, idle_s: float) -> AsyncIterator[list[bytes]]:
+async def sse_batches(content: Response, idle_s: float) -> AsyncIterator[list[bytes]]:
     """The `data:` payloads of an SSE body, in batches of those that arrived together (so a consumer can
     pass a burst on in one write); each wait for more is bounded by `idle_s`. A line longer than MAX_LINE
     is a malformed answer."""
     tail = b""
     while True:
         async with asyncio.timeout(idle_s):
-            chunk = await content.readany()
+            chunk = await content.read_some()
         if not chunk:
             break
         lines = (tail + chunk).split(b"\n") if tail else chunk.split(b"\n")
@@ -109,7 +108,7 @@ def usage_of(usage: dict[str, Any]) -> Usage:
 
 
 class HTTPProvider:
-    """Shared upstream plumbing: one aiohttp session (keep-alive pool) per instance, made lazily in the running
+    """Shared upstream plumbing: one HTTP client (keep-alive pool) per instance, made lazily in the running
     loop from Keel's outbound stack (`keel.core.outbound`: CA bundle, client certificate, proxy)."""
 
     default_base_url: ClassVar[str] = ""
@@ -122,10 +121,11 @@ class HTTPProvider:
         where = f"deployment {self.deployment}"
         self.outbound = ctx.outbound.with_options(config.options, where)
         self._tls = self.outbound.ssl_context(where)  # a bad CA bundle or certificate fails here, not per call
-        self._session: aiohttp.ClientSession | None = None
+        self._client: Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._proxy: tuple[URL | None, aiohttp.BasicAuth | None] = (None, None)
+        self._proxy: Proxy | None = None
         self._headers: dict[str, str] | None = None
+        self._head = b""  # the headers, encoded once
         self._secret: str | None = None
         self._hidden: tuple[str, ...] = ()  # header secrets' values, scrubbed from errors like the credential
         self._urls: dict[str, URL] = {}
@@ -163,13 +163,13 @@ class HTTPProvider:
         """Headers that carry the credential (and API version) for this upstream."""
         raise NotImplementedError
 
-    def _get_session(self) -> aiohttp.ClientSession:
+    def _get_client(self) -> Client:
         loop = asyncio.get_running_loop()
-        if self._session is None or self._loop is not loop:
-            self._session = self.outbound.session(limit=1000, keepalive_s=30, tls=self._tls)
+        if self._client is None or self._loop is not loop:
+            self._client = self.outbound.client(limit=1000, keepalive_s=30, tls=self._tls)
             self._proxy = self.outbound.proxy_for(self.base_url)
             self._loop = loop
-        return self._session
+        return self._client
 
     def _url(self, url: str) -> URL:
         """One of this deployment's URLs, parsed once (a configured path may hold any character)."""
@@ -185,10 +185,11 @@ class HTTPProvider:
             headers = {"Content-Type": "application/json", "User-Agent": f"keel/{__version__}", **extra,
                        **self.auth_headers(self._secret)}
             try:
-                check_headers(headers)
+                self._head = header_lines(headers)
             except ValueError as exc:
                 raise ConfigError(f"deployment {self.deployment}: {exc}", fix="remove line breaks from its headers "
-                                  "and credential", deployment=self.deployment) from None
+                                  "and credential, and the headers Keel writes itself (Host, Content-Length, "
+                                  "Transfer-Encoding, Connection)", deployment=self.deployment) from None
             self._headers = headers
         return self._headers
 
@@ -241,21 +242,21 @@ class HTTPProvider:
     def _malformed(self, what: str) -> KeelError:
         return self._fail(None, f"malformed upstream response: {what}")
 
-    def _status_error(self, resp: aiohttp.ClientResponse, raw: bytes) -> KeelError:
+    def _status_error(self, resp: Response, raw: bytes) -> KeelError:
         return self._fail(resp.status, error_message(raw), retry_after=parse_retry_after(resp.headers))
 
-    def _client_error(self, exc: aiohttp.ClientError) -> KeelError:
-        """aiohttp's error as the most specific upstream error: a head it could not read is malformed,
-        the rest (refused, reset, TLS, a proxy that said no, a body cut short) a connection error."""
-        if isinstance(exc, aiohttp.ClientResponseError) and not isinstance(exc, aiohttp.ClientHttpProxyError):
-            return self._malformed(exc.message)
+    def _client_error(self, exc: WireError) -> KeelError:
+        """The wire's error as the most specific upstream error: an answer that is not HTTP it can read is
+        malformed, the rest (refused, reset, TLS, a proxy that said no, a body cut short) a connection error."""
+        if isinstance(exc, MalformedAnswer):
+            return self._malformed(str(exc))
         return self._fail(None, f"connection error ({type(exc).__name__}): {exc}")
 
-    async def _send(self, url: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        session, headers = self._get_session(), self._request_headers()
-        proxy, proxy_auth = self._proxy
-        return await session.post(self._url(url), data=orjson.dumps(body), headers=headers, allow_redirects=False,
-                                  proxy=proxy, proxy_auth=proxy_auth)
+    async def _send(self, url: str, body: dict[str, Any]) -> Response:
+        client = self._get_client()
+        self._request_headers()
+        return await client.request("POST", self._url(url), head=self._head, body=orjson.dumps(body),
+                                    proxy=self._proxy)
 
     async def _post_json(self, url: str, body: dict[str, Any]) -> Any:
         """POST a JSON body and return the decoded JSON answer; every failure becomes a Keel error."""
@@ -265,7 +266,7 @@ class HTTPProvider:
                 raw = await resp.read()
         except TimeoutError:
             raise self._fail(None, "", timeout=True) from None
-        except aiohttp.ClientError as exc:
+        except WireError as exc:
             raise self._client_error(exc) from None
         if resp.status >= 400:
             raise self._status_error(resp, raw)
@@ -289,12 +290,12 @@ class HTTPProvider:
                 resp = await self._send(url, body)
                 if resp.status >= 400:
                     raise self._status_error(resp, await resp.read())
-            batches = sse_batches(resp.content, self.config.timeout_s)
+            batches = sse_batches(resp, self.config.timeout_s)
             yield batches
             await self._drain(resp)
         except TimeoutError:
             raise self._fail(None, "", timeout=True) from None
-        except aiohttp.ClientError as exc:
+        except WireError as exc:
             raise self._client_error(exc) from None
         except PARSE_ERRORS as exc:
             raise self._malformed(f"{type(exc).__name__}: {exc}") from None
@@ -302,18 +303,15 @@ class HTTPProvider:
             if batches is not None:
                 await batches.aclose()
             if resp is not None:
-                if resp.content.at_eof():
-                    resp.release()
-                else:
-                    resp.close()
+                resp.close()  # a body not read to its end closes its connection; a whole one went back to the pool
 
     @staticmethod
-    async def _drain(resp: aiohttp.ClientResponse) -> None:
+    async def _drain(resp: Response) -> None:
         """Read to the end of the body (servers end it right after the last event) so keep-alive works."""
         try:
             async with asyncio.timeout(DRAIN_S):
                 await resp.read()
-        except (TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, WireError):
             return  # every event arrived; the caller's finally closes this connection instead of reusing it
 
     def count_tokens(self, messages: list[dict[str, Any]]) -> int:
@@ -325,10 +323,10 @@ class HTTPProvider:
         return estimate_tokens(messages, self._encode) if self._encode else estimate_tokens(messages)
 
     async def close(self) -> None:
-        """Close the session; safe to call twice. That of a finished event loop can only be dropped."""
-        session, self._session = self._session, None
-        if session is not None and self._loop is asyncio.get_running_loop():
-            await session.close()
+        """Close the client; safe to call twice. That of a finished event loop can only be dropped."""
+        client, self._client = self._client, None
+        if client is not None and self._loop is asyncio.get_running_loop():
+            await client.close()
 
 
 class OpenAICompatibleProvider(HTTPProvider):

@@ -1,0 +1,513 @@
+"""Keel's outbound HTTP/1.1 client: keep-alive pools on asyncio protocols, answers parsed by llhttp (`httptools`).
+
+Why not aiohttp's client: it cost ~300 µs of the event loop's CPU a call against ~75 µs for this one
+(`bench/README.md`, the eighth session), on the thread that bounds the gateway's throughput. What it does:
+HTTP/1.1 and 1.0 answers framed by Content-Length, chunked (trailers read and dropped) or the connection's end;
+interim 1xx answers skipped; gzip and deflate bodies; a head bounded while it arrives; proxies (absolute-form
+through an HTTP proxy, CONNECT tunnels for HTTPS) and any `ssl.SSLContext` (CA bundle, client certificate).
+It never follows redirects, keeps no cookies and has no timeouts of its own: callers bound what they await,
+and a call cancelled part-way closes its connection. `tests/gateway/test_outbound_wire.py` is its conformance
+suite (the one aiohttp passed).
+
+>>> client = Client(limit=100)
+>>> answer = await client.request("POST", URL("https://api.example.com/v1/chat"), headers={"X-A": "1"}, body=b"{}")
+>>> data = await answer.read()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+import zlib
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import httptools
+from yarl import URL
+
+MAX_HEAD_BYTES = 64 * 1024  # an answer's whole head
+MAX_FIELD_BYTES = 8190  # one header line (aiohttp's and nginx's default)
+PAUSE_BYTES = 1 << 22  # read no more from the socket while this much of a body waits unread
+Resolver = Callable[[str, int], Awaitable[list[str]]]  # (host, port) -> the addresses to connect to, in order
+Proxy = tuple[URL, str | None]  # a proxy's URL and its Proxy-Authorization value
+DEFAULT_PORTS = {"http": 80, "https": 443}
+FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer",
+                     "proxy-authorization", "proxy-connection", "keep-alive"})
+TOO_BIG = f"the answer's head is over the limit ({MAX_FIELD_BYTES} bytes a line, {MAX_HEAD_BYTES} in all)"
+
+
+class WireError(Exception):
+    """An outbound call failed on the wire; `detail` says how."""
+
+
+class ConnectFailed(WireError):
+    """No connection: refused, unreachable, a TLS handshake or certificate check failed, a proxy said no."""
+
+
+class MalformedAnswer(WireError):
+    """The answer is not HTTP/1.x this client reads: bad syntax, ambiguous framing, a head over the limits."""
+
+
+class ConnectionLost(WireError):
+    """The connection ended before the answer did."""
+
+
+class Headers(dict[str, str]):
+    """An answer's headers by lower-case name (a repeated one's values joined with ", ")."""
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(key.lower(), default)
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(key.lower())
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(key.lower() if isinstance(key, str) else key)
+
+
+def check_header(name: str, value: str) -> None:
+    """Refuse a header name or value that could split a request (CR, LF, NUL, a colon in the name)."""
+    text = f"{name}: {value}"
+    if any(c in text for c in "\r\n\0") or not name or ":" in name:
+        raise ValueError(f"header {name!r} has a character HTTP does not allow there")
+
+
+def check_request_header(name: str, value: str) -> None:
+    """`check_header`, and refuse the headers that frame the request or pick its connection: the client writes
+    those itself, and a second one would let the receiver read the request differently from the sender."""
+    check_header(name, value)
+    if name.strip().lower() in FRAMING:
+        raise ValueError(f"header {name!r} is set by Keel's HTTP client and cannot be given")
+
+
+def header_lines(headers: Mapping[str, str]) -> bytes:
+    """`headers` as request head lines, each checked (`check_request_header`); encode once, pass as `head=`."""
+    out = []
+    for name, value in headers.items():
+        check_request_header(name, value)
+        out.append(f"{name}: {value}\r\n")
+    try:
+        return "".join(out).encode("latin-1")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"a header has a character outside Latin-1 ({exc.object[exc.start:exc.end]!r})") from None
+
+
+class Response:
+    """One answer: `status`, `headers`, and its body by `read()` (whole) or `read_some()` (as it arrives, b""
+    at the end). Once the whole body has arrived the connection goes back to its pool by itself; `close()`
+    ends a body not read to its end (the connection is closed, never reused)."""
+
+    def __init__(self, conn: _Conn, status: int, headers: Headers) -> None:
+        self.status, self.headers = status, headers
+        self._conn: _Conn | None = conn
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: WireError | None = None
+        self.at_eof = False
+        encoding = headers.get("content-encoding", "").strip().lower()
+        self._decoder: Any = None
+        if encoding == "gzip" or encoding == "x-gzip":
+            self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            self._decoder = "deflate"  # zlib-wrapped or raw: chosen by the first byte
+        elif encoding not in ("", "identity"):
+            raise MalformedAnswer(f"the answer's Content-Encoding {encoding!r} is not one this client asked for")
+
+    def _feed(self, data: bytes) -> None:
+        if self._decoder is not None:
+            try:
+                if self._decoder == "deflate":
+                    self._decoder = zlib.decompressobj(zlib.MAX_WBITS if data[0] & 0x0F == 8 else -zlib.MAX_WBITS)
+                data = self._decoder.decompress(data)
+            except zlib.error as exc:
+                return self._fail(MalformedAnswer(f"the body cannot be decompressed ({exc})"))
+            if not data:
+                return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > PAUSE_BYTES and self._conn is not None:
+            self._conn.pause()
+        self._wake()
+
+    def _end(self) -> None:
+        if self._decoder is not None and self._decoder != "deflate":
+            try:
+                if tail := self._decoder.flush():
+                    self._chunks.append(tail)
+                if not self._decoder.eof:
+                    return self._fail(MalformedAnswer("the compressed body ends early"))
+            except zlib.error as exc:
+                return self._fail(MalformedAnswer(f"the body cannot be decompressed ({exc})"))
+        self.at_eof = True
+        self._conn = None
+        self._wake()
+
+    def _fail(self, error: WireError) -> None:
+        if self.at_eof or self._error is not None:
+            return
+        self._error = error
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read_some(self) -> bytes:
+        """The body's next bytes as they arrived (decompressed); b"" once it has all been read."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self.at_eof:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        data = self._chunks.popleft()
+        self._buffered -= len(data)
+        if self._conn is not None and self._buffered < PAUSE_BYTES // 2:
+            self._conn.resume()
+        return data
+
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body; with `limit`, a `MalformedAnswer` once it passes that many bytes (and the rest is
+        not read). Cancelled or failed part-way, it closes the connection."""
+        parts, size = [], 0
+        try:
+            while chunk := await self.read_some():
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    raise MalformedAnswer(f"the body is over {limit} bytes")
+                parts.append(chunk)
+        except BaseException:
+            self.close()
+            raise
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def close(self) -> None:
+        """Stop reading: a body not yet whole closes its connection."""
+        if not self.at_eof:
+            self._fail(ConnectionLost("closed before the body's end"))
+
+
+class _Conn(asyncio.Protocol):
+    """One connection and the llhttp parser of the answers on it; at most one request at a time."""
+
+    def __init__(self, pool: Client, key: tuple[Any, ...]) -> None:
+        self.pool, self.key = pool, key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.head: asyncio.Future[Response] | None = None
+        self.response: Response | None = None
+        self.lost = False
+        self.paused = False
+        self.head_only = False
+        self.slot = False  # holds one of the client's `limit` slots until its answer's body ends
+        self._begin()
+
+    def _begin(self) -> None:
+        self.head_size, self.header_bytes, self.headers, self.interim = 0, 0, Headers(), False
+        self.framed = False  # Content-Length or chunked: the body does not end with the connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, data: bytes, head_only: bool) -> asyncio.Future[Response]:
+        if self.lost or self.transport is None:
+            raise ConnectionLost("the connection closed while idle")
+        self.head = asyncio.get_running_loop().create_future()
+        self.head_only = head_only
+        self.transport.write(data)
+        return self.head
+
+    def data_received(self, data: bytes) -> None:
+        if self.head is None and self.response is None:
+            return self.close()  # bytes nobody asked for: the connection is not fit to reuse
+        if self.head is not None:
+            self.head_size += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._error(MalformedAnswer("the answer switches protocols"))
+        except httptools.HttpParserError as exc:
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, WireError):
+                self._error(cause)
+            else:
+                self._error(MalformedAnswer(f"the answer is not valid HTTP/1.1 ({exc})"))
+        else:
+            if self.head is not None and self.head_size > MAX_HEAD_BYTES:  # a head still arriving
+                self._error(MalformedAnswer(TOO_BIG))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head is None:
+            return  # a chunked body's trailers
+        self.header_bytes += len(name) + len(value) + 4
+        if len(name) + len(value) > MAX_FIELD_BYTES or self.header_bytes > MAX_HEAD_BYTES:
+            raise MalformedAnswer(TOO_BIG)
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        if key in ("content-length", "transfer-encoding"):
+            self.framed = True
+        self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            self.interim = True  # 100 Continue, 103 Early Hints …: the real answer follows
+            return
+        if self.head is None:  # bytes after the answer's end, or an answer nobody asked for: never reused
+            raise MalformedAnswer("the upstream sent an answer to no request")
+        response = Response(self, status, self.headers)  # first: an unreadable encoding fails the waiting call
+        head, self.head = self.head, None
+        self.response = response
+        if status in (204, 304):
+            self.framed = True
+        if not head.done():
+            head.set_result(response)
+        if self.head_only:  # the answer to HEAD has no body whatever its head says: end it, do not reuse
+            self.response = None
+            response._end()
+            self.close()
+
+    def on_body(self, body: bytes) -> None:
+        if self.response is not None and not self.interim:
+            self.response._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self._begin()
+            return
+        response, self.response = self.response, None
+        keep = self.parser.should_keep_alive()
+        self._begin()
+        if response is not None:
+            response._end()
+        if keep and not self.lost:
+            self.pool._put(self)
+        else:
+            self.close()
+
+    def _error(self, error: WireError) -> None:
+        head, self.head = self.head, None
+        if head is not None and not head.done():
+            head.set_exception(error)
+        response, self.response = self.response, None
+        if response is not None:
+            response._fail(error)
+        self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.pool._gone(self)
+        response = self.response
+        if response is not None and self.head is None and not self.framed:
+            self.response = None  # a body that ends with the connection (HTTP/1.0, or no length given)
+            return response._end()
+        reason = f" ({exc})" if exc else ""
+        self._error(ConnectionLost(f"the connection closed before the answer's end{reason}"))
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None and not self.lost:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.head = self.response = None  # what was waiting on this connection has been told, or gave up
+        if self.transport is not None:
+            self.transport.close()
+        self.lost = True
+        self.pool._gone(self)
+
+
+class _Tunnel(asyncio.Protocol):
+    """The proxy's answer to CONNECT, read with llhttp; the TLS session then starts on the same socket."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.status: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.size = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.size += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if not self.status.done():
+                self.status.set_exception(ConnectFailed(f"the proxy's answer to CONNECT is not HTTP ({exc})"))
+        if self.size > MAX_HEAD_BYTES and not self.status.done():
+            self.status.set_exception(ConnectFailed("the proxy's answer to CONNECT is too long"))
+
+    def on_headers_complete(self) -> None:
+        if not self.status.done():
+            self.status.set_result(self.parser.get_status_code())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.status.done():
+            self.status.set_exception(ConnectFailed("the proxy closed the connection during CONNECT"))
+
+
+def _authority(url: URL) -> str:
+    host = url.raw_host or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return host if url.port == DEFAULT_PORTS.get(url.scheme) else f"{host}:{url.port}"
+
+
+class Client:
+    """A keep-alive pool per origin (and proxy), `limit` connections in use at most.
+
+    `tls`: the context for HTTPS (`True`: the system's trust store); `resolver`: where to connect for a host
+    (workflow egress checks the addresses it returns; default: the system's resolver). Use it inside one
+    event loop; `close()` ends every idle connection."""
+
+    def __init__(self, *, tls: ssl.SSLContext | bool = True, limit: int = 100, keepalive_s: float = 30.0,
+                 resolver: Resolver | None = None) -> None:
+        self._tls = tls
+        self._slots = asyncio.Semaphore(limit)
+        self.keepalive_s = keepalive_s
+        self.resolver = resolver
+        self._idle: dict[tuple[Any, ...], list[tuple[_Conn, float]]] = {}
+        self._open: set[_Conn] = set()
+        self.closed = False
+
+    def _context(self) -> ssl.SSLContext:
+        if self._tls is True:
+            self._tls = ssl.create_default_context()
+        assert isinstance(self._tls, ssl.SSLContext)
+        return self._tls
+
+    async def request(self, method: str, url: URL, *, head: bytes = b"", headers: Mapping[str, str] | None = None,
+                      body: bytes = b"", proxy: Proxy | None = None) -> Response:
+        """Send one request and return its answer once the head has arrived. `head`: header lines already
+        encoded (`header_lines`); `headers`: more, checked here. Host, Content-Length and Accept-Encoding are
+        added. Raises a `WireError`, or `ValueError` for a header or URL that cannot be sent."""
+        if url.scheme not in DEFAULT_PORTS or not url.raw_host:
+            raise ValueError(f"{url.scheme or 'a relative'} URL cannot be fetched: give an absolute http(s) URL")
+        absolute = proxy is not None and url.scheme == "http"
+        target = str(url.with_fragment(None).with_user(None)) if absolute else (url.raw_path_qs or "/")
+        lines = [f"{method} {target} HTTP/1.1\r\nHost: {_authority(url)}\r\n".encode("latin-1"), head]
+        if headers:
+            lines.append(header_lines(headers))
+        if absolute and proxy is not None and proxy[1]:
+            lines.append(b"Proxy-Authorization: %s\r\n" % proxy[1].encode("latin-1"))
+        if body or method in ("POST", "PUT", "PATCH"):
+            lines.append(b"Content-Length: %d\r\n" % len(body))
+        lines.append(b"Accept-Encoding: gzip, deflate\r\n\r\n")
+        lines.append(body)
+        data = b"".join(lines)
+        key = (url.scheme, url.raw_host, url.port, proxy[0] if proxy else None)
+        await self._slots.acquire()
+        conn = None
+        try:
+            conn = self._take(key) or await self._connect(key, url, proxy)
+            response = await conn.send(data, method == "HEAD")
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            self._slots.release()
+            raise
+        self._hold(response)
+        return response
+
+    def _hold(self, response: Response) -> None:
+        """The slot is given back when the answer's body ends, whichever way."""
+        if response._conn is None:
+            self._slots.release()
+        else:
+            response._conn.slot = True
+
+    def _take(self, key: tuple[Any, ...]) -> _Conn | None:
+        idle = self._idle.get(key)
+        now = time.monotonic()
+        while idle:
+            conn, since = idle.pop()
+            if not conn.lost and now - since < self.keepalive_s:
+                return conn
+            conn.close()
+        return None
+
+    def _put(self, conn: _Conn) -> None:
+        self._release_slot(conn)
+        if self.closed:
+            return conn.close()
+        self._idle.setdefault(conn.key, []).append((conn, time.monotonic()))
+
+    def _gone(self, conn: _Conn) -> None:
+        self._release_slot(conn)
+        self._open.discard(conn)
+
+    def _release_slot(self, conn: _Conn) -> None:
+        if conn.slot:
+            conn.slot = False
+            self._slots.release()
+
+    async def _connect(self, key: tuple[Any, ...], url: URL, proxy: Proxy | None) -> _Conn:
+        loop = asyncio.get_running_loop()
+        host, port = url.raw_host or "", url.port or DEFAULT_PORTS[url.scheme]
+        tls = self._context() if url.scheme == "https" else None
+        try:
+            if proxy is None:
+                addresses = await self.resolver(host, port) if self.resolver is not None else [host]
+                error: OSError | None = None
+                for address in addresses:
+                    try:
+                        _, conn = await loop.create_connection(lambda: _Conn(self, key), address, port, ssl=tls,
+                                                               server_hostname=host if tls else None)
+                        break
+                    except OSError as exc:
+                        error = exc
+                else:
+                    raise error or OSError(f"no address for {host}")
+            elif tls is None:
+                _, conn = await loop.create_connection(lambda: _Conn(self, key), proxy[0].raw_host,
+                                                       proxy[0].port or 80)
+            else:
+                conn = await self._tunnel(key, host, port, proxy, tls)
+        except WireError:
+            raise
+        except (OSError, ssl.SSLError) as exc:
+            where = f"proxy {proxy[0].raw_host}:{proxy[0].port}" if proxy else f"{host}:{port}"
+            raise ConnectFailed(f"cannot connect to {where}: {exc}") from None
+        self._open.add(conn)
+        return conn
+
+    async def _tunnel(self, key: tuple[Any, ...], host: str, port: int, proxy: Proxy, tls: ssl.SSLContext) -> _Conn:
+        loop = asyncio.get_running_loop()
+        transport, tunnel = await loop.create_connection(_Tunnel, proxy[0].raw_host, proxy[0].port or 80)
+        try:
+            authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            auth = b"Proxy-Authorization: %s\r\n" % proxy[1].encode("latin-1") if proxy[1] else b""
+            transport.write(b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (authority.encode(), authority.encode(), auth))
+            status = await tunnel.status
+            if status != 200:
+                raise ConnectFailed(f"the proxy answered {status} to CONNECT {authority}")
+            conn = _Conn(self, key)
+            secure = await loop.start_tls(transport, conn, tls, server_hostname=host)
+            if secure is None:
+                raise ConnectFailed("the TLS session through the proxy could not start")
+            conn.connection_made(secure)
+            return conn
+        except BaseException:
+            transport.close()
+            raise
+
+    async def close(self) -> None:
+        """Close every connection, idle or in use; the client takes no more requests after it."""
+        self.closed = True
+        for conns in self._idle.values():
+            for conn, _ in conns:
+                conn.close()
+        self._idle.clear()
+        for conn in list(self._open):
+            conn.close()

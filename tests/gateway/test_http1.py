@@ -1,0 +1,280 @@
+"""Keel's HTTP/1.1 client (keel/core/http1.py) beyond the wire conformance suite (test_outbound_wire.py): what a
+cancelled or abandoned call leaves behind, its connection limit, back-pressure on large bodies, connections the
+upstream closed or desynchronised, and the headers a caller may not set."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import Awaitable, Callable
+
+import pytest
+from yarl import URL
+
+from keel.core.http1 import Client, ConnectFailed, ConnectionLost, MalformedAnswer, WireError
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+BODY = b'{"ok": true}'
+
+
+def ok(body: bytes = BODY, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return b""
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    return head + await reader.readexactly(length)
+
+
+class Upstream:
+    """A loopback server: `handler` per connection; counts connections and notes when each one ends."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler, self.connections, self.ended = handler, 0, 0
+
+    async def __aenter__(self) -> Upstream:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                await self.handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+                self.ended += 1
+
+        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+    @property
+    def url(self) -> URL:
+        return URL(f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1/x")
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, "the condition did not hold in time"
+        await asyncio.sleep(0.01)
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
+
+
+async def answer_each(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: bytes = ok()) -> None:
+    while await read_request(reader):
+        writer.write(answer)
+        await writer.drain()
+
+
+async def get(client: Client, url: URL, method: str = "POST") -> bytes:
+    resp = await client.request(method, url, body=b"{}" if method == "POST" else b"")
+    return await resp.read()
+
+
+def test_a_call_cancelled_while_waiting_closes_its_connection_and_frees_its_slot():
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await reader.read()  # until the client goes
+
+    async def main() -> None:
+        client = Client(limit=1)
+        async with Upstream(silent) as stuck, Upstream(answer_each) as fine:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await get(client, stuck.url)
+            await eventually(lambda: stuck.ended == 1)  # the upstream saw the connection close
+            assert await get(client, fine.url) == BODY  # the one slot was given back
+        await client.close()
+
+    run(main())
+
+
+def test_failed_calls_give_back_their_slots():
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"SMTP ready\r\n\r\n")
+        await writer.drain()
+
+    async def main() -> None:
+        client = Client(limit=2)
+        async with Upstream(hang_up) as a, Upstream(garbage) as b, Upstream(answer_each) as fine:
+            for _ in range(5):
+                for url, error in ((a.url, ConnectionLost), (b.url, MalformedAnswer),
+                                   (URL("http://127.0.0.1:9/x"), ConnectFailed)):
+                    with pytest.raises(error):
+                        await get(client, url)
+            async with asyncio.timeout(5):
+                assert await get(client, fine.url) == BODY
+        await client.close()
+
+    run(main())
+
+
+def test_a_body_left_part_way_is_never_reused_and_a_whole_one_is():
+    async def slow_chunks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader):
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(3):
+                writer.write(b"5\r\nhello\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.02)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async def main() -> None:
+        client = Client()
+        async with Upstream(slow_chunks) as up:
+            resp = await client.request("GET", up.url)
+            assert await resp.read_some() == b"hello"
+            resp.close()
+            assert await get(client, up.url, "GET") == b"hello" * 3
+            assert await get(client, up.url, "GET") == b"hello" * 3
+            assert up.connections == 2
+        await client.close()
+
+    run(main())
+
+
+def test_a_large_body_arrives_whole_through_back_pressure():
+    big = bytes(range(256)) * (12 * 4096)  # 12 MiB: reading pauses and resumes
+
+    async def main() -> None:
+        client = Client()
+        async with Upstream(lambda r, w: answer_each(r, w, ok(big))) as up:
+            resp = await client.request("GET", up.url)
+            await asyncio.sleep(0.2)  # let the socket fill the buffer past the pause mark
+            assert await resp.read() == big
+            assert await get(client, up.url, "GET") == big and up.connections == 1
+        await client.close()
+
+    run(main())
+
+
+def test_an_idle_connection_the_upstream_closed_is_not_used_again():
+    async def one_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(ok())
+        await writer.drain()
+
+    async def main() -> None:
+        client = Client()
+        async with Upstream(one_then_close) as up:
+            assert await get(client, up.url) == BODY
+            await eventually(lambda: up.ended == 1)
+            await asyncio.sleep(0.05)  # the close reaches the client's side
+            assert await get(client, up.url) == BODY
+            assert up.connections == 2
+        await client.close()
+
+    run(main())
+
+
+def test_bytes_after_an_answer_make_its_connection_unfit():
+    """An upstream that sends a second answer nobody asked for cannot have it read as the next call's answer."""
+    async def extra(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n = 0
+        while await read_request(reader):
+            n += 1
+            writer.write(ok(b"first") + ok(b"smuggled") if n == 1 else ok(b"second"))
+            await writer.drain()
+
+    async def main() -> None:
+        client = Client()
+        async with Upstream(extra) as up:
+            assert await get(client, up.url) == b"first"
+            await asyncio.sleep(0.05)
+            assert await get(client, up.url) == b"first"  # a new connection's first answer, never "smuggled"
+            assert up.connections == 2
+        await client.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("name, value", [("Content-Length", "5"), ("Transfer-Encoding", "chunked"),
+                                         ("Host", "elsewhere"), ("connection", "close"), ("X-A", "1\r\nX-B: 2"),
+                                         ("X:A", "1"), ("X-A", "ü€")])
+def test_headers_that_frame_or_split_the_request_are_refused_before_sending(name, value):
+    async def main() -> None:
+        client = Client()
+        async with Upstream(answer_each) as up:
+            with pytest.raises(ValueError, match="header"):
+                await client.request("POST", up.url, headers={name: value}, body=b"{}")
+            assert up.connections == 0
+            assert await get(client, up.url) == BODY  # the refusal held no slot
+        await client.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("wbits", [zlib.MAX_WBITS, -zlib.MAX_WBITS])
+def test_deflate_bodies_zlib_wrapped_or_raw(wbits):
+    comp = zlib.compressobj(wbits=wbits)
+    data = comp.compress(BODY * 100) + comp.flush()
+
+    async def main() -> None:
+        client = Client()
+        async with Upstream(lambda r, w: answer_each(r, w, ok(data, b"Content-Encoding: deflate\r\n"))) as up:
+            assert await get(client, up.url) == BODY * 100
+        await client.close()
+
+    run(main())
+
+
+def test_a_body_over_the_readers_limit_is_refused_and_its_connection_closed():
+    async def part_then_wait(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 5000)
+        await writer.drain()
+        await reader.read()  # until the client goes
+
+    async def main() -> None:
+        client = Client()
+        async with Upstream(part_then_wait) as up:
+            resp = await client.request("GET", up.url)
+            with pytest.raises(MalformedAnswer, match="over 1000 bytes"):
+                await resp.read(limit=1000)
+            await eventually(lambda: up.ended == 1)
+        await client.close()
+
+    run(main())
+
+
+def test_an_answer_to_head_has_no_body_whatever_its_length_says():
+    async def main() -> None:
+        client = Client()
+        async with Upstream(lambda r, w: answer_each(r, w, b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")) as up:
+            async with asyncio.timeout(5):
+                resp = await client.request("HEAD", up.url)
+                assert resp.status == 200 and await resp.read() == b""
+        await client.close()
+
+    run(main())
+
+
+def test_an_unknown_content_encoding_is_a_malformed_answer():
+    async def main() -> None:
+        client = Client()
+        async with Upstream(lambda r, w: answer_each(r, w, ok(b"x", b"Content-Encoding: br\r\n"))) as up:
+            with pytest.raises(MalformedAnswer, match="br"):
+                await get(client, up.url)
+        await client.close()
+
+    run(main())
+
+
+def test_every_failure_is_a_wire_error():
+    assert all(issubclass(e, WireError) for e in (ConnectFailed, ConnectionLost, MalformedAnswer))
