@@ -35,16 +35,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Callable
 
-import aiohttp
-import orjson
 import sqlalchemy as sa
 
 from keel.core.clock import utcnow
 from keel.core.db import Store
 from keel.core.errors import BudgetExceeded
+from keel.core.http1 import WireError
 from keel.core.ids import new_id
 from keel.core.outbound import Outbound
 from keel.core.settings import Settings
+from keel.core.webhook import post_json_once
 from keel.gateway.admission import Fresh, Lookups, Ticker, prompt_tokens, settled
 from keel.gateway.budget_admin import (
     NANO, BudgetAdmin, budget_events, budget_holds, budget_usage, budgets, period_bounds, usd,
@@ -447,13 +447,8 @@ class Budgets(BudgetAdmin):
                 **event["detail"], "period_key": event["period_key"], "spent": usd(event["spent_nano"]),
                 "limit": usd(event["limit_nano"]), "ts": event["ts"].isoformat()}
         try:
-            proxy, proxy_auth = self.outbound.proxy_for(url)
-            async with self.outbound.session(limit=1, tls=self._tls) as session:
-                async with session.post(url, data=orjson.dumps(body), headers={"Content-Type": "application/json"},
-                                        proxy=proxy, proxy_auth=proxy_auth, allow_redirects=False,
-                                        timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                    outcome = f"http {resp.status}"
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:  # ValueError: a malformed URL
+            outcome = f"http {await post_json_once(self.outbound, self._tls, url, body, timeout_s=10)}"
+        except (WireError, TimeoutError, OSError, ValueError) as exc:  # ValueError: a malformed URL
             outcome = f"failed: {type(exc).__name__}"
             log.warning("budget alert webhook failed", extra={"event_id": event["id"], "error": type(exc).__name__})
         await asyncio.get_running_loop().run_in_executor(None, self._delivered, event["id"], outcome)

@@ -11,14 +11,15 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-import aiohttp
 import sqlalchemy as sa
 
 from keel.core.clock import utcnow
 from keel.core.db import Store
 from keel.core.errors import BadRequest, Conflict, KeelError, NotFound
+from keel.core.http1 import Client, WireError
 from keel.core.ids import new_id
 from keel.core.outbound import Outbound
+from keel.core.webhook import post_json
 from keel.governance.tables import reviews
 from keel.identity.principal import Principal
 
@@ -70,7 +71,7 @@ class ReviewQueue:
         self.outbound = outbound
         self._tls = outbound.ssl_context("review webhook")  # a bad CA bundle or certificate fails at start
         self._tasks: set[asyncio.Task[None]] = set()
-        self._session: aiohttp.ClientSession | None = None
+        self._client: Client | None = None
 
     def create(self, *, request_id: str, principal: Principal, alias: str, deployment: str | None,
                use_case: str | None, classification: str, reasons: list[str], messages: list[dict[str, Any]],
@@ -159,23 +160,23 @@ class ReviewQueue:
     async def _deliver(self, review: dict[str, Any], url: str, timeout_s: float) -> None:
         body = {"type": f"review.{review['status']}", "review": {k: review.get(k) for k in (
             "id", "status", "request_id", "model", "use_case", "decided_at", "decision_reason", "final_output")}}
-        if self._session is None:
-            self._session = self.outbound.session(limit=20, tls=self._tls)
+        if self._client is None:
+            self._client = self.outbound.client(limit=20, tls=self._tls)
         status, tries = "failed", 3
+        proxy = None
         try:
-            proxy, proxy_auth = self.outbound.proxy_for(url)
+            proxy = self.outbound.proxy_for(url)
         except ValueError:  # a caller's URL under an allowed prefix may still be malformed
-            (proxy, proxy_auth), status, tries = (None, None), "failed:InvalidURL", 0
+            status, tries = "failed:InvalidURL", 0
         for attempt in range(tries):
             try:
-                async with self._session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s),
-                                              headers={"x-keel-review-id": review["id"]}, proxy=proxy,
-                                              proxy_auth=proxy_auth, allow_redirects=False) as resp:
-                    if resp.status < 300:
-                        status = f"delivered:{resp.status}"
-                        break
-                    status = f"failed:{resp.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                code = await post_json(self._client, url, body, proxy=proxy, timeout_s=timeout_s,
+                                       headers={"x-keel-review-id": review["id"]})
+                if code < 300:
+                    status = f"delivered:{code}"
+                    break
+                status = f"failed:{code}"
+            except (WireError, ValueError, TimeoutError, OSError) as exc:
                 status = f"failed:{type(exc).__name__}"
             await asyncio.sleep(0.5 * (attempt + 1))
         if review.get("webhook_url") == url:
@@ -192,5 +193,5 @@ class ReviewQueue:
             for res in await asyncio.gather(*list(self._tasks), return_exceptions=True):
                 if isinstance(res, BaseException):
                     log.error("review webhook task failed", exc_info=res)
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()

@@ -9,12 +9,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
-import orjson
-
 from keel.core.clock import utcnow
+from keel.core.http1 import WireError
 from keel.core.outbound import Outbound
 from keel.core.tasks import stop_task
+from keel.core.webhook import post_json_once
 from keel.observe.drift import DriftMonitor
 
 log = logging.getLogger("keel.drift")
@@ -70,12 +69,8 @@ class DriftWatch:
 
     async def _post(self, url: str, event: dict[str, Any]) -> str:
         try:
-            proxy, proxy_auth = self.outbound.proxy_for(url)  # type: ignore[union-attr]
-            async with self.outbound.session(limit=1, tls=self._tls) as session:  # type: ignore[union-attr]
-                async with session.post(url, data=orjson.dumps(event), headers={"Content-Type": "application/json"},
-                                        proxy=proxy, proxy_auth=proxy_auth, allow_redirects=False,
-                                        timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                    return f"http {resp.status}"
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            status = await post_json_once(self.outbound, self._tls, url, event, timeout_s=10)  # type: ignore[arg-type]
+            return f"http {status}"
+        except (WireError, TimeoutError, OSError, ValueError) as exc:
             log.warning("drift alert webhook failed", extra={"signal": event["signal"], "error": type(exc).__name__})
             return f"failed: {type(exc).__name__}"

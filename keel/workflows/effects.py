@@ -23,12 +23,11 @@ from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
 
-import aiohttp
 import orjson
-from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from keel.core.errors import BadRequest, KeelError
+from keel.core.http1 import Client, Response, WireError
 from keel.core.outbound import Outbound
 
 log = logging.getLogger("keel.workflows.effects")
@@ -148,31 +147,27 @@ def _denied_address(host: str, ip: IPAddress, why: str) -> EgressDenied:
                             f"(e.g. {ip}:PORT, or localhost:PORT) in allow_hosts", host=host)
 
 
-class CheckedResolver(AbstractResolver):
-    """Resolves with `loop.getaddrinfo` and refuses the whole answer if any address is not public.
+async def checked_resolve(host: str, port: int) -> list[str]:
+    """`host`'s addresses by `loop.getaddrinfo`, the whole answer refused if any address is not public.
 
-    aiohttp connects only to the addresses returned here, so the address checked is the one used.
+    The client connects only to the addresses returned here, so the address checked is the one used. An IP
+    literal is returned as it is: `Egress._target` has applied the address policy to it already.
     """
-
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        name = _norm_host(host)
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM, family=family,
-                                                             flags=socket.AI_ADDRCONFIG)
-        results: list[ResolveResult] = []
-        for fam, _type, proto, _canon, sockaddr in infos:
-            ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
-            why = refusal(ip, loopback_only=name == "localhost")
-            if why:
-                raise _denied_address(name, ip, why)
-            results.append({"hostname": host, "host": str(ip), "port": int(sockaddr[1]), "family": fam,
-                            "proto": proto, "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV})
-        if not results:
-            raise OSError(f"{name} has no address")
-        return results
-
-    async def close(self) -> None:
-        return None
+    if (literal := _as_ip(host)) is not None:
+        return [str(literal)]
+    name = _norm_host(host)
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_ADDRCONFIG)
+    addresses: list[str] = []
+    for _fam, _type, _proto, _canon, sockaddr in infos:
+        ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        why = refusal(ip, loopback_only=name == "localhost")
+        if why:
+            raise _denied_address(name, ip, why)
+        addresses.append(str(ip))
+    if not addresses:
+        raise OSError(f"{name} has no address")
+    return addresses
 
 
 def _check_headers(headers: dict[str, str]) -> None:
@@ -208,7 +203,7 @@ def _encode_body(body: Any, headers: dict[str, str]) -> bytes | None:
 
 
 class Egress:
-    """SSRF-safe outbound HTTP for workflow steps: a session from Keel's outbound stack (its CA bundle and client
+    """SSRF-safe outbound HTTP for workflow steps: a client from Keel's outbound stack (its CA bundle and client
     certificate, never a proxy), the allow-list, and IP checks at connect time.
 
     >>> egress = Egress()
@@ -225,17 +220,16 @@ class Egress:
         # check would see the proxy's address, not the target's; a step connects directly or not at all.
         self.outbound = replace(outbound, env_proxy=False)
         self._tls = self.outbound.ssl_context("workflow egress")  # a bad CA bundle or certificate fails at start
-        self._session: aiohttp.ClientSession | None = None
+        self._client: Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _get_session(self) -> aiohttp.ClientSession:
+    def _get_client(self) -> Client:
         loop = asyncio.get_running_loop()
-        if self._session is None or self._session.closed or self._loop is not loop:
-            # No DNS cache: every new connection is resolved, and so checked, again.
-            self._session = self.outbound.session(limit=100, keepalive_s=30, tls=self._tls,
-                                                  resolver=CheckedResolver(), dns_cache=False)
+        if self._client is None or self._client.closed or self._loop is not loop:
+            # The client caches no DNS answer: every new connection is resolved, and so checked, again.
+            self._client = self.outbound.client(limit=100, keepalive_s=30, tls=self._tls, resolver=checked_resolve)
             self._loop = loop
-        return self._session
+        return self._client
 
     def _target(self, url: str, allow_hosts: Sequence[str]) -> URL:
         """Parse `url` and apply the allow-list and, for an IP literal, the address policy."""
@@ -281,22 +275,25 @@ class Egress:
             out_headers["Idempotency-Key"] = idempotency_key
         _check_headers(out_headers)
         data = _encode_body(body, out_headers)
+        # Checked above (tokens, no CR/LF/NUL); UTF-8 so that a value outside Latin-1 is still sent.
+        head = "".join(f"{name}: {value}\r\n" for name, value in out_headers.items()).encode()
         limit = timeout_s if timeout_s is not None else self.timeout_s
         started = time.monotonic()
         try:
-            async with self._get_session().request(
-                    method, target, headers=out_headers, data=data, allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=limit)) as resp:
-                raw = await self._read(resp, shown)
-                result = {"status": resp.status, "body": self._decode(resp, raw),
-                          "headers": {h: resp.headers[h] for h in KEPT_HEADERS if h in resp.headers}}
+            async with asyncio.timeout(limit):
+                resp = await self._get_client().request(method, target, head=head, body=data or b"")
+                try:
+                    raw = await self._read(resp, shown)
+                finally:
+                    resp.close()
+            result = {"status": resp.status, "body": _decode(resp, raw),
+                      "headers": {h: resp.headers[h] for h in KEPT_HEADERS if h in resp.headers}}
         except TimeoutError:
             raise EffectFailed(f"{shown} timed out after {limit:g} s", retryable=True, method=method) from None
-        except aiohttp.InvalidURL:
+        except ValueError:
             raise BadRequest(f"{shown}: the host is not a canonical address") from None
-        except aiohttp.ClientError as exc:
-            reason = getattr(getattr(exc, "os_error", None), "strerror", None) or type(exc).__name__
-            raise EffectFailed(f"{shown} failed: connection error ({reason})", retryable=True,
+        except (WireError, OSError) as exc:
+            raise EffectFailed(f"{shown} failed: connection error ({exc})", retryable=True,
                                method=method, fix="check that the service is up; the step is retried") from None
         status = result["status"]
         log.debug("workflow egress", extra={"method": method, "url": shown.split(" ", 1)[1], "status": status,
@@ -312,33 +309,20 @@ class Egress:
                                                                            "service; retrying will not help")
         return result
 
-    async def _read(self, resp: aiohttp.ClientResponse, shown: str) -> bytes:
-        """The body, at most `max_response_bytes` of it."""
+    async def _read(self, resp: Response, shown: str) -> bytes:
+        """The body, at most `max_response_bytes` of it (the caller closes `resp`)."""
         cap = self.max_response_bytes
         too_large = EffectFailed(f"{shown}: response larger than {cap} bytes", retryable=False,
                                  fix="ask for less (paging, fields) or raise the step's response limit")
-        if resp.content_length is not None and resp.content_length > cap:
+        length = resp.headers.get("content-length", "")
+        if length.isdigit() and int(length) > cap:
             raise too_large
         buf = bytearray()
-        async for chunk in resp.content.iter_chunked(65536):
+        while chunk := await resp.read_some():
             buf += chunk
             if len(buf) > cap:
                 raise too_large
         return bytes(buf)
-
-    @staticmethod
-    def _decode(resp: aiohttp.ClientResponse, raw: bytes) -> Any:
-        """JSON when the content type says so and it parses, else text."""
-        ctype = resp.content_type or ""
-        if ctype == "application/json" or ctype.endswith("+json"):
-            try:
-                return orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                pass
-        try:
-            return raw.decode(resp.charset or "utf-8", errors="replace")
-        except LookupError:
-            return raw.decode("utf-8", errors="replace")
 
     async def webhook(self, url: str, payload: Any, *, allow_hosts: Sequence[str], idempotency_key: str,
                       timeout_s: float | None = None) -> dict[str, Any]:
@@ -351,10 +335,35 @@ class Egress:
                                   allow_hosts=allow_hosts, idempotency_key=idempotency_key, timeout_s=timeout_s)
 
     async def close(self) -> None:
-        """Close the session; safe to call twice. A session of a finished event loop can only be dropped."""
-        session, self._session = self._session, None
-        if session is not None and not session.closed and self._loop is asyncio.get_running_loop():
-            await session.close()
+        """Close the client; safe to call twice. A client of a finished event loop can only be dropped."""
+        client, self._client = self._client, None
+        if client is not None and not client.closed and self._loop is asyncio.get_running_loop():
+            await client.close()
+
+
+def _content_type(value: str) -> tuple[str, str | None]:
+    """A Content-Type's media type (lower case) and its charset parameter, if any."""
+    media, *params = value.split(";")
+    charset = None
+    for param in params:
+        key, _, val = param.partition("=")
+        if key.strip().lower() == "charset":
+            charset = val.strip().strip('"') or None
+    return media.strip().lower(), charset
+
+
+def _decode(resp: Response, raw: bytes) -> Any:
+    """JSON when the content type says so and it parses, else text."""
+    ctype, charset = _content_type(resp.headers.get("content-type", ""))
+    if ctype == "application/json" or ctype.endswith("+json"):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    try:
+        return raw.decode(charset or "utf-8", errors="replace")
+    except LookupError:
+        return raw.decode("utf-8", errors="replace")
 
 
 def _retry_after(value: str | None) -> float | None:

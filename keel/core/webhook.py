@@ -1,0 +1,41 @@
+"""JSON webhook POSTs through Keel's outbound stack (review decisions, drift alerts, budget alerts).
+
+>>> status = await post_json_once(outbound, tls, "https://hooks.example.com/keel", {"type": "drift.detected"},
+...                               timeout_s=10)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from yarl import URL
+
+from keel.core.http1 import Client, Proxy
+from keel.core.outbound import Outbound
+
+
+async def post_json(client: Client, url: str | URL, body: Any, *, proxy: Proxy | None, timeout_s: float,
+                    headers: Mapping[str, str] | None = None) -> int:
+    """POST `body` as JSON to `url` within `timeout_s`; the answer's status (its body is not read). Raises
+    `WireError`, `ValueError` (a URL or header that cannot be sent), `TimeoutError` or `OSError`."""
+    target = URL(url)
+    data = orjson.dumps(body)
+    async with asyncio.timeout(timeout_s):
+        resp = await client.request("POST", target, headers={"Content-Type": "application/json", **(headers or {})},
+                                    body=data, proxy=proxy)
+    resp.close()
+    return resp.status
+
+
+async def post_json_once(outbound: Outbound, tls: ssl.SSLContext | bool, url: str, body: Any, *,
+                         timeout_s: float) -> int:
+    """`post_json` through the environment's proxy for `url`, on a one-connection client made for this call."""
+    client = outbound.client(limit=1, tls=tls)
+    try:
+        return await post_json(client, url, body, proxy=outbound.proxy_for(url), timeout_s=timeout_s)
+    finally:
+        await client.close()
