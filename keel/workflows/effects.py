@@ -27,14 +27,14 @@ import orjson
 from yarl import URL
 
 from keel.core.errors import BadRequest, KeelError
-from keel.core.http1 import Client, Response, WireError
+from keel.core.http1 import FRAMING, Client, Response, WireError
 from keel.core.outbound import Outbound
 
 log = logging.getLogger("keel.workflows.effects")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 KEPT_HEADERS = ("content-type", "location", "etag", "retry-after")
-FORBIDDEN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+FORBIDDEN_HEADERS = FRAMING  # what Keel's HTTP client writes itself
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 ALLOW_FIX = "add the host (or host:port) to the step's allow_hosts"
