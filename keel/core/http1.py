@@ -17,6 +17,7 @@ suite (the one aiohttp passed).
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 import zlib
@@ -30,9 +31,15 @@ from yarl import URL
 MAX_HEAD_BYTES = 64 * 1024  # an answer's whole head
 MAX_FIELD_BYTES = 8190  # one header line (aiohttp's and nginx's default)
 PAUSE_BYTES = 1 << 22  # read no more from the socket while this much of a body waits unread
+MAX_BODY_BYTES = 1 << 26  # a body's bytes waiting unread, or read whole by `read()`, decompressed (`Client(max_body_bytes=)`)
+INFLATE_STEP = 1 << 20  # decompress in steps of this much output, so no one step can outgrow the limit
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2: a method or a header name
+VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")  # a header value: no control character but HTAB (§5.5)
+TARGET = re.compile(r"[!-~]+")  # a request target: visible ASCII, no space (RFC 9112 §3.2)
 Resolver = Callable[[str, int], Awaitable[list[str]]]  # (host, port) -> the addresses to connect to, in order
 Proxy = tuple[URL, str | None]  # a proxy's URL and its Proxy-Authorization value
 DEFAULT_PORTS = {"http": 80, "https": 443}
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 # Written by the client (or meaningless through it): a caller's own would frame the request, pick its connection
 # or ask for a body encoding the client cannot decode.
 FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer",
@@ -70,9 +77,8 @@ class Headers(dict[str, str]):
 
 
 def check_header(name: str, value: str) -> None:
-    """Refuse a header name or value that could split a request (CR, LF, NUL, a colon in the name)."""
-    text = f"{name}: {value}"
-    if any(c in text for c in "\r\n\0") or not name or ":" in name:
+    """Refuse a header name that is not an HTTP token, or a value with a control character (CR, LF, NUL …)."""
+    if not TOKEN.fullmatch(name) or not VALUE.fullmatch(value):
         raise ValueError(f"header {name!r} has a character HTTP does not allow there")
 
 
@@ -80,7 +86,7 @@ def check_request_header(name: str, value: str) -> None:
     """`check_header`, and refuse the headers that frame the request or pick its connection: the client writes
     those itself, and a second one would let the receiver read the request differently from the sender."""
     check_header(name, value)
-    if name.strip().lower() in FRAMING:
+    if name.lower().replace("_", "-") in FRAMING:  # some proxies read "_" as "-"
         raise ValueError(f"header {name!r} is set by Keel's HTTP client and cannot be given")
 
 
@@ -101,14 +107,16 @@ class Response:
     at the end). Once the whole body has arrived the connection goes back to its pool by itself; `close()`
     ends a body not read to its end (the connection is closed, never reused)."""
 
-    def __init__(self, conn: _Conn, status: int, headers: Headers) -> None:
+    def __init__(self, conn: _Conn, status: int, headers: Headers, max_bytes: int) -> None:
         self.status, self.headers = status, headers
+        self._max = max_bytes
         self._conn: _Conn | None = conn
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
         self._error: WireError | None = None
         self.at_eof = False
+        self._fed = False
         encoding = headers.get("content-encoding", "").strip().lower()
         self._decoder: Any = None
         if encoding == "gzip" or encoding == "x-gzip":
@@ -119,23 +127,37 @@ class Response:
             raise MalformedAnswer(f"the answer's Content-Encoding {encoding!r} is not one this client asked for")
 
     def _feed(self, data: bytes) -> None:
-        if self._decoder is not None:
-            try:
-                if self._decoder == "deflate":
-                    self._decoder = zlib.decompressobj(zlib.MAX_WBITS if data[0] & 0x0F == 8 else -zlib.MAX_WBITS)
-                data = self._decoder.decompress(data)
-            except zlib.error as exc:
-                return self._fail(MalformedAnswer(f"the body cannot be decompressed ({exc})"))
-            if not data:
-                return
+        if not data:
+            return
+        self._fed = True
+        if self._decoder is None:
+            return self._keep(data)
+        try:
+            if self._decoder == "deflate":
+                self._decoder = zlib.decompressobj(zlib.MAX_WBITS if data[0] & 0x0F == 8 else -zlib.MAX_WBITS)
+            while data and self._error is None:
+                out = self._decoder.decompress(data, INFLATE_STEP)
+                data = self._decoder.unconsumed_tail
+                if self._decoder.eof and self._decoder.unused_data:
+                    raise zlib.error("bytes after the compressed stream's end")
+                if out:
+                    self._keep(out)
+        except zlib.error as exc:
+            self._fail(MalformedAnswer(f"the body cannot be decompressed ({exc})"))
+
+    def _keep(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
+        if self._buffered > self._max:
+            return self._fail(MalformedAnswer(f"the body is over {self._max} bytes"))
         if self._buffered > PAUSE_BYTES and self._conn is not None:
             self._conn.pause()
         self._wake()
 
     def _end(self) -> None:
-        if self._decoder is not None and self._decoder != "deflate":
+        if self._error is not None:
+            return
+        if self._fed and self._decoder is not None:  # an empty body (HEAD, 204, 304) marked compressed is empty
             try:
                 if tail := self._decoder.flush():
                     self._chunks.append(tail)
@@ -180,10 +202,11 @@ class Response:
         """The whole body; with `limit`, a `MalformedAnswer` once it passes that many bytes (and the rest is
         not read). Cancelled or failed part-way, it closes the connection."""
         parts, size = [], 0
+        limit = self._max if limit is None else min(limit, self._max)
         try:
             while chunk := await self.read_some():
                 size += len(chunk)
-                if limit is not None and size > limit:
+                if size > limit:
                     raise MalformedAnswer(f"the body is over {limit} bytes")
                 parts.append(chunk)
         except BaseException:
@@ -214,6 +237,7 @@ class _Conn(asyncio.Protocol):
 
     def _begin(self) -> None:
         self.head_size, self.header_bytes, self.headers, self.interim = 0, 0, Headers(), False
+        self.wire = self.body = 0  # bytes of this answer received, and of its body: the rest is framing
         self.framed = False  # Content-Length or chunked: the body does not end with the connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -232,6 +256,10 @@ class _Conn(asyncio.Protocol):
             return self.close()  # bytes nobody asked for: the connection is not fit to reuse
         if self.head is not None:
             self.head_size += len(data)
+        else:  # chunk lines and trailers are bounded by the body they frame, plus a head's worth
+            self.wire += len(data)
+            if self.wire - 2 * self.body > 2 * MAX_HEAD_BYTES:
+                return self._error(MalformedAnswer("the answer's chunk framing or trailers are over the limit"))
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -245,6 +273,10 @@ class _Conn(asyncio.Protocol):
         else:
             if self.head is not None and self.head_size > MAX_HEAD_BYTES:  # a head still arriving
                 self._error(MalformedAnswer(TOO_BIG))
+
+    def on_message_begin(self) -> None:
+        if self.head is None:  # bytes after an answer's end that begin another: nobody asked for it (RFC 9112 §9.2)
+            raise MalformedAnswer("the upstream sent an answer to no request")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.head is None:
@@ -265,7 +297,7 @@ class _Conn(asyncio.Protocol):
             return
         if self.head is None:  # bytes after the answer's end, or an answer nobody asked for: never reused
             raise MalformedAnswer("the upstream sent an answer to no request")
-        response = Response(self, status, self.headers)  # first: an unreadable encoding fails the waiting call
+        response = Response(self, status, self.headers, self.pool.max_body_bytes)  # first: an unknown encoding fails the call
         head, self.head = self.head, None
         self.response = response
         if status in (204, 304):
@@ -278,6 +310,7 @@ class _Conn(asyncio.Protocol):
             self.close()
 
     def on_body(self, body: bytes) -> None:
+        self.body += len(body)
         if self.response is not None and not self.interim:
             self.response._feed(body)
 
@@ -286,7 +319,10 @@ class _Conn(asyncio.Protocol):
             self._begin()
             return
         response, self.response = self.response, None
-        keep = self.parser.should_keep_alive()
+        # Reused only if the upstream keeps it and all of this request went out: an answer that came early (413)
+        # leaves the body's rest unsent, which the upstream would read as the next request's start (§9.5).
+        keep = self.parser.should_keep_alive() and self.transport is not None \
+            and not self.transport.get_write_buffer_size()
         self._begin()
         if response is not None:
             response._end()
@@ -374,8 +410,10 @@ class Client:
     event loop; `close()` ends every idle connection."""
 
     def __init__(self, *, tls: ssl.SSLContext | bool = True, limit: int = 100, keepalive_s: float = 30.0,
-                 resolver: Resolver | None = None) -> None:
+                 resolver: Resolver | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self._tls = tls
+        self.max_body_bytes = max_body_bytes
+        self._swept = time.monotonic()
         self._slots = asyncio.Semaphore(limit)
         self.keepalive_s = keepalive_s
         self.resolver = resolver
@@ -394,10 +432,16 @@ class Client:
         """Send one request and return its answer once the head has arrived. `head`: header lines already
         encoded (`header_lines`); `headers`: more, checked here. Host, Content-Length and Accept-Encoding are
         added. Raises a `WireError`, or `ValueError` for a header or URL that cannot be sent."""
+        if self.closed:
+            raise ConnectionLost("the client was closed")
         if url.scheme not in DEFAULT_PORTS or not url.raw_host:
             raise ValueError(f"{url.scheme or 'a relative'} URL cannot be fetched: give an absolute http(s) URL")
+        if method not in METHODS and not TOKEN.fullmatch(method):
+            raise ValueError(f"{method[:40]!r} is not an HTTP method")
         absolute = proxy is not None and url.scheme == "http"
         target = str(url.with_fragment(None).with_user(None)) if absolute else (url.raw_path_qs or "/")
+        if not TARGET.fullmatch(target):
+            raise ValueError(f"the request target {target[:80]!r} has a space or a character HTTP does not allow")
         lines = [f"{method} {target} HTTP/1.1\r\nHost: {_authority(url)}\r\n".encode("latin-1"), head]
         if headers:
             lines.append(header_lines(headers))
@@ -443,7 +487,25 @@ class Client:
         self._release_slot(conn)
         if self.closed:
             return conn.close()
-        self._idle.setdefault(conn.key, []).append((conn, time.monotonic()))
+        now = time.monotonic()
+        if now - self._swept > self.keepalive_s:
+            self._sweep(now)
+        self._idle.setdefault(conn.key, []).append((conn, now))
+
+    def _sweep(self, now: float) -> None:
+        """Close the idle connections kept past `keepalive_s`, forget the closed ones."""
+        self._swept = now
+        for key, conns in list(self._idle.items()):
+            kept = []
+            for conn, since in conns:
+                if conn.lost or now - since >= self.keepalive_s:
+                    conn.close()
+                else:
+                    kept.append((conn, since))
+            if kept:
+                self._idle[key] = kept
+            else:
+                del self._idle[key]
 
     def _gone(self, conn: _Conn) -> None:
         self._release_slot(conn)
@@ -458,6 +520,8 @@ class Client:
         loop = asyncio.get_running_loop()
         host, port = url.raw_host or "", url.port or DEFAULT_PORTS[url.scheme]
         tls = self._context() if url.scheme == "https" else None
+        if proxy is not None and proxy[0].scheme != "http":
+            raise ValueError(f"a {proxy[0].scheme}:// proxy cannot be used: Keel speaks to proxies over http://")
         try:
             if proxy is None:
                 addresses = await self.resolver(host, port) if self.resolver is not None else [host]
@@ -505,11 +569,12 @@ class Client:
             raise
 
     async def close(self) -> None:
-        """Close every connection, idle or in use; the client takes no more requests after it."""
+        """Close every connection, idle or in use (calls in flight end with `ConnectionLost`); the client takes
+        no more requests after it."""
         self.closed = True
         for conns in self._idle.values():
             for conn, _ in conns:
                 conn.close()
         self._idle.clear()
         for conn in list(self._open):
-            conn.close()
+            conn._error(ConnectionLost("the client was closed"))

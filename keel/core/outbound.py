@@ -91,6 +91,11 @@ class Outbound:
         if not chosen:
             return None
         proxy = URL(chosen if "://" in chosen else f"http://{chosen}")
+        if proxy.scheme != "http":  # never speak in clear to a proxy its owner meant to reach over TLS
+            raise ConfigError(f"the {target.scheme} proxy from the environment is a {proxy.scheme}:// URL; Keel "
+                              "speaks to proxies over http:// (an https target is still tunnelled over TLS with "
+                              "CONNECT)", fix=f"set {target.scheme.upper()}_PROXY to the proxy's http:// URL, or "
+                              "add the host to NO_PROXY")
         auth = None
         if proxy.user:
             token = base64.b64encode(f"{proxy.user}:{proxy.password or ''}".encode("latin-1")).decode("ascii")

@@ -11,7 +11,9 @@ from collections.abc import Awaitable, Callable
 import pytest
 from yarl import URL
 
-from keel.core.http1 import Client, ConnectFailed, ConnectionLost, MalformedAnswer, WireError
+from keel.core.errors import ConfigError
+from keel.core.http1 import Client, ConnectFailed, ConnectionLost, MalformedAnswer, WireError, header_lines
+from keel.core.outbound import Outbound
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 BODY = b'{"ok": true}'
@@ -278,3 +280,181 @@ def test_an_unknown_content_encoding_is_a_malformed_answer():
 
 def test_every_failure_is_a_wire_error():
     assert all(issubclass(e, WireError) for e in (ConnectFailed, ConnectionLost, MalformedAnswer))
+
+
+# -- found by review: each failed before its fix ------------------------------------------------------------
+
+def test_the_start_of_an_answer_nobody_asked_for_is_never_handed_to_the_next_call():
+    """An answer's first bytes in the same read as the previous answer's end (the rest sent after the next
+    request) must not become the next call's answer (RFC 9112 §9.2)."""
+    async def split(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n = 0
+        while await read_request(reader):
+            n += 1
+            if n == 1:
+                writer.write(ok(b"first") + b"HTTP/1.1 200 OK\r\nContent-Le")
+            else:
+                writer.write(b"ngth: 8\r\n\r\nsmuggled")
+            await writer.drain()
+
+    async def main() -> None:
+        client = Client()
+        async with Upstream(split) as up:
+            assert await get(client, up.url) == b"first"
+            assert await get(client, up.url) == b"first"
+            assert up.connections == 2
+        await client.close()
+
+    run(main())
+
+
+def test_closing_the_client_ends_the_calls_in_flight():
+    async def part(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await writer.drain()
+        await reader.read()
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await reader.read()
+
+    async def main() -> None:
+        client = Client()
+        async with Upstream(part) as up, Upstream(mute) as up2:
+            resp = await client.request("GET", up.url)
+            waiting = asyncio.ensure_future(client.request("GET", up2.url))
+            await eventually(lambda: up2.connections == 1)
+            await asyncio.sleep(0.05)
+            await client.close()
+            async with asyncio.timeout(2):
+                with pytest.raises(ConnectionLost):
+                    await resp.read()
+                with pytest.raises(ConnectionLost):
+                    await waiting
+                with pytest.raises(ConnectionLost, match="closed"):
+                    await client.request("GET", up.url)
+
+    run(main())
+
+
+def test_a_compressed_body_cannot_grow_past_the_clients_limit():
+    bomb = zlib.compress(b"\0" * (64 << 20))  # ~64 KiB on the wire, 64 MiB inflated
+    comp = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    gz = comp.compress(b"\0" * (64 << 20)) + comp.flush()
+
+    async def main() -> None:
+        client = Client(max_body_bytes=1 << 20)
+        for body, encoding in ((bomb, b"deflate"), (gz, b"gzip")):
+            async with Upstream(lambda r, w, b=body, e=encoding: answer_each(r, w, ok(b, b"Content-Encoding: %s\r\n" % e))) as up:
+                with pytest.raises(MalformedAnswer, match="over"):
+                    await get(client, up.url)
+        async with Upstream(lambda r, w: answer_each(r, w, ok(b"x" * (2 << 20)))) as up:
+            with pytest.raises(MalformedAnswer, match="over"):
+                await get(client, up.url)
+        await client.close()
+
+    run(main())
+
+
+def test_trailers_cannot_grow_without_bound():
+    async def long_trailer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: ")
+        for _ in range(64):
+            writer.write(b"a" * 65536)
+            await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        client = Client()
+        async with Upstream(long_trailer) as up:
+            async with asyncio.timeout(5):
+                with pytest.raises(MalformedAnswer):
+                    await get(client, up.url, "GET")
+        await client.close()
+
+    run(main())
+
+
+def test_a_connection_whose_request_was_not_all_sent_is_not_reused():
+    """An early answer (a 413 before the body was read) leaves the rest of the body unsent: the next request on
+    that connection would be read as the body's continuation (RFC 9112 §9.5)."""
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        while await reader.read(1 << 16):
+            pass
+
+    async def main() -> None:
+        client = Client()
+        async with Upstream(early) as up:
+            resp = await client.request("POST", up.url, body=b"A" * (32 << 20))
+            assert resp.status == 413 and await resp.read() == b""
+            assert not any(client._idle.values())
+        await client.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 204 No Content\r\nContent-Encoding: gzip\r\n\r\n",
+                                    b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 0\r\n\r\n"])
+def test_an_empty_body_marked_compressed_is_empty(answer):
+    async def main() -> None:
+        client = Client()
+        async with Upstream(lambda r, w: answer_each(r, w, answer)) as up:
+            assert await get(client, up.url) == b""
+        await client.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("method, path", [("GET /evil HTTP/1.1\r\nX: y\r\nZ:", "/x"), ("GE T", "/x"),
+                                          ("GET", "/a b"), ("GET", "/a\x7fb")])
+def test_a_method_or_target_that_would_split_the_request_line_is_refused(method, path):
+    async def main() -> None:
+        client = Client()
+        async with Upstream(answer_each) as up:
+            url = URL(str(up.url.with_path("/")).rstrip("/") + path, encoded=True)
+            with pytest.raises(ValueError):
+                await client.request(method, url)
+            assert up.connections == 0
+        await client.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("name, value", [("X A", "1"), ("Transfer_Encoding", "chunked"), ("X-A", "a\x0bb"),
+                                         ("X-A", "a\x7fb")])
+def test_header_names_are_tokens_and_values_have_no_control_characters(name, value):
+    with pytest.raises(ValueError):
+        header_lines({name: value})
+
+
+def test_an_https_proxy_url_is_refused_rather_than_spoken_to_in_clear(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "https://secret:pw@proxy.example:8443")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with pytest.raises(ConfigError, match="https://"):
+        Outbound().proxy_for("https://api.example.com/v1")
+
+
+def test_idle_connections_past_their_keepalive_are_closed():
+    async def main() -> None:
+        client = Client(keepalive_s=0.1)
+        ups = [Upstream(answer_each) for _ in range(5)]
+        for up in ups:
+            await up.__aenter__()
+            assert await get(client, up.url) == BODY
+        await asyncio.sleep(0.3)
+        async with Upstream(answer_each) as last:
+            assert await get(client, last.url) == BODY  # a call sweeps what has idled too long
+            await eventually(lambda: all(up.ended == 1 for up in ups))
+            assert sum(len(v) for v in client._idle.values()) == 1
+        for up in ups:
+            await up.__aexit__()
+        await client.close()
+
+    run(main())
