@@ -184,7 +184,7 @@ class Response:
             waiter.set_result(None)
 
     async def read_some(self) -> bytes:
-        """The body's next bytes as they arrived (decompressed); b"" once it has all been read."""
+        """The body's bytes that have arrived since the last read (decompressed); b"" once it has all been read."""
         while not self._chunks:
             if self._error is not None:
                 raise self._error
@@ -192,8 +192,10 @@ class Response:
                 return b""
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        data = self._chunks.popleft()
-        self._buffered -= len(data)
+        # All that has arrived, as one: a consumer (an SSE relay) handles a burst in one step, not one per packet.
+        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
         if self._conn is not None and self._buffered < PAUSE_BYTES // 2:
             self._conn.resume()
         return data
