@@ -14,6 +14,8 @@ from yarl import URL
 from keel.core.errors import ConfigError
 from keel.core.http1 import Client, ConnectFailed, ConnectionLost, MalformedAnswer, WireError, header_lines
 from keel.core.outbound import Outbound
+from tests.conftest import eventually_async
+from tests.gateway.test_outbound_wire import read_request
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 BODY = b'{"ok": true}'
@@ -21,16 +23,6 @@ BODY = b'{"ok": true}'
 
 def ok(body: bytes = BODY, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
-
-
-async def read_request(reader: asyncio.StreamReader) -> bytes:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return b""
-    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"content-length:")), 0)
-    return head + await reader.readexactly(length)
 
 
 class Upstream:
@@ -61,14 +53,6 @@ class Upstream:
         return URL(f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1/x")
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        assert loop.time() < deadline, "the condition did not hold in time"
-        await asyncio.sleep(0.01)
-
-
 def run(coro: Awaitable[None]) -> None:
     asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
 
@@ -95,7 +79,7 @@ def test_a_call_cancelled_while_waiting_closes_its_connection_and_frees_its_slot
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.2):
                     await get(client, stuck.url)
-            await eventually(lambda: stuck.ended == 1)  # the upstream saw the connection close
+            await eventually_async(lambda: stuck.ended == 1)  # the upstream saw the connection close
             assert await get(client, fine.url) == BODY  # the one slot was given back
         await client.close()
 
@@ -176,7 +160,7 @@ def test_an_idle_connection_the_upstream_closed_is_not_used_again():
         client = Client()
         async with Upstream(one_then_close) as up:
             assert await get(client, up.url) == BODY
-            await eventually(lambda: up.ended == 1)
+            await eventually_async(lambda: up.ended == 1)
             await asyncio.sleep(0.05)  # the close reaches the client's side
             assert await get(client, up.url) == BODY
             assert up.connections == 2
@@ -249,7 +233,7 @@ def test_a_body_over_the_readers_limit_is_refused_and_its_connection_closed():
             resp = await client.request("GET", up.url)
             with pytest.raises(MalformedAnswer, match="over 1000 bytes"):
                 await resp.read(limit=1000)
-            await eventually(lambda: up.ended == 1)
+            await eventually_async(lambda: up.ended == 1)
         await client.close()
 
     run(main())
@@ -324,7 +308,7 @@ def test_closing_the_client_ends_the_calls_in_flight():
         async with Upstream(part) as up, Upstream(mute) as up2:
             resp = await client.request("GET", up.url)
             waiting = asyncio.ensure_future(client.request("GET", up2.url))
-            await eventually(lambda: up2.connections == 1)
+            await eventually_async(lambda: up2.connections == 1)
             await asyncio.sleep(0.05)
             await client.close()
             async with asyncio.timeout(2):
@@ -451,7 +435,7 @@ def test_idle_connections_past_their_keepalive_are_closed():
         await asyncio.sleep(0.3)
         async with Upstream(answer_each) as last:
             assert await get(client, last.url) == BODY  # a call sweeps what has idled too long
-            await eventually(lambda: all(up.ended == 1 for up in ups))
+            await eventually_async(lambda: all(up.ended == 1 for up in ups))
             assert sum(len(v) for v in client._idle.values()) == 1
         for up in ups:
             await up.__aexit__()
