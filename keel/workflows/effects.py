@@ -27,7 +27,7 @@ import orjson
 from yarl import URL
 
 from keel.core.errors import BadRequest, KeelError
-from keel.core.http1 import FRAMING, Client, Response, WireError
+from keel.core.http1 import FRAMING, VALUE, Client, Response, WireError
 from keel.core.outbound import Outbound
 
 log = logging.getLogger("keel.workflows.effects")
@@ -176,10 +176,10 @@ def _check_headers(headers: dict[str, str]) -> None:
         if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
             raise BadRequest(f"header name {str(name)[:40]!r} is not a valid HTTP token",
                              fix="use letters, digits and '-' in header names")
-        if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
-            raise BadRequest(f"the value of header {name!r} contains CR, LF or NUL (or is not a string)",
-                             fix="remove line breaks from header values")
-        if name.lower() in FORBIDDEN_HEADERS:
+        if not isinstance(value, str) or not VALUE.fullmatch(value):
+            raise BadRequest(f"the value of header {name!r} has a control character such as CR, LF or NUL (or is not a string)",
+                             fix="remove line breaks and other control characters from header values")
+        if name.lower().replace("_", "-") in FORBIDDEN_HEADERS:  # some proxies read "_" as "-"
             raise BadRequest(f"header {name!r} is set by Keel and may not be given", fix=f"remove {name!r}")
 
 
