@@ -177,7 +177,8 @@ def _check_headers(headers: dict[str, str]) -> None:
             raise BadRequest(f"header name {str(name)[:40]!r} is not a valid HTTP token",
                              fix="use letters, digits and '-' in header names")
         if not isinstance(value, str) or not VALUE.fullmatch(value):
-            raise BadRequest(f"the value of header {name!r} has a control character such as CR, LF or NUL (or is not a string)",
+            raise BadRequest(f"the value of header {name!r} has a control character such as CR, LF or NUL "
+                             "(or is not a string)",
                              fix="remove line breaks and other control characters from header values")
         if name.lower().replace("_", "-") in FORBIDDEN_HEADERS:  # some proxies read "_" as "-"
             raise BadRequest(f"header {name!r} is set by Keel and may not be given", fix=f"remove {name!r}")
