@@ -31,7 +31,7 @@ from yarl import URL
 MAX_HEAD_BYTES = 64 * 1024  # an answer's whole head
 MAX_FIELD_BYTES = 8190  # one header line (aiohttp's and nginx's default)
 PAUSE_BYTES = 1 << 22  # read no more from the socket while this much of a body waits unread
-MAX_BODY_BYTES = 1 << 26  # a body's bytes waiting unread, or read whole by `read()`, decompressed (`Client(max_body_bytes=)`)
+MAX_BODY_BYTES = 1 << 26  # decompressed body bytes waiting unread, or read whole (`Client(max_body_bytes=)`)
 INFLATE_STEP = 1 << 20  # decompress in steps of this much output, so no one step can outgrow the limit
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2: a method or a header name
 VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")  # a header value: no control character but HTAB (§5.5)
@@ -299,7 +299,8 @@ class _Conn(asyncio.Protocol):
             return
         if self.head is None:  # bytes after the answer's end, or an answer nobody asked for: never reused
             raise MalformedAnswer("the upstream sent an answer to no request")
-        response = Response(self, status, self.headers, self.pool.max_body_bytes)  # first: an unknown encoding fails the call
+        # First: an unknown encoding raises here and so fails the call that waits for this head.
+        response = Response(self, status, self.headers, self.pool.max_body_bytes)
         head, self.head = self.head, None
         self.response = response
         if status in (204, 304):
@@ -556,7 +557,8 @@ class Client:
         try:
             authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             auth = b"Proxy-Authorization: %s\r\n" % proxy[1].encode("latin-1") if proxy[1] else b""
-            transport.write(b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (authority.encode(), authority.encode(), auth))
+            target = authority.encode()
+            transport.write(b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (target, target, auth))
             status = await tunnel.status
             if status != 200:
                 raise ConnectFailed(f"the proxy answered {status} to CONNECT {authority}")

@@ -330,7 +330,8 @@ def test_a_compressed_body_cannot_grow_past_the_clients_limit():
     async def main() -> None:
         client = Client(max_body_bytes=1 << 20)
         for body, encoding in ((bomb, b"deflate"), (gz, b"gzip")):
-            async with Upstream(lambda r, w, b=body, e=encoding: answer_each(r, w, ok(b, b"Content-Encoding: %s\r\n" % e))) as up:
+            answer = ok(body, b"Content-Encoding: %s\r\n" % encoding)
+            async with Upstream(lambda r, w, a=answer: answer_each(r, w, a)) as up:
                 with pytest.raises(MalformedAnswer, match="over"):
                     await get(client, up.url)
         async with Upstream(lambda r, w: answer_each(r, w, ok(b"x" * (2 << 20)))) as up:
