@@ -14,7 +14,8 @@ from typing import Any
 import orjson
 from yarl import URL
 
-from keel.core.http1 import Client, Proxy
+from keel.core.errors import ConfigError
+from keel.core.http1 import Client, ConnectFailed, Proxy
 from keel.core.outbound import Outbound
 
 
@@ -34,8 +35,12 @@ async def post_json(client: Client, url: str | URL, body: Any, *, proxy: Proxy |
 async def post_json_once(outbound: Outbound, tls: ssl.SSLContext | bool, url: str, body: Any, *,
                          timeout_s: float) -> int:
     """`post_json` through the environment's proxy for `url`, on a one-connection client made for this call."""
+    try:
+        proxy = outbound.proxy_for(url)
+    except ConfigError as exc:  # the environment's proxy cannot be used: the delivery fails, as a refused one would
+        raise ConnectFailed(exc.detail) from None
     client = outbound.client(limit=1, tls=tls)
     try:
-        return await post_json(client, url, body, proxy=outbound.proxy_for(url), timeout_s=timeout_s)
+        return await post_json(client, url, body, proxy=proxy, timeout_s=timeout_s)
     finally:
         await client.close()

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from keel.core.clock import utcnow
 from keel.core.db import Store
-from keel.core.errors import BadRequest, Conflict, KeelError, NotFound
+from keel.core.errors import BadRequest, ConfigError, Conflict, KeelError, NotFound
 from keel.core.http1 import Client, WireError
 from keel.core.ids import new_id
 from keel.core.outbound import Outbound
@@ -168,6 +168,8 @@ class ReviewQueue:
             proxy = self.outbound.proxy_for(url)
         except ValueError:  # a caller's URL under an allowed prefix may still be malformed
             status, tries = "failed:InvalidURL", 0
+        except ConfigError:  # the environment's proxy cannot be used (an https:// proxy URL)
+            status, tries = "failed:ConnectFailed", 0
         for attempt in range(tries):
             try:
                 code = await post_json(self._client, url, body, proxy=proxy, timeout_s=timeout_s,

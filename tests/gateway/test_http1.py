@@ -443,3 +443,17 @@ def test_idle_connections_past_their_keepalive_are_closed():
         await client.close()
 
     run(main())
+
+
+def test_a_webhook_under_an_https_proxy_url_fails_as_a_connection_error(monkeypatch):
+    """Budget and drift alerts record a failed delivery; the refusal never escapes their loops as a crash."""
+    from keel.core.webhook import post_json_once
+    monkeypatch.setenv("HTTPS_PROXY", "https://proxy.example:8443")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+    async def main() -> None:
+        with pytest.raises(ConnectFailed, match="https://"):
+            await post_json_once(Outbound(), True, "https://hooks.example.com/x", {"a": 1}, timeout_s=5)
+
+    run(main())
