@@ -21,7 +21,7 @@ from typing import Any
 
 from yarl import URL
 
-from keel.core.http1 import Client, Proxy, Resolver, check_header
+from keel.core.http1 import Client, Proxy, Resolver
 from keel.core.errors import ConfigError
 
 TLS_OPTIONS = ("ca_bundle", "client_cert", "client_key")  # per-deployment options that override the settings'
@@ -109,10 +109,4 @@ class Outbound:
         and no proxy: pass `proxy_for(url)` per request."""
         return Client(tls=self.ssl_context(where) if tls is None else tls, limit=limit, keepalive_s=keepalive_s,
                       resolver=resolver)
-
-
-def check_headers(headers: Mapping[str, str]) -> None:
-    """Refuse a header name or value that could split a request (CR, LF, NUL, a colon in the name)."""
-    for name, value in headers.items():
-        check_header(name, value)
 
