@@ -21,9 +21,11 @@ from typing import Any
 
 from yarl import URL
 
+from keel import __version__
 from keel.core.http1 import Client, Proxy, Resolver
 from keel.core.errors import ConfigError
 
+USER_AGENT = f"keel/{__version__}"  # sent on every outbound call that names no other
 TLS_OPTIONS = ("ca_bundle", "client_cert", "client_key")  # per-deployment options that override the settings'
 
 

@@ -16,7 +16,7 @@ from yarl import URL
 
 from keel.core.errors import ConfigError
 from keel.core.http1 import Client, ConnectFailed, Proxy
-from keel.core.outbound import Outbound
+from keel.core.outbound import USER_AGENT, Outbound
 
 
 async def post_json(client: Client, url: str | URL, body: Any, *, proxy: Proxy | None, timeout_s: float,
@@ -25,9 +25,9 @@ async def post_json(client: Client, url: str | URL, body: Any, *, proxy: Proxy |
     `WireError`, `ValueError` (a URL or header that cannot be sent), `TimeoutError` or `OSError`."""
     target = URL(url)
     data = orjson.dumps(body)
+    sent = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **(headers or {})}
     async with asyncio.timeout(timeout_s):
-        resp = await client.request("POST", target, headers={"Content-Type": "application/json", **(headers or {})},
-                                    body=data, proxy=proxy)
+        resp = await client.request("POST", target, headers=sent, body=data, proxy=proxy)
     resp.close()
     return resp.status
 

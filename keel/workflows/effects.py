@@ -27,15 +27,14 @@ import orjson
 from yarl import URL
 
 from keel.core.errors import BadRequest, KeelError
-from keel.core.http1 import FRAMING, VALUE, Client, Response, WireError
-from keel.core.outbound import Outbound
+from keel.core.http1 import FRAMING, TOKEN, VALUE, Client, Response, WireError
+from keel.core.outbound import USER_AGENT, Outbound
 
 log = logging.getLogger("keel.workflows.effects")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 KEPT_HEADERS = ("content-type", "location", "etag", "retry-after")
 FORBIDDEN_HEADERS = FRAMING  # what Keel's HTTP client writes itself
-HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 ALLOW_FIX = "add the host (or host:port) to the step's allow_hosts"
 
@@ -173,7 +172,7 @@ async def checked_resolve(host: str, port: int) -> list[str]:
 def _check_headers(headers: dict[str, str]) -> None:
     """Refuse header injection and headers that would change where or how the request goes."""
     for name, value in headers.items():
-        if not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
+        if not isinstance(name, str) or not TOKEN.fullmatch(name):
             raise BadRequest(f"header name {str(name)[:40]!r} is not a valid HTTP token",
                              fix="use letters, digits and '-' in header names")
         if not isinstance(value, str) or not VALUE.fullmatch(value):
@@ -264,7 +263,7 @@ class Egress:
         `expect_status`, 2xx and 3xx are results and the rest raise `EffectFailed`.
         """
         method = method.upper()
-        if not HEADER_NAME.fullmatch(method):
+        if not TOKEN.fullmatch(method):
             raise BadRequest(f"{method[:20]!r} is not an HTTP method")
         if isinstance(allow_hosts, str):
             allow_hosts = [allow_hosts]
@@ -274,6 +273,8 @@ class Egress:
         if idempotency_key is not None:
             out_headers = {k: v for k, v in out_headers.items() if k.lower() != "idempotency-key"}
             out_headers["Idempotency-Key"] = idempotency_key
+        if not any(k.lower() == "user-agent" for k in out_headers):
+            out_headers["User-Agent"] = USER_AGENT
         _check_headers(out_headers)
         data = _encode_body(body, out_headers)
         # Checked above (tokens, no CR/LF/NUL); UTF-8 so that a value outside Latin-1 is still sent.

@@ -77,7 +77,8 @@ class Receiver(FakeUpstream):
             self.by_key[key] += 1
         self.attempts[key or request.path] += 1
         entry = {"method": request.method, "path": request.path, "key": key, "body": body,
-                 "content_type": request.headers.get("Content-Type"), "status": 200}
+                 "content_type": request.headers.get("Content-Type"), "user_agent": request.headers.get("User-Agent"),
+                 "status": 200}
         self.log.append(entry)
         query = request.query
         if delay := float(query.get("delay_ms", 0)):

@@ -457,3 +457,26 @@ def test_a_webhook_under_an_https_proxy_url_fails_as_a_connection_error(monkeypa
             await post_json_once(Outbound(), True, "https://hooks.example.com/x", {"a": 1}, timeout_s=5)
 
     run(main())
+
+
+def test_a_webhook_is_json_with_keel_as_its_user_agent():
+    from keel import __version__
+    from keel.core.webhook import post_json
+    heads: list[bytes] = []
+
+    async def keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        await reader.readexactly(len(b'{"a":1}'))
+        writer.write(ok())
+        await writer.drain()
+
+    async def main() -> None:
+        async with Upstream(keep) as up:
+            client = Client()
+            assert await post_json(client, up.url, {"a": 1}, proxy=None, timeout_s=5) == 200
+            await client.close()
+
+    run(main())
+    head = heads[0].decode().lower()
+    assert "content-type: application/json\r\n" in head
+    assert f"user-agent: keel/{__version__}\r\n" in head

@@ -17,6 +17,7 @@ import orjson
 import pytest
 from aiosmtpd.controller import Controller
 
+from keel import __version__
 from keel.core.errors import BadRequest
 from keel.workflows.effects import EffectFailed, Egress, EgressDenied, Mailer, message_id
 from tests.conftest import free_port
@@ -103,6 +104,17 @@ def test_bodies_are_encoded_by_type(rcv: str) -> None:
     assert (text["body"], text["content_type"]) == ("héllo", "text/plain; charset=utf-8")
     assert (empty["method"], empty["body"]) == ("DELETE", None)
     assert (hook["body"], hook["content_type"], hook["key"]) == ("just a string", "application/json", "k-hook")
+
+
+def test_requests_name_keel_as_their_user_agent_unless_the_step_names_its_own(rcv: str) -> None:
+    """Services that refuse anonymous clients (a User-Agent is expected of every client) see Keel's name."""
+    async def go(e: Egress) -> None:
+        await e.request("GET", rcv + "/a", allow_hosts=allow(rcv))
+        await e.request("GET", rcv + "/b", headers={"user-agent": "acme-sync/2"}, allow_hosts=allow(rcv))
+        await e.webhook(rcv + "/c", {"a": 1}, allow_hosts=allow(rcv), idempotency_key="k-ua")
+    run(go)
+    assert [r["user_agent"] for r in stats(rcv)["requests"]] == [f"keel/{__version__}", "acme-sync/2",
+                                                                 f"keel/{__version__}"]
 
 
 def test_receiver_dedupes_by_idempotency_key(rcv: str) -> None:

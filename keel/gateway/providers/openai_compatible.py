@@ -18,9 +18,9 @@ from typing import Any, ClassVar
 import orjson
 from yarl import URL
 
-from keel import __version__
 from keel.core.errors import ConfigError, KeelError
 from keel.core.http1 import Client, MalformedAnswer, Proxy, Response, WireError, header_lines
+from keel.core.outbound import USER_AGENT
 from keel.core.settings import DeploymentConfig
 from keel.gateway.protocol import (
     ChatDelta, ChatRequest, ChatResult, EmbedResult, ProviderContext, Usage, upstream_error,
@@ -182,7 +182,7 @@ class HTTPProvider:
         if self._headers is None:
             self._secret = self._read_secret()
             extra = {**(self.config.options.get("headers") or {}), **self._secret_headers()}
-            headers = {"Content-Type": "application/json", "User-Agent": f"keel/{__version__}", **extra,
+            headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **extra,
                        **self.auth_headers(self._secret)}
             try:
                 self._head = header_lines(headers)
