@@ -51,11 +51,6 @@ class Upload:
     origin: str = ""
 
 
-def principal_json(p: Principal) -> dict[str, Any]:
-    return {"key_id": p.key_id, "role": p.role, "team_id": p.team_id, "user_id": p.user_id,
-            "scopes": p.scopes.to_dict()}
-
-
 def _rejection(u: Upload, max_file_bytes: int) -> FileRejected | None:
     """Errors visible without parsing: unsupported extension, 0 bytes, over the size limit."""
     try:
@@ -87,7 +82,7 @@ def create_job(store: Store, p: Principal, c: Collection, uploads: list[Upload],
                      "error_detail": err.detail if err else None, "chunks": 0})
     status = "queued" if pending else ("failed" if rows else "succeeded")
     with store.engine.begin() as conn:
-        conn.execute(jobs.insert().values(id=job_id, collection_id=c.id, status=status, principal=principal_json(p),
+        conn.execute(jobs.insert().values(id=job_id, collection_id=c.id, status=status, principal=p.to_dict(),
                                           created_by=p.key_id, total=len(rows), created_at=now,
                                           finished_at=None if pending else now))
         if rows:
@@ -140,10 +135,11 @@ def recent(store: Store, p: Principal, c: Collection, limit: int = 20, failures:
         for j in conn.execute(q).all():
             counts = dict(conn.execute(sa.select(job_items.c.status, sa.func.count()).where(
                 job_items.c.job_id == j.id).group_by(job_items.c.status)).all())
+            q_failed = (sa.select(job_items.c.source, job_items.c.error_code, job_items.c.error_detail)
+                        .where(job_items.c.job_id == j.id, job_items.c.status == "failed")
+                        .order_by(job_items.c.ordinal).limit(failures))
             failed = [{"source": r.source, "error": {"code": r.error_code, "detail": r.error_detail}}
-                      for r in conn.execute(sa.select(job_items.c.source, job_items.c.error_code, job_items.c.error_detail)
-                                            .where(job_items.c.job_id == j.id, job_items.c.status == "failed")
-                                            .order_by(job_items.c.ordinal).limit(failures))]
+                      for r in conn.execute(q_failed)]
             out.append({"id": j.id, "object": "ingest_job", "status": j.status, "total": j.total,
                         "counts": {s: int(counts.get(s, 0)) for s in ("pending",) + FINAL}, "error": j.error,
                         "failed_items": failed, "created_at": iso(j.created_at), "finished_at": iso(j.finished_at)})
