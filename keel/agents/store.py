@@ -27,8 +27,8 @@ FINAL = ("completed", "failed", "stopped")
 THREAD_TURNS = 10  # earlier runs of the end user's thread the model sees
 RECALL_SCAN = 500  # newest notes `recall` ranks
 STATUSES = ("running", "waiting_approval", "waiting_provider", *FINAL)
-# How long a replica trusts a read that found an agent running (two store reads and a thread hop of every agent step,
-# ~1 ms in `keel serve`: bench/agents.py); a pause is acknowledged only this long after it commits (`Agents.set_paused`)
+# How long a replica trusts a read that found an agent running (saves two store reads and a thread hop of every agent
+# step: measured in bench/README.md); a pause is acknowledged only this long after it commits (`Agents.set_paused`)
 SWITCH_TTL_S = 0.25
 # The per-action statements, built once and executed with parameters (building one with literal values cost
 # more than running it: bench/agents.py)
@@ -73,7 +73,8 @@ class AgentStore:
 
     def owner_team(self, version_id: str) -> str | None:
         with self.store.read() as conn:
-            return conn.execute(sa.select(agent_versions.c.team_id).where(agent_versions.c.id == version_id)).scalar_one()
+            q = sa.select(agent_versions.c.team_id).where(agent_versions.c.id == version_id)
+            return conn.execute(q).scalar_one()
 
     # -- kill switch --------------------------------------------------------------------------
     def paused(self, name: str) -> bool:
@@ -99,7 +100,8 @@ class AgentStore:
     def set_paused(self, name: str, paused: bool, by: str, reason: str | None) -> None:
         values = {"paused": paused, "changed_by": by, "reason": reason, "changed_at": utcnow()}
         with self.store.engine.begin() as conn:
-            if conn.execute(agent_switches.update().where(agent_switches.c.name == name).values(**values)).rowcount == 0:
+            update = agent_switches.update().where(agent_switches.c.name == name).values(**values)
+            if conn.execute(update).rowcount == 0:
                 conn.execute(agent_switches.insert().values(name=name, **values))
         # nothing trusted from this write: another replica's pause may commit between it and any stamp taken here
         self._running.pop(name, None)

@@ -47,8 +47,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # The garbage collector while serving: what startup built (modules, the app, its services, ~10^6 objects) is
 # frozen out of every later collection, and the young generation is collected after 7,000 net allocations
 # instead of 700, so the objects of requests still in flight are not promoted to be rescanned by full
-# collections. Requests make almost no cyclic garbage (0.04 objects each, measured with gc.DEBUG_SAVEALL);
-# full collections over the startup objects had cost ~1 ms per request (bench/README.md).
+# collections. Requests make almost no cyclic garbage, and full collections over the startup objects had
+# cost a large share of a request's CPU (both measured in bench/README.md).
 GC_YOUNG_THRESHOLD = 7000
 # granian's own log lines go through Keel's handlers (configure_logging), its errors only.
 GRANIAN_LOGS = {"version": 1, "disable_existing_loggers": False,

@@ -27,25 +27,24 @@ from keel.knowledge.tables import chunks, documents
 
 __all__ = ["DEFAULT_WEIGHTS", "RRF_K", "VECTOR_FEEDBACK", "Hit", "Query", "rrf", "search"]
 
-# The RRF constant: smaller puts more weight on each leg's top ranks. On the dev halves (bench/retrieval.py,
-# legs computed once and re-fused over k 5-100 and BM25 weight 0.1-1.0) 10 lifted FAQ hybrid nDCG@10
-# 0.506 -> 0.532 (+0.025, paired s.e. 0.021) and left the long questions flat (0.659 -> 0.656, s.e. 0.009);
-# every grid cell was within two standard errors of k=60. Requests may set their own (`rrf_k`).
+# The RRF constant: smaller puts more weight on each leg's top ranks. Chosen on the dev halves
+# (bench/retrieval.py, legs computed once and re-fused over a grid of k and BM25 weight): 10 lifted the FAQ
+# a little and left the long questions flat, and no cell was clearly better; measured in bench/README.md.
+# Requests may set their own (`rrf_k`).
 RRF_K = 10
 RRF_K_MAX = 1000
 # Pseudo-relevance feedback for the vector leg (Rocchio on embeddings), opt-in per request: the leg searches
-# again with the query vector moved toward its own best hit, q' = q/|q| + w * e/|e|. Chosen on the dev halves
-# (RRF_K 10), w 0.2 lifted hybrid nDCG@10 0.532 -> 0.543 on the FAQ and 0.656 -> 0.676 on the long questions;
-# on the test halves it gave 0.626 -> 0.612 (FAQ) and 0.539 -> 0.546 (long), so it is not the default.
+# again with the query vector moved toward its own best hit, q' = q/|q| + w * e/|e|. w 0.2 was the best on the
+# dev halves but did not carry over to the FAQ's test half, so it is not the default (measured in bench/README.md).
 VECTOR_FEEDBACK = 0.0
-# From bench/retrieval.py on the validation half of the Python FAQ queries: nDCG@10 is flat for a BM25
-# weight of 0.1–0.25 against vector 1.0 (0.537–0.533) and falls to 0.496 at 1:1. 0.25 keeps exact
-# keyword matches (identifiers, codes) weighing on other corpora. Requests may set their own.
+# The BM25 weight against vector 1.0: on the FAQ's validation half (bench/retrieval.py) nDCG@10 is flat from
+# 0.1 to 0.25 and falls at 1:1 (measured in bench/README.md); 0.25 keeps exact keyword matches (identifiers,
+# codes) weighing on other corpora. Requests may set their own.
 DEFAULT_WEIGHTS = {"bm25": 0.25, "vector": 1.0}
 MODES = ("hybrid", "bm25", "vector")
 # Hits are read back by chunk id this many at a time. With a longer id list SQLite's planner (no ANALYZE
-# statistics) switches from chunk primary-key lookups to scanning the collection's documents: at 100k chunks
-# (/tmp/sl100k, 2,347 documents) 30 ids took 36.6 ms in one query and 0.4 ms per 10.
+# statistics) switches from chunk primary-key lookups to scanning the collection's documents, which at 100k
+# chunks is far slower than several short lookups (measured in bench/README.md).
 HYDRATE_BATCH = 10
 
 

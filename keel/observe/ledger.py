@@ -69,8 +69,8 @@ class Ledger:
                        if (f := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None}
             names = list(compiled.positiontup or ()) if dialect.positional else [c.name for c in usage_ledger.c]
             # the columns with a conversion, by position: the rest are taken as they are, in one comprehension
-            # (a generator testing each column: 17.7 against 12.9 µs per row, in the flushing thread); a
-            # conversion's answer for None (a JSON column's `null`) is computed once
+            # (cheaper per row in the flushing thread than a generator testing each column: measured in
+            # bench/README.md); a conversion's answer for None (a JSON column's `null`) is computed once
             converted = [(i, f, f(None)) for i, name in enumerate(names) if (f := convert.get(name)) is not None]
 
             def values(row: dict[str, Any]) -> list[Any]:

@@ -25,7 +25,9 @@ Interpret = Callable[[str], Awaitable[dict[str, Any]]]
 class _LazyDBOS:
     """`DBOS` imported on first use: a process that never defines a workflow never loads it (nor holds its memory)."""
 
-    _real: Any = None  # the class, once imported (an import statement per attribute cost ~1 % of an agent step)
+    # The class, once imported: an import statement per attribute cost a share of every agent step (measured in
+    # bench/README.md).
+    _real: Any = None
 
     def __getattr__(self, name: str) -> Any:
         real = _LazyDBOS._real
