@@ -6,7 +6,9 @@ one, never writes one: no arguments, no environment of theirs, so a mandate cann
 run over stdio with only the SDK's safe environment; or `url:`, streamable HTTP, where the URL's host and port
 are the only ones allowed and the address is checked when the connection is made, as for `http` tools (never a
 link-local, multicast or unspecified address; a private or loopback one only where the URL names that exact
-address, or `localhost`). Its `headers` are vault secrets granted to the agent's team.
+address, or `localhost`). Its `headers` are vault secrets granted to the agent's team. The SDK's httpx2 client
+carries Keel's outbound settings (`keel.core.outbound`): its CA bundle and client certificate, and the
+environment's HTTP proxy unless `NO_PROXY` covers the host, asked for the checked address rather than the name.
 
 When a run starts, each server's listing gives the JSON Schema and description of the tools the mandate names
 (the model sees those); every call is then checked against the schema and the mandate's rules (`policy.py`)
@@ -35,6 +37,8 @@ from mcp.client.streamable_http import streamable_http_client
 
 from keel.agents.mandate import Mandate, McpServerSpec
 from keel.core.errors import KeelError
+from keel.core.http1 import Proxy
+from keel.core.outbound import Outbound
 from keel.workflows.effects import refusal
 
 CALL_TIMEOUT_S = 60.0
@@ -71,31 +75,37 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+async def checked_address(host: str, port: int) -> str:
+    """The address to connect to for `host`, resolved here so that the address checked against Keel's egress rules
+    is the one connected to; raises `McpEgressDenied` when any address the name has is forbidden."""
+    name = host.lower().rstrip(".")
+    literal = _ip(name)
+    if literal is not None:
+        addresses = [literal]
+    else:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = [ipaddress.ip_address(str(i[4][0]).split("%", 1)[0]) for i in infos]
+    if not addresses:
+        raise McpEgressDenied(f"{name} has no address", fix="check the MCP server's url", host=name)
+    for ip in addresses:
+        why = refusal(ip, listed=literal is not None, loopback_only=name == "localhost")
+        if why:
+            raise McpEgressDenied(f"{name} resolves to {ip} ({why}); an MCP server by name must be public",
+                                  fix=f"to reach an internal MCP server on purpose, put its exact address "
+                                      f"({ip}) or localhost in the url", host=name)
+    return str(addresses[0])
+
+
 class CheckedBackend(httpcore2.AsyncNetworkBackend):
-    """Connects only to addresses that pass Keel's egress rules, resolving the name itself so the address checked
-    is the one connected to (TLS still verifies the name)."""
+    """Connects only to addresses that pass Keel's egress rules (`checked_address`); TLS still verifies the name."""
 
     def __init__(self) -> None:
         self.inner = httpcore2.AnyIOBackend()
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                           socket_options: Iterable[Any] | None = None) -> httpcore2.AsyncNetworkStream:
-        name = host.lower().rstrip(".")
-        literal = _ip(name)
-        if literal is not None:
-            addresses = [literal]
-        else:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            addresses = [ipaddress.ip_address(str(i[4][0]).split("%", 1)[0]) for i in infos]
-        if not addresses:
-            raise McpEgressDenied(f"{name} has no address", fix="check the MCP server's url", host=name)
-        for ip in addresses:
-            why = refusal(ip, listed=literal is not None, loopback_only=name == "localhost")
-            if why:
-                raise McpEgressDenied(f"{name} resolves to {ip} ({why}); an MCP server by name must be public",
-                                      fix=f"to reach an internal MCP server on purpose, put its exact address "
-                                          f"({ip}) or localhost in the url", host=name)
-        return await self.inner.connect_tcp(str(addresses[0]), port, timeout, local_address, socket_options)
+        address = await checked_address(host, port)
+        return await self.inner.connect_tcp(address, port, timeout, local_address, socket_options)
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
                                   socket_options: Iterable[Any] | None = None) -> httpcore2.AsyncNetworkStream:
@@ -118,16 +128,30 @@ class _Body(httpx2.AsyncByteStream):
 
 
 class CheckedTransport(httpx2.AsyncBaseTransport):
-    """An httpx2 transport on an httpcore2 pool whose connections go through `CheckedBackend`, never a proxy."""
+    """An httpx2 transport on an httpcore2 pool: straight to the address `CheckedBackend` checked, or, with `proxy`
+    (Keel's `Outbound.proxy_for`), through that HTTP proxy (CONNECT for https) to the address checked here first:
+    the proxy is asked for that address, never the name, so it cannot resolve the name to a forbidden one."""
 
-    def __init__(self, tls: ssl.SSLContext) -> None:
-        self.pool = httpcore2.AsyncConnectionPool(ssl_context=tls, network_backend=CheckedBackend(), max_connections=4)
+    def __init__(self, tls: ssl.SSLContext, proxy: Proxy | None = None) -> None:
+        self.proxied = proxy is not None
+        if proxy is None:
+            self.pool: httpcore2.AsyncConnectionPool = httpcore2.AsyncConnectionPool(
+                ssl_context=tls, network_backend=CheckedBackend(), max_connections=4)
+        else:  # the proxy is the operator's (its own address is not checked); the target's is
+            url, auth = proxy
+            self.pool = httpcore2.AsyncHTTPProxy(str(url), ssl_context=tls, max_connections=4,
+                                                 proxy_headers={"Proxy-Authorization": auth} if auth else None)
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        url = request.url
+        url, host, extensions = request.url, request.url.raw_host, dict(request.extensions)
+        if self.proxied:
+            name = host.decode("ascii")
+            address = await checked_address(name, url.port or (443 if url.scheme == "https" else 80))
+            host = (f"[{address}]" if ":" in address else address).encode("ascii")
+            extensions["sni_hostname"] = name  # TLS verifies the name the URL gave
         req = httpcore2.Request(method=request.method, url=httpcore2.URL(
-            scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path),
-            headers=request.headers.raw, content=request.stream, extensions=request.extensions)
+            scheme=url.raw_scheme, host=host, port=url.port, target=url.raw_path),
+            headers=request.headers.raw, content=request.stream, extensions=extensions)
         resp = await self.pool.handle_async_request(req)
         return httpx2.Response(status_code=resp.status, headers=resp.headers, stream=_Body(resp.stream),
                                extensions=resp.extensions)
@@ -154,11 +178,16 @@ def _describe(exc: BaseException) -> str:
 
 
 class McpClients:
-    """Opens MCP sessions for agent runs: stdio only for admin-allowed commands, HTTP only to checked addresses."""
+    """Opens MCP sessions for agent runs: stdio only for admin-allowed commands, HTTP only to checked addresses,
+    with Keel's outbound settings: `outbound`'s proxy for each URL (read per session) and its TLS context, or
+    `tls` (one `outbound.ssl_context()` made before)."""
 
-    def __init__(self, commands: Mapping[str, list[str]] | None = None, *, tls: ssl.SSLContext | bool = True,
-                 timeout_s: float = CALL_TIMEOUT_S) -> None:
+    def __init__(self, commands: Mapping[str, list[str]] | None = None, *, outbound: Outbound = Outbound(),
+                 tls: ssl.SSLContext | bool | None = None, timeout_s: float = CALL_TIMEOUT_S) -> None:
         self.commands = {k: list(v) for k, v in (commands or {}).items()}
+        self.outbound = outbound
+        if tls is None:
+            tls = outbound.ssl_context("MCP servers")
         if isinstance(tls, bool):
             ctx = ssl.create_default_context()
             if not tls:
@@ -195,8 +224,9 @@ class McpClients:
                                            fix="ask an admin to allow it again, or change the mandate", server=s.name)
             return Client(StdioServerParameters(command=argv[0], args=argv[1:]), cache=None,
                           read_timeout_seconds=self.timeout_s), None
-        http = httpx2.AsyncClient(headers=headers, transport=CheckedTransport(self.tls),
-                                  timeout=httpx2.Timeout(self.timeout_s))
+        transport = CheckedTransport(self.tls, self.outbound.proxy_for(str(s.url)))  # the proxy, given explicitly
+        http = httpx2.AsyncClient(headers=headers, transport=transport, timeout=httpx2.Timeout(self.timeout_s),
+                                  trust_env=False)
         return Client(streamable_http_client(str(s.url), http_client=http), cache=None,
                       read_timeout_seconds=self.timeout_s), http
 

@@ -2,12 +2,17 @@
 listed schemas reach the model, an allowed call works, a call that breaks a rule or names a tool outside the
 mandate is refused with its rule and never reaches the server (the server counts calls), stdio commands are
 only those an admin allowed, HTTP servers obey the egress rules, and a header secret appears in no response,
-action log, audit event or log line."""
+action log, audit event or log line; an HTTP server is reached through Keel's outbound settings (the
+environment's proxy unless NO_PROXY covers it, the CA bundle and client certificate) with the egress rules intact."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import ssl
 import sys
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +20,14 @@ import orjson
 import pytest
 
 from conftest import loopback_process
+from keel.agents.mandate import McpServerSpec
+from keel.agents.mcp_client import McpClients, McpEgressDenied, McpUnavailable
 from keel.core.errors import ConfigError
+from keel.core.outbound import Outbound
 from keel.core.settings import load_settings
 from tests.agents.conftest import ScriptedModel, call, define, detail, run, say
+from tests.fakes.proxy import LoopbackProxy
+from tests.fakes.tls import PKI, make_pki
 from tests.knowledge.conftest import make_key, make_team
 
 pytestmark = pytest.mark.store
@@ -39,6 +49,8 @@ tools:
   customer: {{mcp: crm, tool: lookup_customer}}
   notes: {{mcp: crm, tool: customer_notes}}
 """
+PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+              "ALL_PROXY")
 POLICY = "name: mcp-test\nguards:\n  context: {injection: quote, secrets: redact}\n"
 
 
@@ -178,3 +190,112 @@ def test_mcp_commands_are_checked_when_settings_load(value):
     assert "mcp_commands" in exc.value.detail
     settings, sources = load_settings(None, environ={"KEEL_MCP_COMMANDS": '{"billing": [python, -m, billing_mcp]}'})
     assert settings.mcp_commands == {"billing": ["python", "-m", "billing_mcp"]} and sources["mcp_commands"] == "env"
+
+
+# -- Keel's outbound settings: proxies from the environment, CA bundle, client certificate ---------------------
+
+@pytest.fixture
+def no_proxy_from_the_runner(monkeypatch):
+    """The test starts with no proxy in the environment and sets the ones it means."""
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def crm_alone(tmp_path_factory) -> Iterator[str]:
+    """The billing MCP server on plain HTTP, for calls made straight through `McpClients`."""
+    with loopback_process("tests.agents.mcp_billing", str(tmp_path_factory.mktemp("mcp-out") / "calls.jsonl")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> PKI:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def tls_front(tls: ssl.SSLContext, plain_url: str) -> AsyncIterator[int]:
+    """A loopback TLS endpoint (its port yielded) relaying each connection to the MCP server at `plain_url`."""
+    port = int(plain_url.rsplit(":", 1)[1])
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=tls)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def listed(url: str, **options: Any) -> set[str]:
+    return set(await McpClients(**options).tools(McpServerSpec("crm", url=url), {}))
+
+
+def test_an_http_server_goes_through_the_environments_proxy_unless_no_proxy_covers_it(
+        monkeypatch, no_proxy_from_the_runner, crm_alone):
+    """MCP servers by URL honour HTTP_PROXY and NO_PROXY like every outbound call (the SDK's client once ignored
+    them), and through a proxy a name that resolves to loopback is still refused before the proxy is asked."""
+    async def main() -> None:
+        async with LoopbackProxy() as proxy:
+            monkeypatch.setenv("HTTP_PROXY", proxy.url.replace("http://", "http://keel:pw@"))
+            assert "lookup_customer" in await listed(crm_alone + "/mcp")
+            port = crm_alone.rsplit(":", 1)[1]
+            assert proxy.heads and {line.split(" ")[1] for line in proxy.request_lines()} == {
+                f"http://127.0.0.1:{port}/mcp"}
+            assert all(b"Proxy-Authorization: Basic a2VlbDpwdw==" in head for head in proxy.heads)  # keel:pw
+            seen = len(proxy.heads)
+            with pytest.raises(McpEgressDenied, match="loopback"):
+                await listed(f"http://127.1:{port}/mcp")  # 127.0.0.1 by another name
+            monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+            assert "lookup_customer" in await listed(crm_alone + "/mcp")
+            assert len(proxy.heads) == seen
+
+    asyncio.run(main())
+
+
+def test_an_https_server_is_tunnelled_to_the_checked_address_and_trusts_keels_ca_bundle_and_certificate(
+        monkeypatch, no_proxy_from_the_runner, crm_alone, pki):
+    """TLS to an MCP server uses the CA bundle and client certificate of Keel's settings, also through a proxy's
+    CONNECT, which asks for the address Keel checked (the name is still what TLS verifies)."""
+    async def main() -> None:
+        settings, _ = load_settings(environ={"KEEL_OUTBOUND_CA_BUNDLE": str(pki.ca),
+                                             "KEEL_OUTBOUND_CLIENT_CERT": str(pki.client_cert),
+                                             "KEEL_OUTBOUND_CLIENT_KEY": str(pki.client_key)})
+        outbound = Outbound.from_settings(settings)
+        async with tls_front(pki.server_context(require_client_cert=True), crm_alone) as port, \
+                LoopbackProxy() as proxy:
+            url = f"https://127.0.0.1:{port}/mcp"
+            with pytest.raises(McpUnavailable, match="(?i)certificate"):
+                await listed(url)  # the system's trust store does not know the test CA
+            with pytest.raises(McpUnavailable):
+                await listed(url, tls=Outbound(ca_bundle=str(pki.ca)).ssl_context())  # and no client certificate
+            assert "lookup_customer" in await listed(url, tls=outbound.ssl_context())
+            monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+            monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # not for https URLs
+            for target in (url, f"https://localhost:{port}/mcp"):
+                assert "lookup_customer" in await listed(target, tls=outbound.ssl_context())
+            assert proxy.heads and set(proxy.request_lines()) == {f"CONNECT 127.0.0.1:{port} HTTP/1.1"}
+            with pytest.raises(McpUnavailable, match="(?i)certificate"):
+                await listed(url)  # through the proxy, the server's certificate is still checked
+
+    asyncio.run(main())
+
+
+def test_an_https_proxy_url_in_the_environment_is_refused_naming_the_fix(monkeypatch, no_proxy_from_the_runner):
+    monkeypatch.setenv("HTTPS_PROXY", "https://proxy.example:3128")
+    with pytest.raises(ConfigError, match="https:// URL") as exc:
+        asyncio.run(listed("https://mcp.example/mcp"))
+    assert "HTTPS_PROXY" in exc.value.fix
