@@ -16,6 +16,7 @@ class KeelError(Exception):
     status = 500
     title = "Keel error"
     retryable = False  # may the same request succeed if tried again (on the same or another deployment)?
+    retry_after: float | None = None  # seconds the failing service asked to wait, where it said (a retryable error)
 
     def __init__(self, detail: str, *, fix: str | None = None, headers: dict[str, str] | None = None,
                  **ids: Any) -> None:
@@ -128,6 +129,7 @@ class RateLimited(KeelError):
     """A requests- or tokens-per-minute limit is reached."""
 
     code, status, title = "rate_limited", 429, "Rate limit reached"
+    failover = False  # a deployment's own limit (set where raised): the router tries the alias's other deployments
 
 
 class BudgetExceeded(KeelError):

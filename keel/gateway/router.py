@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from keel.core.errors import (
-    Forbidden, InternalError, KeelError, NotSupported, Unavailable, UpstreamTimeout,
+    Forbidden, InternalError, KeelError, NotSupported, RateLimited, Unavailable, UpstreamTimeout,
 )
 from keel.core.settings import AliasConfig, DeploymentConfig, Settings
 from keel.gateway import registry
@@ -57,7 +57,7 @@ def classify(err: BaseException) -> str:
     STOP: the request itself is the problem (4xx, NotSupported, ContextOverflow, policy) or Keel has a bug."""
     if not isinstance(err, KeelError) or isinstance(err, InternalError):
         return STOP
-    if getattr(err, "failover", False):  # a deployment's own rate limit: another deployment may take it
+    if isinstance(err, RateLimited) and err.failover:  # a deployment's own rate limit: another may take it
         return NEXT
     if err.retryable:
         return RETRY
@@ -329,7 +329,7 @@ class Router:
                     return result
             prev = cfg
             record.fails += 1
-            record.retry_after = getattr(last, "retry_after", None)
+            record.retry_after = last.retry_after if last is not None else None
             record.again = (classify(last) == RETRY and not isinstance(last, UpstreamTimeout)
                             and (record.retry_after or 0.0) <= RETRY_AFTER_MAX_S)
         if exhausted is None:
@@ -384,7 +384,7 @@ class Router:
         # Only the deployment's own failures count against it. A stop is the caller's request (an upstream
         # 400, bad input, policy), a cancellation or a bug in Keel; a deployment's own rate limit means the
         # upstream was never called: none of them says anything about the deployment's health.
-        verdict = None if kind == STOP or getattr(exc, "failover", False) else False
+        verdict = None if kind == STOP or (isinstance(exc, RateLimited) and exc.failover) else False
         self._settle(call, cfg, st, token, verdict, t0, attempts, exc)
         if kind == STOP:
             raise exc

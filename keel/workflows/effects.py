@@ -46,14 +46,20 @@ class EgressDenied(KeelError):
 
 
 class EffectFailed(KeelError):
-    """A side effect did not succeed; `retryable` says whether trying again with the same key may help."""
+    """A side effect did not succeed, and trying again with the same key will not help (a 4xx, a refused
+    recipient, no SMTP host); the retryable kind is its subclass `EffectUnavailable`."""
 
     code, status, title = "workflow_effect_failed", 502, "Workflow side effect failed"
 
-    def __init__(self, detail: str, *, retryable: bool, retry_after: float | None = None,
-                 fix: str | None = None, **ids: Any) -> None:
-        super().__init__(detail, fix=fix, **ids)
-        self.retryable = retryable
+
+class EffectUnavailable(EffectFailed):
+    """A side effect's receiving system could not take it now (a timeout, a connection error, a 429 or 5xx,
+    an SMTP 4xx): another try with the same key may succeed, after `retry_after` seconds where it said."""
+
+    retryable = True
+
+    def __init__(self, detail: str, *, retry_after: float | None = None, **kw: Any) -> None:
+        super().__init__(detail, **kw)
         self.retry_after = retry_after
 
 
@@ -291,30 +297,30 @@ class Egress:
             result = {"status": resp.status, "body": _decode(resp, raw),
                       "headers": {h: resp.headers[h] for h in KEPT_HEADERS if h in resp.headers}}
         except TimeoutError:
-            raise EffectFailed(f"{shown} timed out after {limit:g} s", retryable=True, method=method) from None
+            raise EffectUnavailable(f"{shown} timed out after {limit:g} s", method=method) from None
         except ValueError:
             raise BadRequest(f"{shown}: the host is not a canonical address") from None
         except (WireError, OSError) as exc:
-            raise EffectFailed(f"{shown} failed: connection error ({exc})", retryable=True,
-                               method=method, fix="check that the service is up; the step is retried") from None
+            raise EffectUnavailable(f"{shown} failed: connection error ({exc})", method=method,
+                                    fix="check that the service is up; the step is retried") from None
         status = result["status"]
         log.debug("workflow egress", extra={"method": method, "url": shown.split(" ", 1)[1], "status": status,
                                            "ms": round((time.monotonic() - started) * 1000, 1)})
         expected = status in expect_status if expect_status is not None else 200 <= status < 400
         if not expected:
-            retryable = status == 429 or status >= 500
             wanted = ", ".join(map(str, expect_status)) if expect_status is not None else "2xx or 3xx"
-            raise EffectFailed(f"{shown} answered {status} (expected {wanted})", retryable=retryable,
-                               retry_after=_retry_after(result["headers"].get("retry-after")),
-                               method=method, upstream_status=status,
-                               fix="the step is retried" if retryable else "fix the request or the receiving "
-                                                                           "service; retrying will not help")
+            answered = f"{shown} answered {status} (expected {wanted})"
+            if status == 429 or status >= 500:
+                raise EffectUnavailable(answered, retry_after=_retry_after(result["headers"].get("retry-after")),
+                                        method=method, upstream_status=status, fix="the step is retried")
+            raise EffectFailed(answered, method=method, upstream_status=status,
+                               fix="fix the request or the receiving service; retrying will not help")
         return result
 
     async def _read(self, resp: Response, shown: str) -> bytes:
         """The body, at most `max_response_bytes` of it (the caller closes `resp`)."""
         cap = self.max_response_bytes
-        too_large = EffectFailed(f"{shown}: response larger than {cap} bytes", retryable=False,
+        too_large = EffectFailed(f"{shown}: response larger than {cap} bytes",
                                  fix="ask for less (paging, fields) or raise the step's response limit")
         length = resp.headers.get("content-length", "")
         if length.isdigit() and int(length) > cap:
@@ -420,7 +426,7 @@ class Mailer:
             raise BadRequest("the subject contains a line break (header injection)",
                              fix="remove line breaks from the subject")
         if not self.configured:
-            raise EffectFailed("no SMTP host is configured", retryable=False,
+            raise EffectFailed("no SMTP host is configured",
                                fix="configure SMTP, or read the message from the workflow outbox")
         msg = EmailMessage()
         msg["From"], msg["To"], msg["Subject"] = self.sender, to, subject
@@ -445,12 +451,12 @@ class Mailer:
         except smtplib.SMTPResponseException as exc:
             raise self._refused(where, exc.smtp_code, "refused the message") from None
         except (smtplib.SMTPException, OSError) as exc:
-            raise EffectFailed(f"{where} could not be reached ({type(exc).__name__})", retryable=True,
-                               fix="check the SMTP settings and that the server is up; the step is retried") \
+            raise EffectUnavailable(f"{where} could not be reached ({type(exc).__name__})",
+                                    fix="check the SMTP settings and that the server is up; the step is retried") \
                 from None
 
     @staticmethod
     def _refused(where: str, code: int, what: str) -> EffectFailed:
-        transient = 400 <= code < 500
-        return EffectFailed(f"{where} {what} ({code})", retryable=transient, smtp_status=code,
-                            fix="the step is retried" if transient else "check the address and the SMTP account")
+        if 400 <= code < 500:  # transient
+            return EffectUnavailable(f"{where} {what} ({code})", smtp_status=code, fix="the step is retried")
+        return EffectFailed(f"{where} {what} ({code})", smtp_status=code, fix="check the address and the SMTP account")

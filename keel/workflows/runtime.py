@@ -34,10 +34,8 @@ HOST_STEPS = ("http", "notify")  # their target's 429/503 with Retry-After are w
 
 
 def _retryable(exc: BaseException) -> bool:
-    flag = getattr(exc, "retryable", None)
-    if flag is not None:
-        return bool(flag)
-    return isinstance(exc, KeelError) and exc.status in (429, 502, 503, 504)
+    """Whether a step's own retries may try again: the error's class says (a crash in Keel is never retried)."""
+    return isinstance(exc, KeelError) and exc.retryable
 
 
 class Engine:

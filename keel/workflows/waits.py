@@ -80,10 +80,9 @@ def unavailable(exc: BaseException, *, target: str, kind: str, now: float) -> Un
         return None
     if kind == "host":
         status = exc.ids.get("upstream_status")
-        after = getattr(exc, "retry_after", None)
-        if status in HOST_STATUSES and after is not None:
+        if status in HOST_STATUSES and exc.retry_after is not None:
             return Unavailability("host_rate_limited" if status == 429 else "host_unavailable", target, kind,
-                                  float(after))
+                                  exc.retry_after)
         return None
     if isinstance(exc, Unavailable):
         after = _header_seconds(exc)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import pickle
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -19,7 +20,7 @@ from aiosmtpd.controller import Controller
 
 from keel import __version__
 from keel.core.errors import BadRequest
-from keel.workflows.effects import EffectFailed, Egress, EgressDenied, Mailer, message_id
+from keel.workflows.effects import EffectFailed, EffectUnavailable, Egress, EgressDenied, Mailer, message_id
 from tests.conftest import free_port
 from tests.fakes.receiver import company
 from tests.workflows.conftest import receiver
@@ -235,6 +236,7 @@ def test_status_and_connection_failures_say_if_retryable(rcv: str) -> None:
     for query, retryable, status in cases:
         err = failure(lambda e, q=query: e.request("POST", rcv + "/s" + q, allow_hosts=hosts))
         assert (err.retryable, err.ids["upstream_status"], err.status) == (retryable, status, 502)
+        assert isinstance(err, EffectUnavailable) is retryable and err.code == "workflow_effect_failed"
         assert err.detail.startswith(f"POST {rcv}/s answered {status}") and "fail=" not in err.detail
     assert failure(lambda e: e.request("GET", rcv + "/s?fail=429", allow_hosts=hosts)).retry_after == 1.0
     err = failure(lambda e: e.request("GET", rcv + "/s", allow_hosts=hosts, expect_status=[201]))
@@ -243,9 +245,19 @@ def test_status_and_connection_failures_say_if_retryable(rcv: str) -> None:
                                    expect_status=[200, 404]))["status"] == 404
     closed = free_port()
     err = failure(lambda e: e.request("GET", f"http://127.0.0.1:{closed}/", allow_hosts=[f"127.0.0.1:{closed}"]))
-    assert err.retryable and "connection error" in err.detail
+    assert type(err) is EffectUnavailable and "connection error" in err.detail
     err = failure(lambda e: e.request("GET", rcv + "/slow?delay_ms=3000", allow_hosts=hosts, timeout_s=0.3))
-    assert err.retryable and "timed out after 0.3 s" in err.detail
+    assert type(err) is EffectUnavailable and "timed out after 0.3 s" in err.detail
+
+
+def test_effect_errors_survive_pickling_with_their_class_and_retry_after() -> None:
+    """Regression guard: DBOS pickles a step's error to replay it on recovery; an EffectFailed that needed a
+    `retryable=` keyword could not be unpickled, so a recovered run failed with a TypeError instead."""
+    for err in (EffectUnavailable("POST /s answered 429", retry_after=1.5, upstream_status=429),
+                EffectFailed("POST /s answered 400", fix="fix the request", upstream_status=400)):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and (back.retryable, back.retry_after) == (err.retryable, err.retry_after)
+        assert back.to_problem() == err.to_problem()
 
 
 def test_oversized_response_is_refused(rcv: str) -> None:
@@ -356,11 +368,11 @@ def test_mailer_failures_say_if_retryable(smtp: tuple[Inbox, int]) -> None:
     _inbox, port = smtp
     with pytest.raises(EffectFailed) as info:
         asyncio.run(Mailer("127.0.0.1", port).send("bounce@example.com", "s", "b", idempotency_key="k"))
-    assert not info.value.retryable and "550" in info.value.detail
+    assert type(info.value) is EffectFailed and not info.value.retryable and "550" in info.value.detail
     with pytest.raises(EffectFailed) as info:
         asyncio.run(Mailer("127.0.0.1", free_port(), timeout_s=2).send("a@example.com", "s", "b",
                                                                          idempotency_key="k"))
-    assert info.value.retryable
+    assert type(info.value) is EffectUnavailable and info.value.retryable
     assert Mailer(None).configured is False and Mailer("smtp.example.com").configured is True
     with pytest.raises(EffectFailed, match="no SMTP host"):
         asyncio.run(Mailer(None).send("a@example.com", "s", "b", idempotency_key="k"))

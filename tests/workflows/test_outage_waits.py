@@ -15,7 +15,7 @@ from keel.core.errors import (
 )
 from keel.governance.guards.runner import GuardBlocked
 from keel.governance.policy.engine import PolicyDenied
-from keel.workflows.effects import EffectFailed
+from keel.workflows.effects import EffectUnavailable
 from keel.workflows.errors import SpecError
 from keel.workflows.spec import parse_spec
 from keel.workflows.waits import (
@@ -80,7 +80,7 @@ def test_what_waiting_cannot_fix_is_not_a_wait(exc):
 
 def test_hosts_wait_only_on_429_or_503_with_retry_after():
     def host(status: int, after: float | None) -> Unavailability | None:
-        exc = EffectFailed(f"POST answered {status}", retryable=True, retry_after=after, upstream_status=status)
+        exc = EffectUnavailable(f"POST answered {status}", retry_after=after, upstream_status=status)
         return unavailable(exc, target="crm.example.com", kind="host", now=NOW)
 
     assert host(503, 5) == Unavailability("host_unavailable", "crm.example.com", "host", 5.0)
