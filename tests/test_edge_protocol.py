@@ -10,7 +10,6 @@ import gc
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 
 from conftest import MASTER_KEY, eventually, ledger_rows, wait_ledger
 from keel.core import server
+from keel.core.logs import client_request_id_var
 from tests.fakes.openai_upstream import FakeOpenAI
 
 pytestmark = pytest.mark.store
@@ -251,29 +251,37 @@ def test_a_stream_whose_client_left_before_the_first_delta_is_cut_and_metered(ke
 
 
 class Hold:
-    """A stage whose work after the call waits until the test releases it (slow bookkeeping)."""
+    """A stage whose work after the call waits until the test releases it (slow bookkeeping); with `only`, just for
+    the request whose X-Request-Id it is."""
 
-    def __init__(self, clear_answer: bool = False) -> None:
+    def __init__(self, clear_answer: bool = False, only: str | None = None) -> None:
         self.release = threading.Event()
         self.changes_answer = clear_answer  # one that may still change the answer holds it (the default)
+        self.only = only
 
     async def handle(self, call: Any, nxt: Any) -> Any:
         result = await nxt(call)
+        if self.only is not None and client_request_id_var.get() != self.only:
+            return result
         while not self.release.is_set():
             await asyncio.sleep(0.01)  # the subject: bookkeeping that lasts until the test releases it
         return result
 
 
 def test_the_answer_leaves_before_the_bookkeeping_after_it(keel):
-    hold = Hold()
+    hold = Hold(only="early")
     keel["gateway"].stages.insert(0, hold)  # outermost: its wait comes after every other stage's work
     c = Conn(keel["port"])
     c.send(request(keel["key"], chat(), extra="X-Request-Id: early\r\n"))
     status, headers, body = c.read()  # arrives while the stage still holds the call
     assert status == 200 and json.loads(body)["choices"][0]["message"]["content"]
     assert headers["x-client-request-id"] == "early" and not hold.release.is_set()
-    time.sleep(0.6)  # a negative check: two ledger flushes pass and the held call's row is not written
-    assert ledger_rows(keel["db_url"], "client_request_id = 'early'") == []
+    later = Conn(keel["port"])  # a call answered after it, not held: once its row is written, a flush ran
+    later.send(request(keel["key"], chat(), extra="X-Request-Id: later\r\n"))
+    assert later.read()[0] == 200
+    later.close()
+    wait_ledger(keel["db_url"], "client_request_id = 'later'")
+    assert ledger_rows(keel["db_url"], "client_request_id = 'early'") == []  # ... without the held call's row
     hold.release.set()
     rows = wait_ledger(keel["db_url"], "client_request_id = 'early'")
     assert len(rows) == 1 and rows[0].status == "ok" and rows[0].tokens_out > 0

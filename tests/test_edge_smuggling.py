@@ -52,6 +52,12 @@ def framed(*lines: str, body: bytes = b"", path: str = "/admin/teams", key: str 
     return head("POST", path, key, *lines) + body
 
 
+def one_zero(key: str, *lines: str) -> bytes:
+    """An HTTP/1.0 request head for a team's creation that asks to keep the connection open."""
+    return "\r\n".join(["POST /admin/teams HTTP/1.0", "Host: t", f"Authorization: Bearer {key}",
+                        "Connection: keep-alive", *lines, "", ""]).encode()
+
+
 @pytest.fixture
 def admin(keel: Any) -> str:
     return keel.admin_key
@@ -101,6 +107,15 @@ def cases(keel: Any, hidden: str) -> dict[str, tuple[bytes, set[int]]]:
                                  body=body + inner), {400}),
         "name-not-a-token": (framed("Bad Name: x", f"Content-Length: {len(body)}", key=key, body=body + inner),
                              {400}),
+        # RFC 9110 §5.5: DEL is not a field-vchar; §5.1: a field name is a token, no control bytes in it.
+        "del-in-value": (framed("X-Bad: a\x7fb", f"Content-Length: {len(body)}", key=key, body=body + inner),
+                         {400}),
+        "control-in-name": (framed("X-B\x01ad: x", f"Content-Length: {len(body)}", key=key, body=body + inner),
+                            {400}),
+        "del-in-name": (framed("X-B\x7fad: x", f"Content-Length: {len(body)}", key=key, body=body + inner),
+                        {400}),
+        "nul-in-name": (framed("X-B\x00ad: x", f"Content-Length: {len(body)}", key=key, body=body + inner),
+                        {400}),
         # §3.2: an HTTP/1.1 request without Host, or with two: 400.
         "no-host": (b"POST /admin/teams HTTP/1.1\r\nAuthorization: Bearer " + key.encode()
                     + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body + inner, {400}),
@@ -112,6 +127,20 @@ def cases(keel: Any, hidden: str) -> dict[str, tuple[bytes, set[int]]]:
         # §7.1: a chunk size that is not hex: the framing is broken.
         "bad-chunk-size": (framed("Transfer-Encoding: chunked", key=key, body=b"2x\r\n{}\r\n0\r\n\r\n" + inner),
                            {400}),
+        # §7.1: chunk lines end in CRLF (§2.2's bare-LF leniency is for the start-line and fields). A bare LF
+        # in the chunk-size line or in a trailer line ends the line for one reader and not for another, so the
+        # request behind it is a request to one and body or trailer to the other: 400.
+        "bare-lf-chunk-size": (framed("Transfer-Encoding: chunked", key=key,
+                                      body=b"2\n{}\r\n0\r\n\r\n" + inner), {400}),
+        "bare-lf-trailer": (framed("Transfer-Encoding: chunked", key=key, body=b"0\r\nX-T: 1\n\r\n" + inner),
+                            {400}),
+        # §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing, even with a Content-Length: refused,
+        # or answered and the connection closed after, whatever its Connection header asks.
+        "http-1.0-chunked": (
+            one_zero(key, "Transfer-Encoding: chunked") + b"0\r\n\r\n" + inner, {400, 422}),
+        "http-1.0-chunked-and-content-length": (
+            one_zero(key, "Transfer-Encoding: chunked", f"Content-Length: {len(inner) + 5}") + b"0\r\n\r\n" + inner,
+            {400, 422}),
     }
 
 
@@ -119,11 +148,21 @@ CASES = ["conflicting-content-length", "content-length-list-differing", "content
          "content-length-negative", "content-length-then-chunked", "chunked-then-content-length",
          "chunked-not-last", "transfer-encoding-identity", "space-before-colon-te", "space-before-colon-cl",
          "obs-fold", "nul-in-value", "cr-in-value", "control-in-value", "nul-in-target", "name-not-a-token",
-         "no-host", "two-hosts", "http-0.9-line", "http-2.0-line", "bad-chunk-size"]
-GOES_ON = {"content-length-then-chunked", "chunked-then-content-length"}  # answered, then the connection closes
+         "del-in-value", "control-in-name", "del-in-name", "nul-in-name", "no-host", "two-hosts", "http-0.9-line",
+         "http-2.0-line", "bad-chunk-size", "bare-lf-chunk-size", "bare-lf-trailer", "http-1.0-chunked",
+         "http-1.0-chunked-and-content-length"]
+# What the edge does against RFC 9112 today: each case fails until the edge is fixed (then drop it from here).
+KNOWN = {
+    # RFC 9110 §5.5: LF inside a field value must be refused (or replaced by SP). The edge takes the trailer line
+    # `X-T: 1\n` as running on to the next CRLF and then reads the request behind it as more trailer lines (one
+    # without a colon among them): its head is swallowed and its body read as a request (422, then 400). A proxy
+    # that ends the line at the bare LF (§2.2 lets it) forwards the next client's request into those trailers.
+    "bare-lf-trailer": "the edge reads the request after `0\\r\\nX-T: 1\\n\\r\\n` as trailer lines",
+}
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=KNOWN[c]))
+                                  if c in KNOWN else c for c in CASES])
 def test_an_ambiguous_request_is_refused_and_nothing_behind_it_runs(keel, fake, case):
     """Regression class (public-ground issue): a second reading of a request's framing would find the
     request hidden behind it. It is refused (or, where RFC 9112 allows, answered) once, the connection then
@@ -135,6 +174,18 @@ def test_an_ambiguous_request_is_refused_and_nothing_behind_it_runs(keel, fake, 
     assert answers[0][0] in allowed, answers[0]
     assert f"smuggled-{case}" not in teams(keel)
     assert fake.requests == before
+
+
+def test_two_identical_content_lengths_are_one_length_and_the_connection_goes_on(keel, fake):
+    """RFC 9110 §8.6: repeated Content-Length fields with one value may be taken as that value (or refused, and
+    the connection closed). The edge takes them: the body is framed by that length, and the request pipelined
+    after it is the next request, run once; nothing else is."""
+    first = json.dumps({"name": "t-identical-cl"}).encode()
+    then = smuggled(keel, "t-after-identical-cl")
+    answers = exchange(keel, framed("Content-Type: application/json", f"Content-Length: {len(first)}",
+                                    f"Content-Length: {len(first)}", key=keel.admin_key, body=first) + then)
+    assert [a[0] for a in answers] == [201, 201, 200], [(a[0], a[2][:80]) for a in answers]
+    assert {"t-identical-cl", "t-after-identical-cl"} <= teams(keel)
 
 
 ANONYMOUS = {

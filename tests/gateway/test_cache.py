@@ -5,6 +5,7 @@ The fake counts the chat requests it receives, so "served from the cache" means 
 saw no request"; the ledger shows each hit with the original tokens, cost 0 and the saved cost.
 """
 
+import asyncio
 import time
 import uuid
 
@@ -12,7 +13,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import eventually, fake_upstream, ledger_rows, wait_ledger
+from conftest import Clock, eventually, fake_upstream, ledger_rows, wait_ledger
 
 pytestmark = pytest.mark.store
 PRICE_IN, PRICE_OUT = 1.0, 2.0
@@ -176,10 +177,48 @@ def test_invalidation_by_alias(srv, upstream):
     assert r.status_code == 200 and r.json()["alias"] == "exact" and r.json()["deleted"] >= 1
     before = upstream_calls(upstream)
     assert hit(chat(srv, q, model="plain", temperature=0, keel={"cache": "exact"}))  # other aliases keep theirs
-    time.sleep(1.1)  # the clock past SYNC_S, so the next lookup syncs: it must not take our own invalidation for new
     assert not hit(chat(srv, q, temperature=0))
     assert hit(chat(srv, q, temperature=0))  # the fresh answer was stored again
     assert upstream_calls(upstream) == before + 1
+
+
+def test_a_sync_keeps_our_own_invalidation_and_drops_memory_another_replica_invalidated(db_url):
+    """Regression guard for the sync every SYNC_S (on the cache store's clock, injected here): it must not take
+    this process's own invalidation for a new one (an answer filed after it would be dropped), and it must drop
+    what memory holds of an alias another replica invalidated."""
+    from keel.core.db import Store
+    from keel.gateway.cache.store import CacheStore, Entry
+
+    store = Store.open(db_url)
+    store.upgrade()
+    clock = Clock()
+
+    def entry(eid: str) -> Entry:
+        return Entry(eid, "exact", {"content": eid}, 0.5, time.time() + 600)
+
+    async def body() -> None:
+        here, there = CacheStore(store, clock=clock), CacheStore(store, clock=clock)
+        await here.put(entry("e1"), kind="exact", scope="s")
+        assert await here.get_exact("e1", "exact") is not None  # the first lookup reads the generations
+        await here.invalidate("exact")
+        gen = here.generation("exact")
+        clock.now += CacheStore.SYNC_S  # the next lookup syncs
+        assert await here.get_exact("e1", "exact") is None
+        assert here.generation("exact") == gen  # our own invalidation: not forgotten again
+        await here.put(entry("e2"), kind="exact", scope="s", generation=gen)
+        assert "e2" in here._exact  # filed and remembered
+
+        await there.invalidate("exact")  # another replica
+        clock.now += CacheStore.SYNC_S / 2
+        assert (await here.get_exact("e2", "exact")).id == "e2"  # from memory until the next sync
+        clock.now += CacheStore.SYNC_S / 2
+        assert await here.get_exact("e2", "exact") is None
+        assert here.generation("exact") == gen + 1 and "e2" not in here._exact
+
+    try:
+        asyncio.run(body())
+    finally:
+        store.dispose()
 
 
 # -- streams ----------------------------------------------------------------------------------------------

@@ -142,7 +142,8 @@ def test_a_large_body_arrives_whole_through_back_pressure():
         client = Client()
         async with Upstream(lambda r, w: answer_each(r, w, ok(big))) as up:
             resp = await client.request("GET", up.url)
-            await asyncio.sleep(0.2)  # let the socket fill the buffer past the pause mark
+            conn = resp._conn
+            await eventually_async(lambda: conn.paused, timeout=5)  # the buffer is past the pause mark
             assert await resp.read() == big
             assert await get(client, up.url, "GET") == big and up.connections == 1
         await client.close()
@@ -161,7 +162,8 @@ def test_an_idle_connection_the_upstream_closed_is_not_used_again():
         async with Upstream(one_then_close) as up:
             assert await get(client, up.url) == BODY
             await eventually_async(lambda: up.ended == 1)
-            await asyncio.sleep(0.05)  # the close reaches the client's side
+            idle = [conn for conns in client._idle.values() for conn, _ in conns]
+            await eventually_async(lambda: all(conn.lost for conn in idle), timeout=5)  # the client saw the close
             assert await get(client, up.url) == BODY
             assert up.connections == 2
         await client.close()
@@ -182,7 +184,7 @@ def test_bytes_after_an_answer_make_its_connection_unfit():
         client = Client()
         async with Upstream(extra) as up:
             assert await get(client, up.url) == b"first"
-            await asyncio.sleep(0.05)
+            await eventually_async(lambda: up.ended == 1, timeout=5)  # the client closed the connection it came on
             assert await get(client, up.url) == b"first"  # a new connection's first answer, never "smuggled"
             assert up.connections == 2
         await client.close()
@@ -299,8 +301,11 @@ def test_closing_the_client_ends_the_calls_in_flight():
         await writer.drain()
         await reader.read()
 
+    asked = asyncio.Event()
+
     async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
+        asked.set()
         await reader.read()
 
     async def main() -> None:
@@ -308,8 +313,7 @@ def test_closing_the_client_ends_the_calls_in_flight():
         async with Upstream(part) as up, Upstream(mute) as up2:
             resp = await client.request("GET", up.url)
             waiting = asyncio.ensure_future(client.request("GET", up2.url))
-            await eventually_async(lambda: up2.connections == 1)
-            await asyncio.sleep(0.05)
+            await asyncio.wait_for(asked.wait(), 5)  # its request is on the wire, the answer awaited
             await client.close()
             async with asyncio.timeout(2):
                 with pytest.raises(ConnectionLost):
@@ -369,7 +373,7 @@ def test_a_connection_whose_request_was_not_all_sent_is_not_reused():
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
         await writer.drain()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # part of the scenario: the body is not read yet, so the client's write stalls
         while await reader.read(1 << 16):
             pass
 
@@ -433,7 +437,7 @@ def test_idle_connections_past_their_keepalive_are_closed():
         for up in ups:
             await up.__aenter__()
             assert await get(client, up.url) == BODY
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # the subject: keepalive_s passes (the client reads time.monotonic, no clock)
         async with Upstream(answer_each) as last:
             assert await get(client, last.url) == BODY  # a call sweeps what has idled too long
             await eventually_async(lambda: all(up.ended == 1 for up in ups))

@@ -3,7 +3,6 @@ and every upstream failure turned into a clean Keel error, with each request sen
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from keel.core.errors import ConfigError, UpstreamError, UpstreamRateLimited, Up
 from keel.core.settings import DeploymentConfig
 from keel.gateway.protocol import ChatRequest, ProviderContext
 from keel.gateway.providers.openai_compatible import OpenAICompatibleProvider, parse_retry_after
+from tests.conftest import eventually_async
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.gateway.conformance import (
     WEATHER_TOOL, ProviderConformance, chat_request, collect, expect_error, run_with,
@@ -187,10 +187,7 @@ def test_early_close_hangs_up_on_the_upstream_and_full_streams_reuse_the_connect
             await anext(stream)
             await anext(stream)
             await stream.aclose()
-            for _ in range(100):
-                if fake.disconnects:
-                    break
-                await asyncio.sleep(0.02)
+            await eventually_async(lambda: fake.disconnects, timeout=5)
         run_with(make(fake.url), body)
         assert fake.disconnects == 1
     finally:

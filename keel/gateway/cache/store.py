@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -75,8 +75,9 @@ class CacheStore:
     MAX_PARTITIONS = 256
     MAX_ROWS = 20_000  # newest entries of one partition held in memory
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self.clock = clock  # the sync and refresh intervals (entries expire on the wall clock, `time.time`)
         self._exact: OrderedDict[str, Entry] = OrderedDict()
         self._partitions: OrderedDict[PartitionKey, Partition] = OrderedDict()
         self._generations: dict[str, int] | None = None  # as last read from the store
@@ -105,7 +106,7 @@ class CacheStore:
         await self._sync()
         part = self._partitions.get(key)
         now = time.time()
-        if (part is None or time.monotonic() - part.loaded_at > self.REFRESH_S
+        if (part is None or self.clock() - part.loaded_at > self.REFRESH_S
                 or part.matrix.shape[1] != vector.shape[0]):
             gen = self._local_gen.get(key[1], 0)
             part = await asyncio.to_thread(self._read_partition, key, vector.shape[0], now)
@@ -183,9 +184,9 @@ class CacheStore:
 
     async def _sync(self) -> None:
         """Drop memory of aliases another replica invalidated (reads the generations every SYNC_S)."""
-        if time.monotonic() - self._synced_at < self.SYNC_S:
+        if self.clock() - self._synced_at < self.SYNC_S:
             return
-        self._synced_at = time.monotonic()
+        self._synced_at = self.clock()
         current = await asyncio.to_thread(self._read_generations)
         if self._generations is not None:
             for alias, gen in current.items():
@@ -223,7 +224,7 @@ class CacheStore:
         matrix = (np.frombuffer(b"".join(r.vector for r in rows), dtype="<f4").reshape(len(rows), dims)
                   if rows else np.zeros((0, dims), np.float32))
         return Partition(matrix=matrix, entries=[Entry(r.id, r.alias, r.payload, r.cost, r.expires_at) for r in rows],
-                         loaded_at=time.monotonic())
+                         loaded_at=self.clock())
 
     def _write(self, row: dict[str, Any], purge: bool) -> None:
         t = cache_entries
