@@ -129,7 +129,14 @@ class RateLimited(KeelError):
     """A requests- or tokens-per-minute limit is reached."""
 
     code, status, title = "rate_limited", 429, "Rate limit reached"
-    failover = False  # a deployment's own limit (set where raised): the router tries the alias's other deployments
+    failover = False  # see DeploymentRateLimited
+
+
+class DeploymentRateLimited(RateLimited):
+    """A deployment's own `rpm`/`tpm` (upstream protection) is reached: the router tries the alias's other
+    deployments before answering 429."""
+
+    failover = True
 
 
 class BudgetExceeded(KeelError):

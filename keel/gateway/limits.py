@@ -31,7 +31,7 @@ import sqlalchemy as sa
 
 from keel.core.clock import utcnow
 from keel.core.db import Store, metadata
-from keel.core.errors import ConfigError, NotFound, RateLimited
+from keel.core.errors import ConfigError, DeploymentRateLimited, NotFound, RateLimited
 from keel.core.settings import DeploymentConfig, Settings
 from keel.gateway.admission import Done, Fresh, Lookups, Ticker, prompt_tokens, settled
 from keel.gateway.deployments import Deployments
@@ -362,11 +362,10 @@ class RateLimiter:
             fix = (f"retry after {retry} s, or ask an admin to raise it: PUT /admin/limits/{b.scope}s/{b.scope_id}")
         resets = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.window_end))
         unit_headers = rate_headers([(b, need)], now) if b.scope != "deployment" else {}
-        err = RateLimited(detail, fix=fix, headers={"Retry-After": str(retry), **unit_headers},
-                          limit={"scope": b.scope, "id": b.scope_id, "metric": b.metric, "value": b.limit,
-                                 "window_s": WINDOW_S, "resets_at": resets, "retry_after_s": retry})
-        err.failover = b.scope == "deployment"  # the router tries the alias's other deployments first
-        return err
+        kind = DeploymentRateLimited if b.scope == "deployment" else RateLimited
+        return kind(detail, fix=fix, headers={"Retry-After": str(retry), **unit_headers},
+                    limit={"scope": b.scope, "id": b.scope_id, "metric": b.metric, "value": b.limit,
+                           "window_s": WINDOW_S, "resets_at": resets, "retry_after_s": retry})
 
     # -- background upkeep ------------------------------------------------------------------------------
     async def _tick(self) -> None:

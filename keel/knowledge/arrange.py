@@ -25,11 +25,9 @@ from keel.knowledge.index import query_terms
 
 __all__ = ["COVERAGE_WEIGHT", "DEPTH", "arrange", "coverage", "terms"]
 
-# Dev halves (83 FAQ, 33 long questions; the legs' top 200 computed once and re-arranged): hybrid nDCG@10
-# FAQ 0.532 / long 0.656 as fused; section grouping alone 0.541 / 0.749; with coverage weight 0.04 0.568 /
-# 0.747, 0.08 0.571 / 0.752, 0.12 0.559 / 0.745, 0.16 0.558 / 0.751; depth 20 instead of 30: 0.566 / 0.732.
-# Heading coverage (title and section path) as a third term, and a logistic regression over both legs' ranks,
-# similarity, coverage and section/document support (5-fold CV on dev: at best FAQ 0.573, long 0.703), did no better.
+# Chosen on the dev halves (83 FAQ, 33 long questions): section grouping and a coverage weight of 0.08 at depth 30;
+# heading coverage as a third term, and a logistic regression over both legs' ranks, similarity, coverage and
+# section/document support, did no better (the figures: bench/README.md).
 COVERAGE_WEIGHT = 0.08
 DEPTH = 30
 _WORD = re.compile(r"\w+")

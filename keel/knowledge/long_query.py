@@ -39,13 +39,13 @@ MODES = ("auto", "on", "off")
 AUTO_MIN_WORDS = 25
 MAX_SENTENCES = 8  # a longer question's sentences are merged into this many sub-queries
 MIN_SENTENCE_WORDS = 4  # shorter fragments join the sentence before them
-KEY_TERMS = 32  # dev half: 8 terms 0.373 nDCG@10, 16 0.429, 24 0.466, 32 0.499 (every term: 0.498)
+KEY_TERMS = 32  # as good as every term on the dev half, fewer lookups (bench/README.md)
 RRF_K = 60
-# The whole question's list against 1.0 for each sentence's. Dev half, dense only: 0 → 0.545 nDCG@10,
-# 1 → 0.590, 2 → 0.603, 4 → 0.616, 8 → 0.638; the whole question alone: 0.650.
+# The whole question's list against 1.0 for each sentence's: the more weight, the better on the dev half, up to
+# the whole question alone (bench/README.md).
 WHOLE_WEIGHT = 8.0
 # Words of a request's story and manners that say little about the subject (beyond the index's stop words):
-# ranked last, so dropped first. (Dropping them outright cost 0.03 nDCG@10 on the dev half.)
+# ranked last, so dropped first (dropping them outright did worse on the dev half: bench/README.md).
 FILLER = frozenset("""about above after again against all also am any anyone anything around asked back because been
 before being below between both cannot come did didn doesn doing don done down during each else even ever every
 few find first following further get gets getting give go goes going got gotten happen happened happens having

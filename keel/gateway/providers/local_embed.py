@@ -101,8 +101,8 @@ class LocalEmbedProvider:
         self.model = config.model or DEFAULT_MODEL
         self.batch_size = self._int_option("batch_size", 32, 1, 4096)
         self.max_length = self._int_option("max_length", 256, 8, 512)
-        # ONNX Runtime's CPU arena keeps the largest batch's activations for the life of the process (~1 GB
-        # at 32 x 256 word pieces); off, memory goes back after each batch. `options.cpu_mem_arena: true` restores it.
+        # ONNX Runtime's CPU arena keeps the largest batch's activations for the life of the process (bench/README.md
+        # has the size); off, memory goes back after each batch. `options.cpu_mem_arena: true` restores it.
         self.cpu_mem_arena = self.config.options.get("cpu_mem_arena", False)
         if not isinstance(self.cpu_mem_arena, bool):
             raise ConfigError(f"deployment {self.deployment}: options.cpu_mem_arena must be true or false",
