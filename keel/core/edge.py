@@ -3,8 +3,11 @@
 Runs outermost, before the request id, any endpoint or auth: a head over `max_header_bytes` or
 `max_headers` answers 431, an HTTP/1.1 request without exactly one `Host` answers 400, and both close the
 connection. An `Upgrade` request (Keel accepts none) is answered as an ordinary one and then the connection
-closes, so a proxy that tunnels what follows an upgrade can never have those bytes served as requests. An
-error after an answer went out whole ends that request only: the connection goes on.
+closes, so a proxy that tunnels what follows an upgrade can never have those bytes served as requests. So does a
+request with a chunked body: the HTTP server reads a trailer line on to the next CRLF (a bare LF inside it
+included), so the bytes after a last chunk can be trailers to it and the next request to a proxy that ends lines
+at an LF; closing, none of them is ever read as a request. An error after an answer went out whole ends that
+request only: the connection goes on.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class Edge:
             return
         close = False
         for name, _ in scope["headers"]:
-            if name == b"upgrade":
+            if name == b"upgrade" or name == b"transfer-encoding":
                 close = True
                 break
         state = {"started": False, "complete": False, "status": 0}
