@@ -42,7 +42,13 @@ install-test: $(VENV)/.installed-test
 up: install
 	MALLOC_MMAP_THRESHOLD_=131072 $(BIN)/keel up
 
-test: install-test test-deps test-sqlite test-postgres
+# The SQLite and PostgreSQL suites run side by side: each spends much of its time waiting on the servers and
+# subprocesses it starts, and CI has 2 cores and 90 minutes. PostgreSQL's output is shown once both have ended.
+test: install-test test-deps
+	@log=$$(mktemp); $(MAKE) --no-print-directory test-postgres > $$log 2>&1 & pg=$$!; \
+	$(MAKE) --no-print-directory test-sqlite; sqlite=$$?; wait $$pg; postgres=$$?; \
+	echo "== the PostgreSQL suite (make test-postgres) =="; cat $$log; rm -f $$log; \
+	test $$sqlite -eq 0 && test $$postgres -eq 0
 
 # Debian packages tests read (a test skips, saying so, where one is missing and apt cannot install it):
 # python3.11-doc's reST sources, the tree every chunk is checked to fit the embedder's window on.
