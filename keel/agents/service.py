@@ -31,7 +31,7 @@ def attach(app: Any, settings: Any, store: Any, gateway: Any, knowledge: Any) ->
     workflows = app.state.workflows
     agent_store = AgentStore(store, audit=app.state.audit)
     egress = Egress(outbound=Outbound.from_settings(settings))
-    mcp = McpClients(settings.mcp_commands, tls=egress.outbound.ssl_context("MCP servers"))
+    mcp = McpClients(settings.mcp_commands, outbound=egress.outbound)
     flush = app.state.observe.ledger.flush
     approval_parts = StepParts(runs=workflows.run_store, gateway=gateway, knowledge=knowledge, vault=app.state.vault,
                                egress=egress, mailer=Mailer(None), model_slots=asyncio.Semaphore(1),
