@@ -66,11 +66,12 @@ test-deps:
 console-screenshots: install-test test-deps
 	KEEL_CONSOLE_SCREENSHOTS=docs/console $(BIN)/python -m pytest -q -p no:cacheprovider tests/console/test_console_browser.py tests/console/test_console_admin.py
 
+# Each suite ends with its 20 slowest tests: what to look at first when `make test` grows toward CI's limit.
 test-sqlite:
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20
 
 test-postgres:
-	KEEL_TEST_DATABASE=postgres $(BIN)/python -m pytest -q -p no:cacheprovider -m store
+	KEEL_TEST_DATABASE=postgres $(BIN)/python -m pytest -q -p no:cacheprovider --durations=20 -m store
 
 # Benchmark-only tools: wrk (load), LiteLLM in its own venv (a peer to compare), data for the guards bench.
 bench-deps: install-test
