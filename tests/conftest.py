@@ -315,3 +315,40 @@ def module_server_factory(tmp_path_factory, pg_server: Any):
 @pytest.fixture
 def server(server_factory) -> KeelServer:
     return server_factory()
+
+
+class Minute:
+    """Limits count in fixed one-minute windows of the wall clock (the server's): `begin()` marks where a run's
+    counted requests start, `split()` says whether a new window began since."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def begin(self) -> None:
+        self.at = time.time() // 60
+
+    def split(self) -> bool:
+        return self.at is not None and time.time() // 60 != self.at
+
+
+@pytest.fixture
+def one_window(server_factory, tmp_path, pg_server):
+    """Run `scenario(start, minute)` (`start(**settings)` starts a server on a database of this run's own) so that
+    its counted requests fall in one window: if a window began during them, run it again on a fresh database
+    (a minute has just begun, so it fits) instead of first waiting for the wall clock's next minute."""
+    def run(scenario: Callable[[Callable[..., KeelServer], Minute], None]) -> None:
+        for attempt in range(3):
+            base = tmp_path / f"run{attempt}"
+            base.mkdir()
+            db = new_db_url(base, pg_server)
+            minute = Minute()
+            try:
+                scenario(lambda data="data", **kw: server_factory(data_dir=base / data, db_url=db, **kw), minute)
+            except AssertionError:
+                if not minute.split():
+                    raise
+            else:
+                if not minute.split():
+                    return
+        raise AssertionError("a new minute began during each of three runs")
+    return run

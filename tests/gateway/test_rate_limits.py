@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
-from collections.abc import Callable
 
 import httpx
 import pytest
 
-from conftest import KeelServer, fake_upstream, ledger_rows, new_db_url
+from conftest import fake_upstream, ledger_rows
 
 pytestmark = pytest.mark.store
 
@@ -48,43 +46,6 @@ def new_key(srv, **kw) -> dict:
 def chat(url: str, key: str, **kw) -> httpx.Response:
     body = {"model": "fake", "messages": [{"role": "user", "content": "hello"}], **kw}
     return httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-
-
-class Minute:
-    """Limits count in fixed one-minute windows of the wall clock (the server's): `begin()` marks where a run's
-    counted requests start, `split()` says whether a new window began since."""
-
-    def __init__(self) -> None:
-        self.at: float | None = None
-
-    def begin(self) -> None:
-        self.at = time.time() // 60
-
-    def split(self) -> bool:
-        return self.at is not None and time.time() // 60 != self.at
-
-
-@pytest.fixture
-def one_window(server_factory, tmp_path, pg_server):
-    """Run `scenario(start, minute)` (`start(**settings)` starts a server on a database of this run's own) so that
-    its counted requests fall in one window: if a window began during them, run it again on a fresh database
-    (a minute has just begun, so it fits) instead of first waiting for the wall clock's next minute."""
-    def run(scenario: Callable[[Callable[..., KeelServer], Minute], None]) -> None:
-        for attempt in range(3):
-            base = tmp_path / f"run{attempt}"
-            base.mkdir()
-            db = new_db_url(base, pg_server)
-            minute = Minute()
-            try:
-                scenario(lambda data="data", **kw: server_factory(data_dir=base / data, db_url=db, **kw), minute)
-            except AssertionError:
-                if not minute.split():
-                    raise
-            else:
-                if not minute.split():
-                    return
-        raise AssertionError("a new minute began during each of three runs")
-    return run
 
 
 async def burst(url: str, key: str, n: int, concurrency: int) -> list[int]:
