@@ -192,18 +192,9 @@ def test_limit_admin_api_validation(server_factory, upstream, tmp_path):
     assert admin.get(f"/admin/limits/keys/{key['id']}").json()["tpm"] == 1000
 
 
-@pytest.mark.parametrize("counting", ["store", "redis"])
-def test_one_limit_across_two_server_processes(one_window, upstream, tmp_path, counting):
-    """Two `keel serve` processes on one database (and optionally one Redis) admit, together, the limit
-    (within 5%) — not twice it."""
-    env = {}
-    if counting == "redis":
-        if not os.environ.get("KEEL_TEST_REDIS_URL"):
-            pytest.skip("set KEEL_TEST_REDIS_URL (and install `redis`) to count in Redis")
-        env["KEEL_REDIS_URL"] = os.environ["KEEL_TEST_REDIS_URL"]
-    limit, sent = 200, 300
-    cfg = write_config(tmp_path, upstream)
-
+def admit_across_two_replicas(one_window, cfg, env: dict[str, str], limit: int = 200, sent: int = 300) -> None:
+    """Two `keel serve` processes on one database (counting in `env`'s way) share a key's rpm limit of `limit`:
+    `sent` requests split over them admit 95-100% of it, every other one a 429."""
     def scenario(start, minute) -> None:
         one = start(config=cfg, data="one", **env)
         key = new_key(one)
@@ -222,3 +213,15 @@ def test_one_limit_across_two_server_processes(one_window, upstream, tmp_path, c
         assert limit * 0.95 <= admitted <= limit, admitted
 
     one_window(scenario)
+
+
+@pytest.mark.parametrize("counting", ["store", "redis"])
+def test_one_limit_across_two_server_processes(one_window, upstream, tmp_path, counting):
+    """Two `keel serve` processes on one database (and optionally one Redis) admit, together, the limit
+    (within 5%) — not twice it."""
+    env = {}
+    if counting == "redis":
+        if not os.environ.get("KEEL_TEST_REDIS_URL"):
+            pytest.skip("set KEEL_TEST_REDIS_URL (and install `redis`) to count in Redis")
+        env["KEEL_REDIS_URL"] = os.environ["KEEL_TEST_REDIS_URL"]
+    admit_across_two_replicas(one_window, write_config(tmp_path, upstream), env)
