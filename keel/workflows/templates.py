@@ -60,7 +60,7 @@ def _short(text: str) -> str:
 def _raise_undefined(value: Any) -> None:
     """A single expression may return an Undefined (or hold one) instead of raising; make it raise."""
     if isinstance(value, jinja2.Undefined):
-        value._fail_with_undefined_error()
+        str(value)  # a StrictUndefined (ENV's) raises UndefinedError, naming what is undefined, on any use
     elif isinstance(value, dict):
         for v in value.values():
             _raise_undefined(v)
