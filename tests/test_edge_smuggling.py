@@ -28,7 +28,8 @@ def fake() -> Any:
 @pytest.fixture(scope="module")
 def keel(module_server_factory, fake, tmp_path_factory) -> Any:
     cfg = tmp_path_factory.mktemp("cfg") / "keel.yaml"
-    cfg.write_text(f"models:\n  - alias: fake\n    provider: openai_compatible\n    model: m\n    base_url: {fake.url}\n")
+    cfg.write_text(f"models:\n  - alias: fake\n    provider: openai_compatible\n    model: m\n"
+                   f"    base_url: {fake.url}\n")
     return module_server_factory(config=cfg)
 
 

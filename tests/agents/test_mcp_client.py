@@ -73,7 +73,8 @@ def world(tmp_path_factory, module_server_factory):
     stdio_count, http_count = base / "stdio-calls.jsonl", base / "http-calls.jsonl"
     (base / "keel.yaml").write_text(
         f"models:\n  - {{alias: agent-model, provider: openai_compatible, model: m, base_url: {model.url}}}\n"
-        f"mcp_commands:\n  billing: {orjson.dumps([sys.executable, str(SERVER), 'stdio', str(stdio_count)]).decode()}\n")
+        "mcp_commands:\n  billing: "
+        f"{orjson.dumps([sys.executable, str(SERVER), 'stdio', str(stdio_count)]).decode()}\n")
     (base / "policy.yaml").write_text(POLICY)
     with loopback_process("tests.agents.mcp_billing", str(http_count)) as crm:
         srv = module_server_factory(config=base / "keel.yaml", KEEL_POLICY_FILE=str(base / "policy.yaml"))
@@ -150,7 +151,8 @@ def test_a_stdio_server_is_only_a_command_an_admin_allowed(world):
     assert r.json()["code"] == "agent_mcp_command_not_allowed" and "mcp_commands" in r.json()["detail"]
     r = define(srv, spec.replace("{command: billing}", "{command: /bin/sh}"), key=keys[("builder", "red")],
                status=(422,))
-    assert r.json()["code"] == "agent_mandate_invalid" and r.json()["errors"][0]["field"] == "mcp_servers.billing.command"
+    assert r.json()["code"] == "agent_mandate_invalid"
+    assert r.json()["errors"][0]["field"] == "mcp_servers.billing.command"
     r = define(srv, spec.replace("{command: billing}", "{command: billing, args: [-c, id]}"),
                key=keys[("builder", "red")], status=(422,))
     assert r.json()["errors"][0]["field"] == "mcp_servers.billing.args"
