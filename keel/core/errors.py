@@ -19,10 +19,11 @@ class KeelError(Exception):
     retry_after: float | None = None  # seconds the failing service asked to wait, where it said (a retryable error)
 
     def __init__(self, detail: str, *, fix: str | None = None, headers: dict[str, str] | None = None,
-                 **ids: Any) -> None:
+                 retry_after: float | None = None, **ids: Any) -> None:
         super().__init__(detail)
         self.detail = detail
         self.fix = fix
+        self.retry_after = retry_after
         self.ids = {k: v for k, v in ids.items() if v is not None}
         self.headers = headers or {}
 
@@ -151,10 +152,6 @@ class UpstreamError(KeelError):
 
     code, status, title = "upstream_error", 502, "Upstream error"
     retryable = True
-
-    def __init__(self, detail: str, *, retry_after: float | None = None, **kw: Any) -> None:
-        super().__init__(detail, **kw)
-        self.retry_after = retry_after  # seconds the upstream asked to wait, if it said
 
 
 class UpstreamTimeout(UpstreamError):

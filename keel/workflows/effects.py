@@ -58,10 +58,6 @@ class EffectUnavailable(EffectFailed):
 
     retryable = True
 
-    def __init__(self, detail: str, *, retry_after: float | None = None, **kw: Any) -> None:
-        super().__init__(detail, **kw)
-        self.retry_after = retry_after
-
 
 def _norm_host(host: str) -> str:
     """A (yarl-IDNA-encoded) host lower-cased, without the trailing dot of a fully qualified name."""
