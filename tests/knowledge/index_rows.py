@@ -3,12 +3,30 @@ a `ChunkIndex` without the ingestion pipeline (the conformance suite, the search
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import sqlalchemy as sa
 
 from keel.core.db import Store
 from keel.knowledge.acl import Collection
-from keel.knowledge.index import ChunkIn, transaction
+from keel.knowledge.index import ChunkIn, open_index, transaction
 from keel.knowledge.tables import collections, document_acl, documents
+
+
+@contextmanager
+def opened_index(db_url: str, data_dir: Path) -> Iterator[tuple[Store, object]]:
+    """A migrated store at `db_url` and its chunk index under `data_dir`, open for the block; closed after."""
+    store = Store.open(db_url)
+    store.upgrade()
+    index = open_index(store, data_dir)
+    index.open()
+    try:
+        yield store, index
+    finally:
+        index.close()
+        store.dispose()
 
 
 def add_collection(store: Store, index, name: str, dims: int) -> Collection:  # noqa: ANN001

@@ -10,11 +10,10 @@ import sqlalchemy as sa
 
 from keel.core.db import Store
 from keel.identity.principal import Principal, Scopes
-from keel.knowledge.index import open_index
 from keel.knowledge.jobs import Upload, Worker, create_job
 from keel.knowledge.parts import Embedder, KnowledgeConfig
 from keel.knowledge.tables import jobs
-from tests.knowledge.index_rows import add_collection
+from tests.knowledge.index_rows import add_collection, opened_index
 
 pytestmark = pytest.mark.store
 
@@ -24,12 +23,8 @@ WRITER = Principal(key_id="key_w", role="builder", team_id="team_a", user_id="us
 
 @pytest.fixture
 def world(db_url, tmp_path):
-    store = Store.open(db_url)
-    store.upgrade()
-    index = open_index(store, tmp_path / "data")
-    index.open()
-    yield store, index, add_collection(store, index, "docs", 8)
-    index.close()
+    with opened_index(db_url, tmp_path / "data") as (store, index):
+        yield store, index, add_collection(store, index, "docs", 8)
 
 
 def stored(store: Store, job_id: str) -> dict:

@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from keel.core.db import Store
 from keel.identity.principal import Principal
 from keel.knowledge.acl import Collection, Scope
-from keel.knowledge.index import ChunkIn, TermStats, open_index
-from tests.knowledge.index_rows import add_collection, put_document
+from keel.knowledge.index import ChunkIn, TermStats
+from tests.knowledge.index_rows import add_collection, opened_index, put_document
 
 pytestmark = pytest.mark.store
 DIMS = 8
@@ -34,24 +34,18 @@ QUERIES = ["refund", "gift_cards refund", "refund shipping", "store credit refun
 
 @pytest.fixture
 def env(db_url, tmp_path):
-    store = Store.open(db_url)
-    store.upgrade()
-    index = open_index(store, tmp_path / "data")
-    index.open()
+    with opened_index(db_url, tmp_path / "data") as (store, index):
+        def coll(name: str) -> Collection:
+            return add_collection(store, index, name, DIMS)
 
-    def coll(name: str) -> Collection:
-        return add_collection(store, index, name, DIMS)
+        def doc(c: Collection, source: str, parts: list[tuple[str, str]], restricted_to: str | None = None) -> None:
+            rng = np.random.default_rng(len(source))
+            items = [ChunkIn(i, text, section, None, 0, len(text), len(text.split()),
+                             rng.standard_normal(DIMS).astype(np.float32)) for i, (section, text) in enumerate(parts)]
+            put_document(store, index, c, f"{c.id}_{source}".replace(".", "_"), items, source=source,
+                         restricted_to=restricted_to)
 
-    def doc(c: Collection, source: str, parts: list[tuple[str, str]], restricted_to: str | None = None) -> None:
-        rng = np.random.default_rng(len(source))
-        items = [ChunkIn(i, text, section, None, 0, len(text), len(text.split()),
-                         rng.standard_normal(DIMS).astype(np.float32)) for i, (section, text) in enumerate(parts)]
-        put_document(store, index, c, f"{c.id}_{source}".replace(".", "_"), items, source=source,
-                     restricted_to=restricted_to)
-
-    yield store, index, coll, doc
-    index.close()
-    store.dispose()
+        yield store, index, coll, doc
 
 
 def texts(store: Store, hits) -> list[tuple[str, float]]:
